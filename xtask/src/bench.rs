@@ -1,0 +1,708 @@
+//! `cargo xtask bench`: the same load generator (wrk) against the same upstream through
+//! different setups, one after the other, in one run: req/s, p50/p99 latency, the ratio to a
+//! baseline scenario, and Redis commands per request (from `INFO commandstats` deltas).
+//! Results are printed and written to `<target>/bench/results.md`.
+//!
+//! Adding a scenario is adding an entry to [`SCENARIOS`] (and, for a plugin configuration
+//! the envoy.yaml does not have, a [`Gateway`] variant that derives it).
+
+use crate::cli::BenchOptions;
+use crate::envoy_yaml;
+use crate::probe;
+use crate::procs::{self, free_port, loopback, ServiceSpec, Services, TempDir};
+use crate::setup::{self, Needs};
+use crate::workspace::{describe, Binaries, Workspace};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where a scenario's load goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    /// Straight to the upstream: the baseline.
+    Direct,
+    /// Through a host-shim set up as given.
+    Gateway(Gateway),
+}
+
+/// How the host-shim under load is set up; each variant is one host-shim process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Gateway {
+    /// envoy.yaml with the wasm filter removed: host-shim's own cost.
+    NoFilter,
+    /// envoy.yaml as it is, with the freshly built plugin.
+    Plugin,
+}
+
+impl Gateway {
+    fn service_name(self) -> &'static str {
+        match self {
+            Gateway::NoFilter => "host-shim-no-filter",
+            Gateway::Plugin => "host-shim-plugin",
+        }
+    }
+}
+
+struct Scenario {
+    name: &'static str,
+    target: Target,
+    /// Request path (and query) every wrk request uses.
+    path: &'static str,
+    /// The scenario whose req/s this one's is divided by.
+    baseline: Option<&'static str>,
+    /// Checked with one request before load: the status, and a header that must be present
+    /// (true) or absent (false) — proof that the setup is the one the name says.
+    expect_status: u16,
+    expect_header: Option<(&'static str, bool)>,
+}
+
+const DIRECT: &str = "direct upstream";
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: DIRECT,
+        target: Target::Direct,
+        path: "/health",
+        baseline: None,
+        expect_status: 200,
+        expect_header: None,
+    },
+    Scenario {
+        name: "host-shim, no filter",
+        target: Target::Gateway(Gateway::NoFilter),
+        path: "/health",
+        baseline: Some(DIRECT),
+        expect_status: 200,
+        expect_header: Some(("x-krowoc-edge", false)),
+    },
+    Scenario {
+        name: "host-shim + plugin",
+        target: Target::Gateway(Gateway::Plugin),
+        path: "/health",
+        baseline: Some(DIRECT),
+        expect_status: 200,
+        expect_header: Some(("x-krowoc-edge", true)),
+    },
+];
+
+/// One scenario's measurement.
+struct Measured {
+    scenario: &'static Scenario,
+    wrk: WrkReport,
+    redis_calls: BTreeMap<String, u64>,
+}
+
+/// The shared pieces every scenario runs against.
+struct Bench<'a> {
+    ws: &'a Workspace,
+    bins: Binaries,
+    plugin: PathBuf,
+    no_filter_yaml: PathBuf,
+    redis: SocketAddr,
+    upstream: SocketAddr,
+    relay: SocketAddr,
+    services: Services,
+    /// The host-shim running now, if any, and its listener.
+    gateway: Option<(Gateway, SocketAddr)>,
+}
+
+pub fn run(options: &BenchOptions) -> Result<()> {
+    procs::catch_stop_signals();
+    let selected: Vec<&'static Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| {
+            options.only.is_empty() || options.only.iter().any(|o| s.name.contains(o.as_str()))
+        })
+        .collect();
+    if selected.is_empty() {
+        bail!(
+            "no scenario matches --only {:?}; scenarios: {}",
+            options.only,
+            SCENARIOS
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    setup::ensure(
+        &Needs {
+            wasm_target: true,
+            redis: true,
+            wrk: true,
+            ..Needs::default()
+        },
+        &options.setup,
+    )?;
+    let ws = Workspace::load()?;
+    let bench_dir = ws.target_dir.join("bench");
+    std::fs::create_dir_all(&bench_dir)
+        .with_context(|| format!("cannot create {}", bench_dir.display()))?;
+    let yaml_path = ws.root.join("envoy/envoy.yaml");
+    let yaml = std::fs::read_to_string(&yaml_path)
+        .with_context(|| format!("cannot read {}", yaml_path.display()))?;
+    let token = envoy_yaml::relay_token(&yaml)
+        .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
+    let no_filter_yaml = bench_dir.join("envoy-no-filter.yaml");
+    std::fs::write(
+        &no_filter_yaml,
+        envoy_yaml::without_wasm_filter(&yaml)
+            .with_context(|| format!("deriving a no-filter copy of {}", yaml_path.display()))?,
+    )
+    .with_context(|| format!("cannot write {}", no_filter_yaml.display()))?;
+    eprintln!(
+        "xtask: wrote {} (envoy.yaml without the wasm filter)",
+        no_filter_yaml.display()
+    );
+
+    let wasm = ws.build_wasm()?;
+    let bins = ws.build_binaries(true)?;
+
+    let redis_dir = TempDir::new("bench-redis")?;
+    let mut bench = Bench {
+        ws: &ws,
+        bins,
+        plugin: wasm.plugin,
+        no_filter_yaml,
+        redis: loopback(free_port()?),
+        upstream: loopback(free_port()?),
+        relay: loopback(free_port()?),
+        services: Services::new(&bench_dir.join("logs"), false)?,
+        gateway: None,
+    };
+    bench.start_backends(token.as_deref(), redis_dir.path())?;
+
+    let mut results: Vec<Measured> = Vec::new();
+    for scenario in selected {
+        if let Some(signal) = procs::stop_requested() {
+            bail!("interrupted by {signal}");
+        }
+        eprintln!("\nxtask: ==> {}", scenario.name);
+        let addr = match scenario.target {
+            Target::Direct => bench.upstream,
+            Target::Gateway(g) => bench.gateway(g)?,
+        };
+        check_response(scenario, addr)?;
+        let url = format!("http://{addr}{}", scenario.path);
+        if !options.warmup.is_zero() {
+            run_wrk(&url, options, options.warmup)?;
+        }
+        let before = probe::redis_commandstats(bench.redis)?;
+        let wrk = run_wrk(&url, options, options.duration)?;
+        let after = probe::redis_commandstats(bench.redis)?;
+        bench.services.check_alive()?;
+        let m = Measured {
+            scenario,
+            wrk,
+            redis_calls: probe::commandstats_delta(&before, &after),
+        };
+        eprintln!(
+            "xtask: {}: {:.0} req/s, p50 {}, p99 {}, {:.2} Redis commands/request",
+            scenario.name,
+            m.wrk.requests_per_sec,
+            show_latency(m.wrk.p50),
+            show_latency(m.wrk.p99),
+            m.redis_per_request()
+        );
+        results.push(m);
+    }
+    bench.services.stop_all();
+
+    let report = render_report(&results, options);
+    println!("\n{report}");
+    let path = bench_dir.join("results.md");
+    std::fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn start_backends(&mut self, token: Option<&str>, redis_dir: &Path) -> Result<()> {
+        let redis_url = format!("redis://{}", self.redis);
+        let mut redis = Command::new("redis-server");
+        redis
+            .args([
+                "--port",
+                &self.redis.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(redis_dir);
+        self.services.start(ServiceSpec {
+            name: "redis".into(),
+            command: redis,
+            ready_addr: self.redis,
+            ready_line: Some("Ready to accept connections".into()),
+            startup_timeout: Duration::from_secs(10),
+        })?;
+
+        let mut upstream = quiet(Command::new(&self.bins.upstream));
+        upstream.args([
+            "--listen",
+            &self.upstream.to_string(),
+            "--redis",
+            &redis_url,
+        ]);
+        self.services.start(ServiceSpec {
+            name: "upstream".into(),
+            command: upstream,
+            ready_addr: self.upstream,
+            ready_line: Some("upstream listening on".into()),
+            startup_timeout: Duration::from_secs(30),
+        })?;
+
+        let mut relay = quiet(Command::new(&self.bins.host_shim));
+        relay.args([
+            "relay",
+            "--listen",
+            &self.relay.to_string(),
+            "--redis",
+            &redis_url,
+        ]);
+        if let Some(t) = token {
+            relay.args(["--token", t]);
+        }
+        self.services.start(ServiceSpec {
+            name: "relay".into(),
+            command: relay,
+            ready_addr: self.relay,
+            ready_line: Some("relay listening on".into()),
+            startup_timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The listener of a host-shim set up as `kind`, starting it (and stopping any other, so
+    /// an idle gateway does not share the cores with the one under load).
+    fn gateway(&mut self, kind: Gateway) -> Result<SocketAddr> {
+        if let Some((running, addr)) = self.gateway {
+            if running == kind {
+                return Ok(addr);
+            }
+            self.services.stop_one(running.service_name());
+            self.gateway = None;
+        }
+        let listen = loopback(free_port()?);
+        let admin = loopback(free_port()?);
+        let mut cmd = quiet(Command::new(&self.bins.host_shim));
+        cmd.current_dir(&self.ws.root).arg("run");
+        match kind {
+            Gateway::NoFilter => {
+                cmd.arg("--config").arg(&self.no_filter_yaml);
+            }
+            Gateway::Plugin => {
+                cmd.args(["--config", "envoy/envoy.yaml", "--plugin"])
+                    .arg(&self.plugin);
+            }
+        }
+        cmd.args([
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .args(["--cluster", &format!("upstream={}", self.upstream)])
+        .args(["--cluster", &format!("redis_relay={}", self.relay)])
+        .args(["--cluster", &format!("redis={}", self.redis)]);
+        self.services.start(ServiceSpec {
+            name: kind.service_name().into(),
+            command: cmd,
+            ready_addr: listen,
+            ready_line: Some("host-shim listening on".into()),
+            startup_timeout: Duration::from_secs(60),
+        })?;
+        self.gateway = Some((kind, listen));
+        Ok(listen)
+    }
+}
+
+/// Services under load log warnings only (unless RUST_LOG says otherwise): per-request info
+/// lines would measure the logger.
+fn quiet(mut cmd: Command) -> Command {
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    cmd
+}
+
+fn check_response(scenario: &Scenario, addr: SocketAddr) -> Result<()> {
+    let response = probe::http_get(addr, scenario.path)?;
+    if response.status != scenario.expect_status {
+        bail!(
+            "{}: GET {} answered {}, expected {}; not measuring the wrong thing",
+            scenario.name,
+            scenario.path,
+            response.status,
+            scenario.expect_status
+        );
+    }
+    if let Some((header, present)) = scenario.expect_header {
+        if response.header(header).is_some() != present {
+            eprintln!(
+                "xtask: warning: {}: the response {} a {header} header, expected it {}",
+                scenario.name,
+                if present { "lacks" } else { "has" },
+                if present { "present" } else { "absent" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs wrk for `duration` and parses its report; kills it if it overruns by 30 s.
+fn run_wrk(url: &str, options: &BenchOptions, duration: Duration) -> Result<WrkReport> {
+    let mut cmd = Command::new("wrk");
+    cmd.arg(format!("-t{}", options.threads))
+        .arg(format!("-c{}", options.connections))
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .args(["--latency", "--timeout", "5s", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("xtask: $ {}", describe(&cmd));
+    let mut child = cmd.spawn().context("cannot start wrk")?;
+    let mut stdout = child.stdout.take().context("wrk stdout")?;
+    let mut stderr = child.stderr.take().context("wrk stderr")?;
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + duration + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(signal) = procs::stop_requested() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("interrupted by {signal}");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("wrk ran 30 s past its {duration:?}; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = out_reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("wrk failed ({status}):\n{out}{err}");
+    }
+    parse_wrk(&out).with_context(|| format!("cannot read wrk's report:\n{out}"))
+}
+
+/// The parts of wrk's `--latency` report the table shows.
+#[derive(Debug, Clone, PartialEq)]
+struct WrkReport {
+    requests: u64,
+    requests_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
+    errors: u64,
+}
+
+fn parse_wrk(text: &str) -> Result<WrkReport> {
+    let mut requests = None;
+    let mut requests_per_sec = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut errors = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            requests_per_sec = Some(
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|_| anyhow!("bad Requests/sec {v:?}"))?,
+            );
+        } else if let Some((n, _)) = line.split_once(" requests in ") {
+            requests = Some(
+                n.trim()
+                    .parse::<u64>()
+                    .map_err(|_| anyhow!("bad request count {n:?}"))?,
+            );
+        } else if let Some(v) = line.strip_prefix("50%") {
+            p50 = Some(parse_wrk_time(v.trim())?);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            p99 = Some(parse_wrk_time(v.trim())?);
+        } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| anyhow!("bad Non-2xx count {v:?}"))?;
+        } else if let Some(v) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            for part in v.split(',') {
+                let n = part.split_whitespace().nth(1).unwrap_or("0");
+                errors += n
+                    .parse::<u64>()
+                    .map_err(|_| anyhow!("bad socket error count {part:?}"))?;
+            }
+        }
+    }
+    Ok(WrkReport {
+        requests: requests.context("no `N requests in` line")?,
+        requests_per_sec: requests_per_sec.context("no `Requests/sec:` line")?,
+        p50: p50.context("no 50% latency line (was --latency given?)")?,
+        p99: p99.context("no 99% latency line (was --latency given?)")?,
+        errors,
+    })
+}
+
+/// wrk's time format: a number with `us`, `ms`, `s`, `m` or `h`.
+fn parse_wrk_time(text: &str) -> Result<Duration> {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("time {text:?} has no unit"))?;
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number.parse().map_err(|_| anyhow!("bad time {text:?}"))?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => bail!("unknown time unit in {text:?}"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Measured {
+    fn redis_per_request(&self) -> f64 {
+        let total: u64 = self.redis_calls.values().sum();
+        total as f64 / self.wrk.requests.max(1) as f64
+    }
+}
+
+fn show_latency(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
+
+fn render_report(results: &[Measured], options: &BenchOptions) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### Benchmark, {}\n", today());
+    let _ = writeln!(
+        out,
+        "{}; {}. Load: `wrk -t{} -c{} -d{}s --latency` after a {}s warm-up, one run per \
+         scenario; release builds of host-shim and krowoc-upstream, the plugin built with \
+         profile `wasm`. wrk, the gateway, the upstream and Redis share the machine.\n",
+        machine(),
+        command_line("rustc", &["--version"]).unwrap_or_else(|| "rustc ?".into()),
+        options.threads,
+        options.connections,
+        options.duration.as_secs(),
+        options.warmup.as_secs(),
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | path | req/s | p50 | p99 | req/s vs baseline | Redis commands/request | errors |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|---|--:|--:|");
+    for m in results {
+        let ratio = m
+            .scenario
+            .baseline
+            .and_then(|b| results.iter().find(|r| r.scenario.name == b))
+            .map(|b| {
+                format!(
+                    "{:.0}% of {}",
+                    100.0 * m.wrk.requests_per_sec / b.wrk.requests_per_sec.max(f64::MIN_POSITIVE),
+                    b.scenario.name
+                )
+            })
+            .unwrap_or_else(|| "—".into());
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {:.0} | {} | {} | {} | {:.2} | {} |",
+            m.scenario.name,
+            m.scenario.path,
+            m.wrk.requests_per_sec,
+            show_latency(m.wrk.p50),
+            show_latency(m.wrk.p99),
+            ratio,
+            m.redis_per_request(),
+            m.wrk.errors
+        );
+    }
+    let breakdowns: Vec<String> = results
+        .iter()
+        .filter(|m| !m.redis_calls.is_empty())
+        .map(|m| {
+            let per: Vec<String> = m
+                .redis_calls
+                .iter()
+                .map(|(cmd, n)| format!("{cmd} {:.2}", *n as f64 / m.wrk.requests.max(1) as f64))
+                .collect();
+            format!("- {}: {}", m.scenario.name, per.join(", "))
+        })
+        .collect();
+    if !breakdowns.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nRedis commands per request, by command (INFO commandstats; commands run inside \
+             scripts count too):\n{}",
+            breakdowns.join("\n")
+        );
+    }
+    out
+}
+
+/// "Intel(R) Xeon(R) ... , 2 cores, Linux 6.1.0"
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| format!("Linux {}", k.trim()))
+        .unwrap_or_else(|_| std::env::consts::OS.to_string());
+    format!("{cpu}, {cores} cores, {kernel}")
+}
+
+fn today() -> String {
+    command_line("date", &["-u", "+%Y-%m-%d"]).unwrap_or_else(|| "date unknown".into())
+}
+
+/// A command's first output line, if it runs.
+fn command_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines().next().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_OUTPUT: &str = "\
+Running 3s test @ http://127.0.0.1:8080/health
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   620.32us  328.12us  10.24ms   85.73%
+    Req/Sec    51.61k     3.21k   58.86k    70.50%
+  Latency Distribution
+     50%  568.00us
+     75%  717.00us
+     90%    0.93ms
+     99%    1.68ms
+  308154 requests in 3.00s, 26.17MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 12
+Requests/sec: 102700.33
+Transfer/sec:      8.72MB
+";
+
+    #[test]
+    fn wrk_reports_are_parsed() {
+        let r = parse_wrk(WRK_OUTPUT).unwrap();
+        assert_eq!(r.requests, 308154);
+        assert!((r.requests_per_sec - 102700.33).abs() < 1e-6);
+        assert_eq!(r.p50, Duration::from_micros(568));
+        assert_eq!(r.p99, Duration::from_micros(1680));
+        assert_eq!(r.errors, 15);
+    }
+
+    #[test]
+    fn a_report_without_latency_distribution_is_refused() {
+        let without: String = WRK_OUTPUT
+            .lines()
+            .filter(|l| !l.contains('%') || l.contains("Stdev"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let e = parse_wrk(&without).unwrap_err();
+        assert!(e.to_string().contains("--latency"), "{e}");
+    }
+
+    #[test]
+    fn wrk_times_take_every_unit() {
+        assert_eq!(
+            parse_wrk_time("568.00us").unwrap(),
+            Duration::from_micros(568)
+        );
+        assert_eq!(parse_wrk_time("2.00s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_wrk_time("1.50m").unwrap(), Duration::from_secs(90));
+        assert!(parse_wrk_time("12").is_err());
+        assert!(parse_wrk_time("1.0d").is_err());
+    }
+
+    #[test]
+    fn scenarios_have_unique_names_and_known_baselines() {
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            assert!(
+                SCENARIOS[..i].iter().all(|o| o.name != s.name),
+                "duplicate scenario {}",
+                s.name
+            );
+            if let Some(b) = s.baseline {
+                assert!(
+                    SCENARIOS.iter().any(|o| o.name == b),
+                    "{}: unknown baseline {b}",
+                    s.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_report_shows_ratios_to_the_baseline_and_redis_work() {
+        let report = |rps: f64, requests: u64| WrkReport {
+            requests,
+            requests_per_sec: rps,
+            p50: Duration::from_micros(500),
+            p99: Duration::from_micros(2500),
+            errors: 0,
+        };
+        let results = vec![
+            Measured {
+                scenario: &SCENARIOS[0],
+                wrk: report(1000.0, 10_000),
+                redis_calls: BTreeMap::new(),
+            },
+            Measured {
+                scenario: &SCENARIOS[2],
+                wrk: report(800.0, 8_000),
+                redis_calls: BTreeMap::from([("evalsha".to_string(), 8_000)]),
+            },
+        ];
+        let options = BenchOptions {
+            setup: crate::cli::SetupOptions { install: false },
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            connections: 64,
+            threads: 2,
+            only: Vec::new(),
+        };
+        let md = render_report(&results, &options);
+        assert!(
+            md.contains("| direct upstream | `/health` | 1000 | 500 µs | 2.50 ms | — | 0.00 | 0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 80% of direct upstream | 1.00 |"), "{md}");
+        assert!(md.contains("- host-shim + plugin: evalsha 1.00"), "{md}");
+        assert!(md.contains("wrk -t2 -c64 -d10s --latency"), "{md}");
+    }
+}

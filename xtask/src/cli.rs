@@ -1,0 +1,333 @@
+//! Command-line parsing, by hand: a few subcommands and flags do not justify a proc-macro build.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::time::Duration;
+
+pub const USAGE: &str = "\
+usage: cargo xtask <command> [flags]
+
+commands:
+  demo           set up, build, start redis (6390), upstream (8080), relay (7379) and
+                 host-shim with envoy/envoy.yaml (gateway 10000, admin 9901); Ctrl-C stops all
+      --exit-after SECS   stop cleanly after SECS seconds (also: env DEMO_EXIT_AFTER=SECS)
+      --follow-logs       echo the services' logs here (they always go to <target>/demo/*.log)
+  test           set up, build the wasm crates and binaries, then cargo fmt --check,
+                 cargo clippy -D warnings and cargo test --workspace
+  bench          release build, then wrk against: direct upstream, host-shim without the
+                 filter, host-shim with the plugin; table in <target>/bench/results.md
+      --duration SECS     measured seconds per scenario (default 10)
+      --warmup SECS       unmeasured seconds before each scenario (default 2)
+      --connections N     wrk connections (default 64)
+      --threads N         wrk threads (default 2)
+      --only TEXT         run only scenarios whose name contains TEXT (repeatable)
+  build-plugin   build the wasm crates and print their paths and sizes
+
+flags for every command:
+      --no-install        never run rustup/apt-get; stop with the command to run instead";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Help,
+    BuildPlugin(SetupOptions),
+    Demo(DemoOptions),
+    Test(SetupOptions),
+    Bench(BenchOptions),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetupOptions {
+    /// Whether setup may install what is missing (rustup target/components, apt-get).
+    pub install: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoOptions {
+    pub setup: SetupOptions,
+    pub exit_after: Option<Duration>,
+    pub follow_logs: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    pub setup: SetupOptions,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub connections: u32,
+    pub threads: u32,
+    pub only: Vec<String>,
+}
+
+/// Parses the arguments after `cargo xtask`, reading `DEMO_EXIT_AFTER` from the environment.
+pub fn parse(args: &[String]) -> Result<Command> {
+    parse_with_env(args, std::env::var("DEMO_EXIT_AFTER").ok())
+}
+
+fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -> Result<Command> {
+    let Some((command, rest)) = args.split_first() else {
+        return Ok(Command::Help);
+    };
+    let mut flags = Flags::new(rest);
+    let mut setup = SetupOptions { install: true };
+    let parsed = match command.as_str() {
+        "help" | "-h" | "--help" => return Ok(Command::Help),
+        "build-plugin" => {
+            flags.for_each(|name, _| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            Command::BuildPlugin(setup)
+        }
+        "test" => {
+            flags.for_each(|name, _| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            Command::Test(setup)
+        }
+        "demo" => {
+            let mut exit_after = match demo_exit_after.as_deref() {
+                Some(v) if !v.trim().is_empty() => {
+                    Some(parse_secs(v).context("environment variable DEMO_EXIT_AFTER")?)
+                }
+                _ => None,
+            };
+            let mut follow_logs = false;
+            flags.for_each(|name, value| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                "--follow-logs" => {
+                    follow_logs = true;
+                    Ok(())
+                }
+                "--exit-after" => {
+                    exit_after = Some(parse_secs(value.take(name)?)?);
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            Command::Demo(DemoOptions {
+                setup,
+                exit_after,
+                follow_logs,
+            })
+        }
+        "bench" => {
+            let mut o = BenchOptions {
+                setup: SetupOptions { install: true },
+                duration: Duration::from_secs(10),
+                warmup: Duration::from_secs(2),
+                connections: 64,
+                threads: 2,
+                only: Vec::new(),
+            };
+            flags.for_each(|name, value| match name {
+                "--no-install" => {
+                    o.setup.install = false;
+                    Ok(())
+                }
+                "--duration" => {
+                    o.duration = parse_secs(value.take(name)?)?;
+                    Ok(())
+                }
+                "--warmup" => {
+                    o.warmup = parse_secs(value.take(name)?)?;
+                    Ok(())
+                }
+                "--connections" => {
+                    o.connections = parse_count(name, value.take(name)?)?;
+                    Ok(())
+                }
+                "--threads" => {
+                    o.threads = parse_count(name, value.take(name)?)?;
+                    Ok(())
+                }
+                "--only" => {
+                    o.only.push(value.take(name)?.to_string());
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            if o.duration.is_zero() {
+                bail!("--duration must be at least 1 second");
+            }
+            if o.connections < o.threads {
+                bail!(
+                    "--connections ({}) must be at least --threads ({}): wrk gives each thread at least one connection",
+                    o.connections,
+                    o.threads
+                );
+            }
+            Command::Bench(o)
+        }
+        other => bail!("unknown command {other:?}"),
+    };
+    Ok(parsed)
+}
+
+fn unknown(flag: &str) -> anyhow::Error {
+    anyhow!("unknown flag {flag:?}")
+}
+
+/// Seconds as `10` or `10s`.
+fn parse_secs(text: &str) -> Result<Duration> {
+    let digits = text.trim().strip_suffix('s').unwrap_or(text.trim());
+    let secs: u64 = digits
+        .parse()
+        .map_err(|_| anyhow!("{text:?} is not a number of seconds (write 10 or 10s)"))?;
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_count(flag: &str, text: &str) -> Result<u32> {
+    match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{flag} wants a positive whole number, not {text:?}"),
+    }
+}
+
+/// `--name value` and `--name=value` flags, visited in order.
+struct Flags<'a> {
+    args: &'a [String],
+}
+
+/// The value slot of one flag: taken at most once, by flags that want a value.
+struct Value<'a> {
+    inline: Option<&'a str>,
+    next: Option<&'a str>,
+    used_next: bool,
+}
+
+impl<'a> Value<'a> {
+    fn take(&mut self, flag: &str) -> Result<&'a str> {
+        if let Some(v) = self.inline.take() {
+            return Ok(v);
+        }
+        match self.next {
+            Some(v) if !self.used_next => {
+                self.used_next = true;
+                Ok(v)
+            }
+            _ => bail!("{flag} needs a value"),
+        }
+    }
+}
+
+impl<'a> Flags<'a> {
+    fn new(args: &'a [String]) -> Self {
+        Flags { args }
+    }
+
+    fn for_each(
+        &mut self,
+        mut visit: impl FnMut(&str, &mut Value<'a>) -> Result<()>,
+    ) -> Result<()> {
+        let mut i = 0;
+        while i < self.args.len() {
+            let arg = self.args[i].as_str();
+            if !arg.starts_with("--") {
+                bail!("unexpected argument {arg:?}");
+            }
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (arg, None),
+            };
+            let had_inline = inline.is_some();
+            let mut value = Value {
+                inline,
+                next: self.args.get(i + 1).map(String::as_str),
+                used_next: false,
+            };
+            visit(name, &mut value)?;
+            if had_inline && value.inline.is_some() {
+                bail!("{name} takes no value");
+            }
+            i += if value.used_next { 2 } else { 1 };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn no_arguments_means_help() {
+        assert_eq!(parse_with_env(&[], None).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn demo_exit_after_comes_from_flag_or_environment() {
+        let from_flag = parse_with_env(&args(&["demo", "--exit-after", "20"]), None).unwrap();
+        let Command::Demo(o) = from_flag else {
+            panic!("not demo: {from_flag:?}")
+        };
+        assert_eq!(o.exit_after, Some(Duration::from_secs(20)));
+
+        let from_env = parse_with_env(&args(&["demo"]), Some("7s".into())).unwrap();
+        let Command::Demo(o) = from_env else {
+            panic!("not demo: {from_env:?}")
+        };
+        assert_eq!(o.exit_after, Some(Duration::from_secs(7)));
+        assert!(o.setup.install);
+
+        // The flag wins over the environment.
+        let both = parse_with_env(&args(&["demo", "--exit-after=3"]), Some("9".into())).unwrap();
+        let Command::Demo(o) = both else {
+            panic!("not demo: {both:?}")
+        };
+        assert_eq!(o.exit_after, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn bench_flags_override_defaults() {
+        let c = parse_with_env(
+            &args(&[
+                "bench",
+                "--duration",
+                "3",
+                "--connections=16",
+                "--only",
+                "plugin",
+                "--no-install",
+            ]),
+            None,
+        )
+        .unwrap();
+        let Command::Bench(o) = c else {
+            panic!("not bench: {c:?}")
+        };
+        assert_eq!(o.duration, Duration::from_secs(3));
+        assert_eq!(o.connections, 16);
+        assert_eq!(o.threads, 2);
+        assert_eq!(o.only, vec!["plugin".to_string()]);
+        assert!(!o.setup.install);
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let e = parse_with_env(&args(&["test", "--fast"]), None).unwrap_err();
+        assert!(e.to_string().contains("--fast"), "{e}");
+        let e = parse_with_env(&args(&["bench", "--duration"]), None).unwrap_err();
+        assert!(e.to_string().contains("--duration needs a value"), "{e}");
+        let e = parse_with_env(&args(&["bench", "--threads", "0"]), None).unwrap_err();
+        assert!(e.to_string().contains("--threads"), "{e}");
+        let e = parse_with_env(&args(&["demo", "--follow-logs=yes"]), None).unwrap_err();
+        assert!(e.to_string().contains("takes no value"), "{e}");
+        let e = parse_with_env(&args(&["demo"]), Some("soon".into())).unwrap_err();
+        assert!(format!("{e:#}").contains("DEMO_EXIT_AFTER"), "{e:#}");
+        let e = parse_with_env(&args(&["deploy"]), None).unwrap_err();
+        assert!(e.to_string().contains("deploy"), "{e}");
+    }
+}

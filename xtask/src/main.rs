@@ -1,0 +1,59 @@
+//! `cargo xtask` — the project's one entry point for building, setting up and running things:
+//!
+//! ```text
+//! cargo xtask demo          # set up, build, run redis + upstream + relay + host-shim; Ctrl-C stops all
+//! cargo xtask test          # set up, build the wasm crates, fmt check, clippy -D warnings, every test
+//! cargo xtask bench         # release build; wrk against direct upstream / host-shim / host-shim + plugin
+//! cargo xtask build-plugin  # build the .wasm crates and print their paths and sizes
+//! ```
+//!
+//! Setup (shared by demo, test and bench) installs what a fresh machine lacks: the
+//! `wasm32-wasip1` target with rustup, and `redis-server` (and `wrk` for bench) with apt-get
+//! when running as root on Debian/Ubuntu; otherwise it stops with the command to run.
+
+mod bench;
+mod cli;
+mod demo;
+mod envoy_yaml;
+mod probe;
+mod procs;
+mod setup;
+mod test_suite;
+mod workspace;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match cli::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("xtask: {e:#}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        cli::Command::Help => {
+            println!("{}", cli::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::BuildPlugin(o) => build_plugin(&o).map(|()| ExitCode::SUCCESS),
+        cli::Command::Demo(o) => demo::run(&o),
+        cli::Command::Test(o) => test_suite::run(&o),
+        cli::Command::Bench(o) => bench::run(&o).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_plugin(options: &cli::SetupOptions) -> anyhow::Result<()> {
+    setup::ensure(&setup::Needs::wasm_only(), options)?;
+    let ws = workspace::Workspace::load()?;
+    ws.build_wasm()?;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! `cargo xtask test` (what CI runs): setup, the wasm crates and binaries, then formatting,
+//! clippy with warnings denied, and every test in the workspace. Each step prints its name and
+//! duration; the first failing step stops the run with its exit code.
+
+use crate::cli::SetupOptions;
+use crate::setup::{self, Needs};
+use crate::workspace::{cargo, describe, Workspace};
+use anyhow::{Context, Result};
+use std::ffi::OsString;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+/// Environment variables every test process gets (the e2e tests read them).
+pub const ENV_PLUGIN_WASM: &str = "KROWOC_PLUGIN_WASM";
+pub const ENV_WASM_DIR: &str = "KROWOC_WASM_DIR";
+pub const ENV_HOST_SHIM_BIN: &str = "KROWOC_HOST_SHIM_BIN";
+pub const ENV_UPSTREAM_BIN: &str = "KROWOC_UPSTREAM_BIN";
+
+pub fn run(options: &SetupOptions) -> Result<ExitCode> {
+    let started = Instant::now();
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
+
+    let t = step("setup");
+    setup::ensure(
+        &Needs {
+            wasm_target: true,
+            redis: true,
+            lint_tools: true,
+            ..Needs::default()
+        },
+        options,
+    )?;
+    let ws = Workspace::load()?;
+    timings.push(("setup", done("setup", t)));
+
+    let t = step("build wasm crates");
+    let wasm = ws.build_wasm()?;
+    timings.push(("build wasm crates", done("build wasm crates", t)));
+
+    let t = step("build binaries");
+    let bins = ws.build_binaries(false)?;
+    timings.push(("build binaries", done("build binaries", t)));
+
+    let env: Vec<(&str, OsString)> = vec![
+        (ENV_PLUGIN_WASM, wasm.plugin.clone().into()),
+        (ENV_WASM_DIR, wasm.dir.clone().into()),
+        (ENV_HOST_SHIM_BIN, bins.host_shim.clone().into()),
+        (ENV_UPSTREAM_BIN, bins.upstream.clone().into()),
+    ];
+    for (k, v) in &env {
+        eprintln!("xtask: tests get {k}={}", v.to_string_lossy());
+    }
+
+    let checks: [(&str, &[&str]); 3] = [
+        ("cargo fmt --check", &["fmt", "--all", "--", "--check"]),
+        (
+            "cargo clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("cargo test", &["test", "--workspace"]),
+    ];
+    for (name, args) in checks {
+        let t = step(name);
+        let mut cmd = cargo();
+        cmd.current_dir(&ws.root)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let code = run_step(&mut cmd)?;
+        let took = done(name, t);
+        timings.push((name, took));
+        if code != 0 {
+            eprintln!("xtask: step `{name}` failed with exit code {code}; stopping here");
+            print_summary(&timings, started.elapsed());
+            return Ok(ExitCode::from(code));
+        }
+    }
+    print_summary(&timings, started.elapsed());
+    eprintln!("xtask: all checks passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn step(name: &str) -> Instant {
+    eprintln!("\nxtask: ==> {name}");
+    Instant::now()
+}
+
+fn done(name: &str, started: Instant) -> Duration {
+    let took = started.elapsed();
+    eprintln!("xtask: <== {name} ({})", seconds(took));
+    took
+}
+
+/// Runs a step's command; its exit code (128 + signal when killed), clamped to 1..=255 on failure.
+fn run_step(cmd: &mut Command) -> Result<u8> {
+    use std::os::unix::process::ExitStatusExt;
+    eprintln!("xtask: $ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    if status.success() {
+        return Ok(0);
+    }
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    Ok(u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1))
+}
+
+fn print_summary(timings: &[(&str, Duration)], total: Duration) {
+    eprintln!("\nxtask: step timings");
+    for (name, took) in timings {
+        eprintln!("  {name:<20} {:>8}", seconds(*took));
+    }
+    eprintln!("  {:<20} {:>8}", "total", seconds(total));
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_step_reports_its_own_exit_code() {
+        assert_eq!(
+            run_step(Command::new("sh").args(["-c", "exit 0"])).unwrap(),
+            0
+        );
+        assert_eq!(
+            run_step(Command::new("sh").args(["-c", "exit 101"])).unwrap(),
+            101
+        );
+        assert_eq!(
+            run_step(Command::new("sh").args(["-c", "kill -TERM $$"])).unwrap(),
+            128 + 15
+        );
+    }
+}
