@@ -1,0 +1,283 @@
+//! The upstream's configuration: typed, with the demo's defaults, validated once at startup.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// The channels the background subscriber listens to by default: the filter's request events
+/// and the application's own events.
+pub const DEFAULT_CHANNELS: &[&str] = &["krowoc:requests", "app:events"];
+
+/// The longest channel name accepted, in bytes (configuration and `POST /api/publish-event`).
+pub const MAX_CHANNEL_BYTES: usize = 256;
+
+/// The largest ring buffer of received events accepted by `--events-buffer`.
+pub const MAX_EVENTS_BUFFER: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `redis://[user:pass@]host:port[/db]`.
+    pub redis_url: String,
+    /// How long `GET /api/cached-data` takes (the guide's "slow operation").
+    pub cached_data_delay: Duration,
+    /// How long `GET /api/slow-limited` takes.
+    pub slow_delay: Duration,
+    /// `max-age` sent in `Cache-Control` on `GET /api/cached-data`.
+    pub cache_max_age: Duration,
+    /// Channels the background subscriber SUBSCRIBEs to; empty disables it.
+    pub channels: Vec<String>,
+    /// How many received events `GET /api/recent-events` can show (the ring buffer's size).
+    pub events_buffer: usize,
+    /// Payloads longer than this are kept truncated (as a string) in the ring buffer.
+    pub max_event_bytes: usize,
+    /// Largest accepted request body for the JSON endpoints; larger answers 413.
+    pub max_body_bytes: usize,
+    /// Every Redis call made by a handler (and each connection attempt) gives up after this.
+    pub redis_timeout: Duration,
+    /// The subscriber's first reconnect delay; doubles after each failure...
+    pub subscriber_backoff_initial: Duration,
+    /// ...up to this cap.
+    pub subscriber_backoff_max: Duration,
+    /// The subscriber PINGs its connection this often, so a silently dead link is noticed.
+    pub subscriber_ping_interval: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            redis_url: "redis://127.0.0.1:6379".to_string(),
+            cached_data_delay: Duration::from_secs(1),
+            slow_delay: Duration::from_secs(2),
+            cache_max_age: Duration::from_secs(60),
+            channels: DEFAULT_CHANNELS.iter().map(|c| c.to_string()).collect(),
+            events_buffer: 200,
+            max_event_bytes: 64 * 1024,
+            max_body_bytes: 64 * 1024,
+            redis_timeout: Duration::from_secs(1),
+            subscriber_backoff_initial: Duration::from_millis(100),
+            subscriber_backoff_max: Duration::from_secs(10),
+            subscriber_ping_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Checks every value; the error names the option (as spelled on the command line) and the
+    /// bad value.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+            return Err(Error::config(
+                "--redis",
+                format!("{:?} is not a Redis URL: {e}", redact_url(&self.redis_url)),
+            ));
+        }
+        for (i, channel) in self.channels.iter().enumerate() {
+            validate_channel(channel).map_err(|why| {
+                Error::config(
+                    "--channels",
+                    format!("channel #{} {channel:?} {why}", i + 1),
+                )
+            })?;
+            if self.channels[..i].contains(channel) {
+                return Err(Error::config(
+                    "--channels",
+                    format!("channel {channel:?} is listed twice"),
+                ));
+            }
+        }
+        if !(1..=MAX_EVENTS_BUFFER).contains(&self.events_buffer) {
+            return Err(Error::config(
+                "--events-buffer",
+                format!(
+                    "{} is out of range: must be 1..={MAX_EVENTS_BUFFER}",
+                    self.events_buffer
+                ),
+            ));
+        }
+        if self.max_event_bytes == 0 {
+            return Err(Error::config("--max-event-bytes", "must be at least 1"));
+        }
+        if !(2..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return Err(Error::config(
+                "--max-body-bytes",
+                format!(
+                    "{} is out of range: must be 2..=16777216",
+                    self.max_body_bytes
+                ),
+            ));
+        }
+        for (option, value) in [
+            ("--redis-timeout", self.redis_timeout),
+            ("--subscriber-backoff", self.subscriber_backoff_initial),
+            ("--subscriber-ping-interval", self.subscriber_ping_interval),
+        ] {
+            if value.is_zero() {
+                return Err(Error::config(option, "must be greater than 0"));
+            }
+        }
+        if self.subscriber_backoff_max < self.subscriber_backoff_initial {
+            return Err(Error::config(
+                "--subscriber-max-backoff",
+                format!(
+                    "{:?} is below --subscriber-backoff ({:?})",
+                    self.subscriber_backoff_max, self.subscriber_backoff_initial
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a channel name is refused, if it is: empty, or longer than [`MAX_CHANNEL_BYTES`].
+pub fn validate_channel(channel: &str) -> Result<(), String> {
+    if channel.is_empty() {
+        return Err("is empty".to_string());
+    }
+    if channel.len() > MAX_CHANNEL_BYTES {
+        return Err(format!(
+            "is {} bytes long; the limit is {MAX_CHANNEL_BYTES}",
+            channel.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `1s`, `250ms`, `1.5s`, `2m`, `100us` or a bare `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s or m, e.g. 250ms)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let seconds_per_unit = match unit {
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?} has unknown unit {unit:?} (use us, ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(value * seconds_per_unit)
+        .map_err(|_| format!("{text:?} is out of range"))
+}
+
+/// The URL with any password replaced by `***`, for logs and health output.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_string()
+            };
+            format!("{scheme}://{shown}@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0ms"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_durations_say_why() {
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_duration("ms").unwrap_err().contains("number"));
+        assert!(parse_duration("1..2s").unwrap_err().contains("number"));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(UpstreamConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_values_name_the_option() {
+        let cases: Vec<(UpstreamConfig, &str)> = vec![
+            (
+                UpstreamConfig {
+                    redis_url: "http://nope".into(),
+                    ..Default::default()
+                },
+                "--redis",
+            ),
+            (
+                UpstreamConfig {
+                    channels: vec!["a".into(), "".into()],
+                    ..Default::default()
+                },
+                "--channels",
+            ),
+            (
+                UpstreamConfig {
+                    channels: vec!["a".into(), "a".into()],
+                    ..Default::default()
+                },
+                "--channels",
+            ),
+            (
+                UpstreamConfig {
+                    events_buffer: 0,
+                    ..Default::default()
+                },
+                "--events-buffer",
+            ),
+            (
+                UpstreamConfig {
+                    redis_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "--redis-timeout",
+            ),
+            (
+                UpstreamConfig {
+                    subscriber_backoff_max: Duration::from_millis(1),
+                    ..Default::default()
+                },
+                "--subscriber-max-backoff",
+            ),
+        ];
+        for (config, option) in cases {
+            let err = config.validate().expect_err(option);
+            assert_eq!(err.field(), Some(option), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:secret@h:6379/0"),
+            "redis://user:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://secret@h:6379"), "redis://***@h:6379");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

@@ -1,0 +1,199 @@
+//! The ring buffer of events the background subscriber received, newest first, which
+//! `GET /api/recent-events` shows.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+
+use crate::clock::Timestamp;
+
+/// One message received on a subscribed channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentEvent {
+    /// 1 for the first message this process received, then counting up.
+    pub seq: u64,
+    pub channel: String,
+    pub received_at: Timestamp,
+    /// The payload parsed as JSON when it is JSON, else the payload as a (lossy UTF-8) string.
+    pub message: Value,
+    /// The payload's size in bytes as published.
+    pub bytes: usize,
+    /// True when the payload was longer than the configured cap and only its start is kept.
+    pub truncated: bool,
+}
+
+impl RecentEvent {
+    /// Reads a payload as the API shows it; payloads over `max_bytes` keep their first
+    /// `max_bytes` as a string.
+    pub fn new(
+        seq: u64,
+        channel: &str,
+        payload: &[u8],
+        max_bytes: usize,
+        received_at: Timestamp,
+    ) -> RecentEvent {
+        let truncated = payload.len() > max_bytes;
+        let message = if truncated {
+            Value::String(String::from_utf8_lossy(&payload[..max_bytes]).into_owned())
+        } else {
+            serde_json::from_slice(payload)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()))
+        };
+        RecentEvent {
+            seq,
+            channel: channel.to_string(),
+            received_at,
+            message,
+            bytes: payload.len(),
+            truncated,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "seq": self.seq,
+            "channel": self.channel,
+            "received_at": self.received_at.rfc3339(),
+            "received_at_unix_ms": self.received_at.unix_ms,
+            "message": self.message,
+            "bytes": self.bytes,
+            "truncated": self.truncated,
+        })
+    }
+}
+
+/// A bounded buffer: when full, the oldest event is dropped (and counted) for each new one.
+#[derive(Debug)]
+pub struct EventLog {
+    capacity: usize,
+    max_event_bytes: usize,
+    events: Mutex<VecDeque<RecentEvent>>,
+    received: AtomicU64,
+    evicted: AtomicU64,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize, max_event_bytes: usize) -> EventLog {
+        EventLog {
+            capacity: capacity.max(1),
+            max_event_bytes,
+            events: Mutex::new(VecDeque::with_capacity(capacity.max(1))),
+            received: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a message received now on `channel`.
+    pub fn record(&self, channel: &str, payload: &[u8]) {
+        let seq = self.received.fetch_add(1, Ordering::Relaxed) + 1;
+        let event = RecentEvent::new(
+            seq,
+            channel,
+            payload,
+            self.max_event_bytes,
+            Timestamp::now(),
+        );
+        let mut events = self.lock();
+        if events.len() >= self.capacity {
+            events.pop_back();
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        events.push_front(event);
+    }
+
+    /// Up to `limit` events, newest first, only those on `channel` when given.
+    pub fn recent(&self, limit: usize, channel: Option<&str>) -> Vec<RecentEvent> {
+        self.lock()
+            .iter()
+            .filter(|e| channel.is_none_or(|c| e.channel == c))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Messages received since start.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped from the buffer to make room for newer ones.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<RecentEvent>> {
+        // The buffer holds plain data; a panic elsewhere cannot leave it half-updated.
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_first_and_bounded() {
+        let log = EventLog::new(3, 1024);
+        for i in 1..=5 {
+            log.record("c", format!("{{\"n\":{i}}}").as_bytes());
+        }
+        let got: Vec<Value> = log
+            .recent(10, None)
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(got, vec![json!({"n":5}), json!({"n":4}), json!({"n":3})]);
+        assert_eq!(log.len(), 3);
+        assert_eq!(log.received(), 5);
+        assert_eq!(log.evicted(), 2);
+    }
+
+    #[test]
+    fn filters_by_channel_before_limiting() {
+        let log = EventLog::new(10, 1024);
+        log.record("a", b"1");
+        log.record("b", b"2");
+        log.record("a", b"3");
+        log.record("b", b"4");
+        let got: Vec<Value> = log
+            .recent(1, Some("a"))
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(got, vec![json!(3)]);
+        assert!(log.recent(5, Some("none")).is_empty());
+    }
+
+    #[test]
+    fn json_payloads_parse_and_others_stay_strings() {
+        let now = Timestamp { unix_ms: 0 };
+        let e = RecentEvent::new(1, "c", br#"{"a":[1,2]}"#, 100, now);
+        assert_eq!(e.message, json!({"a":[1,2]}));
+        let e = RecentEvent::new(1, "c", b"hello world", 100, now);
+        assert_eq!(e.message, json!("hello world"));
+        let e = RecentEvent::new(1, "c", &[0xff, b'a'], 100, now);
+        assert_eq!(e.message, json!("\u{fffd}a"));
+    }
+
+    #[test]
+    fn oversized_payloads_are_truncated_and_flagged() {
+        let e = RecentEvent::new(1, "c", b"[1,2,3,4,5]", 4, Timestamp { unix_ms: 0 });
+        assert!(e.truncated);
+        assert_eq!(e.bytes, 11);
+        assert_eq!(e.message, json!("[1,2"));
+    }
+}

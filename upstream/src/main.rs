@@ -1,0 +1,171 @@
+//! `krowoc-upstream` — serves the demo upstream (see the library's docs for the endpoints).
+//!
+//! ```text
+//! krowoc-upstream --listen 127.0.0.1:8080 --redis redis://127.0.0.1:6379 \
+//!     [--cached-data-delay 1s] [--slow-delay 2s] [--channels krowoc:requests,app:events] ...
+//! ```
+//! Every option can also come from the environment (`REDIS_URL`, `UPSTREAM_*`; see `--help`).
+//! Prints `upstream listening on ADDR` on stdout once bound; logs go to stderr (`RUST_LOG`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use krowoc_upstream::config::{parse_duration, redact_url, DEFAULT_CHANNELS};
+use krowoc_upstream::{app, AppState, UpstreamConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "krowoc-upstream",
+    version,
+    about = "The Krowoc Edge demo upstream: the Redis guide's endpoints and health checks"
+)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "UPSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Redis URL: redis://[user:pass@]host:port[/db].
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// How long GET /api/cached-data takes (e.g. 1s, 250ms, 0).
+    #[arg(long, env = "UPSTREAM_CACHED_DATA_DELAY", default_value = "1s", value_parser = parse_duration)]
+    cached_data_delay: Duration,
+    /// How long GET /api/slow-limited takes.
+    #[arg(long, env = "UPSTREAM_SLOW_DELAY", default_value = "2s", value_parser = parse_duration)]
+    slow_delay: Duration,
+    /// max-age sent with GET /api/cached-data (whole seconds).
+    #[arg(long, env = "UPSTREAM_CACHE_MAX_AGE", default_value = "60s", value_parser = parse_duration)]
+    cache_max_age: Duration,
+    /// Channels the background subscriber listens to, comma-separated.
+    #[arg(long, env = "UPSTREAM_CHANNELS", value_delimiter = ',', default_values_t = DEFAULT_CHANNELS.iter().map(|c| c.to_string()))]
+    channels: Vec<String>,
+    /// Run no background subscriber (GET /api/recent-events stays empty).
+    #[arg(long, env = "UPSTREAM_NO_SUBSCRIBER")]
+    no_subscriber: bool,
+    /// How many received events GET /api/recent-events can show.
+    #[arg(long, env = "UPSTREAM_EVENTS_BUFFER", default_value_t = 200)]
+    events_buffer: usize,
+    /// Received payloads longer than this are kept truncated.
+    #[arg(long, env = "UPSTREAM_MAX_EVENT_BYTES", default_value_t = 64 * 1024)]
+    max_event_bytes: usize,
+    /// Largest accepted JSON request body; larger answers 413.
+    #[arg(long, env = "UPSTREAM_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    max_body_bytes: usize,
+    /// Timeout of every Redis call and connection attempt.
+    #[arg(long, env = "UPSTREAM_REDIS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    redis_timeout: Duration,
+    /// The subscriber's first reconnect delay (doubles after each failure).
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_BACKOFF", default_value = "100ms", value_parser = parse_duration)]
+    subscriber_backoff: Duration,
+    /// The cap on the subscriber's reconnect delay.
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_MAX_BACKOFF", default_value = "10s", value_parser = parse_duration)]
+    subscriber_max_backoff: Duration,
+    /// How often the subscriber PINGs its connection.
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    subscriber_ping_interval: Duration,
+}
+
+impl Cli {
+    fn config(self) -> UpstreamConfig {
+        UpstreamConfig {
+            redis_url: self.redis,
+            cached_data_delay: self.cached_data_delay,
+            slow_delay: self.slow_delay,
+            cache_max_age: self.cache_max_age,
+            channels: if self.no_subscriber {
+                Vec::new()
+            } else {
+                self.channels
+            },
+            events_buffer: self.events_buffer,
+            max_event_bytes: self.max_event_bytes,
+            max_body_bytes: self.max_body_bytes,
+            redis_timeout: self.redis_timeout,
+            subscriber_backoff_initial: self.subscriber_backoff,
+            subscriber_backoff_max: self.subscriber_max_backoff,
+            subscriber_ping_interval: self.subscriber_ping_interval,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    let listen = cli.listen.clone();
+    let config = cli.config();
+    let state = match AppState::start(config.clone()) {
+        Ok(state) => state,
+        Err(e) => {
+            eprintln!("krowoc-upstream: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("krowoc-upstream: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr.to_string(),
+        Err(_) => listen.clone(),
+    };
+    println!("upstream listening on {addr}");
+    tracing::info!(
+        redis = %redact_url(&config.redis_url),
+        channels = ?config.channels,
+        "upstream listening on {addr}"
+    );
+
+    let served = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    match served {
+        Ok(()) => {
+            tracing::info!("upstream stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("krowoc-upstream: server failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,312 @@
+//! The background subscriber (the guide's listener thread): a Tokio task that SUBSCRIBEs to the
+//! configured channels on its own connection and records every message in the [`EventLog`].
+//!
+//! When the connection fails, is closed, or stops answering its periodic PING, the task
+//! reconnects after a delay that doubles from `subscriber_backoff_initial` up to
+//! `subscriber_backoff_max`, and resets once subscribed again. Its state
+//! (connecting / subscribed / reconnecting, since when, the last error) is published through
+//! [`SubscriberMonitor`] for `/health/deep` and `/api/recent-events`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::clock::Timestamp;
+use crate::events::EventLog;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriberPhase {
+    /// No channels are configured; nothing runs.
+    Disabled,
+    /// The first connection attempt is under way.
+    Connecting,
+    /// Subscribed; messages are being recorded.
+    Subscribed,
+    /// The last attempt failed or the connection was lost; retrying with backoff.
+    Reconnecting,
+}
+
+impl SubscriberPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriberPhase::Disabled => "disabled",
+            SubscriberPhase::Connecting => "connecting",
+            SubscriberPhase::Subscribed => "subscribed",
+            SubscriberPhase::Reconnecting => "reconnecting",
+        }
+    }
+}
+
+/// A snapshot of the subscriber's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriberState {
+    pub phase: SubscriberPhase,
+    pub channels: Vec<String>,
+    /// When the current phase began.
+    pub since: Timestamp,
+    /// The most recent failure, kept after recovery so an operator can see what happened.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<Timestamp>,
+    /// Failed attempts since the subscription was last established.
+    pub failed_attempts: u32,
+    /// When the first subscription was established, if ever.
+    pub first_subscribed_at: Option<Timestamp>,
+    /// How many times the subscription was re-established after the first time.
+    pub resubscriptions: u64,
+    /// While reconnecting: the delay before the next attempt.
+    pub retry_in: Option<Duration>,
+}
+
+impl SubscriberState {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "state": self.phase.as_str(),
+            "channels": self.channels,
+            "since": self.since.rfc3339(),
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at.map(|t| t.rfc3339()),
+            "failed_attempts": self.failed_attempts,
+            "first_subscribed_at": self.first_subscribed_at.map(|t| t.rfc3339()),
+            "resubscriptions": self.resubscriptions,
+            "retry_in_ms": self.retry_in.map(|d| d.as_millis() as u64),
+        })
+    }
+}
+
+/// The subscriber's state, shared between its task (writer) and the handlers (readers).
+#[derive(Debug)]
+pub struct SubscriberMonitor {
+    state: Mutex<SubscriberState>,
+}
+
+impl SubscriberMonitor {
+    pub fn new(channels: &[String]) -> SubscriberMonitor {
+        let phase = if channels.is_empty() {
+            SubscriberPhase::Disabled
+        } else {
+            SubscriberPhase::Connecting
+        };
+        SubscriberMonitor {
+            state: Mutex::new(SubscriberState {
+                phase,
+                channels: channels.to_vec(),
+                since: Timestamp::now(),
+                last_error: None,
+                last_error_at: None,
+                failed_attempts: 0,
+                first_subscribed_at: None,
+                resubscriptions: 0,
+                retry_in: None,
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> SubscriberState {
+        self.lock().clone()
+    }
+
+    fn subscribed(&self) {
+        let mut s = self.lock();
+        let now = Timestamp::now();
+        match s.first_subscribed_at {
+            Some(_) => s.resubscriptions += 1,
+            None => s.first_subscribed_at = Some(now),
+        }
+        s.phase = SubscriberPhase::Subscribed;
+        s.since = now;
+        s.failed_attempts = 0;
+        s.retry_in = None;
+    }
+
+    fn failed(&self, error: String, retry_in: Duration) {
+        let mut s = self.lock();
+        let now = Timestamp::now();
+        if s.phase != SubscriberPhase::Reconnecting {
+            s.phase = SubscriberPhase::Reconnecting;
+            s.since = now;
+        }
+        s.last_error = Some(error);
+        s.last_error_at = Some(now);
+        s.failed_attempts = s.failed_attempts.saturating_add(1);
+        s.retry_in = Some(retry_in);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubscriberState> {
+        // Plain data, always written whole: a poisoned lock still holds a consistent state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the subscriber task needs to know.
+#[derive(Debug, Clone)]
+pub struct SubscriberSettings {
+    pub channels: Vec<String>,
+    /// Bounds connecting + subscribing, and each keep-alive PING.
+    pub timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub ping_interval: Duration,
+}
+
+/// Capped exponential backoff: `initial`, `2*initial`, ... up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            next: initial.min(max),
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
+        delay
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial.min(self.max);
+    }
+}
+
+/// Starts the subscriber task; it runs until aborted.
+pub fn spawn(
+    client: redis::Client,
+    settings: SubscriberSettings,
+    log: Arc<EventLog>,
+    monitor: Arc<SubscriberMonitor>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(client, settings, log, monitor))
+}
+
+async fn run(
+    client: redis::Client,
+    settings: SubscriberSettings,
+    log: Arc<EventLog>,
+    monitor: Arc<SubscriberMonitor>,
+) {
+    let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    loop {
+        let failure = match subscribe(&client, &settings).await {
+            Ok(pubsub) => {
+                monitor.subscribed();
+                backoff.reset();
+                tracing::info!(channels = ?settings.channels, "subscriber: subscribed");
+                receive(pubsub, &log, &settings).await
+            }
+            Err(e) => e,
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!("subscriber: {failure}; retrying in {delay:?}");
+        monitor.failed(failure, delay);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn subscribe(
+    client: &redis::Client,
+    settings: &SubscriberSettings,
+) -> Result<redis::aio::PubSub, String> {
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&settings.channels).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    match tokio::time::timeout(settings.timeout, attempt).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(e)) => Err(format!("connecting and subscribing failed: {e}")),
+        Err(_) => Err(format!(
+            "connecting and subscribing took longer than {:?}",
+            settings.timeout
+        )),
+    }
+}
+
+/// Records messages until the connection is lost; returns why it was.
+async fn receive(
+    pubsub: redis::aio::PubSub,
+    log: &EventLog,
+    settings: &SubscriberSettings,
+) -> String {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut keepalive = tokio::time::interval(settings.ping_interval);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keepalive.tick().await; // the first tick is immediate
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(message) => log.record(message.get_channel_name(), message.get_payload_bytes()),
+                None => return "the subscription connection was closed".to_string(),
+            },
+            _ = keepalive.tick() => {
+                match tokio::time::timeout(settings.timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("keep-alive PING failed: {e}"),
+                    Err(_) => {
+                        return format!("keep-alive PING got no answer within {:?}", settings.timeout)
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let got: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn monitor_tracks_phases_and_counts_resubscriptions() {
+        let m = SubscriberMonitor::new(&["a".to_string()]);
+        assert_eq!(m.snapshot().phase, SubscriberPhase::Connecting);
+        m.subscribed();
+        assert_eq!(m.snapshot().resubscriptions, 0);
+        m.failed("boom".into(), Duration::from_millis(100));
+        m.failed("boom again".into(), Duration::from_millis(200));
+        let s = m.snapshot();
+        assert_eq!(s.phase, SubscriberPhase::Reconnecting);
+        assert_eq!(s.failed_attempts, 2);
+        assert_eq!(s.last_error.as_deref(), Some("boom again"));
+        assert_eq!(s.retry_in, Some(Duration::from_millis(200)));
+        m.subscribed();
+        let s = m.snapshot();
+        assert_eq!(s.phase, SubscriberPhase::Subscribed);
+        assert_eq!(s.resubscriptions, 1);
+        assert_eq!(s.failed_attempts, 0);
+        assert_eq!(s.last_error.as_deref(), Some("boom again"));
+    }
+
+    #[test]
+    fn a_failed_first_attempt_is_not_a_resubscription() {
+        let m = SubscriberMonitor::new(&["a".to_string()]);
+        m.failed("refused".into(), Duration::from_millis(100));
+        m.subscribed();
+        let s = m.snapshot();
+        assert_eq!(s.resubscriptions, 0);
+        assert!(s.first_subscribed_at.is_some());
+    }
+
+    #[test]
+    fn no_channels_means_disabled() {
+        let m = SubscriberMonitor::new(&[]);
+        assert_eq!(m.snapshot().phase, SubscriberPhase::Disabled);
+    }
+}
