@@ -3,7 +3,7 @@
 //! serve, watched while they run, and stopped — all of them, on every way out — so a demo or a
 //! bench leaves no orphans. Also SIGINT/SIGTERM handling and port checks.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -188,12 +188,12 @@ impl Services {
             }
             Err(e) => {
                 stop(&mut service);
-                Err(e.context(format!(
-                    "{} did not start; its last output ({}):\n{}",
+                Err(anyhow!(
+                    "{} did not start: {e:#}; its last output ({}):\n{}",
                     service.name,
                     service.log_path.display(),
                     service.last_lines()
-                )))
+                ))
             }
         }
     }
