@@ -8,6 +8,8 @@
 //! assert_eq!(reply.trim(), "PONG");
 //! ```
 
+pub mod http;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
