@@ -772,11 +772,7 @@ fn validate_routes(p: &mut Problems<'_>, routes: &mut [Route]) {
     }
 }
 
-fn validate_rate_limit(
-    p: &mut Problems<'_>,
-    base: &[PathSeg<'static>],
-    rl: &mut RateLimitPolicy,
-) {
+fn validate_rate_limit(p: &mut Problems<'_>, base: &[PathSeg<'static>], rl: &mut RateLimitPolicy) {
     let at = |rest: &[PathSeg<'static>]| -> Vec<PathSeg<'static>> {
         let mut v = base.to_vec();
         v.extend_from_slice(rest);

@@ -5,13 +5,29 @@
 //! `cargo build -p krowoc-plugin --target wasm32-wasip1 --profile wasm`; load the `.wasm` as an
 //! `envoy.filters.http.wasm` filter whose `configuration` is the JSON described in [`config`].
 //!
-//! The crate is also an rlib: everything except [`host`] and [`filter`] is plain Rust, tested
-//! natively (`cargo test -p krowoc-plugin`).
+//! The default build has both Redis transports. The `redis_call` transport (Higress ABI)
+//! imports `proxy_redis_init`/`proxy_redis_call`, which stock Envoy does not provide and so
+//! refuses to load; for stock Envoy build with `--no-default-features` (transport `relay`).
+//!
+//! Layout: [`config`] (the user's contract), [`keys`], [`ratelimit`], [`headers`] and the Lua
+//! in `src/scripts/` (the rate limiter), [`client`], [`resp`], [`breaker`], [`error`] (the Redis
+//! command layer), [`metrics`], and the host glue: [`host`] (every FFI call) and [`filter`]
+//! (the proxy-wasm contexts). Everything but the glue is plain Rust, tested natively
+//! (`cargo test -p krowoc-plugin`).
 
+pub mod breaker;
+pub mod client;
 pub mod config;
 pub mod duration;
+pub mod error;
 pub mod filter;
+pub mod headers;
 pub mod host;
+pub mod keys;
+pub mod metrics;
+pub mod ratelimit;
+pub mod resp;
+pub mod scripts;
 
 /// The value of the `x-krowoc-edge` response header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,146 @@
+//! The filter's metrics (proxy-wasm counters and gauges). Names are dotted; Envoy and
+//! host-shim expose them in Prometheus as `envoy_` + the name with `.`/`-` turned into `_`.
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `krowoc.redis.calls` | counter | Redis calls sent (EVAL retries included) |
+//! | `krowoc.redis.errors` | counter | calls that failed (timeouts, unreachable, garbage, refused) |
+//! | `krowoc.redis.timeouts` | counter | calls without an answer in time |
+//! | `krowoc.redis.noscript` | counter | NOSCRIPT answers (followed by EVAL) |
+//! | `krowoc.redis.short_circuited` | counter | calls not made because the breaker was open |
+//! | `krowoc.redis.breaker_opened` | counter | times a VM's breaker opened |
+//! | `krowoc.redis.breaker_open` | gauge | VMs whose breaker is open now (0: all closed) |
+//! | `krowoc.rate_limit.<route>.allowed` | counter | requests Redis admitted |
+//! | `krowoc.rate_limit.<route>.denied` | counter | requests denied (incl. from the deny cache) |
+//! | `krowoc.rate_limit.<route>.shadow_denied` | counter | would-be denials in shadow mode |
+//! | `krowoc.rate_limit.<route>.deny_cache_hits` | counter | denials decided in the VM, no Redis call |
+//! | `krowoc.rate_limit.<route>.redis_errors` | counter | decisions Redis could not make |
+//! | `krowoc.rate_limit.<route>.fallback_allowed` | counter | requests let through by the failure mode |
+//! | `krowoc.rate_limit.<route>.fallback_denied` | counter | requests refused by the failure mode |
+//! | `krowoc.rate_limit.<route>.skipped` | counter | requests without the keyed value, skipped |
+
+use crate::breaker::Transition;
+use crate::client::ClientStats;
+use crate::config::Config;
+use crate::host::{define_metric, increment_metric, METRIC_COUNTER, METRIC_GAUGE};
+use crate::ratelimit::{Tally, Verdict};
+
+/// Metric ids of one route (None where the host refused a definition).
+#[derive(Clone, Debug, Default)]
+pub struct RouteMetrics {
+    pub allowed: Option<u32>,
+    pub denied: Option<u32>,
+    pub shadow_denied: Option<u32>,
+    pub deny_cache_hits: Option<u32>,
+    pub redis_errors: Option<u32>,
+    pub fallback_allowed: Option<u32>,
+    pub fallback_denied: Option<u32>,
+    pub skipped: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    calls: Option<u32>,
+    errors: Option<u32>,
+    timeouts: Option<u32>,
+    noscript: Option<u32>,
+    short_circuited: Option<u32>,
+    breaker_opened: Option<u32>,
+    breaker_open: Option<u32>,
+    /// Per route, in configuration order (None for routes without a rate limit).
+    routes: Vec<Option<RouteMetrics>>,
+    reported: ClientStats,
+}
+
+/// Metric names of a route's rate limit.
+pub fn route_metric_name(route: &str, what: &str) -> String {
+    format!("krowoc.rate_limit.{route}.{what}")
+}
+
+impl Metrics {
+    pub fn define(config: &Config) -> Metrics {
+        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        Metrics {
+            calls: counter("krowoc.redis.calls"),
+            errors: counter("krowoc.redis.errors"),
+            timeouts: counter("krowoc.redis.timeouts"),
+            noscript: counter("krowoc.redis.noscript"),
+            short_circuited: counter("krowoc.redis.short_circuited"),
+            breaker_opened: counter("krowoc.redis.breaker_opened"),
+            breaker_open: define_metric(METRIC_GAUGE, "krowoc.redis.breaker_open"),
+            routes: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.rate_limit.as_ref().map(|_| {
+                        let c = |what: &str| counter(&route_metric_name(&r.name, what));
+                        RouteMetrics {
+                            allowed: c("allowed"),
+                            denied: c("denied"),
+                            shadow_denied: c("shadow_denied"),
+                            deny_cache_hits: c("deny_cache_hits"),
+                            redis_errors: c("redis_errors"),
+                            fallback_allowed: c("fallback_allowed"),
+                            fallback_denied: c("fallback_denied"),
+                            skipped: c("skipped"),
+                        }
+                    })
+                })
+                .collect(),
+            reported: ClientStats::default(),
+        }
+    }
+
+    /// Counts a rate-limit verdict for route number `route`.
+    pub fn count_verdict(&self, route: usize, verdict: &Verdict) {
+        let Some(Some(m)) = self.routes.get(route) else {
+            return;
+        };
+        let id = match verdict.tally {
+            Tally::Allowed => m.allowed,
+            Tally::Denied => m.denied,
+            Tally::ShadowDenied => m.shadow_denied,
+            Tally::FallbackAllowed => m.fallback_allowed,
+            Tally::FallbackDenied => m.fallback_denied,
+            Tally::Skipped => m.skipped,
+        };
+        increment_metric(id, 1);
+        if verdict.from_deny_cache {
+            increment_metric(m.deny_cache_hits, 1);
+        }
+        if verdict.redis_error {
+            increment_metric(m.redis_errors, 1);
+        }
+    }
+
+    /// Adds what the command layer counted since the last report.
+    pub fn report_client(&mut self, stats: ClientStats, transitions: &[Transition]) {
+        let d = |now: u64, before: u64| i64::try_from(now.saturating_sub(before)).unwrap_or(0);
+        let r = self.reported;
+        for (id, delta) in [
+            (self.calls, d(stats.calls, r.calls)),
+            (self.errors, d(stats.errors, r.errors)),
+            (self.timeouts, d(stats.timeouts, r.timeouts)),
+            (self.noscript, d(stats.noscript, r.noscript)),
+            (
+                self.short_circuited,
+                d(stats.short_circuited, r.short_circuited),
+            ),
+        ] {
+            if delta > 0 {
+                increment_metric(id, delta);
+            }
+        }
+        self.reported = stats;
+        for t in transitions {
+            match t {
+                Transition::Opened => {
+                    increment_metric(self.breaker_opened, 1);
+                    increment_metric(self.breaker_open, 1);
+                }
+                Transition::Closed => increment_metric(self.breaker_open, -1),
+                Transition::None => {}
+            }
+        }
+    }
+}

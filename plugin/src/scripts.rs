@@ -1,0 +1,85 @@
+//! Lua scripts run by the filter. Each lives in `src/scripts/*.lua` (with a header comment:
+//! KEYS, ARGV, reply) and is called with EVALSHA; its SHA1 is computed once, when the
+//! configuration is loaded.
+
+use crate::resp::Command;
+
+/// A script's source and SHA1 (hex), as Redis names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Script {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub sha1: String,
+}
+
+impl Script {
+    pub fn new(name: &'static str, source: &'static str) -> Script {
+        Script {
+            name,
+            source,
+            sha1: sha1_smol::Sha1::from(source).digest().to_string(),
+        }
+    }
+
+    /// `EVALSHA sha numkeys keys... args...`
+    pub fn evalsha(&self, keys: &[String], args: &[String]) -> Command {
+        Command::new("EVALSHA")
+            .arg(&self.sha1)
+            .arg(keys.len().to_string())
+            .args(keys)
+            .args(args)
+    }
+
+    /// `EVAL source numkeys keys... args...` (after NOSCRIPT; it also loads the script).
+    pub fn eval(&self, keys: &[String], args: &[String]) -> Command {
+        Command::new("EVAL")
+            .arg(self.source)
+            .arg(keys.len().to_string())
+            .args(keys)
+            .args(args)
+    }
+}
+
+/// Source of the rate-limit script (every algorithm, several limits in one call).
+pub const RATE_LIMIT_LUA: &str = include_str!("scripts/rate_limit.lua");
+
+/// The scripts of one filter instance.
+#[derive(Clone, Debug)]
+pub struct Scripts {
+    pub rate_limit: Script,
+}
+
+impl Scripts {
+    pub fn load() -> Scripts {
+        Scripts {
+            rate_limit: Script::new("rate_limit", RATE_LIMIT_LUA),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha1_is_the_one_redis_computes() {
+        // SHA1("return 1"), as `SCRIPT LOAD "return 1"` answers.
+        let s = Script::new("t", "return 1");
+        assert_eq!(s.sha1, "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+        let c = s.evalsha(&["k".into()], &["a".into()]);
+        assert_eq!(
+            c.encode(),
+            b"*5\r\n$7\r\nEVALSHA\r\n$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\na\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn scripts_have_header_comments() {
+        for line in ["-- KEYS", "-- ARGV", "-- Reply"] {
+            assert!(
+                RATE_LIMIT_LUA.lines().any(|l| l.starts_with(line)),
+                "rate_limit.lua lacks {line}"
+            );
+        }
+    }
+}
