@@ -1,0 +1,1629 @@
+//! The gateway: worker threads that accept HTTP/1.1 connections, run each request through the
+//! plugin's phases in Envoy's order, forward it to the routed cluster, and carry out the plugin's
+//! callouts (HTTP calls, Higress Redis calls), ticks and queue notifications.
+//!
+//! One worker = one OS thread = one current-thread tokio runtime = one plugin VM, as in Envoy:
+//! a request's contexts stay on the VM of the worker that accepted its connection.
+//!
+//! A request's life: route → `on_request_headers` (pause until resumed, or a local reply) →
+//! request body chunks through `on_request_body` (buffered while the plugin pauses) → upstream →
+//! `on_response_headers` → response body chunks through `on_response_body` → `on_done`,
+//! `on_log`, `on_delete`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{mpsc, Mutex, Notify};
+
+use crate::abi::{Action, HeaderList, Status};
+use crate::body::{self, Body, BodySender};
+use crate::redis_pool::{RedisEndpoint, RedisPool};
+use crate::shared::{QueueReady, SharedState};
+use crate::state::{Callout, HttpCallResponse, StreamInfo, StreamState};
+use crate::vm::{PluginModule, Vm, VmError, VmSettings};
+
+/// Where a cluster's endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ClusterAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How a request path selects a route.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: PathMatch,
+    pub cluster: String,
+    /// Envoy's route timeout: 15 s unless configured; `None` disables it.
+    pub timeout: Option<Duration>,
+}
+
+/// The wasm filter of the listener.
+pub struct FilterSpec {
+    pub module: Arc<PluginModule>,
+    pub settings: VmSettings,
+    /// Envoy's `fail_open`: when the VM fails, pass requests through instead of answering 503.
+    pub fail_open: bool,
+}
+
+/// Everything a gateway needs, resolved from envoy.yaml and the command line.
+pub struct GatewaySpec {
+    pub workers: usize,
+    pub routes: Vec<Route>,
+    pub clusters: HashMap<String, ClusterAddr>,
+    pub filter: Option<FilterSpec>,
+    /// Requests whose header block is larger than this get 431.
+    pub max_request_headers_bytes: usize,
+}
+
+impl GatewaySpec {
+    /// First route whose matcher fits the path (query excluded), as Envoy's route table does.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        let path = path.split('?').next().unwrap_or(path);
+        self.routes.iter().find(|r| match &r.matcher {
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Exact(p) => path == p,
+        })
+    }
+}
+
+/// A running gateway: its listener address and a handle that stops it.
+pub struct Gateway {
+    pub local_addr: SocketAddr,
+    pub shared: Arc<SharedState>,
+    ready_workers: Arc<AtomicUsize>,
+    workers: usize,
+    shutdown: Vec<tokio::sync::watch::Sender<bool>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts the workers on `listener`. Each worker creates its VM first; if any VM fails to
+    /// start (or the plugin refuses its configuration) nothing is served and the error returns.
+    pub fn start(
+        spec: GatewaySpec,
+        listener: std::net::TcpListener,
+        shared: Arc<SharedState>,
+    ) -> Result<Gateway, VmError> {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| VmError::Start(format!("listener: {e}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VmError::Start(format!("listener: {e}")))?;
+        let spec = Arc::new(spec);
+        let workers = spec.workers.max(1);
+        let mut queue_senders = Vec::new();
+        let mut queue_receivers = Vec::new();
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::unbounded_channel::<QueueReady>();
+            queue_senders.push(tx);
+            queue_receivers.push(rx);
+        }
+        shared.set_queue_notifier(move |worker, ready| {
+            if let Some(tx) = queue_senders.get(worker) {
+                let _ = tx.send(ready);
+            }
+        });
+        let ready_workers = Arc::new(AtomicUsize::new(0));
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), VmError>>();
+        let mut shutdown = Vec::new();
+        let mut threads = Vec::new();
+        for (index, queue_rx) in queue_receivers.into_iter().enumerate() {
+            let listener = listener
+                .try_clone()
+                .map_err(|e| VmError::Start(format!("listener: {e}")))?;
+            let spec = spec.clone();
+            let shared = shared.clone();
+            let started_tx = started_tx.clone();
+            let ready = ready_workers.clone();
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            shutdown.push(stop_tx);
+            let thread = std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    worker_main(
+                        index, spec, shared, listener, queue_rx, started_tx, ready, stop_rx,
+                    )
+                })
+                .map_err(|e| VmError::Start(format!("cannot start a worker thread: {e}")))?;
+            threads.push(thread);
+        }
+        drop(started_tx);
+        for _ in 0..workers {
+            match started_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    for s in &shutdown {
+                        let _ = s.send(true);
+                    }
+                    return Err(e);
+                }
+                Err(_) => return Err(VmError::Start("a worker thread exited at start".into())),
+            }
+        }
+        Ok(Gateway {
+            local_addr,
+            shared,
+            ready_workers,
+            workers,
+            shutdown,
+            threads,
+        })
+    }
+
+    /// True when every worker has a working VM (or there is no filter).
+    pub fn is_ready(&self) -> bool {
+        self.ready_workers.load(Ordering::Relaxed) == self.workers
+    }
+
+    /// A check the admin listener can hold on to.
+    pub fn readiness(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let ready = self.ready_workers.clone();
+        let workers = self.workers;
+        Arc::new(move || ready.load(Ordering::Relaxed) == workers)
+    }
+
+    /// Stops accepting, and waits for the worker threads to end.
+    pub fn stop(mut self) {
+        for s in &self.shutdown {
+            let _ = s.send(true);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker_main(
+    index: usize,
+    spec: Arc<GatewaySpec>,
+    shared: Arc<SharedState>,
+    listener: std::net::TcpListener,
+    queue_rx: mpsc::UnboundedReceiver<QueueReady>,
+    started: std::sync::mpsc::Sender<Result<(), VmError>>,
+    ready: Arc<AtomicUsize>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = started.send(Err(VmError::Start(format!("worker runtime: {e}"))));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let worker = Rc::new(Worker::new(index, spec.clone(), shared.clone()));
+        if let Some(filter) = &spec.filter {
+            match worker.start_vm(filter).await {
+                Ok(vm) => {
+                    *worker.vm.lock().await = Some(VmSlot { vm, generation: 1 });
+                }
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            }
+        }
+        ready.fetch_add(1, Ordering::Relaxed);
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = started.send(Err(VmError::Start(format!("listener: {e}"))));
+                return;
+            }
+        };
+        let _ = started.send(Ok(()));
+        drop(started);
+        if spec.filter.is_some() {
+            tokio::task::spawn_local(worker.clone().tick_loop());
+            tokio::task::spawn_local(worker.clone().queue_loop(queue_rx));
+        }
+        let connections = AtomicU64::new(0);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, peer)) = accepted else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let local_addr = stream.local_addr().unwrap_or(peer);
+                    let conn_id = (index as u64) << 48 | connections.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::spawn_local(worker.clone().serve_connection(stream, peer, local_addr, conn_id));
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+}
+
+struct VmSlot {
+    vm: Vm,
+    generation: u64,
+}
+
+struct Worker {
+    index: usize,
+    spec: Arc<GatewaySpec>,
+    shared: Arc<SharedState>,
+    vm: Mutex<Option<VmSlot>>,
+    client: Client<HttpConnector, Body>,
+    redis_pools: RefCell<HashMap<String, RedisPool>>,
+    replacing: std::cell::Cell<bool>,
+}
+
+/// Why a stream could not go on through the plugin.
+enum StreamFailure {
+    /// The VM trapped or was replaced: apply the failure policy.
+    Vm,
+    /// The plugin closed the stream: reset the connection.
+    Closed,
+}
+
+/// What the plugin decided at a pause point.
+enum Verdict {
+    Continue,
+    Local(crate::state::LocalResponse),
+}
+
+impl Worker {
+    fn new(index: usize, spec: Arc<GatewaySpec>, shared: Arc<SharedState>) -> Worker {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Worker {
+            index,
+            spec,
+            shared,
+            vm: Mutex::new(None),
+            client,
+            redis_pools: RefCell::new(HashMap::new()),
+            replacing: std::cell::Cell::new(false),
+        }
+    }
+
+    async fn start_vm(&self, filter: &FilterSpec) -> Result<Vm, VmError> {
+        let clusters: HashMap<String, ClusterAddr> = self.spec.clusters.clone();
+        Vm::start(
+            &filter.module,
+            &filter.settings,
+            self.index,
+            self.shared.clone(),
+            Arc::new(clusters),
+        )
+        .await
+    }
+
+    /// Replaces a failed VM (in the background); streams of the old VM are woken so that they
+    /// notice and apply the failure policy.
+    fn replace_vm(self: &Rc<Self>) {
+        if self.replacing.replace(true) {
+            return;
+        }
+        let worker = self.clone();
+        tokio::task::spawn_local(async move {
+            let mut delay = Duration::from_millis(10);
+            loop {
+                let Some(filter) = &worker.spec.filter else {
+                    break;
+                };
+                match worker.start_vm(filter).await {
+                    Ok(vm) => {
+                        let mut guard = worker.vm.lock().await;
+                        let generation = guard.as_ref().map_or(0, |s| s.generation) + 1;
+                        if let Some(old) = guard.take() {
+                            for s in old.vm.state().streams.values() {
+                                s.wake.notify_one();
+                            }
+                        }
+                        *guard = Some(VmSlot { vm, generation });
+                        worker
+                            .shared
+                            .counters
+                            .vm_replacements
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(worker = worker.index, "plugin VM replaced");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(worker = worker.index, "cannot replace the plugin VM: {e}");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            worker.replacing.set(false);
+        });
+    }
+
+    async fn serve_connection(
+        self: Rc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        conn_id: u64,
+    ) {
+        let worker = self.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let worker = worker.clone();
+            async move { Ok::<_, Infallible>(worker.handle(req, peer, local, conn_id).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(self.spec.max_request_headers_bytes.max(8192))
+            .serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, "connection ended: {e}");
+        }
+    }
+
+    async fn handle(
+        self: Rc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        conn_id: u64,
+    ) -> Response<Body> {
+        self.shared
+            .counters
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+        let headers = request_header_list(&req, peer);
+        let path = header_str(&headers, ":path").unwrap_or("/").to_string();
+        let route = self.spec.route_for(&path).cloned();
+        let (_, incoming) = req.into_parts();
+        let body = body::boxed(incoming);
+        if self.spec.filter.is_none() {
+            return self.forward(route.as_ref(), headers, body).await;
+        }
+        let info = StreamInfo {
+            source: peer,
+            destination: local,
+            connection_id: conn_id,
+            start_time: SystemTime::now(),
+            route_name: route.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
+            cluster_name: route
+                .as_ref()
+                .map(|r| r.cluster.clone())
+                .unwrap_or_default(),
+        };
+        match FilteredStream::begin(self.clone(), info, headers.clone()).await {
+            Ok(stream) => stream.run(route, body).await,
+            Err(StreamFailure::Closed) => reset_response(),
+            Err(StreamFailure::Vm) => self.fail_by_policy(route.as_ref(), headers, body).await,
+        }
+    }
+
+    /// What a request gets when the VM failed: Envoy's fail-closed 503, or a plain pass-through.
+    async fn fail_by_policy(
+        &self,
+        route: Option<&Route>,
+        headers: HeaderList,
+        body: Body,
+    ) -> Response<Body> {
+        let fail_open = self.spec.filter.as_ref().is_some_and(|f| f.fail_open);
+        if fail_open {
+            self.shared
+                .counters
+                .fail_open_passes
+                .fetch_add(1, Ordering::Relaxed);
+            self.forward(route, headers, body).await
+        } else {
+            plain_response(
+                503,
+                "plugin failure: the wasm VM failed; request refused (fail_open is false)\n",
+            )
+        }
+    }
+
+    /// Sends a request to the route's cluster and returns its response, or Envoy's local reply
+    /// for no route (404), connect failure (503) or timeout (504).
+    async fn forward(
+        &self,
+        route: Option<&Route>,
+        headers: HeaderList,
+        body: Body,
+    ) -> Response<Body> {
+        match self.send_upstream(route, headers, body).await {
+            Ok(resp) => resp.map(body::boxed),
+            Err(local) => local,
+        }
+    }
+
+    async fn send_upstream(
+        &self,
+        route: Option<&Route>,
+        headers: HeaderList,
+        body: Body,
+    ) -> Result<Response<Incoming>, Response<Body>> {
+        let Some(route) = route else {
+            return Err(plain_response(404, ""));
+        };
+        let Some(addr) = self.spec.clusters.get(&route.cluster) else {
+            return Err(plain_response(503, "no healthy upstream"));
+        };
+        let req = match build_request(addr, &headers, body) {
+            Ok(r) => r,
+            Err(e) => return Err(plain_response(400, &format!("bad request: {e}\n"))),
+        };
+        let fut = self.client.request(req);
+        let result = match route.timeout {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.shared
+                        .counters
+                        .upstream_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(plain_response(504, "upstream request timeout"));
+                }
+            },
+            None => fut.await,
+        };
+        match result {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                self.shared
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(cluster = %route.cluster, "upstream error: {e:?}");
+                let reason = if e.is_connect() {
+                    "connection failure"
+                } else {
+                    "connection termination"
+                };
+                Err(plain_response(
+                    503,
+                    &format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}"),
+                ))
+            }
+        }
+    }
+
+    // ---- callouts -------------------------------------------------------------------------
+
+    fn dispatch(self: &Rc<Self>, callouts: Vec<Callout>, generation: u64) {
+        for callout in callouts {
+            let worker = self.clone();
+            tokio::task::spawn_local(async move {
+                match callout {
+                    Callout::Http {
+                        token,
+                        cluster,
+                        headers,
+                        body,
+                        trailers: _,
+                        timeout,
+                    } => {
+                        let response = worker.http_callout(&cluster, headers, body, timeout).await;
+                        worker.deliver_http(token, response, generation).await;
+                    }
+                    Callout::Redis {
+                        token,
+                        cluster,
+                        query,
+                    } => {
+                        let reply = worker.redis_callout(&cluster, query).await;
+                        worker.deliver_redis(token, reply, generation).await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn http_callout(
+        &self,
+        cluster: &str,
+        headers: HeaderList,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> HttpCallResponse {
+        let fail = |status: u16, text: &str| {
+            self.shared
+                .counters
+                .http_callout_failures
+                .fetch_add(1, Ordering::Relaxed);
+            HttpCallResponse {
+                headers: vec![
+                    (":status".into(), status.to_string().into_bytes()),
+                    ("content-length".into(), text.len().to_string().into_bytes()),
+                    ("content-type".into(), b"text/plain".to_vec()),
+                ],
+                body: text.as_bytes().to_vec(),
+                trailers: Vec::new(),
+                status: Some(Status::Ok),
+                message: String::new(),
+            }
+        };
+        let Some(addr) = self.spec.clusters.get(cluster) else {
+            return fail(503, "no healthy upstream");
+        };
+        let req = match build_request(addr, &headers, body::full(body)) {
+            Ok(r) => r,
+            Err(_) => return fail(503, "upstream connect error or disconnect/reset before headers. reset reason: invalid request"),
+        };
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let (parts, incoming) = resp.into_parts();
+            let collected = incoming.collect().await;
+            Ok::<_, BoxedErr>((parts, collected))
+        };
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, exchange).await {
+                Ok(r) => r,
+                Err(_) => return fail(504, "upstream request timeout"),
+            },
+            None => exchange.await,
+        };
+        match result {
+            Ok((parts, Ok(collected))) => {
+                let trailers = collected.trailers().map(header_list_of).unwrap_or_default();
+                let mut headers = vec![(
+                    ":status".to_string(),
+                    parts.status.as_str().as_bytes().to_vec(),
+                )];
+                headers.extend(header_list_of(&parts.headers));
+                HttpCallResponse {
+                    headers,
+                    body: collected.to_bytes().to_vec(),
+                    trailers,
+                    status: Some(Status::Ok),
+                    message: String::new(),
+                }
+            }
+            Ok((_, Err(e))) => {
+                // Reset after the headers: the plugin sees no headers and BrokenConnection.
+                self.shared
+                    .counters
+                    .http_callout_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                HttpCallResponse {
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                    status: Some(Status::BrokenConnection),
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => {
+                let connect = e
+                    .downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(|e| e.is_connect());
+                fail(
+                    503,
+                    if connect {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+                    } else {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+                    },
+                )
+            }
+        }
+    }
+
+    async fn deliver_http(
+        self: &Rc<Self>,
+        token: u32,
+        response: HttpCallResponse,
+        generation: u64,
+    ) {
+        let mut guard = self.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+            return;
+        };
+        let (nh, nb, nt) = (
+            response.headers.len(),
+            response.body.len(),
+            response.trailers.len(),
+        );
+        slot.vm.state_mut().http_call_response = Some(response);
+        let result = slot.vm.on_http_call_response(token, nh, nb, nt).await;
+        let callouts = slot.vm.take_callouts();
+        drop(guard);
+        self.after_callback(result.map(|_| ()), callouts, generation);
+    }
+
+    /// Runs a Redis command (Higress ABI) on this worker's pool for the cluster.
+    async fn redis_callout(&self, cluster: &str, query: Vec<u8>) -> Result<Vec<u8>, String> {
+        let init = {
+            let guard = self.vm.lock().await;
+            guard
+                .as_ref()
+                .and_then(|s| s.vm.state().redis_clusters.get(cluster).cloned())
+        };
+        let Some(init) = init else {
+            return Err(format!("redis cluster {cluster} was not initialised"));
+        };
+        let count = crate::redis_pool::parse_commands(&query)
+            .map_err(|e| format!("malformed RESP query: {e}"))?
+            .len();
+        let pool = {
+            let mut pools = self.redis_pools.borrow_mut();
+            match pools.get(cluster) {
+                Some(p) => p.clone(),
+                None => {
+                    let base = crate::host::redis_call::cluster_base(cluster);
+                    let Some(addr) = self.spec.clusters.get(base) else {
+                        return Err(format!("unknown cluster {base}"));
+                    };
+                    let db = cluster
+                        .split_once("?db=")
+                        .and_then(|(_, d)| d.parse::<u32>().ok());
+                    let endpoint = RedisEndpoint {
+                        host: addr.host.clone(),
+                        port: addr.port,
+                        username: init.username.clone(),
+                        password: init.password.clone(),
+                        db,
+                        connect_timeout: init.timeout,
+                    };
+                    let pool = RedisPool::new(endpoint, 2);
+                    pools.insert(cluster.to_string(), pool.clone());
+                    pool
+                }
+            }
+        };
+        pool.call_raw(Bytes::from(query), count, init.timeout)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn deliver_redis(
+        self: &Rc<Self>,
+        token: u32,
+        reply: Result<Vec<u8>, String>,
+        generation: u64,
+    ) {
+        let (status, reply) = match reply {
+            Ok(r) => (0, Some(r)),
+            Err(e) => {
+                tracing::debug!("redis call failed: {e}");
+                self.shared
+                    .counters
+                    .redis_callout_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                (1, None)
+            }
+        };
+        let mut guard = self.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+            return;
+        };
+        let result = slot.vm.on_redis_call_response(token, status, reply).await;
+        let callouts = slot.vm.take_callouts();
+        drop(guard);
+        self.after_callback(result, callouts, generation);
+    }
+
+    /// After a root-context callback: dispatch what it queued, or replace the VM if it failed.
+    fn after_callback(
+        self: &Rc<Self>,
+        result: Result<(), VmError>,
+        callouts: Vec<Callout>,
+        generation: u64,
+    ) {
+        match result {
+            Ok(()) => self.dispatch(callouts, generation),
+            Err(_) => self.replace_vm(),
+        }
+    }
+
+    async fn tick_loop(self: Rc<Self>) {
+        loop {
+            let period = {
+                let guard = self.vm.lock().await;
+                guard.as_ref().and_then(|s| s.vm.state().tick_period)
+            };
+            let Some(period) = period else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::time::sleep(period).await;
+            let mut guard = self.vm.lock().await;
+            let Some(slot) = guard.as_mut() else { continue };
+            let generation = slot.generation;
+            let result = slot.vm.on_tick().await;
+            let callouts = slot.vm.take_callouts();
+            drop(guard);
+            self.after_callback(result, callouts, generation);
+        }
+    }
+
+    async fn queue_loop(self: Rc<Self>, mut rx: mpsc::UnboundedReceiver<QueueReady>) {
+        while let Some(ready) = rx.recv().await {
+            let mut guard = self.vm.lock().await;
+            let Some(slot) = guard.as_mut() else { continue };
+            let generation = slot.generation;
+            let result = slot
+                .vm
+                .on_queue_ready(ready.root_context_id, ready.queue_id)
+                .await;
+            let callouts = slot.vm.take_callouts();
+            drop(guard);
+            self.after_callback(result, callouts, generation);
+        }
+    }
+}
+
+type BoxedErr = Box<dyn std::error::Error + Send + Sync>;
+
+/// One request going through the plugin.
+struct FilteredStream {
+    worker: Rc<Worker>,
+    ctx: u32,
+    generation: u64,
+    wake: Arc<Notify>,
+    finished: bool,
+    /// The request headers as received, for a fail-open pass-through.
+    original_headers: HeaderList,
+}
+
+impl Drop for FilteredStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The client went away mid-stream: the plugin still gets on_done/on_log/on_delete.
+            let worker = self.worker.clone();
+            let (ctx, generation) = (self.ctx, self.generation);
+            tokio::task::spawn_local(async move {
+                finish(&worker, ctx, generation).await;
+            });
+        }
+    }
+}
+
+async fn finish(worker: &Rc<Worker>, ctx: u32, generation: u64) {
+    let mut guard = worker.vm.lock().await;
+    let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+        return;
+    };
+    let result = slot.vm.finish_stream(ctx).await;
+    let callouts = slot.vm.take_callouts();
+    drop(guard);
+    worker.after_callback(result, callouts, generation);
+}
+
+/// Stream state read back from the VM after a callback.
+struct Outcome {
+    action: Action,
+    local: Option<crate::state::LocalResponse>,
+    closed: bool,
+}
+
+impl FilteredStream {
+    /// Creates the stream's context and runs `on_request_headers`.
+    async fn begin(
+        worker: Rc<Worker>,
+        info: StreamInfo,
+        headers: HeaderList,
+    ) -> Result<FilteredStream, StreamFailure> {
+        let original_headers = headers.clone();
+        let mut guard = worker.vm.lock().await;
+        let Some(slot) = guard.as_mut() else {
+            return Err(StreamFailure::Vm);
+        };
+        let state = StreamState::new(info, headers);
+        let wake = state.wake.clone();
+        let generation = slot.generation;
+        let ctx = match slot.vm.create_stream(state).await {
+            Ok(ctx) => ctx,
+            Err(_) => {
+                drop(guard);
+                worker.replace_vm();
+                return Err(StreamFailure::Vm);
+            }
+        };
+        drop(guard);
+        Ok(FilteredStream {
+            worker,
+            ctx,
+            generation,
+            wake,
+            finished: false,
+            original_headers,
+        })
+    }
+
+    /// Runs one callback on this stream's VM, then reads back what the plugin decided.
+    async fn callback<F>(&mut self, f: F) -> Result<Outcome, StreamFailure>
+    where
+        F: for<'a> FnOnce(
+            &'a mut Vm,
+            u32,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Action, VmError>> + 'a>,
+        >,
+    {
+        let mut guard = self.worker.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == self.generation) else {
+            self.finished = true;
+            return Err(StreamFailure::Vm);
+        };
+        let result = f(&mut slot.vm, self.ctx).await;
+        let callouts = slot.vm.take_callouts();
+        let outcome = match result {
+            Ok(action) => match slot.vm.stream(self.ctx) {
+                Some(s) => Ok(Outcome {
+                    action,
+                    local: s.local_response.take(),
+                    closed: s.closed,
+                }),
+                None => Err(StreamFailure::Vm),
+            },
+            Err(_) => Err(StreamFailure::Vm),
+        };
+        drop(guard);
+        match &outcome {
+            Ok(_) => self.worker.dispatch(callouts, self.generation),
+            Err(_) => {
+                self.finished = true;
+                self.worker.replace_vm();
+            }
+        }
+        outcome
+    }
+
+    /// Waits until the plugin resumes the request (or response) or answers locally.
+    async fn wait(&mut self, response: bool) -> Result<Verdict, StreamFailure> {
+        // Envoy's default stream idle timeout: a plugin that never resumes does not hold the
+        // client forever.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            {
+                let mut guard = self.worker.vm.lock().await;
+                let Some(slot) = guard.as_mut().filter(|s| s.generation == self.generation) else {
+                    self.finished = true;
+                    return Err(StreamFailure::Vm);
+                };
+                let Some(s) = slot.vm.stream(self.ctx) else {
+                    return Err(StreamFailure::Vm);
+                };
+                if s.closed {
+                    return Err(StreamFailure::Closed);
+                }
+                if let Some(local) = s.local_response.take() {
+                    return Ok(Verdict::Local(local));
+                }
+                let resumed = if response {
+                    std::mem::take(&mut s.resume_response)
+                } else {
+                    std::mem::take(&mut s.resume_request)
+                };
+                if resumed {
+                    return Ok(Verdict::Continue);
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), self.wake.notified())
+                .await
+                .is_err()
+            {
+                return Ok(Verdict::Local(crate::state::LocalResponse {
+                    status: 408,
+                    details: "stream_idle_timeout".into(),
+                    body: b"stream timeout".to_vec(),
+                    headers: Vec::new(),
+                }));
+            }
+        }
+    }
+
+    /// After a callback that may pause: wait if paused; a local reply wins either way.
+    async fn settle(&mut self, outcome: Outcome, response: bool) -> Result<Verdict, StreamFailure> {
+        if outcome.closed {
+            return Err(StreamFailure::Closed);
+        }
+        if let Some(local) = outcome.local {
+            return Ok(Verdict::Local(local));
+        }
+        match outcome.action {
+            Action::Continue => {
+                // A resume the plugin issued during the callback itself is not needed any more.
+                Ok(Verdict::Continue)
+            }
+            Action::Pause => self.wait(response).await,
+        }
+    }
+
+    async fn run(mut self, route: Option<Route>, mut body: Body) -> Response<Body> {
+        let eos = body.is_end_stream();
+        let outcome = match self
+            .callback(|vm, ctx| Box::pin(vm.on_request_headers(ctx, eos)))
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => return self.failed(e, route.as_ref(), body).await,
+        };
+        match self.settle(outcome, false).await {
+            Ok(Verdict::Continue) => {}
+            Ok(Verdict::Local(local)) => return self.local_reply(local).await,
+            Err(e) => return self.failed(e, route.as_ref(), body).await,
+        }
+
+        // Request body: stream chunks through on_request_body into the upstream request.
+        let upstream_body = if eos {
+            body::empty()
+        } else {
+            let (tx, upstream_body) = body::channel();
+            let (local_tx, local_rx) = tokio::sync::oneshot::channel();
+            let pump = RequestBodyPump {
+                worker: self.worker.clone(),
+                ctx: self.ctx,
+                generation: self.generation,
+                wake: self.wake.clone(),
+            };
+            tokio::task::spawn_local(async move {
+                let verdict = pump.run(&mut body, tx).await;
+                let _ = local_tx.send(verdict);
+            });
+            // Hold the upstream exchange until the body settles, unless a local reply or a
+            // failure comes first.
+            return self.proxy(route, upstream_body, Some(local_rx)).await;
+        };
+        self.proxy(route, upstream_body, None).await
+    }
+
+    async fn proxy(
+        mut self,
+        route: Option<Route>,
+        upstream_body: Body,
+        body_verdict: Option<tokio::sync::oneshot::Receiver<Result<Verdict, StreamFailure>>>,
+    ) -> Response<Body> {
+        let headers = {
+            let mut guard = self.worker.vm.lock().await;
+            match guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+            {
+                Some(s) => {
+                    let mut h = s.request_headers.clone();
+                    if s.request_body_modified {
+                        h.retain(|(k, _)| k != "content-length");
+                    }
+                    h
+                }
+                None => {
+                    drop(guard);
+                    self.finished = true;
+                    return self
+                        .worker
+                        .fail_by_policy(route.as_ref(), Vec::new(), body::empty())
+                        .await;
+                }
+            }
+        };
+        let worker = self.worker.clone();
+        let upstream = worker.send_upstream(route.as_ref(), headers, upstream_body);
+        let upstream = match body_verdict {
+            None => upstream.await,
+            Some(mut verdict_rx) => {
+                tokio::pin!(upstream);
+                tokio::select! {
+                    r = &mut upstream => r,
+                    v = &mut verdict_rx => match v {
+                        Ok(Ok(Verdict::Continue)) | Err(_) => upstream.await,
+                        Ok(Ok(Verdict::Local(local))) => return self.local_reply(local).await,
+                        Ok(Err(StreamFailure::Closed)) => return reset_response(),
+                        Ok(Err(StreamFailure::Vm)) => {
+                            self.finished = true;
+                            return plain_response(503, "plugin failure: the wasm VM failed\n");
+                        }
+                    },
+                }
+            }
+        };
+        let (status, resp_headers, resp_body) = match upstream {
+            Ok(resp) => {
+                let (parts, incoming) = resp.into_parts();
+                let mut h = vec![(
+                    ":status".to_string(),
+                    parts.status.as_str().as_bytes().to_vec(),
+                )];
+                h.extend(header_list_of(&parts.headers));
+                (parts.status, h, body::boxed(incoming))
+            }
+            Err(local) => {
+                let (parts, b) = local.into_parts();
+                let mut h = vec![(
+                    ":status".to_string(),
+                    parts.status.as_str().as_bytes().to_vec(),
+                )];
+                h.extend(header_list_of(&parts.headers));
+                (parts.status, h, b)
+            }
+        };
+        let _ = status;
+        self.respond(resp_headers, resp_body).await
+    }
+
+    /// Runs the response phase: `on_response_headers`, then the body through `on_response_body`.
+    async fn respond(mut self, headers: HeaderList, mut resp_body: Body) -> Response<Body> {
+        let eos = resp_body.is_end_stream();
+        {
+            let mut guard = self.worker.vm.lock().await;
+            if let Some(s) = guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+            {
+                s.response_headers = Some(headers);
+            }
+        }
+        let outcome = match self
+            .callback(|vm, ctx| Box::pin(vm.on_response_headers(ctx, eos)))
+            .await
+        {
+            Ok(o) => o,
+            Err(StreamFailure::Closed) => return reset_response(),
+            Err(StreamFailure::Vm) => {
+                return plain_response(503, "plugin failure: the wasm VM failed\n")
+            }
+        };
+        match self.settle(outcome, true).await {
+            Ok(Verdict::Continue) => {}
+            Ok(Verdict::Local(local)) => {
+                // A local reply during the response phase replaces the response as it is.
+                self.shared_local_count();
+                let resp = local_response_parts(&local);
+                self.finish_now().await;
+                return resp;
+            }
+            Err(StreamFailure::Closed) => return reset_response(),
+            Err(StreamFailure::Vm) => {
+                return plain_response(503, "plugin failure: the wasm VM failed\n")
+            }
+        }
+        let headers = {
+            let mut guard = self.worker.vm.lock().await;
+            guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+                .and_then(|s| s.response_headers.clone())
+                .unwrap_or_default()
+        };
+        let builder = response_builder(&headers);
+        if eos {
+            self.finish_now().await;
+            return builder
+                .body(body::empty())
+                .unwrap_or_else(|_| plain_response(502, "invalid response headers"));
+        }
+        let (tx, downstream) = body::channel();
+        let pump = ResponseBodyPump {
+            worker: self.worker.clone(),
+            ctx: self.ctx,
+            generation: self.generation,
+            wake: self.wake.clone(),
+        };
+        // The pump owns the end of the stream (on_done/on_log/on_delete) from here on.
+        self.finished = true;
+        tokio::task::spawn_local(async move {
+            pump.run(&mut resp_body, tx).await;
+            finish(&pump.worker, pump.ctx, pump.generation).await;
+        });
+        builder
+            .body(downstream)
+            .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
+    }
+
+    fn shared_local_count(&self) {
+        self.worker
+            .shared
+            .counters
+            .local_responses
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn finish_now(&mut self) {
+        self.finished = true;
+        finish(&self.worker, self.ctx, self.generation).await;
+    }
+
+    /// The plugin answered in the request phase: the reply goes through the response phase of
+    /// the filter chain, as Envoy encodes local replies.
+    async fn local_reply(self, local: crate::state::LocalResponse) -> Response<Body> {
+        self.shared_local_count();
+        let resp = local_response_parts(&local);
+        let (parts, b) = resp.into_parts();
+        let mut h = vec![(
+            ":status".to_string(),
+            parts.status.as_str().as_bytes().to_vec(),
+        )];
+        h.extend(header_list_of(&parts.headers));
+        self.respond(h, b).await
+    }
+
+    async fn failed(
+        mut self,
+        e: StreamFailure,
+        route: Option<&Route>,
+        body: Body,
+    ) -> Response<Body> {
+        self.finished = true;
+        match e {
+            StreamFailure::Closed => reset_response(),
+            StreamFailure::Vm => {
+                let headers = std::mem::take(&mut self.original_headers);
+                self.worker.fail_by_policy(route, headers, body).await
+            }
+        }
+    }
+}
+
+struct RequestBodyPump {
+    worker: Rc<Worker>,
+    ctx: u32,
+    generation: u64,
+    wake: Arc<Notify>,
+}
+
+/// Which body a pump feeds through the plugin.
+#[derive(Clone, Copy)]
+enum Direction {
+    Request,
+    Response,
+}
+
+/// Feeds one body, chunk by chunk, through the plugin's body callback into `tx`. While the
+/// plugin answers Pause, chunks accumulate (it sees the whole buffer each time); Continue
+/// flushes the buffer. Returns what the plugin decided for the request direction.
+async fn pump_body(
+    worker: &Rc<Worker>,
+    ctx: u32,
+    generation: u64,
+    wake: &Arc<Notify>,
+    dir: Direction,
+    body: &mut Body,
+    tx: BodySender,
+) -> Result<Verdict, StreamFailure> {
+    let mut saw_eos = false;
+    loop {
+        let frame = if saw_eos { None } else { body.frame().await };
+        let (chunk, trailers, eos) = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => (Some(data), None, body.is_end_stream()),
+                Err(frame) => match frame.into_trailers() {
+                    Ok(t) => (None, Some(header_list_of(&t)), true),
+                    Err(_) => continue,
+                },
+            },
+            Some(Err(e)) => {
+                let _ = tx.send(Err(e)).await;
+                return Ok(Verdict::Continue);
+            }
+            None => (None, None, true),
+        };
+        if saw_eos && chunk.is_none() {
+            return Ok(Verdict::Continue);
+        }
+        saw_eos = eos;
+
+        let mut guard = worker.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+            let _ = tx.send(Err("plugin VM failed".into())).await;
+            return Err(StreamFailure::Vm);
+        };
+        let Some(s) = slot.vm.stream(ctx) else {
+            return Err(StreamFailure::Vm);
+        };
+        let buffered = match dir {
+            Direction::Request => &mut s.request_body,
+            Direction::Response => &mut s.response_body,
+        };
+        if let Some(chunk) = &chunk {
+            buffered.extend_from_slice(chunk);
+        }
+        let size = buffered.len();
+        if let Some(t) = &trailers {
+            match dir {
+                Direction::Request => s.request_trailers = Some(t.clone()),
+                Direction::Response => s.response_trailers = Some(t.clone()),
+            }
+        }
+        let mut result = match dir {
+            Direction::Request => {
+                slot.vm
+                    .on_request_body(ctx, size, eos && trailers.is_none())
+                    .await
+            }
+            Direction::Response => {
+                slot.vm
+                    .on_response_body(ctx, size, eos && trailers.is_none())
+                    .await
+            }
+        };
+        if let (Ok(Action::Continue), Some(t)) = (&result, &trailers) {
+            result = match dir {
+                Direction::Request => slot.vm.on_request_trailers(ctx, t.len()).await,
+                Direction::Response => slot.vm.on_response_trailers(ctx, t.len()).await,
+            };
+        }
+        let callouts = slot.vm.take_callouts();
+        let action = match result {
+            Ok(a) => a,
+            Err(_) => {
+                drop(guard);
+                worker.replace_vm();
+                let _ = tx.send(Err("plugin VM failed".into())).await;
+                return Err(StreamFailure::Vm);
+            }
+        };
+        let Some(s) = slot.vm.stream(ctx) else {
+            return Err(StreamFailure::Vm);
+        };
+        if s.closed {
+            let _ = tx.send(Err("stream closed by the plugin".into())).await;
+            return Err(StreamFailure::Closed);
+        }
+        if let Some(local) = s.local_response.take() {
+            drop(guard);
+            worker.dispatch(callouts, generation);
+            let _ = tx.send(Err("replaced by a local reply".into())).await;
+            return Ok(Verdict::Local(local));
+        }
+        let mut flush = None;
+        if action == Action::Continue {
+            let buffered = match dir {
+                Direction::Request => &mut s.request_body,
+                Direction::Response => &mut s.response_body,
+            };
+            flush = Some(std::mem::take(buffered));
+        }
+        let trailers_out = if action == Action::Continue {
+            match dir {
+                Direction::Request => s.request_trailers.clone(),
+                Direction::Response => s.response_trailers.clone(),
+            }
+        } else {
+            None
+        };
+        drop(guard);
+        worker.dispatch(callouts, generation);
+
+        match flush {
+            Some(data) => {
+                if !data.is_empty() && tx.send(Ok(Frame::data(Bytes::from(data)))).await.is_err() {
+                    return Ok(Verdict::Continue);
+                }
+                if let Some(t) = trailers_out {
+                    let _ = tx.send(Ok(Frame::trailers(header_map_of(&t)))).await;
+                }
+                if eos {
+                    return Ok(Verdict::Continue);
+                }
+            }
+            None if eos => {
+                // The plugin holds the whole body: wait for it to resume, then flush.
+                loop {
+                    {
+                        let mut guard = worker.vm.lock().await;
+                        let Some(s) = guard
+                            .as_mut()
+                            .filter(|s| s.generation == generation)
+                            .and_then(|s| s.vm.stream(ctx))
+                        else {
+                            let _ = tx.send(Err("plugin VM failed".into())).await;
+                            return Err(StreamFailure::Vm);
+                        };
+                        if s.closed {
+                            let _ = tx.send(Err("stream closed by the plugin".into())).await;
+                            return Err(StreamFailure::Closed);
+                        }
+                        if let Some(local) = s.local_response.take() {
+                            let _ = tx.send(Err("replaced by a local reply".into())).await;
+                            return Ok(Verdict::Local(local));
+                        }
+                        let resumed = match dir {
+                            Direction::Request => std::mem::take(&mut s.resume_request),
+                            Direction::Response => std::mem::take(&mut s.resume_response),
+                        };
+                        if resumed {
+                            let (data, trailers) = match dir {
+                                Direction::Request => (
+                                    std::mem::take(&mut s.request_body),
+                                    s.request_trailers.clone(),
+                                ),
+                                Direction::Response => (
+                                    std::mem::take(&mut s.response_body),
+                                    s.response_trailers.clone(),
+                                ),
+                            };
+                            drop(guard);
+                            if !data.is_empty() {
+                                let _ = tx.send(Ok(Frame::data(Bytes::from(data)))).await;
+                            }
+                            if let Some(t) = trailers {
+                                let _ = tx.send(Ok(Frame::trailers(header_map_of(&t)))).await;
+                            }
+                            return Ok(Verdict::Continue);
+                        }
+                    }
+                    wake.notified().await;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+impl RequestBodyPump {
+    async fn run(&self, body: &mut Body, tx: BodySender) -> Result<Verdict, StreamFailure> {
+        pump_body(
+            &self.worker,
+            self.ctx,
+            self.generation,
+            &self.wake,
+            Direction::Request,
+            body,
+            tx,
+        )
+        .await
+    }
+}
+
+struct ResponseBodyPump {
+    worker: Rc<Worker>,
+    ctx: u32,
+    generation: u64,
+    wake: Arc<Notify>,
+}
+
+impl ResponseBodyPump {
+    async fn run(&self, body: &mut Body, tx: BodySender) {
+        let _ = pump_body(
+            &self.worker,
+            self.ctx,
+            self.generation,
+            &self.wake,
+            Direction::Response,
+            body,
+            tx,
+        )
+        .await;
+    }
+}
+
+// ---- HTTP plumbing ------------------------------------------------------------------------
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authenticate",
+];
+
+/// The request's headers as Envoy presents them to a plugin: `:authority`, `:path`, `:method`,
+/// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`).
+/// Like an edge Envoy, it adds `x-request-id` when absent and appends the peer to
+/// `x-forwarded-for`.
+fn request_header_list(req: &Request<Incoming>, peer: SocketAddr) -> HeaderList {
+    let authority = req
+        .headers()
+        .get(http::header::HOST)
+        .map(|v| v.as_bytes().to_vec())
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .map(|a| a.as_str().as_bytes().to_vec())
+        })
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut h: HeaderList = vec![
+        (":authority".into(), authority),
+        (":path".into(), path.as_bytes().to_vec()),
+        (":method".into(), req.method().as_str().as_bytes().to_vec()),
+        (":scheme".into(), b"http".to_vec()),
+    ];
+    let mut xff = None;
+    let mut has_request_id = false;
+    for (k, v) in req.headers() {
+        let name = k.as_str();
+        if name == "host" || HOP_BY_HOP.contains(&name) {
+            continue;
+        }
+        if name == "x-forwarded-for" {
+            xff = Some(v.as_bytes().to_vec());
+            continue;
+        }
+        has_request_id |= name == "x-request-id";
+        h.push((name.to_string(), v.as_bytes().to_vec()));
+    }
+    let peer_ip = peer.ip().to_string();
+    let xff = match xff {
+        Some(mut existing) => {
+            existing.extend_from_slice(b", ");
+            existing.extend_from_slice(peer_ip.as_bytes());
+            existing
+        }
+        None => peer_ip.into_bytes(),
+    };
+    h.push(("x-forwarded-for".into(), xff));
+    h.push(("x-forwarded-proto".into(), b"http".to_vec()));
+    if !has_request_id {
+        h.push(("x-request-id".into(), new_request_id().into_bytes()));
+    }
+    h
+}
+
+/// A random UUID (version 4) for `x-request-id`.
+fn new_request_id() -> String {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn header_str<'a>(h: &'a HeaderList, name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+fn header_list_of(map: &http::HeaderMap) -> HeaderList {
+    map.iter()
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn header_map_of(list: &HeaderList) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in list {
+        if k.starts_with(':') {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// Builds the upstream request from the (plugin-modified) header list.
+fn build_request(
+    addr: &ClusterAddr,
+    headers: &HeaderList,
+    body: Body,
+) -> Result<Request<Body>, String> {
+    let method = header_str(headers, ":method").unwrap_or("GET");
+    let path = header_str(headers, ":path").unwrap_or("/");
+    let authority = header_str(headers, ":authority").unwrap_or_default();
+    let uri = format!("http://{addr}{path}");
+    let mut builder = Request::builder()
+        .method(
+            http::Method::from_bytes(method.as_bytes())
+                .map_err(|_| format!("invalid :method {method:?}"))?,
+        )
+        .uri(uri.as_str());
+    let map = builder
+        .headers_mut()
+        .ok_or_else(|| format!("invalid :path {path:?}"))?;
+    for (k, v) in header_map_of(headers) {
+        if let Some(k) = k {
+            if !HOP_BY_HOP.contains(&k.as_str()) {
+                map.append(k, v);
+            }
+        }
+    }
+    if !authority.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            map.insert(http::header::HOST, v);
+        }
+    }
+    builder.body(body).map_err(|e| e.to_string())
+}
+
+fn response_builder(headers: &HeaderList) -> http::response::Builder {
+    let status = header_str(headers, ":status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut builder = Response::builder().status(status);
+    if let Some(map) = builder.headers_mut() {
+        *map = header_map_of(headers);
+        for h in HOP_BY_HOP {
+            map.remove(h);
+        }
+    }
+    builder
+}
+
+fn local_response_parts(local: &crate::state::LocalResponse) -> Response<Body> {
+    let mut headers = local.headers.clone();
+    if !headers.iter().any(|(k, _)| k == "content-length") {
+        headers.push((
+            "content-length".into(),
+            local.body.len().to_string().into_bytes(),
+        ));
+    }
+    if !local.body.is_empty() && !headers.iter().any(|(k, _)| k == "content-type") {
+        headers.push(("content-type".into(), b"text/plain".to_vec()));
+    }
+    let mut list = vec![(":status".to_string(), local.status.to_string().into_bytes())];
+    list.extend(headers);
+    response_builder(&list)
+        .body(body::full(local.body.clone()))
+        .unwrap_or_else(|_| plain_response(500, "invalid local response headers"))
+}
+
+/// A short text response generated by the gateway itself (Envoy's local replies).
+pub fn plain_response(status: u16, text: &str) -> Response<Body> {
+    let mut resp = Response::new(body::full(text.to_string()));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if !text.is_empty() {
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
+    resp
+}
+
+/// A response whose body fails at once: hyper then closes the connection, which is how a
+/// stream reset looks on HTTP/1.1.
+fn reset_response() -> Response<Body> {
+    let (tx, b) = body::channel();
+    drop(tx.try_send(Err("stream reset by the plugin".into())));
+    let mut resp = Response::new(b);
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    resp
+}

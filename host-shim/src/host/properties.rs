@@ -1,0 +1,134 @@
+//! `proxy_get_property`, `proxy_set_property`: the attributes Envoy exposes that plugins commonly
+//! read (`source.address`, `request.path`, `request.headers`, `plugin_name`, …). Paths arrive as
+//! segments joined by NUL. Integers are 8-byte little-endian, maps use the header-map layout, as
+//! Envoy serialises them.
+
+use std::time::UNIX_EPOCH;
+
+use wasmtime::Linker;
+
+use super::{read_bytes, return_bytes, status, HostCaller};
+use crate::abi::{encode_header_map, Status};
+use crate::state::HostState;
+
+fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn int(v: i64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// The value of a property, or `None` when host-shim does not know it.
+pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
+    match path {
+        "plugin_name" => return Some(state.identity.plugin_name.clone().into_bytes()),
+        "plugin_root_id" => return Some(state.identity.root_id.clone().into_bytes()),
+        "plugin_vm_id" => return Some(state.identity.vm_id.clone().into_bytes()),
+        _ => {}
+    }
+    let stream = state.current_stream()?;
+    if let Some(v) = stream.properties.get(path) {
+        return Some(v.clone());
+    }
+    let req = &stream.request_headers;
+    let info = &stream.info;
+    let path_header = header(req, ":path").unwrap_or(b"/");
+    Some(match path {
+        "source.address" => info.source.to_string().into_bytes(),
+        "source.port" => int(info.source.port() as i64),
+        "destination.address" => info.destination.to_string().into_bytes(),
+        "destination.port" => int(info.destination.port() as i64),
+        "connection.id" => int(info.connection_id as i64),
+        "request.path" => path_header.to_vec(),
+        "request.url_path" => path_header
+            .split(|b| *b == b'?')
+            .next()
+            .unwrap_or_default()
+            .to_vec(),
+        "request.query" => match path_header.iter().position(|b| *b == b'?') {
+            Some(i) => path_header[i + 1..].to_vec(),
+            None => Vec::new(),
+        },
+        "request.host" => header(req, ":authority")?.to_vec(),
+        "request.method" => header(req, ":method")?.to_vec(),
+        "request.scheme" => header(req, ":scheme").unwrap_or(b"http").to_vec(),
+        "request.protocol" => b"HTTP/1.1".to_vec(),
+        "request.id" => header(req, "x-request-id")?.to_vec(),
+        "request.useragent" => header(req, "user-agent")?.to_vec(),
+        "request.referer" => header(req, "referer")?.to_vec(),
+        "request.headers" => encode_header_map(req),
+        "request.time" => int(info
+            .start_time
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i64),
+        "response.code" => {
+            let status = header(stream.response_headers.as_ref()?, ":status")?;
+            int(std::str::from_utf8(status).ok()?.parse().ok()?)
+        }
+        "response.headers" => encode_header_map(stream.response_headers.as_ref()?),
+        "route_name" | "xds.route_name" => info.route_name.clone().into_bytes(),
+        "cluster_name" | "xds.cluster_name" => info.cluster_name.clone().into_bytes(),
+        _ => return None,
+    })
+}
+
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    linker.func_wrap_async(
+        "env",
+        "proxy_get_property",
+        |mut caller: HostCaller<'_>,
+         (path_ptr, path_len, ret_ptr, ret_size): (i32, i32, i32, i32)| {
+            Box::new(async move {
+                let path = match read_bytes(&mut caller, path_ptr, path_len) {
+                    Ok(p) => join_path(&p),
+                    Err(s) => return Ok(s.code()),
+                };
+                let Some(value) = lookup(caller.data_mut(), &path) else {
+                    return Ok(Status::NotFound.code());
+                };
+                Ok(status(
+                    return_bytes(&mut caller, &value, ret_ptr, ret_size).await?,
+                ))
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut caller: HostCaller<'_>,
+         path_ptr: i32,
+         path_len: i32,
+         val_ptr: i32,
+         val_len: i32|
+         -> i32 {
+            let path = match read_bytes(&mut caller, path_ptr, path_len) {
+                Ok(p) => join_path(&p),
+                Err(s) => return s.code(),
+            };
+            let value = match read_bytes(&mut caller, val_ptr, val_len) {
+                Ok(v) => v,
+                Err(s) => return s.code(),
+            };
+            match caller.data_mut().current_stream() {
+                Some(s) => {
+                    s.properties.insert(path, value);
+                    Status::Ok.code()
+                }
+                None => Status::NotFound.code(),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// `source\0address` → `source.address` (a trailing NUL is ignored).
+pub fn join_path(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .trim_end_matches('\0')
+        .replace('\0', ".")
+}

@@ -1,0 +1,19 @@
+//! host-shim: a proxy-wasm ABI 0.2.1 host on wasmtime that runs the filter from `envoy/envoy.yaml`
+//! as Envoy would, and the RESP-over-HTTP relay that lets the filter reach Redis from stock Envoy.
+//!
+//! * [`vm`] compiles a plugin once and runs one instance per worker thread;
+//! * [`host`] implements the ABI's imports, one module per family;
+//! * [`gateway`] is the HTTP front: workers, the request phases, forwarding and callouts;
+//! * [`admin`] serves `/stats/prometheus` and `/ready`.
+
+pub mod abi;
+pub mod admin;
+pub mod body;
+pub mod envoy_config;
+pub mod gateway;
+pub mod host;
+pub mod redis_pool;
+pub mod relay;
+pub mod shared;
+pub mod state;
+pub mod vm;

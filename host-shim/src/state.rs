@@ -1,0 +1,182 @@
+//! What a VM's host functions work on: the per-VM state kept in the wasmtime store, the state of
+//! each HTTP stream the VM has a context for, and the outbox of callouts (HTTP and Redis calls)
+//! that the worker carries out after a callback returns.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use crate::abi::{HeaderList, Status};
+use crate::shared::SharedState;
+
+/// A response the plugin asked for with `proxy_send_local_response`.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: u16,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: HeaderList,
+}
+
+/// Facts about a stream that properties expose.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub connection_id: u64,
+    pub start_time: SystemTime,
+    pub route_name: String,
+    pub cluster_name: String,
+}
+
+/// One HTTP stream (request + response) as the plugin sees it.
+pub struct StreamState {
+    pub info: StreamInfo,
+    pub request_headers: HeaderList,
+    /// The request body the plugin can see: what has been buffered so far.
+    pub request_body: Vec<u8>,
+    pub request_trailers: Option<HeaderList>,
+    /// `None` until the upstream (or a local reply) has produced headers.
+    pub response_headers: Option<HeaderList>,
+    pub response_body: Vec<u8>,
+    pub response_trailers: Option<HeaderList>,
+    pub local_response: Option<LocalResponse>,
+    /// Set by `proxy_continue_stream`.
+    pub resume_request: bool,
+    pub resume_response: bool,
+    /// Set by `proxy_close_stream`.
+    pub closed: bool,
+    /// Set when the plugin replaced a body with `proxy_set_buffer_bytes`.
+    pub request_body_modified: bool,
+    pub response_body_modified: bool,
+    /// Properties the plugin set on this stream.
+    pub properties: HashMap<String, Vec<u8>>,
+    /// Wakes the task driving this stream when the plugin resumes it or answers locally.
+    pub wake: Arc<Notify>,
+}
+
+impl StreamState {
+    pub fn new(info: StreamInfo, request_headers: HeaderList) -> StreamState {
+        StreamState {
+            info,
+            request_headers,
+            request_body: Vec::new(),
+            request_trailers: None,
+            response_headers: None,
+            response_body: Vec::new(),
+            response_trailers: None,
+            local_response: None,
+            resume_request: false,
+            resume_response: false,
+            closed: false,
+            request_body_modified: false,
+            response_body_modified: false,
+            properties: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// A call the plugin dispatched; carried out by the worker after the callback returns.
+#[derive(Debug)]
+pub enum Callout {
+    Http {
+        token: u32,
+        cluster: String,
+        headers: HeaderList,
+        body: Vec<u8>,
+        trailers: HeaderList,
+        /// `None`: no timeout (the plugin passed 0).
+        timeout: Option<Duration>,
+    },
+    Redis {
+        token: u32,
+        cluster: String,
+        query: Vec<u8>,
+    },
+}
+
+/// The answer to an HTTP callout, visible to the plugin during `proxy_on_http_call_response`.
+#[derive(Debug, Default)]
+pub struct HttpCallResponse {
+    pub headers: HeaderList,
+    pub body: Vec<u8>,
+    pub trailers: HeaderList,
+    /// What `proxy_get_status` reports: Ok, or BrokenConnection after a reset.
+    pub status: Option<Status>,
+    pub message: String,
+}
+
+/// Credentials and timeout a plugin gave `proxy_redis_init` for one Redis cluster.
+#[derive(Debug, Clone)]
+pub struct RedisInit {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub timeout: Duration,
+}
+
+/// Fixed facts about a VM.
+#[derive(Debug, Clone)]
+pub struct VmIdentity {
+    pub worker: usize,
+    pub plugin_name: String,
+    pub root_id: String,
+    pub vm_id: String,
+}
+
+/// The data of one wasmtime store: one plugin VM.
+pub struct HostState {
+    pub wasi: WasiP1Ctx,
+    pub limits: StoreLimits,
+    pub shared: Arc<SharedState>,
+    pub identity: VmIdentity,
+    pub vm_configuration: Vec<u8>,
+    pub plugin_configuration: Vec<u8>,
+    /// Clusters a callout may name (HTTP calls and Redis calls).
+    pub clusters: Arc<HashMap<String, crate::gateway::ClusterAddr>>,
+    pub root_context_id: u32,
+    /// The context the current callback acts on (`proxy_set_effective_context` changes it).
+    pub current_context: u32,
+    pub streams: HashMap<u32, StreamState>,
+    pub callouts: Vec<Callout>,
+    pub next_token: u32,
+    pub http_call_response: Option<HttpCallResponse>,
+    pub redis_call_response: Option<Vec<u8>>,
+    pub redis_clusters: HashMap<String, RedisInit>,
+    pub tick_period: Option<Duration>,
+    pub log_level: i32,
+    /// The last lines the plugin logged at warn or above (shown when it refuses to start).
+    pub recent_errors: Vec<String>,
+}
+
+impl HostState {
+    /// The stream of the current context, if the current context is a stream.
+    pub fn current_stream(&mut self) -> Option<&mut StreamState> {
+        let id = self.current_context;
+        self.streams.get_mut(&id)
+    }
+
+    /// A fresh callout token; Redis tokens carry the Higress tag in their low two bits.
+    pub fn new_token(&mut self, redis: bool) -> u32 {
+        self.next_token = self.next_token.wrapping_add(1).max(1);
+        let base = self.next_token << 2;
+        if redis {
+            base | crate::abi::REDIS_TOKEN_TAG
+        } else {
+            base
+        }
+    }
+
+    pub fn remember_error_line(&mut self, line: String) {
+        const KEEP: usize = 32;
+        if self.recent_errors.len() == KEEP {
+            self.recent_errors.remove(0);
+        }
+        self.recent_errors.push(line);
+    }
+}

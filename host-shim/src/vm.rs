@@ -1,0 +1,582 @@
+//! Plugin VMs: the module compiled once per process ([`PluginModule`]), and one instance per
+//! worker thread ([`Vm`]) driven through the ABI's lifecycle — `_initialize`, root context,
+//! `on_vm_start`, `on_configure` — and then the per-stream callbacks.
+//!
+//! Every callback runs under an epoch deadline (a runaway plugin traps instead of hanging the
+//! worker) and inside a memory cap. A trap poisons the VM: the caller fails the request by the
+//! filter's failure policy and replaces the VM.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, Instance, InstancePre, Linker, Module, Store, StoreLimitsBuilder, TypedFunc,
+    WasmParams, WasmResults,
+};
+
+use crate::abi::Action;
+use crate::shared::SharedState;
+use crate::state::{HostState, StreamState, VmIdentity};
+
+/// The length of one epoch tick; callback deadlines are counted in these.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How a VM is created and bounded.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    pub plugin_name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub vm_configuration: Vec<u8>,
+    pub plugin_configuration: Vec<u8>,
+    /// The longest a single callback may run before the VM is stopped.
+    pub callback_deadline: Duration,
+    /// Linear memory cap per VM.
+    pub memory_limit_bytes: usize,
+    pub env: Vec<(String, String)>,
+    pub log_level: i32,
+}
+
+/// Why a plugin could not be loaded, started or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin {path} is not a valid wasm module: {message}")]
+    Compile { path: PathBuf, message: String },
+    #[error("plugin {path}: {message}")]
+    Link { path: PathBuf, message: String },
+    #[error("plugin failed to start: {0}")]
+    Start(String),
+    #[error("plugin refused its configuration (proxy_on_configure returned false){}", lines_suffix(.0))]
+    ConfigurationRefused(Vec<String>),
+    #[error("plugin VM trapped: {0}")]
+    Trap(String),
+}
+
+impl VmError {
+    pub fn is_trap(&self) -> bool {
+        matches!(self, VmError::Trap(_))
+    }
+}
+
+fn lines_suffix(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; the plugin logged:\n  {}", lines.join("\n  "))
+    }
+}
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config).unwrap_or_else(|e| {
+            // The configuration above is static: failing here is a build problem, not input.
+            panic!("wasmtime engine configuration rejected: {e}")
+        });
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                ticker.increment_epoch();
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("cannot start the epoch thread: {e}"));
+        engine
+    })
+}
+
+/// A plugin compiled and linked once per process; every worker instantiates it.
+pub struct PluginModule {
+    pre: InstancePre<HostState>,
+    pub path: PathBuf,
+}
+
+/// Compiled modules by path, so that tests starting many gateways compile each plugin once.
+fn module_cache() -> &'static std::sync::Mutex<HashMap<(PathBuf, u64), Module>> {
+    static CACHE: OnceLock<std::sync::Mutex<HashMap<(PathBuf, u64), Module>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+impl PluginModule {
+    pub fn load(path: &Path) -> Result<Arc<PluginModule>, VmError> {
+        let bytes = std::fs::read(path).map_err(|source| VmError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Arc<PluginModule>, VmError> {
+        let key = (path.to_path_buf(), fingerprint(bytes));
+        let cached = module_cache()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let module = match cached {
+            Some(m) => m,
+            None => {
+                let m = Module::new(engine(), bytes).map_err(|e| VmError::Compile {
+                    path: path.to_path_buf(),
+                    message: format!("{e:#}"),
+                })?;
+                module_cache()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, m.clone());
+                m
+            }
+        };
+        let mut linker: Linker<HostState> = Linker::new(engine());
+        crate::host::add_to_linker(&mut linker).map_err(|e| VmError::Link {
+            path: path.to_path_buf(),
+            message: format!("{e:#}"),
+        })?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| {
+            let message = match e.downcast_ref::<wasmtime::UnknownImportError>() {
+                Some(missing) => format!(
+                    "imports `{}::{}`, which host-shim does not provide",
+                    missing.module(),
+                    missing.name()
+                ),
+                None => format!("{e:#}"),
+            };
+            VmError::Link {
+                path: path.to_path_buf(),
+                message,
+            }
+        })?;
+        Ok(Arc::new(PluginModule {
+            pre,
+            path: path.to_path_buf(),
+        }))
+    }
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+type Cb1 = TypedFunc<i32, ()>;
+type Cb1R = TypedFunc<i32, i32>;
+type Cb2 = TypedFunc<(i32, i32), ()>;
+type Cb2R = TypedFunc<(i32, i32), i32>;
+type Cb3R = TypedFunc<(i32, i32, i32), i32>;
+
+/// The plugin's exports host-shim calls; absent optional ones behave like the SDK's defaults.
+struct Exports {
+    context_create: Cb2,
+    vm_start: Option<Cb2R>,
+    configure: Option<Cb2R>,
+    tick: Option<Cb1>,
+    queue_ready: Option<Cb2>,
+    request_headers: Option<Cb3R>,
+    request_body: Option<Cb3R>,
+    request_trailers: Option<Cb2R>,
+    response_headers: Option<Cb3R>,
+    response_body: Option<Cb3R>,
+    response_trailers: Option<Cb2R>,
+    http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    redis_call_response: Option<TypedFunc<(i32, i32, i32, i32), ()>>,
+    done: Option<Cb1R>,
+    log: Option<Cb1>,
+    delete: Option<Cb1>,
+}
+
+fn export<P: WasmParams, R: WasmResults>(
+    store: &mut Store<HostState>,
+    instance: &Instance,
+    name: &str,
+) -> Result<Option<TypedFunc<P, R>>, VmError> {
+    if instance.get_func(&mut *store, name).is_none() {
+        return Ok(None);
+    }
+    instance
+        .get_typed_func::<P, R>(&mut *store, name)
+        .map(Some)
+        .map_err(|e| VmError::Start(format!("export `{name}` has the wrong signature: {e}")))
+}
+
+/// One plugin instance: one per worker thread, as in Envoy.
+pub struct Vm {
+    store: Store<HostState>,
+    exports: Exports,
+    next_context_id: u32,
+    deadline_ticks: u64,
+    /// Set once the VM has trapped; it must not be called again.
+    pub failed: Option<String>,
+}
+
+/// The root context id every VM uses.
+pub const ROOT_CONTEXT_ID: u32 = 1;
+
+impl Vm {
+    /// Instantiates the plugin and runs its start-up: `_initialize`, `main`/`_start`, the root
+    /// context, `proxy_on_vm_start` and `proxy_on_configure`.
+    pub async fn start(
+        module: &PluginModule,
+        settings: &VmSettings,
+        worker: usize,
+        shared: Arc<SharedState>,
+        clusters: Arc<HashMap<String, crate::gateway::ClusterAddr>>,
+    ) -> Result<Vm, VmError> {
+        let state = HostState {
+            wasi: crate::host::wasi::wasi_context(&settings.plugin_name, &settings.env),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(settings.memory_limit_bytes)
+                .instances(1)
+                .memories(1)
+                .tables(4)
+                .build(),
+            shared,
+            identity: VmIdentity {
+                worker,
+                plugin_name: settings.plugin_name.clone(),
+                root_id: settings.root_id.clone(),
+                vm_id: settings.vm_id.clone(),
+            },
+            vm_configuration: settings.vm_configuration.clone(),
+            plugin_configuration: settings.plugin_configuration.clone(),
+            clusters,
+            root_context_id: ROOT_CONTEXT_ID,
+            current_context: ROOT_CONTEXT_ID,
+            streams: HashMap::new(),
+            callouts: Vec::new(),
+            next_token: 0,
+            http_call_response: None,
+            redis_call_response: None,
+            redis_clusters: HashMap::new(),
+            tick_period: None,
+            log_level: settings.log_level,
+            recent_errors: Vec::new(),
+        };
+        let mut store = Store::new(engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        let deadline_ticks =
+            (settings.callback_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
+        store.set_epoch_deadline(deadline_ticks);
+        let instance = module
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| VmError::Start(format!("{e:#}")))?;
+
+        let Some(context_create) =
+            export::<(i32, i32), ()>(&mut store, &instance, "proxy_on_context_create")?
+        else {
+            return Err(VmError::Start(
+                "the module does not export proxy_on_context_create: not a proxy-wasm plugin"
+                    .into(),
+            ));
+        };
+        let exports = Exports {
+            context_create,
+            vm_start: export(&mut store, &instance, "proxy_on_vm_start")?,
+            configure: export(&mut store, &instance, "proxy_on_configure")?,
+            tick: export(&mut store, &instance, "proxy_on_tick")?,
+            queue_ready: export(&mut store, &instance, "proxy_on_queue_ready")?,
+            request_headers: export(&mut store, &instance, "proxy_on_request_headers")?,
+            request_body: export(&mut store, &instance, "proxy_on_request_body")?,
+            request_trailers: export(&mut store, &instance, "proxy_on_request_trailers")?,
+            response_headers: export(&mut store, &instance, "proxy_on_response_headers")?,
+            response_body: export(&mut store, &instance, "proxy_on_response_body")?,
+            response_trailers: export(&mut store, &instance, "proxy_on_response_trailers")?,
+            http_call_response: export(&mut store, &instance, "proxy_on_http_call_response")?,
+            redis_call_response: export(&mut store, &instance, "proxy_on_redis_call_response")?,
+            done: export(&mut store, &instance, "proxy_on_done")?,
+            log: export(&mut store, &instance, "proxy_on_log")?,
+            delete: export(&mut store, &instance, "proxy_on_delete")?,
+        };
+        let has_initialize = instance.get_func(&mut store, "_initialize").is_some();
+        if let Some(init) = export::<(), ()>(&mut store, &instance, "_initialize")? {
+            init.call_async(&mut store, ())
+                .await
+                .map_err(|e| VmError::Start(format!("_initialize trapped: {e:#}")))?;
+        }
+        if let Some(main) = export::<(i32, i32), i32>(&mut store, &instance, "main")? {
+            main.call_async(&mut store, (0, 0))
+                .await
+                .map_err(|e| VmError::Start(format!("main trapped: {e:#}")))?;
+        } else if !has_initialize {
+            if let Some(start) = export::<(), ()>(&mut store, &instance, "_start")? {
+                start
+                    .call_async(&mut store, ())
+                    .await
+                    .map_err(|e| VmError::Start(format!("_start trapped: {e:#}")))?;
+            }
+        }
+        let mut vm = Vm {
+            store,
+            exports,
+            next_context_id: ROOT_CONTEXT_ID + 1,
+            deadline_ticks,
+            failed: None,
+        };
+        let root = ROOT_CONTEXT_ID as i32;
+        let f = vm.exports.context_create.clone();
+        vm.call(ROOT_CONTEXT_ID, &f, (root, 0))
+            .await
+            .map_err(|e| VmError::Start(e.to_string()))?;
+        if let Some(f) = vm.exports.vm_start.clone() {
+            let size = settings.vm_configuration.len() as i32;
+            let ok = vm
+                .call(ROOT_CONTEXT_ID, &f, (root, size))
+                .await
+                .map_err(|e| VmError::Start(e.to_string()))?;
+            if ok == 0 {
+                return Err(VmError::Start(format!(
+                    "proxy_on_vm_start returned false{}",
+                    lines_suffix(&vm.store.data().recent_errors)
+                )));
+            }
+        }
+        if let Some(f) = vm.exports.configure.clone() {
+            let size = settings.plugin_configuration.len() as i32;
+            let ok = vm
+                .call(ROOT_CONTEXT_ID, &f, (root, size))
+                .await
+                .map_err(|e| VmError::Start(e.to_string()))?;
+            if ok == 0 {
+                return Err(VmError::ConfigurationRefused(
+                    vm.store.data().recent_errors.clone(),
+                ));
+            }
+        }
+        Ok(vm)
+    }
+
+    pub fn state(&self) -> &HostState {
+        self.store.data()
+    }
+
+    pub fn state_mut(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+
+    pub fn stream(&mut self, ctx: u32) -> Option<&mut StreamState> {
+        self.store.data_mut().streams.get_mut(&ctx)
+    }
+
+    /// Calls one export with `ctx` as the effective context, under the callback deadline.
+    async fn call<P: WasmParams + Sync, R: WasmResults + Sync>(
+        &mut self,
+        ctx: u32,
+        f: &TypedFunc<P, R>,
+        params: P,
+    ) -> Result<R, VmError> {
+        if let Some(reason) = &self.failed {
+            return Err(VmError::Trap(reason.clone()));
+        }
+        self.store.data_mut().current_context = ctx;
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        match f.call_async(&mut self.store, params).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let reason = match e.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => {
+                        "callback ran past its deadline (interrupted)".to_string()
+                    }
+                    _ => format!("{e:#}"),
+                };
+                let counters = &self.store.data().shared.counters;
+                counters.vm_traps.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    worker = self.store.data().identity.worker,
+                    "plugin VM failed: {reason}"
+                );
+                self.failed = Some(reason.clone());
+                Err(VmError::Trap(reason))
+            }
+        }
+    }
+
+    /// Creates a context for a new HTTP stream.
+    pub async fn create_stream(&mut self, stream: StreamState) -> Result<u32, VmError> {
+        let id = self.next_context_id;
+        self.next_context_id = self
+            .next_context_id
+            .wrapping_add(1)
+            .max(ROOT_CONTEXT_ID + 1);
+        self.store.data_mut().streams.insert(id, stream);
+        let f = self.exports.context_create.clone();
+        self.call(id, &f, (id as i32, ROOT_CONTEXT_ID as i32))
+            .await?;
+        Ok(id)
+    }
+
+    async fn action(
+        &mut self,
+        ctx: u32,
+        f: Option<Cb3R>,
+        a: i32,
+        eos: bool,
+    ) -> Result<Action, VmError> {
+        match f {
+            Some(f) => Ok(Action::from_i32(
+                self.call(ctx, &f, (ctx as i32, a, eos as i32)).await?,
+            )),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    pub async fn on_request_headers(&mut self, ctx: u32, eos: bool) -> Result<Action, VmError> {
+        let n = self.stream(ctx).map_or(0, |s| s.request_headers.len()) as i32;
+        let f = self.exports.request_headers.clone();
+        self.action(ctx, f, n, eos).await
+    }
+
+    pub async fn on_request_body(
+        &mut self,
+        ctx: u32,
+        size: usize,
+        eos: bool,
+    ) -> Result<Action, VmError> {
+        let f = self.exports.request_body.clone();
+        self.action(ctx, f, size as i32, eos).await
+    }
+
+    pub async fn on_request_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
+        match self.exports.request_trailers.clone() {
+            Some(f) => Ok(Action::from_i32(
+                self.call(ctx, &f, (ctx as i32, n as i32)).await?,
+            )),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    pub async fn on_response_headers(&mut self, ctx: u32, eos: bool) -> Result<Action, VmError> {
+        let n = self
+            .stream(ctx)
+            .and_then(|s| s.response_headers.as_ref().map(|h| h.len()))
+            .unwrap_or(0) as i32;
+        let f = self.exports.response_headers.clone();
+        self.action(ctx, f, n, eos).await
+    }
+
+    pub async fn on_response_body(
+        &mut self,
+        ctx: u32,
+        size: usize,
+        eos: bool,
+    ) -> Result<Action, VmError> {
+        let f = self.exports.response_body.clone();
+        self.action(ctx, f, size as i32, eos).await
+    }
+
+    pub async fn on_response_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
+        match self.exports.response_trailers.clone() {
+            Some(f) => Ok(Action::from_i32(
+                self.call(ctx, &f, (ctx as i32, n as i32)).await?,
+            )),
+            None => Ok(Action::Continue),
+        }
+    }
+
+    /// `on_done`, `on_log`, `on_delete`, then forgets the stream.
+    pub async fn finish_stream(&mut self, ctx: u32) -> Result<(), VmError> {
+        let result = async {
+            if let Some(f) = self.exports.done.clone() {
+                self.call(ctx, &f, ctx as i32).await?;
+            }
+            if let Some(f) = self.exports.log.clone() {
+                self.call(ctx, &f, ctx as i32).await?;
+            }
+            if let Some(f) = self.exports.delete.clone() {
+                self.call(ctx, &f, ctx as i32).await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.store.data_mut().streams.remove(&ctx);
+        result
+    }
+
+    pub async fn on_tick(&mut self) -> Result<(), VmError> {
+        if let Some(f) = self.exports.tick.clone() {
+            self.call(ROOT_CONTEXT_ID, &f, ROOT_CONTEXT_ID as i32)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn on_queue_ready(&mut self, root: u32, queue_id: u32) -> Result<(), VmError> {
+        if let Some(f) = self.exports.queue_ready.clone() {
+            self.call(root, &f, (root as i32, queue_id as i32)).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers an HTTP callout's answer (the response is already in the host state).
+    pub async fn on_http_call_response(
+        &mut self,
+        token: u32,
+        n_headers: usize,
+        body_size: usize,
+        n_trailers: usize,
+    ) -> Result<(), VmError> {
+        let result = match self.exports.http_call_response.clone() {
+            Some(f) => {
+                self.call(
+                    ROOT_CONTEXT_ID,
+                    &f,
+                    (
+                        ROOT_CONTEXT_ID as i32,
+                        token as i32,
+                        n_headers as i32,
+                        body_size as i32,
+                        n_trailers as i32,
+                    ),
+                )
+                .await
+            }
+            None => Ok(()),
+        };
+        self.store.data_mut().http_call_response = None;
+        result
+    }
+
+    /// Delivers a Redis call's answer (Higress): `status` 0 is success, the reply in buffer 9.
+    pub async fn on_redis_call_response(
+        &mut self,
+        token: u32,
+        status: i32,
+        reply: Option<Vec<u8>>,
+    ) -> Result<(), VmError> {
+        let size = reply.as_ref().map_or(0, |r| r.len());
+        self.store.data_mut().redis_call_response = reply;
+        let result = match self.exports.redis_call_response.clone() {
+            Some(f) => {
+                self.call(
+                    ROOT_CONTEXT_ID,
+                    &f,
+                    (ROOT_CONTEXT_ID as i32, token as i32, status, size as i32),
+                )
+                .await
+            }
+            None => Ok(()),
+        };
+        self.store.data_mut().redis_call_response = None;
+        result
+    }
+
+    /// Takes the callouts queued by the last callbacks.
+    pub fn take_callouts(&mut self) -> Vec<crate::state::Callout> {
+        std::mem::take(&mut self.store.data_mut().callouts)
+    }
+}
