@@ -1,0 +1,1025 @@
+//! Reads the Envoy v3 bootstrap (`envoy/envoy.yaml`) that Envoy itself runs, into the typed
+//! model host-shim needs. One file serves production (Envoy), the demo and the tests.
+//!
+//! host-shim understands a documented subset of Envoy's schema and refuses everything else by
+//! its full path (e.g. `static_resources.listeners[0].filter_chains[0].filters[0].typed_config.foo:
+//! field not supported by host-shim`), so a setting is never silently ignored. Wrong types and
+//! missing required fields name the path and the bad value.
+//!
+//! # The subset
+//! ```text
+//! admin.address.socket_address.{address, port_value, protocol: TCP}          (optional)
+//! static_resources.listeners: exactly one
+//!   name, address.socket_address
+//!   filter_chains: exactly one, with filters: exactly one
+//!     {name, typed_config: HttpConnectionManager}  (found by typed_config's @type)
+//!       stat_prefix (required), codec_type (AUTO | HTTP1)
+//!       route_config.{name, virtual_hosts: exactly one}
+//!         {name, domains (must contain "*"), routes[]}
+//!           {name, match.{prefix | path}, route.{cluster, timeout}}
+//!       http_filters: [wasm filter (optional, at most one)], router (last)
+//!         wasm: typed_config envoy.extensions.filters.http.wasm.v3.Wasm, config:
+//!           name, root_id, fail_open, failure_policy,
+//!           configuration: google.protobuf.StringValue {value} | google.protobuf.Struct {value}
+//!           vm_config: vm_id, runtime, code.local.filename, configuration (as above),
+//!                      allow_precompiled, nack_on_code_cache_miss,
+//!                      environment_variables.{host_env_keys, key_values}
+//!         router: typed_config envoy.extensions.filters.http.router.v3.Router, no fields
+//! static_resources.clusters[]
+//!   name, type (STATIC | STRICT_DNS | LOGICAL_DNS), connect_timeout (default 5s), lb_policy,
+//!   dns_lookup_family, load_assignment.{cluster_name, endpoints: exactly one
+//!     {lb_endpoints: exactly one {endpoint.address.socket_address}}}
+//! ```
+//! Enum values are case-insensitive (`strict_dns` works, as in Envoy). Durations are Envoy's
+//! (`"0.25s"`, `"5s"`).
+//!
+//! # Where host-shim differs from Envoy
+//! * `code.local.filename`, when relative, is resolved against the yaml's directory (Envoy
+//!   uses its working directory); `host-shim run --plugin PATH` replaces it.
+//! * Cluster addresses are used as written (a name is resolved when connecting); a cluster has
+//!   one endpoint. `lb_policy` and `dns_lookup_family` are checked and have no other effect.
+//! * A route with no `timeout` gets Envoy's default of 15 s; `0s` means none (as in Envoy).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+
+pub const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+pub const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+pub const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
+
+/// Envoy's route timeout when a route names none.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's cluster connect timeout when a cluster names none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wasm runtimes Envoy can be built with; host-shim runs any of them on wasmtime.
+const RUNTIMES: &[&str] = &[
+    "envoy.wasm.runtime.v8",
+    "envoy.wasm.runtime.wasmtime",
+    "envoy.wasm.runtime.wamr",
+    "envoy.wasm.runtime.wavm",
+];
+
+/// What host-shim runs, read from an Envoy bootstrap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvoyConfig {
+    /// The one listener's address.
+    pub listener: SocketAddress,
+    /// The HTTP connection manager's `stat_prefix`.
+    pub stat_prefix: String,
+    pub admin: Option<SocketAddress>,
+    /// In order: the first match wins, as in Envoy.
+    pub routes: Vec<RouteEntry>,
+    pub wasm: Option<WasmFilter>,
+    pub clusters: BTreeMap<String, Cluster>,
+}
+
+/// An address as written in the yaml: an IP or a host name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub matcher: PathMatch,
+    pub cluster: String,
+    /// As written: `None` = Envoy's default ([`DEFAULT_ROUTE_TIMEOUT`]), `Some(0)` = no timeout.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// `match.prefix`: the request's `:path` starts with it.
+    Prefix(String),
+    /// `match.path`: the request's `:path` without its query string equals it.
+    Path(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmFilter {
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub runtime: String,
+    /// The plugin's configuration (`proxy_on_configure`): a StringValue's `value`, or a Struct
+    /// as JSON; empty when absent.
+    pub configuration: String,
+    /// The VM's configuration (`proxy_on_vm_start`), likewise.
+    pub vm_configuration: String,
+    /// `code.local.filename`, resolved against the yaml's directory when relative.
+    pub code_path: PathBuf,
+    /// `fail_open: true` or `failure_policy: FAIL_OPEN`: on a VM failure, requests bypass the
+    /// filter instead of getting 503.
+    pub fail_open: bool,
+    /// `vm_config.environment_variables`: `key_values`, then `host_env_keys` present in this
+    /// process's environment; WASI `environ_*` shows these to the plugin.
+    pub environment: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub connect_timeout: Duration,
+    pub discovery: DiscoveryType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryType {
+    Static,
+    StrictDns,
+    LogicalDns,
+}
+
+/// Why a bootstrap was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvoyConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid YAML: {message}")]
+    Yaml {
+        /// 1-based, when the parser knows it.
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+    /// A field outside the subset, a wrong type or value, or a missing required field.
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    /// A cluster override that cannot be applied.
+    #[error("{message}")]
+    Override { name: String, message: String },
+}
+
+impl EnvoyConfigError {
+    /// The yaml path the error is about, for [`EnvoyConfigError::Invalid`].
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            EnvoyConfigError::Invalid { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = EnvoyConfigError> = std::result::Result<T, E>;
+
+impl EnvoyConfig {
+    /// Reads and checks a bootstrap file.
+    pub fn load(path: &Path) -> Result<EnvoyConfig> {
+        let text = std::fs::read_to_string(path).map_err(|source| EnvoyConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        EnvoyConfig::from_yaml_str(&text, base_dir)
+    }
+
+    /// Parses a bootstrap; relative plugin paths are resolved against `base_dir`.
+    pub fn from_yaml_str(yaml: &str, base_dir: &Path) -> Result<EnvoyConfig> {
+        let value: Value = serde_yaml::from_str(yaml).map_err(|e| {
+            let location = e.location();
+            EnvoyConfigError::Yaml {
+                line: location.as_ref().map(|l| l.line()),
+                column: location.as_ref().map(|l| l.column()),
+                message: e.to_string(),
+            }
+        })?;
+        parse_bootstrap(Node::root(&value), base_dir)
+    }
+
+    /// Points cluster `name` at `addr` (`HOST:PORT` or `[V6]:PORT`), as `--cluster NAME=ADDR`.
+    pub fn override_cluster(&mut self, name: &str, addr: &str) -> Result<()> {
+        let fail = |message: String| EnvoyConfigError::Override {
+            name: name.to_string(),
+            message,
+        };
+        let known = self.clusters.keys().cloned().collect::<Vec<_>>().join(", ");
+        let Some(cluster) = self.clusters.get_mut(name) else {
+            return Err(fail(format!(
+                "unknown cluster {name:?}; the yaml defines: {known}"
+            )));
+        };
+        let parsed =
+            SocketAddress::parse(addr).map_err(|e| fail(format!("cluster {name}: {e}")))?;
+        if parsed.port == 0 {
+            return Err(fail(format!("cluster {name}: port 0 in {addr:?}")));
+        }
+        cluster.host = parsed.host;
+        cluster.port = parsed.port;
+        Ok(())
+    }
+
+    /// Applies `NAME=HOST:PORT` (the `--cluster` flag's form).
+    pub fn apply_cluster_override(&mut self, spec: &str) -> Result<()> {
+        let Some((name, addr)) = spec.split_once('=') else {
+            return Err(EnvoyConfigError::Override {
+                name: spec.to_string(),
+                message: format!("{spec:?}: expected NAME=HOST:PORT"),
+            });
+        };
+        self.override_cluster(name.trim(), addr.trim())
+    }
+
+    /// The route for a request's `:path`: the first that matches, as in Envoy.
+    pub fn route_for(&self, path: &str) -> Option<&RouteEntry> {
+        self.routes.iter().find(|r| r.matcher.matches(path))
+    }
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Path(exact) => path.split('?').next() == Some(exact.as_str()),
+        }
+    }
+}
+
+impl RouteEntry {
+    /// The timeout to apply: the route's, else Envoy's default; `None` when disabled (`0s`).
+    pub fn effective_timeout(&self) -> Option<Duration> {
+        let t = self.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT);
+        (!t.is_zero()).then_some(t)
+    }
+}
+
+impl SocketAddress {
+    /// `HOST:PORT` or `[V6]:PORT`.
+    pub fn parse(s: &str) -> Result<SocketAddress, String> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let Some((host, port)) = rest.split_once("]:") else {
+                return Err(format!("address {s:?}: expected [IPV6]:PORT"));
+            };
+            (host, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, _)) if h.contains(':') => {
+                    return Err(format!("address {s:?}: write IPv6 in brackets, [::1]:PORT"))
+                }
+                Some(hp) => hp,
+                None => return Err(format!("address {s:?}: expected HOST:PORT")),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("address {s:?}: the host is empty"));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("address {s:?}: port {port:?} is not a number from 0 to 65535"))?;
+        Ok(SocketAddress {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The address as a `SocketAddr` when the host is an IP literal.
+    pub fn to_socket_addr(&self) -> Option<SocketAddr> {
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl fmt::Display for SocketAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses an Envoy (protobuf JSON) duration: seconds with up to 9 decimals and an `s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let Some(number) = s.strip_suffix('s') else {
+        return Err(format!(
+            "{s:?} is not a duration; write seconds like \"5s\" or \"0.25s\""
+        ));
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty()
+        || !digits(whole)
+        || !digits(fraction)
+        || fraction.len() > 9
+        || whole.len() > 12
+    {
+        return Err(format!(
+            "{s:?} is not a duration; write seconds like \"5s\" or \"0.25s\""
+        ));
+    }
+    let secs: u64 = whole
+        .parse()
+        .map_err(|_| format!("{s:?}: seconds out of range"))?;
+    let nanos: u32 = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<9}")
+            .parse()
+            .map_err(|_| format!("{s:?}: bad fraction"))?
+    };
+    Ok(Duration::new(secs, nanos))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Walking the YAML with paths
+
+#[derive(Clone)]
+struct Node<'a> {
+    value: &'a Value,
+    path: String,
+}
+
+struct Object<'a> {
+    map: &'a Mapping,
+    path: String,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "nothing (null)".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(t) => format!("a value tagged {}", t.tag),
+    }
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> EnvoyConfigError {
+    EnvoyConfigError::Invalid {
+        path: if path.is_empty() {
+            "(top level)".into()
+        } else {
+            path.to_string()
+        },
+        message: message.into(),
+    }
+}
+
+impl<'a> Node<'a> {
+    fn root(value: &'a Value) -> Node<'a> {
+        Node {
+            value,
+            path: String::new(),
+        }
+    }
+
+    fn invalid(&self, message: impl Into<String>) -> EnvoyConfigError {
+        invalid(&self.path, message)
+    }
+
+    fn expected(&self, what: &str) -> EnvoyConfigError {
+        self.invalid(format!("expected {what}, found {}", describe(self.value)))
+    }
+
+    /// A mapping whose keys are all among `fields`.
+    fn object(&self, fields: &[&str]) -> Result<Object<'a>> {
+        let Value::Mapping(map) = self.value else {
+            return Err(self.expected("a mapping"));
+        };
+        for key in map.keys() {
+            let Value::String(key) = key else {
+                return Err(self.invalid(format!("keys must be strings, found {}", describe(key))));
+            };
+            if !fields.contains(&key.as_str()) {
+                return Err(invalid(
+                    &join(&self.path, key),
+                    format!(
+                        "field not supported by host-shim (fields read here: {})",
+                        fields.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(Object {
+            map,
+            path: self.path.clone(),
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Node<'a>>> {
+        let Value::Sequence(items) = self.value else {
+            return Err(self.expected("a list"));
+        };
+        Ok(items
+            .iter()
+            .enumerate()
+            .map(|(i, value)| Node {
+                value,
+                path: format!("{}[{i}]", self.path),
+            })
+            .collect())
+    }
+
+    /// A list of exactly one item.
+    fn only_one(&self, what: &str) -> Result<Node<'a>> {
+        let mut items = self.list()?;
+        match items.len() {
+            0 => Err(self.invalid(format!("needs one {what}, the list is empty"))),
+            1 => Ok(items.remove(0)),
+            _ => Err(items[1].invalid(format!("host-shim supports exactly one {what}"))),
+        }
+    }
+
+    fn string(&self) -> Result<&'a str> {
+        match self.value {
+            Value::String(s) => Ok(s),
+            _ => Err(self.expected("a string")),
+        }
+    }
+
+    fn boolean(&self) -> Result<bool> {
+        match self.value {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(self.expected("true or false")),
+        }
+    }
+
+    fn port(&self) -> Result<u16> {
+        match self.value.as_u64() {
+            Some(n) if n <= u64::from(u16::MAX) => Ok(n as u16),
+            _ => Err(self.expected("a port number from 0 to 65535")),
+        }
+    }
+
+    fn duration(&self) -> Result<Duration> {
+        let s = self
+            .string()
+            .map_err(|_| self.expected("a duration string such as \"5s\""))?;
+        parse_duration(s).map_err(|e| self.invalid(e))
+    }
+
+    /// One of `allowed` (case-insensitive); returned uppercased.
+    fn enumeration(&self, allowed: &[&str]) -> Result<String> {
+        let s = self.string()?;
+        let upper = s.to_ascii_uppercase();
+        if allowed.contains(&upper.as_str()) {
+            Ok(upper)
+        } else {
+            Err(self.invalid(format!(
+                "{s:?} is not supported by host-shim (one of: {})",
+                allowed.join(", ")
+            )))
+        }
+    }
+}
+
+impl<'a> Object<'a> {
+    /// The field, unless absent or null.
+    fn get(&self, key: &str) -> Option<Node<'a>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(Node {
+                value,
+                path: join(&self.path, key),
+            }),
+        }
+    }
+
+    fn req(&self, key: &str) -> Result<Node<'a>> {
+        self.get(key)
+            .ok_or_else(|| invalid(&join(&self.path, key), "missing required field"))
+    }
+
+    fn string_or_empty(&self, key: &str) -> Result<String> {
+        Ok(self
+            .get(key)
+            .map(|n| n.string())
+            .transpose()?
+            .unwrap_or("")
+            .to_string())
+    }
+}
+
+/// The `@type` of a typed_config mapping, before its fields are known.
+fn type_url<'a>(node: &Node<'a>) -> Result<&'a str> {
+    let Value::Mapping(map) = node.value else {
+        return Err(node.expected("a mapping"));
+    };
+    match map.get("@type") {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(invalid(
+            &join(&node.path, "@type"),
+            format!("expected a type URL string, found {}", describe(other)),
+        )),
+        None => Err(invalid(
+            &join(&node.path, "@type"),
+            "missing required field",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bootstrap, piece by piece
+
+fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
+    let top = root.object(&["admin", "static_resources"])?;
+    let admin = match top.get("admin") {
+        None => None,
+        Some(node) => {
+            let admin = node.object(&["address"])?;
+            admin
+                .get("address")
+                .map(|a| socket_address(&a))
+                .transpose()?
+        }
+    };
+    let resources = top
+        .req("static_resources")?
+        .object(&["listeners", "clusters"])?;
+    let clusters = parse_clusters(&resources.req("clusters")?)?;
+    let listener_node = resources.req("listeners")?.only_one("listener")?;
+    let listener = listener_node.object(&["name", "address", "filter_chains"])?;
+    if let Some(name) = listener.get("name") {
+        name.string()?;
+    }
+    let listen = socket_address(&listener.req("address")?)?;
+    let chain = listener.req("filter_chains")?.only_one("filter chain")?;
+    let chain = chain.object(&["name", "filters"])?;
+    let filter = chain.req("filters")?.only_one("network filter")?;
+    let filter = filter.object(&["name", "typed_config"])?;
+    if let Some(name) = filter.get("name") {
+        name.string()?;
+    }
+    let hcm = filter.req("typed_config")?;
+    let hcm_type = type_url(&hcm)?;
+    if hcm_type != HCM_TYPE {
+        return Err(invalid(
+            &join(&hcm.path, "@type"),
+            format!("{hcm_type:?}: host-shim runs only the HTTP connection manager ({HCM_TYPE})"),
+        ));
+    }
+    let hcm = hcm.object(&[
+        "@type",
+        "stat_prefix",
+        "codec_type",
+        "route_config",
+        "http_filters",
+    ])?;
+    let stat_prefix = hcm.req("stat_prefix")?.string()?.to_string();
+    if let Some(codec) = hcm.get("codec_type") {
+        codec.enumeration(&["AUTO", "HTTP1"])?;
+    }
+    let routes = parse_routes(&hcm.req("route_config")?, &clusters)?;
+    let wasm = parse_http_filters(&hcm.req("http_filters")?, base_dir)?;
+    Ok(EnvoyConfig {
+        listener: listen,
+        stat_prefix,
+        admin,
+        routes,
+        wasm,
+        clusters,
+    })
+}
+
+/// `address: {socket_address: {address, port_value}}`
+fn socket_address(node: &Node<'_>) -> Result<SocketAddress> {
+    let address = node.object(&["socket_address"])?;
+    let sa = address.req("socket_address")?;
+    let sa = sa.object(&["address", "port_value", "protocol"])?;
+    if let Some(protocol) = sa.get("protocol") {
+        protocol.enumeration(&["TCP"])?;
+    }
+    let host = sa.req("address")?;
+    let host_str = host.string()?;
+    if host_str.is_empty() {
+        return Err(host.invalid("the address is empty"));
+    }
+    let port = sa.req("port_value")?.port()?;
+    Ok(SocketAddress {
+        host: host_str.to_string(),
+        port,
+    })
+}
+
+fn parse_routes(node: &Node<'_>, clusters: &BTreeMap<String, Cluster>) -> Result<Vec<RouteEntry>> {
+    let route_config = node.object(&["name", "virtual_hosts"])?;
+    if let Some(name) = route_config.get("name") {
+        name.string()?;
+    }
+    let vhost = route_config
+        .req("virtual_hosts")?
+        .only_one("virtual host")?;
+    let vhost = vhost.object(&["name", "domains", "routes"])?;
+    vhost.req("name")?.string()?;
+    let domains = vhost.req("domains")?;
+    let mut wildcard = false;
+    for d in domains.list()? {
+        wildcard |= d.string()? == "*";
+    }
+    if !wildcard {
+        return Err(domains.invalid(
+            "host-shim routes every host alike; the one virtual host's domains must include \"*\"",
+        ));
+    }
+    let mut routes = Vec::new();
+    for route in vhost.req("routes")?.list()? {
+        let entry = route.object(&["name", "match", "route"])?;
+        if let Some(name) = entry.get("name") {
+            name.string()?;
+        }
+        let m = entry.req("match")?;
+        let matcher_obj = m.object(&["prefix", "path"])?;
+        let matcher = match (matcher_obj.get("prefix"), matcher_obj.get("path")) {
+            (Some(p), None) => PathMatch::Prefix(p.string()?.to_string()),
+            (None, Some(p)) => {
+                let path = p.string()?;
+                if !path.starts_with('/') {
+                    return Err(p.invalid(format!("{path:?}: an exact path starts with '/'")));
+                }
+                PathMatch::Path(path.to_string())
+            }
+            (Some(_), Some(_)) => return Err(m.invalid("give either prefix or path, not both")),
+            (None, None) => return Err(m.invalid("missing prefix or path")),
+        };
+        let action = entry.req("route")?.object(&["cluster", "timeout"])?;
+        let cluster_node = action.req("cluster")?;
+        let cluster = cluster_node.string()?.to_string();
+        if !clusters.contains_key(&cluster) {
+            let known = clusters.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(
+                cluster_node.invalid(format!("unknown cluster {cluster:?} (clusters: {known})"))
+            );
+        }
+        let timeout = action.get("timeout").map(|t| t.duration()).transpose()?;
+        routes.push(RouteEntry {
+            matcher,
+            cluster,
+            timeout,
+        });
+    }
+    Ok(routes)
+}
+
+fn parse_http_filters(node: &Node<'_>, base_dir: &Path) -> Result<Option<WasmFilter>> {
+    let filters = node.list()?;
+    let mut wasm: Option<WasmFilter> = None;
+    let mut router_seen = false;
+    for filter in &filters {
+        if router_seen {
+            return Err(
+                filter.invalid("filters after the router never run; the router must be last")
+            );
+        }
+        let entry = filter.object(&["name", "typed_config"])?;
+        entry.req("name")?.string()?;
+        let typed = entry.req("typed_config")?;
+        match type_url(&typed)? {
+            WASM_TYPE => {
+                if wasm.is_some() {
+                    return Err(filter.invalid("host-shim runs one wasm filter"));
+                }
+                wasm = Some(parse_wasm(&typed, base_dir)?);
+            }
+            ROUTER_TYPE => {
+                typed.object(&["@type"])?;
+                router_seen = true;
+            }
+            other => {
+                return Err(invalid(
+                    &join(&typed.path, "@type"),
+                    format!(
+                        "{other:?}: host-shim supports only the wasm filter ({WASM_TYPE}) and the router ({ROUTER_TYPE})"
+                    ),
+                ))
+            }
+        }
+    }
+    if !router_seen {
+        return Err(node.invalid(format!(
+            "the last http filter must be the router (typed_config @type {ROUTER_TYPE})"
+        )));
+    }
+    Ok(wasm)
+}
+
+fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
+    let wasm = typed.object(&["@type", "config"])?;
+    let config = wasm.req("config")?.object(&[
+        "name",
+        "root_id",
+        "vm_config",
+        "configuration",
+        "fail_open",
+        "failure_policy",
+    ])?;
+    let name = config.string_or_empty("name")?;
+    let root_id = config.string_or_empty("root_id")?;
+    let configuration = config
+        .get("configuration")
+        .map(|c| any_config(&c))
+        .transpose()?
+        .unwrap_or_default();
+    let fail_open_flag = config
+        .get("fail_open")
+        .map(|f| f.boolean())
+        .transpose()?
+        .unwrap_or(false);
+    let fail_open = match config.get("failure_policy") {
+        None => fail_open_flag,
+        Some(p) => match p
+            .enumeration(&["UNSPECIFIED", "FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN"])?
+            .as_str()
+        {
+            "FAIL_OPEN" => true,
+            "UNSPECIFIED" => fail_open_flag,
+            // host-shim always replaces a failed VM; FAIL_RELOAD fails the request meanwhile.
+            _ => false,
+        },
+    };
+    let vm = config.req("vm_config")?.object(&[
+        "vm_id",
+        "runtime",
+        "code",
+        "configuration",
+        "allow_precompiled",
+        "nack_on_code_cache_miss",
+        "environment_variables",
+    ])?;
+    let vm_id = vm.string_or_empty("vm_id")?;
+    let runtime = match vm.get("runtime") {
+        None => String::new(),
+        Some(r) => {
+            let s = r.string()?;
+            if s == "envoy.wasm.runtime.null" {
+                return Err(r.invalid("the null runtime runs plugins compiled into Envoy; host-shim needs a .wasm file"));
+            }
+            if !s.is_empty() && !RUNTIMES.contains(&s) {
+                return Err(r.invalid(format!(
+                    "unknown runtime {s:?} (one of: {})",
+                    RUNTIMES.join(", ")
+                )));
+            }
+            s.to_string()
+        }
+    };
+    for flag in ["allow_precompiled", "nack_on_code_cache_miss"] {
+        if let Some(f) = vm.get(flag) {
+            f.boolean()?;
+        }
+    }
+    let vm_configuration = vm
+        .get("configuration")
+        .map(|c| any_config(&c))
+        .transpose()?
+        .unwrap_or_default();
+    let code = vm.req("code")?.object(&["local"])?;
+    let local = code.req("local")?.object(&["filename"])?;
+    let filename_node = local.req("filename")?;
+    let filename = filename_node.string()?;
+    if filename.is_empty() {
+        return Err(filename_node.invalid("the filename is empty"));
+    }
+    let code_path = if Path::new(filename).is_absolute() {
+        PathBuf::from(filename)
+    } else {
+        base_dir.join(filename)
+    };
+    let environment = match vm.get("environment_variables") {
+        None => Vec::new(),
+        Some(env) => environment(&env)?,
+    };
+    Ok(WasmFilter {
+        name,
+        root_id,
+        vm_id,
+        runtime,
+        configuration,
+        vm_configuration,
+        code_path,
+        fail_open,
+        environment,
+    })
+}
+
+/// A `google.protobuf.Any` configuration: StringValue passes its value, Struct becomes JSON
+/// (what Envoy hands the plugin in both cases).
+fn any_config(node: &Node<'_>) -> Result<String> {
+    let url = type_url(node)?;
+    let any = node.object(&["@type", "value"])?;
+    match url {
+        STRING_VALUE_TYPE => Ok(any.string_or_empty("value")?),
+        STRUCT_TYPE => {
+            let Some(value) = any.get("value") else {
+                return Ok("{}".into());
+            };
+            if !matches!(value.value, Value::Mapping(_)) {
+                return Err(value.expected("a mapping (a protobuf Struct)"));
+            }
+            serde_json::to_string(value.value)
+                .map_err(|e| value.invalid(format!("cannot be written as JSON: {e}")))
+        }
+        other => Err(invalid(
+            &join(&node.path, "@type"),
+            format!(
+                "{other:?}: host-shim passes configuration as {STRING_VALUE_TYPE} or {STRUCT_TYPE}"
+            ),
+        )),
+    }
+}
+
+fn environment(node: &Node<'_>) -> Result<Vec<(String, String)>> {
+    let env = node.object(&["host_env_keys", "key_values"])?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(kv) = env.get("key_values") {
+        let Value::Mapping(map) = kv.value else {
+            return Err(kv.expected("a mapping of names to values"));
+        };
+        for (k, v) in map {
+            let Value::String(k) = k else {
+                return Err(kv.invalid(format!("names must be strings, found {}", describe(k))));
+            };
+            let Value::String(v) = v else {
+                return Err(invalid(
+                    &join(&kv.path, k),
+                    format!("expected a string, found {}", describe(v)),
+                ));
+            };
+            out.push((k.clone(), v.clone()));
+        }
+    }
+    if let Some(keys) = env.get("host_env_keys") {
+        for key in keys.list()? {
+            let name = key.string()?;
+            if out.iter().any(|(k, _)| k == name) {
+                return Err(key.invalid(format!(
+                    "{name:?} is also in key_values (Envoy refuses the overlap)"
+                )));
+            }
+            if let Ok(value) = std::env::var(name) {
+                out.push((name.to_string(), value));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
+    let mut clusters = BTreeMap::new();
+    for item in node.list()? {
+        let c = item.object(&[
+            "name",
+            "type",
+            "connect_timeout",
+            "lb_policy",
+            "dns_lookup_family",
+            "load_assignment",
+        ])?;
+        let name_node = c.req("name")?;
+        let name = name_node.string()?.to_string();
+        if name.is_empty() {
+            return Err(name_node.invalid("the cluster name is empty"));
+        }
+        if clusters.contains_key(&name) {
+            return Err(name_node.invalid(format!("cluster {name:?} is defined twice")));
+        }
+        let discovery = match c.get("type") {
+            None => DiscoveryType::Static,
+            Some(t) => match t
+                .enumeration(&["STATIC", "STRICT_DNS", "LOGICAL_DNS"])?
+                .as_str()
+            {
+                "STRICT_DNS" => DiscoveryType::StrictDns,
+                "LOGICAL_DNS" => DiscoveryType::LogicalDns,
+                _ => DiscoveryType::Static,
+            },
+        };
+        let connect_timeout = c
+            .get("connect_timeout")
+            .map(|t| t.duration())
+            .transpose()?
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        if let Some(lb) = c.get("lb_policy") {
+            lb.enumeration(&[
+                "ROUND_ROBIN",
+                "LEAST_REQUEST",
+                "RANDOM",
+                "RING_HASH",
+                "MAGLEV",
+            ])?;
+        }
+        if let Some(family) = c.get("dns_lookup_family") {
+            family.enumeration(&["AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL"])?;
+        }
+        let assignment = c
+            .req("load_assignment")?
+            .object(&["cluster_name", "endpoints"])?;
+        assignment.req("cluster_name")?.string()?;
+        let locality = assignment
+            .req("endpoints")?
+            .only_one("locality (endpoints entry)")?;
+        let locality = locality.object(&["lb_endpoints"])?;
+        let lb_endpoint = locality
+            .req("lb_endpoints")?
+            .only_one("endpoint per cluster")?;
+        let endpoint = lb_endpoint.object(&["endpoint"])?.req("endpoint")?;
+        let address_node = endpoint.object(&["address"])?.req("address")?;
+        let address = socket_address(&address_node)?;
+        if address.port == 0 {
+            return Err(invalid(
+                &format!("{}.socket_address.port_value", address_node.path),
+                "port 0 cannot be connected to",
+            ));
+        }
+        if discovery == DiscoveryType::Static && address.host.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                &format!("{}.socket_address.address", address_node.path),
+                format!(
+                    "{:?} is not an IP address; a STATIC cluster needs one (use type STRICT_DNS for host names)",
+                    address.host
+                ),
+            ));
+        }
+        clusters.insert(
+            name.clone(),
+            Cluster {
+                name,
+                host: address.host,
+                port: address.port,
+                connect_timeout,
+                discovery,
+            },
+        );
+    }
+    Ok(clusters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_envoys_seconds() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.000000001s"), Ok(Duration::new(1, 1)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "5",
+            "5ms",
+            "-1s",
+            ".5s",
+            "1.5.5s",
+            "1.0000000001s",
+            "s",
+            "1 s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn socket_addresses_parse_and_print() {
+        let a = SocketAddress::parse("redis:6379").unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("redis", 6379));
+        let b = SocketAddress::parse("[::1]:80").unwrap();
+        assert_eq!(b.to_string(), "[::1]:80");
+        assert_eq!(b.to_socket_addr(), Some("[::1]:80".parse().unwrap()));
+        assert_eq!(a.to_socket_addr(), None);
+        for bad in ["redis", ":80", "x:y", "::1:80", "[::1]80", "x:70000"] {
+            assert!(SocketAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exact_paths_ignore_the_query_string_and_prefixes_do_not_need_to() {
+        let exact = PathMatch::Path("/api/data".into());
+        assert!(exact.matches("/api/data"));
+        assert!(exact.matches("/api/data?x=1"));
+        assert!(!exact.matches("/api/data/1"));
+        let prefix = PathMatch::Prefix("/api".into());
+        assert!(prefix.matches("/api?x=1"));
+        assert!(prefix.matches("/apis"));
+        assert!(!prefix.matches("/ap"));
+    }
+}
