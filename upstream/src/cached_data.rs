@@ -110,12 +110,14 @@ pub async fn invalidate_cache(
                 Some(Value::String(s)) => Some(validate_user_id(s)?),
                 Some(Value::Number(n)) => match n.as_u64() {
                     Some(n) => Some(n.to_string()),
-                    None => return Err(Error::invalid_field(
-                        "user_id",
-                        format!(
+                    None => {
+                        return Err(Error::invalid_field(
+                            "user_id",
+                            format!(
                             "`user_id` must be a non-negative whole number or a string; got {n}"
                         ),
-                    )),
+                        ))
+                    }
                 },
                 Some(other) => {
                     return Err(Error::invalid_field(

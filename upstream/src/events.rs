@@ -2,7 +2,6 @@
 //! `GET /api/recent-events` shows.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
@@ -69,48 +68,77 @@ impl RecentEvent {
 pub struct EventLog {
     capacity: usize,
     max_event_bytes: usize,
-    events: Mutex<VecDeque<RecentEvent>>,
-    received: AtomicU64,
-    evicted: AtomicU64,
+    inner: Mutex<Ring>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    events: VecDeque<RecentEvent>,
+    received: u64,
+    evicted: u64,
+}
+
+/// What [`EventLog::recent`] saw, all read at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentSnapshot {
+    /// Newest first.
+    pub events: Vec<RecentEvent>,
+    /// Events in the buffer (all channels).
+    pub buffered: usize,
+    /// Messages received since start.
+    pub received: u64,
+    /// Events dropped from the buffer to make room for newer ones.
+    pub evicted: u64,
 }
 
 impl EventLog {
     pub fn new(capacity: usize, max_event_bytes: usize) -> EventLog {
+        let capacity = capacity.max(1);
         EventLog {
-            capacity: capacity.max(1),
+            capacity,
             max_event_bytes,
-            events: Mutex::new(VecDeque::with_capacity(capacity.max(1))),
-            received: AtomicU64::new(0),
-            evicted: AtomicU64::new(0),
+            inner: Mutex::new(Ring {
+                events: VecDeque::with_capacity(capacity),
+                ..Ring::default()
+            }),
         }
     }
 
     /// Records a message received now on `channel`.
     pub fn record(&self, channel: &str, payload: &[u8]) {
-        let seq = self.received.fetch_add(1, Ordering::Relaxed) + 1;
+        let received_at = Timestamp::now();
+        let mut ring = self.lock();
+        ring.received += 1;
         let event = RecentEvent::new(
-            seq,
+            ring.received,
             channel,
             payload,
             self.max_event_bytes,
-            Timestamp::now(),
+            received_at,
         );
-        let mut events = self.lock();
-        if events.len() >= self.capacity {
-            events.pop_back();
-            self.evicted.fetch_add(1, Ordering::Relaxed);
+        if ring.events.len() >= self.capacity {
+            ring.events.pop_back();
+            ring.evicted += 1;
         }
-        events.push_front(event);
+        ring.events.push_front(event);
     }
 
-    /// Up to `limit` events, newest first, only those on `channel` when given.
-    pub fn recent(&self, limit: usize, channel: Option<&str>) -> Vec<RecentEvent> {
-        self.lock()
-            .iter()
-            .filter(|e| channel.is_none_or(|c| e.channel == c))
-            .take(limit)
-            .cloned()
-            .collect()
+    /// Up to `limit` events, newest first, only those on `channel` when given; with the
+    /// buffer's counters as of the same moment.
+    pub fn recent(&self, limit: usize, channel: Option<&str>) -> RecentSnapshot {
+        let ring = self.lock();
+        RecentSnapshot {
+            events: ring
+                .events
+                .iter()
+                .filter(|e| channel.is_none_or(|c| e.channel == c))
+                .take(limit)
+                .cloned()
+                .collect(),
+            buffered: ring.events.len(),
+            received: ring.received,
+            evicted: ring.evicted,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -118,7 +146,7 @@ impl EventLog {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().events.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,17 +155,18 @@ impl EventLog {
 
     /// Messages received since start.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.lock().received
     }
 
     /// Events dropped from the buffer to make room for newer ones.
     pub fn evicted(&self) -> u64 {
-        self.evicted.load(Ordering::Relaxed)
+        self.lock().evicted
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<RecentEvent>> {
-        // The buffer holds plain data; a panic elsewhere cannot leave it half-updated.
-        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // The ring holds plain data, updated whole under the lock: a panic elsewhere cannot
+        // leave it half-updated.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -151,15 +180,14 @@ mod tests {
         for i in 1..=5 {
             log.record("c", format!("{{\"n\":{i}}}").as_bytes());
         }
-        let got: Vec<Value> = log
-            .recent(10, None)
-            .into_iter()
-            .map(|e| e.message)
-            .collect();
+        let snapshot = log.recent(10, None);
+        let got: Vec<Value> = snapshot.events.into_iter().map(|e| e.message).collect();
         assert_eq!(got, vec![json!({"n":5}), json!({"n":4}), json!({"n":3})]);
-        assert_eq!(log.len(), 3);
-        assert_eq!(log.received(), 5);
-        assert_eq!(log.evicted(), 2);
+        assert_eq!(
+            (snapshot.buffered, snapshot.received, snapshot.evicted),
+            (3, 5, 2)
+        );
+        assert_eq!((log.len(), log.received(), log.evicted()), (3, 5, 2));
     }
 
     #[test]
@@ -171,11 +199,14 @@ mod tests {
         log.record("b", b"4");
         let got: Vec<Value> = log
             .recent(1, Some("a"))
+            .events
             .into_iter()
             .map(|e| e.message)
             .collect();
         assert_eq!(got, vec![json!(3)]);
-        assert!(log.recent(5, Some("none")).is_empty());
+        let none = log.recent(5, Some("none"));
+        assert!(none.events.is_empty());
+        assert_eq!(none.buffered, 4);
     }
 
     #[test]

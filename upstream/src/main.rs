@@ -7,6 +7,7 @@
 //! Every option can also come from the environment (`REDIS_URL`, `UPSTREAM_*`; see `--help`).
 //! Prints `upstream listening on ADDR` on stdout once bound; logs go to stderr (`RUST_LOG`).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -96,6 +97,7 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let cli = Cli::parse();

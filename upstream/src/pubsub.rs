@@ -108,13 +108,15 @@ pub async fn recent_events(
         None => DEFAULT_RECENT_LIMIT.min(capacity),
         Some(raw) => match raw.parse::<u64>() {
             Ok(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX).min(capacity),
-            _ => return Err(Error::invalid_field(
-                "limit",
-                format!(
+            _ => {
+                return Err(Error::invalid_field(
+                    "limit",
+                    format!(
                     "`limit` must be a whole number from 1 (at most {capacity} are kept); got {}",
                     preview(raw)
                 ),
-            )),
+                ))
+            }
         },
     };
     let channel = params.single("channel")?;
@@ -123,11 +125,8 @@ pub async fn recent_events(
             Error::invalid_field("channel", format!("`channel` {why}: {}", preview(channel)))
         })?;
     }
-    let events: Vec<Value> = log
-        .recent(limit, channel)
-        .iter()
-        .map(|e| e.to_json())
-        .collect();
+    let snapshot = log.recent(limit, channel);
+    let events: Vec<Value> = snapshot.events.iter().map(|e| e.to_json()).collect();
     Ok(Json(json!({
         "count": events.len(),
         "limit": limit,
@@ -135,9 +134,9 @@ pub async fn recent_events(
         "events": events,
         "buffer": {
             "capacity": capacity,
-            "buffered": log.len(),
-            "received": log.received(),
-            "evicted": log.evicted(),
+            "buffered": snapshot.buffered,
+            "received": snapshot.received,
+            "evicted": snapshot.evicted,
         },
         "subscriber": state.subscriber().snapshot().to_json(),
     })))

@@ -29,14 +29,12 @@ impl RedisLink {
         let client = redis::Client::open(url).map_err(|e| {
             Error::config("--redis", format!("{shown_url:?} is not a Redis URL: {e}"))
         })?;
-        // One quick retry inside a call; beyond that the caller's next request reconnects,
-        // so an outage costs each request at most `timeout`.
+        // One dial per reconnect, no backoff inside the manager: `query` decides about retries,
+        // so an outage costs each request at most `timeout` (and on loopback, ~nothing).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
+            .set_number_of_retries(0);
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::config("--redis", format!("cannot prepare {shown_url}: {e}")))?;
         Ok(RedisLink {
@@ -62,13 +60,28 @@ impl RedisLink {
     }
 
     /// Runs one command within the timeout. `operation` names it in errors, e.g. `PING`.
+    ///
+    /// A command that fails because the connection was refused or found closed is sent once
+    /// more, within the same timeout: the manager answers the first call after an outage with
+    /// the failed connection it still holds, and dials afresh for the next one. (So a PUBLISH
+    /// is at-least-once across a reconnect; one Redis executed and then lost before answering
+    /// would be sent twice.)
     pub async fn query<T: FromRedisValue>(
         &self,
         operation: &str,
         cmd: &redis::Cmd,
     ) -> Result<T, Error> {
         let mut conn = self.manager.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+        let attempts = async {
+            match cmd.query_async::<T>(&mut conn).await {
+                Err(e) if e.is_connection_refusal() || e.is_connection_dropped() => {
+                    tracing::debug!("{operation}: {e}; retrying on a fresh connection");
+                    cmd.query_async::<T>(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempts).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::redis(operation, e)),
             Err(_) => Err(Error::redis_timeout(operation, self.timeout)),
