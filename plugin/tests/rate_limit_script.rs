@@ -416,3 +416,35 @@ fn command_layer_falls_back_to_eval_on_noscript_against_real_redis() {
     );
     assert_eq!(client.stats.noscript, 2);
 }
+
+#[test]
+fn envoy_yaml_plugin_configuration_is_accepted_with_the_guides_limits() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/envoy.yaml");
+    let text = std::fs::read_to_string(&path).expect("envoy/envoy.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let filters = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"];
+    let wasm = filters
+        .as_sequence()
+        .expect("http_filters")
+        .iter()
+        .find(|f| f["name"].as_str() == Some("envoy.filters.http.wasm"))
+        .expect("wasm filter");
+    let json = wasm["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .expect("configuration value");
+    let cfg = parse_config(json.as_bytes()).unwrap_or_else(|errs| panic!("refused: {errs:#?}"));
+    let limit = |path: &str| {
+        let route = cfg
+            .routes
+            .iter()
+            .find(|r| r.matcher.matches(path, "GET"))
+            .unwrap_or_else(|| panic!("no route for {path}"));
+        let rl = route.rate_limit.as_ref().expect("rate limit");
+        assert_eq!(rl.limits.len(), 1);
+        assert_eq!(rl.key, vec![krowoc_plugin::config::KeyPart::ClientIp]);
+        (rl.limits[0].limit, rl.limits[0].window_ms())
+    };
+    assert_eq!(limit("/api/rate-limited"), (5, 60_000));
+    assert_eq!(limit("/api/slow-limited"), (2, 300_000));
+}
