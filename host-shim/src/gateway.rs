@@ -408,6 +408,17 @@ impl Worker {
             .counters
             .requests
             .fetch_add(1, Ordering::Relaxed);
+        // Envoy's max_request_headers_kb (60 KiB by default) counts the whole header block;
+        // hyper's buffer limit only bites when the head arrives in pieces.
+        let head_size: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + req.uri().to_string().len();
+        if head_size > self.spec.max_request_headers_bytes {
+            return plain_response(431, "request header fields too large\n");
+        }
         let headers = request_header_list(&req, peer);
         let path = header_str(&headers, ":path").unwrap_or("/").to_string();
         let route = self.spec.route_for(&path).cloned();

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod host;
 pub mod redis_pool;
 pub mod relay;
+pub mod run;
 pub mod shared;
 pub mod state;
 pub mod vm;

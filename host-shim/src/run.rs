@@ -1,0 +1,209 @@
+//! `host-shim run`: load envoy.yaml, apply command-line overrides, compile the plugin once,
+//! start the workers and the admin listener, and serve until SIGINT/SIGTERM.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+
+use crate::envoy_config::{EnvoyConfig, PathMatch as YamlMatch};
+use crate::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
+use crate::shared::SharedState;
+use crate::vm::{PluginModule, VmSettings};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The Envoy bootstrap to run (a documented subset of Envoy's schema).
+    #[arg(long, default_value = "envoy/envoy.yaml")]
+    pub config: PathBuf,
+    /// Point a cluster somewhere else: NAME=HOST:PORT (repeatable).
+    #[arg(long = "cluster", value_name = "NAME=HOST:PORT")]
+    pub clusters: Vec<String>,
+    /// Load this plugin instead of the yaml's vm_config.code.local.filename.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Listen here instead of the yaml's listener address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Serve admin here instead of the yaml's admin address.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Worker threads (one plugin VM each); default: the number of cores.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// The longest one plugin callback may run before its VM is stopped and replaced.
+    #[arg(long, default_value = "1000", value_name = "MS")]
+    pub callback_deadline_ms: u64,
+    /// Linear memory cap per plugin VM.
+    #[arg(long, default_value = "256", value_name = "MIB")]
+    pub vm_memory_mib: usize,
+}
+
+/// What a started gateway gives back: where it listens, and how to stop it.
+pub struct Running {
+    pub gateway: Gateway,
+    pub admin_addr: Option<SocketAddr>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn stop(self) {
+        if let Some(t) = self.admin_task {
+            t.abort();
+        }
+        self.gateway.stop();
+    }
+}
+
+/// Builds the gateway's spec from the yaml and the overrides.
+pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Option<SocketAddr>)> {
+    let mut cfg =
+        EnvoyConfig::load(&args.config).map_err(|e| anyhow!("{}: {e}", args.config.display()))?;
+    for o in &args.clusters {
+        let (name, addr) = o
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--cluster {o:?}: expected NAME=HOST:PORT"))?;
+        cfg.override_cluster(name, addr)
+            .map_err(|e| anyhow!("--cluster {o:?}: {e}"))?;
+    }
+    let listen = match args.listen {
+        Some(a) => a,
+        None => resolve(&cfg.listener.host, cfg.listener.port)
+            .with_context(|| "the listener address in the yaml")?,
+    };
+    let admin = match (args.admin, &cfg.admin) {
+        (Some(a), _) => Some(a),
+        (None, Some(a)) => {
+            Some(resolve(&a.host, a.port).with_context(|| "the admin address in the yaml")?)
+        }
+        (None, None) => None,
+    };
+    let clusters: HashMap<String, ClusterAddr> = cfg
+        .clusters
+        .iter()
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                ClusterAddr {
+                    host: c.host.clone(),
+                    port: c.port,
+                },
+            )
+        })
+        .collect();
+    let routes = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Route {
+            name: format!("route_{i}"),
+            matcher: match &r.matcher {
+                YamlMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
+                YamlMatch::Path(p) => PathMatch::Exact(p.clone()),
+            },
+            cluster: r.cluster.clone(),
+            timeout: r.effective_timeout(),
+        })
+        .collect();
+    let filter = match &cfg.wasm {
+        None => None,
+        Some(w) => {
+            let path = args.plugin.clone().unwrap_or_else(|| w.code_path.clone());
+            let module = PluginModule::load(&path)?;
+            Some(FilterSpec {
+                module,
+                settings: VmSettings {
+                    plugin_name: w.name.clone(),
+                    root_id: w.root_id.clone(),
+                    vm_id: w.vm_id.clone(),
+                    vm_configuration: w.vm_configuration.clone().into_bytes(),
+                    plugin_configuration: w.configuration.clone().into_bytes(),
+                    callback_deadline: Duration::from_millis(args.callback_deadline_ms.max(10)),
+                    memory_limit_bytes: args.vm_memory_mib.max(1) << 20,
+                    env: w.environment.clone(),
+                    log_level: log_level_from_env(),
+                },
+                fail_open: w.fail_open,
+            })
+        }
+    };
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let spec = GatewaySpec {
+        workers,
+        routes,
+        clusters,
+        filter,
+        max_request_headers_bytes: 60 * 1024,
+    };
+    Ok((spec, listen, admin))
+}
+
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host}:{port}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host}:{port} resolves to no address"))
+}
+
+/// The plugin's log level from RUST_LOG's simplest forms (Envoy's `--log-level`).
+fn log_level_from_env() -> i32 {
+    match std::env::var("RUST_LOG").unwrap_or_default().as_str() {
+        "trace" => 0,
+        "debug" => 1,
+        "warn" => 3,
+        "error" => 4,
+        _ => 2,
+    }
+}
+
+/// Starts the gateway and its admin listener (admin on the caller's tokio runtime).
+pub async fn start(args: &RunArgs) -> anyhow::Result<Running> {
+    let (spec, listen, admin) = load_spec(args)?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shared = Arc::new(SharedState::default());
+    let gateway = Gateway::start(spec, listener, shared.clone())?;
+    let (admin_addr, admin_task) = match admin {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+            let addr = l.local_addr()?;
+            let ready = gateway.readiness();
+            (
+                Some(addr),
+                Some(tokio::spawn(crate::admin::serve(l, shared, ready))),
+            )
+        }
+        None => (None, None),
+    };
+    Ok(Running {
+        gateway,
+        admin_addr,
+        admin_task,
+    })
+}
+
+/// `host-shim run`: serve until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let running = start(&args).await?;
+    eprintln!("host-shim listening on {}", running.gateway.local_addr);
+    if let Some(a) = running.admin_addr {
+        eprintln!("host-shim admin on {a}");
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("host-shim stopping");
+    tokio::task::spawn_blocking(move || running.stop()).await?;
+    Ok(())
+}
