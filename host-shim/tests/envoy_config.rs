@@ -1,0 +1,476 @@
+//! envoy.yaml as host-shim reads it: the shipped file, and refusals that name the exact path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use host_shim::envoy_config::{DiscoveryType, EnvoyConfig, EnvoyConfigError, PathMatch};
+use serde_yaml::Value;
+
+fn shipped_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/envoy.yaml")
+}
+
+fn shipped_yaml() -> Value {
+    let text = std::fs::read_to_string(shipped_path()).expect("read envoy/envoy.yaml");
+    serde_yaml::from_str(&text).expect("envoy.yaml is YAML")
+}
+
+/// The value at a path written the way errors write it: `a.b[0].c`.
+fn at<'a>(root: &'a mut Value, path: &str) -> &'a mut Value {
+    let mut v = root;
+    for part in path.split('.') {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            v = v
+                .get_mut(key)
+                .unwrap_or_else(|| panic!("no {key} in {path}"));
+        }
+        for index in indexes.split('[').filter(|s| !s.is_empty()) {
+            let i: usize = index.trim_end_matches(']').parse().expect("index");
+            v = v.get_mut(i).unwrap_or_else(|| panic!("no [{i}] in {path}"));
+        }
+    }
+    v
+}
+
+/// Sets `key` in the mapping at `path` and parses the result.
+fn with_field(path: &str, key: &str, value: Value) -> Result<EnvoyConfig, EnvoyConfigError> {
+    let mut yaml = shipped_yaml();
+    let target = at(&mut yaml, path);
+    target
+        .as_mapping_mut()
+        .unwrap_or_else(|| panic!("{path} is not a mapping"))
+        .insert(Value::String(key.into()), value);
+    parse(&yaml)
+}
+
+fn without_field(path: &str, key: &str) -> Result<EnvoyConfig, EnvoyConfigError> {
+    let mut yaml = shipped_yaml();
+    at(&mut yaml, path)
+        .as_mapping_mut()
+        .unwrap_or_else(|| panic!("{path} is not a mapping"))
+        .remove(key)
+        .unwrap_or_else(|| panic!("no {key} at {path}"));
+    parse(&yaml)
+}
+
+fn parse(yaml: &Value) -> Result<EnvoyConfig, EnvoyConfigError> {
+    let text = serde_yaml::to_string(yaml).expect("serialise");
+    EnvoyConfig::from_yaml_str(&text, Path::new("/srv/gateway"))
+}
+
+fn refused(result: Result<EnvoyConfig, EnvoyConfigError>) -> (String, String) {
+    let err = result.expect_err("the yaml must be refused");
+    let path = err.path().unwrap_or_default().to_string();
+    (path, err.to_string())
+}
+
+const HCM: &str = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
+
+fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).expect("test yaml")
+}
+
+#[test]
+fn shipped_envoy_yaml_loads_with_its_clusters_route_and_wasm_filter() {
+    let cfg = EnvoyConfig::load(&shipped_path()).expect("envoy/envoy.yaml loads");
+    assert_eq!(cfg.listener.to_string(), "0.0.0.0:10000");
+    assert_eq!(
+        cfg.admin.as_ref().map(ToString::to_string).as_deref(),
+        Some("0.0.0.0:9901")
+    );
+    assert_eq!(cfg.stat_prefix, "gateway");
+
+    let names: Vec<&str> = cfg.clusters.keys().map(String::as_str).collect();
+    assert_eq!(names, ["redis", "redis_relay", "upstream"]);
+    let expect = [
+        ("upstream", "upstream", 8080),
+        ("redis_relay", "relay", 7379),
+        ("redis", "redis", 6379),
+    ];
+    for (name, host, port) in expect {
+        let c = &cfg.clusters[name];
+        assert_eq!(
+            (c.name.as_str(), c.host.as_str(), c.port),
+            (name, host, port)
+        );
+        assert_eq!(c.discovery, DiscoveryType::StrictDns);
+    }
+    assert_eq!(
+        cfg.clusters["redis_relay"].connect_timeout,
+        Duration::from_millis(250)
+    );
+
+    assert_eq!(cfg.routes.len(), 1);
+    assert_eq!(cfg.routes[0].matcher, PathMatch::Prefix("/".into()));
+    assert_eq!(cfg.routes[0].cluster, "upstream");
+    assert_eq!(cfg.routes[0].timeout, Some(Duration::from_secs(15)));
+
+    let wasm = cfg.wasm.as_ref().expect("the wasm filter");
+    assert_eq!(wasm.name, "krowoc_edge");
+    assert_eq!(wasm.root_id, "krowoc_edge");
+    assert_eq!(wasm.vm_id, "krowoc_edge");
+    assert_eq!(wasm.runtime, "envoy.wasm.runtime.v8");
+    assert_eq!(wasm.code_path, PathBuf::from("/etc/envoy/plugin.wasm"));
+    assert!(!wasm.fail_open);
+    assert_eq!(wasm.vm_configuration, "");
+    let plugin_json: serde_json::Value =
+        serde_json::from_str(&wasm.configuration).expect("the plugin configuration is JSON");
+    assert!(plugin_json.is_object(), "{plugin_json}");
+}
+
+#[test]
+fn malformed_yaml_is_refused_with_its_line() {
+    let err = EnvoyConfig::from_yaml_str(
+        "admin:\n  address: [1, 2\nstatic_resources: {}\n",
+        Path::new("."),
+    )
+    .expect_err("malformed");
+    match &err {
+        EnvoyConfigError::Yaml { line, .. } => assert!(line.is_some(), "{err}"),
+        other => panic!("expected a YAML error, got {other}"),
+    }
+    assert!(err.to_string().contains("line"), "{err}");
+}
+
+#[test]
+fn an_unknown_field_is_refused_by_its_exact_path() {
+    let (path, message) = refused(with_field(
+        &format!("{HCM}.http_filters[1].typed_config"),
+        "foo",
+        Value::Bool(true),
+    ));
+    let expected = format!("{HCM}.http_filters[1].typed_config.foo");
+    assert_eq!(path, expected);
+    assert!(
+        message.starts_with(&format!("{expected}: field not supported by host-shim")),
+        "{message}"
+    );
+
+    let cases = [
+        ("", "layered_runtime"),
+        ("static_resources.clusters[0]", "health_checks"),
+        (HCM, "access_log"),
+        (
+            &format!("{HCM}.http_filters[0].typed_config.config"),
+            "capability_restriction_config",
+        ),
+        (
+            &format!("{HCM}.http_filters[0].typed_config.config.vm_config.code"),
+            "remote",
+        ),
+        ("static_resources.listeners[0]", "listener_filters"),
+    ];
+    for (at_path, key) in cases {
+        let (path, message) = refused(with_field(at_path, key, Value::Null));
+        let expected = if at_path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{at_path}.{key}")
+        };
+        assert_eq!(path, expected, "{message}");
+        assert!(
+            message.contains("field not supported by host-shim"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_cluster_address_names_its_path() {
+    let sa = "static_resources.clusters[1].load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address";
+    let (path, message) = refused(without_field(sa, "address"));
+    assert_eq!(path, format!("{sa}.address"));
+    assert!(message.ends_with("missing required field"), "{message}");
+    let (path, _) = refused(without_field(
+        "static_resources.clusters[0]",
+        "load_assignment",
+    ));
+    assert_eq!(path, "static_resources.clusters[0].load_assignment");
+}
+
+#[test]
+fn wrong_types_and_values_name_the_path_and_the_value() {
+    let sa = "static_resources.listeners[0].address.socket_address";
+    let (path, message) = refused(with_field(
+        sa,
+        "port_value",
+        Value::String("ten thousand".into()),
+    ));
+    assert_eq!(path, format!("{sa}.port_value"));
+    assert!(message.contains("\"ten thousand\""), "{message}");
+
+    let (path, message) = refused(with_field(
+        "static_resources.clusters[0]",
+        "connect_timeout",
+        "5".into(),
+    ));
+    assert_eq!(path, "static_resources.clusters[0].connect_timeout");
+    assert!(message.contains("\"5\""), "{message}");
+
+    let (path, message) = refused(with_field(
+        "static_resources.clusters[0]",
+        "type",
+        "EDS".into(),
+    ));
+    assert_eq!(path, "static_resources.clusters[0].type");
+    assert!(
+        message.contains("EDS") && message.contains("STRICT_DNS"),
+        "{message}"
+    );
+
+    let route = format!("{HCM}.route_config.virtual_hosts[0].routes[0].route");
+    let (path, message) = refused(with_field(&route, "cluster", "nowhere".into()));
+    assert_eq!(path, format!("{route}.cluster"));
+    assert!(message.contains("unknown cluster \"nowhere\""), "{message}");
+
+    let (path, message) = refused(with_field(HCM, "codec_type", "HTTP2".into()));
+    assert_eq!(path, format!("{HCM}.codec_type"));
+    assert!(message.contains("HTTP2"), "{message}");
+
+    // Envoy's lowercase enum spelling is accepted.
+    let cfg = with_field("static_resources.clusters[0]", "type", "strict_dns".into())
+        .expect("lowercase enum");
+    assert_eq!(cfg.clusters["upstream"].discovery, DiscoveryType::StrictDns);
+}
+
+#[test]
+fn more_listeners_or_filters_than_the_subset_are_refused_by_path() {
+    let mut two_listeners = shipped_yaml();
+    let listener = at(&mut two_listeners, "static_resources.listeners[0]").clone();
+    at(&mut two_listeners, "static_resources.listeners")
+        .as_sequence_mut()
+        .expect("list")
+        .push(listener);
+    let (path, message) = refused(parse(&two_listeners));
+    assert_eq!(path, "static_resources.listeners[1]");
+    assert!(message.contains("exactly one listener"), "{message}");
+
+    let mut two_wasm = shipped_yaml();
+    let wasm = at(&mut two_wasm, &format!("{HCM}.http_filters[0]")).clone();
+    at(&mut two_wasm, &format!("{HCM}.http_filters"))
+        .as_sequence_mut()
+        .expect("list")
+        .insert(1, wasm);
+    let (path, message) = refused(parse(&two_wasm));
+    assert_eq!(path, format!("{HCM}.http_filters[1]"));
+    assert!(message.contains("one wasm filter"), "{message}");
+
+    let mut router_first = shipped_yaml();
+    at(&mut router_first, &format!("{HCM}.http_filters"))
+        .as_sequence_mut()
+        .expect("list")
+        .reverse();
+    let (path, message) = refused(parse(&router_first));
+    assert_eq!(path, format!("{HCM}.http_filters[1]"));
+    assert!(message.contains("router must be last"), "{message}");
+
+    let (path, message) = refused(with_field(
+        &format!("{HCM}.http_filters[0].typed_config"),
+        "@type",
+        "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua".into(),
+    ));
+    assert_eq!(path, format!("{HCM}.http_filters[0].typed_config.@type"));
+    assert!(message.contains("lua"), "{message}");
+}
+
+#[test]
+fn a_static_cluster_needs_an_ip_address() {
+    let (path, message) = refused(with_field(
+        "static_resources.clusters[0]",
+        "type",
+        "STATIC".into(),
+    ));
+    assert_eq!(
+        path,
+        "static_resources.clusters[0].load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address"
+    );
+    assert!(
+        message.contains("\"upstream\" is not an IP address"),
+        "{message}"
+    );
+}
+
+#[test]
+fn override_cluster_repoints_a_cluster_and_refuses_unknown_names_and_bad_addresses() {
+    let mut cfg = EnvoyConfig::load(&shipped_path()).expect("load");
+    cfg.override_cluster("redis", "127.0.0.1:6390")
+        .expect("override");
+    assert_eq!(
+        (
+            cfg.clusters["redis"].host.as_str(),
+            cfg.clusters["redis"].port
+        ),
+        ("127.0.0.1", 6390)
+    );
+    cfg.apply_cluster_override("upstream=[::1]:8081")
+        .expect("ipv6 override");
+    assert_eq!(
+        (
+            cfg.clusters["upstream"].host.as_str(),
+            cfg.clusters["upstream"].port
+        ),
+        ("::1", 8081)
+    );
+
+    let err = cfg
+        .override_cluster("nope", "127.0.0.1:1")
+        .expect_err("unknown")
+        .to_string();
+    assert!(
+        err.contains("unknown cluster \"nope\"") && err.contains("redis_relay"),
+        "{err}"
+    );
+    for bad in ["127.0.0.1", "127.0.0.1:http", ":80", "host:0", "host:70000"] {
+        let err = cfg
+            .override_cluster("redis", bad)
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+    assert!(cfg.apply_cluster_override("redis127.0.0.1:1").is_err());
+    assert_eq!(
+        cfg.clusters["redis"].port, 6390,
+        "a refused override changes nothing"
+    );
+}
+
+#[test]
+fn routes_match_in_order_and_the_first_match_wins() {
+    let mut doc = shipped_yaml();
+    *at(
+        &mut doc,
+        &format!("{HCM}.route_config.virtual_hosts[0].routes"),
+    ) = yaml(
+        r#"
+- match: { path: "/api/exact" }
+  route: { cluster: redis_relay, timeout: 0s }
+- match: { prefix: "/api" }
+  route: { cluster: redis, timeout: 0.5s }
+- match: { prefix: "/api/exact/deeper" }
+  route: { cluster: redis_relay }
+- match: { prefix: "/" }
+  route: { cluster: upstream }
+"#,
+    );
+    let cfg = parse(&doc).expect("routes");
+    let cluster_for = |p: &str| cfg.route_for(p).map(|r| r.cluster.as_str());
+    assert_eq!(cluster_for("/api/exact"), Some("redis_relay"));
+    assert_eq!(cluster_for("/api/exact?x=1"), Some("redis_relay"));
+    // The earlier /api prefix shadows the later, longer prefix, as in Envoy.
+    assert_eq!(cluster_for("/api/exact/deeper"), Some("redis"));
+    assert_eq!(cluster_for("/apis"), Some("redis"));
+    assert_eq!(cluster_for("/health"), Some("upstream"));
+    assert_eq!(
+        cfg.routes[0].effective_timeout(),
+        None,
+        "0s disables the timeout"
+    );
+    assert_eq!(
+        cfg.routes[1].effective_timeout(),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        cfg.routes[2].effective_timeout(),
+        Some(Duration::from_secs(15))
+    );
+
+    let mut no_catch_all = doc.clone();
+    at(
+        &mut no_catch_all,
+        &format!("{HCM}.route_config.virtual_hosts[0].routes"),
+    )
+    .as_sequence_mut()
+    .expect("list")
+    .pop();
+    let cfg = parse(&no_catch_all).expect("routes");
+    assert!(cfg.route_for("/other").is_none());
+
+    let (path, message) = refused(with_field(
+        &format!("{HCM}.route_config.virtual_hosts[0].routes[0].match"),
+        "path",
+        "/x".into(),
+    ));
+    assert_eq!(
+        path,
+        format!("{HCM}.route_config.virtual_hosts[0].routes[0].match")
+    );
+    assert!(message.contains("not both"), "{message}");
+}
+
+#[test]
+fn relative_plugin_paths_resolve_against_the_yaml_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut doc = shipped_yaml();
+    *at(
+        &mut doc,
+        &format!("{HCM}.http_filters[0].typed_config.config.vm_config.code.local.filename"),
+    ) = "plugins/krowoc.wasm".into();
+    let file = dir.path().join("envoy.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+    let cfg = EnvoyConfig::load(&file).expect("load");
+    let wasm = cfg.wasm.expect("wasm");
+    assert_eq!(wasm.code_path, dir.path().join("plugins/krowoc.wasm"));
+
+    let err = EnvoyConfig::load(&dir.path().join("missing.yaml")).expect_err("missing file");
+    assert!(err.to_string().contains("missing.yaml"), "{err}");
+}
+
+#[test]
+fn failure_policy_struct_configuration_and_environment_are_read() {
+    let config = format!("{HCM}.http_filters[0].typed_config.config");
+    let mut doc = shipped_yaml();
+    let c = at(&mut doc, &config).as_mapping_mut().expect("config");
+    c.remove("fail_open");
+    c.insert("failure_policy".into(), "FAIL_OPEN".into());
+    c.insert(
+        "configuration".into(),
+        yaml("{ '@type': type.googleapis.com/google.protobuf.Struct, value: { redis: { cluster: redis }, n: 3 } }"),
+    );
+    at(&mut doc, &format!("{config}.vm_config"))
+        .as_mapping_mut()
+        .expect("vm_config")
+        .insert(
+            "environment_variables".into(),
+            yaml("{ key_values: { MODE: demo } }"),
+        );
+    let cfg = parse(&doc).expect("yaml");
+    let wasm = cfg.wasm.expect("wasm");
+    assert!(wasm.fail_open);
+    let json: serde_json::Value = serde_json::from_str(&wasm.configuration).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({"redis": {"cluster": "redis"}, "n": 3})
+    );
+    assert_eq!(
+        wasm.environment,
+        vec![("MODE".to_string(), "demo".to_string())]
+    );
+
+    let (path, message) = refused(with_field(&config, "failure_policy", "SOMETIMES".into()));
+    assert_eq!(path, format!("{config}.failure_policy"));
+    assert!(message.contains("SOMETIMES"), "{message}");
+    let (path, _) = refused(with_field(
+        &format!("{config}.configuration"),
+        "@type",
+        "type.googleapis.com/google.protobuf.BytesValue".into(),
+    ));
+    assert_eq!(path, format!("{config}.configuration.@type"));
+}
+
+#[test]
+fn a_bootstrap_without_the_wasm_filter_is_a_plain_proxy() {
+    let mut doc = shipped_yaml();
+    at(&mut doc, &format!("{HCM}.http_filters"))
+        .as_sequence_mut()
+        .expect("list")
+        .remove(0);
+    let cfg = parse(&doc).expect("yaml");
+    assert!(cfg.wasm.is_none());
+    let (path, message) = refused(without_field(HCM, "http_filters"));
+    assert_eq!(path, format!("{HCM}.http_filters"));
+    assert!(message.contains("missing required field"), "{message}");
+}
