@@ -1,0 +1,309 @@
+//! Support for the end-to-end tests: a whole stack from real parts, on free loopback ports —
+//! a real `redis-server`, the upstream (axum, in-process on a real socket), the relay, and
+//! host-shim running `envoy/envoy.yaml` with the real `plugin.wasm` — exactly what
+//! `cargo xtask demo` runs, with the clusters pointed at the test's ports.
+//!
+//! ```no_run
+//! let stack = krowoc_tests::Stack::start();
+//! let resp = stack.get("/health");
+//! assert_eq!(resp.status, 200);
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use host_shim::redis_pool::RedisEndpoint;
+use host_shim::relay::RelayConfig;
+use host_shim::run::{RunArgs, Running};
+use krowoc_upstream::config::UpstreamConfig;
+use krowoc_upstream::AppState;
+use serde_json::Value;
+pub use testkit::http::Response;
+pub use testkit::RedisServer;
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The built plugin: `KROWOC_PLUGIN_WASM`, else the wasm profile's output under the workspace's
+/// target dir. Panics with the command to run when it is missing.
+pub fn plugin_wasm() -> PathBuf {
+    let path = std::env::var_os("KROWOC_PLUGIN_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let dir = std::env::var_os("KROWOC_WASM_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target/wasm32-wasip1/wasm"));
+            dir.join("krowoc_plugin.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask build-plugin` (or `cargo xtask test`, which builds it)",
+        path.display()
+    );
+    path
+}
+
+/// The shipped Envoy configuration.
+pub fn envoy_yaml() -> PathBuf {
+    workspace_root().join("envoy/envoy.yaml")
+}
+
+/// The relay token the shipped configuration uses, if any.
+pub fn yaml_plugin_config() -> Value {
+    let text = std::fs::read_to_string(envoy_yaml()).expect("read envoy/envoy.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse envoy/envoy.yaml");
+    let json = plugin_config_node(&yaml)
+        .and_then(|v| v.as_str())
+        .expect("envoy.yaml has the wasm filter's configuration value");
+    serde_json::from_str(json).expect("the plugin configuration in envoy.yaml is JSON")
+}
+
+fn http_filters(yaml: &serde_yaml::Value) -> Option<&serde_yaml::Value> {
+    yaml.get("static_resources")?
+        .get("listeners")?
+        .get(0)?
+        .get("filter_chains")?
+        .get(0)?
+        .get("filters")?
+        .get(0)?
+        .get("typed_config")?
+        .get("http_filters")
+}
+
+fn plugin_config_node(yaml: &serde_yaml::Value) -> Option<&serde_yaml::Value> {
+    http_filters(yaml)?
+        .as_sequence()?
+        .iter()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.wasm"))?
+        .get("typed_config")?
+        .get("config")?
+        .get("configuration")?
+        .get("value")
+}
+
+/// Writes a copy of envoy.yaml whose plugin configuration is `config`.
+pub fn write_yaml_with_plugin_config(dir: &Path, config: &Value) -> PathBuf {
+    let text = std::fs::read_to_string(envoy_yaml()).expect("read envoy/envoy.yaml");
+    let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse envoy/envoy.yaml");
+    let filters = yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"]
+        .as_sequence_mut()
+        .expect("http_filters");
+    let wasm = filters
+        .iter_mut()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.wasm"))
+        .expect("the wasm filter");
+    wasm["typed_config"]["config"]["configuration"]["value"] =
+        serde_yaml::Value::String(config.to_string());
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
+    // The plugin path in the yaml is relative to its directory; tests always pass --plugin.
+    path
+}
+
+/// How to start a [`Stack`].
+pub struct StackOptions {
+    /// Changes the plugin configuration from envoy.yaml before starting.
+    pub plugin_config: Option<Box<dyn Fn(&mut Value)>>,
+    pub workers: usize,
+    /// The upstream's slow delays (0 keeps tests fast).
+    pub upstream_delay: Duration,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            plugin_config: None,
+            workers: 2,
+            upstream_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A running stack; everything stops on drop.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub upstream: SocketAddr,
+    pub upstream_state: AppState,
+    pub relay: SocketAddr,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub yaml: PathBuf,
+    running: Vec<Running>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Stack::start_with(StackOptions::default())
+    }
+
+    pub fn start_with(options: StackOptions) -> Stack {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+
+        let mut plugin_config = yaml_plugin_config();
+        if let Some(change) = &options.plugin_config {
+            change(&mut plugin_config);
+        }
+        let yaml = write_yaml_with_plugin_config(dir.path(), &plugin_config);
+        let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
+
+        let upstream_config = UpstreamConfig {
+            redis_url: redis.url(),
+            cached_data_delay: options.upstream_delay,
+            slow_delay: options.upstream_delay,
+            subscriber_backoff_initial: Duration::from_millis(50),
+            subscriber_backoff_max: Duration::from_millis(500),
+            ..UpstreamConfig::default()
+        };
+        let (upstream, upstream_state) = rt.block_on(async {
+            let state = AppState::start(upstream_config).expect("upstream state");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind upstream");
+            let addr = listener.local_addr().expect("upstream addr");
+            let app = krowoc_upstream::app(state.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            (addr, state)
+        });
+
+        let relay = rt.block_on(async {
+            let endpoint = RedisEndpoint::from_url(&redis.url()).expect("redis url");
+            let mut config = RelayConfig::new(endpoint);
+            config.token = token;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind relay");
+            let addr = listener.local_addr().expect("relay addr");
+            tokio::spawn(host_shim::relay::serve(listener, config));
+            addr
+        });
+
+        let mut stack = Stack {
+            redis,
+            upstream,
+            upstream_state,
+            relay,
+            gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            yaml,
+            running: Vec::new(),
+            rt,
+            _dir: dir,
+        };
+        let (gateway, admin) = stack.start_gateway(options.workers);
+        stack.gateway = gateway;
+        stack.admin = admin;
+        stack
+    }
+
+    /// The `run` arguments for a gateway on free ports in front of this stack's parts.
+    pub fn run_args(&self, workers: usize) -> RunArgs {
+        RunArgs {
+            config: self.yaml.clone(),
+            clusters: vec![
+                format!("upstream={}", self.upstream),
+                format!("redis_relay={}", self.relay),
+                format!("redis=127.0.0.1:{}", self.redis.port),
+            ],
+            plugin: Some(plugin_wasm()),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            workers: Some(workers),
+            callback_deadline_ms: 1000,
+            vm_memory_mib: 256,
+        }
+    }
+
+    /// Starts another gateway on the same Redis, relay and upstream (e.g. to show that two
+    /// gateways share one limit); returns its listener and admin addresses.
+    pub fn start_gateway(&mut self, workers: usize) -> (SocketAddr, SocketAddr) {
+        let args = self.run_args(workers);
+        let running = self
+            .rt
+            .block_on(host_shim::run::start(&args))
+            .unwrap_or_else(|e| panic!("host-shim did not start: {e:#}"));
+        let addrs = (
+            running.gateway.local_addr,
+            running.admin_addr.expect("admin address"),
+        );
+        self.running.push(running);
+        addrs
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        testkit::http::get(self.gateway, path)
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        testkit::http::request(self.gateway, method, path, headers, body)
+    }
+
+    /// The gateway's Prometheus text.
+    pub fn metrics(&self) -> String {
+        testkit::http::get(self.admin, "/stats/prometheus").text()
+    }
+
+    /// The value of one metric line `name value` in the gateway's Prometheus text (0 if absent).
+    pub fn metric(&self, name: &str) -> i64 {
+        metric_value(&self.metrics(), name)
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for r in self.running.drain(..) {
+            r.stop();
+        }
+    }
+}
+
+/// Finds `name value` in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> i64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns whether it did.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
