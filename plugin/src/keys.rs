@@ -7,20 +7,26 @@ use std::net::{IpAddr, SocketAddr};
 
 /// The client address: with `trusted_hops` = 0 the downstream connection's address; with
 /// N > 0 the N-th `X-Forwarded-For` entry from the right (the one the outermost trusted proxy
-/// appended). Entries a client prepends itself are never used. Addresses are normalised
-/// (ports removed, IPv6 in canonical form).
+/// appended). Entries a client prepends itself are never used. A proxy that appends the
+/// connection's own address before the filter runs (Envoy with `use_remote_address`,
+/// host-shim) leaves that address as the last entry: it is the connection, not a hop, and is
+/// skipped. Addresses are normalised (ports removed, IPv6 in canonical form).
 pub fn client_ip(
     source_address: Option<&str>,
     forwarded_for: &[&str],
     trusted_hops: u32,
 ) -> Option<String> {
+    let source = source_address.and_then(parse_ip);
     if trusted_hops > 0 {
-        let entries: Vec<&str> = forwarded_for
+        let mut entries: Vec<&str> = forwarded_for
             .iter()
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|e| !e.is_empty())
             .collect();
+        if source.is_some() && entries.last().and_then(|e| parse_ip(e)) == source {
+            entries.pop();
+        }
         if !entries.is_empty() {
             let hops = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
             // Fewer entries than trusted proxies: the leftmost was still written by one of them.
@@ -30,7 +36,7 @@ pub fn client_ip(
             }
         }
     }
-    source_address.and_then(parse_ip).map(|ip| ip.to_string())
+    source.map(|ip| ip.to_string())
 }
 
 /// Parses `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`.
@@ -249,6 +255,21 @@ mod tests {
         assert_eq!(
             client_ip(Some("10.0.0.1:1"), &[], 1).as_deref(),
             Some("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn the_connection_address_appended_by_the_host_is_not_a_hop() {
+        // Trusted proxy 10.0.0.1 wrote the client 1.2.3.4; the host appended 10.0.0.1.
+        let xff = ["6.6.6.6, 1.2.3.4, 10.0.0.1"];
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5"), &xff, 1).as_deref(),
+            Some("1.2.3.4")
+        );
+        // A direct client with only the host's entry: itself.
+        assert_eq!(
+            client_ip(Some("1.2.3.4:5"), &["1.2.3.4"], 1).as_deref(),
+            Some("1.2.3.4")
         );
     }
 

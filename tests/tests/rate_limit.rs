@@ -1,0 +1,366 @@
+//! Rate limiting end to end: real redis-server, relay, upstream, host-shim running
+//! envoy/envoy.yaml with the real plugin.wasm — with transport `relay` and with `redis_call`.
+
+use krowoc_tests::{eventually, metric_value, Response, Stack, StackOptions};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const RELAY: &str = "relay";
+const REDIS_CALL: &str = "redis_call";
+
+/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
+fn use_transport(cfg: &mut Value, transport: &str) {
+    let redis = cfg
+        .as_object_mut()
+        .expect("plugin configuration is an object")
+        .entry("redis")
+        .or_insert_with(|| json!({}));
+    let redis = redis.as_object_mut().expect("redis is an object");
+    redis.insert("transport".into(), json!(transport));
+    if transport == REDIS_CALL {
+        redis.insert("cluster".into(), json!("redis"));
+        redis.remove("token");
+        redis.remove("authority");
+    } else {
+        redis.insert("cluster".into(), json!("redis_relay"));
+        redis.remove("username");
+        redis.remove("password");
+        redis.remove("database");
+    }
+}
+
+fn stack(transport: &'static str, tweak: impl Fn(&mut Value) + 'static) -> Stack {
+    Stack::start_with(StackOptions {
+        plugin_config: Some(Box::new(move |cfg: &mut Value| {
+            use_transport(cfg, transport);
+            tweak(cfg);
+        })),
+        ..StackOptions::default()
+    })
+}
+
+/// Prometheus name of a per-route rate-limit counter.
+fn route_metric(route: &str, what: &str) -> String {
+    format!(
+        "envoy_krowoc_rate_limit_{}_{what}",
+        route.replace(['-', '.'], "_")
+    )
+}
+
+fn get_with(stack: &Stack, path: &str, headers: &[(&str, &str)]) -> Response {
+    stack.request("GET", path, headers, b"")
+}
+
+fn sixth_request_gets_429_with_headers(transport: &'static str) {
+    let stack = stack(transport, |_| {});
+    for i in 0..5u64 {
+        let r = stack.get("/api/rate-limited");
+        assert_eq!(r.status, 200, "request {} of 5: {}", i + 1, r.text());
+        assert!(r.header("x-krowoc-edge").is_some());
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some("\"per_minute\";q=5;w=60")
+        );
+        let remaining = 4 - i;
+        let rl = r.header("ratelimit").expect("RateLimit field");
+        assert!(
+            rl.starts_with(&format!("\"per_minute\";r={remaining};t=")),
+            "request {}: {rl}",
+            i + 1
+        );
+        assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            Some(remaining.to_string().as_str())
+        );
+        assert!(r.header("retry-after").is_none());
+    }
+    let r = stack.get("/api/rate-limited");
+    assert_eq!(r.status, 429, "{}", r.text());
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("delay-seconds");
+    assert!((55..=60).contains(&retry), "retry-after {retry}");
+    let rl = r.header("ratelimit").expect("RateLimit on the denial");
+    let t: u64 = rl
+        .rsplit("t=")
+        .next()
+        .and_then(|t| t.parse().ok())
+        .expect("t parameter");
+    assert!(rl.starts_with("\"per_minute\";r=0;"), "{rl}");
+    assert!(
+        t >= retry,
+        "RateLimit t={t} must not be earlier than Retry-After {retry}"
+    );
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert!(
+        r.header("x-krowoc-edge").is_some(),
+        "local responses carry the edge header"
+    );
+    let body = r.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["violated_policies"], json!(["per_minute"]));
+    // The other route has its own limit; and denials keep being denied.
+    assert_eq!(stack.get("/api/slow-limited").status, 200);
+    assert_eq!(stack.get("/api/rate-limited").status, 429);
+    let m = stack.metrics();
+    assert_eq!(
+        metric_value(&m, &route_metric("rate-limited", "allowed")),
+        5
+    );
+    assert_eq!(metric_value(&m, &route_metric("rate-limited", "denied")), 2);
+    assert_eq!(
+        metric_value(&m, &route_metric("rate-limited", "redis_errors")),
+        0
+    );
+}
+
+#[test]
+fn sixth_request_in_a_minute_gets_429_with_headers_relay() {
+    sixth_request_gets_429_with_headers(RELAY);
+}
+
+#[test]
+fn sixth_request_in_a_minute_gets_429_with_headers_redis_call() {
+    sixth_request_gets_429_with_headers(REDIS_CALL);
+}
+
+fn two_gateways_share_one_limit(transport: &'static str) {
+    let mut stack = stack(transport, |_| {});
+    let (second, _) = stack.start_gateway(2);
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let r = if i % 2 == 0 {
+            stack.get("/api/rate-limited")
+        } else {
+            testkit::http::get(second, "/api/rate-limited")
+        };
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429, 429, 429]);
+}
+
+#[test]
+fn two_gateways_on_one_redis_share_one_limit_relay() {
+    two_gateways_share_one_limit(RELAY);
+}
+
+#[test]
+fn two_gateways_on_one_redis_share_one_limit_redis_call() {
+    two_gateways_share_one_limit(REDIS_CALL);
+}
+
+fn spoofed_forwarded_for_does_not_escape(transport: &'static str) {
+    let stack = stack(transport, |cfg| {
+        cfg["client_ip"] = json!({"trusted_hops": 0});
+    });
+    let statuses: Vec<u16> = (0..7)
+        .map(|i| {
+            let xff = format!("203.0.113.{i}");
+            get_with(&stack, "/api/rate-limited", &[("x-forwarded-for", &xff)]).status
+        })
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429, 429]);
+}
+
+#[test]
+fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_relay() {
+    spoofed_forwarded_for_does_not_escape(RELAY);
+}
+
+#[test]
+fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_redis_call() {
+    spoofed_forwarded_for_does_not_escape(REDIS_CALL);
+}
+
+#[test]
+fn trusted_hop_forwarded_for_identifies_clients() {
+    let stack = stack(RELAY, |cfg| {
+        cfg["client_ip"] = json!({"trusted_hops": 1});
+    });
+    // The client prepends a fake address; the trusted proxy's entry (rightmost) counts.
+    for i in 0..5 {
+        let xff = format!("6.6.6.{i}, 198.51.100.7");
+        let r = get_with(&stack, "/api/rate-limited", &[("x-forwarded-for", &xff)]);
+        assert_eq!(r.status, 200);
+    }
+    let r = get_with(
+        &stack,
+        "/api/rate-limited",
+        &[("x-forwarded-for", "6.6.6.99, 198.51.100.7")],
+    );
+    assert_eq!(r.status, 429, "same client behind the trusted proxy");
+    let r = get_with(
+        &stack,
+        "/api/rate-limited",
+        &[("x-forwarded-for", "198.51.100.8")],
+    );
+    assert_eq!(r.status, 200, "another client behind the trusted proxy");
+}
+
+fn redis_outage(transport: &'static str) {
+    let timeout_ms = 200u64;
+    let mut stack = stack(transport, move |cfg| {
+        cfg["redis"]["timeout"] = json!(format!("{timeout_ms}ms"));
+        cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "500ms"});
+    });
+    assert_eq!(stack.get("/api/rate-limited").status, 200);
+    stack.redis.stop();
+
+    // failure_mode allow (the default): traffic passes, each request waits at most ~timeout.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..12 {
+        let started = Instant::now();
+        let r = stack.get("/api/rate-limited");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.header("ratelimit").is_none(), "no decision, no fields");
+    }
+    assert!(
+        slowest < Duration::from_millis(timeout_ms + 150),
+        "slowest request during the outage took {slowest:?}"
+    );
+    let m = stack.metrics();
+    assert!(
+        metric_value(&m, "envoy_krowoc_redis_breaker_open") >= 1,
+        "{m}"
+    );
+    assert!(metric_value(&m, "envoy_krowoc_redis_breaker_opened") >= 1);
+    assert!(metric_value(&m, &route_metric("rate-limited", "fallback_allowed")) >= 12);
+    assert!(metric_value(&m, &route_metric("rate-limited", "redis_errors")) >= 12);
+    // With the breaker open, requests are decided without calling Redis.
+    let short_before = metric_value(&m, "envoy_krowoc_redis_short_circuited");
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(stack.get("/api/rate-limited").status, 200);
+    }
+    assert!(started.elapsed() < Duration::from_millis(5 * timeout_ms));
+    assert!(stack.metric("envoy_krowoc_redis_short_circuited") > short_before);
+
+    // Redis returns (empty): probes after the cool-down close every breaker.
+    stack.redis.restart();
+    let closed = eventually(Duration::from_secs(15), || {
+        let _ = stack.get("/api/slow-limited");
+        std::thread::sleep(Duration::from_millis(50));
+        stack.metric("envoy_krowoc_redis_breaker_open") == 0
+    });
+    assert!(closed, "breaker still open:\n{}", stack.metrics());
+    // And the limit is enforced again, counted from Redis' return (it restarted empty).
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(stack.get("/api/rate-limited").status);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429]);
+}
+
+#[test]
+fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_relay() {
+    redis_outage(RELAY);
+}
+
+#[test]
+fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_redis_call() {
+    redis_outage(REDIS_CALL);
+}
+
+fn script_flush_mid_run(transport: &'static str) {
+    let stack = stack(transport, |_| {});
+    for _ in 0..3 {
+        assert_eq!(stack.get("/api/rate-limited").status, 200);
+    }
+    assert_eq!(stack.redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    assert_eq!(stack.get("/api/rate-limited").status, 200);
+    assert_eq!(stack.get("/api/rate-limited").status, 200);
+    let r = stack.get("/api/rate-limited");
+    assert_eq!(r.status, 429, "the flush lost no count");
+    assert!(stack.metric("envoy_krowoc_redis_noscript") >= 1);
+    assert_eq!(
+        stack.metric(&route_metric("rate-limited", "redis_errors")),
+        0
+    );
+}
+
+#[test]
+fn script_flush_mid_run_still_counts_correctly_relay() {
+    script_flush_mid_run(RELAY);
+}
+
+#[test]
+fn script_flush_mid_run_still_counts_correctly_redis_call() {
+    script_flush_mid_run(REDIS_CALL);
+}
+
+#[test]
+fn failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit() {
+    let mut stack = stack(RELAY, |cfg| {
+        cfg["routes"] = json!([
+            {"name": "deny", "match": {"path": "/api/rate-limited"},
+             "rate_limit": {"limits": [{"limit": 5, "window": "60s"}], "failure_mode": "deny"}},
+            {"name": "local", "match": {"path": "/api/slow-limited"},
+             "rate_limit": {"limits": [{"limit": 2, "window": "5m"}], "failure_mode": "local",
+                            "headers": "legacy"}}
+        ]);
+    });
+    stack.redis.stop();
+    let r = stack.get("/api/rate-limited");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "rate_limit_unavailable");
+    // Two workers, each with its own bucket of 2: at most 4 pass, and at least 2.
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| stack.get("/api/slow-limited").status)
+        .collect();
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    assert!((2..=4).contains(&passed), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(stack.metric(&route_metric("local", "fallback_denied")) >= 4);
+}
+
+#[test]
+fn shadow_mode_counts_but_never_denies() {
+    let stack = stack(RELAY, |cfg| {
+        cfg["routes"] = json!([
+            {"name": "shadowed", "match": {"path": "/api/rate-limited"},
+             "rate_limit": {"limits": [{"limit": 5, "window": "60s"}], "shadow": true}}
+        ]);
+    });
+    let statuses: Vec<u16> = (0..7)
+        .map(|_| stack.get("/api/rate-limited").status)
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(stack.metric(&route_metric("shadowed", "allowed")), 5);
+    assert_eq!(stack.metric(&route_metric("shadowed", "shadow_denied")), 2);
+    assert_eq!(stack.metric(&route_metric("shadowed", "denied")), 0);
+}
+
+#[test]
+fn denied_keys_are_answered_from_the_vm_without_redis() {
+    let stack = Stack::start_with(StackOptions {
+        workers: 1,
+        plugin_config: Some(Box::new(|cfg: &mut Value| use_transport(cfg, RELAY))),
+        ..StackOptions::default()
+    });
+    for _ in 0..5 {
+        assert_eq!(stack.get("/api/rate-limited").status, 200);
+    }
+    assert_eq!(stack.get("/api/rate-limited").status, 429);
+    let calls_before = stack.metric("envoy_krowoc_redis_calls");
+    for _ in 0..10 {
+        let r = stack.get("/api/rate-limited");
+        assert_eq!(r.status, 429);
+        assert!(r.header("retry-after").is_some());
+    }
+    assert_eq!(
+        stack.metric("envoy_krowoc_redis_calls"),
+        calls_before,
+        "no Redis call for a key known to be over its limit"
+    );
+    assert_eq!(
+        stack.metric(&route_metric("rate-limited", "deny_cache_hits")),
+        10
+    );
+}
