@@ -840,6 +840,8 @@ async fn connection_task(
     mut queue: mpsc::Receiver<Request>,
 ) {
     let mut conn: Option<Connection> = None;
+    // Log an outage once when it starts and once when it ends, not once per request.
+    let mut failing = false;
     loop {
         let Some(c) = conn.as_mut() else {
             // Disconnected: wait for work, then connect for it.
@@ -848,7 +850,12 @@ async fn connection_task(
             };
             match connect(&endpoint).await {
                 Ok(stream) => {
-                    tracing::debug!(endpoint = %endpoint, slot, "redis connection up");
+                    if failing {
+                        tracing::info!(endpoint = %endpoint, slot, "redis reachable again");
+                        failing = false;
+                    } else {
+                        tracing::debug!(endpoint = %endpoint, slot, "redis connection up");
+                    }
                     let mut c = Connection {
                         stream,
                         read_buf: BytesMut::with_capacity(16 * 1024),
@@ -862,7 +869,12 @@ async fn connection_task(
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(endpoint = %endpoint, slot, error = %e, "redis connect failed");
+                    if failing {
+                        tracing::debug!(endpoint = %endpoint, slot, error = %e, "redis connect failed");
+                    } else {
+                        tracing::warn!(endpoint = %endpoint, slot, error = %e, "redis connect failed");
+                        failing = true;
+                    }
                     let _ = first.reply.send(Err(e.clone()));
                     // Everything already queued would fail the same way: fail it now, fast.
                     while let Ok(req) = queue.try_recv() {
@@ -872,24 +884,28 @@ async fn connection_task(
             }
             continue;
         };
-        let broken: Option<String> = tokio::select! {
+        let broken: Option<(PoolErrorKind, String)> = tokio::select! {
             req = queue.recv(), if c.in_flight.len() < MAX_IN_FLIGHT => match req {
                 None => return,
-                Some(req) => c.write_batch(req, &mut queue).await.err(),
+                Some(req) => c
+                    .write_batch(req, &mut queue)
+                    .await
+                    .err()
+                    .map(|e| (PoolErrorKind::Unreachable, e)),
             },
             read = c.stream.read_buf(&mut c.read_buf) => match read {
-                Ok(0) => Some("connection closed by Redis".to_string()),
-                Ok(_) => c.deliver().err(),
-                Err(e) => Some(format!("read: {e}")),
+                Ok(0) => Some((PoolErrorKind::Unreachable, "connection closed by Redis".to_string())),
+                Ok(_) => c.deliver().err().map(|e| (PoolErrorKind::Protocol, e)),
+                Err(e) => Some((PoolErrorKind::Unreachable, format!("read: {e}"))),
             },
         };
-        if let Some(reason) = broken {
-            tracing::warn!(endpoint = %endpoint, slot, reason = %reason, in_flight = c.in_flight.len(), "redis connection lost");
-            let kind = if reason.starts_with("unparseable") || reason.starts_with("unexpected") {
-                PoolErrorKind::Protocol
+        if let Some((kind, reason)) = broken {
+            if c.in_flight.is_empty() {
+                // An idle connection closed (Redis `timeout`, a restart): reconnect on next use.
+                tracing::debug!(endpoint = %endpoint, slot, reason = %reason, "idle redis connection closed");
             } else {
-                PoolErrorKind::Unreachable
-            };
+                tracing::warn!(endpoint = %endpoint, slot, reason = %reason, in_flight = c.in_flight.len(), "redis connection lost");
+            }
             c.fail_all(&PoolError::new(kind, &endpoint, reason));
             conn = None;
         }

@@ -713,9 +713,8 @@ fn pool_failure(e: &PoolError) -> (Failure, String) {
     } else {
         Failure::Unreachable
     };
-    if failure != Failure::Command {
-        tracing::warn!(error = %e, "relay could not reach Redis");
-    }
+    // The pool logs outages as they start and end; per request, debug only.
+    tracing::debug!(error = %e, "relay could not complete a request");
     (failure, e.to_string())
 }
 

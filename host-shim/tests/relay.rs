@@ -312,6 +312,41 @@ async fn too_big_body_and_too_many_commands_are_413() {
 }
 
 #[tokio::test]
+async fn a_chunked_body_over_the_limit_is_413_without_a_content_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let mut config = config_for(&redis);
+    config.max_body_bytes = 100;
+    let relay = start(config).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let value = "x".repeat(300);
+    let body = commands(&[&["SET", "chunked", &value]]);
+    let mut request =
+        b"POST /resp HTTP/1.1\r\nhost: relay\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    request.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+    request.extend_from_slice(&body);
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    stream.write_all(&request).await.expect("write");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(redis.int(&["EXISTS", "chunked"]), 0);
+}
+
+#[tokio::test]
 async fn killed_redis_is_502_quickly_and_the_relay_recovers_after_restart() {
     let mut redis = RedisServer::start();
     let relay = start(config_for(&redis)).await;
