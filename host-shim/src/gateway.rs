@@ -229,7 +229,8 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let worker = Rc::new(Worker::new(index, spec.clone(), shared.clone()));
+        let (abandoned_tx, mut abandoned_rx) = mpsc::unbounded_channel();
+        let worker = Rc::new(Worker::new(index, spec.clone(), shared.clone(), abandoned_tx));
         if let Some(filter) = &spec.filter {
             match worker.start_vm(filter).await {
                 Ok(vm) => {
@@ -254,6 +255,12 @@ fn worker_main(
         if spec.filter.is_some() {
             tokio::task::spawn_local(worker.clone().tick_loop());
             tokio::task::spawn_local(worker.clone().queue_loop(queue_rx));
+            let w = worker.clone();
+            tokio::task::spawn_local(async move {
+                while let Some((ctx, generation)) = abandoned_rx.recv().await {
+                    finish(&w, ctx, generation).await;
+                }
+            });
         }
         let connections = AtomicU64::new(0);
         loop {
@@ -284,6 +291,8 @@ struct Worker {
     client: Client<HttpConnector, Body>,
     redis_pools: RefCell<HashMap<String, RedisPool>>,
     replacing: std::cell::Cell<bool>,
+    /// Streams whose client went away before they finished: (context, VM generation).
+    abandoned: mpsc::UnboundedSender<(u32, u64)>,
 }
 
 /// Why a stream could not go on through the plugin.
@@ -301,7 +310,12 @@ enum Verdict {
 }
 
 impl Worker {
-    fn new(index: usize, spec: Arc<GatewaySpec>, shared: Arc<SharedState>) -> Worker {
+    fn new(
+        index: usize,
+        spec: Arc<GatewaySpec>,
+        shared: Arc<SharedState>,
+        abandoned: mpsc::UnboundedSender<(u32, u64)>,
+    ) -> Worker {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -317,6 +331,7 @@ impl Worker {
             client,
             redis_pools: RefCell::new(HashMap::new()),
             replacing: std::cell::Cell::new(false),
+            abandoned,
         }
     }
 
@@ -815,11 +830,8 @@ impl Drop for FilteredStream {
     fn drop(&mut self) {
         if !self.finished {
             // The client went away mid-stream: the plugin still gets on_done/on_log/on_delete.
-            let worker = self.worker.clone();
-            let (ctx, generation) = (self.ctx, self.generation);
-            tokio::task::spawn_local(async move {
-                finish(&worker, ctx, generation).await;
-            });
+            // Queued (not spawned) so that a drop during shutdown cannot panic.
+            let _ = self.worker.abandoned.send((self.ctx, self.generation));
         }
     }
 }
