@@ -162,7 +162,7 @@ mod tests {
         ];
         let bytes = encode_header_map(&h);
         let mut expected = vec![2, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-        expected.extend_from_slice(b":status\0200\0a\0\0");
+        expected.extend_from_slice(b":status\x00200\x00a\x00\x00");
         assert_eq!(bytes, expected);
         assert_eq!(decode_header_map(&bytes), Some(h));
         assert_eq!(encode_header_map(&[]), Vec::<u8>::new());

@@ -356,10 +356,7 @@ impl Worker {
         let worker = self.clone();
         tokio::task::spawn_local(async move {
             let mut delay = Duration::from_millis(10);
-            loop {
-                let Some(filter) = &worker.spec.filter else {
-                    break;
-                };
+            while let Some(filter) = &worker.spec.filter {
                 match worker.start_vm(filter).await {
                     Ok(vm) => {
                         let mut guard = worker.vm.lock().await;

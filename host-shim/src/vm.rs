@@ -177,6 +177,8 @@ type Cb1R = TypedFunc<i32, i32>;
 type Cb2 = TypedFunc<(i32, i32), ()>;
 type Cb2R = TypedFunc<(i32, i32), i32>;
 type Cb3R = TypedFunc<(i32, i32, i32), i32>;
+type Cb4 = TypedFunc<(i32, i32, i32, i32), ()>;
+type Cb5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 /// The plugin's exports host-shim calls; absent optional ones behave like the SDK's defaults.
 struct Exports {
@@ -191,8 +193,8 @@ struct Exports {
     response_headers: Option<Cb3R>,
     response_body: Option<Cb3R>,
     response_trailers: Option<Cb2R>,
-    http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
-    redis_call_response: Option<TypedFunc<(i32, i32, i32, i32), ()>>,
+    http_call_response: Option<Cb5>,
+    redis_call_response: Option<Cb4>,
     done: Option<Cb1R>,
     log: Option<Cb1>,
     delete: Option<Cb1>,
