@@ -364,3 +364,40 @@ fn denied_keys_are_answered_from_the_vm_without_redis() {
         10
     );
 }
+
+fn slow_redis_costs_at_most_the_timeout(transport: &'static str) {
+    let stack = stack(transport, |cfg| {
+        cfg["redis"]["timeout"] = json!("200ms");
+    });
+    assert_eq!(stack.get("/api/rate-limited").status, 200);
+    // Stall Redis for 1.5s from the side (CLIENT is refused by the relay, not by Redis).
+    assert_eq!(stack.redis.cli(&["CLIENT", "PAUSE", "1500", "ALL"]), "OK");
+    let started = Instant::now();
+    let r = stack.get("/api/rate-limited");
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "failure_mode allow: {}", r.text());
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_millis(200 + 150),
+        "a stalled Redis cost {took:?} with a 200ms timeout"
+    );
+    assert!(stack.metric("envoy_krowoc_redis_errors") >= 1);
+    if transport == RELAY {
+        // The relay call's timeout answers 504; a Higress host reports only "not OK".
+        assert!(stack.metric("envoy_krowoc_redis_timeouts") >= 1);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Once Redis answers again, the late reply was ignored and decisions resume.
+    let r = stack.get("/api/rate-limited");
+    assert_eq!(r.status, 200);
+    assert!(r.header("ratelimit").is_some());
+}
+
+#[test]
+fn stalled_redis_costs_at_most_the_timeout_relay() {
+    slow_redis_costs_at_most_the_timeout(RELAY);
+}
+
+#[test]
+fn stalled_redis_costs_at_most_the_timeout_redis_call() {
+    slow_redis_costs_at_most_the_timeout(REDIS_CALL);
+}
