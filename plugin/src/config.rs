@@ -527,8 +527,8 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         Some(v) => section::<ClientIpConfig>(&mut problems, &[PathSeg::Key("client_ip")], v),
         None => Some(ClientIpConfig::default()),
     };
-    let mut routes = Vec::new();
-    let mut routes_ok = true;
+    // Routes that deserialized, with their index in the document (for error paths).
+    let mut routes: Vec<(usize, Route)> = Vec::new();
     match object.get("routes") {
         None => {}
         Some(Value::Array(items)) => {
@@ -538,14 +538,13 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
                     &[PathSeg::Key("routes"), PathSeg::Index(i)],
                     item,
                 ) {
-                    Some(r) => routes.push(r),
-                    None => routes_ok = false,
+                    Some(r) => routes.push((i, r)),
+                    None => {}
                 }
             }
         }
         Some(_) => {
             problems.at(&[PathSeg::Key("routes")], "`routes` must be an array");
-            routes_ok = false;
         }
     }
 
@@ -560,9 +559,8 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
             );
         }
     }
-    if routes_ok {
-        validate_routes(&mut problems, &mut routes);
-    }
+    validate_routes(&mut problems, &mut routes);
+    let routes = routes.into_iter().map(|(_, r)| r).collect();
 
     match (redis, client_ip) {
         (Some(redis), Some(client_ip)) if problems.list.is_empty() => Ok(Config {
@@ -713,9 +711,10 @@ fn is_token(s: &str) -> bool {
         })
 }
 
-fn validate_routes(p: &mut Problems<'_>, routes: &mut [Route]) {
+fn validate_routes(p: &mut Problems<'_>, routes: &mut [(usize, Route)]) {
     let mut names = HashSet::new();
-    for (i, route) in routes.iter_mut().enumerate() {
+    for (i, route) in routes.iter_mut() {
+        let i = *i;
         let base = [PathSeg::Key("routes"), PathSeg::Index(i)];
         let path = |rest: &[PathSeg<'static>]| -> Vec<PathSeg<'static>> {
             let mut v = base.to_vec();
@@ -998,11 +997,16 @@ mod tests {
         ] {
             assert!(paths.contains(&expected), "{expected} missing in {paths:?}");
         }
-        // routes[2] failed to deserialize, so route-level validation is skipped (no cascades).
-        assert!(
-            !paths.iter().any(|p| p.starts_with("routes[1]")),
-            "{paths:?}"
-        );
+        // routes[2] failed to deserialize; the routes that did are still checked.
+        for expected in [
+            "routes[0].match.path",
+            "routes[1].name",
+            "routes[1].rate_limit.status",
+        ] {
+            assert!(paths.contains(&expected), "{expected} missing in {paths:?}");
+        }
+        let route2 = paths.iter().filter(|p| p.starts_with("routes[2]")).count();
+        assert_eq!(route2, 1, "{paths:?}");
         let e = errs
             .iter()
             .find(|e| e.path == "redis.key_prefix")
