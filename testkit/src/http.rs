@@ -93,7 +93,12 @@ pub fn parse_response(raw: &[u8], head_only: bool) -> Option<Response> {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     let rest = &raw[end + 4..];
-    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let find = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
     let body = if head_only || status == 204 || status == 304 {
         Vec::new()
     } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
