@@ -533,13 +533,9 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         None => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                match section::<Route>(
-                    &mut problems,
-                    &[PathSeg::Key("routes"), PathSeg::Index(i)],
-                    item,
-                ) {
-                    Some(r) => routes.push((i, r)),
-                    None => {}
+                let at = [PathSeg::Key("routes"), PathSeg::Index(i)];
+                if let Some(r) = section::<Route>(&mut problems, &at, item) {
+                    routes.push((i, r));
                 }
             }
         }
