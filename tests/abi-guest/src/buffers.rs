@@ -3,7 +3,8 @@
 //! the stream; the VM and plugin configuration buffers.
 //!
 //! * `/config` — answers locally with JSON `{"plugin": <plugin configuration>, "vm": <vm
-//!   configuration>}` as read in `on_vm_start`/`on_configure`.
+//!   configuration>}` as read in `on_vm_start`/`on_configure` (and leaves that reply alone when
+//!   it passes back through the response callbacks).
 //! * anything else — drops `content-length` on the request and the response (the bodies change
 //!   size, as an Envoy plugin must); pauses every request-body chunk until the end, then reads
 //!   the whole body, a slice (start 2, size 3) and the tail from 1 with `max_size = usize::MAX`,
@@ -47,7 +48,15 @@ pub fn on_request_body(s: &mut AbiStream, size: usize, eos: bool) -> Action {
     Action::Continue
 }
 
+/// The `/config` reply is the plugin's own local response: it is left as it is.
+fn is_config(s: &AbiStream) -> bool {
+    path_only(&s.state.path) == "/config"
+}
+
 pub fn on_response_headers(s: &mut AbiStream) -> Action {
+    if is_config(s) {
+        return Action::Continue;
+    }
     s.set_http_response_header("content-length", None);
     let st = &s.state;
     let report = [
@@ -63,6 +72,9 @@ pub fn on_response_headers(s: &mut AbiStream) -> Action {
 }
 
 pub fn on_response_body(s: &mut AbiStream, size: usize, eos: bool) -> Action {
+    if is_config(s) {
+        return Action::Continue;
+    }
     if !eos {
         return Action::Pause;
     }
