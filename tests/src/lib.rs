@@ -107,10 +107,13 @@ pub fn write_yaml_with_plugin_config(dir: &Path, config: &Value) -> PathBuf {
     path
 }
 
+/// A change to the plugin configuration taken from envoy.yaml.
+pub type ConfigEdit = Box<dyn Fn(&mut Value)>;
+
 /// How to start a [`Stack`].
 pub struct StackOptions {
     /// Changes the plugin configuration from envoy.yaml before starting.
-    pub plugin_config: Option<Box<dyn Fn(&mut Value)>>,
+    pub plugin_config: Option<ConfigEdit>,
     pub workers: usize,
     /// The upstream's slow delays (0 keeps tests fast).
     pub upstream_delay: Duration,
