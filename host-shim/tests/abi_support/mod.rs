@@ -383,6 +383,14 @@ impl TestGateway {
             .map(|(v, _)| String::from_utf8_lossy(&v).into_owned())
     }
 
+    /// The gateway's readiness check, for an admin listener.
+    pub fn readiness(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        match &self.gateway {
+            Some(g) => g.readiness(),
+            None => Arc::new(|| false),
+        }
+    }
+
     pub fn metrics_text(&self) -> String {
         self.shared.prometheus_text(&[])
     }
