@@ -3,6 +3,7 @@
 //!
 //! * `/panic` — panics in `on_http_request_headers` (the wasm profile aborts: a trap).
 //! * `/panic-response` — panics in `on_http_response_headers`.
+//! * `/panic-body` — panics in `on_http_request_body`.
 //! * `/spin` — loops forever in `on_http_request_headers`.
 //! * `/grow-raw?pages=N` — `memory.grow` by N pages (default 1024 = 64 MiB) and reports the
 //!   instruction's result as `x-grow-result` (-1 when refused) and the memory size in pages.
@@ -70,6 +71,13 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
         }
         _ => Action::Continue,
     }
+}
+
+pub fn on_request_body(s: &mut AbiStream) -> Action {
+    if path_only(&s.state.path) == "/panic-body" {
+        panic!("abi-test-guest panics in on_http_request_body on purpose");
+    }
+    Action::Continue
 }
 
 pub fn on_response_headers(s: &mut AbiStream) -> Action {

@@ -1,0 +1,314 @@
+//! A VM's life, driven by abi-test-guest: WASI (log, environment, clocks, randomness,
+//! `proc_exit`), a trap in each phase under both failure policies, a runaway callback stopped at
+//! its deadline, memory capped per VM, a failed VM replaced, and a plugin refusing its
+//! configuration.
+
+mod abi_support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use abi_support::{
+    echoed, guest, header, request, start, try_start_module, wait_for, GatewayOptions, Response,
+    TestGateway,
+};
+use host_shim::vm::VmError;
+
+/// Everything host-shim logs in this test process (INFO and above), as text.
+fn log_capture() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        buf
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_text(log: &Arc<Mutex<Vec<u8>>>) -> String {
+    String::from_utf8_lossy(&log.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+fn one_worker(fail_open: bool) -> GatewayOptions {
+    GatewayOptions {
+        workers: 1,
+        fail_open,
+        ..GatewayOptions::default()
+    }
+}
+
+/// Polls `/ok` until the plugin itself answers it (the failed VM has been replaced).
+fn served_by_a_fresh_vm(gw: &TestGateway) -> Response {
+    wait_for(
+        Duration::from_secs(5),
+        "a replaced VM to answer /ok",
+        || {
+            let (resp, _) = request(gw.addr, "GET", "/ok", &[], b"");
+            (resp.status == 200 && resp.header("x-ok") == Some("yes")).then_some(resp)
+        },
+    )
+}
+
+// ---- WASI -----------------------------------------------------------------------------------
+
+#[test]
+fn wasi_output_reaches_the_log_and_environment_clocks_and_randomness_work() {
+    let log = log_capture();
+    let opts = GatewayOptions {
+        env: vec![("ABI_ENV".into(), "from-settings".into())],
+        ..one_worker(false)
+    };
+    let gw = start("wasi", &opts);
+    let (resp, _) = request(gw.addr, "GET", "/w", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(header(&resp, "x-env"), "from-settings");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let guest_now: u64 = header(&resp, "x-realtime-secs").parse().unwrap_or(0);
+    assert!(
+        guest_now.abs_diff(now) < 60,
+        "realtime clock: guest {guest_now}, host {now}"
+    );
+    assert_eq!(header(&resp, "x-monotonic-ok"), "true");
+    assert_eq!(
+        header(&resp, "x-random-ok"),
+        "true",
+        "random_get gives fresh bytes"
+    );
+
+    let wanted = [
+        ("INFO", "abi-test-guest stdout: configured"),
+        ("ERROR", "abi-test-guest stderr: configured"),
+        ("INFO", "abi-test-guest stdout: request /w"),
+        ("ERROR", "abi-test-guest stderr: request /w"),
+    ];
+    let text = wait_for(
+        Duration::from_secs(2),
+        "the guest's lines in the log",
+        || {
+            let text = log_text(&log);
+            wanted
+                .iter()
+                .all(|(level, line)| text.lines().any(|l| l.contains(level) && l.contains(line)))
+                .then_some(text)
+        },
+    );
+    assert!(
+        !text.contains("plugin VM failed"),
+        "printing must not fail the VM:\n{text}"
+    );
+    assert_eq!(gw.host_counter("vm_traps_total"), 0);
+}
+
+#[test]
+fn wasi_proc_exit_fails_the_request_and_the_vm_is_replaced() {
+    let gw = start("wasi", &one_worker(false));
+    let (resp, _) = request(gw.addr, "GET", "/exit", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(gw.host_counter("vm_traps_total"), 1);
+    wait_for(
+        Duration::from_secs(5),
+        "the wasi scenario to answer again",
+        || {
+            let (resp, _) = request(gw.addr, "GET", "/w", &[], b"");
+            (resp.status == 200).then_some(())
+        },
+    );
+}
+
+// ---- traps ----------------------------------------------------------------------------------
+
+#[test]
+fn trap_in_request_headers_fails_closed_with_503_then_a_replaced_vm_serves() {
+    let gw = start("misbehave", &one_worker(false));
+    let (resp, _) = request(gw.addr, "GET", "/panic", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(!resp.body.is_empty(), "the 503 says why");
+    assert!(
+        gw.upstream.seen().is_empty(),
+        "nothing reached the upstream"
+    );
+    let next = served_by_a_fresh_vm(&gw);
+    assert_eq!(
+        header(&next, "x-vm"),
+        "1",
+        "the replacement is a new VM (took the next index)"
+    );
+    assert_eq!(gw.host_counter("vm_traps_total"), 1);
+    assert_eq!(gw.host_counter("vm_replacements_total"), 1);
+}
+
+#[test]
+fn trap_in_request_headers_with_fail_open_passes_the_request_through() {
+    let gw = start("misbehave", &one_worker(true));
+    let (resp, _) = request(gw.addr, "GET", "/panic", &[("x-probe", "p")], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let echo = echoed(&resp.body);
+    assert_eq!(echo["path"], "/panic");
+    assert_eq!(gw.upstream.last("/panic").header("x-probe"), Some("p"));
+    assert_eq!(gw.host_counter("fail_open_passes_total"), 1);
+    served_by_a_fresh_vm(&gw);
+}
+
+#[test]
+fn trap_in_response_headers_fails_closed_with_503() {
+    let gw = start("misbehave", &one_worker(false));
+    let (resp, _) = request(gw.addr, "GET", "/panic-response", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    served_by_a_fresh_vm(&gw);
+}
+
+/// Envoy (proxy-wasm-cpp-host's CHECK_FAIL_HTTP after the call): with fail_open a VM that
+/// failed in `on_response_headers` lets the upstream's response continue to the client.
+#[test]
+fn trap_in_response_headers_with_fail_open_passes_the_upstream_response() {
+    let gw = start("misbehave", &one_worker(true));
+    let (resp, _) = request(gw.addr, "GET", "/panic-response", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(echoed(&resp.body)["path"], "/panic-response");
+    served_by_a_fresh_vm(&gw);
+}
+
+#[test]
+fn trap_in_request_body_fails_closed_with_503() {
+    let gw = start("misbehave", &one_worker(false));
+    let (resp, _) = request(gw.addr, "POST", "/panic-body", &[], b"abc");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    served_by_a_fresh_vm(&gw);
+}
+
+/// Envoy: with fail_open a VM that failed in `on_request_body` lets the body continue upstream.
+#[test]
+fn trap_in_request_body_with_fail_open_passes_the_request_through() {
+    let gw = start("misbehave", &one_worker(true));
+    let (resp, _) = request(gw.addr, "POST", "/panic-body", &[], b"abc");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gw.upstream.last("/panic-body").body, "abc");
+    served_by_a_fresh_vm(&gw);
+}
+
+// ---- deadlines and memory -------------------------------------------------------------------
+
+#[test]
+fn runaway_callback_is_stopped_at_its_deadline_and_fails_by_policy() {
+    let opts = GatewayOptions {
+        callback_deadline: Duration::from_millis(200),
+        ..one_worker(false)
+    };
+    let gw = start("misbehave", &opts);
+    let started = Instant::now();
+    let (resp, _) = request(gw.addr, "GET", "/spin", &[], b"");
+    let took = started.elapsed();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(
+        took >= Duration::from_millis(150),
+        "stopped after {took:?}, before its deadline"
+    );
+    assert!(took < Duration::from_secs(2), "stopped after {took:?}");
+    assert_eq!(gw.host_counter("vm_traps_total"), 1);
+    served_by_a_fresh_vm(&gw);
+}
+
+#[test]
+fn memory_growth_beyond_the_cap_is_refused_and_an_allocation_failure_fails_cleanly() {
+    let opts = GatewayOptions {
+        memory_limit_bytes: 16 << 20,
+        ..one_worker(false)
+    };
+    let gw = start("misbehave", &opts);
+    let (resp, _) = request(gw.addr, "GET", "/grow-raw?pages=1024", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        header(&resp, "x-grow-result"),
+        "-1",
+        "memory.grow past the cap returns -1"
+    );
+    let pages: usize = header(&resp, "x-memory-pages")
+        .parse()
+        .unwrap_or(usize::MAX);
+    assert!(pages * 65536 <= 16 << 20, "{pages} pages");
+
+    let (resp, _) = request(gw.addr, "GET", "/grow-raw?pages=16", &[], b"");
+    let grown: i64 = header(&resp, "x-grow-result").parse().unwrap_or(-1);
+    assert!(
+        grown > 0,
+        "growth within the cap works (previous size {grown})"
+    );
+
+    let (resp, _) = request(gw.addr, "GET", "/grow-vec?mib=64", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(gw.host_counter("vm_traps_total"), 1);
+    served_by_a_fresh_vm(&gw);
+}
+
+// ---- configuration --------------------------------------------------------------------------
+
+#[test]
+fn plugin_refusing_its_configuration_stops_the_start_with_its_log_line() {
+    match try_start_module(guest(), "refuse", &GatewayOptions::default()) {
+        Ok(_) => panic!("the gateway started with a plugin that refused its configuration"),
+        Err(VmError::ConfigurationRefused(lines)) => {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l
+                        .contains("abi-test-guest refuses its configuration on purpose: refuse")),
+                "{lines:?}"
+            );
+            let shown = VmError::ConfigurationRefused(lines).to_string();
+            assert!(
+                shown.contains("proxy_on_configure returned false"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("refuses its configuration on purpose"),
+                "{shown}"
+            );
+        }
+        Err(other) => panic!("expected ConfigurationRefused, got {other}"),
+    }
+}
+
+#[test]
+fn unknown_scenario_is_refused_with_the_reason() {
+    match try_start_module(
+        guest(),
+        r#"{"scenario": "nope"}"#,
+        &GatewayOptions::default(),
+    ) {
+        Err(VmError::ConfigurationRefused(lines)) => {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(r#"unknown scenario "nope""#)),
+                "{lines:?}"
+            );
+        }
+        Err(other) => panic!("expected ConfigurationRefused, got {other}"),
+        Ok(_) => panic!("started with an unknown scenario"),
+    }
+}
