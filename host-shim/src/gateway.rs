@@ -457,6 +457,10 @@ impl Worker {
         }
     }
 
+    fn fail_open(&self) -> bool {
+        self.spec.filter.as_ref().is_some_and(|f| f.fail_open)
+    }
+
     /// What a request gets when the VM failed: Envoy's fail-closed 503, or a plain pass-through.
     async fn fail_by_policy(
         &self,
@@ -464,8 +468,7 @@ impl Worker {
         headers: HeaderList,
         body: Body,
     ) -> Response<Body> {
-        let fail_open = self.spec.filter.as_ref().is_some_and(|f| f.fail_open);
-        if fail_open {
+        if self.fail_open() {
             self.shared
                 .counters
                 .fail_open_passes
@@ -1100,6 +1103,8 @@ impl FilteredStream {
     /// Runs the response phase: `on_response_headers`, then the body through `on_response_body`.
     async fn respond(mut self, headers: HeaderList, mut resp_body: Body) -> Response<Body> {
         let eos = resp_body.is_end_stream();
+        // With fail_open, a VM failure here passes the upstream's response on as it came.
+        let kept = self.worker.fail_open().then(|| headers.clone());
         {
             let mut guard = self.worker.vm.lock().await;
             if let Some(s) = guard
@@ -1116,9 +1121,7 @@ impl FilteredStream {
         {
             Ok(o) => o,
             Err(StreamFailure::Closed) => return reset_response(),
-            Err(StreamFailure::Vm) => {
-                return plain_response(503, "plugin failure: the wasm VM failed\n")
-            }
+            Err(StreamFailure::Vm) => return self.response_after_vm_failure(kept, resp_body),
         };
         match self.settle(outcome, true).await {
             Ok(Verdict::Continue) => {}
@@ -1130,9 +1133,7 @@ impl FilteredStream {
                 return resp;
             }
             Err(StreamFailure::Closed) => return reset_response(),
-            Err(StreamFailure::Vm) => {
-                return plain_response(503, "plugin failure: the wasm VM failed\n")
-            }
+            Err(StreamFailure::Vm) => return self.response_after_vm_failure(kept, resp_body),
         }
         let headers = {
             let mut guard = self.worker.vm.lock().await;
@@ -1166,6 +1167,28 @@ impl FilteredStream {
         builder
             .body(downstream)
             .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
+    }
+
+    /// The VM failed in the response phase: pass the response on (fail_open) or answer 503.
+    fn response_after_vm_failure(
+        &mut self,
+        kept: Option<HeaderList>,
+        body: Body,
+    ) -> Response<Body> {
+        self.finished = true;
+        match kept {
+            Some(headers) => {
+                self.worker
+                    .shared
+                    .counters
+                    .fail_open_passes
+                    .fetch_add(1, Ordering::Relaxed);
+                response_builder(&headers)
+                    .body(body)
+                    .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
+            }
+            None => plain_response(503, "plugin failure: the wasm VM failed\n"),
+        }
     }
 
     fn shared_local_count(&self) {
@@ -1239,6 +1262,9 @@ async fn pump_body(
     tx: BodySender,
 ) -> Result<Verdict, StreamFailure> {
     let mut saw_eos = false;
+    // Chunks given to the plugin but not yet released downstream: what a fail-open
+    // pass-through still owes the peer if the VM dies.
+    let mut held: Vec<Bytes> = Vec::new();
     loop {
         let frame = if saw_eos { None } else { body.frame().await };
         let (chunk, trailers, eos) = match frame {
@@ -1259,14 +1285,18 @@ async fn pump_body(
             return Ok(Verdict::Continue);
         }
         saw_eos = eos;
+        if let Some(c) = &chunk {
+            held.push(c.clone());
+        }
 
         let mut guard = worker.vm.lock().await;
         let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
-            let _ = tx.send(Err("plugin VM failed".into())).await;
-            return Err(StreamFailure::Vm);
+            drop(guard);
+            return body_after_vm_failure(worker, held, body, &tx, eos).await;
         };
         let Some(s) = slot.vm.stream(ctx) else {
-            return Err(StreamFailure::Vm);
+            drop(guard);
+            return body_after_vm_failure(worker, held, body, &tx, eos).await;
         };
         let buffered = match dir {
             Direction::Request => &mut s.request_body,
@@ -1306,12 +1336,12 @@ async fn pump_body(
             Err(_) => {
                 drop(guard);
                 worker.replace_vm();
-                let _ = tx.send(Err("plugin VM failed".into())).await;
-                return Err(StreamFailure::Vm);
+                return body_after_vm_failure(worker, held, body, &tx, eos).await;
             }
         };
         let Some(s) = slot.vm.stream(ctx) else {
-            return Err(StreamFailure::Vm);
+            drop(guard);
+            return body_after_vm_failure(worker, held, body, &tx, eos).await;
         };
         if s.closed {
             let _ = tx.send(Err("stream closed by the plugin".into())).await;
@@ -1344,6 +1374,7 @@ async fn pump_body(
 
         match flush {
             Some(data) => {
+                held.clear();
                 if !data.is_empty() && tx.send(Ok(Frame::data(Bytes::from(data)))).await.is_err() {
                     return Ok(Verdict::Continue);
                 }
@@ -1364,8 +1395,8 @@ async fn pump_body(
                             .filter(|s| s.generation == generation)
                             .and_then(|s| s.vm.stream(ctx))
                         else {
-                            let _ = tx.send(Err("plugin VM failed".into())).await;
-                            return Err(StreamFailure::Vm);
+                            drop(guard);
+                            return body_after_vm_failure(worker, held, body, &tx, true).await;
                         };
                         if s.closed {
                             let _ = tx.send(Err("stream closed by the plugin".into())).await;
@@ -1391,6 +1422,7 @@ async fn pump_body(
                                 ),
                             };
                             drop(guard);
+                            held.clear();
                             if !data.is_empty() {
                                 let _ = tx.send(Ok(Frame::data(Bytes::from(data)))).await;
                             }
@@ -1406,6 +1438,40 @@ async fn pump_body(
             None => {}
         }
     }
+}
+
+/// The VM failed while a body was going through it. With `fail_open` the rest passes through
+/// untouched (first what the plugin had not released yet); otherwise the stream is aborted.
+async fn body_after_vm_failure(
+    worker: &Rc<Worker>,
+    held: Vec<Bytes>,
+    body: &mut Body,
+    tx: &BodySender,
+    eos_seen: bool,
+) -> Result<Verdict, StreamFailure> {
+    if !worker.fail_open() {
+        let _ = tx.send(Err("plugin VM failed".into())).await;
+        return Err(StreamFailure::Vm);
+    }
+    worker
+        .shared
+        .counters
+        .fail_open_passes
+        .fetch_add(1, Ordering::Relaxed);
+    for chunk in held {
+        if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+            return Ok(Verdict::Continue);
+        }
+    }
+    if !eos_seen {
+        while let Some(frame) = body.frame().await {
+            let failed = frame.is_err();
+            if tx.send(frame).await.is_err() || failed {
+                break;
+            }
+        }
+    }
+    Ok(Verdict::Continue)
 }
 
 impl RequestBodyPump {
@@ -1577,11 +1643,11 @@ fn build_request(
     let map = builder
         .headers_mut()
         .ok_or_else(|| format!("invalid :path {path:?}"))?;
-    for (k, v) in header_map_of(headers) {
-        if let Some(k) = k {
-            if !HOP_BY_HOP.contains(&k.as_str()) {
-                map.append(k, v);
-            }
+    // Every value of a repeated name goes on (a HeaderMap's by-value iterator names only the
+    // first of each run).
+    for (k, v) in header_map_of(headers).iter() {
+        if !HOP_BY_HOP.contains(&k.as_str()) {
+            map.append(k.clone(), v.clone());
         }
     }
     if !authority.is_empty() {

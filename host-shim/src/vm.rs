@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use wasmtime::{
-    Config, Engine, Instance, InstancePre, Linker, Module, Store, StoreLimitsBuilder, TypedFunc,
-    WasmParams, WasmResults,
+    Config, Engine, Instance, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, StoreLimitsBuilder, TypedFunc, WasmParams, WasmResults,
 };
 
 use crate::abi::Action;
@@ -74,16 +74,47 @@ fn lines_suffix(lines: &[String]) -> String {
     }
 }
 
+/// VMs a process can hold at once (workers, replacements in flight, and in tests several
+/// gateways in one process); sizes the instance pool.
+const MAX_VMS: u32 = 256;
+
+fn engine_config(pooling: bool) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.max_wasm_stack(1 << 20);
+    if pooling {
+        // Host functions that hand data to the guest call its allocator on a nested fiber;
+        // pooled stacks make that a free-list operation instead of an mmap/munmap pair (and its
+        // TLB shootdown) on every request.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(MAX_VMS)
+            .total_memories(MAX_VMS)
+            .total_tables(MAX_VMS)
+            .total_stacks(MAX_VMS * 2)
+            .total_component_instances(0)
+            .total_gc_heaps(0)
+            .table_elements(100_000)
+            .async_stack_keep_resident(128 * 1024);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.max_wasm_stack(1 << 20);
-        let engine = Engine::new(&config).unwrap_or_else(|e| {
-            // The configuration above is static: failing here is a build problem, not input.
-            panic!("wasmtime engine configuration rejected: {e}")
-        });
+        let engine = Engine::new(&engine_config(true))
+            .or_else(|e| {
+                // A process with a small virtual-memory limit cannot reserve the pool.
+                tracing::warn!(
+                    "pooling instance allocator unavailable ({e:#}); allocating on demand"
+                );
+                Engine::new(&engine_config(false))
+            })
+            .unwrap_or_else(|e| {
+                // The configuration above is static: failing here is a build problem, not input.
+                panic!("wasmtime engine configuration rejected: {e}")
+            });
         let ticker = engine.clone();
         std::thread::Builder::new()
             .name("epoch-ticker".into())
