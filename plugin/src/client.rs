@@ -30,6 +30,8 @@ pub enum RawReply {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Purpose {
     RateLimit,
+    /// A flush of request events; the call's `context_id` is the flush's number.
+    Events,
 }
 
 /// One call in flight.
@@ -40,6 +42,8 @@ pub struct PendingCall {
     pub deadline_ms: u64,
     /// Sent instead when Redis answers NOSCRIPT (the EVAL of an EVALSHA).
     pub on_noscript: Option<Command>,
+    /// Some(n): a pipeline of n commands, answered by an array of their n replies.
+    pub pipeline: Option<usize>,
 }
 
 /// A finished call, handed to the context that made it.
@@ -143,7 +147,57 @@ impl RedisClient {
     ) -> Result<u32, RedisError> {
         self.stats.calls += 1;
         let payload = encode_pipeline(std::slice::from_ref(command));
-        match wire.send(&payload, self.timeout_ms) {
+        self.send_payload(
+            wire,
+            now_ms,
+            context_id,
+            purpose,
+            &payload,
+            on_noscript,
+            None,
+        )
+    }
+
+    /// Sends several commands in one call (one relay body). The completion's reply is an array
+    /// of their replies, in order, error replies included; the call fails as a whole only when
+    /// the transport fails or a reply says Redis is unhealthy (`LOADING`, `OOM`, ...). Only for
+    /// transport `relay`: Higress hosts forward exactly one command per `redis_call`.
+    pub fn call_pipeline(
+        &mut self,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        context_id: u32,
+        purpose: Purpose,
+        commands: &[Command],
+    ) -> Result<u32, RedisError> {
+        if !self
+            .breaker
+            .try_acquire(now_ms, self.timeout_ms + DEADLINE_GRACE_MS)
+        {
+            self.stats.short_circuited += 1;
+            return Err(RedisError::new(
+                RedisErrorKind::BreakerOpen,
+                "circuit breaker open: Redis is not called during the cool-down",
+            ));
+        }
+        self.stats.calls += 1;
+        let payload = encode_pipeline(commands);
+        let replies = Some(commands.len());
+        self.send_payload(wire, now_ms, context_id, purpose, &payload, None, replies)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_payload(
+        &mut self,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        context_id: u32,
+        purpose: Purpose,
+        payload: &[u8],
+        on_noscript: Option<Command>,
+        pipeline: Option<usize>,
+    ) -> Result<u32, RedisError> {
+        match wire.send(payload, self.timeout_ms) {
             Ok(token) => {
                 self.pending.insert(
                     token,
@@ -152,6 +206,7 @@ impl RedisClient {
                         purpose,
                         deadline_ms: now_ms + self.timeout_ms + DEADLINE_GRACE_MS,
                         on_noscript,
+                        pipeline,
                     },
                 );
                 Ok(token)
@@ -160,6 +215,44 @@ impl RedisClient {
                 self.record_failure(&e, now_ms);
                 Err(e)
             }
+        }
+    }
+
+    /// The answer to a pipeline: every reply, or the failure of the whole call.
+    fn finish_pipeline(
+        &mut self,
+        now_ms: u64,
+        call: PendingCall,
+        expected: usize,
+        raw: RawReply,
+    ) -> Completion {
+        let result = reply_bytes(raw)
+            .and_then(|bytes| decode_replies(&bytes, expected))
+            .and_then(|replies| {
+                let unhealthy = replies.iter().find_map(|r| match r {
+                    Reply::Error(msg) => {
+                        Some(RedisError::server(msg.clone())).filter(|e| e.counts_for_breaker())
+                    }
+                    _ => None,
+                });
+                match unhealthy {
+                    Some(e) => Err(e),
+                    None => Ok(Reply::Array(replies)),
+                }
+            });
+        match &result {
+            Ok(_) => self.record_health(),
+            Err(e) => {
+                if e.prefix() == Some("NOAUTH") {
+                    self.noauth = true;
+                }
+                self.record_failure(e, now_ms)
+            }
+        }
+        Completion {
+            context_id: call.context_id,
+            purpose: call.purpose,
+            result,
         }
     }
 
@@ -195,6 +288,9 @@ impl RedisClient {
         raw: RawReply,
     ) -> Option<Completion> {
         let call = self.pending.remove(&token)?;
+        if let Some(expected) = call.pipeline {
+            return Some(self.finish_pipeline(now_ms, call, expected, raw));
+        }
         let result = reply_bytes(raw).and_then(|bytes| {
             let mut replies = decode_replies(&bytes, 1)?;
             // decode_replies(.., 1) yields exactly one reply on success.

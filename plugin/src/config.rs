@@ -6,6 +6,7 @@
 //! configuration with mistakes in several places reports each of them, not only the first.
 
 use crate::duration::{format_duration, ConfigDuration};
+use crate::event_config::{resolve_events, EventsConfig, EventsSpec, RouteEventsSpec};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -17,6 +18,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub client_ip: ClientIpConfig,
     pub routes: Vec<Route>,
+    /// Request events, resolved per route (see [`crate::event_config`]).
+    pub events: EventsConfig,
 }
 
 /// How the filter reaches Redis, and what every call shares.
@@ -101,6 +104,9 @@ pub struct Route {
     pub matcher: RouteMatch,
     #[serde(default)]
     pub rate_limit: Option<RateLimitPolicy>,
+    /// Overrides the top-level `events` for this route (see [`crate::event_config`]).
+    #[serde(default)]
+    pub events: Option<RouteEventsSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -376,7 +382,7 @@ fn render_value(v: Option<&Value>) -> String {
 }
 
 /// Collects problems with the path and value of each.
-struct Problems<'a> {
+pub(crate) struct Problems<'a> {
     root: &'a Value,
     list: Vec<ConfigError>,
 }
@@ -384,7 +390,7 @@ struct Problems<'a> {
 impl Problems<'_> {
     /// Records a problem at `path` (segments like `routes`, `0`, `name`), reading the value from
     /// the document so the line shows what the user wrote.
-    fn at(&mut self, path: &[PathSeg<'_>], message: impl Into<String>) {
+    pub(crate) fn at(&mut self, path: &[PathSeg<'_>], message: impl Into<String>) {
         let value = lookup(self.root, path);
         self.list.push(ConfigError {
             path: render_path(path),
@@ -395,7 +401,7 @@ impl Problems<'_> {
 }
 
 #[derive(Clone, Debug)]
-enum PathSeg<'a> {
+pub(crate) enum PathSeg<'a> {
     Key(&'a str),
     KeyOwned(String),
     Index(usize),
@@ -474,7 +480,7 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-const TOP_LEVEL_FIELDS: &[&str] = &["redis", "client_ip", "routes"];
+const TOP_LEVEL_FIELDS: &[&str] = &["redis", "client_ip", "routes", "events"];
 
 /// Parses and validates a configuration. An empty document means every default and no routes.
 pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
@@ -490,6 +496,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
             redis: RedisConfig::default(),
             client_ip: ClientIpConfig::default(),
             routes: Vec::new(),
+            events: EventsConfig::default(),
         });
     }
     let root: Value = serde_json::from_str(text).map_err(|e| {
@@ -527,6 +534,10 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         Some(v) => section::<ClientIpConfig>(&mut problems, &[PathSeg::Key("client_ip")], v),
         None => Some(ClientIpConfig::default()),
     };
+    let events_spec = match object.get("events") {
+        Some(v) => section::<EventsSpec>(&mut problems, &[PathSeg::Key("events")], v).map(Some),
+        None => Some(None),
+    };
     // Routes that deserialized, with their index in the document (for error paths).
     let mut routes: Vec<(usize, Route)> = Vec::new();
     match object.get("routes") {
@@ -556,13 +567,23 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         }
     }
     validate_routes(&mut problems, &mut routes);
+    let events = match (&redis, &events_spec) {
+        (Some(redis), Some(spec)) => Some(resolve_events(
+            &mut problems,
+            spec.as_ref(),
+            routes.iter().map(|(i, r)| (*i, r.events.as_ref())),
+            redis,
+        )),
+        _ => None,
+    };
     let routes = routes.into_iter().map(|(_, r)| r).collect();
 
-    match (redis, client_ip) {
-        (Some(redis), Some(client_ip)) if problems.list.is_empty() => Ok(Config {
+    match (redis, client_ip, events) {
+        (Some(redis), Some(client_ip), Some(events)) if problems.list.is_empty() => Ok(Config {
             redis,
             client_ip,
             routes,
+            events,
         }),
         _ => Err(problems.list),
     }

@@ -15,6 +15,7 @@
 use crate::client::{Completion, Purpose, RawReply, RedisClient, Wire};
 use crate::config::{parse_config, Config, ConfigError, Transport};
 use crate::error::RedisError;
+use crate::events::{host_response, EventPublisher};
 use crate::host::{self, RedisCallWire, RelayWire};
 use crate::keys::{client_ip, derive_keys, KeyDecision, RequestFacts};
 use crate::metrics::Metrics;
@@ -100,6 +101,8 @@ pub struct Edge {
     deny_cache: DenyCache,
     local: LocalLimiter,
     metrics: Metrics,
+    /// Request events: noted per request, queued, flushed on the tick.
+    pub events: EventPublisher,
 }
 
 impl Edge {
@@ -143,6 +146,7 @@ impl Edge {
             scripts: Scripts::load(),
             client: RedisClient::new(&config.redis),
             metrics: Metrics::define(&config),
+            events: EventPublisher::new(&config),
             wire,
             flows: HashMap::new(),
             deny_cache: DenyCache::default(),
@@ -153,15 +157,20 @@ impl Edge {
 
     /// Tick period: often enough to enforce call deadlines close to the timeout.
     pub fn tick_period_ms(&self) -> u32 {
-        u32::try_from((self.client.timeout_ms() / 4).clamp(10, 100)).unwrap_or(100)
+        let calls = (self.client.timeout_ms() / 4).clamp(10, 100);
+        // Events flush on the tick: a partial batch waits at most about one flush interval.
+        let period = self.events.tick_period_ms().map_or(calls, |e| e.min(calls));
+        u32::try_from(period).unwrap_or(100)
     }
 
     pub fn uses_redis(&self) -> bool {
-        self.config.routes.iter().any(|r| r.rate_limit.is_some())
+        self.config.routes.iter().any(|r| r.rate_limit.is_some()) || self.events.enabled()
     }
 
     /// The request-headers phase of context `ctx`.
     pub fn begin(&mut self, ctx: u32, now_ms: u64, req: &RequestInfo) -> Begin {
+        self.events
+            .on_request(ctx, host::now_ns(), req, &self.config);
         let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
         let Some(route_idx) = self
             .config
@@ -195,6 +204,8 @@ impl Edge {
         let group = match derive_keys(&route.name, &config.redis.key_prefix, policy, &facts) {
             KeyDecision::Skip => {
                 self.metrics.count_verdict(route_idx, &verdict_skipped());
+                self.events
+                    .note_rate_limit(ctx, crate::ratelimit::Tally::Skipped);
                 return Begin::Continue;
             }
             KeyDecision::Limit(group) => group,
@@ -245,6 +256,7 @@ impl Edge {
     /// Records a verdict reached without waiting.
     fn settle(&mut self, ctx: u32, mut flow: RequestFlow, verdict: Verdict) -> Begin {
         self.metrics.count_verdict(flow.route, &verdict);
+        self.events.note_rate_limit(ctx, verdict.tally);
         match verdict.deny {
             Some(resp) => Begin::Respond(resp),
             None => {
@@ -271,10 +283,13 @@ impl Edge {
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
         let expired = self.client.expire(now_ms);
         self.report_client();
-        expired
+        let actions = expired
             .into_iter()
             .filter_map(|c| self.complete(now_ms, c))
-            .collect()
+            .collect();
+        self.events.flush(&mut self.client, &mut self.wire, now_ms);
+        self.report_client();
+        actions
     }
 
     fn report_client(&mut self) {
@@ -313,6 +328,10 @@ impl Edge {
 
     /// Delivers one finished call to its request; when it was the last, decides.
     fn complete(&mut self, now_ms: u64, c: Completion) -> Option<HostAction> {
+        if c.purpose == Purpose::Events {
+            self.events.on_flush_done(c.context_id, c.result);
+            return None;
+        }
         let config = Rc::clone(&self.config);
         let flow = self.flows.get_mut(&c.context_id)?;
         match c.purpose {
@@ -324,6 +343,8 @@ impl Edge {
                     .unwrap_or(0);
                 flow.rate_limit = Some(c.result.and_then(|r| parse_decision(&r, n)));
             }
+            // Settled above: flushes have no request flow.
+            Purpose::Events => return None,
         }
         flow.outstanding = flow.outstanding.saturating_sub(1);
         if flow.outstanding > 0 {
@@ -345,6 +366,7 @@ impl Edge {
             None => return Some(HostAction::Resume(c.context_id)),
         };
         self.metrics.count_verdict(flow.route, &verdict);
+        self.events.note_rate_limit(c.context_id, verdict.tally);
         match verdict.deny {
             Some(resp) => Some(HostAction::Respond(c.context_id, resp)),
             None => {
@@ -364,6 +386,7 @@ impl Edge {
 
     pub fn end(&mut self, ctx: u32) {
         self.flows.remove(&ctx);
+        self.events.forget(ctx);
     }
 }
 
@@ -586,6 +609,8 @@ impl HttpContext for EdgeRequest {
     fn on_log(&mut self) {
         if let Some(edge) = &self.edge {
             if let Ok(mut e) = edge.try_borrow_mut() {
+                e.events
+                    .on_log(self.context_id, host::now_ns(), host_response);
                 e.end(self.context_id);
             }
         }

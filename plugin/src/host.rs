@@ -33,6 +33,7 @@ pub const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 
 pub const METRIC_COUNTER: u32 = 0;
 pub const METRIC_GAUGE: u32 = 1;
+pub const METRIC_HISTOGRAM: u32 = 2;
 
 const STREAM_HTTP_REQUEST: u32 = 0;
 
@@ -86,6 +87,7 @@ mod ffi {
             ret_id: *mut u32,
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        pub fn proxy_record_metric(metric_id: u32, value: i64) -> u32;
     }
 
     #[cfg(feature = "redis-call")]
@@ -174,6 +176,9 @@ mod ffi {
     pub unsafe fn proxy_increment_metric(_: u32, _: i64) -> u32 {
         U
     }
+    pub unsafe fn proxy_record_metric(_: u32, _: i64) -> u32 {
+        U
+    }
 }
 
 #[cfg(not(all(target_arch = "wasm32", feature = "redis-call")))]
@@ -228,6 +233,18 @@ pub fn now_ms() -> u64 {
     let status = unsafe { ffi::proxy_get_current_time_nanoseconds(&mut ns) };
     if status == STATUS_OK {
         ns / 1_000_000
+    } else {
+        0
+    }
+}
+
+/// Nanoseconds of the host's wall clock; 0 if the host cannot tell.
+pub fn now_ns() -> u64 {
+    let mut ns: u64 = 0;
+    // SAFETY: the host writes one u64 through the pointer.
+    let status = unsafe { ffi::proxy_get_current_time_nanoseconds(&mut ns) };
+    if status == STATUS_OK {
+        ns
     } else {
         0
     }
@@ -345,6 +362,14 @@ pub fn increment_metric(id: Option<u32>, delta: i64) {
     if let Some(id) = id {
         // SAFETY: plain value arguments.
         let _ = unsafe { ffi::proxy_increment_metric(id, delta) };
+    }
+}
+
+/// Records a value of a histogram (or sets a gauge).
+pub fn record_metric(id: Option<u32>, value: i64) {
+    if let Some(id) = id {
+        // SAFETY: plain value arguments.
+        let _ = unsafe { ffi::proxy_record_metric(id, value) };
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! Layout: [`config`] (the user's contract), [`keys`], [`ratelimit`], [`headers`] and the Lua
 //! in `src/scripts/` (the rate limiter), [`client`], [`resp`], [`breaker`], [`error`] (the Redis
-//! command layer), [`metrics`], and the host glue: [`host`] (every FFI call) and [`filter`]
+//! command layer), [`event_config`] and [`events`] (request events), [`metrics`], and the host
+//! glue: [`host`] (every FFI call) and [`filter`]
 //! (the proxy-wasm contexts). Everything but the glue is plain Rust, tested natively
 //! (`cargo test -p krowoc-plugin`).
 
@@ -20,6 +21,8 @@ pub mod client;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod event_config;
+pub mod events;
 pub mod filter;
 pub mod headers;
 pub mod host;

@@ -1,0 +1,216 @@
+//! Request-event flushes against a real redis-server, made exactly as the filter makes them:
+//! the pipelined PUBLISH/XADD body of transport `relay`, and the flush script of transport
+//! `redis_call` (EVALSHA, NOSCRIPT, then EVAL), read back by a SUBSCRIBE client and XRANGE.
+
+use krowoc_plugin::client::{RawReply, RedisClient, Wire};
+use krowoc_plugin::config::{parse_config, Config};
+use krowoc_plugin::error::RedisError;
+use krowoc_plugin::events::{EventPublisher, ResponseFacts};
+use krowoc_plugin::filter::RequestInfo;
+use krowoc_plugin::resp::{decode_replies, Reply};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use testkit::{encode_command, RedisServer};
+
+/// Writes each payload on a fresh connection and keeps the raw answer (as many replies as the
+/// payload has commands) for the test to hand back.
+struct TcpWire {
+    port: u16,
+    next: u32,
+    replies: HashMap<u32, Vec<u8>>,
+}
+
+fn command_count(payload: &[u8]) -> usize {
+    (1..=10_000)
+        .find(|n| decode_replies(payload, *n).is_ok())
+        .expect("payload is RESP")
+}
+
+impl Wire for TcpWire {
+    fn send(&mut self, payload: &[u8], _timeout_ms: u64) -> Result<u32, RedisError> {
+        let expected = command_count(payload);
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.write_all(payload).expect("write");
+        let buf = read_frames(&mut s, expected);
+        self.next += 4;
+        self.replies.insert(self.next, buf);
+        Ok(self.next)
+    }
+}
+
+fn read_frames(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while decode_replies(&buf, n).is_err() {
+        let got = s.read(&mut chunk).expect("read");
+        assert!(got > 0, "connection closed");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+    buf
+}
+
+/// A raw SUBSCRIBE client.
+struct Subscriber(TcpStream);
+
+impl Subscriber {
+    fn new(redis: &RedisServer, channel: &str) -> Subscriber {
+        let mut s = TcpStream::connect(redis.addr()).expect("connect");
+        s.write_all(&encode_command(&["SUBSCRIBE", channel]))
+            .expect("subscribe");
+        read_frames(&mut s, 1);
+        Subscriber(s)
+    }
+
+    /// The payloads of the next `n` messages.
+    fn messages(&mut self, n: usize) -> Vec<serde_json::Value> {
+        let raw = read_frames(&mut self.0, n);
+        decode_replies(&raw, n)
+            .expect("messages")
+            .into_iter()
+            .map(|m| match m {
+                Reply::Array(parts) => match parts.as_slice() {
+                    [Reply::Bulk(kind), _, Reply::Bulk(payload)] if kind == b"message" => {
+                        serde_json::from_slice(payload).expect("JSON event")
+                    }
+                    other => panic!("not a message: {other:?}"),
+                },
+                other => panic!("not a message: {other:?}"),
+            })
+            .collect()
+    }
+}
+
+fn config(transport: &str) -> Config {
+    let redis = if transport == "redis_call" {
+        r#"{"transport": "redis_call"}"#
+    } else {
+        r#"{"transport": "relay"}"#
+    };
+    parse_config(
+        format!(
+            r#"{{"redis": {redis},
+                "events": {{"batch_size": 10, "stream": {{"maxlen": 1000}}}},
+                "routes": [{{"name": "api", "match": {{"prefix": "/api/"}}}}]}}"#
+        )
+        .as_bytes(),
+    )
+    .expect("config")
+}
+
+/// Records `n` requests and flushes them through the command layer; returns the publisher.
+fn publish(redis: &RedisServer, cfg: &Config, n: u32) -> EventPublisher {
+    let mut p = EventPublisher::new(cfg);
+    let mut client = RedisClient::new(&cfg.redis);
+    let mut wire = TcpWire {
+        port: redis.port,
+        next: 3,
+        replies: HashMap::new(),
+    };
+    for ctx in 1..=n {
+        let req = RequestInfo {
+            path: format!("/api/item/{ctx}?q=1"),
+            method: "GET".into(),
+            headers: vec![("x-request-id".into(), format!("req-{ctx}"))],
+            source_address: Some("192.0.2.7:40000".into()),
+        };
+        p.on_request(ctx, 1_000_000_000, &req, cfg);
+        p.on_log(ctx, 1_002_000_000, |_| ResponseFacts {
+            status: Some(200),
+            headers: vec![],
+        });
+    }
+    p.flush(&mut client, &mut wire, 10_000);
+    // Answer every call (an EVALSHA answered NOSCRIPT goes on as EVAL under a new token).
+    while let Some(&token) = wire.replies.keys().next() {
+        let body = wire.replies.remove(&token).expect("reply");
+        let raw = match cfg.redis.transport {
+            krowoc_plugin::config::Transport::Relay => RawReply::Relay {
+                status: Some(200),
+                body,
+            },
+            krowoc_plugin::config::Transport::RedisCall => RawReply::RedisCall { status: 0, body },
+        };
+        if let Some(c) = client.on_reply(&mut wire, 10_001, token, raw) {
+            p.on_flush_done(c.context_id, c.result);
+        }
+    }
+    p
+}
+
+fn events_reach_subscribers_and_the_stream(transport: &str) {
+    let redis = RedisServer::start();
+    let cfg = config(transport);
+    let mut sub = Subscriber::new(&redis, "krowoc:requests");
+    let p = publish(&redis, &cfg, 3);
+    assert_eq!(p.stats.published, 3, "{:?}", p.stats);
+    assert_eq!(p.stats.flushes, 1, "one call for the batch");
+    let got = sub.messages(3);
+    let ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().expect("id")).collect();
+    assert_eq!(ids, vec!["req-1", "req-2", "req-3"]);
+    assert_eq!(got[0]["route"], "api");
+    assert_eq!(got[0]["path"], "/api/item/1");
+    assert_eq!(got[0]["client"], "192.0.2.7");
+    assert_eq!(got[0]["duration_ms"], 2.0);
+    assert_eq!(redis.int(&["XLEN", "krowoc:events"]), 3);
+    let entries = redis.cli(&["XRANGE", "krowoc:events", "-", "+", "COUNT", "1"]);
+    assert!(entries.contains("event"), "{entries}");
+    assert!(entries.contains("\"id\":\"req-1\""), "{entries}");
+}
+
+#[test]
+fn relay_pipeline_reaches_subscribers_and_the_stream() {
+    events_reach_subscribers_and_the_stream("relay");
+}
+
+#[test]
+fn redis_call_script_reaches_subscribers_and_the_stream() {
+    events_reach_subscribers_and_the_stream("redis_call");
+}
+
+fn a_refused_stream_write_does_not_stop_the_publishes(transport: &str) {
+    let redis = RedisServer::start();
+    redis.cli(&["SET", "krowoc:events", "not a stream"]);
+    let cfg = config(transport);
+    let mut sub = Subscriber::new(&redis, "krowoc:requests");
+    let p = publish(&redis, &cfg, 2);
+    assert_eq!(
+        (p.stats.published, p.stats.rejected),
+        (0, 2),
+        "{:?}",
+        p.stats
+    );
+    assert_eq!(sub.messages(2).len(), 2, "PUBLISH still happened");
+    assert_eq!(p.queue_len(), 0, "refused events are not retried");
+}
+
+#[test]
+fn relay_pipeline_counts_refused_events() {
+    a_refused_stream_write_does_not_stop_the_publishes("relay");
+}
+
+#[test]
+fn redis_call_script_counts_refused_events() {
+    a_refused_stream_write_does_not_stop_the_publishes("redis_call");
+}
+
+#[test]
+fn the_stream_is_capped_approximately() {
+    let redis = RedisServer::start();
+    let cfg = parse_config(
+        br#"{"redis": {"transport": "redis_call"},
+             "events": {"batch_size": 500, "queue_limit": 500, "publish": {"enabled": false},
+                        "stream": {"maxlen": 100}}}"#,
+    )
+    .expect("config");
+    let p = publish(&redis, &cfg, 500);
+    assert_eq!(p.stats.published, 500);
+    let len = redis.int(&["XLEN", "krowoc:events"]);
+    assert!(
+        (100..500).contains(&len),
+        "XLEN {len}: MAXLEN ~ 100 trims whole nodes"
+    );
+}
