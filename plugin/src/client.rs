@@ -32,6 +32,10 @@ pub enum Purpose {
     RateLimit,
     /// A flush of request events; the call's `context_id` is the flush's number.
     Events,
+    /// A request's cache lookup (joins the rate-limit call of the same request).
+    CacheLookup,
+    /// Cache work off the request path; the call's `context_id` is the job's id.
+    CacheJob,
 }
 
 /// One call in flight.

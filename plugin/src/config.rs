@@ -5,6 +5,10 @@
 //! Sections are deserialized one by one (`redis`, `client_ip`, each `routes[i]`), so a
 //! configuration with mistakes in several places reports each of them, not only the first.
 
+use crate::cache_config::{
+    validate_invalidation, validate_policy, validate_settings, CachePolicy, CacheSettings,
+    InvalidationConfig,
+};
 use crate::duration::{format_duration, ConfigDuration};
 use crate::event_config::{resolve_events, EventsConfig, EventsSpec, RouteEventsSpec};
 use serde::Deserialize;
@@ -20,6 +24,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Request events, resolved per route (see [`crate::event_config`]).
     pub events: EventsConfig,
+    /// Filter-wide cache settings (see [`crate::cache_config`]).
+    pub cache: CacheSettings,
 }
 
 /// How the filter reaches Redis, and what every call shares.
@@ -107,6 +113,12 @@ pub struct Route {
     /// Overrides the top-level `events` for this route (see [`crate::event_config`]).
     #[serde(default)]
     pub events: Option<RouteEventsSpec>,
+    /// The route's response cache (see [`crate::cache_config`]).
+    #[serde(default)]
+    pub cache: Option<CachePolicy>,
+    /// Honour purge directives in the upstream's responses (2xx only).
+    #[serde(default)]
+    pub invalidation: Option<InvalidationConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -480,7 +492,7 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-const TOP_LEVEL_FIELDS: &[&str] = &["redis", "client_ip", "routes", "events"];
+const TOP_LEVEL_FIELDS: &[&str] = &["redis", "client_ip", "routes", "events", "cache"];
 
 /// Parses and validates a configuration. An empty document means every default and no routes.
 pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
@@ -497,6 +509,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
             client_ip: ClientIpConfig::default(),
             routes: Vec::new(),
             events: EventsConfig::default(),
+            cache: CacheSettings::default(),
         });
     }
     let root: Value = serde_json::from_str(text).map_err(|e| {
@@ -538,6 +551,16 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         Some(v) => section::<EventsSpec>(&mut problems, &[PathSeg::Key("events")], v).map(Some),
         None => Some(None),
     };
+    let cache = match object.get("cache") {
+        Some(v) => {
+            section::<CacheSettings>(&mut problems, &[PathSeg::Key("cache")], v).map(|mut c| {
+                let found = validate_settings(&mut c);
+                report_cache_problems(&mut problems, &[PathSeg::Key("cache")], found);
+                c
+            })
+        }
+        None => Some(CacheSettings::default()),
+    };
     // Routes that deserialized, with their index in the document (for error paths).
     let mut routes: Vec<(usize, Route)> = Vec::new();
     match object.get("routes") {
@@ -578,13 +601,16 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
     };
     let routes = routes.into_iter().map(|(_, r)| r).collect();
 
-    match (redis, client_ip, events) {
-        (Some(redis), Some(client_ip), Some(events)) if problems.list.is_empty() => Ok(Config {
-            redis,
-            client_ip,
-            routes,
-            events,
-        }),
+    match (redis, client_ip, events, cache) {
+        (Some(redis), Some(client_ip), Some(events), Some(cache)) if problems.list.is_empty() => {
+            Ok(Config {
+                redis,
+                client_ip,
+                routes,
+                events,
+                cache,
+            })
+        }
         _ => Err(problems.list),
     }
 }
@@ -785,6 +811,30 @@ fn validate_routes(p: &mut Problems<'_>, routes: &mut [(usize, Route)]) {
             let rl_path = path(&[PathSeg::Key("rate_limit")]);
             validate_rate_limit(p, &rl_path, rl);
         }
+        if let Some(cache) = route.cache.as_mut() {
+            let found = validate_policy(cache);
+            report_cache_problems(p, &path(&[PathSeg::Key("cache")]), found);
+        }
+        if let Some(inv) = route.invalidation.as_mut() {
+            let found = validate_invalidation(inv);
+            report_cache_problems(p, &path(&[PathSeg::Key("invalidation")]), found);
+        }
+    }
+}
+
+/// Records the cache section's problems under `base`.
+fn report_cache_problems(
+    p: &mut Problems<'_>,
+    base: &[PathSeg<'static>],
+    found: Vec<crate::cache_config::Problem>,
+) {
+    for problem in found {
+        let mut path = base.to_vec();
+        path.extend(problem.path.iter().map(|f| match f {
+            crate::cache_config::Field::Key(k) => PathSeg::Key(k),
+            crate::cache_config::Field::Index(i) => PathSeg::Index(*i),
+        }));
+        p.at(&path, problem.message);
     }
 }
 

@@ -74,13 +74,26 @@ pub enum Begin {
 /// One request with a policy.
 #[derive(Debug)]
 pub struct RequestFlow {
-    route: usize,
+    pub(crate) route: usize,
     identity: String,
     /// Redis calls not answered yet.
-    outstanding: usize,
+    pub(crate) outstanding: usize,
     rate_limit: Option<Result<crate::ratelimit::Decision, RedisError>>,
     /// Fields added to the upstream's response.
     pub response_headers: Vec<(String, String)>,
+}
+
+impl RequestFlow {
+    /// A flow for a request on route `route` with no call made yet.
+    pub(crate) fn for_route(route: usize) -> RequestFlow {
+        RequestFlow {
+            route,
+            identity: String::new(),
+            outstanding: 0,
+            rate_limit: None,
+            response_headers: Vec::new(),
+        }
+    }
 }
 
 /// A request's facts as the host gave them.
@@ -95,14 +108,16 @@ pub struct RequestInfo {
 pub struct Edge {
     pub config: Rc<Config>,
     scripts: Scripts,
-    client: RedisClient,
-    wire: HostWire,
-    flows: HashMap<u32, RequestFlow>,
+    pub(crate) client: RedisClient,
+    pub(crate) wire: HostWire,
+    pub(crate) flows: HashMap<u32, RequestFlow>,
     deny_cache: DenyCache,
     local: LocalLimiter,
     metrics: Metrics,
     /// Request events: noted per request, queued, flushed on the tick.
     pub events: EventPublisher,
+    /// The response cache (see [`crate::cache`]).
+    pub(crate) cache: crate::cache::CacheEngine,
 }
 
 impl Edge {
@@ -147,6 +162,7 @@ impl Edge {
             client: RedisClient::new(&config.redis),
             metrics: Metrics::define(&config),
             events: EventPublisher::new(&config),
+            cache: crate::cache::CacheEngine::new(&config),
             wire,
             flows: HashMap::new(),
             deny_cache: DenyCache::default(),
@@ -164,11 +180,19 @@ impl Edge {
     }
 
     pub fn uses_redis(&self) -> bool {
-        self.config.routes.iter().any(|r| r.rate_limit.is_some()) || self.events.enabled()
+        self.config.routes.iter().any(|r| r.rate_limit.is_some())
+            || self.events.enabled()
+            || crate::cache::CacheEngine::wanted(&self.config)
     }
 
-    /// The request-headers phase of context `ctx`.
+    /// The request-headers phase of context `ctx`: the rate limit, then the cache (whose
+    /// lookup joins the rate-limit call: one round trip).
     pub fn begin(&mut self, ctx: u32, now_ms: u64, req: &RequestInfo) -> Begin {
+        let rate_limit = self.begin_rate_limit(ctx, now_ms, req);
+        self.begin_cache(ctx, now_ms, req, rate_limit)
+    }
+
+    fn begin_rate_limit(&mut self, ctx: u32, now_ms: u64, req: &RequestInfo) -> Begin {
         self.events
             .on_request(ctx, host::now_ns(), req, &self.config);
         let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
@@ -269,6 +293,9 @@ impl Edge {
 
     /// The host's answer to call `token`.
     pub fn on_reply(&mut self, now_ms: u64, token: u32, raw: RawReply) -> Option<HostAction> {
+        if self.cache_revalidated(now_ms, token, &raw) {
+            return None;
+        }
         let completion = self.client.on_reply(&mut self.wire, now_ms, token, raw);
         self.report_client();
         completion.and_then(|c| self.complete(now_ms, c))
@@ -283,10 +310,11 @@ impl Edge {
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
         let expired = self.client.expire(now_ms);
         self.report_client();
-        let actions = expired
+        let mut actions: Vec<HostAction> = expired
             .into_iter()
             .filter_map(|c| self.complete(now_ms, c))
             .collect();
+        actions.extend(self.cache_tick(now_ms));
         self.events.flush(&mut self.client, &mut self.wire, now_ms);
         self.report_client();
         actions
@@ -332,6 +360,9 @@ impl Edge {
             self.events.on_flush_done(c.context_id, c.result);
             return None;
         }
+        if matches!(c.purpose, Purpose::CacheLookup | Purpose::CacheJob) {
+            return self.complete_cache(now_ms, c.context_id, c.purpose, c.result);
+        }
         let config = Rc::clone(&self.config);
         let flow = self.flows.get_mut(&c.context_id)?;
         match c.purpose {
@@ -343,15 +374,25 @@ impl Edge {
                     .unwrap_or(0);
                 flow.rate_limit = Some(c.result.and_then(|r| parse_decision(&r, n)));
             }
-            // Settled above: flushes have no request flow.
-            Purpose::Events => return None,
+            // Settled above: flushes and cache calls are not the rate limit's.
+            Purpose::Events | Purpose::CacheLookup | Purpose::CacheJob => return None,
         }
         flow.outstanding = flow.outstanding.saturating_sub(1);
         if flow.outstanding > 0 {
             return None;
         }
+        self.decide(now_ms, c.context_id)
+    }
+
+    /// Every call of request `ctx` has answered: the rate-limit verdict first (if not settled
+    /// already), then the cache's answer.
+    pub(crate) fn decide(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+        let config = Rc::clone(&self.config);
+        let flow = self.flows.get_mut(&ctx)?;
         let route = &config.routes[flow.route];
-        let policy = route.rate_limit.as_ref()?;
+        let Some(policy) = route.rate_limit.as_ref() else {
+            return self.cache_proceed(now_ms, ctx);
+        };
         let verdict = match flow.rate_limit.take() {
             Some(Ok(decision)) => {
                 if !decision.allowed && policy.deny_cache && !policy.shadow {
@@ -363,15 +404,15 @@ impl Edge {
                 log_redis_error(&route.name, &e);
                 verdict_for_failure(&route.name, policy, &flow.identity, &mut self.local, now_ms)
             }
-            None => return Some(HostAction::Resume(c.context_id)),
+            None => return self.cache_proceed(now_ms, ctx),
         };
         self.metrics.count_verdict(flow.route, &verdict);
-        self.events.note_rate_limit(c.context_id, verdict.tally);
+        self.events.note_rate_limit(ctx, verdict.tally);
         match verdict.deny {
-            Some(resp) => Some(HostAction::Respond(c.context_id, resp)),
+            Some(resp) => Some(HostAction::Respond(ctx, resp)),
             None => {
                 flow.response_headers = verdict.response_headers;
-                Some(HostAction::Resume(c.context_id))
+                self.cache_proceed(now_ms, ctx)
             }
         }
     }
@@ -385,6 +426,7 @@ impl Edge {
     }
 
     pub fn end(&mut self, ctx: u32) {
+        self.cache_end(ctx);
         self.flows.remove(&ctx);
         self.events.forget(ctx);
     }
@@ -592,7 +634,27 @@ impl HttpContext for EdgeRequest {
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // The cache reads the upstream's fields before the filter adds its own.
+        if let Some(edge) = &self.edge {
+            let step = match edge.try_borrow_mut() {
+                Ok(mut e) => {
+                    e.cache_response_headers(self.context_id, host::now_ms(), end_of_stream)
+                }
+                Err(_) => crate::cache::CacheResponse::Pass(Vec::new()),
+            };
+            match step {
+                crate::cache::CacheResponse::Replace(resp) => {
+                    send_response(&resp);
+                    return Action::Pause;
+                }
+                crate::cache::CacheResponse::Pass(fields) => {
+                    for (k, v) in fields {
+                        host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+                    }
+                }
+            }
+        }
         host::replace_header(host::MAP_RESPONSE_HEADERS, EDGE_HEADER, crate::VERSION);
         if let Some(edge) = &self.edge {
             let headers = edge
@@ -601,6 +663,16 @@ impl HttpContext for EdgeRequest {
                 .unwrap_or_default();
             for (k, v) in headers {
                 host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Chunks pass on as they come; the cache keeps a copy of a response it will store.
+        if let Some(edge) = &self.edge {
+            if let Ok(mut e) = edge.try_borrow_mut() {
+                e.cache_response_body(self.context_id, host::now_ms(), body_size, end_of_stream);
             }
         }
         Action::Continue

@@ -11,12 +11,19 @@
 //!
 //! Layout: [`config`] (the user's contract), [`keys`], [`ratelimit`], [`headers`] and the Lua
 //! in `src/scripts/` (the rate limiter), [`client`], [`resp`], [`breaker`], [`error`] (the Redis
-//! command layer), [`event_config`] and [`events`] (request events), [`metrics`], and the host
-//! glue: [`host`] (every FFI call) and [`filter`]
+//! command layer), [`event_config`] and [`events`] (request events), [`cache_config`],
+//! [`cache_policy`], [`cache_key`], [`cache_entry`], [`cache_purge`] and [`cache`] (the response
+//! cache), [`metrics`], and the host glue: [`host`] (every FFI call) and [`filter`]
 //! (the proxy-wasm contexts). Everything but the glue is plain Rust, tested natively
 //! (`cargo test -p krowoc-plugin`).
 
 pub mod breaker;
+pub mod cache;
+pub mod cache_config;
+pub mod cache_entry;
+pub mod cache_key;
+pub mod cache_policy;
+pub mod cache_purge;
 pub mod client;
 pub mod config;
 pub mod duration;

@@ -1,0 +1,2047 @@
+//! The response cache on a request's path, and its work off the path.
+//!
+//! A request on a route with a `cache` policy:
+//! 1. `begin_cache` — unless the request bypasses the cache (method, credentials), the lookup
+//!    script is sent together with the rate-limit call, so the request waits for one round
+//!    trip at most. The script returns the entry and, on a miss or a stale entry, tries the
+//!    key's fill lock.
+//! 2. `cache_proceed` — once every call answered and the rate limit let the request pass:
+//!    a fresh entry is served (or 304); a stale one within stale-while-revalidate is served and,
+//!    when this request took the lock, refreshed in the background; a miss with the lock taken
+//!    by another request waits for that fill (coalescing); anything else goes upstream.
+//! 3. `cache_response_headers` / `cache_response_body` — the upstream's answer passes to the
+//!    client as it comes; a storable one is collected on the way, and stored (one script: the
+//!    entry, its indexes, the lock) when it ends. A 5xx with a stale copy within
+//!    stale-if-error is replaced by the stale copy. An invalidation header is honoured on 2xx.
+//!
+//! Work that must outlive the request (stores, lock releases, background purges, refreshes,
+//! coalescing polls) is dispatched from the root context: on the tick for transport `relay`
+//! (a proxy cancels a stream's HTTP calls when the stream ends), at once for `redis_call`
+//! (Higress calls belong to the root context anyway). Redis failing means bypass, never an
+//! error to the client.
+
+use crate::cache_config::CachePolicy;
+use crate::cache_entry::{self, StoredResponse, MAGIC};
+use crate::cache_key::{self, CacheKey, KeyInput, RouteKeys};
+use crate::cache_policy::{
+    self, first, not_modified, not_modified_fields, status_fields, storable, stored_fields,
+    ttl_seconds, Bypass, CacheStatus, NotStored, Outcome,
+};
+use crate::cache_purge::{constant_time_eq, parse_directives, plan, Directive, PurgeStep};
+use crate::client::{Purpose, RawReply};
+use crate::config::{Config, Transport};
+use crate::error::RedisError;
+use crate::filter::{Begin, Edge, HostAction, RequestFlow, RequestInfo};
+use crate::host::{self, define_metric, increment_metric, METRIC_COUNTER};
+use crate::ratelimit::LocalResponse;
+use crate::resp::{Command, Reply};
+use crate::scripts::Script;
+use proxy_wasm::types::LogLevel;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Source of the lookup script (entry + fill lock).
+pub const CACHE_LOOKUP_LUA: &str = include_str!("scripts/cache_lookup.lua");
+/// Source of the store script (entry + indexes + lock release).
+pub const CACHE_STORE_LUA: &str = include_str!("scripts/cache_store.lua");
+/// Source of the lock release script.
+pub const CACHE_UNLOCK_LUA: &str = include_str!("scripts/cache_unlock.lua");
+/// Source of the index purge script.
+pub const CACHE_PURGE_LUA: &str = include_str!("scripts/cache_purge.lua");
+/// Source of one step of a pattern purge.
+pub const CACHE_SCAN_PURGE_LUA: &str = include_str!("scripts/cache_scan_purge.lua");
+
+/// Response body buffer (`BufferType::HttpResponseBody`).
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
+/// Completion ids of background jobs: far above any context id a host hands out.
+const JOB_ID_BASE: u32 = 0x8000_0000;
+/// SCAN COUNT of one pattern-purge step.
+const SCAN_COUNT: u32 = 500;
+/// Most jobs waiting for the tick; beyond, new ones are dropped (and counted as failures).
+const MAX_QUEUED_JOBS: usize = 4096;
+/// Timeout of a background refresh (the fill lock bounds how long others rely on it).
+const REVALIDATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The cache's scripts.
+#[derive(Clone, Debug)]
+pub struct CacheScripts {
+    pub lookup: Script,
+    pub store: Script,
+    pub unlock: Script,
+    pub purge: Script,
+    pub scan: Script,
+}
+
+impl CacheScripts {
+    pub fn load() -> CacheScripts {
+        CacheScripts {
+            lookup: Script::new("cache_lookup", CACHE_LOOKUP_LUA),
+            store: Script::new("cache_store", CACHE_STORE_LUA),
+            unlock: Script::new("cache_unlock", CACHE_UNLOCK_LUA),
+            purge: Script::new("cache_purge", CACHE_PURGE_LUA),
+            scan: Script::new("cache_scan_purge", CACHE_SCAN_PURGE_LUA),
+        }
+    }
+}
+
+// ---- metrics ---------------------------------------------------------------------------------
+
+/// Metric ids of one cached route.
+#[derive(Clone, Debug, Default)]
+struct RouteCacheMetrics {
+    hits: Option<u32>,
+    misses: Option<u32>,
+    expired: Option<u32>,
+    stale: Option<u32>,
+    bypass: Option<u32>,
+    redis_errors: Option<u32>,
+    stores: Option<u32>,
+    store_failures: Option<u32>,
+    not_stored: Option<u32>,
+    coalesced: Option<u32>,
+    not_modified: Option<u32>,
+    corrupt: Option<u32>,
+}
+
+/// The cache's counters (see [`crate::metrics`] for the table).
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    routes: Vec<Option<RouteCacheMetrics>>,
+    purges: Option<u32>,
+    purged_entries: Option<u32>,
+    purge_failures: Option<u32>,
+    revalidations: Option<u32>,
+}
+
+/// `krowoc.cache.<route>.<what>`.
+pub fn cache_metric_name(route: &str, what: &str) -> String {
+    format!("krowoc.cache.{route}.{what}")
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Count {
+    Hit,
+    Miss,
+    Expired,
+    Stale,
+    Bypass,
+    RedisError,
+    Store,
+    StoreFailure,
+    NotStored,
+    Coalesced,
+    NotModified,
+    Corrupt,
+}
+
+impl CacheMetrics {
+    pub fn define(config: &Config) -> CacheMetrics {
+        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        let any_cache = config.routes.iter().any(|r| r.cache.is_some());
+        let global = |name: &str| any_cache.then(|| counter(name)).flatten();
+        CacheMetrics {
+            routes: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.cache.as_ref().map(|_| {
+                        let c = |what: &str| counter(&cache_metric_name(&r.name, what));
+                        RouteCacheMetrics {
+                            hits: c("hits"),
+                            misses: c("misses"),
+                            expired: c("expired"),
+                            stale: c("stale"),
+                            bypass: c("bypass"),
+                            redis_errors: c("redis_errors"),
+                            stores: c("stores"),
+                            store_failures: c("store_failures"),
+                            not_stored: c("not_stored"),
+                            coalesced: c("coalesced"),
+                            not_modified: c("not_modified"),
+                            corrupt: c("corrupt"),
+                        }
+                    })
+                })
+                .collect(),
+            purges: global("krowoc.cache.purges"),
+            purged_entries: global("krowoc.cache.purged_entries"),
+            purge_failures: global("krowoc.cache.purge_failures"),
+            revalidations: global("krowoc.cache.revalidations"),
+        }
+    }
+
+    fn count(&self, route: usize, what: Count) {
+        let Some(Some(m)) = self.routes.get(route) else {
+            return;
+        };
+        let id = match what {
+            Count::Hit => m.hits,
+            Count::Miss => m.misses,
+            Count::Expired => m.expired,
+            Count::Stale => m.stale,
+            Count::Bypass => m.bypass,
+            Count::RedisError => m.redis_errors,
+            Count::Store => m.stores,
+            Count::StoreFailure => m.store_failures,
+            Count::NotStored => m.not_stored,
+            Count::Coalesced => m.coalesced,
+            Count::NotModified => m.not_modified,
+            Count::Corrupt => m.corrupt,
+        };
+        increment_metric(id, 1);
+    }
+}
+
+// ---- the lookup's answer ---------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    Hit,
+    Stale,
+    Expired,
+    Miss,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockState {
+    /// This request holds the fill lock.
+    Taken,
+    /// Another request is filling the key.
+    Held,
+    NotTried,
+    /// The key was found uncacheable recently: go upstream without waiting.
+    Pass,
+}
+
+/// The lookup script's reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub state: EntryState,
+    pub age_ms: u64,
+    pub blob: Option<Vec<u8>>,
+    pub lock: LockState,
+    pub fresh_ms: u64,
+    pub swr_ms: u64,
+    pub sie_ms: u64,
+    pub corrupt: bool,
+}
+
+fn as_u64(r: &Reply) -> Option<u64> {
+    r.as_int().map(|i| u64::try_from(i).unwrap_or(0))
+}
+
+/// Reads `cache_lookup.lua`'s reply.
+pub fn parse_lookup(reply: &Reply) -> Result<Lookup, RedisError> {
+    let bad = || RedisError::protocol(format!("cache_lookup answered {reply:?}"));
+    let Reply::Array(items) = reply else {
+        return Err(bad());
+    };
+    if items.len() != 8 {
+        return Err(bad());
+    }
+    let state = match &items[0] {
+        Reply::Bulk(b) => match b.as_slice() {
+            b"hit" => EntryState::Hit,
+            b"stale" => EntryState::Stale,
+            b"expired" => EntryState::Expired,
+            b"miss" => EntryState::Miss,
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    };
+    let blob = match &items[2] {
+        Reply::Bulk(b) => Some(b.clone()),
+        Reply::Nil => None,
+        _ => return Err(bad()),
+    };
+    let lock = match items[3].as_int().ok_or_else(bad)? {
+        1 => LockState::Taken,
+        0 => LockState::Held,
+        -2 => LockState::Pass,
+        _ => LockState::NotTried,
+    };
+    let num = |i: usize| as_u64(&items[i]).ok_or_else(bad);
+    Ok(Lookup {
+        state,
+        age_ms: num(1)?,
+        blob,
+        lock,
+        fresh_ms: num(4)?,
+        swr_ms: num(5)?,
+        sie_ms: num(6)?,
+        corrupt: num(7)? == 1,
+    })
+}
+
+// ---- per-request state -----------------------------------------------------------------------
+
+/// A stale entry kept while the request goes upstream, for stale-if-error.
+#[derive(Clone, Debug)]
+struct StaleCopy {
+    response: StoredResponse,
+    age_ms: u64,
+    fresh_ms: u64,
+    sie_ms: u64,
+    /// Gateway time when the age was read.
+    read_at_ms: u64,
+}
+
+impl StaleCopy {
+    fn age_at(&self, now_ms: u64) -> u64 {
+        self.age_ms + now_ms.saturating_sub(self.read_at_ms)
+    }
+
+    fn usable_for_error(&self, now_ms: u64) -> bool {
+        self.sie_ms > 0 && self.age_at(now_ms) < self.fresh_ms.saturating_add(self.sie_ms)
+    }
+}
+
+/// A response being collected for storing.
+#[derive(Debug)]
+struct Collector {
+    status: u16,
+    fields: Vec<(String, String)>,
+    tags: Vec<String>,
+    freshness: cache_policy::Freshness,
+    body: Vec<u8>,
+    content_length: Option<usize>,
+}
+
+/// Where a background refresh goes.
+#[derive(Clone, Debug)]
+struct RevalidateTarget {
+    cluster: String,
+    headers: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Not using the cache; the response passes untouched (but marked).
+    Bypass(Bypass),
+    Looking,
+    Found(Result<Lookup, RedisError>),
+    Waiting {
+        since_ms: u64,
+        stale: Option<StaleCopy>,
+    },
+    /// Answered from the cache.
+    Served,
+    /// Sent upstream; the response decides about storing.
+    Forwarded {
+        outcome: Outcome,
+        stale: Option<StaleCopy>,
+    },
+    Collecting(Collector),
+    Finished,
+}
+
+#[derive(Debug)]
+struct CacheRequest {
+    route: usize,
+    method: String,
+    key: CacheKey,
+    keys: RouteKeys,
+    token: String,
+    holds_lock: bool,
+    /// The request's conditional fields (`If-None-Match`, `If-Modified-Since`).
+    conditional: Vec<(String, String)>,
+    revalidate: Option<RevalidateTarget>,
+    phase: Phase,
+}
+
+impl CacheRequest {
+    fn entry_key(&self) -> String {
+        self.keys.entry(&self.key.hash)
+    }
+    fn lock_key(&self) -> String {
+        self.keys.lock(&self.key.hash)
+    }
+}
+
+/// A purge-endpoint request waiting for its purges.
+#[derive(Debug, Default)]
+struct PurgeRequest {
+    outstanding: usize,
+    deleted: u64,
+    failures: Vec<String>,
+    directives: Vec<String>,
+}
+
+/// Work off the request path.
+#[derive(Debug)]
+enum JobKind {
+    Store {
+        route: usize,
+        keys: Vec<String>,
+        /// ARGV[1]: the encoded response (bytes, not UTF-8 in general).
+        blob: Vec<u8>,
+        /// ARGV[2..].
+        args: Vec<String>,
+    },
+    Unlock {
+        lock_key: String,
+        token: String,
+        pass_ms: u64,
+    },
+    Delete {
+        key: String,
+    },
+    Purge(PurgeStep),
+    /// A pattern purge's next step.
+    Scan {
+        step: PurgeStep,
+        cursor: String,
+    },
+    /// Coalescing: look again for waiters of one key (with the first waiter's lock token).
+    Poll {
+        entry_key: String,
+        lock_key: String,
+        token: String,
+        lock_ms: u64,
+    },
+    Revalidate {
+        route: usize,
+        key: CacheKey,
+        token: String,
+        target: RevalidateTarget,
+    },
+}
+
+#[derive(Debug)]
+struct Job {
+    kind: JobKind,
+    /// The purge-endpoint request to tell when this job ends.
+    notify: Option<u32>,
+}
+
+/// What a coalescing poll found, acted on at the next tick.
+#[derive(Debug)]
+struct PollResult {
+    token: String,
+    result: Result<Lookup, RedisError>,
+    read_at_ms: u64,
+}
+
+/// A background refresh in flight (by HTTP call token).
+#[derive(Debug)]
+struct Revalidation {
+    route: usize,
+    key: CacheKey,
+    token: String,
+}
+
+/// The cache's state on one VM.
+pub struct CacheEngine {
+    scripts: CacheScripts,
+    metrics: CacheMetrics,
+    requests: HashMap<u32, CacheRequest>,
+    queue: VecDeque<Job>,
+    jobs: HashMap<u32, Job>,
+    next_job: u32,
+    /// Requests waiting for another request's fill, by entry key, in arrival order.
+    waiting: BTreeMap<String, Vec<u32>>,
+    polling: HashSet<String>,
+    poll_results: HashMap<String, PollResult>,
+    purges: HashMap<u32, PurgeRequest>,
+    revalidations: HashMap<u32, Revalidation>,
+    tokens: u64,
+    seed: u64,
+}
+
+impl CacheEngine {
+    pub fn new(config: &Config) -> CacheEngine {
+        CacheEngine {
+            scripts: CacheScripts::load(),
+            metrics: CacheMetrics::define(config),
+            requests: HashMap::new(),
+            queue: VecDeque::new(),
+            jobs: HashMap::new(),
+            next_job: 0,
+            waiting: BTreeMap::new(),
+            polling: HashSet::new(),
+            poll_results: HashMap::new(),
+            purges: HashMap::new(),
+            revalidations: HashMap::new(),
+            tokens: 0,
+            seed: host::now_ns(),
+        }
+    }
+
+    /// A lock token unique across requests and gateways.
+    fn new_token(&mut self, ctx: u32) -> String {
+        self.tokens += 1;
+        format!("{:x}.{ctx:x}.{:x}", self.seed, self.tokens)
+    }
+
+    fn job_id(&mut self) -> u32 {
+        self.next_job = self.next_job.wrapping_add(1) % JOB_ID_BASE;
+        JOB_ID_BASE | self.next_job
+    }
+
+    /// Whether this configuration uses the cache at all (ticks, Redis).
+    pub fn wanted(config: &Config) -> bool {
+        config
+            .routes
+            .iter()
+            .any(|r| r.cache.is_some() || r.invalidation.is_some())
+            || config.cache.purge.is_some()
+    }
+}
+
+fn is_job(id: u32) -> bool {
+    id & JOB_ID_BASE != 0
+}
+
+fn log_debug(message: &str) {
+    host::log(LogLevel::Debug, message);
+}
+
+fn json_response(status: u32, body: serde_json::Value) -> LocalResponse {
+    LocalResponse {
+        status,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("cache-control".into(), "no-store".into()),
+        ],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn route_for(config: &Config, path: &str, method: &str) -> Option<usize> {
+    config
+        .routes
+        .iter()
+        .position(|r| r.matcher.matches(path, method))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    first(headers, name)
+}
+
+impl Edge {
+    // ---- request phase -----------------------------------------------------------------------
+
+    /// The purge endpoint: answered by the filter, never forwarded. None for other paths.
+    pub(crate) fn purge_request(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        req: &RequestInfo,
+    ) -> Option<Begin> {
+        let purge = self.config.cache.purge.as_ref()?;
+        let path = req.path.split('?').next().unwrap_or("");
+        if path != purge.path {
+            return None;
+        }
+        let respond = |status: u32, error: &str| {
+            Some(Begin::Respond(json_response(
+                status,
+                serde_json::json!({ "error": error }),
+            )))
+        };
+        if req.method != "POST" && req.method != "PURGE" {
+            let mut resp = json_response(405, serde_json::json!({"error": "use POST"}));
+            resp.headers.push(("allow".into(), "POST, PURGE".into()));
+            return Some(Begin::Respond(resp));
+        }
+        let token = header(&req.headers, &purge.token_header).unwrap_or("");
+        if !constant_time_eq(token.as_bytes(), purge.token.as_bytes()) {
+            return respond(403, "missing or wrong purge token");
+        }
+        let directives = req
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(&purge.header))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let directives = match parse_directives(&directives) {
+            Ok(d) if d.is_empty() => {
+                return respond(
+                    400,
+                    &format!(
+                        "give directives in the {} header, e.g. tag=user:42",
+                        purge.header
+                    ),
+                )
+            }
+            Ok(d) => d,
+            Err(e) => return respond(400, &e),
+        };
+        let mut request = PurgeRequest {
+            directives: directives.iter().map(Directive::render).collect(),
+            ..PurgeRequest::default()
+        };
+        let config = Rc::clone(&self.config);
+        let mut jobs = Vec::new();
+        for d in &directives {
+            for step in plan(&config, d) {
+                jobs.push(Job {
+                    kind: purge_job(step),
+                    notify: Some(ctx),
+                });
+            }
+        }
+        // The endpoint's own calls go out from its context: it waits for them (alive).
+        for job in jobs {
+            match self.dispatch_job(now_ms, job) {
+                Ok(()) => request.outstanding += 1,
+                Err(failed) => {
+                    let (job, e) = *failed;
+                    self.job_failed(&job, &e);
+                    request.failures.push(e.to_string());
+                }
+            }
+        }
+        if request.outstanding == 0 {
+            return Some(Begin::Respond(purge_answer(&request)));
+        }
+        self.cache.purges.insert(ctx, request);
+        Some(Begin::Pause)
+    }
+
+    /// Adds the cache lookup to a request the rate limiter let pass (or is deciding).
+    pub(crate) fn begin_cache(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        req: &RequestInfo,
+        rate_limit: Begin,
+    ) -> Begin {
+        if matches!(rate_limit, Begin::Respond(_)) {
+            return rate_limit;
+        }
+        if matches!(rate_limit, Begin::Continue) {
+            if let Some(purge) = self.purge_request(ctx, now_ms, req) {
+                return purge;
+            }
+        }
+        let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+        let config = Rc::clone(&self.config);
+        let Some(route_idx) = route_for(&config, path, &req.method) else {
+            return rate_limit;
+        };
+        let route = &config.routes[route_idx];
+        if route.cache.is_none() && route.invalidation.is_none() {
+            return rate_limit;
+        }
+        self.flows
+            .entry(ctx)
+            .or_insert_with(|| RequestFlow::for_route(route_idx));
+        let Some(policy) = &route.cache else {
+            return rate_limit;
+        };
+        let key = cache_key::derive(
+            policy,
+            &KeyInput {
+                scheme: header(&req.headers, ":scheme").unwrap_or("http"),
+                host: header(&req.headers, ":authority").unwrap_or(""),
+                method: &req.method,
+                path,
+                query,
+                headers: &req.headers,
+            },
+        );
+        let mut request = CacheRequest {
+            route: route_idx,
+            method: req.method.clone(),
+            key,
+            keys: RouteKeys::new(&config.redis.key_prefix, &route.name),
+            token: self.cache.new_token(ctx),
+            holds_lock: false,
+            conditional: req
+                .headers
+                .iter()
+                .filter(|(k, _)| {
+                    k.eq_ignore_ascii_case("if-none-match")
+                        || k.eq_ignore_ascii_case("if-modified-since")
+                })
+                .cloned()
+                .collect(),
+            revalidate: None,
+            phase: Phase::Looking,
+        };
+        if let Some(reason) = cache_policy::request_bypass(policy, &req.method, &req.headers) {
+            request.phase = Phase::Bypass(reason);
+            self.cache.metrics.count(route_idx, Count::Bypass);
+            self.cache.requests.insert(ctx, request);
+            return rate_limit;
+        }
+        if policy.stale_while_revalidate.as_millis() > 0 || policy.honor_cache_control {
+            request.revalidate = revalidate_target(policy, req);
+        }
+        let lock_ms = if policy.coalesce.enabled {
+            policy.coalesce.lock.as_millis()
+        } else {
+            0
+        };
+        let keys = vec![request.entry_key(), request.lock_key()];
+        let args = vec![
+            String::from_utf8_lossy(MAGIC).into_owned(),
+            lock_ms.to_string(),
+            request.token.clone(),
+        ];
+        let lookup = &self.cache.scripts.lookup;
+        let (evalsha, eval) = (lookup.evalsha(&keys, &args), lookup.eval(&keys, &args));
+        let sent = self.client.call(
+            &mut self.wire,
+            now_ms,
+            ctx,
+            Purpose::CacheLookup,
+            &evalsha,
+            Some(eval),
+        );
+        match sent {
+            Ok(_) => {
+                if let Some(flow) = self.flows.get_mut(&ctx) {
+                    flow.outstanding += 1;
+                }
+                self.cache.requests.insert(ctx, request);
+                Begin::Pause
+            }
+            Err(e) => {
+                log_debug(&format!(
+                    "krowoc-edge: route {}: cache bypassed: {e}",
+                    route.name
+                ));
+                request.phase = Phase::Bypass(Bypass::Redis);
+                self.cache.metrics.count(route_idx, Count::Bypass);
+                self.cache.metrics.count(route_idx, Count::RedisError);
+                self.cache.requests.insert(ctx, request);
+                rate_limit
+            }
+        }
+    }
+
+    /// A cache call finished (a lookup, or a background job).
+    pub(crate) fn complete_cache(
+        &mut self,
+        now_ms: u64,
+        ctx: u32,
+        purpose: Purpose,
+        result: Result<Reply, RedisError>,
+    ) -> Option<HostAction> {
+        if purpose == Purpose::CacheJob {
+            return self.complete_job(now_ms, ctx, result);
+        }
+        let request = self.cache.requests.get_mut(&ctx)?;
+        if !matches!(request.phase, Phase::Looking) {
+            return None;
+        }
+        let lookup = result.and_then(|r| parse_lookup(&r));
+        if let Ok(l) = &lookup {
+            request.holds_lock = l.lock == LockState::Taken;
+        }
+        request.phase = Phase::Found(lookup);
+        let flow = self.flows.get_mut(&ctx)?;
+        flow.outstanding = flow.outstanding.saturating_sub(1);
+        if flow.outstanding > 0 {
+            return None;
+        }
+        self.decide(now_ms, ctx)
+    }
+
+    /// The rate limit let the request pass: answer it from the cache, let it wait for a
+    /// fill, or send it upstream.
+    pub(crate) fn cache_proceed(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+        let config = Rc::clone(&self.config);
+        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+            return Some(HostAction::Resume(ctx));
+        };
+        if !matches!(request.phase, Phase::Found(_)) {
+            // A bypass: nothing to decide.
+            return Some(HostAction::Resume(ctx));
+        }
+        let Phase::Found(result) = std::mem::replace(&mut request.phase, Phase::Finished) else {
+            return Some(HostAction::Resume(ctx));
+        };
+        let route = request.route;
+        let metrics = &self.cache.metrics;
+        let lookup = match result {
+            Ok(l) => l,
+            Err(e) => {
+                log_debug(&format!(
+                    "krowoc-edge: route {}: cache bypassed: {e}",
+                    config.routes[route].name
+                ));
+                metrics.count(route, Count::Bypass);
+                metrics.count(route, Count::RedisError);
+                request.phase = Phase::Bypass(Bypass::Redis);
+                return Some(HostAction::Resume(ctx));
+            }
+        };
+        if lookup.corrupt {
+            metrics.count(route, Count::Corrupt);
+        }
+        let decoded = lookup.blob.clone().map(entry_decode);
+        let decoded = match decoded {
+            Some(Err(())) => {
+                metrics.count(route, Count::Corrupt);
+                let key = request.entry_key();
+                self.queue_job(now_ms, JobKind::Delete { key });
+                None
+            }
+            Some(Ok(r)) => Some(r),
+            None => None,
+        };
+        let request = self.cache.requests.get_mut(&ctx)?;
+        let settings = &config.cache;
+        let metrics = &self.cache.metrics;
+        match (lookup.state, decoded) {
+            (EntryState::Hit, Some(stored)) => {
+                metrics.count(route, Count::Hit);
+                let ttl = ttl_seconds(lookup.fresh_ms, lookup.age_ms);
+                let resp = serve(
+                    settings,
+                    request,
+                    &stored,
+                    lookup.age_ms,
+                    Outcome::Hit,
+                    CacheStatus::hit(ttl),
+                );
+                if resp.status == 304 {
+                    metrics.count(route, Count::NotModified);
+                }
+                request.phase = Phase::Served;
+                Some(HostAction::Respond(ctx, resp))
+            }
+            (EntryState::Stale, Some(stored)) => {
+                metrics.count(route, Count::Stale);
+                let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, lookup.age_ms));
+                status.detail = Some("stale-while-revalidate");
+                let resp = serve(
+                    settings,
+                    request,
+                    &stored,
+                    lookup.age_ms,
+                    Outcome::Stale,
+                    status,
+                );
+                request.phase = Phase::Served;
+                if request.holds_lock {
+                    request.holds_lock = false;
+                    let job = match request.revalidate.clone() {
+                        Some(target) => JobKind::Revalidate {
+                            route,
+                            key: request.key.clone(),
+                            token: request.token.clone(),
+                            target,
+                        },
+                        None => JobKind::Unlock {
+                            lock_key: request.lock_key(),
+                            token: request.token.clone(),
+                            pass_ms: 0,
+                        },
+                    };
+                    self.queue_job(now_ms, job);
+                }
+                Some(HostAction::Respond(ctx, resp))
+            }
+            (state, stored) => {
+                let stale = stored.map(|response| StaleCopy {
+                    response,
+                    age_ms: lookup.age_ms,
+                    fresh_ms: lookup.fresh_ms,
+                    sie_ms: lookup.sie_ms,
+                    read_at_ms: now_ms,
+                });
+                let outcome = if stale.is_some() && state != EntryState::Miss {
+                    Outcome::Expired
+                } else {
+                    Outcome::Miss
+                };
+                if lookup.lock == LockState::Held {
+                    metrics.count(route, Count::Coalesced);
+                    request.phase = Phase::Waiting {
+                        since_ms: now_ms,
+                        stale,
+                    };
+                    let entry_key = request.entry_key();
+                    self.cache.waiting.entry(entry_key).or_default().push(ctx);
+                    return None;
+                }
+                metrics.count(
+                    route,
+                    if outcome == Outcome::Expired {
+                        Count::Expired
+                    } else {
+                        Count::Miss
+                    },
+                );
+                request.phase = Phase::Forwarded { outcome, stale };
+                Some(HostAction::Resume(ctx))
+            }
+        }
+    }
+
+    // ---- response phase ----------------------------------------------------------------------
+
+    /// The upstream's response headers (or a local reply's): fields to add, or a replacement.
+    pub(crate) fn cache_response_headers(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        end_of_stream: bool,
+    ) -> CacheResponse {
+        let config = Rc::clone(&self.config);
+        let Some(route_idx) = self.flows.get(&ctx).map(|f| f.route) else {
+            return CacheResponse::Pass(Vec::new());
+        };
+        let route = &config.routes[route_idx];
+        let wanted = route.invalidation.is_some()
+            || self
+                .cache
+                .requests
+                .get(&ctx)
+                .is_some_and(|r| matches!(r.phase, Phase::Forwarded { .. } | Phase::Bypass(_)));
+        if !wanted {
+            return CacheResponse::Pass(Vec::new());
+        }
+        let headers = host::header_pairs(host::MAP_RESPONSE_HEADERS);
+        let status = header(&headers, ":status")
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(502);
+        if let Some(inv) = &route.invalidation {
+            if (200..300).contains(&status) {
+                self.honour_invalidation(now_ms, &headers, &inv.header);
+            }
+        }
+        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+            return CacheResponse::Pass(Vec::new());
+        };
+        let settings = &config.cache;
+        let Some(policy) = &route.cache else {
+            return CacheResponse::Pass(Vec::new());
+        };
+        match std::mem::replace(&mut request.phase, Phase::Finished) {
+            Phase::Bypass(reason) => {
+                let (fwd, detail) = reason.forward();
+                let mut s = CacheStatus::forward(fwd);
+                s.fwd_status = Some(status);
+                s.detail = Some(detail);
+                request.phase = Phase::Bypass(reason);
+                CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
+            }
+            Phase::Forwarded { outcome, stale } => {
+                let fwd = if outcome == Outcome::Expired {
+                    "stale"
+                } else {
+                    "uri-miss"
+                };
+                if status >= 500 {
+                    if let Some(stale) = stale.filter(|s| s.usable_for_error(now_ms)) {
+                        let age = stale.age_at(now_ms);
+                        let mut s = CacheStatus::forward(fwd);
+                        s.fwd_status = Some(status);
+                        s.ttl_s = Some(ttl_seconds(stale.fresh_ms, age));
+                        s.detail = Some("stale-if-error");
+                        let mut resp =
+                            serve(settings, request, &stale.response, age, Outcome::Stale, s);
+                        let lock = request
+                            .holds_lock
+                            .then(|| (request.lock_key(), request.token.clone()));
+                        request.holds_lock = false;
+                        self.cache.metrics.count(route_idx, Count::Stale);
+                        if let Some((lock_key, token)) = lock {
+                            self.queue_job(
+                                now_ms,
+                                JobKind::Unlock {
+                                    lock_key,
+                                    token,
+                                    pass_ms: 0,
+                                },
+                            );
+                        }
+                        if let Some(flow) = self.flows.get(&ctx) {
+                            resp.headers.extend(flow.response_headers.iter().cloned());
+                        }
+                        return CacheResponse::Replace(resp);
+                    }
+                }
+                let mut s = CacheStatus::forward(fwd);
+                s.fwd_status = Some(status);
+                let now_s = i64::try_from(now_ms / 1000).unwrap_or(0);
+                match storable(policy, status, &headers, now_s) {
+                    Ok(freshness) => {
+                        s.stored = true;
+                        let fields = stored_fields(
+                            settings,
+                            route.invalidation.as_ref().map(|i| i.header.as_str()),
+                            &headers,
+                        );
+                        let content_length = header(&headers, "content-length")
+                            .and_then(|v| v.trim().parse::<usize>().ok());
+                        let collector = Collector {
+                            status,
+                            tags: cache_policy::tags(policy, &headers),
+                            fields,
+                            freshness,
+                            body: Vec::with_capacity(content_length.unwrap_or(0).min(1 << 20)),
+                            content_length,
+                        };
+                        request.phase = Phase::Collecting(collector);
+                        // A HEAD answer has no body even when its fields describe one.
+                        if end_of_stream || request.method == "HEAD" {
+                            self.finish_collecting(now_ms, ctx);
+                        }
+                    }
+                    Err(why) => {
+                        s.detail = Some(why.as_str());
+                        self.cache.metrics.count(route_idx, Count::NotStored);
+                        self.release_lock(now_ms, ctx, pass_for(why, status, policy));
+                    }
+                }
+                CacheResponse::Pass(status_fields(settings, outcome, &s))
+            }
+            other => {
+                request.phase = other;
+                CacheResponse::Pass(Vec::new())
+            }
+        }
+    }
+
+    /// A chunk of the response body passed (`body_size` bytes buffered).
+    pub(crate) fn cache_response_body(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        body_size: usize,
+        end_of_stream: bool,
+    ) {
+        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+            return;
+        };
+        let Phase::Collecting(c) = &mut request.phase else {
+            return;
+        };
+        let route = request.route;
+        let max = self.config.routes[route]
+            .cache
+            .as_ref()
+            .map(|p| p.max_body_bytes)
+            .unwrap_or(0);
+        if body_size > 0 {
+            let chunk = host::buffer(BUFFER_HTTP_RESPONSE_BODY, body_size).unwrap_or_default();
+            c.body.extend_from_slice(&chunk);
+        }
+        if u64::try_from(c.body.len()).unwrap_or(u64::MAX) > max {
+            request.phase = Phase::Finished;
+            self.cache.metrics.count(route, Count::NotStored);
+            let pass = self.config.routes[route]
+                .cache
+                .as_ref()
+                .map(|p| p.coalesce.lock.as_millis())
+                .unwrap_or(0);
+            self.release_lock(now_ms, ctx, pass);
+            return;
+        }
+        if end_of_stream {
+            self.finish_collecting(now_ms, ctx);
+        }
+    }
+
+    /// The response ended: store what was collected.
+    fn finish_collecting(&mut self, now_ms: u64, ctx: u32) {
+        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+            return;
+        };
+        let Phase::Collecting(c) = std::mem::replace(&mut request.phase, Phase::Finished) else {
+            return;
+        };
+        let blob = cache_entry::encode(c.status, &c.fields, &c.body);
+        let mut keys = vec![
+            request.entry_key(),
+            request.lock_key(),
+            request.keys.route_index(),
+            request.keys.path_index(&request.key.path),
+            request.keys.url_index(&request.key.url),
+        ];
+        keys.extend(c.tags.iter().map(|t| request.keys.tag_index(t)));
+        let f = c.freshness;
+        let args = vec![
+            f.fresh_ms.to_string(),
+            f.stale_while_revalidate_ms.to_string(),
+            f.stale_if_error_ms.to_string(),
+            f.initial_age_ms.to_string(),
+            request.key.url.clone(),
+            request.key.hash.clone(),
+            if request.holds_lock {
+                request.token.clone()
+            } else {
+                String::new()
+            },
+        ];
+        request.holds_lock = false;
+        let route = request.route;
+        self.queue_store(now_ms, route, keys, args, blob);
+    }
+
+    /// The request ended (logged, or its context went away).
+    pub(crate) fn cache_end(&mut self, ctx: u32) {
+        let now_ms = host::now_ms();
+        if let Some(request) = self.cache.requests.get(&ctx) {
+            if let Phase::Collecting(c) = &request.phase {
+                // Trailers ended the body without an end-of-stream chunk: store if complete.
+                if c.content_length == Some(c.body.len()) {
+                    self.finish_collecting(now_ms, ctx);
+                } else {
+                    let route = request.route;
+                    self.cache.metrics.count(route, Count::NotStored);
+                }
+            }
+        }
+        self.release_lock(now_ms, ctx, 0);
+        let waited_on = self
+            .cache
+            .requests
+            .get(&ctx)
+            .filter(|r| matches!(r.phase, Phase::Waiting { .. }))
+            .map(CacheRequest::entry_key);
+        if let Some(key) = waited_on {
+            if let Some(list) = self.cache.waiting.get_mut(&key) {
+                list.retain(|c| *c != ctx);
+            }
+        }
+        self.cache.requests.remove(&ctx);
+        self.cache.purges.remove(&ctx);
+    }
+
+    /// Releases this request's fill lock (off the request path); `pass_ms` > 0 marks the key
+    /// uncacheable for that long.
+    fn release_lock(&mut self, now_ms: u64, ctx: u32, pass_ms: u64) {
+        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+            return;
+        };
+        if !request.holds_lock {
+            return;
+        }
+        request.holds_lock = false;
+        let job = JobKind::Unlock {
+            lock_key: request.lock_key(),
+            token: request.token.clone(),
+            pass_ms,
+        };
+        self.queue_job(now_ms, job);
+    }
+
+    /// Applies an upstream's invalidation header (its route has `invalidation`, status 2xx).
+    fn honour_invalidation(&mut self, now_ms: u64, headers: &[(String, String)], name: &str) {
+        let value = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        if value.is_empty() {
+            return;
+        }
+        let directives = match parse_directives(&value) {
+            Ok(d) => d,
+            Err(e) => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("krowoc-edge: ignored invalidation header {name}: {e}"),
+                );
+                increment_metric(self.cache.metrics.purge_failures, 1);
+                return;
+            }
+        };
+        let config = Rc::clone(&self.config);
+        for d in &directives {
+            for step in plan(&config, d) {
+                self.queue_job(now_ms, purge_job(step));
+            }
+        }
+    }
+
+    // ---- background work ---------------------------------------------------------------------
+
+    fn queue_store(
+        &mut self,
+        now_ms: u64,
+        route: usize,
+        keys: Vec<String>,
+        args: Vec<String>,
+        blob: Vec<u8>,
+    ) {
+        let job = Job {
+            kind: JobKind::Store {
+                route,
+                keys,
+                blob,
+                args,
+            },
+            notify: None,
+        };
+        self.enqueue(now_ms, job);
+    }
+
+    fn queue_job(&mut self, now_ms: u64, kind: JobKind) {
+        self.enqueue(now_ms, Job { kind, notify: None });
+    }
+
+    fn enqueue(&mut self, now_ms: u64, job: Job) {
+        // Higress Redis calls belong to the root context: no need to wait for the tick.
+        let immediate = self.client.transport == Transport::RedisCall
+            && !matches!(job.kind, JobKind::Revalidate { .. });
+        if immediate {
+            if let Err(failed) = self.dispatch_job(now_ms, job) {
+                let (job, e) = *failed;
+                self.job_failed(&job, &e);
+            }
+            return;
+        }
+        if self.cache.queue.len() >= MAX_QUEUED_JOBS {
+            self.job_failed(&job, &RedisError::protocol("cache job queue full"));
+            return;
+        }
+        self.cache.queue.push_back(job);
+    }
+}
+
+/// What the response phase does for the cache.
+#[derive(Debug)]
+pub enum CacheResponse {
+    /// Let the response pass with these fields added.
+    Pass(Vec<(String, String)>),
+    /// Answer with this instead (a stale copy for an upstream error).
+    Replace(LocalResponse),
+}
+
+/// `EVALSHA`/`EVAL` of a script whose first argument may be bytes.
+fn script_command(
+    script: &Script,
+    eval: bool,
+    keys: &[String],
+    blob: Option<&[u8]>,
+    args: &[String],
+) -> Command {
+    let head = if eval {
+        Command::new("EVAL").arg(script.source)
+    } else {
+        Command::new("EVALSHA").arg(&script.sha1)
+    };
+    let mut c = head.arg(keys.len().to_string()).args(keys);
+    if let Some(b) = blob {
+        c = c.arg(b);
+    }
+    c.args(args)
+}
+
+fn script_pair(
+    script: &Script,
+    keys: &[String],
+    blob: Option<&[u8]>,
+    args: &[String],
+) -> (Command, Option<Command>) {
+    (
+        script_command(script, false, keys, blob, args),
+        Some(script_command(script, true, keys, blob, args)),
+    )
+}
+
+/// The job of one purge step.
+fn purge_job(step: PurgeStep) -> JobKind {
+    match step {
+        PurgeStep::Scan { .. } => JobKind::Scan {
+            step,
+            cursor: "0".into(),
+        },
+        index => JobKind::Purge(index),
+    }
+}
+
+fn entry_decode(blob: Vec<u8>) -> Result<StoredResponse, ()> {
+    cache_entry::decode(blob).map_err(|e| log_debug(&format!("krowoc-edge: {e}")))
+}
+
+/// How long to mark a key uncacheable after a response that was not stored: a deterministic
+/// refusal (private, too large, ...) keeps concurrent misses from waiting for a fill that never
+/// comes; a 5xx may be passing, so it only releases the lock.
+fn pass_for(why: NotStored, status: u16, policy: &CachePolicy) -> u64 {
+    if why == NotStored::Status && status >= 500 {
+        0
+    } else {
+        policy.coalesce.lock.as_millis()
+    }
+}
+
+/// Where a background refresh of this request's entry would go: the route's cluster (Envoy's
+/// `xds.cluster_name`), with the request line and the keyed fields.
+fn revalidate_target(policy: &CachePolicy, req: &RequestInfo) -> Option<RevalidateTarget> {
+    let cluster = host::property(&["xds", "cluster_name"])
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .filter(|c| !c.is_empty())?;
+    let mut headers = vec![
+        (":method".to_string(), req.method.clone()),
+        (":path".to_string(), req.path.clone()),
+        (
+            ":authority".to_string(),
+            header(&req.headers, ":authority")?.to_string(),
+        ),
+        (
+            ":scheme".to_string(),
+            header(&req.headers, ":scheme")
+                .unwrap_or("http")
+                .to_string(),
+        ),
+    ];
+    for name in &policy.key.headers {
+        headers.extend(
+            req.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .cloned(),
+        );
+    }
+    Some(RevalidateTarget { cluster, headers })
+}
+
+/// The answer from the cache: the stored response (or 304 for a matching conditional
+/// request) with `Age`, `X-Cache` and `Cache-Status`.
+fn serve(
+    settings: &crate::cache_config::CacheSettings,
+    request: &CacheRequest,
+    stored: &StoredResponse,
+    age_ms: u64,
+    outcome: Outcome,
+    status: CacheStatus,
+) -> LocalResponse {
+    let (code, mut headers, body) =
+        if not_modified(&request.method, &request.conditional, &stored.headers) {
+            (304, not_modified_fields(&stored.headers), Vec::new())
+        } else {
+            (stored.status, stored.headers.clone(), stored.body.clone())
+        };
+    headers.push(("age".into(), (age_ms / 1000).to_string()));
+    headers.extend(status_fields(settings, outcome, &status));
+    LocalResponse {
+        status: u32::from(code),
+        headers,
+        body,
+    }
+}
+
+fn purge_answer(p: &PurgeRequest) -> LocalResponse {
+    if p.failures.is_empty() {
+        json_response(
+            200,
+            serde_json::json!({"purged": p.deleted, "directives": p.directives}),
+        )
+    } else {
+        json_response(
+            502,
+            serde_json::json!({
+                "error": "some purges failed",
+                "failures": p.failures,
+                "purged": p.deleted,
+                "directives": p.directives,
+            }),
+        )
+    }
+}
+
+impl Edge {
+    /// Sends one job now; the job comes back with the error when it could not be sent.
+    fn dispatch_job(&mut self, now_ms: u64, job: Job) -> Result<(), Box<(Job, RedisError)>> {
+        let id = self.cache.job_id();
+        let scripts = &self.cache.scripts;
+        let (cmd, eval) = match &job.kind {
+            JobKind::Store {
+                keys, blob, args, ..
+            } => script_pair(&scripts.store, keys, Some(blob), args),
+            JobKind::Unlock {
+                lock_key,
+                token,
+                pass_ms,
+            } => script_pair(
+                &scripts.unlock,
+                std::slice::from_ref(lock_key),
+                None,
+                &[token.clone(), pass_ms.to_string()],
+            ),
+            JobKind::Delete { key } => (Command::new("DEL").arg(key), None),
+            JobKind::Purge(PurgeStep::Index {
+                index_key,
+                entry_prefix,
+            }) => script_pair(
+                &scripts.purge,
+                std::slice::from_ref(index_key),
+                None,
+                std::slice::from_ref(entry_prefix),
+            ),
+            JobKind::Purge(PurgeStep::Scan { .. }) => {
+                let e = RedisError::protocol("a scan is sent as a Scan job");
+                return Err(Box::new((job, e)));
+            }
+            JobKind::Scan {
+                step:
+                    PurgeStep::Scan {
+                        match_pattern,
+                        lua_pattern,
+                    },
+                cursor,
+            } => script_pair(
+                &scripts.scan,
+                &[],
+                None,
+                &[
+                    cursor.clone(),
+                    match_pattern.clone(),
+                    SCAN_COUNT.to_string(),
+                    lua_pattern.clone(),
+                ],
+            ),
+            JobKind::Scan { .. } => {
+                let e = RedisError::protocol("a Scan job needs a scan step");
+                return Err(Box::new((job, e)));
+            }
+            JobKind::Poll {
+                entry_key,
+                lock_key,
+                token,
+                lock_ms,
+                ..
+            } => script_pair(
+                &scripts.lookup,
+                &[entry_key.clone(), lock_key.clone()],
+                None,
+                &[
+                    String::from_utf8_lossy(MAGIC).into_owned(),
+                    lock_ms.to_string(),
+                    token.clone(),
+                ],
+            ),
+            JobKind::Revalidate { target, .. } => {
+                let headers: Vec<(&str, &str)> = target
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                return match proxy_wasm::hostcalls::dispatch_http_call(
+                    &target.cluster,
+                    headers,
+                    None,
+                    vec![],
+                    REVALIDATE_TIMEOUT,
+                ) {
+                    Ok(call) => {
+                        if let JobKind::Revalidate {
+                            route, key, token, ..
+                        } = job.kind
+                        {
+                            increment_metric(self.cache.metrics.revalidations, 1);
+                            self.cache
+                                .revalidations
+                                .insert(call, Revalidation { route, key, token });
+                        }
+                        Ok(())
+                    }
+                    Err(status) => {
+                        let e = RedisError::new(
+                            crate::error::RedisErrorKind::Dispatch,
+                            format!(
+                                "host refused the refresh call to cluster {:?} ({status:?})",
+                                target.cluster
+                            ),
+                        );
+                        Err(Box::new((job, e)))
+                    }
+                };
+            }
+        };
+        match self
+            .client
+            .call(&mut self.wire, now_ms, id, Purpose::CacheJob, &cmd, eval)
+        {
+            Ok(_) => {
+                if let JobKind::Poll { entry_key, .. } = &job.kind {
+                    self.cache.polling.insert(entry_key.clone());
+                }
+                self.cache.jobs.insert(id, job);
+                Ok(())
+            }
+            Err(e) => Err(Box::new((job, e))),
+        }
+    }
+
+    /// A job could not be sent, or failed.
+    fn job_failed(&mut self, job: &Job, e: &RedisError) {
+        match &job.kind {
+            JobKind::Store { route, .. } => {
+                log_debug(&format!("krowoc-edge: cache store failed: {e}"));
+                self.cache.metrics.count(*route, Count::StoreFailure);
+            }
+            JobKind::Purge(_) | JobKind::Scan { .. } => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("krowoc-edge: cache purge failed: {e}"),
+                );
+                increment_metric(self.cache.metrics.purge_failures, 1);
+            }
+            JobKind::Poll {
+                entry_key, token, ..
+            } => {
+                self.cache.polling.remove(entry_key);
+                self.cache.poll_results.insert(
+                    entry_key.clone(),
+                    PollResult {
+                        token: token.clone(),
+                        result: Err(e.clone()),
+                        read_at_ms: 0,
+                    },
+                );
+            }
+            JobKind::Revalidate {
+                route, key, token, ..
+            } => {
+                log_debug(&format!("krowoc-edge: cache refresh not sent: {e}"));
+                let keys = RouteKeys::new(
+                    &self.config.redis.key_prefix,
+                    &self.config.routes[*route].name,
+                );
+                self.cache.queue.push_back(Job {
+                    kind: JobKind::Unlock {
+                        lock_key: keys.lock(&key.hash),
+                        token: token.clone(),
+                        pass_ms: 0,
+                    },
+                    notify: None,
+                });
+            }
+            JobKind::Unlock { .. } | JobKind::Delete { .. } => {}
+        }
+    }
+
+    /// A purge of a purge-endpoint request finished (or made progress).
+    fn purge_progress(
+        &mut self,
+        ctx: u32,
+        deleted: u64,
+        failure: Option<String>,
+    ) -> Option<HostAction> {
+        let p = self.cache.purges.get_mut(&ctx)?;
+        p.deleted += deleted;
+        p.failures.extend(failure);
+        p.outstanding = p.outstanding.saturating_sub(1);
+        if p.outstanding > 0 {
+            return None;
+        }
+        let p = self.cache.purges.remove(&ctx)?;
+        Some(HostAction::Respond(ctx, purge_answer(&p)))
+    }
+
+    fn complete_job(
+        &mut self,
+        now_ms: u64,
+        id: u32,
+        result: Result<Reply, RedisError>,
+    ) -> Option<HostAction> {
+        if !is_job(id) {
+            return None;
+        }
+        let job = self.cache.jobs.remove(&id)?;
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.job_failed(&job, &e);
+                return job
+                    .notify
+                    .and_then(|ctx| self.purge_progress(ctx, 0, Some(e.to_string())));
+            }
+        };
+        match job.kind {
+            JobKind::Store { route, .. } => {
+                self.cache.metrics.count(route, Count::Store);
+                None
+            }
+            JobKind::Unlock { .. } | JobKind::Delete { .. } | JobKind::Revalidate { .. } => None,
+            JobKind::Purge(_) => {
+                let deleted = as_u64(&result).unwrap_or(0);
+                increment_metric(self.cache.metrics.purges, 1);
+                increment_metric(
+                    self.cache.metrics.purged_entries,
+                    i64::try_from(deleted).unwrap_or(0),
+                );
+                job.notify
+                    .and_then(|ctx| self.purge_progress(ctx, deleted, None))
+            }
+            JobKind::Scan { step, .. } => {
+                let (cursor, deleted) = match &result {
+                    Reply::Array(items) if items.len() == 2 => {
+                        let cursor = match &items[0] {
+                            Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+                            other => other.as_int().map(|i| i.to_string()).unwrap_or_default(),
+                        };
+                        (cursor, as_u64(&items[1]).unwrap_or(0))
+                    }
+                    _ => (String::new(), 0),
+                };
+                increment_metric(
+                    self.cache.metrics.purged_entries,
+                    i64::try_from(deleted).unwrap_or(0),
+                );
+                if !cursor.is_empty() && cursor != "0" {
+                    // The next step goes out from the context that got this answer.
+                    let next = Job {
+                        kind: JobKind::Scan { step, cursor },
+                        notify: job.notify,
+                    };
+                    if let Some(ctx) = job.notify {
+                        if let Some(p) = self.cache.purges.get_mut(&ctx) {
+                            p.deleted += deleted;
+                        }
+                    }
+                    return match self.dispatch_job(now_ms, next) {
+                        Ok(()) => None,
+                        Err(failed) => {
+                            let (next, e) = *failed;
+                            self.job_failed(&next, &e);
+                            next.notify
+                                .and_then(|ctx| self.purge_progress(ctx, 0, Some(e.to_string())))
+                        }
+                    };
+                }
+                let failure = cursor
+                    .is_empty()
+                    .then(|| format!("cache_scan_purge answered {result:?}"));
+                if failure.is_none() {
+                    increment_metric(self.cache.metrics.purges, 1);
+                }
+                job.notify
+                    .and_then(|ctx| self.purge_progress(ctx, deleted, failure))
+            }
+            JobKind::Poll {
+                entry_key, token, ..
+            } => {
+                self.cache.polling.remove(&entry_key);
+                self.cache.poll_results.insert(
+                    entry_key,
+                    PollResult {
+                        token,
+                        result: parse_lookup(&result),
+                        read_at_ms: now_ms,
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// The answer to a background refresh (HTTP call `token`); false when the call is not one.
+    pub(crate) fn cache_revalidated(&mut self, now_ms: u64, token: u32, raw: &RawReply) -> bool {
+        let Some(rev) = self.cache.revalidations.remove(&token) else {
+            return false;
+        };
+        let config = Rc::clone(&self.config);
+        let route = &config.routes[rev.route];
+        let keys = RouteKeys::new(&config.redis.key_prefix, &route.name);
+        let unlock = |pass_ms| JobKind::Unlock {
+            lock_key: keys.lock(&rev.key.hash),
+            token: rev.token.clone(),
+            pass_ms,
+        };
+        let Some(policy) = &route.cache else {
+            return true;
+        };
+        let (status, body) = match raw {
+            RawReply::Relay {
+                status: Some(s),
+                body,
+            } => (*s, body),
+            _ => {
+                self.queue_job(now_ms, unlock(0));
+                return true;
+            }
+        };
+        let headers = host::header_pairs(host::MAP_HTTP_CALL_RESPONSE_HEADERS);
+        let now_s = i64::try_from(now_ms / 1000).unwrap_or(0);
+        let too_large = u64::try_from(body.len()).unwrap_or(u64::MAX) > policy.max_body_bytes;
+        match storable(policy, status, &headers, now_s) {
+            Ok(f) if !too_large => {
+                let fields = stored_fields(
+                    &config.cache,
+                    route.invalidation.as_ref().map(|i| i.header.as_str()),
+                    &headers,
+                );
+                let blob = cache_entry::encode(status, &fields, body);
+                let mut store_keys = vec![
+                    keys.entry(&rev.key.hash),
+                    keys.lock(&rev.key.hash),
+                    keys.route_index(),
+                    keys.path_index(&rev.key.path),
+                    keys.url_index(&rev.key.url),
+                ];
+                store_keys.extend(
+                    cache_policy::tags(policy, &headers)
+                        .iter()
+                        .map(|t| keys.tag_index(t)),
+                );
+                let args = vec![
+                    f.fresh_ms.to_string(),
+                    f.stale_while_revalidate_ms.to_string(),
+                    f.stale_if_error_ms.to_string(),
+                    f.initial_age_ms.to_string(),
+                    rev.key.url.clone(),
+                    rev.key.hash.clone(),
+                    rev.token.clone(),
+                ];
+                self.queue_store(now_ms, rev.route, store_keys, args, blob);
+            }
+            Ok(_) => {
+                self.cache.metrics.count(rev.route, Count::NotStored);
+                self.queue_job(now_ms, unlock(policy.coalesce.lock.as_millis()));
+            }
+            Err(why) => {
+                self.cache.metrics.count(rev.route, Count::NotStored);
+                self.queue_job(now_ms, unlock(pass_for(why, status, policy)));
+            }
+        }
+        true
+    }
+
+    /// The tick: coalesced requests (answers of polls, time-outs, new polls) and queued jobs.
+    pub(crate) fn cache_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
+        let mut actions = Vec::new();
+        let keys: Vec<String> = self.cache.waiting.keys().cloned().collect();
+        for entry_key in keys {
+            let Some(mut waiters) = self.cache.waiting.remove(&entry_key) else {
+                continue;
+            };
+            waiters.retain(|c| {
+                self.cache
+                    .requests
+                    .get(c)
+                    .is_some_and(|r| matches!(r.phase, Phase::Waiting { .. }))
+            });
+            if let Some(poll) = self.cache.poll_results.remove(&entry_key) {
+                waiters = self.settle_waiters(now_ms, waiters, poll, &mut actions);
+            }
+            let mut still = Vec::with_capacity(waiters.len());
+            for ctx in waiters {
+                let expired = self.cache.requests.get(&ctx).is_some_and(|r| {
+                    let wait = self.config.routes[r.route]
+                        .cache
+                        .as_ref()
+                        .map(|p| p.coalesce.wait.as_millis())
+                        .unwrap_or(0);
+                    matches!(r.phase, Phase::Waiting { since_ms, .. } if since_ms + wait <= now_ms)
+                });
+                if expired {
+                    actions.extend(self.stop_waiting(now_ms, ctx));
+                } else {
+                    still.push(ctx);
+                }
+            }
+            if let Some(first_ctx) = still.first().copied() {
+                if !self.cache.polling.contains(&entry_key) {
+                    self.poll(now_ms, first_ctx);
+                }
+                self.cache.waiting.insert(entry_key, still);
+            }
+        }
+        self.cache
+            .poll_results
+            .retain(|k, _| self.cache.waiting.contains_key(k));
+        let queued: Vec<Job> = self.cache.queue.drain(..).collect();
+        for job in queued {
+            if let Err(failed) = self.dispatch_job(now_ms, job) {
+                let (job, e) = *failed;
+                self.job_failed(&job, &e);
+            }
+        }
+        actions
+    }
+
+    /// Sends a coalescing poll for the key `ctx` waits on, with `ctx`'s lock token.
+    fn poll(&mut self, now_ms: u64, ctx: u32) {
+        let Some(r) = self.cache.requests.get(&ctx) else {
+            return;
+        };
+        let lock_ms = self.config.routes[r.route]
+            .cache
+            .as_ref()
+            .map(|p| p.coalesce.lock.as_millis())
+            .unwrap_or(0);
+        let job = Job {
+            kind: JobKind::Poll {
+                entry_key: r.entry_key(),
+                lock_key: r.lock_key(),
+                token: r.token.clone(),
+                lock_ms,
+            },
+            notify: None,
+        };
+        if let Err(failed) = self.dispatch_job(now_ms, job) {
+            let (job, e) = *failed;
+            self.job_failed(&job, &e);
+        }
+    }
+
+    /// Acts on a poll's answer for the requests waiting on one key; returns those still waiting.
+    fn settle_waiters(
+        &mut self,
+        now_ms: u64,
+        waiters: Vec<u32>,
+        poll: PollResult,
+        actions: &mut Vec<HostAction>,
+    ) -> Vec<u32> {
+        let config = Rc::clone(&self.config);
+        let lookup = match poll.result {
+            Ok(l) => l,
+            Err(e) => {
+                log_debug(&format!("krowoc-edge: coalescing poll failed: {e}"));
+                for ctx in waiters {
+                    if let Some(r) = self.cache.requests.get_mut(&ctx) {
+                        r.phase = Phase::Bypass(Bypass::Redis);
+                        self.cache.metrics.count(r.route, Count::Bypass);
+                        self.cache.metrics.count(r.route, Count::RedisError);
+                        actions.push(HostAction::Resume(ctx));
+                    }
+                }
+                return Vec::new();
+            }
+        };
+        let servable = matches!(lookup.state, EntryState::Hit | EntryState::Stale);
+        let stored = if servable {
+            lookup.blob.clone().and_then(|b| entry_decode(b).ok())
+        } else {
+            None
+        };
+        if let Some(stored) = stored {
+            let outcome = if lookup.state == EntryState::Hit {
+                Outcome::Hit
+            } else {
+                Outcome::Stale
+            };
+            let age_ms = lookup.age_ms + now_ms.saturating_sub(poll.read_at_ms);
+            for ctx in &waiters {
+                let Some(r) = self.cache.requests.get_mut(ctx) else {
+                    continue;
+                };
+                let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, age_ms));
+                status.collapsed = true;
+                let resp = serve(&config.cache, r, &stored, age_ms, outcome, status);
+                r.phase = Phase::Served;
+                self.cache.metrics.count(
+                    r.route,
+                    if outcome == Outcome::Hit {
+                        Count::Hit
+                    } else {
+                        Count::Stale
+                    },
+                );
+                actions.push(HostAction::Respond(*ctx, resp));
+            }
+            if lookup.lock == LockState::Taken {
+                // The poll took the refresh lock of a stale entry: give it back.
+                if let Some(r) = waiters.first().and_then(|c| self.cache.requests.get(c)) {
+                    let job = JobKind::Unlock {
+                        lock_key: r.lock_key(),
+                        token: poll.token.clone(),
+                        pass_ms: 0,
+                    };
+                    self.queue_job(now_ms, job);
+                }
+            }
+            return Vec::new();
+        }
+        match lookup.lock {
+            LockState::Taken => {
+                // The filler gave up (or its lock expired): the poll's request fills instead.
+                let mut rest = Vec::with_capacity(waiters.len());
+                let mut handed = false;
+                for ctx in waiters {
+                    let owner = self
+                        .cache
+                        .requests
+                        .get(&ctx)
+                        .is_some_and(|r| r.token == poll.token);
+                    if owner && !handed {
+                        handed = true;
+                        actions.extend(self.stop_waiting_as_filler(now_ms, ctx));
+                    } else {
+                        rest.push(ctx);
+                    }
+                }
+                rest
+            }
+            LockState::Pass | LockState::NotTried => {
+                for ctx in waiters {
+                    actions.extend(self.stop_waiting(now_ms, ctx));
+                }
+                Vec::new()
+            }
+            LockState::Held => waiters,
+        }
+    }
+
+    /// A waiting request goes upstream holding the fill lock.
+    fn stop_waiting_as_filler(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+        let r = self.cache.requests.get_mut(&ctx)?;
+        r.holds_lock = true;
+        let action = self.stop_waiting(now_ms, ctx);
+        if let Some(r) = self.cache.requests.get_mut(&ctx) {
+            if !matches!(r.phase, Phase::Forwarded { .. }) {
+                // Served stale instead: the lock goes back.
+                self.release_lock(now_ms, ctx, 0);
+            }
+        }
+        action
+    }
+
+    /// A waiting request stops waiting: a usable stale copy, or upstream.
+    fn stop_waiting(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+        let config = Rc::clone(&self.config);
+        let r = self.cache.requests.get_mut(&ctx)?;
+        let Phase::Waiting { stale, .. } = std::mem::replace(&mut r.phase, Phase::Finished) else {
+            return None;
+        };
+        if !r.holds_lock {
+            if let Some(stale) = stale.as_ref().filter(|s| s.usable_for_error(now_ms)) {
+                let age = stale.age_at(now_ms);
+                let mut status = CacheStatus::hit(ttl_seconds(stale.fresh_ms, age));
+                status.collapsed = true;
+                status.detail = Some("stale-if-error");
+                let resp = serve(
+                    &config.cache,
+                    r,
+                    &stale.response,
+                    age,
+                    Outcome::Stale,
+                    status,
+                );
+                r.phase = Phase::Served;
+                self.cache.metrics.count(r.route, Count::Stale);
+                return Some(HostAction::Respond(ctx, resp));
+            }
+        }
+        let outcome = if stale.is_some() {
+            Outcome::Expired
+        } else {
+            Outcome::Miss
+        };
+        self.cache.metrics.count(
+            r.route,
+            if outcome == Outcome::Expired {
+                Count::Expired
+            } else {
+                Count::Miss
+            },
+        );
+        r.phase = Phase::Forwarded { outcome, stale };
+        Some(HostAction::Resume(ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Reply {
+        Reply::Bulk(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn lookup_replies_are_read_in_every_state() {
+        let r = Reply::Array(vec![
+            bulk("hit"),
+            Reply::Int(1500),
+            bulk("KRC1..."),
+            Reply::Int(-1),
+            Reply::Int(60_000),
+            Reply::Int(0),
+            Reply::Int(300_000),
+            Reply::Int(0),
+        ]);
+        let l = parse_lookup(&r).expect("hit");
+        assert_eq!(l.state, EntryState::Hit);
+        assert_eq!((l.age_ms, l.fresh_ms, l.sie_ms), (1500, 60_000, 300_000));
+        assert_eq!(l.lock, LockState::NotTried);
+        assert_eq!(l.blob.as_deref(), Some(&b"KRC1..."[..]));
+        let r = Reply::Array(vec![
+            bulk("miss"),
+            Reply::Int(0),
+            Reply::Nil,
+            Reply::Int(0),
+            Reply::Int(0),
+            Reply::Int(0),
+            Reply::Int(0),
+            Reply::Int(1),
+        ]);
+        let l = parse_lookup(&r).expect("miss");
+        assert_eq!(
+            (l.state, l.lock, l.corrupt),
+            (EntryState::Miss, LockState::Held, true)
+        );
+        assert!(l.blob.is_none());
+        for (n, lock) in [(1, LockState::Taken), (-2, LockState::Pass)] {
+            let mut items = vec![bulk("expired"), Reply::Int(9), bulk("x"), Reply::Int(n)];
+            items.extend([Reply::Int(1), Reply::Int(2), Reply::Int(3), Reply::Int(0)]);
+            assert_eq!(parse_lookup(&Reply::Array(items)).expect("ok").lock, lock);
+        }
+    }
+
+    #[test]
+    fn unexpected_lookup_replies_are_protocol_errors() {
+        for r in [
+            Reply::Nil,
+            Reply::Int(1),
+            Reply::Array(vec![bulk("hit")]),
+            Reply::Array(vec![
+                bulk("maybe"),
+                Reply::Int(0),
+                Reply::Nil,
+                Reply::Int(0),
+                Reply::Int(0),
+                Reply::Int(0),
+                Reply::Int(0),
+                Reply::Int(0),
+            ]),
+        ] {
+            assert!(
+                parse_lookup(&r).expect_err("refused").is_protocol(),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn stale_copies_serve_errors_only_within_their_window() {
+        let copy = StaleCopy {
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: vec![],
+            },
+            age_ms: 61_000,
+            fresh_ms: 60_000,
+            sie_ms: 10_000,
+            read_at_ms: 1_000,
+        };
+        assert!(copy.usable_for_error(1_000));
+        assert_eq!(copy.age_at(5_000), 65_000);
+        assert!(!copy.usable_for_error(10_000));
+        let none = StaleCopy { sie_ms: 0, ..copy };
+        assert!(!none.usable_for_error(1_000));
+    }
+
+    #[test]
+    fn scripts_have_header_comments() {
+        for (name, src) in [
+            ("cache_lookup", CACHE_LOOKUP_LUA),
+            ("cache_store", CACHE_STORE_LUA),
+            ("cache_unlock", CACHE_UNLOCK_LUA),
+            ("cache_purge", CACHE_PURGE_LUA),
+            ("cache_scan_purge", CACHE_SCAN_PURGE_LUA),
+        ] {
+            for line in ["-- KEYS", "-- ARGV", "-- Reply"] {
+                assert!(
+                    src.lines().any(|l| l.starts_with(line)),
+                    "{name} lacks {line}"
+                );
+            }
+        }
+    }
+}

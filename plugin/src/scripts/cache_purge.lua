@@ -1,0 +1,23 @@
+-- cache_purge.lua: delete every entry an index set lists (a tag, a URL, a path, a route), then
+-- the set itself. No keyspace scan: the set names the entries.
+--
+-- KEYS[1]  the index set
+-- ARGV[1]  the entry key prefix of its route ("<prefix>c:{<route>}:e:", the same hash tag);
+--          each member is appended to it
+-- Reply    the number of entries deleted
+
+local members = redis.call('SMEMBERS', KEYS[1])
+local deleted = 0
+local batch = {}
+for _, m in ipairs(members) do
+  batch[#batch + 1] = ARGV[1] .. m
+  if #batch == 256 then
+    deleted = deleted + redis.call('DEL', unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then
+  deleted = deleted + redis.call('DEL', unpack(batch))
+end
+redis.call('DEL', KEYS[1])
+return deleted

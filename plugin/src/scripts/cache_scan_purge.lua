@@ -1,0 +1,24 @@
+-- cache_scan_purge.lua: one step of a pattern purge: SCAN a batch of entry keys and delete those
+-- whose URL matches. Called again with the returned cursor until it is "0". Pattern purges are
+-- the one place the cache scans the keyspace; they never run on a request's path.
+--
+-- KEYS     none (a scan covers the whole keyspace of this Redis)
+-- ARGV[1]  the SCAN cursor ("0" to start)
+-- ARGV[2]  SCAN MATCH pattern of entry keys ("<prefix>c:{*}:e:*", prefix escaped)
+-- ARGV[3]  SCAN COUNT
+-- ARGV[4]  an anchored Lua pattern an entry's URL (its u field) must match
+-- Reply    { next_cursor, deleted }
+
+if redis.replicate_commands then
+  pcall(redis.replicate_commands)
+end
+
+local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local deleted = 0
+for _, key in ipairs(r[2]) do
+  local ok, u = pcall(redis.call, 'HGET', key, 'u')
+  if ok and type(u) == 'string' and string.find(u, ARGV[4]) then
+    deleted = deleted + redis.call('DEL', key)
+  end
+end
+return { r[1], deleted }
