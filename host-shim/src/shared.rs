@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::abi::{metric, Status};
@@ -48,13 +48,68 @@ pub struct HostCounters {
     pub fail_open_passes: AtomicU64,
 }
 
+impl HostCounters {
+    /// (Prometheus name without prefix, help text, value) of every counter.
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 10] {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("requests_total", "requests received", v(&self.requests)),
+            (
+                "local_responses_total",
+                "responses sent by the plugin",
+                v(&self.local_responses),
+            ),
+            (
+                "upstream_errors_total",
+                "upstream connect failures and timeouts",
+                v(&self.upstream_errors),
+            ),
+            (
+                "vm_traps_total",
+                "plugin VM traps and deadline overruns",
+                v(&self.vm_traps),
+            ),
+            (
+                "vm_replacements_total",
+                "VMs replaced after a failure",
+                v(&self.vm_replacements),
+            ),
+            (
+                "fail_open_passes_total",
+                "requests passed through because the VM failed (fail_open)",
+                v(&self.fail_open_passes),
+            ),
+            (
+                "http_callouts_total",
+                "dispatch_http_call calls",
+                v(&self.http_callouts),
+            ),
+            (
+                "http_callout_failures_total",
+                "http callouts that failed to connect, timed out or were reset",
+                v(&self.http_callout_failures),
+            ),
+            (
+                "redis_callouts_total",
+                "proxy_redis_call calls",
+                v(&self.redis_callouts),
+            ),
+            (
+                "redis_callout_failures_total",
+                "redis calls that failed",
+                v(&self.redis_callout_failures),
+            ),
+        ]
+    }
+}
+
 type QueueNotifier = Box<dyn Fn(usize, QueueReady) + Send + Sync>;
 
 pub struct SharedState {
     data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
     queues: Mutex<Vec<Queue>>,
     metric_defs: Mutex<Vec<MetricEntry>>,
-    metric_values: Mutex<Vec<std::sync::Arc<AtomicI64>>>,
+    metric_values: Mutex<Vec<i64>>,
     histograms: Mutex<HashMap<u32, (u64, i64)>>,
     notifier: Mutex<Option<QueueNotifier>>,
     pub counters: HostCounters,
@@ -196,7 +251,7 @@ impl SharedState {
             name: name.to_string(),
             kind,
         });
-        lock(&self.metric_values).push(Default::default());
+        lock(&self.metric_values).push(0);
         Ok(defs.len() as u32 - 1)
     }
 
@@ -209,8 +264,7 @@ impl SharedState {
         if kind == metric::HISTOGRAM {
             return Err(Status::BadArgument);
         }
-        let values = lock(&self.metric_values);
-        Ok(values[id as usize].load(Ordering::Relaxed) as u64)
+        Ok(lock(&self.metric_values)[id as usize] as u64)
     }
 
     pub fn increment_metric(&self, id: u32, delta: i64) -> Status {
@@ -219,7 +273,8 @@ impl SharedState {
             Some(metric::HISTOGRAM) => Status::BadArgument,
             Some(metric::COUNTER) if delta < 0 => Status::BadArgument,
             Some(_) => {
-                lock(&self.metric_values)[id as usize].fetch_add(delta, Ordering::Relaxed);
+                let mut values = lock(&self.metric_values);
+                values[id as usize] = values[id as usize].saturating_add(delta);
                 Status::Ok
             }
         }
@@ -236,7 +291,7 @@ impl SharedState {
                 Status::Ok
             }
             Some(_) => {
-                lock(&self.metric_values)[id as usize].store(value, Ordering::Relaxed);
+                lock(&self.metric_values)[id as usize] = value;
                 Status::Ok
             }
         }
@@ -247,10 +302,7 @@ impl SharedState {
     pub fn prometheus_text(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let defs = lock(&self.metric_defs).clone();
-        let values: Vec<i64> = lock(&self.metric_values)
-            .iter()
-            .map(|v| v.load(Ordering::Relaxed))
-            .collect();
+        let values: Vec<i64> = lock(&self.metric_values).clone();
         let hist = lock(&self.histograms).clone();
         for (i, m) in defs.iter().enumerate() {
             let name = format!("envoy_{}", sanitize_metric_name(&m.name));
@@ -270,59 +322,7 @@ impl SharedState {
                 }
             }
         }
-        let c = &self.counters;
-        let own = [
-            (
-                "requests_total",
-                "requests received",
-                c.requests.load(Ordering::Relaxed),
-            ),
-            (
-                "local_responses_total",
-                "responses sent by the plugin",
-                c.local_responses.load(Ordering::Relaxed),
-            ),
-            (
-                "upstream_errors_total",
-                "upstream connect failures and timeouts",
-                c.upstream_errors.load(Ordering::Relaxed),
-            ),
-            (
-                "vm_traps_total",
-                "plugin VM traps and deadline overruns",
-                c.vm_traps.load(Ordering::Relaxed),
-            ),
-            (
-                "vm_replacements_total",
-                "VMs replaced after a failure",
-                c.vm_replacements.load(Ordering::Relaxed),
-            ),
-            (
-                "fail_open_passes_total",
-                "requests passed through because the VM failed (fail_open)",
-                c.fail_open_passes.load(Ordering::Relaxed),
-            ),
-            (
-                "http_callouts_total",
-                "dispatch_http_call calls",
-                c.http_callouts.load(Ordering::Relaxed),
-            ),
-            (
-                "http_callout_failures_total",
-                "http callouts that failed to connect, timed out or were reset",
-                c.http_callout_failures.load(Ordering::Relaxed),
-            ),
-            (
-                "redis_callouts_total",
-                "proxy_redis_call calls",
-                c.redis_callouts.load(Ordering::Relaxed),
-            ),
-            (
-                "redis_callout_failures_total",
-                "redis calls that failed",
-                c.redis_callout_failures.load(Ordering::Relaxed),
-            ),
-        ];
+        let own = self.counters.snapshot();
         for (name, help, value) in own.iter().chain(extra.iter()) {
             let _ = writeln!(
                 out,
