@@ -549,7 +549,10 @@ fn render_report(results: &[Measured], options: &BenchOptions) -> String {
             let per: Vec<String> = m
                 .redis_calls
                 .iter()
-                .map(|(cmd, n)| format!("{cmd} {:.2}", *n as f64 / m.wrk.requests.max(1) as f64))
+                .map(|(cmd, n)| {
+                    let per_request = *n as f64 / m.wrk.requests.max(1) as f64;
+                    format!("{cmd} {per_request:.2} ({n} calls)")
+                })
                 .collect();
             format!("- {}: {}", m.scenario.name, per.join(", "))
         })
@@ -702,7 +705,10 @@ Transfer/sec:      8.72MB
             "{md}"
         );
         assert!(md.contains("| 80% of direct upstream | 1.00 |"), "{md}");
-        assert!(md.contains("- host-shim + plugin: evalsha 1.00"), "{md}");
+        assert!(
+            md.contains("- host-shim + plugin: evalsha 1.00 (8000 calls)"),
+            "{md}"
+        );
         assert!(md.contains("wrk -t2 -c64 -d10s --latency"), "{md}");
     }
 }
