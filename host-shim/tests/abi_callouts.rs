@@ -120,6 +120,64 @@ fn http_call_connect_failure_arrives_as_a_503_response() {
     );
 }
 
+/// A server that answers every connection with a status line, a content-length of 100 and
+/// three bytes of body, then closes: a reset after the headers.
+fn reset_after_headers_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the resetting server");
+    let addr = listener.local_addr().expect("resetting server address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc");
+        }
+    });
+    addr
+}
+
+#[test]
+fn http_call_reset_after_headers_arrives_with_no_headers_and_broken_connection() {
+    let opts = GatewayOptions {
+        clusters: vec![("resetting".into(), reset_after_headers_server())],
+        ..GatewayOptions::default()
+    };
+    let gw = start("http_call", &opts);
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/x",
+        &[("x-call-cluster", "resetting")],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        header(&resp, "x-call-headers"),
+        "0",
+        "a reset carries no headers"
+    );
+    assert_eq!(header(&resp, "x-call-status"), "<none>");
+    assert_eq!(
+        header(&resp, "x-call-get-status"),
+        "11",
+        "proxy_get_status: BrokenConnection"
+    );
+    assert!(resp.body.is_empty(), "no body: {:?}", resp.text());
+}
+
+#[test]
+fn http_call_success_reports_ok_from_proxy_get_status() {
+    let gw = start("http_call", &GatewayOptions::default());
+    let (resp, _) = request(gw.addr, "GET", "/x", &[], b"");
+    assert_eq!(header(&resp, "x-call-get-status"), "0");
+}
+
 #[test]
 fn http_call_timeout_arrives_as_a_504_response() {
     let gw = start("http_call", &GatewayOptions::default());

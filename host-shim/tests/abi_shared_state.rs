@@ -268,7 +268,29 @@ fn an_http_call_dispatched_from_on_tick_is_answered_on_the_root_context() {
     let gw = start("ticks", &workers(2));
     for vm in 0..2 {
         let key = format!("abi/tick-call/{vm}");
-        let answer = wait_for(Duration::from_secs(5), &key, || gw.shared_text(&key));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            if let Some(answer) = gw.shared_text(&key) {
+                break answer;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {key} after 5 s; VMs started {:?}, ticks {} / {}, answers {:?}, upstream saw {:?}\n{}",
+                gw.shared_text("abi/vm_counter"),
+                ticks(&gw, 0),
+                ticks(&gw, 1),
+                (0..4)
+                    .map(|i| gw.shared_text(&format!("abi/tick-call/{i}")))
+                    .collect::<Vec<_>>(),
+                gw.upstream
+                    .seen()
+                    .iter()
+                    .map(|s| s.path.clone())
+                    .collect::<Vec<_>>(),
+                gw.metrics_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(answer.starts_with("200 "), "VM {vm}: {answer}");
         assert!(answer.ends_with("token-ok=true"), "VM {vm}: {answer}");
     }

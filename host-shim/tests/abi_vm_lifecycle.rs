@@ -106,7 +106,7 @@ fn wasi_output_reaches_the_log_and_environment_clocks_and_randomness_work() {
         ("INFO", "abi-test-guest stdout: request /w"),
         ("ERROR", "abi-test-guest stderr: request /w"),
     ];
-    let text = wait_for(
+    wait_for(
         Duration::from_secs(2),
         "the guest's lines in the log",
         || {
@@ -114,14 +114,16 @@ fn wasi_output_reaches_the_log_and_environment_clocks_and_randomness_work() {
             wanted
                 .iter()
                 .all(|(level, line)| text.lines().any(|l| l.contains(level) && l.contains(line)))
-                .then_some(text)
+                .then_some(())
         },
     );
-    assert!(
-        !text.contains("plugin VM failed"),
-        "printing must not fail the VM:\n{text}"
+    // The log is shared by every test of this binary (some fail VMs on purpose): this
+    // gateway's own counter says whether printing failed its VM.
+    assert_eq!(
+        gw.host_counter("vm_traps_total"),
+        0,
+        "printing must not fail the VM"
     );
-    assert_eq!(gw.host_counter("vm_traps_total"), 0);
 }
 
 #[test]

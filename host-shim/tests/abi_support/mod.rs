@@ -261,7 +261,7 @@ impl Default for GatewayOptions {
         GatewayOptions {
             workers: 2,
             fail_open: false,
-            callback_deadline: Duration::from_secs(2),
+            callback_deadline: Duration::from_secs(5),
             memory_limit_bytes: 64 << 20,
             vm_configuration: String::new(),
             vm_id: "abi_vm".into(),

@@ -8,7 +8,8 @@
 //!   upstream as `x-upstream-delay-ms`).
 //! * `x-call-mode: resume` — the callback adds `x-call-status` and `x-call-body-len` to the
 //!   request and resumes it (the upstream sees them); otherwise the callback answers locally
-//!   with `x-call-status`, `x-call-headers` (count), `x-call-token-ok` and the call's body.
+//!   with `x-call-status`, `x-call-headers` (count), `x-call-token-ok`, `x-call-get-status`
+//!   (the code `proxy_get_status` reports) and the call's body.
 //!
 //! When the dispatch itself fails the reply is a local 500 with `x-dispatch-error: <Status>`.
 
@@ -92,6 +93,9 @@ pub fn on_response(
     let content_type = s
         .get_http_call_response_header("content-type")
         .unwrap_or_default();
+    // proxy_get_status: Ok (0) for any response, BrokenConnection (11) after a reset.
+    let call_status = proxy_wasm::hostcalls::get_grpc_status()
+        .map_or_else(|e| format!("{e:?}"), |(code, _)| code.to_string());
     s.reply(
         200,
         &[
@@ -99,6 +103,7 @@ pub fn on_response(
             ("x-call-headers", n_headers.to_string()),
             ("x-call-token-ok", token_ok),
             ("x-call-content-type", content_type),
+            ("x-call-get-status", call_status),
         ],
         &body,
     );
