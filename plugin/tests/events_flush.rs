@@ -214,3 +214,33 @@ fn the_stream_is_capped_approximately() {
         "XLEN {len}: MAXLEN ~ 100 trims whole nodes"
     );
 }
+
+#[test]
+fn envoy_yaml_publishes_an_event_for_every_request() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/envoy.yaml");
+    let text = std::fs::read_to_string(&path).expect("envoy/envoy.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let filters = &yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        ["typed_config"]["http_filters"];
+    let wasm = filters
+        .as_sequence()
+        .expect("http_filters")
+        .iter()
+        .find(|f| f["name"].as_str() == Some("envoy.filters.http.wasm"))
+        .expect("wasm filter");
+    let json = wasm["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .expect("configuration value");
+    let cfg = parse_config(json.as_bytes()).unwrap_or_else(|errs| panic!("refused: {errs:#?}"));
+    let unrouted = cfg.events.policy(None).expect("requests on no route");
+    assert_eq!(unrouted.channel.as_deref(), Some("krowoc:requests"));
+    assert_eq!(unrouted.sample_ratio, 1.0);
+    for (i, route) in cfg.routes.iter().enumerate() {
+        let policy = cfg
+            .events
+            .policy(Some(i))
+            .unwrap_or_else(|| panic!("route {} has no events", route.name));
+        assert_eq!(policy.channel.as_deref(), Some("krowoc:requests"));
+        assert!(policy.stream.is_some(), "route {}", route.name);
+    }
+}

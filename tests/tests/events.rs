@@ -1,0 +1,512 @@
+//! Request events end to end: real redis-server, relay, upstream, host-shim running
+//! envoy/envoy.yaml (which turns events on for every request) with the real plugin.wasm —
+//! with transport `relay` and with `redis_call`. Events are read the ways a consumer reads them:
+//! a raw SUBSCRIBE connection, the stream (XRANGE), and the upstream's `/api/recent-events`.
+
+use krowoc_tests::{eventually, Stack, StackOptions};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const RELAY: &str = "relay";
+const REDIS_CALL: &str = "redis_call";
+const CHANNEL: &str = "krowoc:requests";
+const STREAM: &str = "krowoc:events";
+
+/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
+fn use_transport(cfg: &mut Value, transport: &str) {
+    let redis = &mut cfg["redis"];
+    redis["transport"] = json!(transport);
+    let redis = redis.as_object_mut().expect("redis is an object");
+    if transport == REDIS_CALL {
+        redis.insert("cluster".into(), json!("redis"));
+        redis.remove("token");
+        redis.remove("authority");
+    } else {
+        redis.insert("cluster".into(), json!("redis_relay"));
+    }
+}
+
+fn stack_with(
+    transport: &'static str,
+    workers: usize,
+    tweak: impl Fn(&mut Value) + 'static,
+) -> Stack {
+    Stack::start_with(StackOptions {
+        plugin_config: Some(Box::new(move |cfg: &mut Value| {
+            use_transport(cfg, transport);
+            tweak(cfg);
+        })),
+        workers,
+        ..StackOptions::default()
+    })
+}
+
+// ---- a raw RESP subscriber --------------------------------------------------------------------
+
+/// One RESP value (enough of RESP2 for SUBSCRIBE traffic).
+#[derive(Debug)]
+enum Resp {
+    Bulk(Vec<u8>),
+    /// A status, error or integer line (these tests never look inside).
+    Line,
+    Array(Vec<Resp>),
+    Nil,
+}
+
+/// Parses one value at the start of `buf`: the value and its length, or None if incomplete.
+fn parse_resp(buf: &[u8]) -> Option<(Resp, usize)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..line_end]).ok()?;
+    let after = line_end + 2;
+    match buf.first()? {
+        b'+' | b'-' | b':' => Some((Resp::Line, after)),
+        b'$' => {
+            let n: i64 = line.parse().ok()?;
+            if n < 0 {
+                return Some((Resp::Nil, after));
+            }
+            let end = after + usize::try_from(n).ok()?;
+            (buf.len() >= end + 2).then(|| (Resp::Bulk(buf[after..end].to_vec()), end + 2))
+        }
+        b'*' => {
+            let n: i64 = line.parse().ok()?;
+            let mut items = Vec::new();
+            let mut pos = after;
+            for _ in 0..n.max(0) {
+                let (item, used) = parse_resp(&buf[pos..])?;
+                items.push(item);
+                pos += used;
+            }
+            Some((Resp::Array(items), pos))
+        }
+        _ => panic!("not RESP: {:?}", String::from_utf8_lossy(buf)),
+    }
+}
+
+/// A client that SUBSCRIBEs on its own connection, as the guide's listener thread does.
+struct Subscriber {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Subscriber {
+    fn connect(redis: SocketAddr, channels: &[&str]) -> Subscriber {
+        let stream = TcpStream::connect(redis).expect("connect to redis");
+        let mut args = vec!["SUBSCRIBE"];
+        args.extend_from_slice(channels);
+        let mut s = Subscriber {
+            stream,
+            buf: Vec::new(),
+        };
+        s.stream
+            .write_all(&testkit::encode_command(&args))
+            .expect("SUBSCRIBE");
+        for _ in channels {
+            match s.next_value(Duration::from_secs(5)) {
+                Some(Resp::Array(parts)) if matches!(parts.first(), Some(Resp::Bulk(k)) if k == b"subscribe") =>
+                    {}
+                other => panic!("SUBSCRIBE answered {other:?}"),
+            }
+        }
+        s
+    }
+
+    fn next_value(&mut self, timeout: Duration) -> Option<Resp> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((value, used)) = parse_resp(&self.buf) {
+                self.buf.drain(..used);
+                return Some(value);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .expect("read timeout");
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next message's channel and payload within `timeout`.
+    fn next_message(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if let Resp::Array(parts) = self.next_value(left)? {
+                if let [Resp::Bulk(kind), Resp::Bulk(channel), Resp::Bulk(payload)] =
+                    parts.as_slice()
+                {
+                    if kind == b"message" {
+                        return Some((
+                            String::from_utf8_lossy(channel).into_owned(),
+                            payload.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first JSON message on `channel` that `wanted` accepts, within `timeout`.
+    fn wait_for(
+        &mut self,
+        channel: &str,
+        timeout: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (ch, payload) = self.next_message(left)?;
+            let value: Value = serde_json::from_slice(&payload)
+                .unwrap_or_else(|e| panic!("message on {ch} is not JSON ({e}): {payload:?}"));
+            if ch == channel && wanted(&value) {
+                return Some(value);
+            }
+        }
+    }
+}
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+fn get_with_id(stack: &Stack, path: &str, id: &str) -> krowoc_tests::Response {
+    stack.request(
+        "GET",
+        path,
+        &[("x-request-id", id), ("user-agent", "krowoc-e2e/1")],
+        b"",
+    )
+}
+
+/// The events in the stream, oldest first.
+fn stream_events(stack: &Stack) -> Vec<Value> {
+    let raw = stack
+        .redis
+        .try_command(&["XRANGE", STREAM, "-", "+"])
+        .unwrap_or_default();
+    let Some((Resp::Array(entries), _)) = parse_resp(&raw) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Resp::Array(parts) => match parts.as_slice() {
+                [_, Resp::Array(fields)] => match fields.as_slice() {
+                    [Resp::Bulk(name), Resp::Bulk(event)] if name == b"event" => {
+                        serde_json::from_slice(event).ok()
+                    }
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn stream_ids(stack: &Stack) -> Vec<String> {
+    stream_events(stack)
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Events the upstream's background subscriber received on the request channel.
+fn recent_event_ids(stack: &Stack) -> Vec<String> {
+    let resp = stack.get("/api/recent-events?channel=krowoc:requests&limit=100");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    resp.json()["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["message"]["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---- tests ----------------------------------------------------------------------------------------
+
+fn a_request_is_published_to_subscribers_the_stream_and_recent_events(transport: &'static str) {
+    let stack = stack_with(transport, 2, |_| {});
+    let mut sub = Subscriber::connect(stack.redis.addr(), &[CHANNEL]);
+
+    let id = format!("e2e-{transport}-1");
+    let resp = get_with_id(&stack, "/api/rate-limited", &id);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    let event = sub
+        .wait_for(CHANNEL, WAIT, |e| e["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no event with id {id} on {CHANNEL}"));
+    assert_eq!(event["event_type"], "http_request");
+    assert_eq!(event["method"], "GET");
+    assert_eq!(event["path"], "/api/rate-limited");
+    assert_eq!(event["route"], "rate-limited");
+    assert_eq!(event["status"], 200);
+    assert_eq!(event["rate_limit"], "allowed");
+    assert_eq!(event["cache"], Value::Null);
+    assert_eq!(event["client"], "127.0.0.1");
+    assert_eq!(event["user_agent"], "krowoc-e2e/1");
+    assert_eq!(event["sample_ratio"], 1.0);
+    assert!(
+        event["duration_ms"].as_f64().is_some_and(|d| d >= 0.0),
+        "{event}"
+    );
+    assert!(
+        event["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{event}"
+    );
+    let ts = event["timestamp_unix_ms"]
+        .as_u64()
+        .expect("timestamp_unix_ms");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        now_ms.abs_diff(ts) < 60_000,
+        "timestamp {ts} vs now {now_ms}"
+    );
+
+    // The same event in the replayable stream and in the upstream's subscriber.
+    assert!(
+        eventually(WAIT, || stream_ids(&stack).contains(&id)),
+        "{id} not in {STREAM}: {:?}",
+        stream_ids(&stack)
+    );
+    assert!(
+        eventually(WAIT, || recent_event_ids(&stack).contains(&id)),
+        "{id} not in /api/recent-events: {:?}",
+        recent_event_ids(&stack)
+    );
+
+    // A request the filter answers itself is published with the filter's decision.
+    for i in 2..=5 {
+        assert_eq!(
+            get_with_id(&stack, "/api/rate-limited", &format!("e2e-{transport}-{i}")).status,
+            200
+        );
+    }
+    let denied_id = format!("e2e-{transport}-denied");
+    assert_eq!(
+        get_with_id(&stack, "/api/rate-limited", &denied_id).status,
+        429
+    );
+    let denied = sub
+        .wait_for(CHANNEL, WAIT, |e| e["id"] == denied_id.as_str())
+        .unwrap_or_else(|| panic!("no event for the denied request"));
+    assert_eq!(denied["status"], 429);
+    assert_eq!(denied["rate_limit"], "denied");
+
+    // A request without x-request-id gets a generated id; one on no route has route null.
+    assert_eq!(stack.get("/health").status, 200);
+    let unrouted = sub
+        .wait_for(CHANNEL, WAIT, |e| e["path"] == "/health")
+        .expect("event for /health");
+    assert_eq!(unrouted["route"], Value::Null);
+    assert_eq!(unrouted["rate_limit"], Value::Null);
+    assert_eq!(
+        unrouted["id"].as_str().map(str::len),
+        Some(36),
+        "{unrouted}"
+    );
+
+    assert!(
+        eventually(WAIT, || stack.metric("envoy_krowoc_events_published") >= 8),
+        "published: {}",
+        stack.metrics()
+    );
+    let metrics = stack.metrics();
+    for name in [
+        "envoy_krowoc_events_flushes",
+        "envoy_krowoc_events_recorded",
+        "envoy_krowoc_events_batch_size_count",
+    ] {
+        assert!(
+            krowoc_tests::metric_value(&metrics, name) >= 1,
+            "{name}:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        krowoc_tests::metric_value(&metrics, "envoy_krowoc_events_dropped"),
+        0
+    );
+}
+
+#[test]
+fn relay_requests_are_published_to_subscribers_the_stream_and_recent_events() {
+    a_request_is_published_to_subscribers_the_stream_and_recent_events(RELAY);
+}
+
+#[test]
+fn redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events() {
+    a_request_is_published_to_subscribers_the_stream_and_recent_events(REDIS_CALL);
+}
+
+#[test]
+fn publish_event_through_the_gateway_reaches_a_subscriber() {
+    let stack = stack_with(RELAY, 1, |_| {});
+    let mut sub = Subscriber::connect(stack.redis.addr(), &["app:events", CHANNEL]);
+    let body = json!({
+        "channel": "app:events",
+        "message": {"event_type": "user_registered", "user_id": 123},
+    });
+    let resp = stack.request(
+        "POST",
+        "/api/publish-event",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "pub-1"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(
+        resp.json()["receivers"].as_i64().is_some_and(|n| n >= 1),
+        "{}",
+        resp.text()
+    );
+    let app = sub
+        .wait_for("app:events", WAIT, |_| true)
+        .expect("the app event");
+    assert_eq!(app["event_type"], "user_registered");
+    assert_eq!(app["user_id"], 123);
+    // And the request itself is an event on the request channel.
+    let request = sub
+        .wait_for(CHANNEL, WAIT, |e| e["id"] == "pub-1")
+        .expect("the request event");
+    assert_eq!(request["method"], "POST");
+    assert_eq!(request["path"], "/api/publish-event");
+    assert_eq!(request["status"], 200);
+}
+
+fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport: &'static str) {
+    // One worker (one VM, one queue) so the bound is exact; a short cool-down so the test is quick.
+    let mut stack = stack_with(transport, 1, |cfg| {
+        cfg["events"]["queue_limit"] = json!(10);
+        cfg["events"]["batch_size"] = json!(5);
+        cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "300ms"});
+    });
+    let baseline = stack.get("/health");
+    assert_eq!(baseline.status, 200);
+    assert!(
+        eventually(WAIT, || stream_events(&stack).len() == 1),
+        "the first event reaches Redis while it is up"
+    );
+    stack.redis.stop();
+
+    let started = Instant::now();
+    for i in 0..30 {
+        let resp = get_with_id(&stack, "/health", &format!("down-{i}"));
+        assert_eq!(
+            resp.status,
+            200,
+            "request {i} with Redis down: {}",
+            resp.text()
+        );
+        assert_eq!(resp.json()["status"], "pass");
+        assert!(resp.header("x-krowoc-edge").is_some());
+        // Let ticks run so flushes are attempted (and fail) while requests keep coming.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "30 requests with Redis down took {elapsed:?}"
+    );
+    // 30 events, 10 kept: the 20 oldest are dropped and counted.
+    assert!(
+        eventually(WAIT, || stack.metric("envoy_krowoc_events_dropped") == 20),
+        "dropped: {}\n{}",
+        stack.metric("envoy_krowoc_events_dropped"),
+        stack.metrics()
+    );
+    assert!(stack.metric("envoy_krowoc_events_flush_failures") >= 1);
+    assert!(
+        eventually(WAIT, || stack.metric("envoy_krowoc_events_queued") == 10),
+        "{}",
+        stack.metrics()
+    );
+
+    // Redis returns (empty: no persistence): the 10 newest queued events are written.
+    stack.redis.restart();
+    let expected: Vec<String> = (20..30).map(|i| format!("down-{i}")).collect();
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || sorted(stream_ids(&stack))
+            == expected),
+        "stream after restart: {:?}",
+        stream_ids(&stack)
+    );
+    assert!(
+        eventually(WAIT, || stack.metric("envoy_krowoc_events_queued") == 0),
+        "{}",
+        stack.metrics()
+    );
+    assert_eq!(stack.metric("envoy_krowoc_events_published"), 11);
+    // And events flow normally again.
+    assert_eq!(get_with_id(&stack, "/health", "after").status, 200);
+    assert!(
+        eventually(WAIT, || stream_ids(&stack).contains(&"after".to_string())),
+        "{:?}",
+        stream_ids(&stack)
+    );
+}
+
+#[test]
+fn relay_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound() {
+    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(RELAY);
+}
+
+#[test]
+fn redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound() {
+    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(REDIS_CALL);
+}
+
+#[test]
+fn sampling_and_disabled_routes_publish_fewer_events() {
+    let stack = stack_with(RELAY, 1, |cfg| {
+        cfg["events"]["sample_ratio"] = json!(0.0);
+        let routes = cfg["routes"].as_array_mut().expect("routes");
+        let limited = routes
+            .iter_mut()
+            .find(|r| r["name"] == "rate-limited")
+            .expect("envoy.yaml has the rate-limited route");
+        limited["events"] = json!({"sample_ratio": 1.0});
+        routes.push(
+            json!({"name": "quiet", "match": {"prefix": "/api/recent-events"},
+                           "events": {"enabled": false}}),
+        );
+    });
+    for i in 0..5 {
+        assert_eq!(
+            get_with_id(&stack, "/health", &format!("h-{i}")).status,
+            200
+        );
+        assert_eq!(stack.get("/api/recent-events").status, 200);
+    }
+    assert_eq!(get_with_id(&stack, "/api/rate-limited", "kept").status, 200);
+    assert!(
+        eventually(WAIT, || stream_ids(&stack) == vec!["kept".to_string()]),
+        "{:?}",
+        stream_ids(&stack)
+    );
+    assert!(eventually(WAIT, || stack
+        .metric("envoy_krowoc_events_sampled_out")
+        == 5));
+    assert_eq!(stack.metric("envoy_krowoc_events_recorded"), 1);
+}
