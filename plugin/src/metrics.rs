@@ -18,6 +18,16 @@
 //! | `krowoc.rate_limit.<route>.fallback_allowed` | counter | requests let through by the failure mode |
 //! | `krowoc.rate_limit.<route>.fallback_denied` | counter | requests refused by the failure mode |
 //! | `krowoc.rate_limit.<route>.skipped` | counter | requests without the keyed value, skipped |
+//! | `krowoc.events.recorded` | counter | request events built and queued (defined in [`crate::events`]) |
+//! | `krowoc.events.sampled_out` | counter | requests without an event because of `sample_ratio` |
+//! | `krowoc.events.published` | counter | events Redis confirmed (every target written) |
+//! | `krowoc.events.dropped` | counter | events dropped from a full queue, oldest first |
+//! | `krowoc.events.rejected` | counter | events Redis refused (error reply), not retried |
+//! | `krowoc.events.flushes` | counter | flush calls sent (one Redis call each) |
+//! | `krowoc.events.flush_failures` | counter | flush calls that failed (events queued again when the failure may pass) |
+//! | `krowoc.events.requeued` | counter | events put back on the queue after a failed flush |
+//! | `krowoc.events.queued` | gauge | events waiting in all VMs' queues now |
+//! | `krowoc.events.batch_size` | histogram | events per flush |
 
 use crate::breaker::Transition;
 use crate::client::ClientStats;
