@@ -376,12 +376,15 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, "relay ready");
     println!("relay listening on {addr}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     tokio::select! {
         () = serve(listener, config) => {}
         signal = tokio::signal::ctrl_c() => {
             signal.context("waiting for Ctrl-C")?;
             tracing::info!("relay stopping");
         }
+        _ = term.recv() => tracing::info!("relay stopping (SIGTERM)"),
     }
     Ok(())
 }
