@@ -1,0 +1,793 @@
+//! Checks for what ships to run on Envoy, docker-compose and Higress — none of which runs on the
+//! build machines — done with every means that does run here:
+//!
+//! * envoy.yaml loads in host-shim (which refuses fields outside its subset), and the plugin's
+//!   configuration inside it passes the plugin's own validation, natively;
+//! * docker-compose.yml parses (typed, unknown keys refused) and agrees with envoy.yaml: every
+//!   cluster is a service listening on that port, reachable from Envoy and awaited by it; Envoy
+//!   gets envoy.yaml and plugin.wasm where envoy.yaml expects them; ports, health checks,
+//!   Redis URLs and the relay token line up; the relay's flags pass the relay's own parser;
+//! * every Dockerfile parses, copies only files that exist and are not dockerignored, builds
+//!   one package, locked, with the plugin's features right for its host, on pinned images;
+//! * the Higress WasmPlugin's configuration passes the plugin's validation, names the cluster
+//!   Higress creates for the Redis Service next to it, and equals envoy.yaml's but for the
+//!   connection;
+//! * plugin.wasm imports only host functions Envoy (or Higress) provides;
+//! * the compose health checks' commands work against the real services.
+//!
+//! The checks are functions returning `Vec<Problem>` ([`checks`]); the tests below feed them the
+//! repository's files and deliberately broken copies, and assert the exact problem.
+
+#[path = "deploy_checks/checks.rs"]
+mod checks;
+#[path = "deploy_checks/compose.rs"]
+mod compose;
+#[path = "deploy_checks/dockerfile.rs"]
+mod dockerfile;
+#[path = "deploy_checks/dockerignore.rs"]
+mod dockerignore;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use checks::*;
+use host_shim::envoy_config::EnvoyConfig;
+use serde_json::{json, Value};
+
+fn assert_no_problems(problems: &[Problem]) {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert!(
+        problems.is_empty(),
+        "deployment problems:\n  {}",
+        lines.join("\n  ")
+    );
+}
+
+/// envoy.yaml with the plugin's configuration changed by `change` (the JSON is edited as JSON).
+fn envoy_yaml_with_plugin_config(change: impl FnOnce(&mut Value)) -> String {
+    let mut config = krowoc_tests::yaml_plugin_config();
+    change(&mut config);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = krowoc_tests::write_yaml_with_plugin_config(dir.path(), &config);
+    std::fs::read_to_string(path).expect("read the edited envoy.yaml")
+}
+
+/// docker-compose.yml with one service's YAML changed by `change`.
+fn compose_with(service: &str, change: impl FnOnce(&mut serde_yaml::Value)) -> String {
+    let text = Deployment::repo().read(COMPOSE).expect("the compose file");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("compose YAML");
+    let s = doc
+        .get_mut("services")
+        .and_then(|s| s.get_mut(service))
+        .unwrap_or_else(|| panic!("service {service} in {COMPOSE}"));
+    change(s);
+    serde_yaml::to_string(&doc).expect("compose YAML")
+}
+
+fn yaml(v: Value) -> serde_yaml::Value {
+    serde_yaml::to_value(v).expect("JSON to YAML")
+}
+
+/// The 1-based line of the first line containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not found"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shipped files
+
+#[test]
+fn shipped_deployment_files_pass_every_check() {
+    assert_no_problems(&check_all(&Deployment::repo()));
+}
+
+#[test]
+fn envoy_yaml_loads_in_host_shim_with_a_plugin_configuration_the_plugin_accepts() {
+    let path = Deployment::repo().root().join(ENVOY_YAML);
+    let envoy = EnvoyConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let wasm = envoy.wasm.expect("the wasm filter");
+    assert_eq!(wasm.code_path, PathBuf::from("/etc/envoy/plugin.wasm"));
+    assert_eq!(wasm.runtime, "envoy.wasm.runtime.v8");
+    let config = validate_plugin_config(ENVOY_YAML, wasm.configuration.as_bytes())
+        .unwrap_or_else(|p| panic!("{p}"));
+    assert!(envoy.clusters.contains_key(config.redis.cluster()));
+    for cluster in ["upstream", "redis_relay", "redis"] {
+        assert!(envoy.clusters.contains_key(cluster), "cluster {cluster}");
+    }
+}
+
+#[test]
+fn plugin_wasm_imports_only_host_functions_and_stock_envoy_lacks_just_the_higress_redis_calls() {
+    let path = krowoc_tests::plugin_wasm();
+    let wasm = std::fs::read(&path).expect("read plugin.wasm");
+    assert_no_problems(&check_plugin_imports(&wasm, WasmHost::Higress));
+    // The default build (the one tests run) has the redis-call feature; stock Envoy would
+    // refuse it for these imports alone, which is why envoy.Dockerfile builds without it.
+    for problem in check_plugin_imports(&wasm, WasmHost::StockEnvoy) {
+        match &problem {
+            Problem::ImportNotProvided { module, name, .. }
+                if module == "env" && HIGRESS_ENV_IMPORTS.contains(&name.as_str()) => {}
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[test]
+fn import_check_reports_an_import_stock_envoy_lacks() {
+    // (module (import "env" "proxy_redis_call" (func)) (import "wasi_snapshot_preview1" "sock_accept" (func)))
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    wasm.extend([0x01, 0x04, 0x01, 0x60, 0x00, 0x00]); // type section: one () -> ()
+    let mut imports = vec![0x02];
+    for (module, name) in [
+        ("env", "proxy_redis_call"),
+        ("wasi_snapshot_preview1", "sock_accept"),
+    ] {
+        imports.push(module.len() as u8);
+        imports.extend(module.bytes());
+        imports.push(name.len() as u8);
+        imports.extend(name.bytes());
+        imports.extend([0x00, 0x00]); // a function of type 0
+    }
+    wasm.extend([0x02, imports.len() as u8]);
+    wasm.extend(imports);
+    assert_eq!(
+        check_plugin_imports(&wasm, WasmHost::StockEnvoy),
+        vec![
+            Problem::ImportNotProvided {
+                host: "StockEnvoy".into(),
+                module: "env".into(),
+                name: "proxy_redis_call".into()
+            },
+            Problem::ImportNotProvided {
+                host: "StockEnvoy".into(),
+                module: "wasi_snapshot_preview1".into(),
+                name: "sock_accept".into()
+            },
+        ]
+    );
+    assert_eq!(check_plugin_imports(&wasm, WasmHost::Higress).len(), 1);
+}
+
+/// Runs each compose health check's command against the real service (the port rewritten to the
+/// test's): they pass on healthy services and fail when Redis is gone.
+#[test]
+fn compose_health_checks_pass_on_the_real_services_and_fail_when_redis_is_down() {
+    let d = Deployment::repo();
+    let compose = d.compose().expect("compose");
+    let relay_df = d
+        .dockerfile("envoy/docker/relay.Dockerfile")
+        .expect("relay.Dockerfile");
+    let probe_source = relay_df
+        .final_stage()
+        .all("COPY")
+        .find(|c| c.args.last().map(String::as_str) == Some("/usr/local/bin/http-ready"))
+        .and_then(|c| c.args.first().cloned())
+        .expect("the relay image copies http-ready");
+    let probe = d.root().join(probe_source);
+
+    let mut stack = krowoc_tests::Stack::start();
+    let local_port = |service: &str, compose_port: &str| -> String {
+        match service {
+            "redis" => stack.redis.port.to_string(),
+            "relay" => stack.relay.port().to_string(),
+            "upstream" => stack.upstream.port().to_string(),
+            // host-shim's admin /ready stands in for Envoy's (both 200 once serving).
+            "envoy" => stack.admin.port().to_string(),
+            other => panic!("no local stand-in for service {other} (port {compose_port})"),
+        }
+    };
+    let mut probes: Vec<(String, Command)> = Vec::new();
+    for (name, service) in &compose.services {
+        let test = &service.healthcheck.as_ref().expect("a health check").test;
+        let mut cmd = match test.first().map(String::as_str) {
+            Some("CMD-SHELL") => {
+                let text = &test[1];
+                let port = text
+                    .split_whitespace()
+                    .skip_while(|w| *w != "-p")
+                    .nth(1)
+                    .expect("redis-cli -p PORT");
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(text.replace(
+                    &format!("-p {port}"),
+                    &format!("-p {}", local_port(name, port)),
+                ));
+                c
+            }
+            Some("CMD") => {
+                assert_eq!(test[1], "http-ready", "service {name}");
+                let mut c = Command::new("bash");
+                c.arg(&probe)
+                    .arg(&test[2])
+                    .arg(local_port(name, &test[3]))
+                    .arg(&test[4]);
+                c
+            }
+            other => panic!("service {name}: health check {other:?}"),
+        };
+        let status = cmd.status().expect("run the probe");
+        assert!(
+            status.success(),
+            "service {name}: {cmd:?} failed on a healthy service"
+        );
+        probes.push((name.clone(), cmd));
+    }
+    let missing_path = Command::new("bash")
+        .arg(&probe)
+        .args([
+            "127.0.0.1",
+            &stack.relay.port().to_string(),
+            "/no-such-path",
+        ])
+        .status()
+        .expect("run the probe");
+    assert!(!missing_path.success(), "a 404 must not count as healthy");
+
+    stack.redis.stop();
+    for (name, mut cmd) in probes {
+        if name == "redis" || name == "relay" {
+            let status = cmd.status().expect("run the probe");
+            assert!(!status.success(), "service {name}: healthy without Redis");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken copies: each check reports the exact problem
+
+#[test]
+fn a_renamed_relay_cluster_is_reported_as_unknown_to_the_plugin() {
+    let d = Deployment::repo().edit(ENVOY_YAML, |t| {
+        t.replace("- name: redis_relay", "- name: resp_relay")
+            .replace("cluster_name: redis_relay", "cluster_name: resp_relay")
+    });
+    assert_eq!(
+        check_envoy(&d),
+        vec![Problem::UnknownCluster {
+            file: ENVOY_YAML.into(),
+            cluster: "redis_relay".into(),
+            named_by: "the plugin's redis.cluster".into(),
+        }]
+    );
+}
+
+#[test]
+fn a_field_host_shim_does_not_support_is_reported_with_its_path() {
+    let d = Deployment::repo().edit(ENVOY_YAML, |t| {
+        t.replace(
+            "    connect_timeout: 1s\n",
+            "    connect_timeout: 1s\n    per_connection_buffer_limit_bytes: 1024\n",
+        )
+    });
+    match check_envoy(&d).as_slice() {
+        [Problem::EnvoyYamlRefused { message, .. }] => assert!(
+            message.contains("static_resources.clusters[0].per_connection_buffer_limit_bytes"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_invalid_plugin_configuration_is_reported_with_the_plugins_own_error() {
+    let yaml = envoy_yaml_with_plugin_config(|c| {
+        c["routes"][0]["rate_limit"]["limits"][0]["limit"] = json!(0)
+    });
+    let d = Deployment::repo().with_file(ENVOY_YAML, yaml);
+    match check_envoy(&d).as_slice() {
+        [Problem::PluginConfigRefused { file, errors }] => {
+            assert_eq!(file, ENVOY_YAML);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].contains("routes[0].rate_limit.limits[0].limit"),
+                "{errors:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_relay_on_its_loopback_default_is_unreachable_from_envoy() {
+    let compose = compose_with("relay", |s| {
+        s["command"] = yaml(json!(["relay", "--redis", "redis://redis:6379"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::ListensOnLoopback {
+            service: "relay".into(),
+            address: "127.0.0.1:7379".into()
+        }]
+    );
+}
+
+#[test]
+fn a_relay_port_other_than_the_clusters_is_reported_for_the_cluster_and_the_health_check() {
+    let compose = compose_with("relay", |s| {
+        s["command"] = yaml(json!([
+            "relay",
+            "--listen",
+            "0.0.0.0:7380",
+            "--redis",
+            "redis://redis:6379"
+        ]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![
+            Problem::PortNotServed {
+                what: "envoy.yaml cluster redis_relay".into(),
+                service: "relay".into(),
+                port: 7379,
+                listening: 7380
+            },
+            Problem::HealthcheckPortMismatch {
+                service: "relay".into(),
+                probe_port: "7379".into(),
+                listen_port: 7380
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_misspelt_relay_flag_is_refused_by_the_relays_own_parser() {
+    let compose = compose_with("relay", |s| {
+        s["command"] = yaml(json!([
+            "relay",
+            "--listen",
+            "0.0.0.0:7379",
+            "--redis-url",
+            "redis://redis:6379"
+        ]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    match check_compose(&d).as_slice() {
+        [Problem::RelayArgsRefused { service, message }, ..] => {
+            assert_eq!(service, "relay");
+            assert!(message.contains("--redis-url"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_plugin_token_the_relay_does_not_get_is_a_mismatch_and_passing_it_fixes_it() {
+    let yaml_text = envoy_yaml_with_plugin_config(|c| c["redis"]["token"] = json!("s3cret-token"));
+    let d = Deployment::repo().with_file(ENVOY_YAML, yaml_text);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::RelayTokenMismatch {
+            plugin: Some("s3cret-token".into()),
+            relay: None
+        }]
+    );
+    let compose = compose_with("relay", |s| {
+        s["command"] = yaml(json!([
+            "relay",
+            "--listen",
+            "0.0.0.0:7379",
+            "--redis",
+            "redis://redis:6379",
+            "--token",
+            "s3cret-token"
+        ]));
+    });
+    assert_no_problems(&check_compose(&d.with_file(COMPOSE, compose)));
+}
+
+#[test]
+fn a_missing_mount_source_is_reported_and_envoy_yaml_is_then_not_mounted() {
+    let compose = compose_with("envoy", |s| {
+        s["volumes"] = yaml(json!(["./envoy-prod.yaml:/etc/envoy/envoy.yaml:ro"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![
+            Problem::MountSourceMissing {
+                service: "envoy".into(),
+                source: "./envoy-prod.yaml".into()
+            },
+            Problem::EnvoyYamlNotMounted {
+                service: "envoy".into(),
+                config_path: "/etc/envoy/envoy.yaml".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_renamed_service_leaves_its_cluster_without_a_host() {
+    let text = Deployment::repo().read(COMPOSE).expect("compose");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("compose YAML");
+    let services = doc["services"].as_mapping_mut().expect("services");
+    let relay = services.remove("relay").expect("relay");
+    services.insert("resp-relay".into(), relay);
+    services["envoy"]["depends_on"] = yaml(json!({
+        "resp-relay": {"condition": "service_healthy"},
+        "upstream": {"condition": "service_healthy"}
+    }));
+    let d = Deployment::repo().with_file(COMPOSE, serde_yaml::to_string(&doc).expect("YAML"));
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::ServiceMissing {
+            from: "envoy".into(),
+            what: "envoy.yaml cluster redis_relay".into(),
+            host: "relay".into()
+        }]
+    );
+}
+
+#[test]
+fn envoy_not_waiting_for_a_healthy_relay_is_reported() {
+    let compose = compose_with("envoy", |s| {
+        s["depends_on"]["relay"]["condition"] = yaml(json!("service_started"));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::DependsOnNotHealthy {
+            service: "envoy".into(),
+            dependency: "relay".into()
+        }]
+    );
+}
+
+#[test]
+fn an_unpublished_admin_port_is_reported() {
+    let compose = compose_with("envoy", |s| {
+        s["ports"] = yaml(json!(["127.0.0.1:10000:10000"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::PortNotPublished {
+            service: "envoy".into(),
+            port: 9901,
+            what: "admin".into()
+        }]
+    );
+}
+
+#[test]
+fn an_upstream_pointed_at_its_own_loopback_for_redis_is_reported() {
+    let compose = compose_with("upstream", |s| {
+        s["environment"]["REDIS_URL"] = yaml(json!("redis://127.0.0.1:6379"));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::ServiceMissing {
+            from: "upstream".into(),
+            what: "upstream's Redis URL".into(),
+            host: "127.0.0.1".into()
+        }]
+    );
+}
+
+#[test]
+fn a_misspelt_compose_key_is_refused() {
+    let d = Deployment::repo().edit(COMPOSE, |t| t.replacen("healthcheck:", "healthchek:", 1));
+    match check_all(&d).as_slice() {
+        [Problem::Unreadable { file, message }, ..] => {
+            assert_eq!(file, COMPOSE);
+            assert!(message.contains("healthchek"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stock_envoy_cannot_run_transport_redis_call() {
+    let yaml_text = envoy_yaml_with_plugin_config(|c| {
+        c["redis"] = json!({"transport": "redis_call", "cluster": "redis"});
+    });
+    let d = Deployment::repo().with_file(ENVOY_YAML, yaml_text);
+    assert_eq!(
+        check_compose(&d),
+        vec![
+            // With redis_call, Envoy itself needs Redis up before it starts.
+            Problem::DependsOnNotHealthy {
+                service: "envoy".into(),
+                dependency: "redis".into()
+            },
+            Problem::StockEnvoyWithoutRedisCall {
+                dockerfile: "envoy/docker/envoy.Dockerfile".into(),
+                transport: "redis_call".into()
+            },
+        ]
+    );
+}
+
+const RELAY_DOCKERFILE: &str = "envoy/docker/relay.Dockerfile";
+const ENVOY_DOCKERFILE: &str = "envoy/docker/envoy.Dockerfile";
+
+#[test]
+fn a_missing_copy_source_is_reported_with_its_line() {
+    let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| {
+        t.replace(
+            "COPY envoy/docker/http-ready.sh",
+            "COPY envoy/docker/http-probe.sh",
+        )
+    });
+    let line = line_of(&d.read(RELAY_DOCKERFILE).expect("edited"), "http-probe.sh");
+    assert_eq!(
+        check_dockerfiles(&d),
+        vec![Problem::CopySourceMissing {
+            dockerfile: RELAY_DOCKERFILE.into(),
+            line,
+            source: "envoy/docker/http-probe.sh".into()
+        }]
+    );
+}
+
+#[test]
+fn a_dockerignored_copy_source_is_reported_with_the_pattern() {
+    let d = Deployment::repo().edit(DOCKERIGNORE, |t| t + "envoy/docker\n");
+    let problems = check_dockerfiles(&d);
+    assert!(!problems.is_empty());
+    for p in &problems {
+        match p {
+            Problem::CopySourceIgnored {
+                source, pattern, ..
+            } => {
+                assert_eq!(source, "envoy/docker/http-ready.sh");
+                assert_eq!(pattern, "envoy/docker");
+            }
+            other => panic!("{other}"),
+        }
+    }
+}
+
+#[test]
+fn a_workspace_member_left_out_of_a_build_stage_is_reported() {
+    let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| t.replace("COPY xtask xtask\n", ""));
+    assert_eq!(
+        check_dockerfiles(&d),
+        vec![Problem::WorkspaceMemberNotCopied {
+            dockerfile: RELAY_DOCKERFILE.into(),
+            stage: "build".into(),
+            member: "xtask".into()
+        }]
+    );
+}
+
+#[test]
+fn a_new_workspace_member_breaks_every_image_build_until_copied() {
+    let d = Deployment::repo()
+        .edit(CARGO_TOML, |t| {
+            t.replacen("members = [", "members = [\"bench\", ", 1)
+        })
+        .with_file(
+            "bench/Cargo.toml",
+            "[package]\nname = \"bench\"\nversion = \"0.1.0\"\n".into(),
+        );
+    let problems = check_dockerfiles(&d);
+    let mut files: Vec<&str> = problems
+        .iter()
+        .map(|p| match p {
+            Problem::WorkspaceMemberNotCopied {
+                dockerfile, member, ..
+            } if member == "bench" => dockerfile.as_str(),
+            other => panic!("{other}"),
+        })
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            ENVOY_DOCKERFILE,
+            RELAY_DOCKERFILE,
+            "envoy/docker/upstream.Dockerfile",
+            HIGRESS_PLUGIN_DOCKERFILE
+        ]
+    );
+}
+
+#[test]
+fn a_plugin_for_stock_envoy_built_with_the_higress_imports_is_reported() {
+    let d = Deployment::repo().edit(ENVOY_DOCKERFILE, |t| {
+        t.replace(" --no-default-features", "")
+    });
+    let line = line_of(&d.read(ENVOY_DOCKERFILE).expect("edited"), "RUN --mount");
+    match check_dockerfiles(&d).as_slice() {
+        [Problem::PluginFeatures {
+            dockerfile,
+            line: l,
+            message,
+        }] => {
+            assert_eq!((dockerfile.as_str(), *l), (ENVOY_DOCKERFILE, line));
+            assert!(message.contains("--no-default-features"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_unlocked_build_of_the_whole_workspace_is_reported() {
+    let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| {
+        t.replace(
+            "cargo build --locked --release -p host-shim --bin host-shim",
+            "cargo build --release",
+        )
+    });
+    let messages: Vec<String> = check_dockerfiles(&d)
+        .into_iter()
+        .map(|p| match p {
+            Problem::CargoBuild {
+                dockerfile,
+                message,
+                ..
+            } if dockerfile == RELAY_DOCKERFILE => message,
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages[0].contains("--locked") && messages[1].contains("-p"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn floating_image_tags_are_reported() {
+    let d = Deployment::repo()
+        .edit(ENVOY_DOCKERFILE, |t| {
+            t.replace("envoyproxy/envoy:v1.38.4", "envoyproxy/envoy:v1.38-latest")
+        })
+        .edit(COMPOSE, |t| {
+            t.replace("image: redis:7.4.7-bookworm", "image: redis")
+        });
+    let images: Vec<String> = check_dockerfiles(&d)
+        .into_iter()
+        .map(|p| match p {
+            Problem::ImageNotPinned { image, .. } => image,
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(images, vec!["redis", "envoyproxy/envoy:v1.38-latest"]);
+}
+
+#[test]
+fn a_builder_on_another_debian_release_than_the_runtime_is_reported() {
+    let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| {
+        t.replace("rust:1.95.0-bookworm", "rust:1.95.0-trixie")
+    });
+    assert_eq!(
+        check_dockerfiles(&d),
+        vec![Problem::DebianSuiteMismatch {
+            dockerfile: RELAY_DOCKERFILE.into(),
+            builder: "rust:1.95.0-trixie".into(),
+            runtime: "debian:bookworm-slim".into()
+        }]
+    );
+}
+
+#[test]
+fn a_rust_image_older_than_the_workspace_rust_version_is_reported() {
+    let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| {
+        t.replace("rust:1.95.0-bookworm", "rust:1.85.0-bookworm")
+    });
+    match check_dockerfiles(&d).as_slice() {
+        [Problem::RustTooOld {
+            dockerfile, image, ..
+        }] => {
+            assert_eq!(
+                (dockerfile.as_str(), image.as_str()),
+                (RELAY_DOCKERFILE, "rust:1.85.0-bookworm")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn wasmplugin_with(change: impl FnOnce(&mut serde_yaml::Value)) -> String {
+    let text = Deployment::repo()
+        .read(WASMPLUGIN)
+        .expect("wasmplugin.yaml");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    change(&mut doc);
+    serde_yaml::to_string(&doc).expect("YAML")
+}
+
+#[test]
+fn a_higress_cluster_without_its_service_is_reported() {
+    let text = wasmplugin_with(|doc| {
+        doc["spec"]["defaultConfig"]["redis"]["cluster"] =
+            yaml(json!("outbound|6379||redis.default.svc.cluster.local"));
+    });
+    let d = Deployment::repo().with_file(WASMPLUGIN, text);
+    assert_eq!(
+        check_higress(&d),
+        vec![Problem::HigressClusterUnknown {
+            file: WASMPLUGIN.into(),
+            cluster: "outbound|6379||redis.default.svc.cluster.local".into(),
+            message: format!(
+                "{HIGRESS_SERVICES} has no Service redis in namespace default with port 6379"
+            ),
+        }]
+    );
+}
+
+#[test]
+fn an_invalid_higress_configuration_is_reported_with_the_plugins_own_error() {
+    let text = wasmplugin_with(|doc| {
+        doc["spec"]["defaultConfig"]["redis"]["token"] = yaml(json!("t"));
+    });
+    let d = Deployment::repo().with_file(WASMPLUGIN, text);
+    match check_higress(&d).as_slice() {
+        [Problem::PluginConfigRefused { file, errors }] => {
+            assert_eq!(file, WASMPLUGIN);
+            assert!(
+                errors.iter().any(|e| e.contains("redis.token")),
+                "{errors:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_higress_policy_that_drifts_from_envoy_yaml_is_reported() {
+    let text = wasmplugin_with(|doc| {
+        doc["spec"]["defaultConfig"]["routes"][0]["rate_limit"]["limits"][0]["limit"] =
+            yaml(json!(50));
+        doc["spec"]["defaultConfig"]["redis"]["key_prefix"] = yaml(json!("edge:"));
+    });
+    let d = Deployment::repo().with_file(WASMPLUGIN, text);
+    assert_eq!(
+        check_higress(&d),
+        vec![
+            Problem::VariantDiffers {
+                file: WASMPLUGIN.into(),
+                key: "redis.key_prefix".into()
+            },
+            Problem::VariantDiffers {
+                file: WASMPLUGIN.into(),
+                key: "routes".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn higress_match_rules_and_the_relay_transport_are_refused() {
+    let text = wasmplugin_with(|doc| {
+        doc["spec"]["matchRules"] = yaml(json!([{"ingress": ["default/foo"], "config": {}}]));
+        doc["spec"]["defaultConfig"]["redis"]["transport"] = yaml(json!("relay"));
+    });
+    let d = Deployment::repo().with_file(WASMPLUGIN, text);
+    let messages: Vec<String> = check_higress(&d)
+        .into_iter()
+        .map(|p| match p {
+            Problem::HigressManifest { message, .. } => message,
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages[0].contains("matchRules") && messages[1].contains("redis_call"),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn a_relay_on_a_reachable_network_is_reported() {
+    let compose = compose_with("relay", |s| {
+        s["networks"] = yaml(json!(["backend", "edge"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_compose(&d),
+        vec![Problem::NotInternal {
+            service: "relay".into(),
+            network: "edge".into()
+        }]
+    );
+}
