@@ -37,13 +37,30 @@ enum Gateway {
     NoFilter,
     /// envoy.yaml as it is, with the freshly built plugin.
     Plugin,
+    /// envoy.yaml with the plugin configuration replaced by one of [`BENCH_CONFIGS`].
+    PluginWith(&'static str),
 }
+
+/// Plugin configurations some scenarios run with instead of envoy.yaml's: (name, JSON).
+const BENCH_CONFIGS: &[(&str, &str)] = &[
+    // The plugin loaded with no policy anywhere (no events either): its fixed cost.
+    (
+        "minimal",
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[]}"#,
+    ),
+    // One rate-limited route whose limit is never reached: the cost of one decision per request.
+    (
+        "rate-limited",
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s"}],"key":["client_ip"]}}]}"#,
+    ),
+];
 
 impl Gateway {
     fn service_name(self) -> &'static str {
         match self {
             Gateway::NoFilter => "host-shim-no-filter",
             Gateway::Plugin => "host-shim-plugin",
+            Gateway::PluginWith(_) => "host-shim-plugin-variant",
         }
     }
 }
@@ -81,12 +98,36 @@ const SCENARIOS: &[Scenario] = &[
         expect_header: Some(("x-krowoc-edge", false)),
     },
     Scenario {
-        name: "host-shim + plugin",
+        name: "host-shim + plugin, no policy",
+        target: Target::Gateway(Gateway::PluginWith("minimal")),
+        path: "/health",
+        baseline: Some(DIRECT),
+        expect_status: 200,
+        expect_header: Some(("x-krowoc-edge", true)),
+    },
+    Scenario {
+        name: "host-shim + plugin (envoy.yaml)",
         target: Target::Gateway(Gateway::Plugin),
         path: "/health",
         baseline: Some(DIRECT),
         expect_status: 200,
         expect_header: Some(("x-krowoc-edge", true)),
+    },
+    Scenario {
+        name: "route without policy",
+        target: Target::Gateway(Gateway::PluginWith("minimal")),
+        path: "/api/rate-limited",
+        baseline: Some(DIRECT),
+        expect_status: 200,
+        expect_header: Some(("ratelimit", false)),
+    },
+    Scenario {
+        name: "rate-limited route",
+        target: Target::Gateway(Gateway::PluginWith("rate-limited")),
+        path: "/api/rate-limited",
+        baseline: Some("route without policy"),
+        expect_status: 200,
+        expect_header: Some(("ratelimit", true)),
     },
 ];
 
@@ -103,6 +144,7 @@ struct Bench<'a> {
     bins: Binaries,
     plugin: PathBuf,
     no_filter_yaml: PathBuf,
+    bench_dir: PathBuf,
     redis: SocketAddr,
     upstream: SocketAddr,
     relay: SocketAddr,
@@ -170,6 +212,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         bins,
         plugin: wasm.plugin,
         no_filter_yaml,
+        bench_dir: bench_dir.clone(),
         redis: loopback(free_port()?),
         upstream: loopback(free_port()?),
         relay: loopback(free_port()?),
@@ -299,6 +342,22 @@ impl Bench<'_> {
             }
             Gateway::Plugin => {
                 cmd.args(["--config", "envoy/envoy.yaml", "--plugin"])
+                    .arg(&self.plugin);
+            }
+            Gateway::PluginWith(name) => {
+                let json = BENCH_CONFIGS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, j)| *j)
+                    .with_context(|| format!("no bench plugin configuration named {name}"))?;
+                let yaml = std::fs::read_to_string(self.ws.root.join("envoy/envoy.yaml"))
+                    .context("cannot read envoy/envoy.yaml")?;
+                let path = self.bench_dir.join(format!("envoy-{name}.yaml"));
+                std::fs::write(&path, envoy_yaml::with_plugin_configuration(&yaml, json)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                cmd.arg("--config")
+                    .arg(&path)
+                    .arg("--plugin")
                     .arg(&self.plugin);
             }
         }
@@ -706,7 +765,7 @@ Transfer/sec:      8.72MB
         );
         assert!(md.contains("| 80% of direct upstream | 1.00 |"), "{md}");
         assert!(
-            md.contains("- host-shim + plugin: evalsha 1.00 (8000 calls)"),
+            md.contains("- host-shim + plugin, no policy: evalsha 1.00 (8000 calls)"),
             "{md}"
         );
         assert!(md.contains("wrk -t2 -c64 -d10s --latency"), "{md}");
