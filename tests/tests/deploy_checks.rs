@@ -791,3 +791,40 @@ fn a_relay_on_a_reachable_network_is_reported() {
         }]
     );
 }
+
+/// Compose's own schema validation, where a `docker-compose` binary is installed (Debian's
+/// docker-compose 1.29 works without a Docker engine). Version 1 predates the top-level `name`,
+/// so that line is left out of the copy it validates.
+#[test]
+fn compose_file_passes_docker_composes_own_validation_when_installed() {
+    let Ok(version) = Command::new("docker-compose").arg("version").output() else {
+        eprintln!("docker-compose is not installed: its schema validation is skipped (apt-get install docker-compose)");
+        return;
+    };
+    assert!(version.status.success(), "docker-compose version failed");
+    let d = Deployment::repo();
+    let text = d.read(COMPOSE).expect("the compose file");
+    // The file's own text (re-serialising would write `no` bare, a boolean to YAML 1.1 readers),
+    // less the top-level `name:` line.
+    let without_name: String = text
+        .lines()
+        .filter(|l| !l.starts_with("name:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("docker-compose.yml");
+    std::fs::write(&copy, without_name).expect("write the copy");
+    let out = Command::new("docker-compose")
+        .arg("-f")
+        .arg(&copy)
+        .arg("--project-directory")
+        .arg(d.root().join("envoy"))
+        .args(["config", "-q"])
+        .output()
+        .expect("run docker-compose config");
+    assert!(
+        out.status.success(),
+        "docker-compose config refused {COMPOSE}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
