@@ -24,8 +24,6 @@ COPY --from=build /out/host-shim /usr/local/bin/host-shim
 COPY envoy/docker/http-ready.sh /usr/local/bin/http-ready
 USER 10001
 EXPOSE 7379
-# The relay stops cleanly on SIGINT (Ctrl-C); as PID 1 it would ignore SIGTERM.
-STOPSIGNAL SIGINT
 ENTRYPOINT ["host-shim"]
 # Loopback is the relay's safe default; in a container it must listen on the container's address.
 CMD ["relay", "--listen", "0.0.0.0:7379", "--redis", "redis://redis:6379"]
