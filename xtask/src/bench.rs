@@ -53,6 +53,16 @@ const BENCH_CONFIGS: &[(&str, &str)] = &[
         "rate-limited",
         r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s"}],"key":["client_ip"]}}]}"#,
     ),
+    // "minimal" plus envoy.yaml's request events (PUBLISH + XADD per request, batched): the
+    // cost of events alone, over each transport.
+    (
+        "events",
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"events":{"publish":{"channel":"krowoc:requests"},"stream":{"key":"events","maxlen":100000},"batch_size":32,"flush_interval":"100ms","queue_limit":10000},"routes":[]}"#,
+    ),
+    (
+        "events-redis-call",
+        r#"{"redis":{"transport":"redis_call","cluster":"redis"},"events":{"publish":{"channel":"krowoc:requests"},"stream":{"key":"events","maxlen":100000},"batch_size":32,"flush_interval":"100ms","queue_limit":10000},"routes":[]}"#,
+    ),
 ];
 
 impl Gateway {
@@ -129,13 +139,84 @@ const SCENARIOS: &[Scenario] = &[
         expect_status: 200,
         expect_header: Some(("ratelimit", true)),
     },
+    // Request events on vs off: the same plugin configuration ("minimal") with and without
+    // events, so the difference is building, queueing and flushing one event per request.
+    Scenario {
+        name: "events on (relay)",
+        target: Target::Gateway(Gateway::PluginWith("events")),
+        path: "/health",
+        baseline: Some(NO_POLICY),
+        expect_status: 200,
+        expect_header: Some(("x-krowoc-edge", true)),
+    },
+    Scenario {
+        name: "events on (redis_call)",
+        target: Target::Gateway(Gateway::PluginWith("events-redis-call")),
+        path: "/health",
+        baseline: Some(NO_POLICY),
+        expect_status: 200,
+        expect_header: Some(("x-krowoc-edge", true)),
+    },
 ];
+
+/// The plugin with no policy and no events: the events-off side of the events pair.
+const NO_POLICY: &str = "host-shim + plugin, no policy";
+
+/// The plugin's own counters (host-shim's admin metrics) over one measurement.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct PluginCounters {
+    /// Redis calls (round trips) the plugin made: `krowoc.redis.calls`.
+    redis_calls: u64,
+    events_published: u64,
+    events_flushes: u64,
+    events_dropped: u64,
+}
+
+impl PluginCounters {
+    fn read(admin: SocketAddr) -> Result<PluginCounters> {
+        let (head, text) = probe::http_get_text(admin, "/stats/prometheus")?;
+        if head.status != 200 {
+            bail!(
+                "GET http://{admin}/stats/prometheus answered {}",
+                head.status
+            );
+        }
+        let value = |name: &str| {
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .find_map(|l| {
+                    let (n, v) = l.split_once(' ')?;
+                    (n == name).then(|| v.trim().parse::<u64>().ok())?
+                })
+                .unwrap_or(0)
+        };
+        Ok(PluginCounters {
+            redis_calls: value("envoy_krowoc_redis_calls"),
+            events_published: value("envoy_krowoc_events_published"),
+            events_flushes: value("envoy_krowoc_events_flushes"),
+            events_dropped: value("envoy_krowoc_events_dropped"),
+        })
+    }
+
+    fn since(self, before: PluginCounters) -> PluginCounters {
+        PluginCounters {
+            redis_calls: self.redis_calls.saturating_sub(before.redis_calls),
+            events_published: self
+                .events_published
+                .saturating_sub(before.events_published),
+            events_flushes: self.events_flushes.saturating_sub(before.events_flushes),
+            events_dropped: self.events_dropped.saturating_sub(before.events_dropped),
+        }
+    }
+}
 
 /// One scenario's measurement.
 struct Measured {
     scenario: &'static Scenario,
     wrk: WrkReport,
     redis_calls: BTreeMap<String, u64>,
+    /// The plugin's counters over the run (scenarios through a gateway with the plugin).
+    plugin: Option<PluginCounters>,
 }
 
 /// The shared pieces every scenario runs against.
@@ -151,6 +232,8 @@ struct Bench<'a> {
     services: Services,
     /// The host-shim running now, if any, and its listener.
     gateway: Option<(Gateway, SocketAddr)>,
+    /// That host-shim's admin listener.
+    gateway_admin: Option<SocketAddr>,
 }
 
 pub fn run(options: &BenchOptions) -> Result<()> {
@@ -218,6 +301,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         relay: loopback(free_port()?),
         services: Services::new(&bench_dir.join("logs"), false)?,
         gateway: None,
+        gateway_admin: None,
     };
     bench.start_backends(token.as_deref(), redis_dir.path())?;
 
@@ -236,14 +320,24 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         if !options.warmup.is_zero() {
             run_wrk(&url, options, options.warmup)?;
         }
+        let admin = match scenario.target {
+            Target::Gateway(Gateway::NoFilter) | Target::Direct => None,
+            Target::Gateway(_) => bench.gateway_admin,
+        };
+        let plugin_before = admin.map(PluginCounters::read).transpose()?;
         let before = probe::redis_commandstats(bench.redis)?;
         let wrk = run_wrk(&url, options, options.duration)?;
         let after = probe::redis_commandstats(bench.redis)?;
+        let plugin = match (admin, plugin_before) {
+            (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
+            _ => None,
+        };
         bench.services.check_alive()?;
         let m = Measured {
             scenario,
             wrk,
             redis_calls: probe::commandstats_delta(&before, &after),
+            plugin,
         };
         eprintln!(
             "xtask: {}: {:.0} req/s, p50 {}, p99 {}, {:.2} Redis commands/request",
@@ -378,6 +472,7 @@ impl Bench<'_> {
             startup_timeout: Duration::from_secs(60),
         })?;
         self.gateway = Some((kind, listen));
+        self.gateway_admin = Some(admin);
         Ok(listen)
     }
 }
@@ -624,7 +719,40 @@ fn render_report(results: &[Measured], options: &BenchOptions) -> String {
             breakdowns.join("\n")
         );
     }
+    let plugin_lines: Vec<String> = results
+        .iter()
+        .filter_map(|m| Some(plugin_line(m.scenario.name, m.plugin?, m.wrk.requests)))
+        .collect();
+    if !plugin_lines.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nThe plugin's Redis calls (round trips: one relay body or one `redis_call`, however \
+             many commands it carries; `krowoc.redis.calls`) and request events, from host-shim's \
+             metrics:\n{}",
+            plugin_lines.join("\n")
+        );
+    }
     out
+}
+
+fn plugin_line(scenario: &str, p: PluginCounters, requests: u64) -> String {
+    let requests = requests.max(1) as f64;
+    let mut line = format!(
+        "- {scenario}: {:.3} Redis calls/request ({} calls)",
+        p.redis_calls as f64 / requests,
+        p.redis_calls
+    );
+    if p.events_flushes > 0 || p.events_published > 0 {
+        let _ = write!(
+            line,
+            "; events published {:.2}/request in {} flushes ({:.1} events/flush), {} dropped",
+            p.events_published as f64 / requests,
+            p.events_flushes,
+            p.events_published as f64 / p.events_flushes.max(1) as f64,
+            p.events_dropped
+        );
+    }
+    line
 }
 
 /// "Intel(R) Xeon(R) ... , 2 cores, Linux 6.1.0"
@@ -743,11 +871,16 @@ Transfer/sec:      8.72MB
                 scenario: &SCENARIOS[0],
                 wrk: report(1000.0, 10_000),
                 redis_calls: BTreeMap::new(),
+                plugin: None,
             },
             Measured {
                 scenario: &SCENARIOS[2],
                 wrk: report(800.0, 8_000),
                 redis_calls: BTreeMap::from([("evalsha".to_string(), 8_000)]),
+                plugin: Some(PluginCounters {
+                    redis_calls: 8_000,
+                    ..PluginCounters::default()
+                }),
             },
         ];
         let options = BenchOptions {
@@ -769,5 +902,29 @@ Transfer/sec:      8.72MB
             "{md}"
         );
         assert!(md.contains("wrk -t2 -c64 -d10s --latency"), "{md}");
+        assert!(
+            md.contains("- host-shim + plugin, no policy: 1.000 Redis calls/request (8000 calls)"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn event_batching_is_reported_as_calls_and_events_per_request() {
+        let p = PluginCounters {
+            redis_calls: 300,
+            events_published: 9_000,
+            events_flushes: 300,
+            events_dropped: 0,
+        };
+        assert_eq!(
+            plugin_line("events on (relay)", p, 10_000),
+            "- events on (relay): 0.030 Redis calls/request (300 calls); events published 0.90/request in 300 flushes (30.0 events/flush), 0 dropped"
+        );
+        let later = PluginCounters {
+            redis_calls: 310,
+            ..p
+        };
+        assert_eq!(later.since(p).redis_calls, 10);
+        assert_eq!(later.since(p).events_published, 0);
     }
 }

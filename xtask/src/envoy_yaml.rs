@@ -1,7 +1,6 @@
 //! What xtask reads from, or derives from, `envoy/envoy.yaml`: the relay token in the wasm
 //! filter's plugin configuration (so the demo's relay expects the token the plugin sends), and
-//! a copy of the file without the wasm filter (bench's "host-shim, no filter" setup), and a copy
-//! with the plugin's request events turned off (bench's "events off" setup).
+//! a copy of the file without the wasm filter (bench's "host-shim, no filter" setup).
 
 use anyhow::{bail, Context, Result};
 use serde_yaml::Value;
@@ -104,72 +103,6 @@ fn replace_configuration(v: &mut Value, json: &str) -> usize {
         _ => {}
     }
     replaced
-}
-
-/// envoy.yaml with request events turned off in every wasm filter's plugin configuration (the
-/// top-level `events` object and every route's `events` removed), everything else unchanged.
-/// Fails if there is no plugin configuration to change.
-pub fn with_events_disabled(yaml: &str) -> Result<String> {
-    let mut doc: Value = serde_yaml::from_str(yaml).context("envoy.yaml is not valid YAML")?;
-    let changed = edit_plugin_configurations(&mut doc, &mut |json| {
-        if let Some(object) = json.as_object_mut() {
-            object.remove("events");
-        }
-        if let Some(routes) = json.get_mut("routes").and_then(|r| r.as_array_mut()) {
-            for route in routes.iter_mut().filter_map(|r| r.as_object_mut()) {
-                route.remove("events");
-            }
-        }
-    })?;
-    if changed == 0 {
-        bail!("envoy.yaml has no {WASM_FILTER_NAME} filter with a configuration value");
-    }
-    serde_yaml::to_string(&doc).context("cannot write envoy.yaml back as YAML")
-}
-
-/// Applies `edit` to the JSON `configuration.value` of every wasm filter; how many it changed.
-fn edit_plugin_configurations(
-    v: &mut Value,
-    edit: &mut dyn FnMut(&mut serde_json::Value),
-) -> Result<usize> {
-    let mut changed = 0;
-    match v {
-        Value::Mapping(m) => {
-            for (k, child) in m.iter_mut() {
-                if k.as_str() == Some("http_filters") {
-                    if let Value::Sequence(list) = child {
-                        for filter in list.iter_mut().filter(|f| is_wasm_filter(f)) {
-                            let Some(value) = filter
-                                .get_mut("typed_config")
-                                .and_then(|t| t.get_mut("config"))
-                                .and_then(|c| c.get_mut("configuration"))
-                                .and_then(|c| c.get_mut("value"))
-                            else {
-                                continue;
-                            };
-                            let Some(text) = value.as_str() else {
-                                continue;
-                            };
-                            let mut json: serde_json::Value = serde_json::from_str(text).context(
-                                "the wasm filter's configuration.value in envoy.yaml is not JSON",
-                            )?;
-                            edit(&mut json);
-                            *value = Value::String(json.to_string());
-                            changed += 1;
-                        }
-                    }
-                }
-                changed += edit_plugin_configurations(child, edit)?;
-            }
-        }
-        Value::Sequence(list) => {
-            for child in list {
-                changed += edit_plugin_configurations(child, edit)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(changed)
 }
 
 fn is_wasm_filter(v: &Value) -> bool {
@@ -325,33 +258,6 @@ static_resources:
         );
         assert!(!stripped.contains("wasm"), "{stripped}");
         assert_eq!(relay_token(&stripped).unwrap(), None);
-    }
-
-    #[test]
-    fn events_are_turned_off_at_the_top_and_on_every_route() {
-        let with_events = ENVOY_YAML.replace(
-            r#""token": "s3cret"}}"#,
-            r#""token": "s3cret"}, "events": {"batch_size": 8},
-                        "routes": [{"name": "a", "match": {"prefix": "/"}, "events": {}}]}"#,
-        );
-        let off = with_events_disabled(&with_events).unwrap();
-        let doc: Value = serde_yaml::from_str(&off).unwrap();
-        let filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-            ["typed_config"]["http_filters"]
-            .as_sequence()
-            .unwrap();
-        let json: serde_json::Value = serde_json::from_str(
-            filters[0]["typed_config"]["config"]["configuration"]["value"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(json.get("events"), None);
-        assert_eq!(json["routes"][0].get("events"), None);
-        assert_eq!(json["routes"][0]["name"], "a");
-        assert_eq!(relay_token(&off).unwrap().as_deref(), Some("s3cret"));
-        let stripped = without_wasm_filter(ENVOY_YAML).unwrap();
-        assert!(with_events_disabled(&stripped).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -120,6 +120,26 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
     )?;
     let mut reader = BufReader::new(stream);
     parse_response_head(&mut reader).with_context(|| format!("GET http://{addr}{path}"))
+}
+
+/// `GET path` like [`http_get`], and the body read to the end of the connection.
+pub fn http_get_text(addr: SocketAddr, path: &str) -> Result<(HttpResponse, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reader = BufReader::new(stream);
+    let head =
+        parse_response_head(&mut reader).with_context(|| format!("GET http://{addr}{path}"))?;
+    let mut body = String::new();
+    reader
+        .read_to_string(&mut body)
+        .with_context(|| format!("reading the body of GET http://{addr}{path}"))?;
+    Ok((head, body))
 }
 
 fn parse_response_head(reader: &mut impl BufRead) -> Result<HttpResponse> {
