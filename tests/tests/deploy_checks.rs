@@ -113,6 +113,11 @@ fn plugin_wasm_imports_only_host_functions_and_stock_envoy_lacks_just_the_higres
             other => panic!("{other}"),
         }
     }
+    // The build envoy.Dockerfile makes (--no-default-features), when one is at hand.
+    if let Some(stock) = std::env::var_os("KROWOC_STOCK_PLUGIN_WASM") {
+        let wasm = std::fs::read(&stock).expect("read KROWOC_STOCK_PLUGIN_WASM");
+        assert_no_problems(&check_plugin_imports(&wasm, WasmHost::StockEnvoy));
+    }
 }
 
 #[test]
