@@ -225,6 +225,8 @@ pub struct Lookup {
     pub swr_ms: u64,
     pub sie_ms: u64,
     pub corrupt: bool,
+    /// Redis' clock at the lookup.
+    pub now_ms: u64,
 }
 
 fn as_u64(r: &Reply) -> Option<u64> {
@@ -237,7 +239,7 @@ pub fn parse_lookup(reply: &Reply) -> Result<Lookup, RedisError> {
     let Reply::Array(items) = reply else {
         return Err(bad());
     };
-    if items.len() != 8 {
+    if items.len() != 9 {
         return Err(bad());
     }
     let state = match &items[0] {
@@ -271,6 +273,7 @@ pub fn parse_lookup(reply: &Reply) -> Result<Lookup, RedisError> {
         swr_ms: num(5)?,
         sie_ms: num(6)?,
         corrupt: num(7)? == 1,
+        now_ms: num(8)?,
     })
 }
 
@@ -347,6 +350,11 @@ struct CacheRequest {
     /// The request's conditional fields (`If-None-Match`, `If-Modified-Since`).
     conditional: Vec<(String, String)>,
     revalidate: Option<RevalidateTarget>,
+    /// The entry found was unreadable: deleted when this request ends without storing (a
+    /// separate delete could overtake the store that replaces it).
+    delete_on_end: bool,
+    /// Redis time of the lookup that sent this request upstream (0: none).
+    looked_up_at: u64,
     phase: Phase,
 }
 
@@ -404,6 +412,7 @@ enum JobKind {
         route: usize,
         key: CacheKey,
         token: String,
+        looked_up_at: u64,
         target: RevalidateTarget,
     },
 }
@@ -429,6 +438,7 @@ struct Revalidation {
     route: usize,
     key: CacheKey,
     token: String,
+    looked_up_at: u64,
 }
 
 /// The cache's state on one VM.
@@ -660,6 +670,8 @@ impl Edge {
                 .cloned()
                 .collect(),
             revalidate: None,
+            delete_on_end: false,
+            looked_up_at: 0,
             phase: Phase::Looking,
         };
         if let Some(reason) = cache_policy::request_bypass(policy, &req.method, &req.headers) {
@@ -732,6 +744,7 @@ impl Edge {
         let lookup = result.and_then(|r| parse_lookup(&r));
         if let Ok(l) = &lookup {
             request.holds_lock = l.lock == LockState::Taken;
+            request.looked_up_at = l.now_ms;
         }
         request.phase = Phase::Found(lookup);
         let flow = self.flows.get_mut(&ctx)?;
@@ -758,7 +771,7 @@ impl Edge {
         };
         let route = request.route;
         let metrics = &self.cache.metrics;
-        let lookup = match result {
+        let mut lookup = match result {
             Ok(l) => l,
             Err(e) => {
                 log_debug(&format!(
@@ -774,12 +787,11 @@ impl Edge {
         if lookup.corrupt {
             metrics.count(route, Count::Corrupt);
         }
-        let decoded = lookup.blob.clone().map(entry_decode);
+        let decoded = lookup.blob.take().map(entry_decode);
         let decoded = match decoded {
             Some(Err(())) => {
                 metrics.count(route, Count::Corrupt);
-                let key = request.entry_key();
-                self.queue_job(now_ms, JobKind::Delete { key });
+                request.delete_on_end = true;
                 None
             }
             Some(Ok(r)) => Some(r),
@@ -826,6 +838,7 @@ impl Edge {
                             route,
                             key: request.key.clone(),
                             token: request.token.clone(),
+                            looked_up_at: lookup.now_ms,
                             target,
                         },
                         None => JobKind::Unlock {
@@ -1049,10 +1062,13 @@ impl Edge {
         let Phase::Collecting(c) = std::mem::replace(&mut request.phase, Phase::Finished) else {
             return;
         };
+        // The store replaces the entry: no delete needed.
+        request.delete_on_end = false;
         let blob = cache_entry::encode(c.status, &c.fields, &c.body);
         let mut keys = vec![
             request.entry_key(),
             request.lock_key(),
+            request.keys.purge_mark(),
             request.keys.route_index(),
             request.keys.path_index(&request.key.path),
             request.keys.url_index(&request.key.url),
@@ -1071,6 +1087,7 @@ impl Edge {
             } else {
                 String::new()
             },
+            request.looked_up_at.to_string(),
         ];
         request.holds_lock = false;
         let route = request.route;
@@ -1092,6 +1109,15 @@ impl Edge {
             }
         }
         self.release_lock(now_ms, ctx, 0);
+        let unreadable = self
+            .cache
+            .requests
+            .get(&ctx)
+            .filter(|r| r.delete_on_end)
+            .map(CacheRequest::entry_key);
+        if let Some(key) = unreadable {
+            self.queue_job(now_ms, JobKind::Delete { key });
+        }
         let waited_on = self
             .cache
             .requests
@@ -1365,9 +1391,10 @@ impl Edge {
             JobKind::Purge(PurgeStep::Index {
                 index_key,
                 entry_prefix,
+                mark_key,
             }) => script_pair(
                 &scripts.purge,
-                std::slice::from_ref(index_key),
+                &[index_key.clone(), mark_key.clone()],
                 None,
                 std::slice::from_ref(entry_prefix),
             ),
@@ -1380,11 +1407,12 @@ impl Edge {
                     PurgeStep::Scan {
                         match_pattern,
                         lua_pattern,
+                        mark_keys,
                     },
                 cursor,
             } => script_pair(
                 &scripts.scan,
-                &[],
+                mark_keys,
                 None,
                 &[
                     cursor.clone(),
@@ -1428,13 +1456,23 @@ impl Edge {
                 ) {
                     Ok(call) => {
                         if let JobKind::Revalidate {
-                            route, key, token, ..
+                            route,
+                            key,
+                            token,
+                            looked_up_at,
+                            ..
                         } = job.kind
                         {
                             increment_metric(self.cache.metrics.revalidations, 1);
-                            self.cache
-                                .revalidations
-                                .insert(call, Revalidation { route, key, token });
+                            self.cache.revalidations.insert(
+                                call,
+                                Revalidation {
+                                    route,
+                                    key,
+                                    token,
+                                    looked_up_at,
+                                },
+                            );
                         }
                         Ok(())
                     }
@@ -1553,7 +1591,13 @@ impl Edge {
         };
         match job.kind {
             JobKind::Store { route, .. } => {
-                self.cache.metrics.count(route, Count::Store);
+                // -1: the route was purged after the lookup; the response may predate it.
+                let count = if result == Reply::Int(-1) {
+                    Count::NotStored
+                } else {
+                    Count::Store
+                };
+                self.cache.metrics.count(route, count);
                 None
             }
             JobKind::Unlock { .. } | JobKind::Delete { .. } | JobKind::Revalidate { .. } => None,
@@ -1669,6 +1713,7 @@ impl Edge {
                 let mut store_keys = vec![
                     keys.entry(&rev.key.hash),
                     keys.lock(&rev.key.hash),
+                    keys.purge_mark(),
                     keys.route_index(),
                     keys.path_index(&rev.key.path),
                     keys.url_index(&rev.key.url),
@@ -1686,6 +1731,7 @@ impl Edge {
                     rev.key.url.clone(),
                     rev.key.hash.clone(),
                     rev.token.clone(),
+                    rev.looked_up_at.to_string(),
                 ];
                 self.queue_store(now_ms, rev.route, store_keys, args, blob);
             }
@@ -1860,7 +1906,7 @@ impl Edge {
                         .is_some_and(|r| r.token == poll.token);
                     if owner && !handed {
                         handed = true;
-                        actions.extend(self.stop_waiting_as_filler(now_ms, ctx));
+                        actions.extend(self.stop_waiting_as_filler(now_ms, ctx, lookup.now_ms));
                     } else {
                         rest.push(ctx);
                     }
@@ -1878,9 +1924,15 @@ impl Edge {
     }
 
     /// A waiting request goes upstream holding the fill lock.
-    fn stop_waiting_as_filler(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+    fn stop_waiting_as_filler(
+        &mut self,
+        now_ms: u64,
+        ctx: u32,
+        looked_up_at: u64,
+    ) -> Option<HostAction> {
         let r = self.cache.requests.get_mut(&ctx)?;
         r.holds_lock = true;
+        r.looked_up_at = looked_up_at;
         let action = self.stop_waiting(now_ms, ctx);
         if let Some(r) = self.cache.requests.get_mut(&ctx) {
             if !matches!(r.phase, Phase::Forwarded { .. }) {
@@ -1954,8 +2006,10 @@ mod tests {
             Reply::Int(0),
             Reply::Int(300_000),
             Reply::Int(0),
+            Reply::Int(1_700_000_000_000),
         ]);
         let l = parse_lookup(&r).expect("hit");
+        assert_eq!(l.now_ms, 1_700_000_000_000);
         assert_eq!(l.state, EntryState::Hit);
         assert_eq!((l.age_ms, l.fresh_ms, l.sie_ms), (1500, 60_000, 300_000));
         assert_eq!(l.lock, LockState::NotTried);
@@ -1969,6 +2023,7 @@ mod tests {
             Reply::Int(0),
             Reply::Int(0),
             Reply::Int(1),
+            Reply::Int(5),
         ]);
         let l = parse_lookup(&r).expect("miss");
         assert_eq!(
@@ -1978,7 +2033,7 @@ mod tests {
         assert!(l.blob.is_none());
         for (n, lock) in [(1, LockState::Taken), (-2, LockState::Pass)] {
             let mut items = vec![bulk("expired"), Reply::Int(9), bulk("x"), Reply::Int(n)];
-            items.extend([Reply::Int(1), Reply::Int(2), Reply::Int(3), Reply::Int(0)]);
+            items.extend([1, 2, 3, 0, 9].map(Reply::Int));
             assert_eq!(parse_lookup(&Reply::Array(items)).expect("ok").lock, lock);
         }
     }

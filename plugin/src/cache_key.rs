@@ -18,6 +18,7 @@
 //! | `<prefix>c:{<route>}:u:<sha1(url)>` | set | hashes of entries of one URL (any host, method, varied field) |
 //! | `<prefix>c:{<route>}:p:<sha1(path)>` | set | hashes of entries of one path (any query) |
 //! | `<prefix>c:{<route>}:a` | set | hashes of every entry of the route |
+//! | `<prefix>c:{<route>}:purged` | string | Redis time (ms) of the route's last purge |
 //!
 //! Index sets expire with the longest-lived entry they list.
 
@@ -181,6 +182,12 @@ impl RouteKeys {
 
     pub fn route_index(&self) -> String {
         format!("{}a", self.base)
+    }
+
+    /// Redis time (ms) of the route's last purge: fills that looked up before it are not
+    /// stored, so a response fetched before a purge cannot land after it.
+    pub fn purge_mark(&self) -> String {
+        format!("{}purged", self.base)
     }
 }
 

@@ -87,11 +87,15 @@ pub enum PurgeStep {
     Index {
         index_key: String,
         entry_prefix: String,
+        /// The route's purge mark (set by the purge).
+        mark_key: String,
     },
     /// `cache_scan_purge.lua`, from cursor 0 until the cursor comes back "0".
     Scan {
         match_pattern: String,
         lua_pattern: String,
+        /// Every cached route's purge mark.
+        mark_keys: Vec<String>,
     },
 }
 
@@ -114,6 +118,7 @@ pub fn plan(config: &Config, d: &Directive) -> Vec<PurgeStep> {
     let index = |keys: &RouteKeys, index_key: String| PurgeStep::Index {
         index_key,
         entry_prefix: keys.entry_prefix(),
+        mark_key: keys.purge_mark(),
     };
     match d {
         Directive::Tag(tag) => cached
@@ -150,6 +155,9 @@ pub fn plan(config: &Config, d: &Directive) -> Vec<PurgeStep> {
         Directive::Pattern(glob) => vec![PurgeStep::Scan {
             match_pattern: all_entries_match(prefix),
             lua_pattern: glob_to_lua_pattern(glob),
+            mark_keys: cached
+                .map(|(r, _)| RouteKeys::new(prefix, &r.name).purge_mark())
+                .collect(),
         }],
     }
 }
@@ -221,6 +229,7 @@ mod tests {
             vec![PurgeStep::Index {
                 index_key: keys.url_index("/api/cached-data?user_id=42"),
                 entry_prefix: "k:c:{cached-data}:e:".into(),
+                mark_key: "k:c:{cached-data}:purged".into(),
             }],
             "the query is normalised as keys are"
         );
@@ -236,6 +245,7 @@ mod tests {
             vec![PurgeStep::Index {
                 index_key: keys.path_index("/api/cached-data"),
                 entry_prefix: keys.entry_prefix(),
+                mark_key: keys.purge_mark(),
             }]
         );
         assert_eq!(
@@ -243,6 +253,7 @@ mod tests {
             vec![PurgeStep::Index {
                 index_key: keys.route_index(),
                 entry_prefix: keys.entry_prefix(),
+                mark_key: keys.purge_mark(),
             }]
         );
         assert_eq!(plan(&cfg, &Directive::Route("/docs/a".into())).len(), 1);
@@ -256,6 +267,10 @@ mod tests {
             vec![PurgeStep::Scan {
                 match_pattern: "k:c:{*}:e:*".into(),
                 lua_pattern: "^/api/.*$".into(),
+                mark_keys: vec![
+                    "k:c:{cached-data}:purged".into(),
+                    "k:c:{docs}:purged".into()
+                ],
             }]
         );
     }

@@ -56,18 +56,31 @@ impl Entry<'_> {
         &self,
         redis: &RedisServer,
         blob: &[u8],
+        times: (u64, u64, u64, u64),
+        token: &str,
+    ) -> i64 {
+        self.store_after(redis, blob, times, token, 0)
+    }
+
+    /// Stores a response whose lookup happened at `looked_up_at` (Redis ms; 0 unknown).
+    fn store_after(
+        &self,
+        redis: &RedisServer,
+        blob: &[u8],
         (fresh, swr, sie, age): (u64, u64, u64, u64),
         token: &str,
+        looked_up_at: u64,
     ) -> i64 {
         let mut keys = vec![
             self.keys.entry(self.hash),
             self.keys.lock(self.hash),
+            self.keys.purge_mark(),
             self.keys.route_index(),
             self.keys.path_index(self.path),
             self.keys.url_index(self.url),
         ];
         keys.extend(self.tags.iter().map(|t| self.keys.tag_index(t)));
-        let nums = [fresh, swr, sie, age].map(|n| n.to_string());
+        let nums = [fresh, swr, sie, age, looked_up_at].map(|n| n.to_string());
         let args: Vec<&[u8]> = vec![
             blob,
             nums[0].as_bytes(),
@@ -77,6 +90,7 @@ impl Entry<'_> {
             self.url.as_bytes(),
             self.hash.as_bytes(),
             token.as_bytes(),
+            nums[4].as_bytes(),
         ];
         match eval(redis, CACHE_STORE_LUA, &keys, &args) {
             Reply::Int(keep) => keep,
@@ -351,7 +365,7 @@ fn an_index_purge_deletes_exactly_the_listed_entries() {
     let purged = eval(
         &redis,
         CACHE_PURGE_LUA,
-        &[keys.tag_index("user:1")],
+        &[keys.tag_index("user:1"), keys.purge_mark()],
         &[keys.entry_prefix().as_bytes()],
     );
     assert_eq!(purged, Reply::Int(2));
@@ -367,14 +381,14 @@ fn an_index_purge_deletes_exactly_the_listed_entries() {
     let purged = eval(
         &redis,
         CACHE_PURGE_LUA,
-        &[keys.path_index("/a")],
+        &[keys.path_index("/a"), keys.purge_mark()],
         &[keys.entry_prefix().as_bytes()],
     );
     assert_eq!(purged, Reply::Int(1), "u2 (u1a is already gone)");
     let again = eval(
         &redis,
         CACHE_PURGE_LUA,
-        &[keys.path_index("/a")],
+        &[keys.path_index("/a"), keys.purge_mark()],
         &[keys.entry_prefix().as_bytes()],
     );
     assert_eq!(again, Reply::Int(0));
@@ -407,7 +421,7 @@ fn a_pattern_purge_scans_in_steps_and_matches_urls() {
         let reply = eval(
             &redis,
             CACHE_SCAN_PURGE_LUA,
-            &[],
+            &[keys.purge_mark(), other_route.purge_mark()],
             &[
                 cursor.as_bytes(),
                 matcher.as_bytes(),
@@ -435,4 +449,63 @@ fn a_pattern_purge_scans_in_steps_and_matches_urls() {
     assert_eq!(redis.int(&["EXISTS", &other_route.entry("h1")]), 0);
     assert_eq!(redis.int(&["EXISTS", &keys.entry("h2")]), 1);
     assert_eq!(redis.int(&["EXISTS", "unrelated:key"]), 1);
+}
+
+#[test]
+fn a_fill_that_looked_up_before_a_purge_is_not_stored() {
+    let redis = RedisServer::start();
+    let keys = RouteKeys::new("t:", "r");
+    let e = Entry {
+        keys: &keys,
+        hash: "h",
+        url: "/a",
+        path: "/a",
+        tags: &["user:1"],
+    };
+    // A fill looks up (and takes the lock), then a purge of the route runs before its store.
+    let lookup = e.lookup(&redis, 10_000, "filler");
+    assert_eq!(lookup.lock, LockState::Taken);
+    assert!(
+        lookup.now_ms > 1_600_000_000_000,
+        "Redis time: {}",
+        lookup.now_ms
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    let purged = eval(
+        &redis,
+        CACHE_PURGE_LUA,
+        &[keys.tag_index("user:1"), keys.purge_mark()],
+        &[keys.entry_prefix().as_bytes()],
+    );
+    assert_eq!(purged, Reply::Int(0));
+    let mark: u64 = redis
+        .cli(&["GET", &keys.purge_mark()])
+        .parse()
+        .expect("mark");
+    assert!(mark > lookup.now_ms);
+    let stored = e.store_after(
+        &redis,
+        &response("fetched before the purge"),
+        (60_000, 0, 0, 0),
+        "filler",
+        lookup.now_ms,
+    );
+    assert_eq!(stored, -1, "refused: the response may predate the purge");
+    assert_eq!(redis.int(&["EXISTS", &keys.entry("h")]), 0);
+    assert_eq!(
+        redis.int(&["EXISTS", &keys.lock("h")]),
+        0,
+        "the lock is released anyway"
+    );
+    // A fill that looked up after the purge is stored.
+    let later = e.lookup(&redis, 10_000, "next");
+    let stored = e.store_after(
+        &redis,
+        &response("fresh"),
+        (60_000, 0, 0, 0),
+        "next",
+        later.now_ms,
+    );
+    assert!(stored > 0);
+    assert_eq!(e.lookup(&redis, 0, "x").state, EntryState::Hit);
 }

@@ -8,7 +8,7 @@
 -- ARGV[1]  version tag that every readable v starts with ("KRC1")
 -- ARGV[2]  lock time in ms; 0 turns coalescing off (no lock is taken)
 -- ARGV[3]  this request's lock token
--- Reply    { state, age_ms, v, lock, fresh_ms, swr_ms, sie_ms, corrupt }
+-- Reply    { state, age_ms, v, lock, fresh_ms, swr_ms, sie_ms, corrupt, now_ms }
 --            state    "hit" fresh | "stale" within stale-while-revalidate | "expired" past it
 --                     (v is still returned, for stale-if-error) | "miss" no entry
 --            age_ms   the entry's age by Redis' clock (0 on a miss)
@@ -17,6 +17,8 @@
 --                     coalescing off), -2 the key is marked uncacheable ("pass")
 --            corrupt  1 when an unreadable entry (wrong type, missing fields, another version
 --                     tag) was found: it has been deleted and this is a miss
+--            now_ms   Redis' clock: a fill passes it to the store, which refuses the response
+--                     when the route was purged after this lookup
 --
 -- Time is Redis TIME, so every gateway on this Redis computes the same age.
 
@@ -53,13 +55,13 @@ if kind == 'hash' then
       age = 0
     end
     if age < fresh then
-      return { 'hit', age, v, -1, fresh, swr, sie, 0 }
+      return { 'hit', age, v, -1, fresh, swr, sie, 0, now }
     end
     local state = 'expired'
     if age < fresh + swr then
       state = 'stale'
     end
-    return { state, age, v, try_lock(), fresh, swr, sie, 0 }
+    return { state, age, v, try_lock(), fresh, swr, sie, 0, now }
   end
   corrupt = 1
   redis.call('DEL', KEYS[1])
@@ -67,4 +69,4 @@ elseif kind ~= 'none' then
   corrupt = 1
   redis.call('DEL', KEYS[1])
 end
-return { 'miss', 0, false, try_lock(), 0, 0, 0, corrupt }
+return { 'miss', 0, false, try_lock(), 0, 0, 0, corrupt, now }

@@ -2,7 +2,8 @@
 -- whose URL matches. Called again with the returned cursor until it is "0". Pattern purges are
 -- the one place the cache scans the keyspace; they never run on a request's path.
 --
--- KEYS     none (a scan covers the whole keyspace of this Redis)
+-- KEYS     the purge marks of every cached route (see cache_purge.lua), set at each step; the
+--          scan itself covers the whole keyspace of this Redis
 -- ARGV[1]  the SCAN cursor ("0" to start)
 -- ARGV[2]  SCAN MATCH pattern of entry keys ("<prefix>c:{*}:e:*", prefix escaped)
 -- ARGV[3]  SCAN COUNT
@@ -11,6 +12,12 @@
 
 if redis.replicate_commands then
   pcall(redis.replicate_commands)
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, mark in ipairs(KEYS) do
+  redis.call('SET', mark, string.format('%.0f', now), 'PX', 3600000)
 end
 
 local r = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])

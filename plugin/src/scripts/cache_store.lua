@@ -3,7 +3,8 @@
 --
 -- KEYS[1]  the entry (hash, see cache_lookup.lua)
 -- KEYS[2]  its fill lock
--- KEYS[3..] index sets the entry joins: the route's, its path's, its URL's, one per tag.
+-- KEYS[3]  the route's purge mark: Redis time (ms) of its last purge
+-- KEYS[4..] index sets the entry joins: the route's, its path's, its URL's, one per tag.
 --          Every key shares the route's hash tag.
 -- ARGV[1]  v, the encoded response
 -- ARGV[2]  fresh_ms   freshness lifetime, counted from the response's generation
@@ -13,7 +14,10 @@
 -- ARGV[6]  the entry's URL (matched by pattern purges)
 -- ARGV[7]  the entry's member name in the index sets (its key hash)
 -- ARGV[8]  this request's lock token ("" when it holds none)
--- Reply    how long Redis keeps the entry, in ms (0: already too old, nothing stored)
+-- ARGV[9]  Redis time (ms) of the lookup that sent this request upstream ("0": unknown)
+-- Reply    how long Redis keeps the entry, in ms; 0: already too old, nothing stored;
+--          -1: the route was purged after the lookup, so the response may predate the purge
+--          and is not stored
 --
 -- The entry lives fresh + max(swr, sie) from its generation; each index set lives as long as
 -- the longest-lived entry it lists (PTTL only ever raised).
@@ -37,6 +41,11 @@ end
 if keep <= 0 then
   return 0
 end
+local looked_up = tonumber(ARGV[9]) or 0
+local purged = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+if looked_up > 0 and purged >= looked_up then
+  return -1
+end
 
 local function fmt(x)
   return string.format('%.0f', x)
@@ -46,7 +55,7 @@ redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 't', fmt(now - age), 'f', fmt(fresh), 'w', fmt(swr),
   'e', fmt(sie), 'u', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], fmt(keep))
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[7])
   if redis.call('PTTL', KEYS[i]) < keep then
     redis.call('PEXPIRE', KEYS[i], fmt(keep))

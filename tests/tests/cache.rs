@@ -1,0 +1,830 @@
+//! The response cache end to end: real redis-server, relay, upstream, host-shim running
+//! envoy/envoy.yaml with the real plugin.wasm — with transport `relay` and with `redis_call`.
+//! Upstream calls are counted by the upstream itself (`cached_data_calls`), so a hit is proven
+//! not to reach it. Cases the demo upstream cannot produce (private, Set-Cookie, Vary, ETag,
+//! an upstream that fails) use a small origin started by the test behind a second gateway.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response as AxumResponse};
+use axum::routing::get;
+use axum::Router;
+use host_shim::run::Running;
+use krowoc_tests::{eventually, metric_value, Response, Stack, StackOptions};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const RELAY: &str = "relay";
+const REDIS_CALL: &str = "redis_call";
+const PURGE_PATH: &str = "/_krowoc/cache/purge";
+const PURGE_TOKEN: &str = "demo-purge-token-change-me";
+
+/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
+fn use_transport(cfg: &mut Value, transport: &str) {
+    let redis = cfg["redis"].as_object_mut().expect("redis is an object");
+    redis.insert("transport".into(), json!(transport));
+    if transport == REDIS_CALL {
+        redis.insert("cluster".into(), json!("redis"));
+        redis.remove("token");
+        redis.remove("authority");
+    } else {
+        redis.insert("cluster".into(), json!("redis_relay"));
+    }
+}
+
+/// The `cache` policy of the shipped `cached-data` route.
+fn cached_data_policy(cfg: &mut Value) -> &mut Value {
+    let routes = cfg["routes"].as_array_mut().expect("routes");
+    let route = routes
+        .iter_mut()
+        .find(|r| r["name"] == "cached-data")
+        .expect("envoy.yaml has the cached-data route");
+    &mut route["cache"]
+}
+
+fn stack_with(
+    transport: &'static str,
+    delay: Duration,
+    tweak: impl Fn(&mut Value) + 'static,
+) -> Stack {
+    Stack::start_with(StackOptions {
+        plugin_config: Some(Box::new(move |cfg: &mut Value| {
+            use_transport(cfg, transport);
+            tweak(cfg);
+        })),
+        upstream_delay: delay,
+        ..StackOptions::default()
+    })
+}
+
+fn stack(transport: &'static str) -> Stack {
+    stack_with(transport, Duration::ZERO, |_| {})
+}
+
+/// Prometheus name of a per-route cache counter.
+fn cache_metric(route: &str, what: &str) -> String {
+    format!(
+        "envoy_krowoc_cache_{}_{what}",
+        route.replace(['-', '.'], "_")
+    )
+}
+
+fn upstream_calls(stack: &Stack) -> u64 {
+    stack
+        .upstream_state
+        .stats()
+        .cached_data_calls
+        .load(Ordering::Relaxed)
+}
+
+fn x_cache(r: &Response) -> &str {
+    r.header("x-cache").unwrap_or("(none)")
+}
+
+fn user(id: &str) -> String {
+    format!("/api/cached-data?user_id={id}")
+}
+
+/// GETs `path` until it is answered from the cache (stores happen after the response).
+fn wait_for_hit(stack: &Stack, path: &str) -> Response {
+    let mut last = None;
+    let hit = eventually(Duration::from_secs(5), || {
+        let r = stack.get(path);
+        let hit = x_cache(&r) == "HIT";
+        last = Some(r);
+        hit
+    });
+    let last = last.expect("at least one request");
+    assert!(
+        hit,
+        "{path} never became a HIT: {} {:?}",
+        x_cache(&last),
+        last.headers
+    );
+    last
+}
+
+/// Fields that differ between a miss and a hit by design.
+fn comparable_fields(r: &Response) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "x-cache" | "cache-status" | "age" | "connection"
+            )
+        })
+        .cloned()
+        .collect();
+    fields.sort();
+    fields
+}
+
+fn purge(stack: &Stack, directives: &str) -> Response {
+    stack.request(
+        "POST",
+        PURGE_PATH,
+        &[
+            ("x-krowoc-purge-token", PURGE_TOKEN),
+            ("x-krowoc-invalidate", directives),
+        ],
+        b"",
+    )
+}
+
+fn entry_keys(stack: &Stack) -> Vec<String> {
+    let text = stack.redis.cli(&["KEYS", "krowoc:c:*:e:*"]);
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+// ---- miss, hit, expiry, keys ---------------------------------------------------------------
+
+fn miss_then_hit(transport: &'static str) {
+    let stack = stack(transport);
+    let miss = stack.get(&user("1"));
+    assert_eq!(miss.status, 200, "{}", miss.text());
+    assert_eq!(x_cache(&miss), "MISS");
+    assert_eq!(
+        miss.header("cache-status"),
+        Some("krowoc; fwd=uri-miss; fwd-status=200; stored")
+    );
+    let hit = wait_for_hit(&stack, &user("1"));
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.body, miss.body, "identical bodies");
+    assert_eq!(
+        comparable_fields(&hit),
+        comparable_fields(&miss),
+        "identical fields"
+    );
+    assert!(hit.header("age").is_some());
+    let status = hit.header("cache-status").expect("Cache-Status");
+    assert!(status.starts_with("krowoc; hit; ttl="), "{status}");
+    let ttl: i64 = status
+        .split("; ")
+        .find_map(|p| p.strip_prefix("ttl="))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("ttl in {status:?}"));
+    assert!((55..=60).contains(&ttl), "upstream max-age=60: {ttl}");
+    assert_eq!(hit.header("cache-tag"), Some("user:1"));
+    assert_eq!(upstream_calls(&stack), 1, "hits never reach the upstream");
+    for _ in 0..5 {
+        assert_eq!(x_cache(&stack.get(&user("1"))), "HIT");
+    }
+    assert_eq!(upstream_calls(&stack), 1);
+    let m = stack.metrics();
+    assert!(
+        metric_value(&m, &cache_metric("cached-data", "hits")) >= 6,
+        "{m}"
+    );
+    assert_eq!(metric_value(&m, &cache_metric("cached-data", "misses")), 1);
+    assert_eq!(metric_value(&m, &cache_metric("cached-data", "stores")), 1);
+    assert_eq!(
+        metric_value(&m, &cache_metric("cached-data", "store_failures")),
+        0
+    );
+}
+
+#[test]
+fn miss_then_hit_with_identical_body_and_fields_relay() {
+    miss_then_hit(RELAY);
+}
+
+#[test]
+fn miss_then_hit_with_identical_body_and_fields_redis_call() {
+    miss_then_hit(REDIS_CALL);
+}
+
+#[test]
+fn entries_expire_after_their_ttl() {
+    let stack = stack_with(RELAY, Duration::ZERO, |cfg| {
+        *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
+                                          "honor_cache_control": false});
+    });
+    assert_eq!(x_cache(&stack.get(&user("1"))), "MISS");
+    wait_for_hit(&stack, &user("1"));
+    let stored = entry_keys(&stack);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let pttl = stack.redis.int(&["PTTL", &stored[0]]);
+    assert!(
+        (0..=1000).contains(&pttl),
+        "Redis keeps it for the ttl: {pttl}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = stack.get(&user("1"));
+    assert_eq!(x_cache(&again), "MISS", "{:?}", again.headers);
+    assert_eq!(upstream_calls(&stack), 2);
+}
+
+#[test]
+fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored() {
+    let stack = stack(RELAY);
+    for id in ["1", "2"] {
+        assert_eq!(x_cache(&stack.get(&user(id))), "MISS");
+    }
+    for id in ["1", "2"] {
+        let hit = wait_for_hit(&stack, &user(id));
+        assert_eq!(hit.json()["user_id"], id, "user {id} gets their own entry");
+    }
+    let extra = stack.get("/api/cached-data?utm_source=ad&user_id=1&cachebust=7");
+    assert_eq!(
+        x_cache(&extra),
+        "HIT",
+        "parameters outside the key change nothing"
+    );
+    assert_eq!(extra.json()["user_id"], "1");
+    assert_eq!(
+        x_cache(&stack.get("/api/cached-data")),
+        "MISS",
+        "no user_id: its own entry"
+    );
+    assert_eq!(upstream_calls(&stack), 3);
+}
+
+// ---- invalidation ---------------------------------------------------------------------------
+
+fn fill(stack: &Stack, ids: &[&str]) {
+    for id in ids {
+        stack.get(&user(id));
+    }
+    for id in ids {
+        wait_for_hit(stack, &user(id));
+    }
+}
+
+fn purge_endpoint(transport: &'static str) {
+    let stack = stack(transport);
+    fill(&stack, &["1", "2", "3", "4"]);
+    assert_eq!(entry_keys(&stack).len(), 4);
+
+    let r = purge(&stack, "tag=user:1");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["purged"], 1, "{}", r.text());
+    assert_eq!(entry_keys(&stack).len(), 3, "exactly the tagged entry");
+    assert_eq!(x_cache(&stack.get(&user("2"))), "HIT");
+    assert_eq!(x_cache(&stack.get(&user("1"))), "MISS");
+
+    let r = purge(&stack, "url=/api/cached-data?user_id=2&utm=x");
+    assert_eq!(r.json()["purged"], 1, "{}", r.text());
+    assert_eq!(x_cache(&stack.get(&user("2"))), "MISS");
+    assert_eq!(x_cache(&stack.get(&user("3"))), "HIT");
+
+    let r = purge(&stack, "pattern=/api/cached-data?user_id=[34]");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The glob has no classes: "[34]" is literal, nothing matches.
+    assert_eq!(r.json()["purged"], 0, "{}", r.text());
+    let r = purge(&stack, "pattern=/api/cached-data?user_id=3*");
+    assert_eq!(r.json()["purged"], 1, "{}", r.text());
+    assert_eq!(x_cache(&stack.get(&user("3"))), "MISS");
+    assert_eq!(x_cache(&stack.get(&user("4"))), "HIT");
+
+    let r = purge(&stack, "route=/api/cached-data");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(entry_keys(&stack).is_empty(), "{:?}", entry_keys(&stack));
+    assert_eq!(x_cache(&stack.get(&user("4"))), "MISS");
+    assert!(stack.metric("envoy_krowoc_cache_purges") >= 4);
+}
+
+#[test]
+fn purge_endpoint_by_tag_url_pattern_and_route_relay() {
+    purge_endpoint(RELAY);
+}
+
+#[test]
+fn purge_endpoint_by_tag_url_pattern_and_route_redis_call() {
+    purge_endpoint(REDIS_CALL);
+}
+
+#[test]
+fn purge_endpoint_refuses_wrong_tokens_methods_and_empty_requests() {
+    let stack = stack(RELAY);
+    fill(&stack, &["1"]);
+    let wrong = stack.request(
+        "POST",
+        PURGE_PATH,
+        &[
+            ("x-krowoc-purge-token", "demo-purge-token-change-mE"),
+            ("x-krowoc-invalidate", "tag=user:1"),
+        ],
+        b"",
+    );
+    assert_eq!(wrong.status, 403, "{}", wrong.text());
+    let missing = stack.request(
+        "POST",
+        PURGE_PATH,
+        &[("x-krowoc-invalidate", "tag=user:1")],
+        b"",
+    );
+    assert_eq!(missing.status, 403);
+    let get = stack.get(PURGE_PATH);
+    assert_eq!(get.status, 405);
+    assert_eq!(get.header("allow"), Some("POST, PURGE"));
+    let empty = stack.request(
+        "POST",
+        PURGE_PATH,
+        &[("x-krowoc-purge-token", PURGE_TOKEN)],
+        b"",
+    );
+    assert_eq!(empty.status, 400, "{}", empty.text());
+    let bad = purge(&stack, "tag");
+    assert_eq!(bad.status, 400);
+    assert_eq!(x_cache(&stack.get(&user("1"))), "HIT", "nothing was purged");
+    assert_eq!(
+        upstream_calls(&stack),
+        1,
+        "the endpoint never reaches the upstream"
+    );
+}
+
+#[test]
+fn the_purge_endpoint_is_off_unless_configured() {
+    let stack = stack_with(RELAY, Duration::ZERO, |cfg| {
+        cfg.as_object_mut().expect("object").remove("cache");
+    });
+    let r = purge(&stack, "tag=user:1");
+    assert_eq!(
+        r.status, 404,
+        "forwarded to the upstream, which has no such path"
+    );
+}
+
+fn invalidation_header(transport: &'static str) {
+    let stack = stack(transport);
+    fill(&stack, &["1", "2", "3"]);
+    let r = stack.request(
+        "POST",
+        "/api/invalidate-cache",
+        &[("content-type", "application/json")],
+        br#"{"user_id": "1"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-krowoc-invalidate"), Some("tag=user:1"));
+    assert!(
+        eventually(Duration::from_secs(3), || entry_keys(&stack).len() == 2),
+        "{:?}",
+        entry_keys(&stack)
+    );
+    assert_eq!(x_cache(&stack.get(&user("2"))), "HIT");
+    assert_eq!(x_cache(&stack.get(&user("1"))), "MISS");
+    let r = stack.request("POST", "/api/invalidate-cache", &[], b"");
+    assert_eq!(
+        r.header("x-krowoc-invalidate"),
+        Some("route=/api/cached-data")
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || entry_keys(&stack).is_empty()),
+        "{:?}",
+        entry_keys(&stack)
+    );
+    assert_eq!(x_cache(&stack.get(&user("3"))), "MISS");
+}
+
+#[test]
+fn upstream_invalidation_header_purges_one_user_then_the_route_relay() {
+    invalidation_header(RELAY);
+}
+
+#[test]
+fn upstream_invalidation_header_purges_one_user_then_the_route_redis_call() {
+    invalidation_header(REDIS_CALL);
+}
+
+// ---- coalescing and stale serving ------------------------------------------------------------
+
+fn concurrent_misses(transport: &'static str) {
+    let stack = stack_with(transport, Duration::from_millis(500), |_| {});
+    let n = 20;
+    let barrier = Arc::new(Barrier::new(n));
+    let gateway = stack.gateway;
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                testkit::http::get(gateway, "/api/cached-data?user_id=7")
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
+    for r in &responses {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, responses[0].body, "everyone gets the one fill");
+    }
+    assert_eq!(
+        upstream_calls(&stack),
+        1,
+        "20 concurrent misses, 1 upstream call"
+    );
+    let outcomes: Vec<&str> = responses.iter().map(x_cache).collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "MISS").count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(stack.metric(&cache_metric("cached-data", "coalesced")) >= 1);
+}
+
+#[test]
+fn twenty_concurrent_misses_make_one_upstream_call_relay() {
+    concurrent_misses(RELAY);
+}
+
+#[test]
+fn twenty_concurrent_misses_make_one_upstream_call_redis_call() {
+    concurrent_misses(REDIS_CALL);
+}
+
+/// Starts another gateway on the stack's Redis and relay whose `upstream` cluster is `upstream`.
+fn gateway_to(stack: &Stack, upstream: SocketAddr) -> Running {
+    let mut args = stack.run_args(1);
+    args.clusters.retain(|c| !c.starts_with("upstream="));
+    args.clusters.push(format!("upstream={upstream}"));
+    stack
+        .runtime()
+        .block_on(host_shim::run::start(&args))
+        .unwrap_or_else(|e| panic!("second gateway: {e:#}"))
+}
+
+fn stale_if_error(transport: &'static str) {
+    let stack = stack_with(transport, Duration::ZERO, |cfg| {
+        *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
+                                          "honor_cache_control": false, "stale_if_error": "60s"});
+    });
+    let first = stack.get(&user("5"));
+    wait_for_hit(&stack, &user("5"));
+    std::thread::sleep(Duration::from_millis(1100));
+    // A gateway whose upstream is down (nothing listens on the port).
+    let dead = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
+    let broken = gateway_to(&stack, dead);
+    // The same Host as the first gateway's clients: the host is part of the key.
+    let host = stack.gateway.to_string();
+    let via_broken = |path: &str| {
+        testkit::http::request(
+            broken.gateway.local_addr,
+            "GET",
+            path,
+            &[("host", &host)],
+            b"",
+        )
+    };
+    let r = via_broken(&user("5"));
+    assert_eq!(
+        r.status,
+        200,
+        "stale copy instead of the 503: {} {:?}",
+        r.text(),
+        r.headers
+    );
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(r.body, first.body);
+    let status = r.header("cache-status").expect("Cache-Status");
+    assert!(
+        status.contains("fwd-status=503") && status.contains("detail=stale-if-error"),
+        "{status}"
+    );
+    // A user never cached has no stale copy: the error passes through.
+    let none = via_broken(&user("6"));
+    assert_eq!(none.status, 503);
+    // The healthy gateway refreshes the expired entry.
+    let refreshed = stack.get(&user("5"));
+    assert_eq!(x_cache(&refreshed), "EXPIRED");
+    assert_eq!(upstream_calls(&stack), 2);
+    broken.stop();
+}
+
+#[test]
+fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_relay() {
+    stale_if_error(RELAY);
+}
+
+#[test]
+fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_redis_call() {
+    stale_if_error(REDIS_CALL);
+}
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
+    let stack = stack_with(RELAY, Duration::from_millis(300), |cfg| {
+        *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
+                                          "honor_cache_control": false,
+                                          "stale_while_revalidate": "30s"});
+    });
+    let first = stack.get(&user("8"));
+    wait_for_hit(&stack, &user("8"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let started = Instant::now();
+    let stale = stack.get(&user("8"));
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "served without waiting for the slow upstream: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(x_cache(&stale), "STALE");
+    assert_eq!(stale.body, first.body);
+    assert!(
+        eventually(Duration::from_secs(5), || upstream_calls(&stack) == 2),
+        "one background refresh"
+    );
+    let fresh = wait_for_hit(&stack, &user("8"));
+    assert_ne!(fresh.body, first.body, "the refreshed copy");
+    assert_eq!(fresh.json()["call"], 2);
+    assert_eq!(upstream_calls(&stack), 2, "refreshed once");
+    assert!(stack.metric("envoy_krowoc_cache_revalidations") >= 1);
+}
+
+// ---- what is never stored, poisoning, corruption, outages -----------------------------------
+
+#[test]
+fn requests_with_credentials_bypass_the_cache() {
+    let stack = stack(RELAY);
+    for (name, value) in [("authorization", "Bearer secret"), ("cookie", "session=1")] {
+        let r = stack.request("GET", &user("9"), &[(name, value)], b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(x_cache(&r), "BYPASS", "{name}");
+        assert!(
+            r.header("cache-status")
+                .is_some_and(|s| s.contains("detail=authorized")),
+            "{:?}",
+            r.headers
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(entry_keys(&stack).is_empty(), "nothing stored for them");
+    assert_eq!(x_cache(&stack.get(&user("9"))), "MISS");
+}
+
+/// A test origin: `/origin/<kind>` answers as `kind` says; calls are counted.
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<AtomicU64>,
+    /// Status `/origin/flaky` answers (200 until changed).
+    flaky_status: Arc<AtomicU16>,
+}
+
+async fn origin_handler(
+    State(o): State<Origin>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+) -> AxumResponse {
+    let call = o.calls.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut fields: Vec<(&str, String)> = vec![("cache-control", "public, max-age=60".into())];
+    let mut status = StatusCode::OK;
+    let mut body = format!("{kind} call {call}");
+    match kind.as_str() {
+        "public" => fields.push(("etag", "\"v1\"".into())),
+        "private" => fields[0].1 = "private, max-age=60".into(),
+        "no-store" => fields[0].1 = "no-store".into(),
+        "set-cookie" => fields.push(("set-cookie", format!("session={call}"))),
+        "vary" => {
+            let host = headers
+                .get("x-forwarded-host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("origin.example");
+            body = format!("<a href=\"https://{host}/\">call {call}</a>");
+            fields.push(("vary", "X-Forwarded-Host".into()));
+        }
+        "flaky" => {
+            let s = o.flaky_status.load(Ordering::Relaxed);
+            status = StatusCode::from_u16(if s == 0 { 200 } else { s }).unwrap_or(StatusCode::OK);
+        }
+        _ => status = StatusCode::NOT_FOUND,
+    }
+    let mut resp = (status, body).into_response();
+    for (k, v) in fields {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
+}
+
+/// A stack whose plugin caches `/origin/` too, and a gateway in front of a test origin.
+struct OriginSetup {
+    stack: Stack,
+    origin: Origin,
+    gateway: Running,
+}
+
+impl OriginSetup {
+    fn start(policy: Value) -> OriginSetup {
+        let stack = stack_with(RELAY, Duration::ZERO, move |cfg| {
+            let routes = cfg["routes"].as_array_mut().expect("routes");
+            routes
+                .push(json!({"name": "origin", "match": {"prefix": "/origin/"}, "cache": policy}));
+        });
+        let origin = Origin::default();
+        let addr = stack.runtime().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind origin");
+            let addr = listener.local_addr().expect("origin addr");
+            let app = Router::new()
+                .route("/origin/{kind}", get(origin_handler))
+                .with_state(origin.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            addr
+        });
+        let gateway = gateway_to(&stack, addr);
+        OriginSetup {
+            stack,
+            origin,
+            gateway,
+        }
+    }
+
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        testkit::http::request(self.gateway.gateway.local_addr, "GET", path, headers, b"")
+    }
+
+    fn calls(&self) -> u64 {
+        self.origin.calls.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn private_no_store_set_cookie_and_unkeyed_vary_responses_are_not_stored() {
+    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+    for (kind, reason) in [
+        ("private", "private"),
+        ("no-store", "no-store"),
+        ("set-cookie", "set-cookie"),
+        ("vary", "vary-unkeyed"),
+    ] {
+        let path = format!("/origin/{kind}");
+        let before = setup.calls();
+        for _ in 0..2 {
+            let r = setup.get(&path, &[]);
+            assert_eq!(r.status, 200, "{kind}: {}", r.text());
+            assert_eq!(x_cache(&r), "MISS", "{kind}");
+            let status = r.header("cache-status").unwrap_or("");
+            assert!(
+                status.contains(&format!("detail={reason}")),
+                "{kind}: {status}"
+            );
+            assert!(!status.contains("stored"), "{kind}: {status}");
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        assert_eq!(setup.calls() - before, 2, "{kind}: both went upstream");
+    }
+    assert!(
+        entry_keys(&setup.stack).is_empty(),
+        "{:?}",
+        entry_keys(&setup.stack)
+    );
+    // The public one is stored, as a control.
+    setup.get("/origin/public", &[]);
+    assert!(eventually(Duration::from_secs(3), || {
+        x_cache(&setup.get("/origin/public", &[])) == "HIT"
+    }));
+    setup.gateway.stop();
+}
+
+#[test]
+fn poisoned_unkeyed_headers_do_not_change_what_others_get() {
+    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+    // An origin that varies on the header says so: the attacker's copy is not stored.
+    let attack = setup.get("/origin/vary", &[("x-forwarded-host", "evil.example")]);
+    assert!(attack.text().contains("evil.example"));
+    std::thread::sleep(Duration::from_millis(200));
+    let victim = setup.get("/origin/vary", &[]);
+    assert!(!victim.text().contains("evil"), "{}", victim.text());
+    // The host is part of the key: a request for another host fills another entry.
+    let other_host = setup.get("/origin/public", &[("host", "evil.example")]);
+    assert_eq!(x_cache(&other_host), "MISS");
+    std::thread::sleep(Duration::from_millis(200));
+    let mine = setup.get("/origin/public", &[]);
+    assert_eq!(x_cache(&mine), "MISS", "not the other host's entry");
+    // Unkeyed fields neither split nor replace an entry: others keep getting the stored copy.
+    let stack = &setup.stack;
+    stack.get(&user("1"));
+    let clean = wait_for_hit(stack, &user("1"));
+    for (name, value) in [
+        ("x-forwarded-host", "evil.example"),
+        ("x-original-url", "/admin"),
+        ("x-forwarded-scheme", "nothttp"),
+    ] {
+        let r = stack.request("GET", &user("1"), &[(name, value)], b"");
+        assert_eq!(x_cache(&r), "HIT", "{name}");
+        assert_eq!(r.body, clean.body);
+    }
+    assert_eq!(stack.get(&user("1")).body, clean.body);
+    assert_eq!(upstream_calls(stack), 1);
+    setup.gateway.stop();
+}
+
+#[test]
+fn conditional_requests_on_a_hit_get_304() {
+    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+    setup.get("/origin/public", &[]);
+    assert!(eventually(Duration::from_secs(3), || {
+        x_cache(&setup.get("/origin/public", &[])) == "HIT"
+    }));
+    let r = setup.get("/origin/public", &[("if-none-match", "\"v1\"")]);
+    assert_eq!(r.status, 304, "{:?}", r.headers);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), Some("\"v1\""));
+    assert_eq!(x_cache(&r), "HIT");
+    let r = setup.get("/origin/public", &[("if-none-match", "\"v2\"")]);
+    assert_eq!(r.status, 200);
+    assert_eq!(setup.calls(), 1);
+    setup.gateway.stop();
+}
+
+#[test]
+fn a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error() {
+    let setup = OriginSetup::start(json!({"ttl": "1s", "honor_cache_control": false,
+                                          "stale_if_error": "30s"}));
+    let good = setup.get("/origin/flaky", &[]);
+    assert!(eventually(Duration::from_secs(3), || {
+        x_cache(&setup.get("/origin/flaky", &[])) == "HIT"
+    }));
+    std::thread::sleep(Duration::from_millis(1100));
+    setup.origin.flaky_status.store(502, Ordering::Relaxed);
+    let r = setup.get("/origin/flaky", &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(r.body, good.body);
+    // A 4xx is an answer, not an error: it passes.
+    setup.origin.flaky_status.store(404, Ordering::Relaxed);
+    assert_eq!(setup.get("/origin/flaky", &[]).status, 404);
+    setup.gateway.stop();
+}
+
+#[test]
+fn a_corrupted_entry_is_a_miss_and_is_replaced() {
+    let stack = stack(RELAY);
+    stack.get(&user("3"));
+    let clean = wait_for_hit(&stack, &user("3"));
+    let keys = entry_keys(&stack);
+    assert_eq!(keys.len(), 1);
+    // Damaged fields behind a valid version tag: the filter's decoder refuses them.
+    stack
+        .redis
+        .cli(&["HSET", &keys[0], "v", "KRC1\u{1}\u{2}garbage"]);
+    let r = stack.get(&user("3"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(r.json()["user_id"], "3");
+    assert!(stack.metric(&cache_metric("cached-data", "corrupt")) >= 1);
+    // Until the replacement lands, requests still find the unreadable entry and go upstream.
+    let again = wait_for_hit(&stack, &user("3"));
+    let call = again.json()["call"].as_u64().unwrap_or(0);
+    assert!(call >= 2, "re-stored from the upstream: call {call}");
+    assert_eq!(again.json()["user_id"], "3");
+    // Not a hash at all.
+    let keys = entry_keys(&stack);
+    stack.redis.cli(&["SET", &keys[0], "not an entry"]);
+    assert_eq!(x_cache(&stack.get(&user("3"))), "MISS");
+    wait_for_hit(&stack, &user("3"));
+    assert_ne!(clean.body, again.body);
+}
+
+fn redis_outage(transport: &'static str) {
+    let mut stack = stack_with(transport, Duration::ZERO, |cfg| {
+        cfg["redis"]["timeout"] = json!("200ms");
+        cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "500ms"});
+    });
+    stack.get(&user("1"));
+    wait_for_hit(&stack, &user("1"));
+    stack.redis.stop();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let r = stack.get(&user("1"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["user_id"], "1");
+        assert_eq!(x_cache(&r), "BYPASS");
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(stack.metric(&cache_metric("cached-data", "bypass")) >= 6);
+    assert!(stack.metric(&cache_metric("cached-data", "redis_errors")) >= 6);
+    stack.redis.restart();
+    // Redis restarted empty: the cache fills again once the breaker closes.
+    assert!(eventually(Duration::from_secs(10), || {
+        x_cache(&stack.get(&user("1"))) == "HIT"
+    }));
+}
+
+#[test]
+fn redis_killed_requests_are_still_answered_by_the_upstream_relay() {
+    redis_outage(RELAY);
+}
+
+#[test]
+fn redis_killed_requests_are_still_answered_by_the_upstream_redis_call() {
+    redis_outage(REDIS_CALL);
+}
