@@ -2,6 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+// The request path allocates many small, short-lived buffers on several threads; glibc's
+// malloc showed up as ~12% of the gateway's CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "host-shim",
