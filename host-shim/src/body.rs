@@ -56,3 +56,93 @@ impl HttpBody for ChannelBody {
         self.rx.poll_recv(cx)
     }
 }
+
+/// The body's data if all of it is already buffered (nothing to wait for), else a body that
+/// yields exactly what the original would have (the frames read so far come first).
+pub fn take_if_complete(mut body: Body) -> Result<Bytes, Body> {
+    let mut data: Vec<Bytes> = Vec::new();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let pending = loop {
+        if body.is_end_stream() {
+            break None;
+        }
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => break None,
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => data.push(d),
+                Err(other) => break Some(Ok(other)),
+            },
+            Poll::Ready(Some(Err(e))) => break Some(Err(e)),
+            Poll::Pending => {
+                return Err(Prepend {
+                    head: data,
+                    next: None,
+                    rest: body,
+                }
+                .boxed_unsync())
+            }
+        }
+    };
+    match pending {
+        None => Ok(match data.len() {
+            0 => Bytes::new(),
+            1 => data.pop().unwrap_or_default(),
+            _ => Bytes::from(data.concat()),
+        }),
+        Some(next) => Err(Prepend {
+            head: data,
+            next: Some(next),
+            rest: body,
+        }
+        .boxed_unsync()),
+    }
+}
+
+/// Frames already taken from a body, then the body itself.
+struct Prepend {
+    head: Vec<Bytes>,
+    next: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: Body,
+}
+
+impl HttpBody for Prepend {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.head.is_empty() {
+            let d = self.head.remove(0);
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        if let Some(next) = self.next.take() {
+            return Poll::Ready(Some(next));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.next.is_none() && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_complete_body_is_taken_and_a_pending_one_is_given_back_whole() {
+        assert_eq!(take_if_complete(full("abc")).ok(), Some(Bytes::from("abc")));
+        assert_eq!(take_if_complete(empty()).ok(), Some(Bytes::new()));
+
+        let (tx, b) = channel();
+        tx.send(Ok(Frame::data(Bytes::from("one")))).await.unwrap();
+        let rest = take_if_complete(b).expect_err("the sender is still open");
+        tx.send(Ok(Frame::data(Bytes::from("two")))).await.unwrap();
+        drop(tx);
+        let all = rest.collect().await.unwrap().to_bytes();
+        assert_eq!(all, Bytes::from("onetwo"));
+    }
+}

@@ -1101,7 +1101,7 @@ impl FilteredStream {
     }
 
     /// Runs the response phase: `on_response_headers`, then the body through `on_response_body`.
-    async fn respond(mut self, headers: HeaderList, mut resp_body: Body) -> Response<Body> {
+    async fn respond(mut self, headers: HeaderList, resp_body: Body) -> Response<Body> {
         let eos = resp_body.is_end_stream();
         // With fail_open, a VM failure here passes the upstream's response on as it came.
         let kept = self.worker.fail_open().then(|| headers.clone());
@@ -1144,13 +1144,20 @@ impl FilteredStream {
                 .and_then(|s| s.response_headers.clone())
                 .unwrap_or_default()
         };
-        let builder = response_builder(&headers);
         if eos {
-            self.finish_now().await;
-            return builder
+            self.finish_later();
+            return response_builder(&headers)
                 .body(body::empty())
                 .unwrap_or_else(|_| plain_response(502, "invalid response headers"));
         }
+        // A body already complete in the receive buffer (the common small response) goes
+        // through the plugin inline: the client gets headers and body in one write, with no
+        // pump task.
+        let mut resp_body = match body::take_if_complete(resp_body) {
+            Ok(data) => return self.respond_complete(data, kept).await,
+            Err(rest) => rest,
+        };
+        let builder = response_builder(&headers);
         let (tx, downstream) = body::channel();
         let pump = ResponseBodyPump {
             worker: self.worker.clone(),
@@ -1167,6 +1174,77 @@ impl FilteredStream {
         builder
             .body(downstream)
             .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
+    }
+
+    /// The whole response body, already received, through `on_response_body` at once.
+    async fn respond_complete(mut self, data: Bytes, kept: Option<HeaderList>) -> Response<Body> {
+        let len = data.len();
+        {
+            let mut guard = self.worker.vm.lock().await;
+            if let Some(s) = guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+            {
+                s.response_body = data.to_vec();
+            }
+        }
+        let outcome = match self
+            .callback(|vm, ctx| Box::pin(vm.on_response_body(ctx, len, true)))
+            .await
+        {
+            Ok(o) => o,
+            Err(StreamFailure::Closed) => return reset_response(),
+            Err(StreamFailure::Vm) => {
+                return self.response_after_vm_failure(kept, body::full(data));
+            }
+        };
+        match self.settle(outcome, true).await {
+            Ok(Verdict::Continue) => {}
+            Ok(Verdict::Local(local)) => {
+                self.shared_local_count();
+                self.finish_later();
+                return local_response_parts(&local);
+            }
+            Err(StreamFailure::Closed) => return reset_response(),
+            Err(StreamFailure::Vm) => {
+                return plain_response(503, "plugin failure: the wasm VM failed\n")
+            }
+        }
+        let (mut headers, body, modified) = {
+            let mut guard = self.worker.vm.lock().await;
+            match guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+            {
+                Some(s) => (
+                    s.response_headers.clone().unwrap_or_default(),
+                    std::mem::take(&mut s.response_body),
+                    s.response_body_modified,
+                ),
+                None => return plain_response(503, "plugin failure: the wasm VM failed\n"),
+            }
+        };
+        if modified && headers.iter().any(|(k, _)| k == "content-length") {
+            // The whole body is known here, so a rewritten one gets its true length.
+            crate::host::headers::replace_value(
+                &mut headers,
+                "content-length",
+                body.len().to_string().into_bytes(),
+            );
+        }
+        self.finish_later();
+        response_builder(&headers)
+            .body(body::full(body))
+            .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
+    }
+
+    /// Hands the end of the stream (on_done/on_log/on_delete) to the worker's queue, so that
+    /// the response does not wait for it.
+    fn finish_later(&mut self) {
+        self.finished = true;
+        let _ = self.worker.abandoned.send((self.ctx, self.generation));
     }
 
     /// The VM failed in the response phase: pass the response on (fail_open) or answer 503.
