@@ -295,10 +295,19 @@ fn an_invalid_plugin_configuration_is_reported_with_the_plugins_own_error() {
     }
 }
 
+/// The relay token envoy.yaml and docker-compose.yml ship with.
+const DEMO_TOKEN: &str = "krowoc-demo-relay-token-change-me";
+
 #[test]
 fn a_relay_on_its_loopback_default_is_unreachable_from_envoy() {
     let compose = compose_with("relay", |s| {
-        s["command"] = yaml(json!(["relay", "--redis", "redis://redis:6379"]));
+        s["command"] = yaml(json!([
+            "relay",
+            "--redis",
+            "redis://redis:6379",
+            "--token",
+            DEMO_TOKEN
+        ]));
     });
     let d = Deployment::repo().with_file(COMPOSE, compose);
     assert_eq!(
@@ -318,7 +327,9 @@ fn a_relay_port_other_than_the_clusters_is_reported_for_the_cluster_and_the_heal
             "--listen",
             "0.0.0.0:7380",
             "--redis",
-            "redis://redis:6379"
+            "redis://redis:6379",
+            "--token",
+            DEMO_TOKEN
         ]));
     });
     let d = Deployment::repo().with_file(COMPOSE, compose);
@@ -369,7 +380,7 @@ fn a_plugin_token_the_relay_does_not_get_is_a_mismatch_and_passing_it_fixes_it()
         check_compose(&d),
         vec![Problem::RelayTokenMismatch {
             plugin: Some("s3cret-token".into()),
-            relay: None
+            relay: Some(DEMO_TOKEN.into())
         }]
     );
     let compose = compose_with("relay", |s| {
