@@ -15,6 +15,9 @@ pub struct Needs {
     pub wasm_target: bool,
     pub redis: bool,
     pub wrk: bool,
+    /// docker-compose (v1, Debian's): only its `config` command, which validates
+    /// envoy/docker-compose.yml in the deploy checks; no Docker engine is needed.
+    pub compose: bool,
     /// rustfmt and clippy (for `cargo xtask test`).
     pub lint_tools: bool,
 }
@@ -42,6 +45,10 @@ const WRK: Program = Program {
     binary: "wrk",
     debian_package: "wrk",
 };
+const COMPOSE: Program = Program {
+    binary: "docker-compose",
+    debian_package: "docker-compose",
+};
 
 pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     if needs.wasm_target {
@@ -56,6 +63,9 @@ pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     }
     if needs.wrk {
         programs.push(&WRK);
+    }
+    if needs.compose {
+        programs.push(&COMPOSE);
     }
     ensure_programs(&programs, options)
 }

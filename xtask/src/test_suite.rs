@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 /// Environment variables every test process gets (the e2e tests read them).
 pub const ENV_PLUGIN_WASM: &str = "KROWOC_PLUGIN_WASM";
 pub const ENV_WASM_DIR: &str = "KROWOC_WASM_DIR";
+/// The plugin built for stock Envoy (no Higress imports); the deploy checks read its imports.
+pub const ENV_STOCK_PLUGIN_WASM: &str = "KROWOC_STOCK_PLUGIN_WASM";
 pub const ENV_HOST_SHIM_BIN: &str = "KROWOC_HOST_SHIM_BIN";
 pub const ENV_UPSTREAM_BIN: &str = "KROWOC_UPSTREAM_BIN";
 
@@ -25,6 +27,7 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
         &Needs {
             wasm_target: true,
             redis: true,
+            compose: true,
             lint_tools: true,
             ..Needs::default()
         },
@@ -35,6 +38,7 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
 
     let t = step("build wasm crates");
     let wasm = ws.build_wasm()?;
+    let stock_plugin = ws.build_stock_plugin()?;
     timings.push(("build wasm crates", done("build wasm crates", t)));
 
     let t = step("build binaries");
@@ -44,6 +48,7 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
     let env: Vec<(&str, OsString)> = vec![
         (ENV_PLUGIN_WASM, wasm.plugin.clone().into()),
         (ENV_WASM_DIR, wasm.dir.clone().into()),
+        (ENV_STOCK_PLUGIN_WASM, stock_plugin.into()),
         (ENV_HOST_SHIM_BIN, bins.host_shim.clone().into()),
         (ENV_UPSTREAM_BIN, bins.upstream.clone().into()),
     ];

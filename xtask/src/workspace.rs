@@ -226,6 +226,30 @@ impl Workspace {
         Ok(WasmBuild { dir, plugin })
     }
 
+    /// Builds the plugin as stock Envoy loads it (`--no-default-features`: no Higress Redis
+    /// imports) into its own target dir, since it has the same file name as the default build.
+    pub fn build_stock_plugin(&self) -> Result<PathBuf> {
+        let target_dir = self.target_dir.join("stock-plugin");
+        let mut cmd = cargo();
+        cmd.current_dir(&self.root)
+            .args(["build", "-p", PLUGIN_CRATE, "--no-default-features"])
+            .args(["--target", WASM_TARGET, "--profile", WASM_PROFILE])
+            .arg("--target-dir")
+            .arg(&target_dir);
+        run_loud(&mut cmd)?;
+        let path = target_dir
+            .join(WASM_TARGET)
+            .join(WASM_PROFILE)
+            .join(format!("{}.wasm", PLUGIN_CRATE.replace('-', "_")));
+        anyhow::ensure!(
+            path.is_file(),
+            "the stock plugin build made no {}",
+            path.display()
+        );
+        println!("{}  (stock Envoy build)", path.display());
+        Ok(path)
+    }
+
     /// Builds host-shim and the upstream with the dev profile (`release: false`, the profile the
     /// tests use too, so nothing is compiled twice) or with `--release` (bench only).
     pub fn build_binaries(&self, release: bool) -> Result<Binaries> {
