@@ -933,7 +933,22 @@ impl Edge {
                 let mut s = CacheStatus::forward(fwd);
                 s.fwd_status = Some(status);
                 s.detail = Some(detail);
+                // RFC 9111 4.4: a successful unsafe request invalidates its target URI.
+                let unsafe_method = !matches!(
+                    request.method.as_str(),
+                    "GET" | "HEAD" | "OPTIONS" | "TRACE"
+                );
+                let invalidate =
+                    (reason == Bypass::Method && unsafe_method && (200..400).contains(&status))
+                        .then(|| PurgeStep::Index {
+                            index_key: request.keys.url_index(&request.key.url),
+                            entry_prefix: request.keys.entry_prefix(),
+                            mark_key: request.keys.purge_mark(),
+                        });
                 request.phase = Phase::Bypass(reason);
+                if let Some(step) = invalidate {
+                    self.queue_job(now_ms, JobKind::Purge(step));
+                }
                 CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
             }
             Phase::Forwarded { outcome, stale } => {

@@ -28,6 +28,22 @@
 //! | `krowoc.events.requeued` | counter | events put back on the queue after a failed flush |
 //! | `krowoc.events.queued` | gauge | events waiting in all VMs' queues now |
 //! | `krowoc.events.batch_size` | histogram | events per flush |
+//! | `krowoc.cache.<route>.hits` | counter | requests answered from a fresh entry (incl. 304s and coalesced waits) (defined in [`crate::cache`]) |
+//! | `krowoc.cache.<route>.misses` | counter | lookups without an entry: sent upstream |
+//! | `krowoc.cache.<route>.expired` | counter | lookups finding an entry past its stale windows: sent upstream |
+//! | `krowoc.cache.<route>.stale` | counter | stale entries served (stale-while-revalidate, stale-if-error) |
+//! | `krowoc.cache.<route>.bypass` | counter | requests not using the cache (method, credentials, Redis failing) |
+//! | `krowoc.cache.<route>.redis_errors` | counter | bypasses because Redis failed or the breaker was open |
+//! | `krowoc.cache.<route>.stores` | counter | responses stored |
+//! | `krowoc.cache.<route>.store_failures` | counter | stores that failed |
+//! | `krowoc.cache.<route>.not_stored` | counter | responses not stored (Cache-Control, Set-Cookie, Vary, size, purged meanwhile) |
+//! | `krowoc.cache.<route>.coalesced` | counter | misses that waited for another request's fill |
+//! | `krowoc.cache.<route>.not_modified` | counter | conditional requests answered 304 |
+//! | `krowoc.cache.<route>.corrupt` | counter | unreadable entries found (treated as misses, deleted) |
+//! | `krowoc.cache.purges` | counter | purge operations completed (an index purge or a whole pattern scan) |
+//! | `krowoc.cache.purged_entries` | counter | entries deleted by purges |
+//! | `krowoc.cache.purge_failures` | counter | purges that failed or malformed invalidation headers |
+//! | `krowoc.cache.revalidations` | counter | background refreshes sent (stale-while-revalidate) |
 
 use crate::breaker::Transition;
 use crate::client::ClientStats;

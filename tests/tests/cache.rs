@@ -53,6 +53,9 @@ fn stack_with(
     Stack::start_with(StackOptions {
         plugin_config: Some(Box::new(move |cfg: &mut Value| {
             use_transport(cfg, transport);
+            // The machine running the tests may be busy: a lookup that misses a 200ms timeout
+            // bypasses the cache, which is right but not what these tests look at.
+            cfg["redis"]["timeout"] = json!("1s");
             tweak(cfg);
         })),
         upstream_delay: delay,
@@ -544,6 +547,42 @@ fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
 // ---- what is never stored, poisoning, corruption, outages -----------------------------------
 
 #[test]
+fn a_successful_unsafe_request_invalidates_its_url() {
+    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+    setup.get("/origin/public", &[]);
+    assert!(eventually(Duration::from_secs(3), || {
+        x_cache(&setup.get("/origin/public", &[])) == "HIT"
+    }));
+    let post = |status: u16| {
+        setup.origin.post_status.store(status, Ordering::Relaxed);
+        testkit::http::request(
+            setup.gateway.gateway.local_addr,
+            "POST",
+            "/origin/public",
+            &[],
+            b"",
+        )
+    };
+    let failed = post(500);
+    assert_eq!(failed.status, 500);
+    assert_eq!(x_cache(&failed), "BYPASS");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        x_cache(&setup.get("/origin/public", &[])),
+        "HIT",
+        "a failed update invalidates nothing"
+    );
+    assert_eq!(post(204).status, 204);
+    assert!(
+        eventually(Duration::from_secs(3), || entry_keys(&setup.stack)
+            .is_empty()),
+        "RFC 9111 4.4: the POST's target URI is invalidated"
+    );
+    assert_eq!(x_cache(&setup.get("/origin/public", &[])), "MISS");
+    setup.gateway.stop();
+}
+
+#[test]
 fn requests_with_credentials_bypass_the_cache() {
     let stack = stack(RELAY);
     for (name, value) in [("authorization", "Bearer secret"), ("cookie", "session=1")] {
@@ -568,6 +607,13 @@ struct Origin {
     calls: Arc<AtomicU64>,
     /// Status `/origin/flaky` answers (200 until changed).
     flaky_status: Arc<AtomicU16>,
+    /// Status a POST answers (200 until changed).
+    post_status: Arc<AtomicU16>,
+}
+
+async fn origin_post(State(o): State<Origin>) -> StatusCode {
+    let s = o.post_status.load(Ordering::Relaxed);
+    StatusCode::from_u16(if s == 0 { 200 } else { s }).unwrap_or(StatusCode::OK)
 }
 
 async fn origin_handler(
@@ -592,6 +638,13 @@ async fn origin_handler(
             body = format!("<a href=\"https://{host}/\">call {call}</a>");
             fields.push(("vary", "X-Forwarded-Host".into()));
         }
+        "big" => {
+            // 1 MiB, every byte position-dependent, so any reordering or loss shows.
+            let big: String = (0..BIG_BODY_BYTES)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            body = big;
+        }
         "flaky" => {
             let s = o.flaky_status.load(Ordering::Relaxed);
             status = StatusCode::from_u16(if s == 0 { 200 } else { s }).unwrap_or(StatusCode::OK);
@@ -607,6 +660,8 @@ async fn origin_handler(
     resp
 }
 
+const BIG_BODY_BYTES: usize = 1024 * 1024;
+
 /// A stack whose plugin caches `/origin/` too, and a gateway in front of a test origin.
 struct OriginSetup {
     stack: Stack,
@@ -616,7 +671,11 @@ struct OriginSetup {
 
 impl OriginSetup {
     fn start(policy: Value) -> OriginSetup {
-        let stack = stack_with(RELAY, Duration::ZERO, move |cfg| {
+        OriginSetup::start_with(RELAY, policy)
+    }
+
+    fn start_with(transport: &'static str, policy: Value) -> OriginSetup {
+        let stack = stack_with(transport, Duration::ZERO, move |cfg| {
             let routes = cfg["routes"].as_array_mut().expect("routes");
             routes
                 .push(json!({"name": "origin", "match": {"prefix": "/origin/"}, "cache": policy}));
@@ -628,7 +687,7 @@ impl OriginSetup {
                 .expect("bind origin");
             let addr = listener.local_addr().expect("origin addr");
             let app = Router::new()
-                .route("/origin/{kind}", get(origin_handler))
+                .route("/origin/{kind}", get(origin_handler).post(origin_post))
                 .with_state(origin.clone());
             tokio::spawn(async move {
                 let _ = axum::serve(listener, app).await;
@@ -759,6 +818,44 @@ fn a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error() {
     setup.origin.flaky_status.store(404, Ordering::Relaxed);
     assert_eq!(setup.get("/origin/flaky", &[]).status, 404);
     setup.gateway.stop();
+}
+
+#[test]
+fn a_one_mebibyte_body_is_stored_and_served_whole() {
+    // redis_call: the relay's default 1 MiB body cap would refuse a 1 MiB store.
+    let setup = OriginSetup::start_with(
+        REDIS_CALL,
+        json!({"ttl": "60s", "max_body_bytes": 2_000_000}),
+    );
+    let miss = setup.get("/origin/big", &[]);
+    assert_eq!(miss.status, 200);
+    assert_eq!(miss.body.len(), BIG_BODY_BYTES);
+    assert_eq!(x_cache(&miss), "MISS");
+    assert!(eventually(Duration::from_secs(5), || {
+        x_cache(&setup.get("/origin/big", &[])) == "HIT"
+    }));
+    let started = Instant::now();
+    let hit = setup.get("/origin/big", &[]);
+    let took = started.elapsed();
+    assert_eq!(x_cache(&hit), "HIT");
+    assert!(
+        hit.body == miss.body,
+        "the stored megabyte comes back unchanged"
+    );
+    assert_eq!(setup.calls(), 1);
+    // A regression guard against quadratic copying, not a benchmark: linear is milliseconds.
+    assert!(took < Duration::from_secs(2), "a 1 MiB hit took {took:?}");
+    // Beyond max_body_bytes a response passes but is not stored.
+    let small = OriginSetup::start_with(REDIS_CALL, json!({"ttl": "60s", "max_body_bytes": 1000}));
+    let r = small.get("/origin/big", &[]);
+    assert_eq!(r.body.len(), BIG_BODY_BYTES);
+    assert!(r
+        .header("cache-status")
+        .is_some_and(|s| s.contains("detail=too-large")));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(x_cache(&small.get("/origin/big", &[])), "MISS");
+    setup.gateway.stop();
+    small.gateway.stop();
 }
 
 #[test]

@@ -63,7 +63,22 @@ const BENCH_CONFIGS: &[(&str, &str)] = &[
         "events-redis-call",
         r#"{"redis":{"transport":"redis_call","cluster":"redis"},"events":{"publish":{"channel":"krowoc:requests"},"stream":{"key":"events","maxlen":100000},"batch_size":32,"flush_interval":"100ms","queue_limit":10000},"routes":[]}"#,
     ),
+    // The response cache on /api/cached-data, keyed by user_id, over each transport.
+    (
+        "cache",
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench-cache","match":{"path":"/api/cached-data"},"cache":{"ttl":"1h","honor_cache_control":false,"key":{"query":["user_id"]}}}]}"#,
+    ),
+    (
+        "cache-redis-call",
+        r#"{"redis":{"transport":"redis_call","cluster":"redis"},"routes":[{"name":"bench-cache","match":{"path":"/api/cached-data"},"cache":{"ttl":"1h","honor_cache_control":false,"key":{"query":["user_id"]}}}]}"#,
+    ),
 ];
+
+/// In a scenario's path: replaced by a value unique to each request (a wrk script does it).
+const UNIQUE: &str = "{unique}";
+
+/// The cached route passed through by the plugin with no policy: the cache's baseline.
+const CACHE_PASS_THROUGH: &str = "cached route, no policy (pass-through)";
 
 impl Gateway {
     fn service_name(self) -> &'static str {
@@ -156,6 +171,40 @@ const SCENARIOS: &[Scenario] = &[
         baseline: Some(NO_POLICY),
         expect_status: 200,
         expect_header: Some(("x-krowoc-edge", true)),
+    },
+    // The response cache: hits (one Redis round trip, no upstream call) and misses (lookup,
+    // upstream, store), against the same route passed through to the (zero-delay) upstream.
+    Scenario {
+        name: CACHE_PASS_THROUGH,
+        target: Target::Gateway(Gateway::PluginWith("minimal")),
+        path: "/api/cached-data?user_id=bench",
+        baseline: Some(DIRECT),
+        expect_status: 200,
+        expect_header: Some(("x-cache", false)),
+    },
+    Scenario {
+        name: "cache hit (relay)",
+        target: Target::Gateway(Gateway::PluginWith("cache")),
+        path: "/api/cached-data?user_id=bench",
+        baseline: Some(CACHE_PASS_THROUGH),
+        expect_status: 200,
+        expect_header: Some(("x-cache", true)),
+    },
+    Scenario {
+        name: "cache hit (redis_call)",
+        target: Target::Gateway(Gateway::PluginWith("cache-redis-call")),
+        path: "/api/cached-data?user_id=bench",
+        baseline: Some(CACHE_PASS_THROUGH),
+        expect_status: 200,
+        expect_header: Some(("x-cache", true)),
+    },
+    Scenario {
+        name: "cache miss, every request (relay)",
+        target: Target::Gateway(Gateway::PluginWith("cache")),
+        path: "/api/cached-data?user_id={unique}",
+        baseline: Some(CACHE_PASS_THROUGH),
+        expect_status: 200,
+        expect_header: Some(("x-cache", true)),
     },
 ];
 
@@ -316,9 +365,11 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             Target::Gateway(g) => bench.gateway(g)?,
         };
         check_response(scenario, addr)?;
-        let url = format!("http://{addr}{}", scenario.path);
+        let url = format!("http://{addr}{}", scenario.path.replace(UNIQUE, "0"));
+        let script = unique_path_script(scenario, &bench_dir)?;
+        let script = script.as_deref();
         if !options.warmup.is_zero() {
-            run_wrk(&url, options, options.warmup)?;
+            run_wrk(&url, options, options.warmup, script)?;
         }
         let admin = match scenario.target {
             Target::Gateway(Gateway::NoFilter) | Target::Direct => None,
@@ -326,7 +377,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         };
         let plugin_before = admin.map(PluginCounters::read).transpose()?;
         let before = probe::redis_commandstats(bench.redis)?;
-        let wrk = run_wrk(&url, options, options.duration)?;
+        let wrk = run_wrk(&url, options, options.duration, script)?;
         let after = probe::redis_commandstats(bench.redis)?;
         let plugin = match (admin, plugin_before) {
             (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
@@ -387,6 +438,9 @@ impl Bench<'_> {
             &self.upstream.to_string(),
             "--redis",
             &redis_url,
+            // A fast upstream: the cache scenarios compare hits with passing the route through.
+            "--cached-data-delay",
+            "0",
         ]);
         self.services.start(ServiceSpec {
             name: "upstream".into(),
@@ -487,7 +541,7 @@ fn quiet(mut cmd: Command) -> Command {
 }
 
 fn check_response(scenario: &Scenario, addr: SocketAddr) -> Result<()> {
-    let response = probe::http_get(addr, scenario.path)?;
+    let response = probe::http_get(addr, &scenario.path.replace(UNIQUE, "check"))?;
     if response.status != scenario.expect_status {
         bail!(
             "{}: GET {} answered {}, expected {}; not measuring the wrong thing",
@@ -510,9 +564,38 @@ fn check_response(scenario: &Scenario, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Runs wrk for `duration` and parses its report; kills it if it overruns by 30 s.
-fn run_wrk(url: &str, options: &BenchOptions, duration: Duration) -> Result<WrkReport> {
+/// For a scenario whose path holds [`UNIQUE`]: a wrk script that puts a value unique to each
+/// request there (run start, wrk thread, request number), so every request is a cache miss.
+fn unique_path_script(scenario: &Scenario, dir: &Path) -> Result<Option<PathBuf>> {
+    let Some((before, after)) = scenario.path.split_once(UNIQUE) else {
+        return Ok(None);
+    };
+    let lua = format!(
+        "-- Written by cargo xtask bench for {name:?}: a different path for every request.\n\
+         local n = 0\n\
+         local run = tostring(os.time())\n\
+         function setup(thread)\n  threads = (threads or 0) + 1\n  thread:set(\"tid\", threads)\nend\n\
+         function request()\n  n = n + 1\n  \
+         return wrk.format(nil, [[{before}]] .. run .. \"-\" .. tostring(tid) .. \"-\" .. n .. [[{after}]])\nend\n",
+        name = scenario.name,
+    );
+    let path = dir.join("wrk-unique-path.lua");
+    std::fs::write(&path, lua).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// Runs wrk for `duration` (with `script` when given) and parses its report; kills it if it
+/// overruns by 30 s.
+fn run_wrk(
+    url: &str,
+    options: &BenchOptions,
+    duration: Duration,
+    script: Option<&Path>,
+) -> Result<WrkReport> {
     let mut cmd = Command::new("wrk");
+    if let Some(script) = script {
+        cmd.arg("-s").arg(script);
+    }
     cmd.arg(format!("-t{}", options.threads))
         .arg(format!("-c{}", options.connections))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
