@@ -358,6 +358,9 @@ impl Edge {
     fn complete(&mut self, now_ms: u64, c: Completion) -> Option<HostAction> {
         if c.purpose == Purpose::Events {
             self.events.on_flush_done(c.context_id, c.result);
+            // Flushes are answered in the root context (they are made from it): send what is
+            // due now rather than at the next tick, so a backlog drains at Redis' pace.
+            self.events.flush(&mut self.client, &mut self.wire, now_ms);
             return None;
         }
         if matches!(c.purpose, Purpose::CacheLookup | Purpose::CacheJob) {
