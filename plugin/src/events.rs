@@ -523,7 +523,9 @@ impl EventPublisher {
             self.warn_rejection(batch.len() as u64, &e.to_string());
             return;
         }
-        self.stats.requeued += batch.len() as u64;
+        if e.kind != RedisErrorKind::BreakerOpen {
+            self.stats.requeued += batch.len() as u64;
+        }
         for event in batch.into_iter().rev() {
             self.queue.push_front(event);
         }
@@ -1311,6 +1313,10 @@ mod tests {
         }
         assert_eq!(wire.sent.len(), 1, "no flush while the breaker is open");
         assert_eq!(p.stats.flush_failures, 1, "short-circuits are not failures");
+        assert_eq!(
+            p.stats.requeued, 2,
+            "only the failed flush's events were sent back"
+        );
         assert_eq!(p.queue_len(), 4);
         assert_eq!(p.stats.dropped, 4, "the oldest beyond the bound");
         // After the cool-down the next flush is the breaker's probe; its success closes it.
