@@ -12,6 +12,40 @@
 //!   {"name": "invalidate-cache", "match": {"path": "/api/invalidate-cache"}, "invalidation": {}}
 //! ]
 //! ```
+//!
+//! A route's `cache` policy:
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `ttl` | (required) | freshness of a stored response when the upstream gives none (or `honor_cache_control` is false) |
+//! | `methods` | `["GET", "HEAD"]` | methods looked up and stored; each method has its own entries |
+//! | `statuses` | `[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]` | statuses stored (never 206 or 304) |
+//! | `key.query` | `[]` | query parameters in the key, sorted by name; all others are ignored |
+//! | `key.headers` | `[]` | request headers in the key; a response may only `Vary` on these |
+//! | `max_body_bytes` | `524288` | larger responses pass unstored; keep it below the relay's `--max-body-bytes` (1 MiB) |
+//! | `honor_cache_control` | `true` | obey the upstream's `no-store`, `private`, `no-cache`, `s-maxage`, `max-age`, `Expires`, `stale-while-revalidate`, `stale-if-error`, `must-revalidate` |
+//! | `stale_while_revalidate` | `"0s"` | past freshness, serve stale this long while one request refreshes the entry in the background |
+//! | `stale_if_error` | `"0s"` | past freshness, serve stale this long when the upstream fails or answers 5xx |
+//! | `allow_authorized` | `false` | use the cache for requests with `Authorization` or `Cookie` |
+//! | `allow_set_cookie` | `false` | store responses with `Set-Cookie` |
+//! | `tag_headers` | `["cache-tag", "surrogate-key"]` | response headers whose values (comma or space separated) tag the entry |
+//! | `coalesce.enabled` | `true` | concurrent misses for a key wait for one fill |
+//! | `coalesce.lock` | `"10s"` | how long a fill lock holds (and how long an uncacheable answer sends misses straight upstream) |
+//! | `coalesce.wait` | `"5s"` | how long a concurrent miss waits for the fill before going upstream (or to a stale copy) |
+//!
+//! The filter-wide `cache` section:
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `x_cache_header` | `"x-cache"` | `HIT`, `MISS`, `STALE`, `BYPASS` or `EXPIRED`; `""`: not sent |
+//! | `cache_status_header` | `"cache-status"` | the RFC 9211 field; `""`: not sent |
+//! | `name` | `"krowoc"` | this cache's name in `Cache-Status` |
+//! | `purge` | off | the purge endpoint: `path` and `token` (16+ characters) required |
+//! | `purge.token_header` | `"x-krowoc-purge-token"` | the request header carrying the token (compared in constant time) |
+//! | `purge.header` | `"x-krowoc-invalidate"` | the request header carrying the directives |
+//!
+//! A route's `invalidation`: `{"header": "x-krowoc-invalidate"}` (the default) — purge directives
+//! in the upstream's 2xx responses on that route are applied (see [`crate::cache_purge`]).
 
 use crate::duration::ConfigDuration;
 use serde::Deserialize;
