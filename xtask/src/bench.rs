@@ -275,6 +275,8 @@ struct Bench<'a> {
     plugin: PathBuf,
     no_filter_yaml: PathBuf,
     bench_dir: PathBuf,
+    /// The token the relay was started with (envoy.yaml's), given to relay configurations.
+    relay_token: Option<String>,
     redis: SocketAddr,
     upstream: SocketAddr,
     relay: SocketAddr,
@@ -345,6 +347,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         plugin: wasm.plugin,
         no_filter_yaml,
         bench_dir: bench_dir.clone(),
+        relay_token: token.clone(),
         redis: loopback(free_port()?),
         upstream: loopback(free_port()?),
         relay: loopback(free_port()?),
@@ -500,8 +503,9 @@ impl Bench<'_> {
                     .with_context(|| format!("no bench plugin configuration named {name}"))?;
                 let yaml = std::fs::read_to_string(self.ws.root.join("envoy/envoy.yaml"))
                     .context("cannot read envoy/envoy.yaml")?;
+                let json = with_relay_token(json, self.relay_token.as_deref())?;
                 let path = self.bench_dir.join(format!("envoy-{name}.yaml"));
-                std::fs::write(&path, envoy_yaml::with_plugin_configuration(&yaml, json)?)
+                std::fs::write(&path, envoy_yaml::with_plugin_configuration(&yaml, &json)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 cmd.arg("--config")
                     .arg(&path)
@@ -529,6 +533,22 @@ impl Bench<'_> {
         self.gateway_admin = Some(admin);
         Ok(listen)
     }
+}
+
+/// A bench configuration with the relay's token added when it uses the relay without one (the
+/// relay refuses calls without the token envoy.yaml gives it).
+fn with_relay_token(json: &str, token: Option<&str>) -> Result<String> {
+    let mut config: serde_json::Value =
+        serde_json::from_str(json).context("a bench plugin configuration is not JSON")?;
+    let Some(token) = token else {
+        return Ok(json.to_string());
+    };
+    let redis = &mut config["redis"];
+    let relay = redis["transport"].as_str().unwrap_or("relay") == "relay";
+    if relay && redis.get("token").is_none() {
+        redis["token"] = serde_json::Value::String(token.to_string());
+    }
+    Ok(config.to_string())
 }
 
 /// Services under load log warnings only (unless RUST_LOG says otherwise): per-request info
@@ -989,6 +1009,29 @@ Transfer/sec:      8.72MB
             md.contains("- host-shim + plugin, no policy: 1.000 Redis calls/request (8000 calls)"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn relay_configurations_get_the_relays_token() {
+        let with = |json: &str| {
+            let out = with_relay_token(json, Some("t0k")).unwrap();
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        };
+        assert_eq!(
+            with(r#"{"redis":{"transport":"relay"},"routes":[]}"#)["redis"]["token"],
+            "t0k"
+        );
+        assert_eq!(
+            with(r#"{"redis":{"transport":"relay","token":"own"}}"#)["redis"]["token"],
+            "own"
+        );
+        assert_eq!(
+            with(r#"{"redis":{"transport":"redis_call"}}"#)["redis"].get("token"),
+            None
+        );
+        for (name, json) in BENCH_CONFIGS {
+            assert!(with_relay_token(json, Some("t")).is_ok(), "{name}");
+        }
     }
 
     #[test]
