@@ -250,6 +250,51 @@ fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored() {
     assert_eq!(upstream_calls(&stack), 3);
 }
 
+fn rate_limit_and_cache(transport: &'static str) {
+    let stack = stack_with(transport, Duration::ZERO, |cfg| {
+        let routes = cfg["routes"].as_array_mut().expect("routes");
+        let route = routes
+            .iter_mut()
+            .find(|r| r["name"] == "cached-data")
+            .expect("cached-data route");
+        route["rate_limit"] = json!({"limits": [{"name": "per_minute", "limit": 5, "window": "60s"}],
+                                     "headers": "both"});
+    });
+    let miss = stack.get(&user("1"));
+    assert_eq!(x_cache(&miss), "MISS");
+    assert_eq!(miss.header("x-ratelimit-remaining"), Some("4"));
+    std::thread::sleep(Duration::from_millis(300));
+    for remaining in ["3", "2", "1", "0"] {
+        let hit = stack.get(&user("1"));
+        assert_eq!(hit.status, 200);
+        assert_eq!(x_cache(&hit), "HIT", "both answers arrive together");
+        assert_eq!(
+            hit.header("x-ratelimit-remaining"),
+            Some(remaining),
+            "hits are limited too"
+        );
+    }
+    let denied = stack.get(&user("1"));
+    assert_eq!(
+        denied.status, 429,
+        "over the limit the cached answer is dropped"
+    );
+    assert!(denied.header("x-cache").is_none());
+    assert!(denied.header("retry-after").is_some());
+    assert_eq!(upstream_calls(&stack), 1);
+    assert_eq!(stack.metric(&cache_metric("cached-data", "hits")), 4);
+}
+
+#[test]
+fn a_rate_limited_cached_route_decides_both_in_one_round_trip_relay() {
+    rate_limit_and_cache(RELAY);
+}
+
+#[test]
+fn a_rate_limited_cached_route_decides_both_in_one_round_trip_redis_call() {
+    rate_limit_and_cache(REDIS_CALL);
+}
+
 // ---- invalidation ---------------------------------------------------------------------------
 
 fn fill(stack: &Stack, ids: &[&str]) {
