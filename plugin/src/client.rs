@@ -162,17 +162,19 @@ impl RedisClient {
         )
     }
 
-    /// Sends several commands in one call (one relay body). The completion's reply is an array
-    /// of their replies, in order, error replies included; the call fails as a whole only when
-    /// the transport fails or a reply says Redis is unhealthy (`LOADING`, `OOM`, ...). Only for
-    /// transport `relay`: Higress hosts forward exactly one command per `redis_call`.
+    /// Sends several commands in one call (one relay body): `payload` is `commands` encoded
+    /// commands back to back (see [`crate::resp::encode_array`]). The completion's reply is an
+    /// array of their replies, in order, error replies included; the call fails as a whole only
+    /// when the transport fails or a reply says Redis is unhealthy (`LOADING`, `OOM`, ...). Only
+    /// for transport `relay`: Higress hosts forward exactly one command per `redis_call`.
     pub fn call_pipeline(
         &mut self,
         wire: &mut dyn Wire,
         now_ms: u64,
         context_id: u32,
         purpose: Purpose,
-        commands: &[Command],
+        payload: &[u8],
+        commands: usize,
     ) -> Result<u32, RedisError> {
         if !self
             .breaker
@@ -185,9 +187,8 @@ impl RedisClient {
             ));
         }
         self.stats.calls += 1;
-        let payload = encode_pipeline(commands);
-        let replies = Some(commands.len());
-        self.send_payload(wire, now_ms, context_id, purpose, &payload, None, replies)
+        let replies = Some(commands);
+        self.send_payload(wire, now_ms, context_id, purpose, payload, None, replies)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -35,7 +35,7 @@ use crate::host::{self, define_metric, increment_metric, record_metric};
 use crate::host::{METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM};
 use crate::keys::client_ip;
 use crate::ratelimit::Tally;
-use crate::resp::{Command, Reply};
+use crate::resp::{encode_array, Command, Reply};
 use crate::scripts::Script;
 use proxy_wasm::types::LogLevel;
 use serde::Serialize;
@@ -450,8 +450,8 @@ impl EventPublisher {
             let id = self.next_flush_id();
             let sent = match self.transport {
                 Transport::Relay => {
-                    let commands = pipeline_commands(&batch, &self.config);
-                    client.call_pipeline(wire, now_ms, id, Purpose::Events, &commands)
+                    let (payload, commands) = pipeline_payload(&batch, &self.config);
+                    client.call_pipeline(wire, now_ms, id, Purpose::Events, &payload, commands)
                 }
                 Transport::RedisCall => {
                     let (evalsha, eval) = script_commands(&self.script, &batch, &self.config);
@@ -650,39 +650,163 @@ fn build_event(
         sample_ratio: policy.sample_ratio,
         fields,
     };
-    // Serialising strings, numbers and options cannot fail; an empty event would be refused
-    // by no one and is never produced in practice.
-    serde_json::to_string(&event).unwrap_or_default()
+    write_event(&event, elapsed_us)
 }
 
-/// The relay form of a batch: each event's PUBLISH and/or XADD, in queue order.
-pub fn pipeline_commands(batch: &[QueuedEvent], config: &EventsConfig) -> Vec<Command> {
-    let mut out = Vec::with_capacity(batch.len() * 2);
+/// The event's JSON text, exactly as `serde_json` writes [`RequestEvent`] (a test holds them
+/// to it), written by hand: this runs once per request, and serde_json built for size (the
+/// `wasm` profile) costs several times more.
+fn write_event(e: &RequestEvent<'_>, elapsed_us: u64) -> String {
+    let mut out = String::with_capacity(320 + e.path.len() + e.id.len());
+    out.push_str("{\"event_type\":");
+    push_json_str(&mut out, e.event_type);
+    out.push_str(",\"id\":");
+    push_json_str(&mut out, e.id);
+    out.push_str(",\"timestamp\":");
+    push_json_str(&mut out, &e.timestamp);
+    out.push_str(",\"timestamp_unix_ms\":");
+    push_u64(&mut out, e.timestamp_unix_ms);
+    out.push_str(",\"method\":");
+    push_json_str(&mut out, e.method);
+    out.push_str(",\"path\":");
+    push_json_str(&mut out, e.path);
+    out.push_str(",\"route\":");
+    push_json_opt(&mut out, e.route);
+    out.push_str(",\"status\":");
+    match e.status {
+        Some(s) => push_u64(&mut out, u64::from(s)),
+        None => out.push_str("null"),
+    }
+    // Milliseconds with up to three decimals, as the shortest float text of `us / 1000`.
+    out.push_str(",\"duration_ms\":");
+    push_u64(&mut out, elapsed_us / 1_000);
+    out.push('.');
+    let frac = elapsed_us % 1_000;
+    let frac_digits = [frac / 100, frac / 10 % 10, frac % 10];
+    // Trailing zeros go, but one digit stays: 2.5, 1.0, 0.125.
+    let keep = frac_digits
+        .iter()
+        .rposition(|d| *d != 0)
+        .map_or(1, |i| i + 1);
+    for d in &frac_digits[..keep] {
+        out.push(char::from(b'0' + *d as u8));
+    }
+    out.push_str(",\"client\":");
+    push_json_opt(&mut out, e.client);
+    out.push_str(",\"cache\":");
+    push_json_opt(&mut out, e.cache);
+    out.push_str(",\"rate_limit\":");
+    push_json_opt(&mut out, e.rate_limit);
+    out.push_str(",\"sample_ratio\":");
+    if e.sample_ratio == 1.0 {
+        out.push_str("1.0");
+    } else {
+        out.push_str(&serde_json::to_string(&e.sample_ratio).unwrap_or_else(|_| "null".into()));
+    }
+    for (name, value) in &e.fields {
+        out.push(',');
+        push_json_str(&mut out, name);
+        out.push(':');
+        push_json_opt(&mut out, *value);
+    }
+    out.push('}');
+    out
+}
+
+fn push_u64(out: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+}
+
+fn push_json_opt(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// A JSON string with serde_json's escapes: `\"`, `\\`, `\b \f \n \r \t`, other control
+/// characters as `\u00XX`; everything else (UTF-8 included) as is.
+fn push_json_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut plain_from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain_from..i]);
+        if escape.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        plain_from = i + 1;
+    }
+    out.push_str(&s[plain_from..]);
+    out.push('"');
+}
+
+/// The relay form of a batch: each event's PUBLISH and/or XADD, in queue order, encoded back
+/// to back (straight from the queued events: no per-command copies); and how many commands.
+pub fn pipeline_payload(batch: &[QueuedEvent], config: &EventsConfig) -> (Vec<u8>, usize) {
+    let size: usize = batch.iter().map(|e| 2 * e.payload.len() + 160).sum();
+    let mut out = Vec::with_capacity(size);
+    let mut commands = 0;
+    let mut maxlen = String::new();
     for event in batch {
         let Some(policy) = config.policy(event.route) else {
             continue;
         };
+        let payload = event.payload.as_bytes();
         if let Some(channel) = &policy.channel {
-            out.push(Command::new("PUBLISH").arg(channel).arg(&event.payload));
+            encode_array(&mut out, &[b"PUBLISH", channel.as_bytes(), payload]);
+            commands += 1;
         }
         if let Some(stream) = &policy.stream {
-            out.push(
-                Command::new("XADD")
-                    .arg(&stream.key)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(stream.maxlen.to_string())
-                    .arg("*")
-                    .arg(STREAM_FIELD)
-                    .arg(&event.payload),
+            maxlen.clear();
+            maxlen.push_str(&stream.maxlen.to_string());
+            encode_array(
+                &mut out,
+                &[
+                    b"XADD".as_slice(),
+                    stream.key.as_bytes(),
+                    b"MAXLEN",
+                    b"~",
+                    maxlen.as_bytes(),
+                    b"*",
+                    STREAM_FIELD.as_bytes(),
+                    payload,
+                ],
             );
+            commands += 1;
         }
     }
-    out
+    (out, commands)
 }
 
 /// The `redis_call` form of a batch: `EVALSHA` of the flush script, and the `EVAL` sent instead
-/// on NOSCRIPT.
+/// on NOSCRIPT (see `scripts/events_flush.lua` for the arguments).
 pub fn script_commands(
     script: &Script,
     batch: &[QueuedEvent],
@@ -691,17 +815,26 @@ pub fn script_commands(
     let stream = batch
         .iter()
         .find_map(|e| config.policy(e.route).and_then(|p| p.stream.as_ref()));
-    let keys: Vec<String> = stream.map(|s| s.key.clone()).into_iter().collect();
-    let mut args = Vec::with_capacity(1 + batch.len() * 3);
-    args.push(stream.map_or_else(|| "0".to_string(), |s| s.maxlen.to_string()));
-    for event in batch {
-        let policy = config.policy(event.route);
-        args.push(policy.and_then(|p| p.channel.clone()).unwrap_or_default());
-        let to_stream = policy.is_some_and(|p| p.stream.is_some());
-        args.push(if to_stream { "1" } else { "0" }.to_string());
-        args.push(event.payload.clone());
-    }
-    (script.evalsha(&keys, &args), script.eval(&keys, &args))
+    let keys = usize::from(stream.is_some()).to_string();
+    let maxlen = stream.map_or_else(|| "0".to_string(), |s| s.maxlen.to_string());
+    let build = |name: &str, first: &str| {
+        let mut c = Command::new(name).arg(first).arg(&keys);
+        if let Some(s) = stream {
+            c = c.arg(&s.key);
+        }
+        c = c.arg(&maxlen);
+        for event in batch {
+            let policy = config.policy(event.route);
+            let channel = policy.and_then(|p| p.channel.as_deref()).unwrap_or("");
+            let to_stream = policy.is_some_and(|p| p.stream.is_some());
+            c = c
+                .arg(channel)
+                .arg(if to_stream { "1" } else { "0" })
+                .arg(&event.payload);
+        }
+        c
+    };
+    (build("EVALSHA", &script.sha1), build("EVAL", script.source))
 }
 
 /// What Redis did with a batch.
@@ -796,19 +929,28 @@ pub fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// `2024-05-06T07:08:09.123Z` for milliseconds since the Unix epoch.
+/// `2024-05-06T07:08:09.123Z` for milliseconds since the Unix epoch (years 0 to 9999).
 pub fn rfc3339_ms(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        unix_ms % 1000
-    )
+    // Written digit by digit: this runs once per request, and `format!` costs ~10x more.
+    let mut out = String::with_capacity(24);
+    let mut digits = |n: u64, width: u32, sep: char| {
+        for i in (0..width).rev() {
+            out.push(char::from(b'0' + ((n / 10u64.pow(i)) % 10) as u8));
+        }
+        out.push(sep);
+    };
+    digits(u64::try_from(y).unwrap_or(0), 4, '-');
+    digits(u64::from(m), 2, '-');
+    digits(u64::from(d), 2, 'T');
+    digits(rem / 3600, 2, ':');
+    digits((rem % 3600) / 60, 2, ':');
+    digits(rem % 60, 2, '.');
+    digits(unix_ms % 1000, 3, 'Z');
+    out
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
@@ -826,35 +968,45 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Request ids for requests without `x-request-id`: random UUIDs (version 4 layout) from a
-/// randomly keyed hasher (WASI `random_get` seeds it), no extra dependency.
+/// Request ids for requests without `x-request-id`: UUIDs in the version 4 layout from a
+/// splitmix64 sequence whose start is random per VM (a randomly keyed std hasher, which WASI
+/// `random_get` seeds), no extra dependency. Ids need to be unique, not unguessable.
 struct IdGenerator {
-    keys: RandomState,
-    counter: u64,
+    state: u64,
 }
 
 impl IdGenerator {
     fn new() -> IdGenerator {
         IdGenerator {
-            keys: RandomState::new(),
-            counter: 0,
+            state: RandomState::new().hash_one(0x6b72_6f77_6f63u64),
         }
     }
 
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
     fn next_uuid(&mut self) -> String {
-        self.counter = self.counter.wrapping_add(1);
-        let hi = self.keys.hash_one((self.counter, 0u8));
-        let lo = self.keys.hash_one((self.counter, 1u8));
-        let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
-        let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-        format!(
-            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-            hi >> 32,
-            (hi >> 16) & 0xffff,
-            hi & 0xffff,
-            lo >> 48,
-            lo & 0xffff_ffff_ffff
-        )
+        let hi = (self.next_u64() & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+        let lo = (self.next_u64() & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        let bits = (u128::from(hi) << 64) | u128::from(lo);
+        let mut out = String::with_capacity(36);
+        for i in 0..32 {
+            if matches!(i, 8 | 12 | 16 | 20) {
+                out.push('-');
+            }
+            let nibble = ((bits >> (124 - 4 * i)) & 0xf) as u8;
+            out.push(char::from(if nibble < 10 {
+                b'0' + nibble
+            } else {
+                b'a' + nibble - 10
+            }));
+        }
+        out
     }
 }
 
@@ -863,7 +1015,6 @@ mod tests {
     use super::*;
     use crate::client::RawReply;
     use crate::config::parse_config;
-    use crate::resp::encode_pipeline;
     use serde_json::Value;
 
     /// Collects what would go on the wire; tokens count up like a host's.
@@ -973,6 +1124,45 @@ mod tests {
         assert_eq!(v["content_type"], "application/json");
         assert_eq!(v["absent"], Value::Null);
         assert_eq!(p.stats.recorded, 1);
+    }
+
+    #[test]
+    fn the_hand_written_json_is_serde_jsons() {
+        let mut fields = BTreeMap::new();
+        fields.insert(
+            "agent",
+            Some("quote \" slash \\ nl \n tab \t bell \u{7} del \u{7f} é ✓"),
+        );
+        fields.insert("absent", None);
+        for (us, status, ratio) in [
+            (0u64, Some(200u16), 1.0f64),
+            (1_000, None, 0.25),
+            (2_500, Some(429), 0.1),
+            (1_234_567, Some(599), 1e-3),
+            (30, Some(100), 0.0),
+        ] {
+            let e = RequestEvent {
+                event_type: EVENT_TYPE,
+                id: "a\"b",
+                timestamp: rfc3339_ms(1_700_000_000_123),
+                timestamp_unix_ms: 1_700_000_000_123,
+                method: "GET",
+                path: "/p\u{1}ath/\\x",
+                route: if status.is_some() { Some("r") } else { None },
+                status,
+                duration_ms: us as f64 / 1_000.0,
+                client: None,
+                cache: Some("HIT"),
+                rate_limit: Some("allowed"),
+                sample_ratio: ratio,
+                fields: fields.clone(),
+            };
+            assert_eq!(
+                write_event(&e, us),
+                serde_json::to_string(&e).expect("serde"),
+                "{us}µs"
+            );
+        }
     }
 
     #[test]
@@ -1104,7 +1294,8 @@ mod tests {
                 "events": {"publish": {"channel": "reqs"}, "stream": {"maxlen": 500}}}"#,
         );
         let batch = vec![queued(1), queued(2)];
-        let commands = pipeline_commands(&batch, &cfg.events);
+        let (payload, commands) = pipeline_payload(&batch, &cfg.events);
+        assert_eq!(commands, 4);
         let mut expected = Vec::new();
         for n in [1, 2] {
             let json = format!("{{\"n\":{n}}}");
@@ -1119,7 +1310,7 @@ mod tests {
             );
         }
         assert_eq!(
-            String::from_utf8_lossy(&encode_pipeline(&commands)),
+            String::from_utf8_lossy(&payload),
             String::from_utf8_lossy(&expected)
         );
     }
@@ -1150,7 +1341,8 @@ mod tests {
         );
         let expected = Command::new("EVALSHA").arg(&script.sha1).args(&args);
         assert_eq!(evalsha, expected);
-        assert_eq!(eval.name(), "EVAL");
+        let expected = Command::new("EVAL").arg(script.source).args(&args);
+        assert_eq!(eval, expected);
     }
 
     #[test]
@@ -1398,6 +1590,26 @@ mod tests {
         assert_eq!(rfc3339_ms(951_782_400_007), "2000-02-29T00:00:00.007Z");
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(rfc3339_ms(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(1_709_210_096_050), "2024-02-29T12:34:56.050Z");
+    }
+
+    #[test]
+    fn generated_ids_are_v4_uuids_and_distinct() {
+        let mut ids = IdGenerator::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = ids.next_uuid();
+            assert_eq!(id.len(), 36);
+            assert_eq!(&id[14..15], "4", "{id}");
+            assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+            assert!(seen.insert(id));
+        }
+        let (mut a, mut b) = (IdGenerator::new(), IdGenerator::new());
+        assert_ne!(
+            a.next_uuid(),
+            b.next_uuid(),
+            "each VM starts somewhere else"
+        );
     }
 
     #[test]
