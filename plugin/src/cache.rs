@@ -812,6 +812,7 @@ impl Edge {
                     Outcome::Hit,
                     CacheStatus::hit(ttl),
                 );
+                self.events.note_cache(ctx, Outcome::Hit.as_str());
                 if resp.status == 304 {
                     metrics.count(route, Count::NotModified);
                 }
@@ -830,6 +831,7 @@ impl Edge {
                     Outcome::Stale,
                     status,
                 );
+                self.events.note_cache(ctx, Outcome::Stale.as_str());
                 request.phase = Phase::Served;
                 if request.holds_lock {
                     request.holds_lock = false;
@@ -949,6 +951,7 @@ impl Edge {
                 if let Some(step) = invalidate {
                     self.queue_job(now_ms, JobKind::Purge(step));
                 }
+                self.events.note_cache(ctx, Outcome::Bypass.as_str());
                 CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
             }
             Phase::Forwarded { outcome, stale } => {
@@ -966,6 +969,7 @@ impl Edge {
                         s.detail = Some("stale-if-error");
                         let mut resp =
                             serve(settings, request, &stale.response, age, Outcome::Stale, s);
+                        self.events.note_cache(ctx, Outcome::Stale.as_str());
                         let lock = request
                             .holds_lock
                             .then(|| (request.lock_key(), request.token.clone()));
@@ -1020,6 +1024,7 @@ impl Edge {
                         self.release_lock(now_ms, ctx, pass_for(why, status, policy));
                     }
                 }
+                self.events.note_cache(ctx, outcome.as_str());
                 CacheResponse::Pass(status_fields(settings, outcome, &s))
             }
             other => {
@@ -1884,6 +1889,7 @@ impl Edge {
                 let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, age_ms));
                 status.collapsed = true;
                 let resp = serve(&config.cache, r, &stored, age_ms, outcome, status);
+                self.events.note_cache(*ctx, outcome.as_str());
                 r.phase = Phase::Served;
                 self.cache.metrics.count(
                     r.route,
@@ -1979,6 +1985,7 @@ impl Edge {
                     Outcome::Stale,
                     status,
                 );
+                self.events.note_cache(ctx, Outcome::Stale.as_str());
                 r.phase = Phase::Served;
                 self.cache.metrics.count(r.route, Count::Stale);
                 return Some(HostAction::Respond(ctx, resp));

@@ -510,3 +510,37 @@ fn sampling_and_disabled_routes_publish_fewer_events() {
         == 5));
     assert_eq!(stack.metric("envoy_krowoc_events_recorded"), 1);
 }
+
+#[test]
+fn events_carry_the_caches_decision() {
+    let stack = stack_with(RELAY, 1, |_| {});
+    let path = "/api/cached-data?user_id=events";
+    assert_eq!(stack.get(path).header("x-cache"), Some("MISS"));
+    let hit = eventually(Duration::from_secs(5), || {
+        stack.get(path).header("x-cache") == Some("HIT")
+    });
+    assert!(hit, "the second lookup never became a hit");
+    let decisions = |stack: &Stack| -> Vec<String> {
+        stream_events(stack)
+            .iter()
+            .filter(|e| e["path"] == "/api/cached-data")
+            .filter_map(|e| e["cache"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let d = decisions(&stack);
+            d.first().map(String::as_str) == Some("MISS")
+                && d.last().map(String::as_str) == Some("HIT")
+        }),
+        "events of a miss then a hit: {:?}",
+        decisions(&stack)
+    );
+    // Requests the cache does not cover keep `cache: null`.
+    stack.get("/health");
+    assert!(eventually(Duration::from_secs(5), || {
+        stream_events(&stack)
+            .iter()
+            .any(|e| e["path"] == "/health" && e["cache"].is_null())
+    }));
+}
