@@ -352,6 +352,10 @@ pub fn try_start_module(
     let upstream = EchoUpstream::start();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the gateway listener");
     let shared = Arc::new(SharedState::default());
+    // The guest's VM counter exists before the VMs start: creating a missing key takes no CAS
+    // (cas 0 writes unconditionally, in Envoy as here), so VMs racing to create it could both
+    // write "1"; incrementing an existing one is CAS-protected.
+    shared.set_data("abi/vm_counter", b"0".to_vec(), 0);
     let gateway = Gateway::start(
         spec(module, config, opts, upstream.addr),
         listener,
