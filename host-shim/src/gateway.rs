@@ -450,10 +450,15 @@ impl Worker {
                 .map(|r| r.cluster.clone())
                 .unwrap_or_default(),
         };
-        match FilteredStream::begin(self.clone(), info, headers.clone()).await {
+        // A fail-open pass-through needs the request as received; keep a copy only then.
+        let kept = self.fail_open().then(|| headers.clone());
+        match FilteredStream::begin(self.clone(), info, headers, kept.clone()).await {
             Ok(stream) => stream.run(route, body).await,
             Err(StreamFailure::Closed) => reset_response(),
-            Err(StreamFailure::Vm) => self.fail_by_policy(route.as_ref(), headers, body).await,
+            Err(StreamFailure::Vm) => {
+                self.fail_by_policy(route.as_ref(), kept.unwrap_or_default(), body)
+                    .await
+            }
         }
     }
 
@@ -822,7 +827,7 @@ struct FilteredStream {
     generation: u64,
     wake: Arc<Notify>,
     finished: bool,
-    /// The request headers as received, for a fail-open pass-through.
+    /// The request headers as received, for a fail-open pass-through (empty otherwise).
     original_headers: HeaderList,
 }
 
@@ -860,8 +865,9 @@ impl FilteredStream {
         worker: Rc<Worker>,
         info: StreamInfo,
         headers: HeaderList,
+        kept: Option<HeaderList>,
     ) -> Result<FilteredStream, StreamFailure> {
-        let original_headers = headers.clone();
+        let original_headers = kept.unwrap_or_default();
         let mut guard = worker.vm.lock().await;
         let Some(slot) = guard.as_mut() else {
             return Err(StreamFailure::Vm);
