@@ -730,7 +730,8 @@ fn is_sf_key(s: &str) -> bool {
         })
 }
 
-fn is_token(s: &str) -> bool {
+/// An HTTP token (RFC 9110 `tchar`s): header names, methods. Callers add their own length caps.
+pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().all(|b| {
             b.is_ascii_alphanumeric()

@@ -551,28 +551,7 @@ fn is_field_name(s: &str) -> bool {
 /// An HTTP token (RFC 9110), or an HTTP/2 pseudo-header such as `:authority`.
 fn is_header_name(s: &str) -> bool {
     let name = s.strip_prefix(':').unwrap_or(s);
-    !name.is_empty()
-        && name.len() <= 256
-        && name.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
+    name.len() <= 256 && crate::config::is_token(name)
 }
 
 #[cfg(test)]
