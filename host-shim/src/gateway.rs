@@ -33,7 +33,7 @@ use crate::abi::{Action, HeaderList, Status};
 use crate::body::{self, Body, BodySender};
 use crate::redis_pool::{RedisEndpoint, RedisPool};
 use crate::shared::{QueueReady, SharedState};
-use crate::state::{Callout, HttpCallResponse, StreamInfo, StreamState};
+use crate::state::{Callout, HttpCallResponse, PauseOutcome, StreamInfo, StreamState};
 use crate::vm::{PluginModule, Vm, VmError, VmSettings};
 
 /// Where a cluster's endpoint is.
@@ -948,19 +948,11 @@ impl FilteredStream {
                 let Some(s) = slot.vm.stream(self.ctx) else {
                     return Err(StreamFailure::Vm);
                 };
-                if s.closed {
-                    return Err(StreamFailure::Closed);
-                }
-                if let Some(local) = s.local_response.take() {
-                    return Ok(Verdict::Local(local));
-                }
-                let resumed = if response {
-                    std::mem::take(&mut s.resume_response)
-                } else {
-                    std::mem::take(&mut s.resume_request)
-                };
-                if resumed {
-                    return Ok(Verdict::Continue);
+                match s.take_pause_outcome(response) {
+                    Some(PauseOutcome::Closed) => return Err(StreamFailure::Closed),
+                    Some(PauseOutcome::Local(local)) => return Ok(Verdict::Local(local)),
+                    Some(PauseOutcome::Resumed) => return Ok(Verdict::Continue),
+                    None => {}
                 }
             }
             if tokio::time::timeout_at(deadline.into(), self.wake.notified())
@@ -1482,38 +1474,37 @@ async fn pump_body(
                             drop(guard);
                             return body_after_vm_failure(worker, held, body, &tx, true).await;
                         };
-                        if s.closed {
-                            let _ = tx.send(Err("stream closed by the plugin".into())).await;
-                            return Err(StreamFailure::Closed);
-                        }
-                        if let Some(local) = s.local_response.take() {
-                            let _ = tx.send(Err("replaced by a local reply".into())).await;
-                            return Ok(Verdict::Local(local));
-                        }
-                        let resumed = match dir {
-                            Direction::Request => std::mem::take(&mut s.resume_request),
-                            Direction::Response => std::mem::take(&mut s.resume_response),
-                        };
-                        if resumed {
-                            let (data, trailers) = match dir {
-                                Direction::Request => (
-                                    std::mem::take(&mut s.request_body),
-                                    s.request_trailers.clone(),
-                                ),
-                                Direction::Response => (
-                                    std::mem::take(&mut s.response_body),
-                                    s.response_trailers.clone(),
-                                ),
-                            };
-                            drop(guard);
-                            held.clear();
-                            if !data.is_empty() {
-                                let _ = tx.send(Ok(Frame::data(Bytes::from(data)))).await;
+                        match s.take_pause_outcome(matches!(dir, Direction::Response)) {
+                            None => {}
+                            Some(PauseOutcome::Closed) => {
+                                let _ = tx.send(Err("stream closed by the plugin".into())).await;
+                                return Err(StreamFailure::Closed);
                             }
-                            if let Some(t) = trailers {
-                                let _ = tx.send(Ok(Frame::trailers(header_map_of(&t)))).await;
+                            Some(PauseOutcome::Local(local)) => {
+                                let _ = tx.send(Err("replaced by a local reply".into())).await;
+                                return Ok(Verdict::Local(local));
                             }
-                            return Ok(Verdict::Continue);
+                            Some(PauseOutcome::Resumed) => {
+                                let (data, trailers) = match dir {
+                                    Direction::Request => (
+                                        std::mem::take(&mut s.request_body),
+                                        s.request_trailers.clone(),
+                                    ),
+                                    Direction::Response => (
+                                        std::mem::take(&mut s.response_body),
+                                        s.response_trailers.clone(),
+                                    ),
+                                };
+                                drop(guard);
+                                held.clear();
+                                if !data.is_empty() {
+                                    let _ = tx.send(Ok(Frame::data(Bytes::from(data)))).await;
+                                }
+                                if let Some(t) = trailers {
+                                    let _ = tx.send(Ok(Frame::trailers(header_map_of(&t)))).await;
+                                }
+                                return Ok(Verdict::Continue);
+                            }
                         }
                     }
                     wake.notified().await;

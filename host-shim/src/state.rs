@@ -82,6 +82,36 @@ impl StreamState {
     }
 }
 
+/// What the plugin decided for a stream direction it had paused.
+#[derive(Debug)]
+pub enum PauseOutcome {
+    /// `proxy_close_stream`: reset the stream.
+    Closed,
+    /// `proxy_send_local_response`: answer with this instead.
+    Local(LocalResponse),
+    /// `proxy_continue_stream` for this direction.
+    Resumed,
+}
+
+impl StreamState {
+    /// Takes the plugin's decision for the request (`response` false) or response direction,
+    /// if it has made one; `None` while the direction is still paused.
+    pub fn take_pause_outcome(&mut self, response: bool) -> Option<PauseOutcome> {
+        if self.closed {
+            return Some(PauseOutcome::Closed);
+        }
+        if let Some(local) = self.local_response.take() {
+            return Some(PauseOutcome::Local(local));
+        }
+        let resumed = if response {
+            std::mem::take(&mut self.resume_response)
+        } else {
+            std::mem::take(&mut self.resume_request)
+        };
+        resumed.then_some(PauseOutcome::Resumed)
+    }
+}
+
 /// A call the plugin dispatched; carried out by the worker after the callback returns.
 #[derive(Debug)]
 pub enum Callout {
