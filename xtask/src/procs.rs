@@ -85,6 +85,8 @@ struct Service {
     log_path: PathBuf,
     tail: Arc<Mutex<VecDeque<String>>>,
     saw_ready_line: Arc<AtomicBool>,
+    /// The threads copying its stdout and stderr to the log.
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Every service started so far; dropping it stops them all, newest first.
@@ -151,6 +153,7 @@ impl Services {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let saw_ready_line = Arc::new(AtomicBool::new(false));
         let prefix = self.follow_logs.then(|| format!("[{}] ", spec.name));
+        let mut pumps = Vec::new();
         for stream in [
             child
                 .stdout
@@ -171,7 +174,7 @@ impl Services {
                 saw_ready_line: saw_ready_line.clone(),
                 prefix: prefix.clone(),
             };
-            std::thread::spawn(move || capture.pump(stream));
+            pumps.push(std::thread::spawn(move || capture.pump(stream)));
         }
         let mut service = Service {
             name: spec.name.clone(),
@@ -179,6 +182,7 @@ impl Services {
             log_path,
             tail,
             saw_ready_line,
+            pumps,
         };
         match wait_until_ready(&mut service, &spec) {
             Ok(()) => {
@@ -188,11 +192,12 @@ impl Services {
             }
             Err(e) => {
                 stop(&mut service);
+                let last = service.last_lines();
                 Err(anyhow!(
                     "{} did not start: {e:#}; its last output ({}):\n{}",
                     service.name,
                     service.log_path.display(),
-                    service.last_lines()
+                    last
                 ))
             }
         }
@@ -202,11 +207,12 @@ impl Services {
     pub fn check_alive(&mut self) -> Result<()> {
         for s in &mut self.running {
             if let Some(status) = s.child.try_wait().ok().flatten() {
+                let last = s.last_lines();
                 bail!(
                     "{} exited unexpectedly ({status}); its last output ({}):\n{}",
                     s.name,
                     s.log_path.display(),
-                    s.last_lines()
+                    last
                 );
             }
         }
@@ -236,7 +242,16 @@ impl Drop for Services {
 }
 
 impl Service {
-    fn last_lines(&self) -> String {
+    /// The last lines the service wrote. Once it has exited, its output is read to the end
+    /// first (the capture threads may not have seen the final lines yet), waiting at most a
+    /// second in case a descendant still holds the pipe.
+    fn last_lines(&mut self) -> String {
+        if self.child.try_wait().ok().flatten().is_some() {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         if tail.is_empty() {
             return "    (no output)".to_string();
