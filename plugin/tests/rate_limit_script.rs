@@ -164,8 +164,10 @@ fn sliding_log_slides_instead_of_resetting() {
     assert!(decide(&redis, &p, &k).allowed, "third at ~500ms");
     let d = decide(&redis, &p, &k);
     assert!(!d.allowed, "fourth within the window");
+    // The first decision happens a little after t0 (and Redis rounds its clock), so allow a few
+    // milliseconds over 500; a window that reset would say ~1000.
     assert!(
-        d.retry_after_ms <= 500,
+        d.retry_after_ms <= 510,
         "the first two leave at ~1000ms: {}",
         d.retry_after_ms
     );
