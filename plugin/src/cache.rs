@@ -367,9 +367,12 @@ impl CacheRequest {
     }
 }
 
-/// A purge-endpoint request waiting for its purges.
+/// A request waiting for its purges: a purge-endpoint request (answered with the outcome), or
+/// a response that announced an invalidation (let go once the purges are done).
 #[derive(Debug, Default)]
 struct PurgeRequest {
+    /// A held response, not a purge-endpoint request.
+    response: bool,
     outstanding: usize,
     deleted: u64,
     failures: Vec<String>,
@@ -893,11 +896,54 @@ impl Edge {
     // ---- response phase ----------------------------------------------------------------------
 
     /// The upstream's response headers (or a local reply's): fields to add, or a replacement.
+    ///
+    /// A response that invalidates (the route's invalidation header, or a successful unsafe
+    /// request to a cached route) is held until its purges are done, so that a client that
+    /// reads after it sees the invalidation: one Redis round trip, the purges going out
+    /// together. Pattern purges scan and stay off the response path.
     pub(crate) fn cache_response_headers(
         &mut self,
         ctx: u32,
         now_ms: u64,
         end_of_stream: bool,
+    ) -> CacheResponse {
+        let mut purges = Vec::new();
+        let step = self.response_step(ctx, now_ms, end_of_stream, &mut purges);
+        if purges.is_empty() {
+            return step;
+        }
+        let mut held = PurgeRequest {
+            response: true,
+            ..PurgeRequest::default()
+        };
+        for kind in purges {
+            let job = Job {
+                kind,
+                notify: Some(ctx),
+            };
+            match self.dispatch_job(now_ms, job) {
+                Ok(()) => held.outstanding += 1,
+                Err(failed) => {
+                    let (job, e) = *failed;
+                    self.job_failed(&job, &e);
+                }
+            }
+        }
+        match step {
+            CacheResponse::Pass(fields) if held.outstanding > 0 => {
+                self.cache.purges.insert(ctx, held);
+                CacheResponse::Hold(fields)
+            }
+            other => other,
+        }
+    }
+
+    fn response_step(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        end_of_stream: bool,
+        purges: &mut Vec<JobKind>,
     ) -> CacheResponse {
         let config = Rc::clone(&self.config);
         let Some(route_idx) = self.flows.get(&ctx).map(|f| f.route) else {
@@ -919,7 +965,7 @@ impl Edge {
             .unwrap_or(502);
         if let Some(inv) = &route.invalidation {
             if (200..300).contains(&status) {
-                self.honour_invalidation(now_ms, &headers, &inv.header);
+                self.honour_invalidation(now_ms, &headers, &inv.header, purges);
             }
         }
         let Some(request) = self.cache.requests.get_mut(&ctx) else {
@@ -948,9 +994,7 @@ impl Edge {
                             mark_key: request.keys.purge_mark(),
                         });
                 request.phase = Phase::Bypass(reason);
-                if let Some(step) = invalidate {
-                    self.queue_job(now_ms, JobKind::Purge(step));
-                }
+                purges.extend(invalidate.map(JobKind::Purge));
                 self.events.note_cache(ctx, Outcome::Bypass.as_str());
                 CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
             }
@@ -1171,8 +1215,15 @@ impl Edge {
         self.queue_job(now_ms, job);
     }
 
-    /// Applies an upstream's invalidation header (its route has `invalidation`, status 2xx).
-    fn honour_invalidation(&mut self, now_ms: u64, headers: &[(String, String)], name: &str) {
+    /// Applies an upstream's invalidation header (its route has `invalidation`, status 2xx):
+    /// index purges go to `purges` (the response waits for them), scans to the job queue.
+    fn honour_invalidation(
+        &mut self,
+        now_ms: u64,
+        headers: &[(String, String)],
+        name: &str,
+        purges: &mut Vec<JobKind>,
+    ) {
         let value = headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -1196,7 +1247,10 @@ impl Edge {
         let config = Rc::clone(&self.config);
         for d in &directives {
             for step in plan(&config, d) {
-                self.queue_job(now_ms, purge_job(step));
+                match purge_job(step) {
+                    scan @ JobKind::Scan { .. } => self.queue_job(now_ms, scan),
+                    index => purges.push(index),
+                }
             }
         }
     }
@@ -1251,6 +1305,9 @@ impl Edge {
 pub enum CacheResponse {
     /// Let the response pass with these fields added.
     Pass(Vec<(String, String)>),
+    /// Add these fields and hold the response until its purges are done
+    /// (`HostAction::ResumeResponse`).
+    Hold(Vec<(String, String)>),
     /// Answer with this instead (a stale copy for an upstream error).
     Replace(LocalResponse),
 }
@@ -1587,6 +1644,9 @@ impl Edge {
             return None;
         }
         let p = self.cache.purges.remove(&ctx)?;
+        if p.response {
+            return Some(HostAction::ResumeResponse(ctx));
+        }
         Some(HostAction::Respond(ctx, purge_answer(&p)))
     }
 

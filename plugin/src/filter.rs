@@ -56,8 +56,11 @@ impl Wire for HostWire {
 /// What to do to a request once its Redis calls are answered.
 #[derive(Debug)]
 pub enum HostAction {
+    /// Let a paused request go on.
     Resume(u32),
     Respond(u32, LocalResponse),
+    /// Let a held response go on.
+    ResumeResponse(u32),
 }
 
 /// The outcome of the request-headers phase.
@@ -456,7 +459,7 @@ fn log_redis_error(route: &str, e: &RedisError) {
 fn perform(actions: Vec<HostAction>, current: Option<u32>) {
     for action in actions {
         let ctx = match &action {
-            HostAction::Resume(c) | HostAction::Respond(c, _) => *c,
+            HostAction::Resume(c) | HostAction::Respond(c, _) | HostAction::ResumeResponse(c) => *c,
         };
         if current != Some(ctx) && !host::set_effective_context(ctx) {
             // The request is gone (client closed): nothing to resume.
@@ -465,6 +468,9 @@ fn perform(actions: Vec<HostAction>, current: Option<u32>) {
         match action {
             HostAction::Resume(_) => {
                 host::resume_request();
+            }
+            HostAction::ResumeResponse(_) => {
+                host::resume_response();
             }
             HostAction::Respond(_, resp) => {
                 send_response(&resp);
@@ -639,6 +645,7 @@ impl HttpContext for EdgeRequest {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         // The cache reads the upstream's fields before the filter adds its own.
+        let mut hold = false;
         if let Some(edge) = &self.edge {
             let step = match edge.try_borrow_mut() {
                 Ok(mut e) => {
@@ -646,16 +653,19 @@ impl HttpContext for EdgeRequest {
                 }
                 Err(_) => crate::cache::CacheResponse::Pass(Vec::new()),
             };
-            match step {
+            let fields = match step {
                 crate::cache::CacheResponse::Replace(resp) => {
                     send_response(&resp);
                     return Action::Pause;
                 }
-                crate::cache::CacheResponse::Pass(fields) => {
-                    for (k, v) in fields {
-                        host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
-                    }
+                crate::cache::CacheResponse::Pass(fields) => fields,
+                crate::cache::CacheResponse::Hold(fields) => {
+                    hold = true;
+                    fields
                 }
+            };
+            for (k, v) in fields {
+                host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
             }
         }
         host::replace_header(host::MAP_RESPONSE_HEADERS, EDGE_HEADER, crate::VERSION);
@@ -667,6 +677,10 @@ impl HttpContext for EdgeRequest {
             for (k, v) in headers {
                 host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
             }
+        }
+        // Held until the response's purges are done; the fields above go with it.
+        if hold {
+            return Action::Pause;
         }
         Action::Continue
     }

@@ -36,6 +36,7 @@ pub const METRIC_GAUGE: u32 = 1;
 pub const METRIC_HISTOGRAM: u32 = 2;
 
 const STREAM_HTTP_REQUEST: u32 = 0;
+const STREAM_HTTP_RESPONSE: u32 = 1;
 
 #[cfg(target_arch = "wasm32")]
 mod ffi {
@@ -325,6 +326,12 @@ pub fn set_effective_context(context_id: u32) -> bool {
 pub fn resume_request() -> bool {
     // SAFETY: plain value argument.
     unsafe { ffi::proxy_continue_stream(STREAM_HTTP_REQUEST) == STATUS_OK }
+}
+
+/// Resumes the held response of the effective context.
+pub fn resume_response() -> bool {
+    // SAFETY: plain value argument.
+    unsafe { ffi::proxy_continue_stream(STREAM_HTTP_RESPONSE) == STATUS_OK }
 }
 
 /// Answers the effective context's request from the filter.
