@@ -12,7 +12,9 @@ commands:
       --exit-after SECS   stop cleanly after SECS seconds (also: env DEMO_EXIT_AFTER=SECS)
       --follow-logs       echo the services' logs here (they always go to <target>/demo/*.log)
   test           set up, build the wasm crates and binaries, then cargo fmt --check,
-                 cargo clippy -D warnings and cargo test --workspace
+                 cargo clippy -D warnings, cargo test --workspace and the README tour
+  tour           start a fresh demo and run the README's tour against it, comparing every
+                 command's output with the README's (the demo's ports must be free)
   bench          release build, then wrk against: direct upstream, host-shim without the
                  filter, host-shim with the plugin; table in <target>/bench/results.md
       --duration SECS     measured seconds per scenario (default 10)
@@ -31,6 +33,7 @@ pub enum Command {
     BuildPlugin(SetupOptions),
     Demo(DemoOptions),
     Test(SetupOptions),
+    Tour(SetupOptions),
     Bench(BenchOptions),
 }
 
@@ -80,7 +83,7 @@ fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -> Result<Co
             })?;
             Command::BuildPlugin(setup)
         }
-        "test" => {
+        "test" | "tour" => {
             flags.for_each(|name, _| match name {
                 "--no-install" => {
                     setup.install = false;
@@ -88,7 +91,11 @@ fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -> Result<Co
                 }
                 _ => Err(unknown(name)),
             })?;
-            Command::Test(setup)
+            if command == "test" {
+                Command::Test(setup)
+            } else {
+                Command::Tour(setup)
+            }
         }
         "demo" => {
             let mut exit_after = match demo_exit_after.as_deref() {

@@ -5,8 +5,9 @@ use crate::cli::DemoOptions;
 use crate::envoy_yaml;
 use crate::procs::{self, loopback, ServiceSpec, Services, TempDir};
 use crate::setup::{self, Needs};
-use crate::workspace::Workspace;
+use crate::workspace::{Binaries, Workspace};
 use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -15,123 +16,38 @@ const ADMIN_PORT: u16 = 9901;
 const UPSTREAM_PORT: u16 = 8080;
 const RELAY_PORT: u16 = 7379;
 const REDIS_PORT: u16 = 6390;
+const PORTS: [(&str, u16); 5] = [
+    ("gateway", GATEWAY_PORT),
+    ("host-shim admin", ADMIN_PORT),
+    ("upstream", UPSTREAM_PORT),
+    ("relay", RELAY_PORT),
+    ("redis", REDIS_PORT),
+];
 
 pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     procs::catch_stop_signals();
-    let ports = [
-        ("gateway", GATEWAY_PORT),
-        ("host-shim admin", ADMIN_PORT),
-        ("upstream", UPSTREAM_PORT),
-        ("relay", RELAY_PORT),
-        ("redis", REDIS_PORT),
-    ];
     // Before minutes of building: a busy port would only fail later.
-    check_ports_free(&ports)?;
+    check_ports_free(&PORTS)?;
 
     setup::ensure(
         &Needs {
             wasm_target: true,
             redis: true,
+            // Not for the demo itself: for the tour's commands in the README.
+            curl: true,
             ..Needs::default()
         },
         &options.setup,
     )?;
     let ws = Workspace::load()?;
-    let yaml_path = ws.root.join("envoy/envoy.yaml");
-    let yaml = std::fs::read_to_string(&yaml_path)
-        .with_context(|| format!("cannot read {}", yaml_path.display()))?;
-    let token = envoy_yaml::relay_token(&yaml)
-        .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
     let wasm = ws.build_wasm()?;
     let bins = ws.build_binaries(false)?;
     if let Some(signal) = procs::stop_requested() {
         eprintln!("xtask: {signal} received; nothing was started");
         return Ok(ExitCode::SUCCESS);
     }
-    check_ports_free(&ports)?;
-
-    // Declared before `services` so it is removed after redis-server has stopped.
-    let redis_dir = TempDir::new("demo-redis")?;
-    let log_dir = ws.target_dir.join("demo");
-    let mut services = Services::new(&log_dir, options.follow_logs)?;
-    let redis_url = format!("redis://127.0.0.1:{REDIS_PORT}");
-
-    let mut redis = Command::new("redis-server");
-    redis
-        .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(redis_dir.path());
-    services.start(ServiceSpec {
-        name: "redis".into(),
-        command: redis,
-        ready_addr: loopback(REDIS_PORT),
-        ready_line: Some("Ready to accept connections".into()),
-        startup_timeout: Duration::from_secs(10),
-    })?;
-
-    let mut upstream = with_log_level(Command::new(&bins.upstream));
-    upstream.args([
-        "--listen",
-        &loopback(UPSTREAM_PORT).to_string(),
-        "--redis",
-        &redis_url,
-    ]);
-    services.start(ServiceSpec {
-        name: "upstream".into(),
-        command: upstream,
-        ready_addr: loopback(UPSTREAM_PORT),
-        ready_line: Some("upstream listening on".into()),
-        startup_timeout: Duration::from_secs(30),
-    })?;
-
-    let mut relay = with_log_level(Command::new(&bins.host_shim));
-    relay.args([
-        "relay",
-        "--listen",
-        &loopback(RELAY_PORT).to_string(),
-        "--redis",
-        &redis_url,
-    ]);
-    match &token {
-        Some(t) => {
-            eprintln!("xtask: the relay expects the token from envoy.yaml's plugin configuration");
-            relay.args(["--token", t]);
-        }
-        None => eprintln!("xtask: envoy.yaml's plugin configuration has no relay token; the relay runs without one"),
-    }
-    services.start(ServiceSpec {
-        name: "relay".into(),
-        command: relay,
-        ready_addr: loopback(RELAY_PORT),
-        ready_line: Some("relay listening on".into()),
-        startup_timeout: Duration::from_secs(30),
-    })?;
-
-    let mut gateway = with_log_level(Command::new(&bins.host_shim));
-    gateway
-        .current_dir(&ws.root)
-        .args(["run", "--config", "envoy/envoy.yaml", "--plugin"])
-        .arg(&wasm.plugin)
-        .args(["--listen", &loopback(GATEWAY_PORT).to_string()])
-        .args(["--admin", &loopback(ADMIN_PORT).to_string()])
-        .args([
-            "--cluster",
-            &format!("upstream={}", loopback(UPSTREAM_PORT)),
-        ])
-        .args([
-            "--cluster",
-            &format!("redis_relay={}", loopback(RELAY_PORT)),
-        ])
-        .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
-    services.start(ServiceSpec {
-        name: "host-shim".into(),
-        command: gateway,
-        ready_addr: loopback(GATEWAY_PORT),
-        ready_line: Some("host-shim listening on".into()),
-        startup_timeout: Duration::from_secs(60),
-    })?;
-
+    let mut demo = Demo::start(&ws, &wasm.plugin, &bins, options.follow_logs)?;
+    let log_dir = demo.log_dir.clone();
     print_banner(&log_dir, options);
 
     let deadline = options.exit_after.map(|d| Instant::now() + d);
@@ -144,12 +60,135 @@ pub fn run(options: &DemoOptions) -> Result<ExitCode> {
             eprintln!("xtask: --exit-after elapsed; stopping the demo");
             break;
         }
-        services.check_alive()?;
+        demo.check_alive()?;
         std::thread::sleep(Duration::from_millis(200));
     }
-    services.stop_all();
+    demo.stop();
     eprintln!("xtask: demo stopped; everything it started has exited");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's services, running until `stop` (or drop).
+pub struct Demo {
+    // Dropped in this order: the services first, then redis-server's directory.
+    services: Services,
+    _redis_dir: TempDir,
+    pub log_dir: PathBuf,
+}
+
+impl Demo {
+    /// Starts redis-server, the upstream, the relay and host-shim running envoy/envoy.yaml with
+    /// `plugin`, on the demo's ports, each waited on until it serves.
+    pub fn start(
+        ws: &Workspace,
+        plugin: &Path,
+        bins: &Binaries,
+        follow_logs: bool,
+    ) -> Result<Demo> {
+        let yaml_path = ws.root.join("envoy/envoy.yaml");
+        let yaml = std::fs::read_to_string(&yaml_path)
+            .with_context(|| format!("cannot read {}", yaml_path.display()))?;
+        let token = envoy_yaml::relay_token(&yaml)
+            .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
+        check_ports_free(&PORTS)?;
+
+        // Declared before `services` so it is removed after redis-server has stopped.
+        let redis_dir = TempDir::new("demo-redis")?;
+        let log_dir = ws.target_dir.join("demo");
+        let mut services = Services::new(&log_dir, follow_logs)?;
+        let redis_url = format!("redis://127.0.0.1:{REDIS_PORT}");
+
+        let mut redis = Command::new("redis-server");
+        redis
+            .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(redis_dir.path());
+        services.start(ServiceSpec {
+            name: "redis".into(),
+            command: redis,
+            ready_addr: loopback(REDIS_PORT),
+            ready_line: Some("Ready to accept connections".into()),
+            startup_timeout: Duration::from_secs(10),
+        })?;
+
+        let mut upstream = with_log_level(Command::new(&bins.upstream));
+        upstream.args([
+            "--listen",
+            &loopback(UPSTREAM_PORT).to_string(),
+            "--redis",
+            &redis_url,
+        ]);
+        services.start(ServiceSpec {
+            name: "upstream".into(),
+            command: upstream,
+            ready_addr: loopback(UPSTREAM_PORT),
+            ready_line: Some("upstream listening on".into()),
+            startup_timeout: Duration::from_secs(30),
+        })?;
+
+        let mut relay = with_log_level(Command::new(&bins.host_shim));
+        relay.args([
+            "relay",
+            "--listen",
+            &loopback(RELAY_PORT).to_string(),
+            "--redis",
+            &redis_url,
+        ]);
+        match &token {
+            Some(t) => {
+                eprintln!("xtask: the relay expects the token from envoy.yaml's plugin configuration");
+                relay.args(["--token", t]);
+            }
+            None => eprintln!("xtask: envoy.yaml's plugin configuration has no relay token; the relay runs without one"),
+        }
+        services.start(ServiceSpec {
+            name: "relay".into(),
+            command: relay,
+            ready_addr: loopback(RELAY_PORT),
+            ready_line: Some("relay listening on".into()),
+            startup_timeout: Duration::from_secs(30),
+        })?;
+
+        let mut gateway = with_log_level(Command::new(&bins.host_shim));
+        gateway
+            .current_dir(&ws.root)
+            .args(["run", "--config", "envoy/envoy.yaml", "--plugin"])
+            .arg(plugin)
+            .args(["--listen", &loopback(GATEWAY_PORT).to_string()])
+            .args(["--admin", &loopback(ADMIN_PORT).to_string()])
+            .args([
+                "--cluster",
+                &format!("upstream={}", loopback(UPSTREAM_PORT)),
+            ])
+            .args([
+                "--cluster",
+                &format!("redis_relay={}", loopback(RELAY_PORT)),
+            ])
+            .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
+        services.start(ServiceSpec {
+            name: "host-shim".into(),
+            command: gateway,
+            ready_addr: loopback(GATEWAY_PORT),
+            ready_line: Some("host-shim listening on".into()),
+            startup_timeout: Duration::from_secs(60),
+        })?;
+
+        Ok(Demo {
+            services,
+            _redis_dir: redis_dir,
+            log_dir,
+        })
+    }
+
+    /// Fails with the service's last output if one has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.services.check_alive()
+    }
+
+    pub fn stop(mut self) {
+        self.services.stop_all();
+    }
 }
 
 fn check_ports_free(ports: &[(&str, u16)]) -> Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask demo          # set up, build, run redis + upstream + relay + host-shim; Ctrl-C stops all
-//! cargo xtask test          # set up, build the wasm crates, fmt check, clippy -D warnings, every test
+//! cargo xtask test          # set up, build the wasm crates, fmt check, clippy -D warnings, every test, the tour
+//! cargo xtask tour          # a fresh demo, and the README's tour run against it as written
 //! cargo xtask bench         # release build; wrk against direct upstream / host-shim / host-shim + plugin
 //! cargo xtask build-plugin  # build the .wasm crates and print their paths and sizes
 //! ```
@@ -19,6 +20,7 @@ mod probe;
 mod procs;
 mod setup;
 mod test_suite;
+mod tour;
 mod workspace;
 
 use std::process::ExitCode;
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         cli::Command::BuildPlugin(o) => build_plugin(&o).map(|()| ExitCode::SUCCESS),
         cli::Command::Demo(o) => demo::run(&o),
         cli::Command::Test(o) => test_suite::run(&o),
+        cli::Command::Tour(o) => tour::run(&o),
         cli::Command::Bench(o) => bench::run(&o).map(|()| ExitCode::SUCCESS),
     };
     match result {

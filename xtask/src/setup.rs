@@ -20,6 +20,8 @@ pub struct Needs {
     pub compose: bool,
     /// rustfmt and clippy (for `cargo xtask test`).
     pub lint_tools: bool,
+    /// curl: the README tour's commands (run by `cargo xtask test`, typed by demo users).
+    pub curl: bool,
 }
 
 impl Needs {
@@ -45,6 +47,10 @@ const WRK: Program = Program {
     binary: "wrk",
     debian_package: "wrk",
 };
+const CURL: Program = Program {
+    binary: "curl",
+    debian_package: "curl",
+};
 const COMPOSE: Program = Program {
     binary: "docker-compose",
     debian_package: "docker-compose",
@@ -66,6 +72,9 @@ pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     }
     if needs.compose {
         programs.push(&COMPOSE);
+    }
+    if needs.curl {
+        programs.push(&CURL);
     }
     ensure_programs(&programs, options)
 }

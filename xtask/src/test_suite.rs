@@ -1,9 +1,11 @@
 //! `cargo xtask test` (what CI runs): setup, the wasm crates and binaries, then formatting,
-//! clippy with warnings denied, and every test in the workspace. Each step prints its name and
+//! clippy with warnings denied, every test in the workspace, and the README's tour run against
+//! a fresh demo. Each step prints its name and
 //! duration; the first failing step stops the run with its exit code.
 
 use crate::cli::SetupOptions;
 use crate::setup::{self, Needs};
+use crate::tour;
 use crate::workspace::{cargo, describe, Workspace};
 use anyhow::{Context, Result};
 use std::ffi::OsString;
@@ -29,6 +31,7 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
             redis: true,
             compose: true,
             lint_tools: true,
+            curl: true,
             ..Needs::default()
         },
         options,
@@ -85,6 +88,15 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
             print_summary(&timings, started.elapsed());
             return Ok(ExitCode::from(code));
         }
+    }
+    // Last: the README's tour against a fresh demo (the demo's fixed ports must be free).
+    let t = step("README tour");
+    let toured = tour::run_on(&ws, &wasm.plugin, &bins);
+    timings.push(("README tour", done("README tour", t)));
+    if !toured? {
+        eprintln!("xtask: step `README tour` failed; the README and the demo disagree");
+        print_summary(&timings, started.elapsed());
+        return Ok(ExitCode::FAILURE);
     }
     print_summary(&timings, started.elapsed());
     eprintln!("xtask: all checks passed");

@@ -1,0 +1,397 @@
+//! `cargo xtask tour`: the README's demo tour, run as a new user would run it. A fresh demo is
+//! started (the same `Demo::start` as `cargo xtask demo`), then every `$ ` command of README.md's
+//! `console` blocks runs in bash, in order, at a person's pace, and its output is compared with
+//! the text under it. `…` in that text stands for what differs from run to run: within a line
+//! it matches any text, and a line holding only `…` matches any number of lines. The `curl`
+//! lines of envoy/README.md (written for the compose stack, which serves the same envoy.yaml on
+//! the same ports) run too, and must succeed with some output.
+//!
+//! `cargo xtask test` runs the tour after the tests, so the README cannot drift from what the
+//! demo does.
+
+use crate::cli::SetupOptions;
+use crate::demo::Demo;
+use crate::setup::{self, Needs};
+use crate::workspace::{Binaries, Workspace};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+/// The wildcard of expected outputs.
+pub const ANY: char = '…';
+
+/// Between two commands: a person reads the output before typing the next one. It also lets
+/// the filter's event flushes (every 100 ms) reach Redis before the next command looks.
+const PAUSE: Duration = Duration::from_millis(500);
+
+/// A command of the tour and the output the README shows for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Where it is (file:line), for messages.
+    pub place: String,
+    pub command: String,
+    pub expected: Vec<String>,
+}
+
+/// The `$ ` commands of a markdown text's `console` blocks, each with the lines under it (up to
+/// the next command or the end of the block; trailing blank lines dropped).
+pub fn console_steps(file: &str, markdown: &str) -> Result<Vec<Step>> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut in_console = false;
+    let mut in_other = false;
+    for (n, line) in markdown.lines().enumerate() {
+        let fence = line.trim_start().starts_with("```");
+        if fence {
+            if in_console || in_other {
+                in_console = false;
+                in_other = false;
+            } else if line.trim() == "```console" {
+                in_console = true;
+            } else {
+                in_other = true;
+            }
+            continue;
+        }
+        if !in_console {
+            continue;
+        }
+        if let Some(command) = line.strip_prefix("$ ") {
+            steps.push(Step {
+                place: format!("{file}:{}", n + 1),
+                command: command.to_string(),
+                expected: Vec::new(),
+            });
+        } else {
+            match steps.last_mut() {
+                Some(step) => step.expected.push(line.trim_end().to_string()),
+                None => bail!(
+                    "{file}:{}: a console block must start with a `$ ` command line",
+                    n + 1
+                ),
+            }
+        }
+    }
+    if in_console {
+        bail!("{file}: a console block is not closed");
+    }
+    for step in &mut steps {
+        while step.expected.last().is_some_and(|l| l.is_empty()) {
+            step.expected.pop();
+        }
+    }
+    Ok(steps)
+}
+
+/// The lines of `sh` blocks that start with `prefix` (commands for a reader to type).
+pub fn sh_lines(markdown: &str, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    let mut in_other = false;
+    for line in markdown.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("```") {
+            if in_sh || in_other {
+                in_sh = false;
+                in_other = false;
+            } else if trimmed == "```sh" {
+                in_sh = true;
+            } else {
+                in_other = true;
+            }
+            continue;
+        }
+        if in_sh && trimmed.starts_with(prefix) {
+            out.push(trimmed.to_string());
+        }
+    }
+    out
+}
+
+/// Whether one output line matches a README line (with `…` wildcards).
+pub fn line_matches(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split(ANY).collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if text.len() < first.len() + last.len() || !text.starts_with(first) || !text.ends_with(last) {
+        return false;
+    }
+    // The leftmost place of each middle part leaves the most room for the rest.
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Whether a command's output lines match the README's (a line of only `…` matches any number
+/// of lines).
+pub fn output_matches(expected: &[String], actual: &[&str]) -> bool {
+    match expected.split_first() {
+        None => actual.is_empty(),
+        Some((e, rest)) if e.trim() == ANY.to_string() => {
+            (0..=actual.len()).any(|skip| output_matches(rest, &actual[skip..]))
+        }
+        Some((e, rest)) => {
+            !actual.is_empty() && line_matches(e, actual[0]) && output_matches(rest, &actual[1..])
+        }
+    }
+}
+
+/// Output as the comparison sees it: `\r` dropped, trailing spaces and blank lines trimmed.
+fn output_lines(stdout: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r').trim_end())
+        .collect();
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    lines
+}
+
+/// `cargo xtask tour`: set up, build, start a fresh demo, run the tour, stop.
+pub fn run(options: &SetupOptions) -> Result<ExitCode> {
+    setup::ensure(
+        &Needs {
+            wasm_target: true,
+            redis: true,
+            curl: true,
+            ..Needs::default()
+        },
+        options,
+    )?;
+    let ws = Workspace::load()?;
+    let wasm = ws.build_wasm()?;
+    let bins = ws.build_binaries(false)?;
+    Ok(if run_on(&ws, &wasm.plugin, &bins)? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the tour against a demo started from these builds; false when any command failed or
+/// printed something else than the README shows (each is reported).
+pub fn run_on(ws: &Workspace, plugin: &Path, bins: &Binaries) -> Result<bool> {
+    let readme = read(&ws.root.join("README.md"))?;
+    let steps = console_steps("README.md", &readme)?;
+    if steps.is_empty() {
+        bail!("README.md has no console block: the tour is gone");
+    }
+    let deploy = read(&ws.root.join("envoy/README.md"))?;
+    let curls = sh_lines(&deploy, "curl ");
+
+    let mut demo = Demo::start(ws, plugin, bins, false)?;
+    eprintln!(
+        "xtask: tour: {} commands from README.md, {} curl lines from envoy/README.md",
+        steps.len(),
+        curls.len()
+    );
+    let mut failures = 0;
+    for step in &steps {
+        std::thread::sleep(PAUSE);
+        let out = shell(&ws.root, &step.command)?;
+        let actual = output_lines(&out.stdout);
+        if out.ok && output_matches(&step.expected, &actual) {
+            eprintln!("xtask: tour: ok   {}  $ {}", step.place, step.command);
+            continue;
+        }
+        failures += 1;
+        eprintln!(
+            "xtask: tour: FAIL {}  $ {}\n{}--- the README shows:\n{}\n--- it printed:\n{}\n---",
+            step.place,
+            step.command,
+            out.status_note(),
+            step.expected.join("\n"),
+            actual.join("\n"),
+        );
+    }
+    for line in &curls {
+        std::thread::sleep(PAUSE);
+        let out = shell(&ws.root, line)?;
+        if out.ok && !out.stdout.trim().is_empty() {
+            eprintln!("xtask: tour: ok   envoy/README.md  $ {line}");
+        } else {
+            failures += 1;
+            eprintln!(
+                "xtask: tour: FAIL envoy/README.md  $ {line}\n{}it printed:\n{}",
+                out.status_note(),
+                out.stdout
+            );
+        }
+    }
+    // A service that died during the tour is a failure even if every output matched.
+    let alive = demo.check_alive();
+    demo.stop();
+    alive.context("a demo service exited during the tour")?;
+    if failures > 0 {
+        eprintln!(
+            "xtask: tour: {failures} command(s) did not do what the README says (demo logs: {})",
+            ws.target_dir.join("demo").display()
+        );
+        return Ok(false);
+    }
+    eprintln!("xtask: tour: every command did what the README says");
+    Ok(true)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+struct ShellOutput {
+    ok: bool,
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl ShellOutput {
+    fn status_note(&self) -> String {
+        if self.ok {
+            String::new()
+        } else {
+            format!(
+                "--- it exited with {} (stderr: {})\n",
+                self.status,
+                self.stderr.trim()
+            )
+        }
+    }
+}
+
+/// Runs a README line in bash, as a reader would paste it.
+fn shell(dir: &Path, line: &str) -> Result<ShellOutput> {
+    let out = Command::new("bash")
+        .args(["-c", line])
+        .current_dir(dir)
+        .output()
+        .with_context(|| format!("cannot run bash for `{line}`"))?;
+    Ok(ShellOutput {
+        ok: out.status.success(),
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn commands_and_their_outputs_are_read_from_console_blocks_only() {
+        let md = "intro\n```sh\n$ not a step\n```\n\n```console\n$ echo a\na\n\n$ true\n\n```\n\
+                  text\n```console\n$ printf 'x\\ny'\nx\n…\n```\n";
+        let steps = console_steps("R.md", md).unwrap();
+        assert_eq!(steps.len(), 3, "{steps:?}");
+        assert_eq!(steps[0].place, "R.md:7");
+        assert_eq!(steps[0].command, "echo a");
+        assert_eq!(steps[0].expected, vec!["a"]);
+        assert_eq!(steps[1].command, "true");
+        assert!(steps[1].expected.is_empty());
+        assert_eq!(steps[2].expected, vec!["x", "…"]);
+    }
+
+    #[test]
+    fn a_console_block_without_a_command_or_unclosed_is_refused() {
+        let e = console_steps("R.md", "```console\noutput\n```\n").unwrap_err();
+        assert!(e.to_string().contains("R.md:2"), "{e}");
+        let e = console_steps("R.md", "```console\n$ true\n").unwrap_err();
+        assert!(e.to_string().contains("not closed"), "{e}");
+    }
+
+    #[test]
+    fn the_wildcard_stands_for_any_text_within_a_line() {
+        assert!(line_matches("age: 0", "age: 0"));
+        assert!(!line_matches("age: 0", "age: 1"));
+        assert!(line_matches("age: …", "age: 17"));
+        assert!(line_matches("age: …", "age: "));
+        assert!(line_matches(
+            r#"{"id":"…","n":…}"#,
+            r#"{"id":"9a51-x","n":12}"#
+        ));
+        assert!(!line_matches(
+            r#"{"id":"…","n":…}"#,
+            r#"{"id":"9a51","m":1}"#
+        ));
+        assert!(line_matches("a…b…c", "a-b-b-c"));
+        assert!(
+            !line_matches("ab…ba", "aba"),
+            "prefix and suffix may not overlap"
+        );
+        assert!(!line_matches("x…", "y"));
+    }
+
+    #[test]
+    fn a_wildcard_line_stands_for_any_number_of_lines() {
+        let e = lines("HTTP/1.1 200 OK\n…\nx-cache: HIT");
+        assert!(output_matches(&e, &["HTTP/1.1 200 OK", "x-cache: HIT"]));
+        assert!(output_matches(
+            &e,
+            &["HTTP/1.1 200 OK", "date: d", "age: 3", "x-cache: HIT"]
+        ));
+        assert!(!output_matches(&e, &["HTTP/1.1 200 OK", "x-cache: MISS"]));
+        assert!(
+            !output_matches(&lines("a"), &["a", "b"]),
+            "extra lines fail"
+        );
+        assert!(
+            !output_matches(&lines("a\nb"), &["a"]),
+            "missing lines fail"
+        );
+        assert!(output_matches(&[], &[]));
+    }
+
+    #[test]
+    fn output_is_compared_without_carriage_returns_or_trailing_blank_lines() {
+        assert_eq!(
+            output_lines("HTTP/1.1 200 OK\r\nage: 0  \r\n\r\n{}\n\n"),
+            vec!["HTTP/1.1 200 OK", "age: 0", "", "{}"]
+        );
+    }
+
+    #[test]
+    fn sh_lines_are_picked_by_prefix() {
+        let md = "```sh\ncurl -s x | grep y\n  curl z   \nls\n```\n```console\ncurl no\n```\n";
+        assert_eq!(sh_lines(md, "curl "), vec!["curl -s x | grep y", "curl z"]);
+    }
+
+    /// The README's own tour parses, and a changed output is caught: the check can fail.
+    #[test]
+    fn the_readme_tour_parses_and_a_wrong_output_would_fail_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let steps = console_steps("README.md", &readme).unwrap();
+        assert!(steps.len() >= 6, "{steps:?}");
+        assert!(steps.iter().all(|s| !s.command.trim().is_empty()));
+        let hit = steps
+            .iter()
+            .find(|s| s.expected.iter().any(|l| l == "x-cache: HIT"))
+            .expect("the tour shows a cache hit");
+        let as_printed: Vec<String> = hit.expected.iter().map(|l| l.replace(ANY, "7")).collect();
+        let refs: Vec<&str> = as_printed.iter().map(String::as_str).collect();
+        assert!(output_matches(&hit.expected, &refs));
+        let broken: Vec<&str> = refs
+            .iter()
+            .map(|l| {
+                if *l == "x-cache: HIT" {
+                    "x-cache: MISS"
+                } else {
+                    l
+                }
+            })
+            .collect();
+        assert!(!output_matches(&hit.expected, &broken));
+    }
+}
