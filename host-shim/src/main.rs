@@ -58,3 +58,87 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `host-shim …` in the READMEs' code blocks and inline code (spans may wrap lines).
+    fn usage_lines(markdown: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut prose = String::new();
+        let mut in_block = false;
+        for line in markdown.lines() {
+            if line.trim_start().starts_with("```") {
+                in_block = !in_block;
+                continue;
+            }
+            if in_block {
+                if line.trim().starts_with("host-shim ") {
+                    out.push(line.trim().to_string());
+                }
+            } else {
+                prose.push_str(line);
+                prose.push('\n');
+            }
+        }
+        for span in prose.split('`').skip(1).step_by(2) {
+            let span = span.split_whitespace().collect::<Vec<_>>().join(" ");
+            if span.starts_with("host-shim ") {
+                out.push(span);
+            }
+        }
+        out
+    }
+
+    /// A usage line the parser takes: a concrete command must parse whole; a synopsis (with
+    /// `[…]`, `…` or placeholders in brackets) must name only flags its subcommand has.
+    fn check_usage(line: &str) -> Result<(), String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.contains('[') || line.contains('…') {
+            let command = Cli::command();
+            let sub = command
+                .find_subcommand(words.get(1).copied().unwrap_or(""))
+                .ok_or_else(|| format!("no subcommand {:?}", words.get(1)))?;
+            for flag in words.iter().filter_map(|w| {
+                w.trim_start_matches('[')
+                    .strip_prefix("--")
+                    .map(|f| f.trim_end_matches([']', '.']))
+            }) {
+                if !sub.get_arguments().any(|a| a.get_long() == Some(flag)) {
+                    return Err(format!("`{}` has no flag --{flag}", sub.get_name()));
+                }
+            }
+            return Ok(());
+        }
+        Cli::try_parse_from(&words)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn readme_usage() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut seen = 0;
+        for doc in ["README.md", "envoy/README.md"] {
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
+            for line in usage_lines(&text) {
+                seen += 1;
+                if let Err(e) = check_usage(&line) {
+                    panic!("{doc}: `{line}` does not match host-shim's arguments: {e}");
+                }
+            }
+        }
+        assert!(seen >= 4, "only {seen} host-shim usage lines found");
+    }
+
+    #[test]
+    fn a_wrong_usage_line_is_caught() {
+        assert!(check_usage("host-shim relay --listen 127.0.0.1:7379 --token T").is_ok());
+        assert!(check_usage("host-shim relay --listen 127.0.0.1:7379 --tokn T").is_err());
+        assert!(check_usage("host-shim run --config x.yaml [--clusters A=B]...").is_err());
+        assert!(check_usage("host-shim run --config x.yaml [--cluster NAME=HOST:PORT]...").is_ok());
+        assert!(check_usage("host-shim serve").is_err());
+    }
+}

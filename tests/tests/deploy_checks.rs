@@ -844,3 +844,59 @@ fn compose_file_passes_docker_composes_own_validation_when_installed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The JSON examples of a markdown text (```json blocks), with their line numbers.
+fn json_examples(markdown: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (n, line) in markdown.lines().enumerate() {
+        match (&mut current, line.trim()) {
+            (None, "```json") => current = Some((n + 2, String::new())),
+            (Some(_), "```") => out.extend(current.take()),
+            (Some((_, text)), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    out
+}
+
+/// An example is a whole plugin configuration (it has `routes`) or its `redis` section (it has
+/// `transport`); either must pass the plugin's own validation.
+fn check_json_example(file: &str, line: usize, text: &str) -> Result<(), String> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| format!("{file}:{line}: not JSON: {e}"))?;
+    let config = if value.get("routes").is_some() {
+        value
+    } else if value.get("transport").is_some() {
+        json!({ "redis": value, "routes": [] })
+    } else {
+        return Err(format!(
+            "{file}:{line}: neither a plugin configuration nor its redis section"
+        ));
+    };
+    validate_plugin_config(file, config.to_string().as_bytes())
+        .map(|_| ())
+        .map_err(|p| format!("{file}:{line}: {p:?}"))
+}
+
+#[test]
+fn the_readmes_json_examples_pass_the_plugins_validation() {
+    let mut seen = 0;
+    for doc in ["README.md", "envoy/README.md"] {
+        let text = Deployment::repo().read(doc).expect(doc);
+        for (line, example) in json_examples(&text) {
+            seen += 1;
+            if let Err(e) = check_json_example(doc, line, &example) {
+                panic!("{e}");
+            }
+        }
+    }
+    assert!(seen >= 1, "no JSON example found");
+    // Proof that the check can fail: a duration the plugin refuses.
+    let broken = r#"{"transport": "relay", "cluster": "redis_relay", "timeout": "200 ms"}"#;
+    let e = check_json_example("X.md", 3, broken).unwrap_err();
+    assert!(e.contains("X.md:3") && e.contains("redis.timeout"), "{e}");
+}

@@ -65,7 +65,7 @@ pub fn parse(args: &[String]) -> Result<Command> {
     parse_with_env(args, std::env::var("DEMO_EXIT_AFTER").ok())
 }
 
-fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -> Result<Command> {
+pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -> Result<Command> {
     let Some((command, rest)) = args.split_first() else {
         return Ok(Command::Help);
     };

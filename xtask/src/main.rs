@@ -15,6 +15,8 @@
 mod bench;
 mod cli;
 mod demo;
+#[cfg(test)]
+mod doc_commands;
 mod envoy_yaml;
 mod probe;
 mod procs;

@@ -20,6 +20,23 @@ pub const ENV_STOCK_PLUGIN_WASM: &str = "KROWOC_STOCK_PLUGIN_WASM";
 pub const ENV_HOST_SHIM_BIN: &str = "KROWOC_HOST_SHIM_BIN";
 pub const ENV_UPSTREAM_BIN: &str = "KROWOC_UPSTREAM_BIN";
 
+/// The cargo steps after the builds, in order (the README's Tests section lists them).
+pub const CHECKS: [(&str, &[&str]); 3] = [
+    ("cargo fmt --check", &["fmt", "--all", "--", "--check"]),
+    (
+        "cargo clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ),
+    ("cargo test", &["test", "--workspace"]),
+];
+
 pub fn run(options: &SetupOptions) -> Result<ExitCode> {
     let started = Instant::now();
     let mut timings: Vec<(&str, Duration)> = Vec::new();
@@ -59,22 +76,7 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
         eprintln!("xtask: tests get {k}={}", v.to_string_lossy());
     }
 
-    let checks: [(&str, &[&str]); 3] = [
-        ("cargo fmt --check", &["fmt", "--all", "--", "--check"]),
-        (
-            "cargo clippy",
-            &[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
-        ("cargo test", &["test", "--workspace"]),
-    ];
-    for (name, args) in checks {
+    for (name, args) in CHECKS {
         let t = step(name);
         let mut cmd = cargo();
         cmd.current_dir(&ws.root)

@@ -11,6 +11,19 @@ pub const WASM_TARGET: &str = "wasm32-wasip1";
 pub const WASM_PROFILE: &str = "wasm";
 /// The filter, always built.
 pub const PLUGIN_CRATE: &str = "krowoc-plugin";
+/// `cargo` arguments of the plugin build stock Envoy loads (envoy/README.md shows this command).
+pub const STOCK_PLUGIN_ARGS: [&str; 8] = [
+    "build",
+    "-p",
+    PLUGIN_CRATE,
+    "--no-default-features",
+    "--target",
+    WASM_TARGET,
+    "--profile",
+    WASM_PROFILE,
+];
+/// `cargo` arguments of the binaries' build (the README's Tests section shows this command).
+pub const BINARIES_ARGS: [&str; 5] = ["build", "-p", "host-shim", "-p", "krowoc-upstream"];
 /// Every wasm crate the tests need; those after the plugin are built when they are workspace
 /// members (a test guest may come and go without xtask changing).
 pub const WASM_CRATES: &[&str] = &[PLUGIN_CRATE, "abi-test-guest"];
@@ -232,8 +245,7 @@ impl Workspace {
         let target_dir = self.target_dir.join("stock-plugin");
         let mut cmd = cargo();
         cmd.current_dir(&self.root)
-            .args(["build", "-p", PLUGIN_CRATE, "--no-default-features"])
-            .args(["--target", WASM_TARGET, "--profile", WASM_PROFILE])
+            .args(STOCK_PLUGIN_ARGS)
             .arg("--target-dir")
             .arg(&target_dir);
         run_loud(&mut cmd)?;
@@ -254,8 +266,7 @@ impl Workspace {
     /// tests use too, so nothing is compiled twice) or with `--release` (bench only).
     pub fn build_binaries(&self, release: bool) -> Result<Binaries> {
         let mut cmd = cargo();
-        cmd.current_dir(&self.root)
-            .args(["build", "-p", "host-shim", "-p", "krowoc-upstream"]);
+        cmd.current_dir(&self.root).args(BINARIES_ARGS);
         if release {
             cmd.arg("--release");
         }
