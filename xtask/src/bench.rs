@@ -340,7 +340,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let wasm = ws.build_wasm()?;
     let bins = ws.build_binaries(true)?;
 
-    let redis_dir = TempDir::new("bench-redis")?;
+    let redis_dir = TempDir::fresh(&bench_dir, "redis-data")?;
     let mut bench = Bench {
         ws: &ws,
         bins,

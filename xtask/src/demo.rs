@@ -92,9 +92,9 @@ impl Demo {
             .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
         check_ports_free(&PORTS)?;
 
-        // Declared before `services` so it is removed after redis-server has stopped.
-        let redis_dir = TempDir::new("demo-redis")?;
         let log_dir = ws.target_dir.join("demo");
+        // Declared before `services` so it is removed after redis-server has stopped.
+        let redis_dir = TempDir::fresh(&log_dir, "redis-data")?;
         let mut services = Services::new(&log_dir, follow_logs)?;
         let redis_url = format!("redis://127.0.0.1:{REDIS_PORT}");
 

@@ -425,6 +425,20 @@ impl TempDir {
         Ok(TempDir(path))
     }
 
+    /// `parent/name`, emptied first: what a run killed before it could clean up (SIGKILL)
+    /// left there goes at the next run, not into the system's temp dir.
+    pub fn fresh(parent: &Path, name: &str) -> Result<TempDir> {
+        let path = parent.join(name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).with_context(|| {
+                format!("cannot remove {} (left by an earlier run)", path.display())
+            })?;
+        }
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }
@@ -439,6 +453,19 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_dir_drops_what_an_earlier_run_left_and_goes_on_drop() {
+        let parent = TempDir::new("procs-test-fresh").unwrap();
+        let left = parent.path().join("redis");
+        std::fs::create_dir_all(&left).unwrap();
+        std::fs::write(left.join("dump.rdb"), b"old").unwrap();
+        let dir = TempDir::fresh(parent.path(), "redis").unwrap();
+        assert!(dir.path().is_dir());
+        assert!(!dir.path().join("dump.rdb").exists());
+        drop(dir);
+        assert!(!left.exists());
+    }
 
     #[test]
     fn a_listening_port_is_busy_and_a_released_one_is_not() {
