@@ -13,7 +13,7 @@
 //!   name, address.socket_address
 //!   filter_chains: exactly one, with filters: exactly one
 //!     {name, typed_config: HttpConnectionManager}  (found by typed_config's @type)
-//!       stat_prefix (required), codec_type (AUTO | HTTP1)
+//!       stat_prefix (required), codec_type (AUTO | HTTP1), stream_idle_timeout (default 300s)
 //!       route_config.{name, virtual_hosts: exactly one}
 //!         {name, domains (must contain "*"), routes[]}
 //!           {name, match.{prefix | path}, route.{cluster, timeout}}
@@ -55,6 +55,8 @@ pub const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http
 pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 pub const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
 
+/// Envoy's HTTP connection manager `stream_idle_timeout` when none is set.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Envoy's route timeout when a route names none.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Envoy's cluster connect timeout when a cluster names none.
@@ -75,6 +77,9 @@ pub struct EnvoyConfig {
     pub listener: SocketAddress,
     /// The HTTP connection manager's `stat_prefix`.
     pub stat_prefix: String,
+    /// How long a stream may wait with no progress (a filter that never resumes), Envoy's
+    /// `stream_idle_timeout`: 300 s unless set; `None` when set to `0s` (disabled).
+    pub stream_idle_timeout: Option<Duration>,
     pub admin: Option<SocketAddress>,
     /// In order: the first match wins, as in Envoy.
     pub routes: Vec<RouteEntry>,
@@ -583,10 +588,15 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
         "@type",
         "stat_prefix",
         "codec_type",
+        "stream_idle_timeout",
         "route_config",
         "http_filters",
     ])?;
     let stat_prefix = hcm.req("stat_prefix")?.string()?.to_string();
+    let stream_idle_timeout = match hcm.get("stream_idle_timeout") {
+        None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+        Some(t) => Some(t.duration()?).filter(|d| !d.is_zero()),
+    };
     if let Some(codec) = hcm.get("codec_type") {
         codec.enumeration(&["AUTO", "HTTP1"])?;
     }
@@ -595,6 +605,7 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
     Ok(EnvoyConfig {
         listener: listen,
         stat_prefix,
+        stream_idle_timeout,
         admin,
         routes,
         wasm,

@@ -85,6 +85,9 @@ pub struct GatewaySpec {
     pub filter: Option<FilterSpec>,
     /// Requests whose header block is larger than this get 431.
     pub max_request_headers_bytes: usize,
+    /// How long a stream may stay paused by the plugin (Envoy's `stream_idle_timeout`); `None`:
+    /// no limit.
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl GatewaySpec {
@@ -935,9 +938,9 @@ impl FilteredStream {
 
     /// Waits until the plugin resumes the request (or response) or answers locally.
     async fn wait(&mut self, response: bool) -> Result<Verdict, StreamFailure> {
-        // Envoy's default stream idle timeout: a plugin that never resumes does not hold the
-        // client forever.
-        let deadline = Instant::now() + Duration::from_secs(300);
+        // Envoy's stream idle timeout: a plugin that never resumes does not hold the client
+        // forever.
+        let deadline = idle_deadline(&self.worker.spec);
         loop {
             {
                 let mut guard = self.worker.vm.lock().await;
@@ -955,16 +958,8 @@ impl FilteredStream {
                     None => {}
                 }
             }
-            if tokio::time::timeout_at(deadline.into(), self.wake.notified())
-                .await
-                .is_err()
-            {
-                return Ok(Verdict::Local(crate::state::LocalResponse {
-                    status: 408,
-                    details: "stream_idle_timeout".into(),
-                    body: b"stream timeout".to_vec(),
-                    headers: Vec::new(),
-                }));
+            if !wait_for_wake(&self.wake, deadline).await {
+                return Ok(Verdict::Local(idle_timeout_reply()));
             }
         }
     }
@@ -1462,7 +1457,9 @@ async fn pump_body(
                 }
             }
             None if eos => {
-                // The plugin holds the whole body: wait for it to resume, then flush.
+                // The plugin holds the whole body: wait for it to resume, then flush; no longer
+                // than the stream idle timeout.
+                let deadline = idle_deadline(&worker.spec);
                 loop {
                     {
                         let mut guard = worker.vm.lock().await;
@@ -1507,11 +1504,47 @@ async fn pump_body(
                             }
                         }
                     }
-                    wake.notified().await;
+                    if !wait_for_wake(wake, deadline).await {
+                        let _ = tx.send(Err("stream idle timeout".into())).await;
+                        return match dir {
+                            // Envoy answers 408 while the response has not started...
+                            Direction::Request => Ok(Verdict::Local(idle_timeout_reply())),
+                            // ...and resets the stream once it has.
+                            Direction::Response => Err(StreamFailure::Closed),
+                        };
+                    }
                 }
             }
             None => {}
         }
+    }
+}
+
+/// When a stream paused from now on times out (`None`: never).
+fn idle_deadline(spec: &GatewaySpec) -> Option<Instant> {
+    spec.stream_idle_timeout.map(|t| Instant::now() + t)
+}
+
+/// Waits for the stream's wake-up; false when the deadline passed first.
+async fn wait_for_wake(wake: &tokio::sync::Notify, deadline: Option<Instant>) -> bool {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), wake.notified())
+            .await
+            .is_ok(),
+        None => {
+            wake.notified().await;
+            true
+        }
+    }
+}
+
+/// Envoy's answer to a request whose stream idled out before its response started.
+fn idle_timeout_reply() -> crate::state::LocalResponse {
+    crate::state::LocalResponse {
+        status: 408,
+        details: "stream_idle_timeout".into(),
+        body: b"stream timeout".to_vec(),
+        headers: Vec::new(),
     }
 }
 

@@ -139,6 +139,7 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         clusters,
         filter,
         max_request_headers_bytes: 60 * 1024,
+        stream_idle_timeout: cfg.stream_idle_timeout,
     };
     Ok((spec, listen, admin))
 }

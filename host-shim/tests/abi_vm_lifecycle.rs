@@ -215,6 +215,68 @@ fn trap_in_request_body_with_fail_open_passes_the_request_through() {
 
 // ---- deadlines and memory -------------------------------------------------------------------
 
+fn idle_after(timeout: Duration) -> GatewayOptions {
+    GatewayOptions {
+        stream_idle_timeout: Some(timeout),
+        ..one_worker(false)
+    }
+}
+
+/// Envoy's `stream_idle_timeout`: a plugin that pauses and never resumes gets 408, whether it
+/// holds the request's headers or its whole body; the VM is not at fault and is kept.
+#[test]
+fn a_stream_the_plugin_never_resumes_gets_408_at_the_idle_timeout() {
+    let gw = start("misbehave", &idle_after(Duration::from_millis(700)));
+    for (method, path, body) in [("GET", "/stall", &b""[..]), ("POST", "/stall-body", b"abc")] {
+        let started = Instant::now();
+        let (resp, _) = request(gw.addr, method, path, &[], body);
+        let took = started.elapsed();
+        assert_eq!(resp.status, 408, "{path}: {}", resp.text());
+        assert_eq!(resp.text(), "stream timeout", "{path}");
+        assert!(took >= Duration::from_millis(600), "{path}: after {took:?}");
+        assert!(took < Duration::from_secs(5), "{path}: after {took:?}");
+    }
+    assert_eq!(gw.host_counter("vm_traps_total"), 0);
+    let (resp, _) = request(gw.addr, "GET", "/ok", &[], b"");
+    assert_eq!(resp.header("x-ok"), Some("yes"));
+}
+
+/// Once the response has started (its body too large to be answered in one piece), an idle
+/// timeout can only reset the stream: the client gets the headers and part of the body.
+#[test]
+fn a_response_body_the_plugin_never_releases_is_reset_at_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let gw = start("misbehave", &idle_after(Duration::from_millis(700)));
+    let body = vec![b'x'; 4 << 20];
+    let mut conn = std::net::TcpStream::connect(gw.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let head = format!(
+        "POST /stall-response-body HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let started = Instant::now();
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(&body).unwrap();
+    let mut got = Vec::new();
+    // EOF or a reset: either way the stream ended.
+    let _ = conn.read_to_end(&mut got);
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    let (headers, rest) = text.split_once("\r\n\r\n").expect("response headers");
+    assert!(headers.starts_with("HTTP/1.1 200"), "{headers}");
+    let length: usize = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    assert!(rest.len() < length, "the whole body came through");
+    assert!(
+        (Duration::from_millis(600)..Duration::from_secs(10)).contains(&took),
+        "reset after {took:?}"
+    );
+}
+
 #[test]
 fn runaway_callback_is_stopped_at_its_deadline_and_fails_by_policy() {
     let opts = GatewayOptions {

@@ -474,3 +474,16 @@ fn a_bootstrap_without_the_wasm_filter_is_a_plain_proxy() {
     assert_eq!(path, format!("{HCM}.http_filters"));
     assert!(message.contains("missing required field"), "{message}");
 }
+
+#[test]
+fn stream_idle_timeout_defaults_to_envoys_300s_and_0s_disables_it() {
+    let shipped = parse(&shipped_yaml()).unwrap();
+    assert_eq!(shipped.stream_idle_timeout, Some(Duration::from_secs(300)));
+    let set = with_field(HCM, "stream_idle_timeout", "1.5s".into()).unwrap();
+    assert_eq!(set.stream_idle_timeout, Some(Duration::from_millis(1500)));
+    let off = with_field(HCM, "stream_idle_timeout", "0s".into()).unwrap();
+    assert_eq!(off.stream_idle_timeout, None);
+    let (path, message) = refused(with_field(HCM, "stream_idle_timeout", "soon".into()));
+    assert_eq!(path, format!("{HCM}.stream_idle_timeout"));
+    assert!(message.contains("soon"), "{message}");
+}

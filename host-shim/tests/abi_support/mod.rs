@@ -254,6 +254,7 @@ pub struct GatewayOptions {
     /// Clusters besides `upstream` (the echo server) and `dead` (a closed port).
     pub clusters: Vec<(String, SocketAddr)>,
     pub route_timeout: Option<Duration>,
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl Default for GatewayOptions {
@@ -268,6 +269,7 @@ impl Default for GatewayOptions {
             env: Vec::new(),
             clusters: Vec::new(),
             route_timeout: Some(Duration::from_secs(10)),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -340,6 +342,7 @@ pub fn spec(
             fail_open: opts.fail_open,
         }),
         max_request_headers_bytes: 60 * 1024,
+        stream_idle_timeout: opts.stream_idle_timeout,
     }
 }
 

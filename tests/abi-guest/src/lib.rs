@@ -329,7 +329,7 @@ impl HttpContext for AbiStream {
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
         match self.info.scenario {
             Scenario::Buffers => buffers::on_request_body(self, size, eos),
-            Scenario::Misbehave => misbehave::on_request_body(self),
+            Scenario::Misbehave => misbehave::on_request_body(self, eos),
             _ => Action::Continue,
         }
     }
@@ -346,6 +346,7 @@ impl HttpContext for AbiStream {
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
         match self.info.scenario {
             Scenario::Buffers => buffers::on_response_body(self, size, eos),
+            Scenario::Misbehave => misbehave::on_response_body(self, eos),
             _ => Action::Continue,
         }
     }

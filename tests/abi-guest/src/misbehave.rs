@@ -9,6 +9,9 @@
 //!   instruction's result as `x-grow-result` (-1 when refused) and the memory size in pages.
 //! * `/grow-vec?mib=N` — allocates and touches an N MiB vector (default 64); past the host's cap
 //!   the allocator fails and the guest aborts.
+//! * `/stall` — pauses in `on_http_request_headers` and never resumes.
+//! * `/stall-body` — holds the whole request body (pauses at its end) and never resumes.
+//! * `/stall-response-body` — holds the whole response body and never resumes.
 //! * `/ok` — a local 200 with `x-ok: yes`.
 //! * anything else — passes through to the upstream untouched.
 
@@ -69,13 +72,22 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
             s.reply(200, &[("x-ok", "yes".into())], b"");
             Action::Pause
         }
+        "/stall" => Action::Pause,
         _ => Action::Continue,
     }
 }
 
-pub fn on_request_body(s: &mut AbiStream) -> Action {
-    if path_only(&s.state.path) == "/panic-body" {
-        panic!("abi-test-guest panics in on_http_request_body on purpose");
+pub fn on_request_body(s: &mut AbiStream, eos: bool) -> Action {
+    match path_only(&s.state.path) {
+        "/panic-body" => panic!("abi-test-guest panics in on_http_request_body on purpose"),
+        "/stall-body" if eos => Action::Pause,
+        _ => Action::Continue,
+    }
+}
+
+pub fn on_response_body(s: &mut AbiStream, eos: bool) -> Action {
+    if eos && path_only(&s.state.path) == "/stall-response-body" {
+        return Action::Pause;
     }
     Action::Continue
 }
