@@ -1,11 +1,11 @@
 //! `cargo xtask demo`: redis-server, the upstream, the relay and host-shim running
 //! `envoy/envoy.yaml` with the freshly built plugin, on the agreed local ports, until Ctrl-C.
 
-use crate::cli::DemoOptions;
+use crate::cli::{DemoOptions, SetupOptions};
 use crate::envoy_yaml;
 use crate::procs::{self, loopback, ServiceSpec, Services, TempDir};
 use crate::setup::{self, Needs};
-use crate::workspace::{Binaries, Workspace};
+use crate::workspace::{Binaries, WasmBuild, Workspace};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -26,22 +26,7 @@ const PORTS: [(&str, u16); 5] = [
 
 pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     procs::catch_stop_signals();
-    // Before minutes of building: a busy port would only fail later.
-    check_ports_free(&PORTS)?;
-
-    setup::ensure(
-        &Needs {
-            wasm_target: true,
-            redis: true,
-            // Not for the demo itself: for the tour's commands in the README.
-            curl: true,
-            ..Needs::default()
-        },
-        &options.setup,
-    )?;
-    let ws = Workspace::load()?;
-    let wasm = ws.build_wasm()?;
-    let bins = ws.build_binaries(false)?;
+    let (ws, wasm, bins) = prepare(&options.setup)?;
     if let Some(signal) = procs::stop_requested() {
         eprintln!("xtask: {signal} received; nothing was started");
         return Ok(ExitCode::SUCCESS);
@@ -66,6 +51,26 @@ pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     demo.stop();
     eprintln!("xtask: demo stopped; everything it started has exited");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What starting the demo needs: its ports free (checked before minutes of building, when a busy
+/// port would only fail later), setup (curl too: not for the demo, for the tour's commands), the
+/// plugin and the binaries.
+pub fn prepare(setup: &SetupOptions) -> Result<(Workspace, WasmBuild, Binaries)> {
+    check_ports_free(&PORTS)?;
+    setup::ensure(
+        &Needs {
+            wasm_target: true,
+            redis: true,
+            curl: true,
+            ..Needs::default()
+        },
+        setup,
+    )?;
+    let ws = Workspace::load()?;
+    let wasm = ws.build_wasm()?;
+    let bins = ws.build_binaries(false)?;
+    Ok((ws, wasm, bins))
 }
 
 /// The demo's services, running until `stop` (or drop).
@@ -104,13 +109,13 @@ impl Demo {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(redis_dir.path());
-        services.start(ServiceSpec {
-            name: "redis".into(),
-            command: redis,
-            ready_addr: loopback(REDIS_PORT),
-            ready_line: Some("Ready to accept connections".into()),
-            startup_timeout: Duration::from_secs(10),
-        })?;
+        services.start(service(
+            "redis",
+            redis,
+            REDIS_PORT,
+            "Ready to accept connections",
+            10,
+        ))?;
 
         let mut upstream = with_log_level(Command::new(&bins.upstream));
         upstream.args([
@@ -119,13 +124,13 @@ impl Demo {
             "--redis",
             &redis_url,
         ]);
-        services.start(ServiceSpec {
-            name: "upstream".into(),
-            command: upstream,
-            ready_addr: loopback(UPSTREAM_PORT),
-            ready_line: Some("upstream listening on".into()),
-            startup_timeout: Duration::from_secs(30),
-        })?;
+        services.start(service(
+            "upstream",
+            upstream,
+            UPSTREAM_PORT,
+            "upstream listening on",
+            30,
+        ))?;
 
         let mut relay = with_log_level(Command::new(&bins.host_shim));
         relay.args([
@@ -142,13 +147,13 @@ impl Demo {
             }
             None => eprintln!("xtask: envoy.yaml's plugin configuration has no relay token; the relay runs without one"),
         }
-        services.start(ServiceSpec {
-            name: "relay".into(),
-            command: relay,
-            ready_addr: loopback(RELAY_PORT),
-            ready_line: Some("relay listening on".into()),
-            startup_timeout: Duration::from_secs(30),
-        })?;
+        services.start(service(
+            "relay",
+            relay,
+            RELAY_PORT,
+            "relay listening on",
+            30,
+        ))?;
 
         let mut gateway = with_log_level(Command::new(&bins.host_shim));
         gateway
@@ -166,13 +171,13 @@ impl Demo {
                 &format!("redis_relay={}", loopback(RELAY_PORT)),
             ])
             .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
-        services.start(ServiceSpec {
-            name: "host-shim".into(),
-            command: gateway,
-            ready_addr: loopback(GATEWAY_PORT),
-            ready_line: Some("host-shim listening on".into()),
-            startup_timeout: Duration::from_secs(60),
-        })?;
+        services.start(service(
+            "host-shim",
+            gateway,
+            GATEWAY_PORT,
+            "host-shim listening on",
+            60,
+        ))?;
 
         Ok(Demo {
             services,
@@ -205,6 +210,17 @@ fn check_ports_free(ports: &[(&str, u16)]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A service that is ready once it logs `ready_line` and serves on `port` (loopback).
+fn service(name: &str, command: Command, port: u16, ready_line: &str, secs: u64) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        command,
+        ready_addr: loopback(port),
+        ready_line: Some(ready_line.into()),
+        startup_timeout: Duration::from_secs(secs),
+    }
 }
 
 /// The services log at `info` unless the user chose a level with RUST_LOG.

@@ -418,6 +418,8 @@ fn strip_ansi(line: &str) -> String {
 pub struct TempDir(PathBuf);
 
 impl TempDir {
+    /// In the system's temp dir (tests).
+    #[cfg(test)]
     pub fn new(label: &str) -> Result<TempDir> {
         let path = std::env::temp_dir().join(format!("krowoc-{label}-{}", std::process::id()));
         std::fs::create_dir_all(&path)

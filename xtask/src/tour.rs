@@ -11,7 +11,6 @@
 
 use crate::cli::SetupOptions;
 use crate::demo::Demo;
-use crate::setup::{self, Needs};
 use crate::workspace::{Binaries, Workspace};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -157,18 +156,7 @@ fn output_lines(stdout: &str) -> Vec<&str> {
 
 /// `cargo xtask tour`: set up, build, start a fresh demo, run the tour, stop.
 pub fn run(options: &SetupOptions) -> Result<ExitCode> {
-    setup::ensure(
-        &Needs {
-            wasm_target: true,
-            redis: true,
-            curl: true,
-            ..Needs::default()
-        },
-        options,
-    )?;
-    let ws = Workspace::load()?;
-    let wasm = ws.build_wasm()?;
-    let bins = ws.build_binaries(false)?;
+    let (ws, wasm, bins) = crate::demo::prepare(options)?;
     Ok(if run_on(&ws, &wasm.plugin, &bins)? {
         ExitCode::SUCCESS
     } else {
