@@ -33,7 +33,7 @@ pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     }
     let mut demo = Demo::start(&ws, &wasm.plugin, &bins, options.follow_logs)?;
     let log_dir = demo.log_dir.clone();
-    print_banner(&log_dir, options);
+    print_banner(&ws.root, &log_dir, options);
 
     let deadline = options.exit_after.map(|d| Instant::now() + d);
     loop {
@@ -231,7 +231,7 @@ fn with_log_level(mut cmd: Command) -> Command {
     cmd
 }
 
-fn print_banner(log_dir: &std::path::Path, options: &DemoOptions) {
+fn print_banner(root: &Path, log_dir: &Path, options: &DemoOptions) {
     let gw = format!("http://{}", loopback(GATEWAY_PORT));
     let admin = format!("http://{}", loopback(ADMIN_PORT));
     println!(
@@ -243,19 +243,29 @@ Krowoc Edge demo is running:
   relay                         http://{relay}/resp
   redis                         redis://{redis}   (redis-cli -p {REDIS_PORT})
   logs                          {logs}/*.log
-
-Try:
-  curl -i {gw}/health
-  curl -i '{gw}/api/cached-data?user_id=42'
-  curl -i '{gw}/api/cached-data?user_id=42'
-  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' {gw}/api/rate-limited; done
-  curl -s {admin}/stats/prometheus
 ",
         upstream = loopback(UPSTREAM_PORT),
         relay = loopback(RELAY_PORT),
         redis = loopback(REDIS_PORT),
         logs = log_dir.display(),
     );
+    // The README's own tour, so that the banner cannot suggest anything else.
+    let tour = std::fs::read_to_string(root.join("README.md"))
+        .ok()
+        .and_then(|text| crate::tour::console_steps("README.md", &text).ok())
+        .unwrap_or_default();
+    if tour.is_empty() {
+        println!("README.md (\"A tour of the demo\") shows what to try.");
+    } else {
+        println!(
+            "The tour in README.md (\"A tour of the demo\", with each command's output), in another \
+             terminal:"
+        );
+        for step in &tour {
+            println!("  {}", step.command);
+        }
+        println!();
+    }
     match options.exit_after {
         Some(d) => println!("Stops by itself after {}s, or on Ctrl-C.", d.as_secs()),
         None => println!("Ctrl-C stops everything."),
