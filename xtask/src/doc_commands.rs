@@ -106,7 +106,8 @@ fn member_dir(name: &str) -> Option<PathBuf> {
 
 /// How a command is covered, or why it is not.
 fn check(command: &str, tour_commands: &[String], doc: &str) -> Result<String, String> {
-    let words: Vec<&str> = command.split_whitespace().collect();
+    let owned = shell_words(command);
+    let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["cargo", "xtask", args @ ..] => {
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -180,6 +181,28 @@ fn check(command: &str, tour_commands: &[String], doc: &str) -> Result<String, S
     }
 }
 
+/// Splits a command line as a POSIX shell would for plain words and '…' / "…" quoting (no
+/// expansions: the READMEs' commands do not need them).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.get_or_insert_with(String::new).push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            (None, c) if c.is_whitespace() => words.extend(word.take()),
+            (None, c) => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
+}
+
 fn tour_commands(root: &Path) -> Vec<String> {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let deploy = std::fs::read_to_string(root.join("envoy/README.md")).unwrap();
@@ -232,6 +255,14 @@ fn commands_come_from_sh_blocks_and_inline_code() {
     let md = "Run `cargo xtask\ndemo` or `ls -l`.\n```sh\n# a comment\ncurl -s x   # why\n\n```\n\
               ```console\n$ curl y\n```\n";
     assert_eq!(commands(md), vec!["curl -s x", "cargo xtask demo"]);
+}
+
+#[test]
+fn words_are_split_as_the_shell_splits_them() {
+    assert_eq!(
+        shell_words(r#"bench --only "route without" --only 'a b' x"" """#),
+        vec!["bench", "--only", "route without", "--only", "a b", "x", ""]
+    );
 }
 
 #[test]
