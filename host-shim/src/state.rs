@@ -182,6 +182,12 @@ pub struct HostState {
     pub log_level: i32,
     /// The last lines the plugin logged at warn or above (shown when it refuses to start).
     pub recent_errors: Vec<String>,
+    /// The guest's `memory` export, looked up once at instantiation: every hostcall that reads
+    /// or writes guest memory uses it (a lookup by name per call cost ~10% of a request).
+    pub memory: Option<wasmtime::Memory>,
+    /// The guest's allocator (`malloc`, else `proxy_on_memory_allocate`), for hostcalls that
+    /// return data; `None` when it has neither or the wrong signature.
+    pub guest_alloc: Option<std::sync::Arc<wasmtime::TypedFunc<i32, i32>>>,
 }
 
 impl HostState {

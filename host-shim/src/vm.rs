@@ -248,7 +248,9 @@ fn export<P: WasmParams, R: WasmResults>(
 /// One plugin instance: one per worker thread, as in Envoy.
 pub struct Vm {
     store: Store<HostState>,
-    exports: Exports,
+    /// Shared so that a call can hold an export while the VM is borrowed mutably (cloning a
+    /// `TypedFunc` clones its registered type: measurable per callback).
+    exports: Arc<Exports>,
     next_context_id: u32,
     deadline_ticks: u64,
     /// Set once the VM has trapped; it must not be called again.
@@ -297,6 +299,8 @@ impl Vm {
             tick_period: None,
             log_level: settings.log_level,
             recent_errors: Vec::new(),
+            memory: None,
+            guest_alloc: None,
         };
         let mut store = Store::new(engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -309,6 +313,15 @@ impl Vm {
             .instantiate_async(&mut store)
             .await
             .map_err(|e| VmError::Start(format!("{e:#}")))?;
+        // Before any guest code runs: even `_initialize` may make hostcalls.
+        let memory = instance.get_memory(&mut store, "memory");
+        let guest_alloc = ["malloc", "proxy_on_memory_allocate"]
+            .into_iter()
+            .find_map(|name| instance.get_func(&mut store, name))
+            .and_then(|f| f.typed::<i32, i32>(&store).ok())
+            .map(Arc::new);
+        store.data_mut().memory = memory;
+        store.data_mut().guest_alloc = guest_alloc;
 
         let Some(context_create) =
             export::<(i32, i32), ()>(&mut store, &instance, "proxy_on_context_create")?
@@ -356,7 +369,7 @@ impl Vm {
         }
         let mut vm = Vm {
             store,
-            exports,
+            exports: Arc::new(exports),
             next_context_id: ROOT_CONTEXT_ID + 1,
             deadline_ticks,
             failed: None,
@@ -447,22 +460,26 @@ impl Vm {
             .wrapping_add(1)
             .max(ROOT_CONTEXT_ID + 1);
         self.store.data_mut().streams.insert(id, stream);
-        let f = self.exports.context_create.clone();
-        self.call(id, &f, (id as i32, ROOT_CONTEXT_ID as i32))
-            .await?;
+        let exports = Arc::clone(&self.exports);
+        self.call(
+            id,
+            &exports.context_create,
+            (id as i32, ROOT_CONTEXT_ID as i32),
+        )
+        .await?;
         Ok(id)
     }
 
     async fn action(
         &mut self,
         ctx: u32,
-        f: Option<Cb3R>,
+        f: Option<&Cb3R>,
         a: i32,
         eos: bool,
     ) -> Result<Action, VmError> {
         match f {
             Some(f) => Ok(Action::from_i32(
-                self.call(ctx, &f, (ctx as i32, a, eos as i32)).await?,
+                self.call(ctx, f, (ctx as i32, a, eos as i32)).await?,
             )),
             None => Ok(Action::Continue),
         }
@@ -470,8 +487,9 @@ impl Vm {
 
     pub async fn on_request_headers(&mut self, ctx: u32, eos: bool) -> Result<Action, VmError> {
         let n = self.stream(ctx).map_or(0, |s| s.request_headers.len()) as i32;
-        let f = self.exports.request_headers.clone();
-        self.action(ctx, f, n, eos).await
+        let exports = Arc::clone(&self.exports);
+        self.action(ctx, exports.request_headers.as_ref(), n, eos)
+            .await
     }
 
     pub async fn on_request_body(
@@ -480,14 +498,16 @@ impl Vm {
         size: usize,
         eos: bool,
     ) -> Result<Action, VmError> {
-        let f = self.exports.request_body.clone();
-        self.action(ctx, f, size as i32, eos).await
+        let exports = Arc::clone(&self.exports);
+        self.action(ctx, exports.request_body.as_ref(), size as i32, eos)
+            .await
     }
 
     pub async fn on_request_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
-        match self.exports.request_trailers.clone() {
+        let exports = Arc::clone(&self.exports);
+        match &exports.request_trailers {
             Some(f) => Ok(Action::from_i32(
-                self.call(ctx, &f, (ctx as i32, n as i32)).await?,
+                self.call(ctx, f, (ctx as i32, n as i32)).await?,
             )),
             None => Ok(Action::Continue),
         }
@@ -498,8 +518,9 @@ impl Vm {
             .stream(ctx)
             .and_then(|s| s.response_headers.as_ref().map(|h| h.len()))
             .unwrap_or(0) as i32;
-        let f = self.exports.response_headers.clone();
-        self.action(ctx, f, n, eos).await
+        let exports = Arc::clone(&self.exports);
+        self.action(ctx, exports.response_headers.as_ref(), n, eos)
+            .await
     }
 
     pub async fn on_response_body(
@@ -508,14 +529,16 @@ impl Vm {
         size: usize,
         eos: bool,
     ) -> Result<Action, VmError> {
-        let f = self.exports.response_body.clone();
-        self.action(ctx, f, size as i32, eos).await
+        let exports = Arc::clone(&self.exports);
+        self.action(ctx, exports.response_body.as_ref(), size as i32, eos)
+            .await
     }
 
     pub async fn on_response_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
-        match self.exports.response_trailers.clone() {
+        let exports = Arc::clone(&self.exports);
+        match &exports.response_trailers {
             Some(f) => Ok(Action::from_i32(
-                self.call(ctx, &f, (ctx as i32, n as i32)).await?,
+                self.call(ctx, f, (ctx as i32, n as i32)).await?,
             )),
             None => Ok(Action::Continue),
         }
@@ -523,15 +546,16 @@ impl Vm {
 
     /// `on_done`, `on_log`, `on_delete`, then forgets the stream.
     pub async fn finish_stream(&mut self, ctx: u32) -> Result<(), VmError> {
+        let exports = Arc::clone(&self.exports);
         let result = async {
-            if let Some(f) = self.exports.done.clone() {
-                self.call(ctx, &f, ctx as i32).await?;
+            if let Some(f) = &exports.done {
+                self.call(ctx, f, ctx as i32).await?;
             }
-            if let Some(f) = self.exports.log.clone() {
-                self.call(ctx, &f, ctx as i32).await?;
+            if let Some(f) = &exports.log {
+                self.call(ctx, f, ctx as i32).await?;
             }
-            if let Some(f) = self.exports.delete.clone() {
-                self.call(ctx, &f, ctx as i32).await?;
+            if let Some(f) = &exports.delete {
+                self.call(ctx, f, ctx as i32).await?;
             }
             Ok(())
         }
@@ -541,16 +565,18 @@ impl Vm {
     }
 
     pub async fn on_tick(&mut self) -> Result<(), VmError> {
-        if let Some(f) = self.exports.tick.clone() {
-            self.call(ROOT_CONTEXT_ID, &f, ROOT_CONTEXT_ID as i32)
+        let exports = Arc::clone(&self.exports);
+        if let Some(f) = &exports.tick {
+            self.call(ROOT_CONTEXT_ID, f, ROOT_CONTEXT_ID as i32)
                 .await?;
         }
         Ok(())
     }
 
     pub async fn on_queue_ready(&mut self, root: u32, queue_id: u32) -> Result<(), VmError> {
-        if let Some(f) = self.exports.queue_ready.clone() {
-            self.call(root, &f, (root as i32, queue_id as i32)).await?;
+        let exports = Arc::clone(&self.exports);
+        if let Some(f) = &exports.queue_ready {
+            self.call(root, f, (root as i32, queue_id as i32)).await?;
         }
         Ok(())
     }
@@ -563,11 +589,12 @@ impl Vm {
         body_size: usize,
         n_trailers: usize,
     ) -> Result<(), VmError> {
-        let result = match self.exports.http_call_response.clone() {
+        let exports = Arc::clone(&self.exports);
+        let result = match &exports.http_call_response {
             Some(f) => {
                 self.call(
                     ROOT_CONTEXT_ID,
-                    &f,
+                    f,
                     (
                         ROOT_CONTEXT_ID as i32,
                         token as i32,
@@ -593,11 +620,12 @@ impl Vm {
     ) -> Result<(), VmError> {
         let size = reply.as_ref().map_or(0, |r| r.len());
         self.store.data_mut().redis_call_response = reply;
-        let result = match self.exports.redis_call_response.clone() {
+        let exports = Arc::clone(&self.exports);
+        let result = match &exports.redis_call_response {
             Some(f) => {
                 self.call(
                     ROOT_CONTEXT_ID,
-                    &f,
+                    f,
                     (ROOT_CONTEXT_ID as i32, token as i32, status, size as i32),
                 )
                 .await

@@ -13,7 +13,7 @@ pub mod shared_data;
 pub mod stream;
 pub mod wasi;
 
-use wasmtime::{Caller, Extern, Linker, Memory};
+use wasmtime::{Caller, Linker, Memory};
 
 use crate::abi::Status;
 use crate::state::HostState;
@@ -37,10 +37,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
 }
 
 fn memory(caller: &mut HostCaller<'_>) -> Result<Memory, Status> {
-    match caller.get_export("memory") {
-        Some(Extern::Memory(m)) => Ok(m),
-        _ => Err(Status::InvalidMemoryAccess),
-    }
+    caller.data().memory.ok_or(Status::InvalidMemoryAccess)
 }
 
 /// Copies `len` bytes at `ptr` out of guest memory.
@@ -88,14 +85,7 @@ pub async fn return_bytes(
     if data.is_empty() {
         return Ok(write_u32(caller, ret_ptr, 0).and_then(|_| write_u32(caller, ret_size, 0)));
     }
-    let alloc = match caller
-        .get_export("malloc")
-        .or_else(|| caller.get_export("proxy_on_memory_allocate"))
-    {
-        Some(Extern::Func(f)) => f,
-        _ => return Ok(Err(Status::InternalFailure)),
-    };
-    let Ok(alloc) = alloc.typed::<i32, i32>(&caller) else {
+    let Some(alloc) = caller.data().guest_alloc.clone() else {
         return Ok(Err(Status::InternalFailure));
     };
     let ptr = alloc.call_async(&mut *caller, data.len() as i32).await? as u32;
