@@ -295,6 +295,11 @@ impl EventPublisher {
         self.config.enabled()
     }
 
+    /// Whether a request on `route` (None: no route matched) is recorded.
+    pub fn applies_to(&self, route: Option<usize>) -> bool {
+        self.enabled() && self.config.policy(route).is_some()
+    }
+
     /// The tick period events need (None when events are off).
     pub fn tick_period_ms(&self) -> Option<u64> {
         self.enabled().then_some(self.config.flush_interval_ms)

@@ -190,6 +190,28 @@ impl Edge {
 
     /// The request-headers phase of context `ctx`: the rate limit, then the cache (whose
     /// lookup joins the rate-limit call: one round trip).
+    /// Whether a request needs the filter at all: an event for its route, a policy on the route
+    /// it matches, or the purge endpoint. When not, it passes without the filter reading its
+    /// headers (an unpoliced route pays for two header lookups, not a copy of every header).
+    pub fn wants(&self, path: &str, method: &str) -> bool {
+        let path = path.split_once('?').map_or(path, |p| p.0);
+        let route = self
+            .config
+            .routes
+            .iter()
+            .position(|r| r.matcher.matches(path, method));
+        let policed = route.map(|i| &self.config.routes[i]).is_some_and(|r| {
+            r.rate_limit.is_some() || r.cache.is_some() || r.invalidation.is_some()
+        });
+        let purge = self
+            .config
+            .cache
+            .purge
+            .as_ref()
+            .is_some_and(|p| p.path == path);
+        policed || purge || self.events.applies_to(route)
+    }
+
     pub fn begin(&mut self, ctx: u32, now_ms: u64, req: &RequestInfo) -> Begin {
         let rate_limit = self.begin_rate_limit(ctx, now_ms, req);
         self.begin_cache(ctx, now_ms, req, rate_limit)
@@ -628,6 +650,11 @@ impl HttpContext for EdgeRequest {
         let Some(edge) = &self.edge else {
             return Action::Continue;
         };
+        let path = host::header_value(host::MAP_REQUEST_HEADERS, ":path").unwrap_or_default();
+        let method = host::header_value(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
+        if !edge.try_borrow().is_ok_and(|e| e.wants(&path, &method)) {
+            return Action::Continue;
+        }
         let info = self.request_info();
         let begin = match edge.try_borrow_mut() {
             Ok(mut e) => e.begin(self.context_id, host::now_ms(), &info),

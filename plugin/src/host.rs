@@ -56,6 +56,13 @@ mod ffi {
             ret_data: *mut *mut u8,
             ret_size: *mut usize,
         ) -> u32;
+        pub fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            ret_data: *mut *mut u8,
+            ret_size: *mut usize,
+        ) -> u32;
         pub fn proxy_replace_header_map_value(
             map_type: u32,
             key_data: *const u8,
@@ -134,6 +141,15 @@ mod ffi {
         U
     }
     pub unsafe fn proxy_get_header_map_pairs(_: u32, _: *mut *mut u8, _: *mut usize) -> u32 {
+        U
+    }
+    pub unsafe fn proxy_get_header_map_value(
+        _: u32,
+        _: *const u8,
+        _: usize,
+        _: *mut *mut u8,
+        _: *mut usize,
+    ) -> u32 {
         U
     }
     pub unsafe fn proxy_replace_header_map_value(
@@ -286,6 +302,26 @@ pub fn header_pairs(map_type: u32) -> Vec<(String, String)> {
         }
     };
     bytes.map(|b| parse_header_map(&b)).unwrap_or_default()
+}
+
+/// One header's value, decoded lossily; `None` when absent.
+pub fn header_value(map_type: u32, name: &str) -> Option<String> {
+    let mut data: *mut u8 = null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `buffer`; `name` is a live string.
+    let bytes = unsafe {
+        match ffi::proxy_get_header_map_value(
+            map_type,
+            name.as_ptr(),
+            name.len(),
+            &mut data,
+            &mut size,
+        ) {
+            STATUS_OK => take_host_bytes(data, size),
+            _ => None,
+        }
+    };
+    bytes.map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Sets a header (replacing any value of that name); false if the host refused.
