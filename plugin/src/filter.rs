@@ -769,3 +769,48 @@ pub extern "C" fn proxy_on_redis_call_response(
     };
     perform(action.into_iter().collect(), None);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edge(json: &str) -> Edge {
+        Edge::new(parse_config(json.as_bytes()).expect("valid configuration")).expect("edge")
+    }
+
+    const ROUTES: &str = r#"[
+        {"name": "limited", "match": {"prefix": "/limited"},
+         "rate_limit": {"limits": [{"limit": 5, "window": "60s"}]}},
+        {"name": "posts-only", "match": {"prefix": "/posts", "methods": ["POST"]},
+         "rate_limit": {"limits": [{"limit": 5, "window": "60s"}]}},
+        {"name": "cached", "match": {"path": "/cached"}, "cache": {"ttl": "60s"}},
+        {"name": "plain", "match": {"prefix": "/plain"}},
+        {"name": "quiet", "match": {"prefix": "/quiet"}, "events": {"enabled": false}}
+    ]"#;
+
+    #[test]
+    fn only_requests_with_something_to_do_are_read() {
+        let e = edge(&format!(
+            r#"{{"routes": {ROUTES},
+                "cache": {{"purge": {{"path": "/_purge", "token": "0123456789abcdef"}}}}}}"#
+        ));
+        assert!(e.wants("/limited/x?y=1", "GET"));
+        assert!(e.wants("/cached?user_id=1", "GET"));
+        assert!(e.wants("/_purge?tag=x", "POST"));
+        assert!(e.wants("/posts", "POST"));
+        assert!(!e.wants("/posts", "GET"), "the route matches POST only");
+        assert!(!e.wants("/plain", "GET"), "a route without a policy");
+        assert!(!e.wants("/nowhere", "GET"), "no route");
+    }
+
+    #[test]
+    fn with_events_every_request_is_read_but_where_they_are_off() {
+        let e = edge(&format!(r#"{{"routes": {ROUTES}, "events": {{}}}}"#));
+        assert!(e.wants("/plain", "GET"));
+        assert!(e.wants("/nowhere", "GET"));
+        assert!(
+            !e.wants("/quiet", "GET"),
+            "events off on that route, no other policy"
+        );
+    }
+}
