@@ -82,6 +82,10 @@ fn engine_config(pooling: bool) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.max_wasm_stack(1 << 20);
+    // For profiling a plugin with `perf`: the JIT code's symbols go to /tmp/perf-<pid>.map.
+    if std::env::var_os("HOST_SHIM_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if pooling {
         // Host functions that hand data to the guest call its allocator on a nested fiber;
         // pooled stacks make that a free-list operation instead of an mmap/munmap pair (and its
