@@ -11,6 +11,7 @@ use crate::envoy_yaml;
 use crate::probe;
 use crate::procs::{self, free_port, loopback, ServiceSpec, Services, TempDir};
 use crate::setup::{self, Needs};
+use crate::vm_bench;
 use crate::workspace::{describe, Binaries, Workspace};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -295,15 +296,21 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             options.only.is_empty() || options.only.iter().any(|o| s.name.contains(o.as_str()))
         })
         .collect();
-    if selected.is_empty() {
+    let in_process = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| vm_bench::NAME.contains(o.as_str()));
+    if selected.is_empty() && !in_process {
         bail!(
-            "no scenario matches --only {:?}; scenarios: {}",
+            "no scenario matches --only {:?}; scenarios: {}, {}",
             options.only,
             SCENARIOS
                 .iter()
                 .map(|s| s.name)
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            vm_bench::NAME
         );
     }
 
@@ -340,6 +347,27 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     let wasm = ws.build_wasm()?;
     let bins = ws.build_binaries(true)?;
 
+    // First, while nothing else runs: the plugin's cost per request in process.
+    let in_process = if in_process {
+        let bin = vm_bench::build(&ws)?;
+        let minimal = BENCH_CONFIGS
+            .iter()
+            .find(|(n, _)| *n == "minimal")
+            .map(|(_, j)| j.to_string())
+            .context("no bench plugin configuration named minimal")?;
+        let configs = [
+            ("plugin, no policy".to_string(), minimal),
+            (
+                "plugin, envoy.yaml's configuration (`/health`: one event recorded, never flushed)"
+                    .to_string(),
+                envoy_yaml::plugin_configuration(&yaml)?,
+            ),
+        ];
+        vm_bench::measure(&bin, &wasm.plugin, &configs)?
+    } else {
+        Vec::new()
+    };
+
     let redis_dir = TempDir::fresh(&bench_dir, "redis-data")?;
     let mut bench = Bench {
         ws: &ws,
@@ -355,7 +383,9 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         gateway: None,
         gateway_admin: None,
     };
-    bench.start_backends(token.as_deref(), redis_dir.path())?;
+    if !selected.is_empty() {
+        bench.start_backends(token.as_deref(), redis_dir.path())?;
+    }
 
     let mut results: Vec<Measured> = Vec::new();
     for scenario in selected {
@@ -405,7 +435,14 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     }
     bench.services.stop_all();
 
-    let report = render_report(&results, options);
+    let mut report = if results.is_empty() {
+        format!("### Benchmark, {}\n", today())
+    } else {
+        render_report(&results, options)
+    };
+    if !in_process.is_empty() {
+        report.push_str(&vm_bench::render(&in_process));
+    }
     println!("\n{report}");
     let path = bench_dir.join("results.md");
     std::fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;

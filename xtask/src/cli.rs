@@ -15,13 +15,15 @@ commands:
                  cargo clippy -D warnings, cargo test --workspace and the README tour
   tour           start a fresh demo and run the README's tour against it, comparing every
                  command's output with the README's (the demo's ports must be free)
-  bench          release build, then wrk against: direct upstream, host-shim without the
-                 filter, host-shim with the plugin; table in <target>/bench/results.md
+  bench          release build, then the plugin's cost per request in process, and wrk
+                 against: direct upstream, host-shim without the filter, host-shim with the
+                 plugin; tables in <target>/bench/results.md
       --duration SECS     measured seconds per scenario (default 10)
       --warmup SECS       unmeasured seconds before each scenario (default 2)
       --connections N     wrk connections (default 64)
       --threads N         wrk threads (default 2)
-      --only TEXT         run only scenarios whose name contains TEXT (repeatable)
+      --only TEXT         run only scenarios whose name contains TEXT (repeatable); \"in process\"
+                          is the plugin's cost per request without network (vm_bench)
   build-plugin   build the wasm crates and print their paths and sizes
 
 flags for every command:

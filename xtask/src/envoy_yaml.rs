@@ -36,6 +36,31 @@ pub fn relay_token(yaml: &str) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// The JSON text of the wasm filter's plugin configuration (the StringValue's `value`); fails
+/// unless there is exactly one.
+pub fn plugin_configuration(yaml: &str) -> Result<String> {
+    let doc: Value = serde_yaml::from_str(yaml).context("envoy.yaml is not valid YAML")?;
+    let mut filters = Vec::new();
+    collect_wasm_filters(&doc, &mut filters);
+    let texts: Vec<&str> = filters
+        .iter()
+        .filter_map(|f| {
+            f.get("typed_config")?
+                .get("config")?
+                .get("configuration")?
+                .get("value")?
+                .as_str()
+        })
+        .collect();
+    match texts.as_slice() {
+        [one] => Ok(one.to_string()),
+        other => bail!(
+            "envoy.yaml has {} wasm filters with a configuration; expected exactly one",
+            other.len()
+        ),
+    }
+}
+
 fn find_token(v: &serde_json::Value) -> Option<String> {
     let object = v.as_object()?;
     for key in ["relay_token", "token"] {
@@ -206,6 +231,15 @@ static_resources:
             r#""relay": {"relay_token": "nested"}"#,
         );
         assert_eq!(relay_token(&nested).unwrap().as_deref(), Some("nested"));
+    }
+
+    #[test]
+    fn the_plugin_configuration_text_is_read_and_a_missing_filter_is_an_error() {
+        let json = plugin_configuration(ENVOY_YAML).unwrap();
+        assert!(json.contains(r#""token": "s3cret""#), "{json}");
+        let none = without_wasm_filter(ENVOY_YAML).unwrap();
+        let e = plugin_configuration(&none).unwrap_err();
+        assert!(e.to_string().contains("0 wasm filters"), "{e}");
     }
 
     #[test]

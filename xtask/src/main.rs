@@ -23,6 +23,7 @@ mod procs;
 mod setup;
 mod test_suite;
 mod tour;
+mod vm_bench;
 mod workspace;
 
 use std::process::ExitCode;
