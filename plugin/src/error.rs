@@ -76,9 +76,12 @@ impl RedisError {
     }
 
     /// Whether the failure says something about Redis' health (and so counts for the breaker).
-    /// A script error such as a wrong argument does not.
+    /// A script error such as a wrong argument does not, nor a call the relay refused (400, 403,
+    /// 413): that is about the call, and one kind of call (a cache store too large for the
+    /// relay) must not open the breaker for every other (rate limits would fall back).
     pub fn counts_for_breaker(&self) -> bool {
         match self.kind {
+            RedisErrorKind::Refused => false,
             RedisErrorKind::Server => matches!(
                 self.prefix(),
                 Some(
@@ -120,5 +123,12 @@ mod tests {
         assert_eq!(RedisError::protocol("x").prefix(), None);
         assert!(RedisError::new(RedisErrorKind::Timeout, "t").is_timeout());
         assert!(RedisError::new(RedisErrorKind::Timeout, "t").counts_for_breaker());
+    }
+
+    #[test]
+    fn a_refused_call_says_nothing_about_redis_health() {
+        let refused = RedisError::new(RedisErrorKind::Refused, "relay answered 413: too large");
+        assert!(!refused.counts_for_breaker());
+        assert!(RedisError::new(RedisErrorKind::Unavailable, "502").counts_for_breaker());
     }
 }

@@ -117,6 +117,8 @@ pub struct StackOptions {
     pub workers: usize,
     /// The upstream's slow delays (0 keeps tests fast).
     pub upstream_delay: Duration,
+    /// The relay's `--max-body-bytes` (None: its default).
+    pub relay_max_body_bytes: Option<usize>,
 }
 
 impl Default for StackOptions {
@@ -125,6 +127,7 @@ impl Default for StackOptions {
             plugin_config: None,
             workers: 2,
             upstream_delay: Duration::ZERO,
+            relay_max_body_bytes: None,
         }
     }
 }
@@ -189,6 +192,9 @@ impl Stack {
             let endpoint = RedisEndpoint::from_url(&redis.url()).expect("redis url");
             let mut config = RelayConfig::new(endpoint);
             config.token = token;
+            if let Some(max) = options.relay_max_body_bytes {
+                config.max_body_bytes = max;
+            }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind relay");

@@ -975,3 +975,70 @@ fn redis_killed_requests_are_still_answered_by_the_upstream_relay() {
 fn redis_killed_requests_are_still_answered_by_the_upstream_redis_call() {
     redis_outage(REDIS_CALL);
 }
+
+/// A store the relay refuses (413: over its body cap) is a store failure and says nothing about
+/// Redis' health: the breaker stays closed and the rate limits still decide through Redis.
+#[test]
+fn stores_the_relay_refuses_do_not_open_the_breaker_for_the_rate_limits() {
+    let stack = Stack::start_with(StackOptions {
+        plugin_config: Some(Box::new(|cfg: &mut Value| {
+            use_transport(cfg, RELAY);
+            cfg["redis"]["timeout"] = json!("1s");
+            cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "60s"});
+            // Small flushes, so that events get through the small cap below.
+            cfg["events"]["batch_size"] = json!(4);
+            // A cached route whose answers grow with the events the upstream has seen.
+            let recent = json!({"name": "recent", "match": {"path": "/api/recent-events"},
+                "cache": {"ttl": "60s", "honor_cache_control": false,
+                          "key": {"query": ["limit"]}}});
+            cfg["routes"].as_array_mut().unwrap().insert(0, recent);
+        })),
+        // Scripts, lookups, rate-limit calls and flushes of 4 events fit; 40 events do not.
+        relay_max_body_bytes: Some(8 * 1024),
+        ..StackOptions::default()
+    });
+    for _ in 0..40 {
+        assert_eq!(stack.get("/health").status, 200);
+    }
+    let big = "/api/recent-events?limit=200";
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            testkit::http::get(stack.upstream, big).body.len() > 12 * 1024
+        }),
+        "the upstream's subscriber saw the events"
+    );
+    // Concurrent misses on four keys: their lookups answer first, then their stores are refused
+    // one after another (consecutive failures, what opens a breaker).
+    let gateway = stack.gateway;
+    let answers: Vec<_> = (200..204)
+        .map(|limit| {
+            std::thread::spawn(move || {
+                testkit::http::get(gateway, &format!("/api/recent-events?limit={limit}"))
+            })
+        })
+        .collect();
+    for answer in answers {
+        let r = answer.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(x_cache(&r), "MISS");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            stack.metric(&cache_metric("recent", "store_failures")) == 4
+        }),
+        "{}",
+        stack.metrics()
+    );
+    assert_eq!(stack.metric("envoy_krowoc_redis_breaker_opened"), 0);
+    let r = stack.get("/api/rate-limited");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("ratelimit"), Some("\"per_minute\";r=4;t=60"));
+    assert_eq!(
+        stack.metric("envoy_krowoc_rate_limit_rate_limited_allowed"),
+        1
+    );
+    assert_eq!(
+        stack.metric("envoy_krowoc_rate_limit_rate_limited_fallback_allowed"),
+        0
+    );
+}
