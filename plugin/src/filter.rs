@@ -121,6 +121,9 @@ pub struct Edge {
     pub events: EventPublisher,
     /// The response cache (see [`crate::cache`]).
     pub(crate) cache: crate::cache::CacheEngine,
+    /// Every request has an event (on no route and on every route): each is read whole, with
+    /// no [`Edge::wants`] check first.
+    reads_every_request: bool,
 }
 
 impl Edge {
@@ -160,18 +163,27 @@ impl Edge {
                 HostWire::RedisCall(RedisCallWire { upstream })
             }
         };
+        let events = EventPublisher::new(&config);
+        let reads_every_request =
+            events.applies_to(None) && (0..config.routes.len()).all(|i| events.applies_to(Some(i)));
         Ok(Edge {
             scripts: Scripts::load(),
             client: RedisClient::new(&config.redis),
             metrics: Metrics::define(&config),
-            events: EventPublisher::new(&config),
+            events,
             cache: crate::cache::CacheEngine::new(&config),
             wire,
             flows: HashMap::new(),
             deny_cache: DenyCache::default(),
             local: LocalLimiter::default(),
             config: Rc::new(config),
+            reads_every_request,
         })
+    }
+
+    /// Whether a request must be looked at before reading it whole (see [`Edge::wants`]).
+    pub fn filters_requests(&self) -> bool {
+        !self.reads_every_request
     }
 
     /// Tick period: often enough to enforce call deadlines close to the timeout.
@@ -650,10 +662,14 @@ impl HttpContext for EdgeRequest {
         let Some(edge) = &self.edge else {
             return Action::Continue;
         };
-        let path = host::header_value(host::MAP_REQUEST_HEADERS, ":path").unwrap_or_default();
-        let method = host::header_value(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
-        if !edge.try_borrow().is_ok_and(|e| e.wants(&path, &method)) {
-            return Action::Continue;
+        // Where some requests need nothing, two header lookups decide before reading them whole.
+        if edge.try_borrow().is_ok_and(|e| e.filters_requests()) {
+            let path = host::header_value(host::MAP_REQUEST_HEADERS, ":path").unwrap_or_default();
+            let method =
+                host::header_value(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
+            if !edge.try_borrow().is_ok_and(|e| e.wants(&path, &method)) {
+                return Action::Continue;
+            }
         }
         let info = self.request_info();
         let begin = match edge.try_borrow_mut() {
@@ -812,5 +828,13 @@ mod tests {
             !e.wants("/quiet", "GET"),
             "events off on that route, no other policy"
         );
+        assert!(e.filters_requests(), "one route has no events");
+        let everywhere = ROUTES.replace(r#", "events": {"enabled": false}"#, "");
+        let e = edge(&format!(r#"{{"routes": {everywhere}, "events": {{}}}}"#));
+        assert!(
+            !e.filters_requests(),
+            "every request has an event: read at once"
+        );
+        assert!(edge(r#"{"routes": []}"#).filters_requests());
     }
 }
