@@ -298,14 +298,28 @@ impl SharedState {
     }
 
     /// Prometheus text exposition of the plugin's metrics (Envoy's `envoy_` prefix and name
-    /// sanitising) and host-shim's own counters.
+    /// sanitising; as Envoy orders them: counters, gauges, histograms, each sorted by name, so
+    /// the output does not depend on the order the plugin defined them in) and host-shim's own
+    /// counters.
     pub fn prometheus_text(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let defs = lock(&self.metric_defs).clone();
         let values: Vec<i64> = lock(&self.metric_values).clone();
         let hist = lock(&self.histograms).clone();
-        for (i, m) in defs.iter().enumerate() {
-            let name = format!("envoy_{}", sanitize_metric_name(&m.name));
+        let mut order: Vec<(i32, String, usize)> = defs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                (
+                    m.kind,
+                    format!("envoy_{}", sanitize_metric_name(&m.name)),
+                    i,
+                )
+            })
+            .collect();
+        order.sort();
+        for (_, name, i) in order {
+            let m = &defs[i];
             match m.kind {
                 metric::COUNTER => {
                     let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", values[i]);
@@ -377,6 +391,22 @@ mod tests {
         assert!(s
             .prometheus_text(&[])
             .contains("# TYPE envoy_krowoc_hits counter\nenvoy_krowoc_hits 2"));
+    }
+
+    #[test]
+    fn metrics_are_listed_as_envoy_lists_them_whatever_the_definition_order() {
+        let s = SharedState::default();
+        s.define_metric(metric::GAUGE, "b.gauge").unwrap();
+        s.define_metric(metric::COUNTER, "z.count").unwrap();
+        s.define_metric(metric::HISTOGRAM, "a.hist").unwrap();
+        s.define_metric(metric::COUNTER, "a.count").unwrap();
+        let text = s.prometheus_text(&[]);
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE envoy_"))
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(names, ["a_count", "z_count", "b_gauge", "a_hist"]);
     }
 
     #[test]
