@@ -135,6 +135,17 @@ enum Count {
     Corrupt,
 }
 
+impl Count {
+    /// The counter of a lookup that goes to the upstream (a miss, or an expired entry).
+    fn forwarded(outcome: Outcome) -> Count {
+        if outcome == Outcome::Expired {
+            Count::Expired
+        } else {
+            Count::Miss
+        }
+    }
+}
+
 impl CacheMetrics {
     pub fn define(config: &Config) -> CacheMetrics {
         let counter = |name: &str| define_metric(METRIC_COUNTER, name);
@@ -879,14 +890,7 @@ impl Edge {
                     self.cache.waiting.entry(entry_key).or_default().push(ctx);
                     return None;
                 }
-                metrics.count(
-                    route,
-                    if outcome == Outcome::Expired {
-                        Count::Expired
-                    } else {
-                        Count::Miss
-                    },
-                );
+                metrics.count(route, Count::forwarded(outcome));
                 request.phase = Phase::Forwarded { outcome, stale };
                 Some(HostAction::Resume(ctx))
             }
@@ -2056,14 +2060,7 @@ impl Edge {
         } else {
             Outcome::Miss
         };
-        self.cache.metrics.count(
-            r.route,
-            if outcome == Outcome::Expired {
-                Count::Expired
-            } else {
-                Count::Miss
-            },
-        );
+        self.cache.metrics.count(r.route, Count::forwarded(outcome));
         r.phase = Phase::Forwarded { outcome, stale };
         Some(HostAction::Resume(ctx))
     }

@@ -33,7 +33,6 @@ use crate::event_config::{EventPolicy, EventsConfig, FieldSource};
 use crate::filter::RequestInfo;
 use crate::host::{self, define_metric, increment_metric, record_metric};
 use crate::host::{METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM};
-use crate::keys::client_ip;
 use crate::ratelimit::Tally;
 use crate::resp::{encode_array, Command, Reply};
 use crate::scripts::Script;
@@ -340,12 +339,6 @@ impl EventPublisher {
             self.stats.sampled_out += 1;
             return;
         }
-        let forwarded: Vec<&str> = req
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|(_, v)| v.as_str())
-            .collect();
         let request_fields = policy
             .fields
             .iter()
@@ -364,7 +357,7 @@ impl EventPublisher {
                 start_ns: now_ns,
                 method: truncate(&req.method, 32).to_string(),
                 path: truncate(path, MAX_PATH_BYTES).to_string(),
-                client: client_ip(req.source_address.as_deref(), &forwarded, self.trusted_hops),
+                client: req.client_ip(self.trusted_hops),
                 request_fields,
                 rate_limit: None,
                 cache: None,

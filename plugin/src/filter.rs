@@ -107,6 +107,20 @@ pub struct RequestInfo {
     pub source_address: Option<String>,
 }
 
+impl RequestInfo {
+    /// The client's address: the connection's, or an `X-Forwarded-For` entry past
+    /// `trusted_hops` proxies (see [`crate::keys::client_ip`]).
+    pub fn client_ip(&self, trusted_hops: u32) -> Option<String> {
+        let forwarded: Vec<&str> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        client_ip(self.source_address.as_deref(), &forwarded, trusted_hops)
+    }
+}
+
 /// One configured filter instance on one VM.
 pub struct Edge {
     pub config: Rc<Config>,
@@ -246,18 +260,8 @@ impl Edge {
         let Some(policy) = &route.rate_limit else {
             return Begin::Continue;
         };
-        let forwarded: Vec<&str> = req
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|(_, v)| v.as_str())
-            .collect();
         let facts = RequestFacts {
-            client_ip: client_ip(
-                req.source_address.as_deref(),
-                &forwarded,
-                config.client_ip.trusted_hops,
-            ),
+            client_ip: req.client_ip(config.client_ip.trusted_hops),
             path,
             query,
             headers: &req.headers,
