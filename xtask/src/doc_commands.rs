@@ -6,6 +6,7 @@
 //! exist (the deploy checks validate those files). A command no rule covers fails the test.
 
 use crate::cli;
+use crate::markdown;
 use crate::test_suite::CHECKS;
 use crate::tour;
 use crate::workspace::{BINARIES_ARGS, STOCK_PLUGIN_ARGS, WASM_TARGET};
@@ -30,20 +31,14 @@ fn root() -> PathBuf {
 /// The commands of a markdown text: lines of `sh` blocks (comments dropped) and inline code
 /// spans that start with one of `PROGRAMS`.
 fn commands(markdown: &str) -> Vec<String> {
+    let lines = markdown::lines(markdown)
+        .unwrap_or_else(|start| panic!("line {start}: a code block is not closed"));
     let mut out = Vec::new();
     let mut prose = String::new();
-    let mut fence: Option<String> = None;
-    for line in markdown.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with("```") {
-            fence = match fence {
-                Some(_) => None,
-                None => Some(trimmed.trim_start_matches('`').to_string()),
-            };
-            continue;
-        }
-        match fence.as_deref() {
+    for line in &lines {
+        match line.fence {
             Some("sh") => {
+                let trimmed = line.text.trim();
                 let command = match trimmed.find(" #") {
                     Some(i) => trimmed[..i].trim_end(),
                     None => trimmed,
@@ -54,7 +49,7 @@ fn commands(markdown: &str) -> Vec<String> {
             }
             Some(_) => {}
             None => {
-                prose.push_str(line);
+                prose.push_str(line.text);
                 prose.push('\n');
             }
         }
@@ -211,7 +206,7 @@ fn tour_commands(root: &Path) -> Vec<String> {
         .into_iter()
         .map(|s| s.command)
         .collect();
-    all.extend(tour::sh_lines(&deploy, "curl "));
+    all.extend(tour::sh_lines("envoy/README.md", &deploy, "curl ").unwrap());
     all
 }
 

@@ -18,6 +18,7 @@ mod demo;
 #[cfg(test)]
 mod doc_commands;
 mod envoy_yaml;
+mod markdown;
 mod probe;
 mod procs;
 mod setup;

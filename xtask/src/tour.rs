@@ -11,8 +11,9 @@
 
 use crate::cli::SetupOptions;
 use crate::demo::Demo;
+use crate::markdown;
 use crate::workspace::{Binaries, Workspace};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -36,43 +37,29 @@ pub struct Step {
 /// The `$ ` commands of a markdown text's `console` blocks, each with the lines under it (up to
 /// the next command or the end of the block; trailing blank lines dropped).
 pub fn console_steps(file: &str, markdown: &str) -> Result<Vec<Step>> {
+    let lines = markdown::lines(markdown)
+        .map_err(|start| anyhow!("{file}:{start}: a code block is not closed"))?;
     let mut steps: Vec<Step> = Vec::new();
-    let mut in_console = false;
-    let mut in_other = false;
-    for (n, line) in markdown.lines().enumerate() {
-        let fence = line.trim_start().starts_with("```");
-        if fence {
-            if in_console || in_other {
-                in_console = false;
-                in_other = false;
-            } else if line.trim() == "```console" {
-                in_console = true;
-            } else {
-                in_other = true;
-            }
-            continue;
-        }
-        if !in_console {
-            continue;
-        }
-        if let Some(command) = line.strip_prefix("$ ") {
+    let mut previous: Option<usize> = None;
+    for line in lines.iter().filter(|l| l.fence == Some("console")) {
+        // Fence markers are dropped: a gap in the numbers is the start of another block.
+        let block_start = previous != Some(line.number - 1);
+        previous = Some(line.number);
+        if let Some(command) = line.text.strip_prefix("$ ") {
             steps.push(Step {
-                place: format!("{file}:{}", n + 1),
+                place: format!("{file}:{}", line.number),
                 command: command.to_string(),
                 expected: Vec::new(),
             });
         } else {
-            match steps.last_mut() {
-                Some(step) => step.expected.push(line.trim_end().to_string()),
+            match steps.last_mut().filter(|_| !block_start) {
+                Some(step) => step.expected.push(line.text.trim_end().to_string()),
                 None => bail!(
                     "{file}:{}: a console block must start with a `$ ` command line",
-                    n + 1
+                    line.number
                 ),
             }
         }
-    }
-    if in_console {
-        bail!("{file}: a console block is not closed");
     }
     for step in &mut steps {
         while step.expected.last().is_some_and(|l| l.is_empty()) {
@@ -83,28 +70,16 @@ pub fn console_steps(file: &str, markdown: &str) -> Result<Vec<Step>> {
 }
 
 /// The lines of `sh` blocks that start with `prefix` (commands for a reader to type).
-pub fn sh_lines(markdown: &str, prefix: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut in_sh = false;
-    let mut in_other = false;
-    for line in markdown.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with("```") {
-            if in_sh || in_other {
-                in_sh = false;
-                in_other = false;
-            } else if trimmed == "```sh" {
-                in_sh = true;
-            } else {
-                in_other = true;
-            }
-            continue;
-        }
-        if in_sh && trimmed.starts_with(prefix) {
-            out.push(trimmed.to_string());
-        }
-    }
-    out
+pub fn sh_lines(file: &str, markdown: &str, prefix: &str) -> Result<Vec<String>> {
+    let lines = markdown::lines(markdown)
+        .map_err(|start| anyhow!("{file}:{start}: a code block is not closed"))?;
+    Ok(lines
+        .iter()
+        .filter(|l| l.fence == Some("sh"))
+        .map(|l| l.text.trim())
+        .filter(|t| t.starts_with(prefix))
+        .map(str::to_string)
+        .collect())
 }
 
 /// Whether one output line matches a README line (with `…` wildcards).
@@ -173,7 +148,7 @@ pub fn run_on(ws: &Workspace, plugin: &Path, bins: &Binaries) -> Result<bool> {
         bail!("README.md has no console block: the tour is gone");
     }
     let deploy = read(&ws.root.join("envoy/README.md"))?;
-    let curls = sh_lines(&deploy, "curl ");
+    let curls = sh_lines("envoy/README.md", &deploy, "curl ")?;
 
     let mut demo = Demo::start(ws, plugin, bins, false)?;
     eprintln!(
@@ -297,6 +272,9 @@ mod tests {
         assert!(e.to_string().contains("R.md:2"), "{e}");
         let e = console_steps("R.md", "```console\n$ true\n").unwrap_err();
         assert!(e.to_string().contains("not closed"), "{e}");
+        // A second block must start with its own command, not continue the first one's output.
+        let e = console_steps("R.md", "```console\n$ a\n```\n```console\nb\n```\n").unwrap_err();
+        assert!(e.to_string().contains("R.md:5"), "{e}");
     }
 
     #[test]
@@ -352,7 +330,10 @@ mod tests {
     #[test]
     fn sh_lines_are_picked_by_prefix() {
         let md = "```sh\ncurl -s x | grep y\n  curl z   \nls\n```\n```console\ncurl no\n```\n";
-        assert_eq!(sh_lines(md, "curl "), vec!["curl -s x | grep y", "curl z"]);
+        assert_eq!(
+            sh_lines("R.md", md, "curl ").unwrap(),
+            vec!["curl -s x | grep y", "curl z"]
+        );
     }
 
     /// The README's own tour parses, and a changed output is caught: the check can fail.
