@@ -197,3 +197,45 @@ fn text_that_is_not_wasm_is_refused_as_a_compile_error() {
         }
     }
 }
+
+/// header_map_bytes.wat with its allocator exported under `export` (None: not exported).
+fn start_with_allocator(export: Option<&str>) -> abi_support::TestGateway {
+    let (path, wat) = wat_source("header_map_bytes.wat");
+    let text = String::from_utf8(wat).expect("utf-8 wat");
+    let from = r#"(func $malloc (export "malloc")"#;
+    assert!(text.contains(from), "the wat changed: {from} not found");
+    let to = match export {
+        Some(name) => format!(r#"(func $malloc (export "{name}")"#),
+        None => "(func $malloc".to_string(),
+    };
+    let module = PluginModule::from_bytes(&path, text.replace(from, &to).as_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
+    try_start_module(module, "", &GatewayOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The host hands data to the guest through `malloc`, else `proxy_on_memory_allocate` (found
+/// once per VM); without either, calls that return data fail with InternalFailure (10), and the
+/// plugin goes on (no trap).
+#[test]
+fn returned_bytes_use_either_allocator_and_none_is_an_internal_failure() {
+    let gw = start_with_allocator(Some("proxy_on_memory_allocate"));
+    let (resp, _) = request(gw.addr, "GET", "/alloc", &[("x-wat-probe", "v")], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let (statuses, parts) = report(&resp.body);
+    assert_eq!(statuses, [0, 0, 3, 0, 0]);
+    assert!(decode_strict(&parts[0])
+        .iter()
+        .any(|(k, v)| k == "x-wat-probe" && v == "v"));
+    assert_eq!(parts[2], b"1", "x-wat-a's value");
+
+    let gw = start_with_allocator(None);
+    let (resp, _) = request(gw.addr, "GET", "/alloc", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let (statuses, parts) = report(&resp.body);
+    assert_eq!(
+        statuses,
+        [10, 0, 3, 10, 10],
+        "gets fail, sets do not need it"
+    );
+    assert!(parts.iter().all(Vec::is_empty), "{parts:?}");
+}
