@@ -110,7 +110,7 @@ pub struct SharedState {
     queues: Mutex<Vec<Queue>>,
     metric_defs: Mutex<Vec<MetricEntry>>,
     metric_values: Mutex<Vec<i64>>,
-    histograms: Mutex<HashMap<u32, (u64, i64)>>,
+    histograms: Mutex<HashMap<u32, Histogram>>,
     notifier: Mutex<Option<QueueNotifier>>,
     pub counters: HostCounters,
 }
@@ -284,10 +284,7 @@ impl SharedState {
         match self.metric_kind(id) {
             None => Status::NotFound,
             Some(metric::HISTOGRAM) => {
-                let mut h = lock(&self.histograms);
-                let e = h.entry(id).or_insert((0, 0));
-                e.0 += 1;
-                e.1 = e.1.saturating_add(value);
+                lock(&self.histograms).entry(id).or_default().record(value);
                 Status::Ok
             }
             Some(_) => {
@@ -297,10 +294,10 @@ impl SharedState {
         }
     }
 
-    /// Prometheus text exposition of the plugin's metrics (Envoy's `envoy_` prefix and name
-    /// sanitising; as Envoy orders them: counters, gauges, histograms, each sorted by name, so
-    /// the output does not depend on the order the plugin defined them in) and host-shim's own
-    /// counters.
+    /// Prometheus text exposition of the plugin's metrics as Envoy 1.40 prints a plugin's own
+    /// stats (no `envoy_` prefix, an empty label set `{}`, histograms with Envoy's default
+    /// buckets; counters, gauges, histograms, each sorted by name, so the output does not depend
+    /// on the order the plugin defined them in), then host-shim's own counters.
     pub fn prometheus_text(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         let defs = lock(&self.metric_defs).clone();
@@ -309,29 +306,30 @@ impl SharedState {
         let mut order: Vec<(i32, String, usize)> = defs
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                (
-                    m.kind,
-                    format!("envoy_{}", sanitize_metric_name(&m.name)),
-                    i,
-                )
-            })
+            .map(|(i, m)| (m.kind, sanitize_metric_name(&m.name), i))
             .collect();
         order.sort();
         for (_, name, i) in order {
             let m = &defs[i];
             match m.kind {
                 metric::COUNTER => {
-                    let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", values[i]);
+                    let _ = writeln!(out, "# TYPE {name} counter\n{name}{{}} {}", values[i]);
                 }
                 metric::GAUGE => {
-                    let _ = writeln!(out, "# TYPE {name} gauge\n{name} {}", values[i]);
+                    let _ = writeln!(out, "# TYPE {name} gauge\n{name}{{}} {}", values[i]);
                 }
                 _ => {
-                    let (count, sum) = hist.get(&(i as u32)).copied().unwrap_or((0, 0));
+                    let h = hist.get(&(i as u32)).cloned().unwrap_or_default();
+                    let _ = writeln!(out, "# TYPE {name} histogram");
+                    let mut cumulative = 0;
+                    for (bound, n) in HISTOGRAM_BUCKETS.iter().zip(h.buckets) {
+                        cumulative += n;
+                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+                    }
                     let _ = writeln!(
                         out,
-                        "# TYPE {name} summary\n{name}_count {count}\n{name}_sum {sum}"
+                        "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum{{}} {}\n{name}_count{{}} {}",
+                        h.count, h.sum, h.count
                     );
                 }
             }
@@ -345,6 +343,31 @@ impl SharedState {
             );
         }
         out
+    }
+}
+
+/// Envoy's default histogram bucket bounds (`stats_config.histogram_bucket_settings` unset).
+pub const HISTOGRAM_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// One histogram's recorded values: a count per bucket of [`HISTOGRAM_BUCKETS`] (values above
+/// the last bound only in `count`), their number and their sum.
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    buckets: [u64; HISTOGRAM_BUCKETS.len()],
+    count: u64,
+    sum: i64,
+}
+
+impl Histogram {
+    fn record(&mut self, value: i64) {
+        if let Some(i) = HISTOGRAM_BUCKETS.iter().position(|b| value as f64 <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum = self.sum.saturating_add(value);
     }
 }
 
@@ -390,7 +413,7 @@ mod tests {
         assert_eq!(s.get_metric(a), Ok(2));
         assert!(s
             .prometheus_text(&[])
-            .contains("# TYPE envoy_krowoc_hits counter\nenvoy_krowoc_hits 2"));
+            .contains("# TYPE krowoc_hits counter\nkrowoc_hits{} 2"));
     }
 
     #[test]
@@ -403,10 +426,36 @@ mod tests {
         let text = s.prometheus_text(&[]);
         let names: Vec<&str> = text
             .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE envoy_"))
+            .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(|l| l.split(' ').next().unwrap_or(""))
             .collect();
         assert_eq!(names, ["a_count", "z_count", "b_gauge", "a_hist"]);
+    }
+
+    #[test]
+    fn histograms_have_envoys_cumulative_buckets_sum_and_count() {
+        let s = SharedState::default();
+        let h = s.define_metric(metric::HISTOGRAM, "krowoc.batch").unwrap();
+        for v in [1, 3, 32, 5_000_000] {
+            assert_eq!(s.record_metric(h, v), Status::Ok);
+        }
+        let text = s.prometheus_text(&[]);
+        for line in [
+            "# TYPE krowoc_batch histogram",
+            "krowoc_batch_bucket{le=\"0.5\"} 0",
+            "krowoc_batch_bucket{le=\"1\"} 1",
+            "krowoc_batch_bucket{le=\"5\"} 2",
+            "krowoc_batch_bucket{le=\"50\"} 3",
+            "krowoc_batch_bucket{le=\"3600000\"} 3",
+            "krowoc_batch_bucket{le=\"+Inf\"} 4",
+            "krowoc_batch_sum{} 5000036",
+            "krowoc_batch_count{} 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from:\n{text}"
+            );
+        }
     }
 
     #[test]

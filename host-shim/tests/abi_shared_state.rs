@@ -184,12 +184,13 @@ fn plugin_metrics_are_shared_by_name_across_vms_and_read_back() {
 
     let text = gw.metrics_text();
     for line in [
-        "# TYPE envoy_abi_requests counter",
-        "envoy_abi_requests 4",
-        "# TYPE envoy_abi_gauge gauge",
-        "envoy_abi_gauge 5",
-        "envoy_abi_latency_ms_count 2",
-        "envoy_abi_latency_ms_sum 150",
+        "# TYPE abi_requests counter",
+        "abi_requests{} 4",
+        "# TYPE abi_gauge gauge",
+        "abi_gauge{} 5",
+        "# TYPE abi_latency_ms histogram",
+        "abi_latency_ms_count{} 2",
+        "abi_latency_ms_sum{} 150",
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -219,8 +220,8 @@ fn plugin_metrics_are_served_on_the_admin_endpoint() {
     assert_eq!(stats.status, 200);
     let text = stats.text();
     for line in [
-        "envoy_abi_requests 1",
-        "envoy_abi_gauge 11",
+        "abi_requests{} 1",
+        "abi_gauge{} 11",
         "host_shim_requests_total 1",
     ] {
         assert!(
