@@ -8,6 +8,7 @@
 //! assert_eq!(reply.trim(), "PONG");
 //! ```
 
+pub mod envoy;
 pub mod http;
 
 use std::io::{Read, Write};
