@@ -235,16 +235,18 @@ impl PluginCounters {
             text.lines()
                 .filter(|l| !l.starts_with('#'))
                 .find_map(|l| {
+                    // `name{} value`, as Envoy prints a plugin's stats.
                     let (n, v) = l.split_once(' ')?;
-                    (n == name).then(|| v.trim().parse::<u64>().ok())?
+                    (n.strip_suffix("{}").unwrap_or(n) == name)
+                        .then(|| v.trim().parse::<u64>().ok())?
                 })
                 .unwrap_or(0)
         };
         Ok(PluginCounters {
-            redis_calls: value("envoy_krowoc_redis_calls"),
-            events_published: value("envoy_krowoc_events_published"),
-            events_flushes: value("envoy_krowoc_events_flushes"),
-            events_dropped: value("envoy_krowoc_events_dropped"),
+            redis_calls: value("krowoc_redis_calls"),
+            events_published: value("krowoc_events_published"),
+            events_flushes: value("krowoc_events_flushes"),
+            events_dropped: value("krowoc_events_dropped"),
         })
     }
 

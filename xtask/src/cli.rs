@@ -8,13 +8,16 @@ usage: cargo xtask <command> [flags]
 
 commands:
   demo           set up, build, start redis (6390), upstream (8080), relay (7379) and
-                 host-shim with envoy/envoy.yaml (gateway 10000, admin 9901); Ctrl-C stops all
+                 Envoy with envoy/envoy.yaml (gateway 10000, admin 9901); Ctrl-C stops all
+      --host HOST         envoy (default) or host-shim: the proxy that runs the filter
       --exit-after SECS   stop cleanly after SECS seconds (also: env DEMO_EXIT_AFTER=SECS)
       --follow-logs       echo the services' logs here (they always go to <target>/demo/*.log)
-  test           set up, build the wasm crates and binaries, then cargo fmt --check,
-                 cargo clippy -D warnings, cargo test --workspace and the README tour
+  test           set up (Envoy too), build the wasm crates and binaries, then cargo fmt
+                 --check, cargo clippy -D warnings, cargo test --workspace (every gateway
+                 test on Envoy and on host-shim) and the README tour on both hosts
   tour           start a fresh demo and run the README's tour against it, comparing every
                  command's output with the README's (the demo's ports must be free)
+      --host HOST         envoy (default) or host-shim
   bench          release build, then the plugin's cost per request in process, and wrk
                  against: direct upstream, host-shim without the filter, host-shim with the
                  plugin; tables in <target>/bench/results.md
@@ -27,7 +30,7 @@ commands:
   build-plugin   build the wasm crates and print their paths and sizes
 
 flags for every command:
-      --no-install        never run rustup/apt-get; stop with the command to run instead";
+      --no-install        never run rustup/apt-get/pip; stop with the command to run instead";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -35,7 +38,7 @@ pub enum Command {
     BuildPlugin(SetupOptions),
     Demo(DemoOptions),
     Test(SetupOptions),
-    Tour(SetupOptions),
+    Tour(TourOptions),
     Bench(BenchOptions),
 }
 
@@ -45,9 +48,41 @@ pub struct SetupOptions {
     pub install: bool,
 }
 
+/// The proxy that runs the filter in the demo and the tour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoHost {
+    Envoy,
+    HostShim,
+}
+
+impl DemoHost {
+    pub const ALL: [DemoHost; 2] = [DemoHost::Envoy, DemoHost::HostShim];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DemoHost::Envoy => "envoy",
+            DemoHost::HostShim => "host-shim",
+        }
+    }
+
+    fn parse(text: &str) -> Result<DemoHost> {
+        DemoHost::ALL
+            .into_iter()
+            .find(|h| h.name() == text)
+            .ok_or_else(|| anyhow!("--host {text:?}: expected envoy or host-shim"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TourOptions {
+    pub setup: SetupOptions,
+    pub host: DemoHost,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoOptions {
     pub setup: SetupOptions,
+    pub host: DemoHost,
     pub exit_after: Option<Duration>,
     pub follow_logs: bool,
 }
@@ -85,7 +120,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
             })?;
             Command::BuildPlugin(setup)
         }
-        "test" | "tour" => {
+        "test" => {
             flags.for_each(|name, _| match name {
                 "--no-install" => {
                     setup.install = false;
@@ -93,11 +128,22 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 }
                 _ => Err(unknown(name)),
             })?;
-            if command == "test" {
-                Command::Test(setup)
-            } else {
-                Command::Tour(setup)
-            }
+            Command::Test(setup)
+        }
+        "tour" => {
+            let mut host = DemoHost::Envoy;
+            flags.for_each(|name, value| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                "--host" => {
+                    host = DemoHost::parse(value.take(name)?)?;
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            Command::Tour(TourOptions { setup, host })
         }
         "demo" => {
             let mut exit_after = match demo_exit_after.as_deref() {
@@ -107,9 +153,14 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 _ => None,
             };
             let mut follow_logs = false;
+            let mut host = DemoHost::Envoy;
             flags.for_each(|name, value| match name {
                 "--no-install" => {
                     setup.install = false;
+                    Ok(())
+                }
+                "--host" => {
+                    host = DemoHost::parse(value.take(name)?)?;
                     Ok(())
                 }
                 "--follow-logs" => {
@@ -124,6 +175,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
             })?;
             Command::Demo(DemoOptions {
                 setup,
+                host,
                 exit_after,
                 follow_logs,
             })
@@ -300,6 +352,25 @@ mod tests {
     }
 
     #[test]
+    fn demo_and_tour_run_envoy_unless_host_shim_is_chosen() {
+        let Command::Demo(o) = parse_with_env(&args(&["demo"]), None).unwrap() else {
+            panic!("not demo")
+        };
+        assert_eq!(o.host, DemoHost::Envoy);
+        let Command::Demo(o) =
+            parse_with_env(&args(&["demo", "--host", "host-shim"]), None).unwrap()
+        else {
+            panic!("not demo")
+        };
+        assert_eq!(o.host, DemoHost::HostShim);
+        let Command::Tour(o) = parse_with_env(&args(&["tour", "--host=host-shim"]), None).unwrap()
+        else {
+            panic!("not tour")
+        };
+        assert_eq!(o.host, DemoHost::HostShim);
+    }
+
+    #[test]
     fn bench_flags_override_defaults() {
         let c = parse_with_env(
             &args(&[
@@ -336,6 +407,8 @@ mod tests {
         assert!(e.to_string().contains("takes no value"), "{e}");
         let e = parse_with_env(&args(&["demo"]), Some("soon".into())).unwrap_err();
         assert!(format!("{e:#}").contains("DEMO_EXIT_AFTER"), "{e:#}");
+        let e = parse_with_env(&args(&["demo", "--host", "nginx"]), None).unwrap_err();
+        assert!(e.to_string().contains("nginx"), "{e}");
         let e = parse_with_env(&args(&["deploy"]), None).unwrap_err();
         assert!(e.to_string().contains("deploy"), "{e}");
     }

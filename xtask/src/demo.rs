@@ -1,7 +1,11 @@
-//! `cargo xtask demo`: redis-server, the upstream, the relay and host-shim running
-//! `envoy/envoy.yaml` with the freshly built plugin, on the agreed local ports, until Ctrl-C.
+//! `cargo xtask demo`: redis-server, the upstream, the relay and Envoy (or, with `--host
+//! host-shim`, host-shim) running `envoy/envoy.yaml` with the freshly built plugin, on the agreed
+//! local ports, until Ctrl-C. Envoy runs a loopback copy of the file (`<target>/demo/envoy.yaml`:
+//! listener, admin and clusters on 127.0.0.1, the stock-Envoy plugin build); host-shim runs the
+//! file itself with its cluster overrides.
 
-use crate::cli::{DemoOptions, SetupOptions};
+use crate::cli::{DemoHost, DemoOptions, SetupOptions};
+use crate::envoy_install::{self, Envoy};
 use crate::envoy_yaml;
 use crate::procs::{self, loopback, ServiceSpec, Services, TempDir};
 use crate::setup::{self, Needs};
@@ -18,7 +22,7 @@ const RELAY_PORT: u16 = 7379;
 const REDIS_PORT: u16 = 6390;
 const PORTS: [(&str, u16); 5] = [
     ("gateway", GATEWAY_PORT),
-    ("host-shim admin", ADMIN_PORT),
+    ("gateway admin", ADMIN_PORT),
     ("upstream", UPSTREAM_PORT),
     ("relay", RELAY_PORT),
     ("redis", REDIS_PORT),
@@ -26,14 +30,14 @@ const PORTS: [(&str, u16); 5] = [
 
 pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     procs::catch_stop_signals();
-    let (ws, wasm, bins) = prepare(&options.setup)?;
+    let (ws, builds) = prepare(&options.setup, options.host)?;
     if let Some(signal) = procs::stop_requested() {
         eprintln!("xtask: {signal} received; nothing was started");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut demo = Demo::start(&ws, &wasm.plugin, &bins, options.follow_logs)?;
+    let mut demo = Demo::start(&ws, &builds, options.host, options.follow_logs)?;
     let log_dir = demo.log_dir.clone();
-    print_banner(&ws.root, &log_dir, options);
+    print_banner(&ws.root, &log_dir, options, &builds);
 
     let deadline = options.exit_after.map(|d| Instant::now() + d);
     loop {
@@ -53,10 +57,19 @@ pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the demo runs: the plugin builds, the binaries, and Envoy when it is the host.
+pub struct Builds {
+    pub wasm: WasmBuild,
+    /// The plugin as stock Envoy loads it (no Higress imports).
+    pub stock_plugin: PathBuf,
+    pub bins: Binaries,
+    pub envoy: Option<Envoy>,
+}
+
 /// What starting the demo needs: its ports free (checked before minutes of building, when a busy
-/// port would only fail later), setup (curl too: not for the demo, for the tour's commands), the
-/// plugin and the binaries.
-pub fn prepare(setup: &SetupOptions) -> Result<(Workspace, WasmBuild, Binaries)> {
+/// port would only fail later), setup (curl too: not for the demo, for the tour's commands; Envoy
+/// when it is the host), the plugin and the binaries.
+pub fn prepare(setup: &SetupOptions, host: DemoHost) -> Result<(Workspace, Builds)> {
     check_ports_free(&PORTS)?;
     setup::ensure(
         &Needs {
@@ -68,9 +81,22 @@ pub fn prepare(setup: &SetupOptions) -> Result<(Workspace, WasmBuild, Binaries)>
         setup,
     )?;
     let ws = Workspace::load()?;
+    let envoy = match host {
+        DemoHost::Envoy => Some(envoy_install::ensure(&ws.target_dir, setup)?),
+        DemoHost::HostShim => None,
+    };
     let wasm = ws.build_wasm()?;
+    let stock_plugin = ws.build_stock_plugin()?;
     let bins = ws.build_binaries(false)?;
-    Ok((ws, wasm, bins))
+    Ok((
+        ws,
+        Builds {
+            wasm,
+            stock_plugin,
+            bins,
+            envoy,
+        },
+    ))
 }
 
 /// The demo's services, running until `stop` (or drop).
@@ -82,14 +108,15 @@ pub struct Demo {
 }
 
 impl Demo {
-    /// Starts redis-server, the upstream, the relay and host-shim running envoy/envoy.yaml with
-    /// `plugin`, on the demo's ports, each waited on until it serves.
+    /// Starts redis-server, the upstream, the relay and the gateway (`host` running
+    /// envoy/envoy.yaml with the plugin), on the demo's ports, each waited on until it serves.
     pub fn start(
         ws: &Workspace,
-        plugin: &Path,
-        bins: &Binaries,
+        builds: &Builds,
+        host: DemoHost,
         follow_logs: bool,
     ) -> Result<Demo> {
+        let bins = &builds.bins;
         let yaml_path = ws.root.join("envoy/envoy.yaml");
         let yaml = std::fs::read_to_string(&yaml_path)
             .with_context(|| format!("cannot read {}", yaml_path.display()))?;
@@ -155,29 +182,65 @@ impl Demo {
             30,
         ))?;
 
-        let mut gateway = with_log_level(Command::new(&bins.host_shim));
-        gateway
-            .current_dir(&ws.root)
-            .args(["run", "--config", "envoy/envoy.yaml", "--plugin"])
-            .arg(plugin)
-            .args(["--listen", &loopback(GATEWAY_PORT).to_string()])
-            .args(["--admin", &loopback(ADMIN_PORT).to_string()])
-            .args([
-                "--cluster",
-                &format!("upstream={}", loopback(UPSTREAM_PORT)),
-            ])
-            .args([
-                "--cluster",
-                &format!("redis_relay={}", loopback(RELAY_PORT)),
-            ])
-            .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
-        services.start(service(
-            "host-shim",
-            gateway,
-            GATEWAY_PORT,
-            "host-shim listening on",
-            60,
-        ))?;
+        let gateway = match host {
+            DemoHost::Envoy => {
+                let envoy = builds
+                    .envoy
+                    .as_ref()
+                    .context("the demo on Envoy needs Envoy (prepare finds or installs it)")?;
+                let copy = testkit::envoy::loopback_yaml(
+                    &yaml,
+                    &testkit::envoy::Loopback {
+                        listener_port: GATEWAY_PORT,
+                        admin_port: ADMIN_PORT,
+                        clusters: &[
+                            ("upstream".into(), loopback(UPSTREAM_PORT)),
+                            ("redis_relay".into(), loopback(RELAY_PORT)),
+                            ("redis".into(), loopback(REDIS_PORT)),
+                        ],
+                        plugin: &builds.stock_plugin,
+                    },
+                )
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("making a loopback copy of {}", yaml_path.display()))?;
+                let copy_path = log_dir.join("envoy.yaml");
+                std::fs::write(&copy_path, copy)
+                    .with_context(|| format!("cannot write {}", copy_path.display()))?;
+                let mut cmd = Command::new(&envoy.path);
+                cmd.arg("-c")
+                    .arg(&copy_path)
+                    .args(["--concurrency", "2", "--disable-hot-restart"])
+                    // Its own shared-memory name, beside any other Envoy on the machine.
+                    .args(["--base-id", &std::process::id().to_string()])
+                    .args(["--log-level", "info"]);
+                service(
+                    "envoy",
+                    cmd,
+                    GATEWAY_PORT,
+                    "starting main dispatch loop",
+                    60,
+                )
+            }
+            DemoHost::HostShim => {
+                let mut cmd = with_log_level(Command::new(&bins.host_shim));
+                cmd.current_dir(&ws.root)
+                    .args(["run", "--config", "envoy/envoy.yaml", "--plugin"])
+                    .arg(&builds.wasm.plugin)
+                    .args(["--listen", &loopback(GATEWAY_PORT).to_string()])
+                    .args(["--admin", &loopback(ADMIN_PORT).to_string()])
+                    .args([
+                        "--cluster",
+                        &format!("upstream={}", loopback(UPSTREAM_PORT)),
+                    ])
+                    .args([
+                        "--cluster",
+                        &format!("redis_relay={}", loopback(RELAY_PORT)),
+                    ])
+                    .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
+                service("host-shim", cmd, GATEWAY_PORT, "host-shim listening on", 60)
+            }
+        };
+        services.start(gateway)?;
 
         Ok(Demo {
             services,
@@ -231,14 +294,18 @@ fn with_log_level(mut cmd: Command) -> Command {
     cmd
 }
 
-fn print_banner(root: &Path, log_dir: &Path, options: &DemoOptions) {
+fn print_banner(root: &Path, log_dir: &Path, options: &DemoOptions, builds: &Builds) {
     let gw = format!("http://{}", loopback(GATEWAY_PORT));
     let admin = format!("http://{}", loopback(ADMIN_PORT));
+    let host = match (&builds.envoy, options.host) {
+        (Some(envoy), DemoHost::Envoy) => format!("Envoy {} + plugin", envoy.version),
+        _ => "host-shim + plugin".to_string(),
+    };
     println!(
         "
-Krowoc Edge demo is running:
-  gateway (host-shim + plugin)  {gw}
-  host-shim admin               {admin}/stats/prometheus
+Krowoc Edge demo is running on {host}:
+  gateway                       {gw}
+  gateway admin                 {admin}/stats/prometheus
   upstream, direct              http://{upstream}
   relay                         http://{relay}/resp
   redis                         redis://{redis}   (redis-cli -p {REDIS_PORT})

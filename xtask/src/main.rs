@@ -17,6 +17,7 @@ mod cli;
 mod demo;
 #[cfg(test)]
 mod doc_commands;
+mod envoy_install;
 mod envoy_yaml;
 mod markdown;
 mod probe;

@@ -1,9 +1,11 @@
-//! `cargo xtask test` (what CI runs): setup, the wasm crates and binaries, then formatting,
-//! clippy with warnings denied, every test in the workspace, and the README's tour run against
-//! a fresh demo. Each step prints its name and
+//! `cargo xtask test` (what CI runs): setup (Envoy too), the wasm crates and binaries, then
+//! formatting, clippy with warnings denied, every test in the workspace (gateway tests on Envoy
+//! and on host-shim), and the README's tour run against a fresh demo on each host. Each step prints its name and
 //! duration; the first failing step stops the run with its exit code.
 
-use crate::cli::SetupOptions;
+use crate::cli::{DemoHost, SetupOptions};
+use crate::demo::Builds;
+use crate::envoy_install;
 use crate::setup::{self, Needs};
 use crate::tour;
 use crate::workspace::{cargo, describe, Workspace};
@@ -54,6 +56,8 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
         options,
     )?;
     let ws = Workspace::load()?;
+    let envoy = envoy_install::ensure(&ws.target_dir, options)?;
+    eprintln!("xtask: Envoy {} at {}", envoy.version, envoy.path.display());
     timings.push(("setup", done("setup", t)));
 
     let t = step("build wasm crates");
@@ -68,9 +72,10 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
     let env: Vec<(&str, OsString)> = vec![
         (ENV_PLUGIN_WASM, wasm.plugin.clone().into()),
         (ENV_WASM_DIR, wasm.dir.clone().into()),
-        (ENV_STOCK_PLUGIN_WASM, stock_plugin.into()),
+        (ENV_STOCK_PLUGIN_WASM, stock_plugin.clone().into()),
         (ENV_HOST_SHIM_BIN, bins.host_shim.clone().into()),
         (ENV_UPSTREAM_BIN, bins.upstream.clone().into()),
+        (testkit::envoy::ENV_ENVOY, envoy.path.clone().into()),
     ];
     for (k, v) in &env {
         eprintln!("xtask: tests get {k}={}", v.to_string_lossy());
@@ -91,14 +96,26 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     }
-    // Last: the README's tour against a fresh demo (the demo's fixed ports must be free).
-    let t = step("README tour");
-    let toured = tour::run_on(&ws, &wasm.plugin, &bins);
-    timings.push(("README tour", done("README tour", t)));
-    if !toured? {
-        eprintln!("xtask: step `README tour` failed; the README and the demo disagree");
-        print_summary(&timings, started.elapsed());
-        return Ok(ExitCode::FAILURE);
+    // Last: the README's tour against a fresh demo on each host (the demo's fixed ports must be
+    // free).
+    let builds = Builds {
+        wasm,
+        stock_plugin,
+        bins,
+        envoy: Some(envoy),
+    };
+    for (name, host) in [
+        ("README tour (envoy)", DemoHost::Envoy),
+        ("README tour (host-shim)", DemoHost::HostShim),
+    ] {
+        let t = step(name);
+        let toured = tour::run_on(&ws, &builds, host);
+        timings.push((name, done(name, t)));
+        if !toured? {
+            eprintln!("xtask: step `{name}` failed; the README and the demo disagree");
+            print_summary(&timings, started.elapsed());
+            return Ok(ExitCode::FAILURE);
+        }
     }
     print_summary(&timings, started.elapsed());
     eprintln!("xtask: all checks passed");
@@ -136,9 +153,9 @@ fn run_step(cmd: &mut Command) -> Result<u8> {
 fn print_summary(timings: &[(&str, Duration)], total: Duration) {
     eprintln!("\nxtask: step timings");
     for (name, took) in timings {
-        eprintln!("  {name:<20} {:>8}", seconds(*took));
+        eprintln!("  {name:<24} {:>8}", seconds(*took));
     }
-    eprintln!("  {:<20} {:>8}", "total", seconds(total));
+    eprintln!("  {:<24} {:>8}", "total", seconds(total));
 }
 
 fn seconds(d: Duration) -> String {

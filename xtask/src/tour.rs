@@ -9,10 +9,10 @@
 //! `cargo xtask test` runs the tour after the tests, so the README cannot drift from what the
 //! demo does.
 
-use crate::cli::SetupOptions;
-use crate::demo::Demo;
+use crate::cli::{DemoHost, TourOptions};
+use crate::demo::{Builds, Demo};
 use crate::markdown;
-use crate::workspace::{Binaries, Workspace};
+use crate::workspace::Workspace;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -130,18 +130,18 @@ fn output_lines(stdout: &str) -> Vec<&str> {
 }
 
 /// `cargo xtask tour`: set up, build, start a fresh demo, run the tour, stop.
-pub fn run(options: &SetupOptions) -> Result<ExitCode> {
-    let (ws, wasm, bins) = crate::demo::prepare(options)?;
-    Ok(if run_on(&ws, &wasm.plugin, &bins)? {
+pub fn run(options: &TourOptions) -> Result<ExitCode> {
+    let (ws, builds) = crate::demo::prepare(&options.setup, options.host)?;
+    Ok(if run_on(&ws, &builds, options.host)? {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-/// Runs the tour against a demo started from these builds; false when any command failed or
-/// printed something else than the README shows (each is reported).
-pub fn run_on(ws: &Workspace, plugin: &Path, bins: &Binaries) -> Result<bool> {
+/// Runs the tour against a demo on `host` started from these builds; false when any command
+/// failed or printed something else than the README shows (each is reported).
+pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost) -> Result<bool> {
     let readme = read(&ws.root.join("README.md"))?;
     let steps = console_steps("README.md", &readme)?;
     if steps.is_empty() {
@@ -150,9 +150,10 @@ pub fn run_on(ws: &Workspace, plugin: &Path, bins: &Binaries) -> Result<bool> {
     let deploy = read(&ws.root.join("envoy/README.md"))?;
     let curls = sh_lines("envoy/README.md", &deploy, "curl ")?;
 
-    let mut demo = Demo::start(ws, plugin, bins, false)?;
+    let mut demo = Demo::start(ws, builds, host, false)?;
     eprintln!(
-        "xtask: tour: {} commands from README.md, {} curl lines from envoy/README.md",
+        "xtask: tour on {}: {} commands from README.md, {} curl lines from envoy/README.md",
+        host.name(),
         steps.len(),
         curls.len()
     );
