@@ -22,6 +22,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # Stage 2: the official image (V8 Wasm runtime built in), pinned; see envoy/README.md for why
 # this version.
-FROM envoyproxy/envoy:v1.38.4
+FROM envoyproxy/envoy:v1.40.0
 COPY --from=plugin /out/plugin.wasm /etc/envoy/plugin.wasm
 COPY envoy/docker/http-ready.sh /usr/local/bin/http-ready

@@ -655,7 +655,7 @@ fn an_unlocked_build_of_the_whole_workspace_is_reported() {
 fn floating_image_tags_are_reported() {
     let d = Deployment::repo()
         .edit(ENVOY_DOCKERFILE, |t| {
-            t.replace("envoyproxy/envoy:v1.38.4", "envoyproxy/envoy:v1.38-latest")
+            t.replace("envoyproxy/envoy:v1.40.0", "envoyproxy/envoy:v1.40-latest")
         })
         .edit(COMPOSE, |t| {
             t.replace("image: redis:7.4.7-bookworm", "image: redis")
@@ -667,7 +667,23 @@ fn floating_image_tags_are_reported() {
             other => panic!("{other}"),
         })
         .collect();
-    assert_eq!(images, vec!["redis", "envoyproxy/envoy:v1.38-latest"]);
+    assert_eq!(images, vec!["redis", "envoyproxy/envoy:v1.40-latest"]);
+}
+
+#[test]
+fn an_envoy_image_other_than_the_release_the_tests_run_is_reported() {
+    let d = Deployment::repo().edit(ENVOY_DOCKERFILE, |t| {
+        t.replace("envoyproxy/envoy:v1.40.0", "envoyproxy/envoy:v1.38.4")
+    });
+    match check_dockerfiles(&d).as_slice() {
+        [Problem::EnvoyNotTested { image, tested, .. }] => {
+            assert_eq!(
+                (image.as_str(), tested.as_str()),
+                ("envoyproxy/envoy:v1.38.4", testkit::envoy::PINNED_VERSION)
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

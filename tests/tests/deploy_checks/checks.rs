@@ -259,6 +259,11 @@ pub enum Problem {
         image: String,
         why: String,
     },
+    EnvoyNotTested {
+        dockerfile: String,
+        image: String,
+        tested: String,
+    },
     RustTooOld {
         dockerfile: String,
         image: String,
@@ -379,6 +384,10 @@ impl fmt::Display for Problem {
             CargoBuild { dockerfile, line, message } => write!(f, "{dockerfile}:{line}: {message}"),
             PluginFeatures { dockerfile, line, message } => write!(f, "{dockerfile}:{line}: {message}"),
             ImageNotPinned { file, image, why } => write!(f, "{file}: image {image} is not pinned: {why}"),
+            EnvoyNotTested { dockerfile, image, tested } => write!(
+                f,
+                "{dockerfile}: {image} is not the Envoy the tests run (envoyproxy/envoy:v{tested})"
+            ),
             RustTooOld { dockerfile, image, required } => write!(
                 f,
                 "{dockerfile}: {image} is older than the workspace's rust-version {required}"
@@ -1235,9 +1244,7 @@ fn pinned(image: &str) -> Result<(), String> {
         },
         "envoyproxy/envoy" => match tag.strip_prefix('v') {
             Some(v) if exact(v) => Ok(()),
-            _ => {
-                Err("give an exact release, e.g. v1.38.4 (Wasm support was checked for it)".into())
-            }
+            _ => Err("give an exact release, e.g. v1.40.0 (the release the tests run)".into()),
         },
         "redis" => match tag.split('-').next() {
             Some(v) if exact(v) => Ok(()),
@@ -1312,6 +1319,15 @@ pub fn check_dockerfiles(d: &Deployment) -> Vec<Problem> {
                         file: file.clone(),
                         image: stage.image.clone(),
                         why,
+                    });
+                }
+            }
+            if let Some(tag) = stage.image.strip_prefix("envoyproxy/envoy:") {
+                if tag != format!("v{}", testkit::envoy::PINNED_VERSION) {
+                    problems.push(Problem::EnvoyNotTested {
+                        dockerfile: file.clone(),
+                        image: stage.image.clone(),
+                        tested: testkit::envoy::PINNED_VERSION.into(),
                     });
                 }
             }
