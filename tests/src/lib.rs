@@ -1,13 +1,17 @@
 //! Support for the end-to-end tests: a whole stack from real parts, on free loopback ports —
-//! a real `redis-server`, the upstream (axum, in-process on a real socket), the relay, and
-//! host-shim running `envoy/envoy.yaml` with the real `plugin.wasm` — exactly what
-//! `cargo xtask demo` runs, with the clusters pointed at the test's ports.
+//! a real `redis-server`, the upstream (axum, in-process on a real socket), the relay, and a
+//! gateway running `envoy/envoy.yaml` with the real `plugin.wasm`: real Envoy (the reference
+//! host) or host-shim, started from the same yaml with the clusters pointed at the test's ports.
 //!
 //! ```no_run
-//! let stack = krowoc_tests::Stack::start();
+//! let stack = krowoc_tests::Stack::on(krowoc_tests::Host::Envoy);
 //! let resp = stack.get("/health");
 //! assert_eq!(resp.status, 200);
 //! ```
+//!
+//! [`on_both_hosts!`] makes a test per host of a `fn name(host: Host)`; [`on_host_shim_only!`]
+//! is for what only host-shim has, with the reason Envoy's variant is skipped (the one list of
+//! such reasons).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ use host_shim::run::{RunArgs, Running};
 use krowoc_upstream::config::UpstreamConfig;
 use krowoc_upstream::AppState;
 use serde_json::Value;
+use testkit::envoy::{EnvoyProcess, Loopback};
 pub use testkit::http::Response;
 pub use testkit::RedisServer;
 
@@ -47,6 +52,80 @@ pub fn plugin_wasm() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The plugin as stock Envoy loads it (no Higress imports): `KROWOC_STOCK_PLUGIN_WASM`, else
+/// xtask's stock build under the workspace's target dir.
+pub fn stock_plugin_wasm() -> PathBuf {
+    let path = std::env::var_os("KROWOC_STOCK_PLUGIN_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("target/stock-plugin/wasm32-wasip1/wasm/krowoc_plugin.wasm")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// The proxy a gateway runs the plugin in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// Real Envoy (`KROWOC_ENVOY`, installed by `cargo xtask test`), the stock plugin build.
+    Envoy,
+    /// host-shim, in this process, the plugin with Higress's Redis calls.
+    HostShim,
+}
+
+/// One `#[test]` per host for each named `fn name(host: Host)`: `name::envoy` and
+/// `name::host_shim` (a module and a function may share a name).
+#[macro_export]
+macro_rules! on_both_hosts {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn envoy() {
+                super::$name($crate::Host::Envoy)
+            }
+            #[test]
+            fn host_shim() {
+                super::$name($crate::Host::HostShim)
+            }
+        }
+    )+};
+}
+
+/// Tests of what only host-shim (and Higress) has: `name::host_shim` runs, `name::envoy` is
+/// listed as ignored with the reason. Every feature a host lacks is one arm here, so the
+/// reasons stand in one place.
+#[macro_export]
+macro_rules! on_host_shim_only {
+    (redis_call: $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            #[ignore = "stock Envoy has no proxy_redis_call (Higress's ABI extension): \
+                        transport redis_call runs in host-shim and Higress only"]
+            fn envoy() {}
+            #[test]
+            fn host_shim() {
+                super::$name($crate::Host::HostShim)
+            }
+        }
+    )+};
+    (host_api: $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            #[ignore = "drives host-shim's own API (its run arguments and startup errors); \
+                        the Envoy side of the same contract is tested through its process"]
+            fn envoy() {}
+            #[test]
+            fn host_shim() {
+                super::$name($crate::Host::HostShim)
+            }
+        }
+    )+};
 }
 
 /// The shipped Envoy configuration.
@@ -112,6 +191,7 @@ pub type ConfigEdit = Box<dyn Fn(&mut Value)>;
 
 /// How to start a [`Stack`].
 pub struct StackOptions {
+    pub host: Host,
     /// Changes the plugin configuration from envoy.yaml before starting.
     pub plugin_config: Option<ConfigEdit>,
     pub workers: usize,
@@ -124,6 +204,7 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {
+            host: Host::HostShim,
             plugin_config: None,
             workers: 2,
             upstream_delay: Duration::ZERO,
@@ -132,8 +213,55 @@ impl Default for StackOptions {
     }
 }
 
+/// A gateway the stack started; it stops on drop.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    process: GatewayProcess,
+}
+
+enum GatewayProcess {
+    HostShim(Option<Running>),
+    Envoy(EnvoyProcess),
+}
+
+impl Gateway {
+    /// What the gateway logged: Envoy's log file (host-shim logs to the test's output).
+    pub fn log(&self) -> String {
+        match &self.process {
+            GatewayProcess::Envoy(e) => e.log_text(),
+            GatewayProcess::HostShim(_) => String::new(),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        testkit::http::get(self.addr, path)
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        testkit::http::request(self.addr, method, path, headers, body)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let GatewayProcess::HostShim(running) = &mut self.process {
+            if let Some(r) = running.take() {
+                r.stop();
+            }
+        }
+    }
+}
+
 /// A running stack; everything stops on drop.
 pub struct Stack {
+    pub host: Host,
     pub redis: RedisServer,
     pub upstream: SocketAddr,
     pub upstream_state: AppState,
@@ -141,14 +269,22 @@ pub struct Stack {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub yaml: PathBuf,
-    running: Vec<Running>,
+    gateways: Vec<Gateway>,
     rt: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Stack {
     pub fn start() -> Stack {
         Stack::start_with(StackOptions::default())
+    }
+
+    /// The default stack with its gateway on `host`.
+    pub fn on(host: Host) -> Stack {
+        Stack::start_with(StackOptions {
+            host,
+            ..StackOptions::default()
+        })
     }
 
     pub fn start_with(options: StackOptions) -> Stack {
@@ -204,6 +340,7 @@ impl Stack {
         });
 
         let mut stack = Stack {
+            host: options.host,
             redis,
             upstream,
             upstream_state,
@@ -211,9 +348,9 @@ impl Stack {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             yaml,
-            running: Vec::new(),
+            gateways: Vec::new(),
             rt,
-            _dir: dir,
+            dir,
         };
         let (gateway, admin) = stack.start_gateway(options.workers);
         stack.gateway = gateway;
@@ -242,17 +379,72 @@ impl Stack {
     /// Starts another gateway on the same Redis, relay and upstream (e.g. to show that two
     /// gateways share one limit); returns its listener and admin addresses.
     pub fn start_gateway(&mut self, workers: usize) -> (SocketAddr, SocketAddr) {
-        let args = self.run_args(workers);
-        let running = self
-            .rt
-            .block_on(host_shim::run::start(&args))
-            .unwrap_or_else(|e| panic!("host-shim did not start: {e:#}"));
-        let addrs = (
-            running.gateway.local_addr,
-            running.admin_addr.expect("admin address"),
-        );
-        self.running.push(running);
+        let gateway = self.spawn_gateway(workers, &[]);
+        let addrs = (gateway.addr, gateway.admin);
+        self.gateways.push(gateway);
         addrs
+    }
+
+    /// A gateway on this stack's host whose clusters are this stack's parts, except those in
+    /// `clusters` (name, address); the caller owns it.
+    pub fn spawn_gateway(&self, workers: usize, clusters: &[(&str, SocketAddr)]) -> Gateway {
+        let mut all: Vec<(String, SocketAddr)> = vec![
+            ("upstream".into(), self.upstream),
+            ("redis_relay".into(), self.relay),
+            ("redis".into(), self.redis.addr()),
+        ];
+        for (name, addr) in clusters {
+            all.retain(|(n, _)| n != name);
+            all.push((name.to_string(), *addr));
+        }
+        match self.host {
+            Host::HostShim => {
+                let mut args = self.run_args(workers);
+                args.clusters = all.iter().map(|(n, a)| format!("{n}={a}")).collect();
+                let running = self
+                    .rt
+                    .block_on(host_shim::run::start(&args))
+                    .unwrap_or_else(|e| panic!("host-shim did not start: {e:#}"));
+                Gateway {
+                    addr: running.gateway.local_addr,
+                    admin: running.admin_addr.expect("admin address"),
+                    process: GatewayProcess::HostShim(Some(running)),
+                }
+            }
+            Host::Envoy => {
+                let yaml = std::fs::read_to_string(&self.yaml).expect("read the stack's yaml");
+                let plugin = stock_plugin_wasm();
+                let copy = testkit::envoy::loopback_yaml(
+                    &yaml,
+                    &Loopback {
+                        listener_port: 0,
+                        admin_port: 0,
+                        clusters: &all,
+                        plugin: &plugin,
+                    },
+                )
+                .unwrap_or_else(|e| panic!("loopback copy of envoy.yaml: {e}"));
+                let dir = tempfile::tempdir_in(self.dir.path()).expect("gateway dir");
+                let path = dir.path().join("envoy.yaml");
+                std::fs::write(&path, copy).expect("write envoy.yaml");
+                let envoy =
+                    EnvoyProcess::start(&testkit::envoy::binary(), &path, dir.path(), workers)
+                        .unwrap_or_else(|e| panic!("envoy did not start: {e}"));
+                // The directory (log, yaml) stays for a failing test to read; the stack's
+                // temp dir removes it.
+                let _ = dir.keep();
+                Gateway {
+                    addr: envoy.listener,
+                    admin: envoy.admin,
+                    process: GatewayProcess::Envoy(envoy),
+                }
+            }
+        }
+    }
+
+    /// What the stack's first gateway logged (Envoy's log; empty for host-shim).
+    pub fn gateway_log(&self) -> String {
+        self.gateways.first().map(Gateway::log).unwrap_or_default()
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -286,19 +478,17 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for r in self.running.drain(..) {
-            r.stop();
-        }
+        self.gateways.clear();
     }
 }
 
-/// Finds `name value` in Prometheus text.
+/// Finds `name{} value` (as Envoy prints a plugin's stats) or `name value` in Prometheus text.
 pub fn metric_value(text: &str, name: &str) -> i64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse().ok())?
+            (n.strip_suffix("{}").unwrap_or(n) == name).then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0)
 }

@@ -9,8 +9,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response as AxumResponse};
 use axum::routing::get;
 use axum::Router;
-use host_shim::run::Running;
-use krowoc_tests::{eventually, metric_value, Response, Stack, StackOptions};
+use krowoc_tests::{eventually, metric_value, Gateway, Host, Response, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -46,11 +45,13 @@ fn cached_data_policy(cfg: &mut Value) -> &mut Value {
 }
 
 fn stack_with(
+    host: Host,
     transport: &'static str,
     delay: Duration,
     tweak: impl Fn(&mut Value) + 'static,
 ) -> Stack {
     Stack::start_with(StackOptions {
+        host,
         plugin_config: Some(Box::new(move |cfg: &mut Value| {
             use_transport(cfg, transport);
             // The machine running the tests may be busy: a lookup that misses a 200ms timeout
@@ -63,16 +64,13 @@ fn stack_with(
     })
 }
 
-fn stack(transport: &'static str) -> Stack {
-    stack_with(transport, Duration::ZERO, |_| {})
+fn stack(host: Host, transport: &'static str) -> Stack {
+    stack_with(host, transport, Duration::ZERO, |_| {})
 }
 
 /// Prometheus name of a per-route cache counter.
 fn cache_metric(route: &str, what: &str) -> String {
-    format!(
-        "envoy_krowoc_cache_{}_{what}",
-        route.replace(['-', '.'], "_")
-    )
+    format!("krowoc_cache_{}_{what}", route.replace(['-', '.'], "_"))
 }
 
 fn upstream_calls(stack: &Stack) -> u64 {
@@ -149,8 +147,8 @@ fn entry_keys(stack: &Stack) -> Vec<String> {
 
 // ---- miss, hit, expiry, keys ---------------------------------------------------------------
 
-fn miss_then_hit(transport: &'static str) {
-    let stack = stack(transport);
+fn miss_then_hit(host: Host, transport: &'static str) {
+    let stack = stack(host, transport);
     let miss = stack.get(&user("1"));
     assert_eq!(miss.status, 200, "{}", miss.text());
     assert_eq!(x_cache(&miss), "MISS");
@@ -194,19 +192,19 @@ fn miss_then_hit(transport: &'static str) {
     );
 }
 
-#[test]
-fn miss_then_hit_with_identical_body_and_fields_relay() {
-    miss_then_hit(RELAY);
+krowoc_tests::on_both_hosts!(miss_then_hit_with_identical_body_and_fields_relay);
+fn miss_then_hit_with_identical_body_and_fields_relay(host: Host) {
+    miss_then_hit(host, RELAY);
 }
 
-#[test]
-fn miss_then_hit_with_identical_body_and_fields_redis_call() {
-    miss_then_hit(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: miss_then_hit_with_identical_body_and_fields_redis_call);
+fn miss_then_hit_with_identical_body_and_fields_redis_call(host: Host) {
+    miss_then_hit(host, REDIS_CALL);
 }
 
-#[test]
-fn entries_expire_after_their_ttl() {
-    let stack = stack_with(RELAY, Duration::ZERO, |cfg| {
+krowoc_tests::on_both_hosts!(entries_expire_after_their_ttl);
+fn entries_expire_after_their_ttl(host: Host) {
+    let stack = stack_with(host, RELAY, Duration::ZERO, |cfg| {
         *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
                                           "honor_cache_control": false});
     });
@@ -225,9 +223,9 @@ fn entries_expire_after_their_ttl() {
     assert_eq!(upstream_calls(&stack), 2);
 }
 
-#[test]
-fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored() {
-    let stack = stack(RELAY);
+krowoc_tests::on_both_hosts!(each_user_id_has_its_own_entry_and_other_parameters_are_ignored);
+fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored(host: Host) {
+    let stack = stack(host, RELAY);
     for id in ["1", "2"] {
         assert_eq!(x_cache(&stack.get(&user(id))), "MISS");
     }
@@ -250,8 +248,8 @@ fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored() {
     assert_eq!(upstream_calls(&stack), 3);
 }
 
-fn rate_limit_and_cache(transport: &'static str) {
-    let stack = stack_with(transport, Duration::ZERO, |cfg| {
+fn rate_limit_and_cache(host: Host, transport: &'static str) {
+    let stack = stack_with(host, transport, Duration::ZERO, |cfg| {
         let routes = cfg["routes"].as_array_mut().expect("routes");
         let route = routes
             .iter_mut()
@@ -285,14 +283,14 @@ fn rate_limit_and_cache(transport: &'static str) {
     assert_eq!(stack.metric(&cache_metric("cached-data", "hits")), 4);
 }
 
-#[test]
-fn a_rate_limited_cached_route_decides_both_in_one_round_trip_relay() {
-    rate_limit_and_cache(RELAY);
+krowoc_tests::on_both_hosts!(a_rate_limited_cached_route_decides_both_in_one_round_trip_relay);
+fn a_rate_limited_cached_route_decides_both_in_one_round_trip_relay(host: Host) {
+    rate_limit_and_cache(host, RELAY);
 }
 
-#[test]
-fn a_rate_limited_cached_route_decides_both_in_one_round_trip_redis_call() {
-    rate_limit_and_cache(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: a_rate_limited_cached_route_decides_both_in_one_round_trip_redis_call);
+fn a_rate_limited_cached_route_decides_both_in_one_round_trip_redis_call(host: Host) {
+    rate_limit_and_cache(host, REDIS_CALL);
 }
 
 // ---- invalidation ---------------------------------------------------------------------------
@@ -306,8 +304,8 @@ fn fill(stack: &Stack, ids: &[&str]) {
     }
 }
 
-fn purge_endpoint(transport: &'static str) {
-    let stack = stack(transport);
+fn purge_endpoint(host: Host, transport: &'static str) {
+    let stack = stack(host, transport);
     fill(&stack, &["1", "2", "3", "4"]);
     assert_eq!(entry_keys(&stack).len(), 4);
 
@@ -336,22 +334,22 @@ fn purge_endpoint(transport: &'static str) {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(entry_keys(&stack).is_empty(), "{:?}", entry_keys(&stack));
     assert_eq!(x_cache(&stack.get(&user("4"))), "MISS");
-    assert!(stack.metric("envoy_krowoc_cache_purges") >= 4);
+    assert!(stack.metric("krowoc_cache_purges") >= 4);
 }
 
-#[test]
-fn purge_endpoint_by_tag_url_pattern_and_route_relay() {
-    purge_endpoint(RELAY);
+krowoc_tests::on_both_hosts!(purge_endpoint_by_tag_url_pattern_and_route_relay);
+fn purge_endpoint_by_tag_url_pattern_and_route_relay(host: Host) {
+    purge_endpoint(host, RELAY);
 }
 
-#[test]
-fn purge_endpoint_by_tag_url_pattern_and_route_redis_call() {
-    purge_endpoint(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: purge_endpoint_by_tag_url_pattern_and_route_redis_call);
+fn purge_endpoint_by_tag_url_pattern_and_route_redis_call(host: Host) {
+    purge_endpoint(host, REDIS_CALL);
 }
 
-#[test]
-fn purge_endpoint_refuses_wrong_tokens_methods_and_empty_requests() {
-    let stack = stack(RELAY);
+krowoc_tests::on_both_hosts!(purge_endpoint_refuses_wrong_tokens_methods_and_empty_requests);
+fn purge_endpoint_refuses_wrong_tokens_methods_and_empty_requests(host: Host) {
+    let stack = stack(host, RELAY);
     fill(&stack, &["1"]);
     let wrong = stack.request(
         "POST",
@@ -390,9 +388,9 @@ fn purge_endpoint_refuses_wrong_tokens_methods_and_empty_requests() {
     );
 }
 
-#[test]
-fn the_purge_endpoint_is_off_unless_configured() {
-    let stack = stack_with(RELAY, Duration::ZERO, |cfg| {
+krowoc_tests::on_both_hosts!(the_purge_endpoint_is_off_unless_configured);
+fn the_purge_endpoint_is_off_unless_configured(host: Host) {
+    let stack = stack_with(host, RELAY, Duration::ZERO, |cfg| {
         cfg.as_object_mut().expect("object").remove("cache");
     });
     let r = purge(&stack, "tag=user:1");
@@ -402,8 +400,8 @@ fn the_purge_endpoint_is_off_unless_configured() {
     );
 }
 
-fn invalidation_header(transport: &'static str) {
-    let stack = stack(transport);
+fn invalidation_header(host: Host, transport: &'static str) {
+    let stack = stack(host, transport);
     fill(&stack, &["1", "2", "3"]);
     let r = stack.request(
         "POST",
@@ -416,7 +414,7 @@ fn invalidation_header(transport: &'static str) {
     // The response was held until the purge was done: a read right after it misses.
     assert_eq!(x_cache(&stack.get(&user("1"))), "MISS");
     assert_eq!(x_cache(&stack.get(&user("2"))), "HIT");
-    assert_eq!(stack.metric("envoy_krowoc_cache_purges"), 1);
+    assert_eq!(stack.metric("krowoc_cache_purges"), 1);
     let r = stack.request("POST", "/api/invalidate-cache", &[], b"");
     assert_eq!(
         r.header("x-krowoc-invalidate"),
@@ -431,20 +429,20 @@ fn invalidation_header(transport: &'static str) {
     assert_eq!(x_cache(&stack.get(&user("3"))), "MISS");
 }
 
-#[test]
-fn upstream_invalidation_header_purges_one_user_then_the_route_relay() {
-    invalidation_header(RELAY);
+krowoc_tests::on_both_hosts!(upstream_invalidation_header_purges_one_user_then_the_route_relay);
+fn upstream_invalidation_header_purges_one_user_then_the_route_relay(host: Host) {
+    invalidation_header(host, RELAY);
 }
 
-#[test]
-fn upstream_invalidation_header_purges_one_user_then_the_route_redis_call() {
-    invalidation_header(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: upstream_invalidation_header_purges_one_user_then_the_route_redis_call);
+fn upstream_invalidation_header_purges_one_user_then_the_route_redis_call(host: Host) {
+    invalidation_header(host, REDIS_CALL);
 }
 
 // ---- coalescing and stale serving ------------------------------------------------------------
 
-fn concurrent_misses(transport: &'static str) {
-    let stack = stack_with(transport, Duration::from_millis(500), |_| {});
+fn concurrent_misses(host: Host, transport: &'static str) {
+    let stack = stack_with(host, transport, Duration::from_millis(500), |_| {});
     let n = 20;
     let barrier = Arc::new(Barrier::new(n));
     let gateway = stack.gateway;
@@ -479,29 +477,23 @@ fn concurrent_misses(transport: &'static str) {
     assert!(stack.metric(&cache_metric("cached-data", "coalesced")) >= 1);
 }
 
-#[test]
-fn twenty_concurrent_misses_make_one_upstream_call_relay() {
-    concurrent_misses(RELAY);
+krowoc_tests::on_both_hosts!(twenty_concurrent_misses_make_one_upstream_call_relay);
+fn twenty_concurrent_misses_make_one_upstream_call_relay(host: Host) {
+    concurrent_misses(host, RELAY);
 }
 
-#[test]
-fn twenty_concurrent_misses_make_one_upstream_call_redis_call() {
-    concurrent_misses(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: twenty_concurrent_misses_make_one_upstream_call_redis_call);
+fn twenty_concurrent_misses_make_one_upstream_call_redis_call(host: Host) {
+    concurrent_misses(host, REDIS_CALL);
 }
 
 /// Starts another gateway on the stack's Redis and relay whose `upstream` cluster is `upstream`.
-fn gateway_to(stack: &Stack, upstream: SocketAddr) -> Running {
-    let mut args = stack.run_args(1);
-    args.clusters.retain(|c| !c.starts_with("upstream="));
-    args.clusters.push(format!("upstream={upstream}"));
-    stack
-        .runtime()
-        .block_on(host_shim::run::start(&args))
-        .unwrap_or_else(|e| panic!("second gateway: {e:#}"))
+fn gateway_to(stack: &Stack, upstream: SocketAddr) -> Gateway {
+    stack.spawn_gateway(1, &[("upstream", upstream)])
 }
 
-fn stale_if_error(transport: &'static str) {
-    let stack = stack_with(transport, Duration::ZERO, |cfg| {
+fn stale_if_error(host: Host, transport: &'static str) {
+    let stack = stack_with(host, transport, Duration::ZERO, |cfg| {
         *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
                                           "honor_cache_control": false, "stale_if_error": "60s"});
     });
@@ -513,15 +505,8 @@ fn stale_if_error(transport: &'static str) {
     let broken = gateway_to(&stack, dead);
     // The same Host as the first gateway's clients: the host is part of the key.
     let host = stack.gateway.to_string();
-    let via_broken = |path: &str| {
-        testkit::http::request(
-            broken.gateway.local_addr,
-            "GET",
-            path,
-            &[("host", &host)],
-            b"",
-        )
-    };
+    let via_broken =
+        |path: &str| testkit::http::request(broken.addr, "GET", path, &[("host", &host)], b"");
     let r = via_broken(&user("5"));
     assert_eq!(
         r.status,
@@ -544,22 +529,22 @@ fn stale_if_error(transport: &'static str) {
     let refreshed = stack.get(&user("5"));
     assert_eq!(x_cache(&refreshed), "EXPIRED");
     assert_eq!(upstream_calls(&stack), 2);
-    broken.stop();
+    drop(broken);
 }
 
-#[test]
-fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_relay() {
-    stale_if_error(RELAY);
+krowoc_tests::on_both_hosts!(stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_relay);
+fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_relay(host: Host) {
+    stale_if_error(host, RELAY);
 }
 
-#[test]
-fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_redis_call() {
-    stale_if_error(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_redis_call);
+fn stale_if_error_serves_the_stale_copy_when_the_upstream_is_down_redis_call(host: Host) {
+    stale_if_error(host, REDIS_CALL);
 }
 
-#[test]
-fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
-    let stack = stack_with(RELAY, Duration::from_millis(300), |cfg| {
+krowoc_tests::on_both_hosts!(stale_while_revalidate_serves_stale_and_refreshes_in_the_background);
+fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background(host: Host) {
+    let stack = stack_with(host, RELAY, Duration::from_millis(300), |cfg| {
         *cached_data_policy(cfg) = json!({"ttl": "1s", "key": {"query": ["user_id"]},
                                           "honor_cache_control": false,
                                           "stale_while_revalidate": "30s"});
@@ -584,27 +569,21 @@ fn stale_while_revalidate_serves_stale_and_refreshes_in_the_background() {
     assert_ne!(fresh.body, first.body, "the refreshed copy");
     assert_eq!(fresh.json()["call"], 2);
     assert_eq!(upstream_calls(&stack), 2, "refreshed once");
-    assert!(stack.metric("envoy_krowoc_cache_revalidations") >= 1);
+    assert!(stack.metric("krowoc_cache_revalidations") >= 1);
 }
 
 // ---- what is never stored, poisoning, corruption, outages -----------------------------------
 
-#[test]
-fn a_successful_unsafe_request_invalidates_its_url() {
-    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+krowoc_tests::on_both_hosts!(a_successful_unsafe_request_invalidates_its_url);
+fn a_successful_unsafe_request_invalidates_its_url(host: Host) {
+    let setup = OriginSetup::start(host, json!({"ttl": "60s"}));
     setup.get("/origin/public", &[]);
     assert!(eventually(Duration::from_secs(3), || {
         x_cache(&setup.get("/origin/public", &[])) == "HIT"
     }));
     let post = |status: u16| {
         setup.origin.post_status.store(status, Ordering::Relaxed);
-        testkit::http::request(
-            setup.gateway.gateway.local_addr,
-            "POST",
-            "/origin/public",
-            &[],
-            b"",
-        )
+        testkit::http::request(setup.gateway.addr, "POST", "/origin/public", &[], b"")
     };
     let failed = post(500);
     assert_eq!(failed.status, 500);
@@ -618,12 +597,11 @@ fn a_successful_unsafe_request_invalidates_its_url() {
     assert_eq!(post(204).status, 204);
     // RFC 9111 4.4: the POST's target URI is invalidated, before the POST's response goes on.
     assert_eq!(x_cache(&setup.get("/origin/public", &[])), "MISS");
-    setup.gateway.stop();
 }
 
-#[test]
-fn requests_with_credentials_bypass_the_cache() {
-    let stack = stack(RELAY);
+krowoc_tests::on_both_hosts!(requests_with_credentials_bypass_the_cache);
+fn requests_with_credentials_bypass_the_cache(host: Host) {
+    let stack = stack(host, RELAY);
     for (name, value) in [("authorization", "Bearer secret"), ("cookie", "session=1")] {
         let r = stack.request("GET", &user("9"), &[(name, value)], b"");
         assert_eq!(r.status, 200);
@@ -705,16 +683,16 @@ const BIG_BODY_BYTES: usize = 1024 * 1024;
 struct OriginSetup {
     stack: Stack,
     origin: Origin,
-    gateway: Running,
+    gateway: Gateway,
 }
 
 impl OriginSetup {
-    fn start(policy: Value) -> OriginSetup {
-        OriginSetup::start_with(RELAY, policy)
+    fn start(host: Host, policy: Value) -> OriginSetup {
+        OriginSetup::start_with(host, RELAY, policy)
     }
 
-    fn start_with(transport: &'static str, policy: Value) -> OriginSetup {
-        let stack = stack_with(transport, Duration::ZERO, move |cfg| {
+    fn start_with(host: Host, transport: &'static str, policy: Value) -> OriginSetup {
+        let stack = stack_with(host, transport, Duration::ZERO, move |cfg| {
             let routes = cfg["routes"].as_array_mut().expect("routes");
             routes
                 .push(json!({"name": "origin", "match": {"prefix": "/origin/"}, "cache": policy}));
@@ -742,7 +720,7 @@ impl OriginSetup {
     }
 
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
-        testkit::http::request(self.gateway.gateway.local_addr, "GET", path, headers, b"")
+        testkit::http::request(self.gateway.addr, "GET", path, headers, b"")
     }
 
     fn calls(&self) -> u64 {
@@ -750,9 +728,9 @@ impl OriginSetup {
     }
 }
 
-#[test]
-fn private_no_store_set_cookie_and_unkeyed_vary_responses_are_not_stored() {
-    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+krowoc_tests::on_both_hosts!(private_no_store_set_cookie_and_unkeyed_vary_responses_are_not_stored);
+fn private_no_store_set_cookie_and_unkeyed_vary_responses_are_not_stored(host: Host) {
+    let setup = OriginSetup::start(host, json!({"ttl": "60s"}));
     for (kind, reason) in [
         ("private", "private"),
         ("no-store", "no-store"),
@@ -785,12 +763,11 @@ fn private_no_store_set_cookie_and_unkeyed_vary_responses_are_not_stored() {
     assert!(eventually(Duration::from_secs(3), || {
         x_cache(&setup.get("/origin/public", &[])) == "HIT"
     }));
-    setup.gateway.stop();
 }
 
-#[test]
-fn poisoned_unkeyed_headers_do_not_change_what_others_get() {
-    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+krowoc_tests::on_both_hosts!(poisoned_unkeyed_headers_do_not_change_what_others_get);
+fn poisoned_unkeyed_headers_do_not_change_what_others_get(host: Host) {
+    let setup = OriginSetup::start(host, json!({"ttl": "60s"}));
     // An origin that varies on the header says so: the attacker's copy is not stored.
     let attack = setup.get("/origin/vary", &[("x-forwarded-host", "evil.example")]);
     assert!(attack.text().contains("evil.example"));
@@ -818,12 +795,11 @@ fn poisoned_unkeyed_headers_do_not_change_what_others_get() {
     }
     assert_eq!(stack.get(&user("1")).body, clean.body);
     assert_eq!(upstream_calls(stack), 1);
-    setup.gateway.stop();
 }
 
-#[test]
-fn conditional_requests_on_a_hit_get_304() {
-    let setup = OriginSetup::start(json!({"ttl": "60s"}));
+krowoc_tests::on_both_hosts!(conditional_requests_on_a_hit_get_304);
+fn conditional_requests_on_a_hit_get_304(host: Host) {
+    let setup = OriginSetup::start(host, json!({"ttl": "60s"}));
     setup.get("/origin/public", &[]);
     assert!(eventually(Duration::from_secs(3), || {
         x_cache(&setup.get("/origin/public", &[])) == "HIT"
@@ -836,13 +812,17 @@ fn conditional_requests_on_a_hit_get_304() {
     let r = setup.get("/origin/public", &[("if-none-match", "\"v2\"")]);
     assert_eq!(r.status, 200);
     assert_eq!(setup.calls(), 1);
-    setup.gateway.stop();
 }
 
-#[test]
-fn a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error() {
-    let setup = OriginSetup::start(json!({"ttl": "1s", "honor_cache_control": false,
-                                          "stale_if_error": "30s"}));
+krowoc_tests::on_both_hosts!(
+    a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error
+);
+fn a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error(host: Host) {
+    let setup = OriginSetup::start(
+        host,
+        json!({"ttl": "1s", "honor_cache_control": false,
+                                          "stale_if_error": "30s"}),
+    );
     let good = setup.get("/origin/flaky", &[]);
     assert!(eventually(Duration::from_secs(3), || {
         x_cache(&setup.get("/origin/flaky", &[])) == "HIT"
@@ -856,13 +836,13 @@ fn a_flaky_upstreams_5xx_is_replaced_by_the_stale_copy_within_stale_if_error() {
     // A 4xx is an answer, not an error: it passes.
     setup.origin.flaky_status.store(404, Ordering::Relaxed);
     assert_eq!(setup.get("/origin/flaky", &[]).status, 404);
-    setup.gateway.stop();
 }
 
-#[test]
-fn a_one_mebibyte_body_is_stored_and_served_whole() {
+krowoc_tests::on_host_shim_only!(redis_call: a_one_mebibyte_body_is_stored_and_served_whole);
+fn a_one_mebibyte_body_is_stored_and_served_whole(host: Host) {
     // redis_call: the relay's default 1 MiB body cap would refuse a 1 MiB store.
     let setup = OriginSetup::start_with(
+        host,
         REDIS_CALL,
         json!({"ttl": "60s", "max_body_bytes": 2_000_000}),
     );
@@ -885,7 +865,11 @@ fn a_one_mebibyte_body_is_stored_and_served_whole() {
     // A regression guard against quadratic copying, not a benchmark: linear is milliseconds.
     assert!(took < Duration::from_secs(2), "a 1 MiB hit took {took:?}");
     // Beyond max_body_bytes a response passes but is not stored.
-    let small = OriginSetup::start_with(REDIS_CALL, json!({"ttl": "60s", "max_body_bytes": 1000}));
+    let small = OriginSetup::start_with(
+        host,
+        REDIS_CALL,
+        json!({"ttl": "60s", "max_body_bytes": 1000}),
+    );
     let r = small.get("/origin/big", &[]);
     assert_eq!(r.body.len(), BIG_BODY_BYTES);
     assert!(r
@@ -893,13 +877,11 @@ fn a_one_mebibyte_body_is_stored_and_served_whole() {
         .is_some_and(|s| s.contains("detail=too-large")));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(x_cache(&small.get("/origin/big", &[])), "MISS");
-    setup.gateway.stop();
-    small.gateway.stop();
 }
 
-#[test]
-fn a_corrupted_entry_is_a_miss_and_is_replaced() {
-    let stack = stack(RELAY);
+krowoc_tests::on_both_hosts!(a_corrupted_entry_is_a_miss_and_is_replaced);
+fn a_corrupted_entry_is_a_miss_and_is_replaced(host: Host) {
+    let stack = stack(host, RELAY);
     stack.get(&user("3"));
     let clean = wait_for_hit(&stack, &user("3"));
     let keys = entry_keys(&stack);
@@ -926,8 +908,8 @@ fn a_corrupted_entry_is_a_miss_and_is_replaced() {
     assert_ne!(clean.body, again.body);
 }
 
-fn redis_outage(transport: &'static str) {
-    let mut stack = stack_with(transport, Duration::ZERO, |cfg| {
+fn redis_outage(host: Host, transport: &'static str) {
+    let mut stack = stack_with(host, transport, Duration::ZERO, |cfg| {
         cfg["redis"]["timeout"] = json!("200ms");
         cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "500ms"});
     });
@@ -944,7 +926,7 @@ fn redis_outage(transport: &'static str) {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(stack.metric("envoy_krowoc_cache_purge_failures"), 1);
+    assert_eq!(stack.metric("krowoc_cache_purge_failures"), 1);
     for _ in 0..6 {
         let started = Instant::now();
         let r = stack.get(&user("1"));
@@ -966,21 +948,22 @@ fn redis_outage(transport: &'static str) {
     }));
 }
 
-#[test]
-fn redis_killed_requests_are_still_answered_by_the_upstream_relay() {
-    redis_outage(RELAY);
+krowoc_tests::on_both_hosts!(redis_killed_requests_are_still_answered_by_the_upstream_relay);
+fn redis_killed_requests_are_still_answered_by_the_upstream_relay(host: Host) {
+    redis_outage(host, RELAY);
 }
 
-#[test]
-fn redis_killed_requests_are_still_answered_by_the_upstream_redis_call() {
-    redis_outage(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: redis_killed_requests_are_still_answered_by_the_upstream_redis_call);
+fn redis_killed_requests_are_still_answered_by_the_upstream_redis_call(host: Host) {
+    redis_outage(host, REDIS_CALL);
 }
 
+krowoc_tests::on_both_hosts!(stores_the_relay_refuses_do_not_open_the_breaker_for_the_rate_limits);
 /// A store the relay refuses (413: over its body cap) is a store failure and says nothing about
 /// Redis' health: the breaker stays closed and the rate limits still decide through Redis.
-#[test]
-fn stores_the_relay_refuses_do_not_open_the_breaker_for_the_rate_limits() {
+fn stores_the_relay_refuses_do_not_open_the_breaker_for_the_rate_limits(host: Host) {
     let stack = Stack::start_with(StackOptions {
+        host,
         plugin_config: Some(Box::new(|cfg: &mut Value| {
             use_transport(cfg, RELAY);
             cfg["redis"]["timeout"] = json!("1s");
@@ -1029,16 +1012,13 @@ fn stores_the_relay_refuses_do_not_open_the_breaker_for_the_rate_limits() {
         "{}",
         stack.metrics()
     );
-    assert_eq!(stack.metric("envoy_krowoc_redis_breaker_opened"), 0);
+    assert_eq!(stack.metric("krowoc_redis_breaker_opened"), 0);
     let r = stack.get("/api/rate-limited");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("ratelimit"), Some("\"per_minute\";r=4;t=60"));
+    assert_eq!(stack.metric("krowoc_rate_limit_rate_limited_allowed"), 1);
     assert_eq!(
-        stack.metric("envoy_krowoc_rate_limit_rate_limited_allowed"),
-        1
-    );
-    assert_eq!(
-        stack.metric("envoy_krowoc_rate_limit_rate_limited_fallback_allowed"),
+        stack.metric("krowoc_rate_limit_rate_limited_fallback_allowed"),
         0
     );
 }

@@ -3,7 +3,7 @@
 //! with transport `relay` and with `redis_call`. Events are read the ways a consumer reads them:
 //! a raw SUBSCRIBE connection, the stream (XRANGE), and the upstream's `/api/recent-events`.
 
-use krowoc_tests::{eventually, Stack, StackOptions};
+use krowoc_tests::{eventually, Host, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -29,11 +29,13 @@ fn use_transport(cfg: &mut Value, transport: &str) {
 }
 
 fn stack_with(
+    host: Host,
     transport: &'static str,
     workers: usize,
     tweak: impl Fn(&mut Value) + 'static,
 ) -> Stack {
     Stack::start_with(StackOptions {
+        host,
         plugin_config: Some(Box::new(move |cfg: &mut Value| {
             use_transport(cfg, transport);
             tweak(cfg);
@@ -236,8 +238,11 @@ const WAIT: Duration = Duration::from_secs(10);
 
 // ---- tests ----------------------------------------------------------------------------------------
 
-fn a_request_is_published_to_subscribers_the_stream_and_recent_events(transport: &'static str) {
-    let stack = stack_with(transport, 2, |_| {});
+fn a_request_is_published_to_subscribers_the_stream_and_recent_events(
+    host: Host,
+    transport: &'static str,
+) {
+    let stack = stack_with(host, transport, 2, |_| {});
     let mut sub = Subscriber::connect(stack.redis.addr(), &[CHANNEL]);
 
     let id = format!("e2e-{transport}-1");
@@ -323,15 +328,15 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(transport:
     );
 
     assert!(
-        eventually(WAIT, || stack.metric("envoy_krowoc_events_published") >= 8),
+        eventually(WAIT, || stack.metric("krowoc_events_published") >= 8),
         "published: {}",
         stack.metrics()
     );
     let metrics = stack.metrics();
     for name in [
-        "envoy_krowoc_events_flushes",
-        "envoy_krowoc_events_recorded",
-        "envoy_krowoc_events_batch_size_count",
+        "krowoc_events_flushes",
+        "krowoc_events_recorded",
+        "krowoc_events_batch_size_count",
     ] {
         assert!(
             krowoc_tests::metric_value(&metrics, name) >= 1,
@@ -339,24 +344,28 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(transport:
         );
     }
     assert_eq!(
-        krowoc_tests::metric_value(&metrics, "envoy_krowoc_events_dropped"),
+        krowoc_tests::metric_value(&metrics, "krowoc_events_dropped"),
         0
     );
 }
 
-#[test]
-fn relay_requests_are_published_to_subscribers_the_stream_and_recent_events() {
-    a_request_is_published_to_subscribers_the_stream_and_recent_events(RELAY);
+krowoc_tests::on_both_hosts!(
+    relay_requests_are_published_to_subscribers_the_stream_and_recent_events
+);
+fn relay_requests_are_published_to_subscribers_the_stream_and_recent_events(host: Host) {
+    a_request_is_published_to_subscribers_the_stream_and_recent_events(host, RELAY);
 }
 
-#[test]
-fn redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events() {
-    a_request_is_published_to_subscribers_the_stream_and_recent_events(REDIS_CALL);
+krowoc_tests::on_both_hosts!(
+    redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events
+);
+fn redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events(host: Host) {
+    a_request_is_published_to_subscribers_the_stream_and_recent_events(host, REDIS_CALL);
 }
 
-#[test]
-fn publish_event_through_the_gateway_reaches_a_subscriber() {
-    let stack = stack_with(RELAY, 1, |_| {});
+krowoc_tests::on_both_hosts!(publish_event_through_the_gateway_reaches_a_subscriber);
+fn publish_event_through_the_gateway_reaches_a_subscriber(host: Host) {
+    let stack = stack_with(host, RELAY, 1, |_| {});
     let mut sub = Subscriber::connect(stack.redis.addr(), &["app:events", CHANNEL]);
     let body = json!({
         "channel": "app:events",
@@ -391,9 +400,12 @@ fn publish_event_through_the_gateway_reaches_a_subscriber() {
     assert_eq!(request["status"], 200);
 }
 
-fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport: &'static str) {
+fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(
+    host: Host,
+    transport: &'static str,
+) {
     // One worker (one VM, one queue) so the bound is exact; a short cool-down so the test is quick.
-    let mut stack = stack_with(transport, 1, |cfg| {
+    let mut stack = stack_with(host, transport, 1, |cfg| {
         cfg["events"]["queue_limit"] = json!(10);
         cfg["events"]["batch_size"] = json!(5);
         cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "300ms"});
@@ -408,7 +420,7 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport:
     // Redis would fail the flush and the event would be queued again (at least once delivery),
     // one more than the counts below expect.
     assert!(
-        eventually(WAIT, || stack.metric("envoy_krowoc_events_published") == 1),
+        eventually(WAIT, || stack.metric("krowoc_events_published") == 1),
         "{}",
         stack.metrics()
     );
@@ -435,14 +447,14 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport:
     );
     // 30 events, 10 kept: the 20 oldest are dropped and counted.
     assert!(
-        eventually(WAIT, || stack.metric("envoy_krowoc_events_dropped") == 20),
+        eventually(WAIT, || stack.metric("krowoc_events_dropped") == 20),
         "dropped: {}\n{}",
-        stack.metric("envoy_krowoc_events_dropped"),
+        stack.metric("krowoc_events_dropped"),
         stack.metrics()
     );
-    assert!(stack.metric("envoy_krowoc_events_flush_failures") >= 1);
+    assert!(stack.metric("krowoc_events_flush_failures") >= 1);
     assert!(
-        eventually(WAIT, || stack.metric("envoy_krowoc_events_queued") == 10),
+        eventually(WAIT, || stack.metric("krowoc_events_queued") == 10),
         "{}",
         stack.metrics()
     );
@@ -461,11 +473,11 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport:
         stream_ids(&stack)
     );
     assert!(
-        eventually(WAIT, || stack.metric("envoy_krowoc_events_queued") == 0),
+        eventually(WAIT, || stack.metric("krowoc_events_queued") == 0),
         "{}",
         stack.metrics()
     );
-    assert_eq!(stack.metric("envoy_krowoc_events_published"), 11);
+    assert_eq!(stack.metric("krowoc_events_published"), 11);
     // And events flow normally again.
     assert_eq!(get_with_id(&stack, "/health", "after").status, 200);
     assert!(
@@ -475,19 +487,23 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(transport:
     );
 }
 
-#[test]
-fn relay_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound() {
-    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(RELAY);
+krowoc_tests::on_both_hosts!(
+    relay_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound
+);
+fn relay_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound(host: Host) {
+    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(host, RELAY);
 }
 
-#[test]
-fn redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound() {
-    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(REDIS_CALL);
+krowoc_tests::on_both_hosts!(
+    redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound
+);
+fn redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound(host: Host) {
+    redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(host, REDIS_CALL);
 }
 
-#[test]
-fn sampling_and_disabled_routes_publish_fewer_events() {
-    let stack = stack_with(RELAY, 1, |cfg| {
+krowoc_tests::on_both_hosts!(sampling_and_disabled_routes_publish_fewer_events);
+fn sampling_and_disabled_routes_publish_fewer_events(host: Host) {
+    let stack = stack_with(host, RELAY, 1, |cfg| {
         cfg["events"]["sample_ratio"] = json!(0.0);
         let routes = cfg["routes"].as_array_mut().expect("routes");
         let limited = routes
@@ -514,14 +530,14 @@ fn sampling_and_disabled_routes_publish_fewer_events() {
         stream_ids(&stack)
     );
     assert!(eventually(WAIT, || stack
-        .metric("envoy_krowoc_events_sampled_out")
+        .metric("krowoc_events_sampled_out")
         == 5));
-    assert_eq!(stack.metric("envoy_krowoc_events_recorded"), 1);
+    assert_eq!(stack.metric("krowoc_events_recorded"), 1);
 }
 
-#[test]
-fn events_carry_the_caches_decision() {
-    let stack = stack_with(RELAY, 1, |_| {});
+krowoc_tests::on_both_hosts!(events_carry_the_caches_decision);
+fn events_carry_the_caches_decision(host: Host) {
+    let stack = stack_with(host, RELAY, 1, |_| {});
     let path = "/api/cached-data?user_id=events";
     assert_eq!(stack.get(path).header("x-cache"), Some("MISS"));
     let hit = eventually(Duration::from_secs(5), || {

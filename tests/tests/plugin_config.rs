@@ -3,58 +3,97 @@
 //! good one serves every response with the edge header.
 
 use host_shim::run::RunArgs;
-use krowoc_tests::{plugin_wasm, write_yaml_with_plugin_config, Stack};
+use krowoc_tests::{plugin_wasm, stock_plugin_wasm, write_yaml_with_plugin_config, Host, Stack};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use testkit::envoy::EnvoyProcess;
 
-/// Starts host-shim with `config` as the plugin configuration; the error text if it refuses.
-fn start_error(config: &Value) -> String {
+/// Starts a gateway on `host` with `config` as the plugin configuration; what it said when it
+/// refused (host-shim's error, Envoy's log before it exited).
+fn start_error(host: Host, config: &Value) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
     let yaml = write_yaml_with_plugin_config(dir.path(), config);
     let redis = testkit::RedisServer::start();
-    let unused = |p: u16| format!("127.0.0.1:{p}");
-    let args = RunArgs {
-        config: yaml,
-        clusters: vec![
-            format!("upstream={}", unused(testkit::free_port())),
-            format!("redis_relay={}", unused(testkit::free_port())),
-            format!("redis=127.0.0.1:{}", redis.port),
-        ],
-        plugin: Some(plugin_wasm()),
-        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-        workers: Some(1),
-        callback_deadline_ms: 1000,
-        vm_memory_mib: 256,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    match rt.block_on(host_shim::run::start(&args)) {
-        Ok(running) => {
-            running.stop();
-            panic!("host-shim started with a configuration the plugin should refuse: {config}");
+    let unused = || SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
+    let clusters = [
+        ("upstream".to_string(), unused()),
+        ("redis_relay".to_string(), unused()),
+        ("redis".to_string(), redis.addr()),
+    ];
+    match host {
+        Host::Envoy => {
+            let text = std::fs::read_to_string(&yaml).expect("read yaml");
+            let plugin = stock_plugin_wasm();
+            let copy = testkit::envoy::loopback_yaml(
+                &text,
+                &testkit::envoy::Loopback {
+                    listener_port: 0,
+                    admin_port: 0,
+                    clusters: &clusters,
+                    plugin: &plugin,
+                },
+            )
+            .expect("loopback yaml");
+            std::fs::write(&yaml, copy).expect("write yaml");
+            match EnvoyProcess::start(&testkit::envoy::binary(), &yaml, dir.path(), 1) {
+                Ok(envoy) => panic!(
+                    "Envoy started with a configuration the plugin should refuse: {config}\n{}",
+                    envoy.log_text()
+                ),
+                Err(log) => log,
+            }
         }
-        Err(e) => format!("{e:#}"),
+        Host::HostShim => {
+            let args = RunArgs {
+                config: yaml,
+                clusters: clusters.iter().map(|(n, a)| format!("{n}={a}")).collect(),
+                plugin: Some(plugin_wasm()),
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                workers: Some(1),
+                callback_deadline_ms: 1000,
+                vm_memory_mib: 256,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            match rt.block_on(host_shim::run::start(&args)) {
+                Ok(running) => {
+                    running.stop();
+                    panic!(
+                        "host-shim started with a configuration the plugin should refuse: {config}"
+                    );
+                }
+                Err(e) => format!("{e:#}"),
+            }
+        }
     }
 }
 
-#[test]
-fn refused_configuration_names_every_bad_field_with_its_value() {
-    let err = start_error(&json!({
-        "redis": {"transport": "relay", "timeout": "soon"},
-        "routes": [
-            {"name": "a", "match": {"path": "/a"},
-             "rate_limit": {"limits": [{"limit": 5, "window": "60 seconds"}]}},
-            {"name": "b", "match": {"path": "/b"}, "rate_limit": {"limits": [{"limit": 5, "window": "1m"}],
-             "failure_mode": "panic"}}
-        ],
-        "extra": true
-    }));
+krowoc_tests::on_both_hosts!(refused_configuration_names_every_bad_field_with_its_value);
+fn refused_configuration_names_every_bad_field_with_its_value(host: Host) {
+    let err = start_error(
+        host,
+        &json!({
+            "redis": {"transport": "relay", "timeout": "soon"},
+            "routes": [
+                {"name": "a", "match": {"path": "/a"},
+                 "rate_limit": {"limits": [{"limit": 5, "window": "60 seconds"}]}},
+                {"name": "b", "match": {"path": "/b"}, "rate_limit": {"limits": [{"limit": 5, "window": "1m"}],
+                 "failure_mode": "panic"}}
+            ],
+            "extra": true
+        }),
+    );
+    // How each host says the VM refused its configuration.
+    let refused = match host {
+        Host::HostShim => "proxy_on_configure returned false",
+        Host::Envoy => "Unable to create Wasm plugin krowoc_edge",
+    };
     for expected in [
-        "proxy_on_configure returned false",
+        refused,
         "redis.timeout",
         "\"soon\"",
         "routes[0].rate_limit.limits[0].window",
@@ -67,19 +106,24 @@ fn refused_configuration_names_every_bad_field_with_its_value() {
     }
 }
 
-#[test]
-fn redis_call_to_a_cluster_the_host_does_not_know_is_refused() {
-    let err = start_error(&json!({
-        "redis": {"transport": "redis_call", "cluster": "no_such_cluster"},
-        "routes": []
-    }));
+krowoc_tests::on_host_shim_only!(redis_call: redis_call_to_a_cluster_the_host_does_not_know_is_refused);
+fn redis_call_to_a_cluster_the_host_does_not_know_is_refused(host: Host) {
+    let err = start_error(
+        host,
+        &json!({
+            "redis": {"transport": "redis_call", "cluster": "no_such_cluster"},
+            "routes": []
+        }),
+    );
     assert!(err.contains("redis.cluster"), "{err}");
     assert!(err.contains("no_such_cluster"), "{err}");
 }
 
-#[test]
-fn every_response_carries_the_edge_header_and_unlimited_routes_no_rate_limit_fields() {
-    let stack = Stack::start();
+krowoc_tests::on_both_hosts!(
+    every_response_carries_the_edge_header_and_unlimited_routes_no_rate_limit_fields
+);
+fn every_response_carries_the_edge_header_and_unlimited_routes_no_rate_limit_fields(host: Host) {
+    let stack = Stack::on(host);
     let r = stack.get("/health");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-krowoc-edge"), Some(env!("CARGO_PKG_VERSION")));
@@ -88,7 +132,7 @@ fn every_response_carries_the_edge_header_and_unlimited_routes_no_rate_limit_fie
     let r = stack.get("/no/such/path");
     assert_eq!(r.header("x-krowoc-edge"), Some(env!("CARGO_PKG_VERSION")));
     assert_eq!(
-        stack.metric("envoy_krowoc_redis_calls"),
+        stack.metric("krowoc_redis_calls"),
         0,
         "no policy, no Redis work"
     );

@@ -1,8 +1,9 @@
 //! Rate limiting end to end: real redis-server, relay, upstream, host-shim running
 //! envoy/envoy.yaml with the real plugin.wasm — with transport `relay` and with `redis_call`.
 
-use krowoc_tests::{eventually, metric_value, Response, Stack, StackOptions};
+use krowoc_tests::{eventually, metric_value, Host, Response, Stack, StackOptions};
 use serde_json::{json, Value};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 const RELAY: &str = "relay";
@@ -29,8 +30,9 @@ fn use_transport(cfg: &mut Value, transport: &str) {
     }
 }
 
-fn stack(transport: &'static str, tweak: impl Fn(&mut Value) + 'static) -> Stack {
+fn stack(host: Host, transport: &'static str, tweak: impl Fn(&mut Value) + 'static) -> Stack {
     Stack::start_with(StackOptions {
+        host,
         plugin_config: Some(Box::new(move |cfg: &mut Value| {
             use_transport(cfg, transport);
             tweak(cfg);
@@ -42,7 +44,7 @@ fn stack(transport: &'static str, tweak: impl Fn(&mut Value) + 'static) -> Stack
 /// Prometheus name of a per-route rate-limit counter.
 fn route_metric(route: &str, what: &str) -> String {
     format!(
-        "envoy_krowoc_rate_limit_{}_{what}",
+        "krowoc_rate_limit_{}_{what}",
         route.replace(['-', '.'], "_")
     )
 }
@@ -51,8 +53,8 @@ fn get_with(stack: &Stack, path: &str, headers: &[(&str, &str)]) -> Response {
     stack.request("GET", path, headers, b"")
 }
 
-fn sixth_request_gets_429_with_headers(transport: &'static str) {
-    let stack = stack(transport, |_| {});
+fn sixth_request_gets_429_with_headers(host: Host, transport: &'static str) {
+    let stack = stack(host, transport, |_| {});
     for i in 0..5u64 {
         let r = stack.get("/api/rate-limited");
         assert_eq!(r.status, 200, "request {} of 5: {}", i + 1, r.text());
@@ -117,18 +119,18 @@ fn sixth_request_gets_429_with_headers(transport: &'static str) {
     );
 }
 
-#[test]
-fn sixth_request_in_a_minute_gets_429_with_headers_relay() {
-    sixth_request_gets_429_with_headers(RELAY);
+krowoc_tests::on_both_hosts!(sixth_request_in_a_minute_gets_429_with_headers_relay);
+fn sixth_request_in_a_minute_gets_429_with_headers_relay(host: Host) {
+    sixth_request_gets_429_with_headers(host, RELAY);
 }
 
-#[test]
-fn sixth_request_in_a_minute_gets_429_with_headers_redis_call() {
-    sixth_request_gets_429_with_headers(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: sixth_request_in_a_minute_gets_429_with_headers_redis_call);
+fn sixth_request_in_a_minute_gets_429_with_headers_redis_call(host: Host) {
+    sixth_request_gets_429_with_headers(host, REDIS_CALL);
 }
 
-fn two_gateways_share_one_limit(transport: &'static str) {
-    let mut stack = stack(transport, |_| {});
+fn two_gateways_share_one_limit(host: Host, transport: &'static str) {
+    let mut stack = stack(host, transport, |_| {});
     let (second, _) = stack.start_gateway(2);
     let mut statuses = Vec::new();
     for i in 0..8 {
@@ -142,18 +144,18 @@ fn two_gateways_share_one_limit(transport: &'static str) {
     assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429, 429, 429]);
 }
 
-#[test]
-fn two_gateways_on_one_redis_share_one_limit_relay() {
-    two_gateways_share_one_limit(RELAY);
+krowoc_tests::on_both_hosts!(two_gateways_on_one_redis_share_one_limit_relay);
+fn two_gateways_on_one_redis_share_one_limit_relay(host: Host) {
+    two_gateways_share_one_limit(host, RELAY);
 }
 
-#[test]
-fn two_gateways_on_one_redis_share_one_limit_redis_call() {
-    two_gateways_share_one_limit(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: two_gateways_on_one_redis_share_one_limit_redis_call);
+fn two_gateways_on_one_redis_share_one_limit_redis_call(host: Host) {
+    two_gateways_share_one_limit(host, REDIS_CALL);
 }
 
-fn spoofed_forwarded_for_does_not_escape(transport: &'static str) {
-    let stack = stack(transport, |cfg| {
+fn spoofed_forwarded_for_does_not_escape(host: Host, transport: &'static str) {
+    let stack = stack(host, transport, |cfg| {
         cfg["client_ip"] = json!({"trusted_hops": 0});
     });
     let statuses: Vec<u16> = (0..7)
@@ -165,19 +167,54 @@ fn spoofed_forwarded_for_does_not_escape(transport: &'static str) {
     assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429, 429]);
 }
 
-#[test]
-fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_relay() {
-    spoofed_forwarded_for_does_not_escape(RELAY);
+krowoc_tests::on_both_hosts!(
+    forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_relay
+);
+fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_relay(host: Host) {
+    spoofed_forwarded_for_does_not_escape(host, RELAY);
 }
 
-#[test]
-fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_redis_call() {
-    spoofed_forwarded_for_does_not_escape(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_redis_call);
+fn forwarded_for_spoofing_does_not_escape_the_limit_with_zero_trusted_hops_redis_call(host: Host) {
+    spoofed_forwarded_for_does_not_escape(host, REDIS_CALL);
 }
 
-#[test]
-fn trusted_hop_forwarded_for_identifies_clients() {
-    let stack = stack(RELAY, |cfg| {
+krowoc_tests::on_both_hosts!(
+    a_spoofed_forwarded_for_neither_escapes_the_limit_nor_spends_another_clients_quota
+);
+fn a_spoofed_forwarded_for_neither_escapes_the_limit_nor_spends_another_clients_quota(host: Host) {
+    // envoy.yaml as shipped: the client is the connection's peer (use_remote_address).
+    let stack = stack(host, RELAY, |_| {});
+    let victim: IpAddr = "127.0.0.2".parse().expect("ip");
+    let statuses: Vec<u16> = (1..=8)
+        .map(|i| {
+            let xff = format!("10.9.0.{i}");
+            get_with(&stack, "/api/rate-limited", &[("x-forwarded-for", &xff)]).status
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    // Claiming the victim's address spends the claimant's quota (already gone), not the victim's.
+    let claimed = get_with(
+        &stack,
+        "/api/rate-limited",
+        &[("x-forwarded-for", &victim.to_string())],
+    );
+    assert_eq!(claimed.status, 429);
+    let from_victim = |_| {
+        testkit::http::request_from(victim, stack.gateway, "GET", "/api/rate-limited", &[], b"")
+            .status
+    };
+    let statuses: Vec<u16> = (0..6).map(from_victim).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 200, 429],
+        "the victim's own five"
+    );
+}
+
+krowoc_tests::on_both_hosts!(trusted_hop_forwarded_for_identifies_clients);
+fn trusted_hop_forwarded_for_identifies_clients(host: Host) {
+    let stack = stack(host, RELAY, |cfg| {
         cfg["client_ip"] = json!({"trusted_hops": 1});
     });
     // The client prepends a fake address; the trusted proxy's entry (rightmost) counts.
@@ -200,9 +237,9 @@ fn trusted_hop_forwarded_for_identifies_clients() {
     assert_eq!(r.status, 200, "another client behind the trusted proxy");
 }
 
-fn redis_outage(transport: &'static str) {
+fn redis_outage(host: Host, transport: &'static str) {
     let timeout_ms = 200u64;
-    let mut stack = stack(transport, move |cfg| {
+    let mut stack = stack(host, transport, move |cfg| {
         cfg["redis"]["timeout"] = json!(format!("{timeout_ms}ms"));
         cfg["redis"]["breaker"] = json!({"failures": 2, "cooldown": "500ms"});
     });
@@ -223,28 +260,25 @@ fn redis_outage(transport: &'static str) {
         "slowest request during the outage took {slowest:?}"
     );
     let m = stack.metrics();
-    assert!(
-        metric_value(&m, "envoy_krowoc_redis_breaker_open") >= 1,
-        "{m}"
-    );
-    assert!(metric_value(&m, "envoy_krowoc_redis_breaker_opened") >= 1);
+    assert!(metric_value(&m, "krowoc_redis_breaker_open") >= 1, "{m}");
+    assert!(metric_value(&m, "krowoc_redis_breaker_opened") >= 1);
     assert!(metric_value(&m, &route_metric("rate-limited", "fallback_allowed")) >= 12);
     assert!(metric_value(&m, &route_metric("rate-limited", "redis_errors")) >= 12);
     // With the breaker open, requests are decided without calling Redis.
-    let short_before = metric_value(&m, "envoy_krowoc_redis_short_circuited");
+    let short_before = metric_value(&m, "krowoc_redis_short_circuited");
     let started = Instant::now();
     for _ in 0..5 {
         assert_eq!(stack.get("/api/rate-limited").status, 200);
     }
     assert!(started.elapsed() < Duration::from_millis(5 * timeout_ms));
-    assert!(stack.metric("envoy_krowoc_redis_short_circuited") > short_before);
+    assert!(stack.metric("krowoc_redis_short_circuited") > short_before);
 
     // Redis returns (empty): probes after the cool-down close every breaker.
     stack.redis.restart();
     let closed = eventually(Duration::from_secs(15), || {
         let _ = stack.get("/api/slow-limited");
         std::thread::sleep(Duration::from_millis(50));
-        stack.metric("envoy_krowoc_redis_breaker_open") == 0
+        stack.metric("krowoc_redis_breaker_open") == 0
     });
     assert!(closed, "breaker still open:\n{}", stack.metrics());
     // And the limit is enforced again, counted from Redis' return (it restarted empty).
@@ -255,18 +289,20 @@ fn redis_outage(transport: &'static str) {
     assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429]);
 }
 
-#[test]
-fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_relay() {
-    redis_outage(RELAY);
+krowoc_tests::on_both_hosts!(
+    redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_relay
+);
+fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_relay(host: Host) {
+    redis_outage(host, RELAY);
 }
 
-#[test]
-fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_redis_call() {
-    redis_outage(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_redis_call);
+fn redis_killed_allows_traffic_within_the_timeout_and_the_breaker_recovers_redis_call(host: Host) {
+    redis_outage(host, REDIS_CALL);
 }
 
-fn script_flush_mid_run(transport: &'static str) {
-    let stack = stack(transport, |_| {});
+fn script_flush_mid_run(host: Host, transport: &'static str) {
+    let stack = stack(host, transport, |_| {});
     for _ in 0..3 {
         assert_eq!(stack.get("/api/rate-limited").status, 200);
     }
@@ -275,26 +311,26 @@ fn script_flush_mid_run(transport: &'static str) {
     assert_eq!(stack.get("/api/rate-limited").status, 200);
     let r = stack.get("/api/rate-limited");
     assert_eq!(r.status, 429, "the flush lost no count");
-    assert!(stack.metric("envoy_krowoc_redis_noscript") >= 1);
+    assert!(stack.metric("krowoc_redis_noscript") >= 1);
     assert_eq!(
         stack.metric(&route_metric("rate-limited", "redis_errors")),
         0
     );
 }
 
-#[test]
-fn script_flush_mid_run_still_counts_correctly_relay() {
-    script_flush_mid_run(RELAY);
+krowoc_tests::on_both_hosts!(script_flush_mid_run_still_counts_correctly_relay);
+fn script_flush_mid_run_still_counts_correctly_relay(host: Host) {
+    script_flush_mid_run(host, RELAY);
 }
 
-#[test]
-fn script_flush_mid_run_still_counts_correctly_redis_call() {
-    script_flush_mid_run(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: script_flush_mid_run_still_counts_correctly_redis_call);
+fn script_flush_mid_run_still_counts_correctly_redis_call(host: Host) {
+    script_flush_mid_run(host, REDIS_CALL);
 }
 
-#[test]
-fn failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit() {
-    let mut stack = stack(RELAY, |cfg| {
+krowoc_tests::on_both_hosts!(failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit);
+fn failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit(host: Host) {
+    let mut stack = stack(host, RELAY, |cfg| {
         cfg["routes"] = json!([
             {"name": "deny", "match": {"path": "/api/rate-limited"},
              "rate_limit": {"limits": [{"limit": 5, "window": "60s"}], "failure_mode": "deny"}},
@@ -320,9 +356,9 @@ fn failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit() {
     assert!(stack.metric(&route_metric("local", "fallback_denied")) >= 4);
 }
 
-#[test]
-fn shadow_mode_counts_but_never_denies() {
-    let stack = stack(RELAY, |cfg| {
+krowoc_tests::on_both_hosts!(shadow_mode_counts_but_never_denies);
+fn shadow_mode_counts_but_never_denies(host: Host) {
+    let stack = stack(host, RELAY, |cfg| {
         cfg["routes"] = json!([
             {"name": "shadowed", "match": {"path": "/api/rate-limited"},
              "rate_limit": {"limits": [{"limit": 5, "window": "60s"}], "shadow": true}}
@@ -337,9 +373,10 @@ fn shadow_mode_counts_but_never_denies() {
     assert_eq!(stack.metric(&route_metric("shadowed", "denied")), 0);
 }
 
-#[test]
-fn denied_keys_are_answered_from_the_vm_without_redis() {
+krowoc_tests::on_both_hosts!(denied_keys_are_answered_from_the_vm_without_redis);
+fn denied_keys_are_answered_from_the_vm_without_redis(host: Host) {
     let stack = Stack::start_with(StackOptions {
+        host,
         workers: 1,
         plugin_config: Some(Box::new(|cfg: &mut Value| use_transport(cfg, RELAY))),
         ..StackOptions::default()
@@ -348,14 +385,14 @@ fn denied_keys_are_answered_from_the_vm_without_redis() {
         assert_eq!(stack.get("/api/rate-limited").status, 200);
     }
     assert_eq!(stack.get("/api/rate-limited").status, 429);
-    let calls_before = stack.metric("envoy_krowoc_redis_calls");
+    let calls_before = stack.metric("krowoc_redis_calls");
     for _ in 0..10 {
         let r = stack.get("/api/rate-limited");
         assert_eq!(r.status, 429);
         assert!(r.header("retry-after").is_some());
     }
     assert_eq!(
-        stack.metric("envoy_krowoc_redis_calls"),
+        stack.metric("krowoc_redis_calls"),
         calls_before,
         "no Redis call for a key known to be over its limit"
     );
@@ -365,8 +402,8 @@ fn denied_keys_are_answered_from_the_vm_without_redis() {
     );
 }
 
-fn slow_redis_costs_at_most_the_timeout(transport: &'static str) {
-    let stack = stack(transport, |cfg| {
+fn slow_redis_costs_at_most_the_timeout(host: Host, transport: &'static str) {
+    let stack = stack(host, transport, |cfg| {
         cfg["redis"]["timeout"] = json!("200ms");
         // Event flushes failing during the stall would open the breaker (by design) and hide
         // the recovery this test watches; this test is about one decision's latency.
@@ -385,10 +422,10 @@ fn slow_redis_costs_at_most_the_timeout(transport: &'static str) {
         took >= Duration::from_millis(150) && took < Duration::from_millis(200 + 150),
         "a stalled Redis cost {took:?} with a 200ms timeout"
     );
-    assert!(stack.metric("envoy_krowoc_redis_errors") >= 1);
+    assert!(stack.metric("krowoc_redis_errors") >= 1);
     if transport == RELAY {
         // The relay call's timeout answers 504; a Higress host reports only "not OK".
-        assert!(stack.metric("envoy_krowoc_redis_timeouts") >= 1);
+        assert!(stack.metric("krowoc_redis_timeouts") >= 1);
     }
     std::thread::sleep(Duration::from_millis(1500));
     // Once Redis answers again, the late reply was ignored and decisions resume.
@@ -397,12 +434,12 @@ fn slow_redis_costs_at_most_the_timeout(transport: &'static str) {
     assert!(r.header("ratelimit").is_some());
 }
 
-#[test]
-fn stalled_redis_costs_at_most_the_timeout_relay() {
-    slow_redis_costs_at_most_the_timeout(RELAY);
+krowoc_tests::on_both_hosts!(stalled_redis_costs_at_most_the_timeout_relay);
+fn stalled_redis_costs_at_most_the_timeout_relay(host: Host) {
+    slow_redis_costs_at_most_the_timeout(host, RELAY);
 }
 
-#[test]
-fn stalled_redis_costs_at_most_the_timeout_redis_call() {
-    slow_redis_costs_at_most_the_timeout(REDIS_CALL);
+krowoc_tests::on_host_shim_only!(redis_call: stalled_redis_costs_at_most_the_timeout_redis_call);
+fn stalled_redis_costs_at_most_the_timeout_redis_call(host: Host) {
+    slow_redis_costs_at_most_the_timeout(host, REDIS_CALL);
 }

@@ -1,11 +1,11 @@
-//! The whole stack as `cargo xtask demo` runs it: envoy/envoy.yaml in host-shim with the real
-//! plugin, in front of the real upstream, with Redis behind the relay.
+//! The whole stack as `cargo xtask demo` runs it: envoy/envoy.yaml in Envoy (and in host-shim)
+//! with the real plugin, in front of the real upstream, with Redis behind the relay.
 
-use krowoc_tests::{metric_value, Stack};
+use krowoc_tests::{metric_value, Host, Stack};
 
-#[test]
-fn gateway_serves_the_upstream_through_the_plugin() {
-    let stack = Stack::start();
+krowoc_tests::on_both_hosts!(gateway_serves_the_upstream_through_the_plugin);
+fn gateway_serves_the_upstream_through_the_plugin(host: Host) {
+    let stack = Stack::on(host);
     let resp = stack.get("/health");
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(
@@ -23,15 +23,18 @@ fn gateway_serves_the_upstream_through_the_plugin() {
     let ready = testkit::http::get(stack.admin, "/ready");
     assert_eq!((ready.status, ready.text().trim()), (200, "LIVE"));
     let metrics = stack.metrics();
-    assert!(
-        metric_value(&metrics, "host_shim_requests_total") >= 2,
-        "{metrics}"
-    );
+    let requests = match host {
+        Host::HostShim => "host_shim_requests_total",
+        Host::Envoy => {
+            r#"envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="gateway"}"#
+        }
+    };
+    assert!(metric_value(&metrics, requests) >= 2, "{metrics}");
 }
 
-#[test]
-fn unknown_paths_get_the_upstreams_404_through_the_filter() {
-    let stack = Stack::start();
+krowoc_tests::on_both_hosts!(unknown_paths_get_the_upstreams_404_through_the_filter);
+fn unknown_paths_get_the_upstreams_404_through_the_filter(host: Host) {
+    let stack = Stack::on(host);
     let resp = stack.get("/no/such/endpoint");
     assert_eq!(resp.status, 404);
     assert!(resp.header("x-krowoc-edge").is_some());
