@@ -362,9 +362,14 @@ const NOT_STORED_FIELDS: &[&str] = &[
     "x-ratelimit-reset",
 ];
 
+/// Envoy's own fields (`x-envoy-upstream-service-time`, …) describe one hop's exchange; a hit
+/// replaying them would report the original miss's timings and routing.
+const ENVOY_FIELD_PREFIX: &str = "x-envoy-";
+
 /// The fields of a response that go into its entry: without pseudo-fields, hop-by-hop fields
-/// (including those `Connection` names), `Content-Length` (recomputed), `Age` (recomputed), the
-/// filter's own per-request fields, and the invalidation directive.
+/// (including those `Connection` names), Envoy's `x-envoy-*` fields, `Content-Length`
+/// (recomputed), `Age` (recomputed), the filter's own per-request fields, and the invalidation
+/// directive.
 pub fn stored_fields(
     settings: &CacheSettings,
     invalidation_header: Option<&str>,
@@ -378,6 +383,7 @@ pub fn stored_fields(
         .filter(|(k, _)| {
             let k = k.to_ascii_lowercase();
             !k.starts_with(':')
+                && !k.starts_with(ENVOY_FIELD_PREFIX)
                 && !NOT_STORED_FIELDS.contains(&k.as_str())
                 && !listed.contains(&k)
                 && k != settings.x_cache_header
@@ -807,6 +813,43 @@ mod tests {
             h(&[
                 ("content-type", "application/json"),
                 ("cache-tag", "user:1"),
+                ("etag", "\"v1\""),
+            ])
+        );
+    }
+
+    #[test]
+    fn stored_fields_drop_envoy_and_hop_by_hop_fields_whatever_their_case() {
+        let settings = CacheSettings::default();
+        let stored = stored_fields(
+            &settings,
+            None,
+            &h(&[
+                ("content-type", "text/plain"),
+                ("x-envoy-upstream-service-time", "1025"),
+                ("X-Envoy-Foo", "bar"),
+                ("x-envoy-decorator-operation", "origin"),
+                ("Connection", "close, X-Hop-A"),
+                ("connection", "x-hop-b"),
+                ("x-hop-a", "1"),
+                ("X-Hop-B", "2"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "h2c"),
+                ("te", "trailers"),
+                ("trailer", "x-checksum"),
+                ("proxy-authenticate", "Basic"),
+                ("proxy-authorization", "Basic eA=="),
+                ("x-envoyish", "not an x-envoy- field"),
+                ("etag", "\"v1\""),
+            ]),
+        );
+        assert_eq!(
+            stored,
+            h(&[
+                ("content-type", "text/plain"),
+                ("x-envoyish", "not an x-envoy- field"),
                 ("etag", "\"v1\""),
             ])
         );

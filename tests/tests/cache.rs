@@ -644,6 +644,11 @@ async fn origin_handler(
     let mut body = format!("{kind} call {call}");
     match kind.as_str() {
         "public" => fields.push(("etag", "\"v1\"".into())),
+        "envoy-fields" => {
+            // What Envoy's router adds to an upstream's answer, and one the upstream made up.
+            fields.push(("x-envoy-upstream-service-time", "1025".into()));
+            fields.push(("x-envoy-foo", "bar".into()));
+        }
         "private" => fields[0].1 = "private, max-age=60".into(),
         "no-store" => fields[0].1 = "no-store".into(),
         "set-cookie" => fields.push(("set-cookie", format!("session={call}"))),
@@ -795,6 +800,39 @@ fn poisoned_unkeyed_headers_do_not_change_what_others_get(host: Host) {
     }
     assert_eq!(stack.get(&user("1")).body, clean.body);
     assert_eq!(upstream_calls(stack), 1);
+}
+
+krowoc_tests::on_both_hosts!(a_hit_carries_no_envoy_header_from_the_stored_response);
+fn a_hit_carries_no_envoy_header_from_the_stored_response(host: Host) {
+    let setup = OriginSetup::start(host, json!({"ttl": "60s"}));
+    let envoy_fields = |r: &Response| -> Vec<(String, String)> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.to_ascii_lowercase().starts_with("x-envoy-"))
+            .cloned()
+            .collect()
+    };
+    let miss = setup.get("/origin/envoy-fields", &[]);
+    assert_eq!(x_cache(&miss), "MISS");
+    // The origin's 1025 on host-shim; Envoy's router writes its own measurement.
+    assert!(
+        miss.header("x-envoy-upstream-service-time").is_some(),
+        "the miss passes the upstream's fields on: {:?}",
+        miss.headers
+    );
+    assert_eq!(miss.header("x-envoy-foo"), Some("bar"));
+    let mut hit = None;
+    assert!(eventually(Duration::from_secs(3), || {
+        let r = setup.get("/origin/envoy-fields", &[]);
+        let is_hit = x_cache(&r) == "HIT";
+        hit = Some(r);
+        is_hit
+    }));
+    let hit = hit.expect("at least one request");
+    assert_eq!(hit.body, miss.body);
+    let replayed = envoy_fields(&hit);
+    assert!(replayed.is_empty(), "replayed from the miss: {replayed:?}");
+    assert_eq!(setup.calls(), 1);
 }
 
 krowoc_tests::on_both_hosts!(conditional_requests_on_a_hit_get_304);
