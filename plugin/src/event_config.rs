@@ -9,7 +9,7 @@
 //! | field | default | meaning |
 //! |---|---|---|
 //! | `enabled` | `true` where an `events` object is given | publish events for these requests |
-//! | `sample_ratio` | `1.0` | share of requests with an event, decided on the request id |
+//! | `sample_ratio` | `1.0` | share of requests with an event, decided on `x-request-id` (else the event's `id`) |
 //! | `fields` | `[]` | extra fields: `{"name": "ua", "request_header": "user-agent"}` or `"response_header"` |
 //! | `publish.channel` | `krowoc:requests` | `PUBLISH` each event on this channel (on by default) |
 //! | `stream.key` | `events` | `XADD <key_prefix><key> MAXLEN ~ <maxlen> * event <json>` (off by default) |

@@ -57,8 +57,10 @@ pub const MAX_ID_BYTES: usize = 128;
 #[derive(Debug, Serialize)]
 pub struct RequestEvent<'a> {
     pub event_type: &'static str,
-    /// `x-request-id`, or a generated UUID.
+    /// A UUID the filter generates: consumers deduplicate by it, so a client never chooses it.
     pub id: &'a str,
+    /// The request's `x-request-id` (trimmed, bounded); None when it had none.
+    pub request_id: Option<&'a str>,
     /// When the request's headers arrived, RFC 3339 UTC with milliseconds.
     pub timestamp: String,
     pub timestamp_unix_ms: u64,
@@ -135,6 +137,7 @@ pub fn host_response(want_headers: bool) -> ResponseFacts {
 struct OpenRequest {
     route: Option<usize>,
     id: String,
+    request_id: Option<String>,
     start_ns: u64,
     method: String,
     path: String,
@@ -331,14 +334,17 @@ impl EventPublisher {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.as_str())
         };
-        let id = match header("x-request-id").map(str::trim) {
-            Some(id) if !id.is_empty() => truncate(id, MAX_ID_BYTES).to_string(),
-            _ => self.ids.next_uuid(),
-        };
-        if !sampled(&id, policy.sample_ratio) {
+        let request_id = header("x-request-id")
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(|id| truncate(id, MAX_ID_BYTES));
+        let id = self.ids.next_uuid();
+        // The request id when there is one, so every gateway on the request's path decides alike.
+        if !sampled(request_id.unwrap_or(&id), policy.sample_ratio) {
             self.stats.sampled_out += 1;
             return;
         }
+        let request_id = request_id.map(str::to_string);
         let request_fields = policy
             .fields
             .iter()
@@ -354,6 +360,7 @@ impl EventPublisher {
             OpenRequest {
                 route,
                 id,
+                request_id,
                 start_ns: now_ns,
                 method: truncate(&req.method, 32).to_string(),
                 path: truncate(path, MAX_PATH_BYTES).to_string(),
@@ -635,6 +642,7 @@ fn build_event(
     let event = RequestEvent {
         event_type: EVENT_TYPE,
         id: &open.id,
+        request_id: open.request_id.as_deref(),
         timestamp: rfc3339_ms(unix_ms),
         timestamp_unix_ms: unix_ms,
         method: &open.method,
@@ -655,11 +663,14 @@ fn build_event(
 /// to it), written by hand: this runs once per request, and serde_json built for size (the
 /// `wasm` profile) costs several times more.
 fn write_event(e: &RequestEvent<'_>, elapsed_us: u64) -> String {
-    let mut out = String::with_capacity(320 + e.path.len() + e.id.len());
+    let request_id_len = e.request_id.map_or(0, str::len);
+    let mut out = String::with_capacity(340 + e.path.len() + e.id.len() + request_id_len);
     out.push_str("{\"event_type\":");
     push_json_str(&mut out, e.event_type);
     out.push_str(",\"id\":");
     push_json_str(&mut out, e.id);
+    out.push_str(",\"request_id\":");
+    push_json_opt(&mut out, e.request_id);
     out.push_str(",\"timestamp\":");
     push_json_str(&mut out, &e.timestamp);
     out.push_str(",\"timestamp_unix_ms\":");
@@ -966,9 +977,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Request ids for requests without `x-request-id`: UUIDs in the version 4 layout from a
-/// splitmix64 sequence whose start is random per VM (a randomly keyed std hasher, which WASI
-/// `random_get` seeds), no extra dependency. Ids need to be unique, not unguessable.
+/// Event ids: UUIDs in the version 4 layout from a splitmix64 sequence whose start is drawn
+/// from WASI `random_get` per VM, so VMs and gateways sharing a channel do not collide; no extra
+/// dependency. Ids need to be unique, not unguessable (clients never see or choose them).
 struct IdGenerator {
     state: u64,
 }
@@ -976,7 +987,9 @@ struct IdGenerator {
 impl IdGenerator {
     fn new() -> IdGenerator {
         IdGenerator {
-            state: RandomState::new().hash_one(0x6b72_6f77_6f63u64),
+            // Natively (unit tests) or if the host refuses: std's randomly keyed hasher.
+            state: host::random_u64()
+                .unwrap_or_else(|| RandomState::new().hash_one(0x6b72_6f77_6f63u64)),
         }
     }
 
@@ -1113,11 +1126,13 @@ mod tests {
             "a field needs response headers"
         );
         let raw = &p.queue.back().expect("queued").payload;
+        let v: Value = serde_json::from_str(raw).expect("JSON");
+        let id = v["id"].as_str().expect("id");
+        assert_eq!(id.len(), 36, "a generated UUID: {id}");
         assert!(
-            raw.starts_with(r#"{"event_type":"http_request","id":"req-42","timestamp":"2023-11-14T22:13:20.123Z","timestamp_unix_ms":1700000000123,"method":"GET","path":"/api/rate-limited","route":"limited","status":429,"duration_ms":2.5,"client":"10.1.2.3","cache":"BYPASS","rate_limit":"denied","sample_ratio":1.0"#),
+            raw.starts_with(&format!(r#"{{"event_type":"http_request","id":"{id}","request_id":"req-42","timestamp":"2023-11-14T22:13:20.123Z","timestamp_unix_ms":1700000000123,"method":"GET","path":"/api/rate-limited","route":"limited","status":429,"duration_ms":2.5,"client":"10.1.2.3","cache":"BYPASS","rate_limit":"denied","sample_ratio":1.0"#)),
             "{raw}"
         );
-        let v: Value = serde_json::from_str(raw).expect("JSON");
         assert_eq!(v["user_agent"], "curl/8");
         assert_eq!(v["content_type"], "application/json");
         assert_eq!(v["absent"], Value::Null);
@@ -1142,6 +1157,11 @@ mod tests {
             let e = RequestEvent {
                 event_type: EVENT_TYPE,
                 id: "a\"b",
+                request_id: if status.is_some() {
+                    Some("r\\q\n")
+                } else {
+                    None
+                },
                 timestamp: rfc3339_ms(1_700_000_000_123),
                 timestamp_unix_ms: 1_700_000_000_123,
                 method: "GET",
@@ -1176,11 +1196,65 @@ mod tests {
         assert_eq!(asked, Some(false), "no field needs response headers");
         let v: Value = serde_json::from_str(&p.queue[0].payload).expect("JSON");
         assert_eq!(v["route"], Value::Null);
+        assert_eq!(v["request_id"], Value::Null);
         assert_eq!(v["rate_limit"], Value::Null);
         assert_eq!(v["cache"], Value::Null);
         assert_eq!(v["status"], Value::Null);
         assert_eq!(v["duration_ms"], 1.0);
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.005Z");
+    }
+
+    #[test]
+    fn the_event_id_is_generated_and_the_clients_request_id_is_only_reported() {
+        let cfg = config(&format!(r#"{{"events": {{}}, {ROUTES}}}"#));
+        let mut p = EventPublisher::new(&cfg);
+        let mut ids = Vec::new();
+        for ctx in 1..=2 {
+            let req = request("/x", &[("X-Request-Id", "  victim-id  ")]);
+            let v = one_event(&mut p, &cfg, ctx, &req, response(200, &[])).expect("event");
+            assert_eq!(v["request_id"], "victim-id", "trimmed");
+            let id = v["id"].as_str().expect("id").to_string();
+            assert_ne!(id, "victim-id");
+            assert_eq!(id.len(), 36, "{id}");
+            ids.push(id);
+        }
+        assert_ne!(ids[0], ids[1], "one request id, two events");
+        let blank = one_event(
+            &mut p,
+            &cfg,
+            3,
+            &request("/x", &[("x-request-id", " ")]),
+            response(200, &[]),
+        )
+        .expect("event");
+        assert_eq!(blank["request_id"], Value::Null);
+    }
+
+    #[test]
+    fn sampling_is_decided_on_the_request_id_when_there_is_one() {
+        let cfg = config(r#"{"events": {"sample_ratio": 0.5}}"#);
+        let ids: Vec<String> = (0..200).map(|i| format!("req-{i}")).collect();
+        // Two publishers stand for two gateways on one request's path.
+        let (mut a, mut b) = (EventPublisher::new(&cfg), EventPublisher::new(&cfg));
+        for (ctx, id) in ids.iter().enumerate() {
+            let ctx = ctx as u32 + 1;
+            for p in [&mut a, &mut b] {
+                p.on_request(ctx, 0, &request("/x", &[("x-request-id", id)]), &cfg);
+                p.on_log(ctx, 0, |_| ResponseFacts::default());
+            }
+        }
+        let kept = |p: &EventPublisher| -> Vec<String> {
+            p.queue
+                .iter()
+                .map(|e| {
+                    let v: Value = serde_json::from_str(&e.payload).expect("JSON");
+                    v["request_id"].as_str().expect("request_id").to_string()
+                })
+                .collect()
+        };
+        let expected: Vec<String> = ids.iter().filter(|id| sampled(id, 0.5)).cloned().collect();
+        assert_eq!(kept(&a), expected);
+        assert_eq!(kept(&b), expected);
     }
 
     #[test]
@@ -1233,7 +1307,10 @@ mod tests {
         )
         .expect("event");
         assert!(v["path"].as_str().expect("path").len() <= MAX_PATH_BYTES);
-        assert_eq!(v["id"].as_str().expect("id").len(), MAX_ID_BYTES);
+        assert_eq!(
+            v["request_id"].as_str().expect("request_id").len(),
+            MAX_ID_BYTES
+        );
         assert_eq!(truncate("aé", 2), "a");
     }
 

@@ -98,6 +98,12 @@ mod ffi {
         pub fn proxy_record_metric(metric_id: u32, value: i64) -> u32;
     }
 
+    // std imports it too (for its hashers' keys); declared here to see its errno, not trap.
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    extern "C" {
+        pub fn random_get(buf: *mut u8, buf_len: usize) -> i32;
+    }
+
     #[cfg(feature = "redis-call")]
     #[link(wasm_import_module = "env")]
     extern "C" {
@@ -196,6 +202,10 @@ mod ffi {
     pub unsafe fn proxy_record_metric(_: u32, _: i64) -> u32 {
         U
     }
+    /// WASI errno 52 (`nosys`).
+    pub unsafe fn random_get(_: *mut u8, _: usize) -> i32 {
+        52
+    }
 }
 
 #[cfg(not(all(target_arch = "wasm32", feature = "redis-call")))]
@@ -265,6 +275,15 @@ pub fn now_ns() -> u64 {
     } else {
         0
     }
+}
+
+/// Eight bytes from the host's WASI `random_get` (Envoy's and wasmtime's draw from the OS);
+/// None when the host refuses (natively: always).
+pub fn random_u64() -> Option<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is valid and writable for its 8 bytes during the call.
+    let errno = unsafe { ffi::random_get(buf.as_mut_ptr(), buf.len()) };
+    (errno == 0).then(|| u64::from_le_bytes(buf))
 }
 
 pub fn set_tick_period_ms(ms: u32) -> bool {

@@ -149,7 +149,10 @@ fn events_reach_subscribers_and_the_stream(transport: &str) {
     assert_eq!(p.stats.published, 3, "{:?}", p.stats);
     assert_eq!(p.stats.flushes, 1, "one call for the batch");
     let got = sub.messages(3);
-    let ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().expect("id")).collect();
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|e| e["request_id"].as_str().expect("request_id"))
+        .collect();
     assert_eq!(ids, vec!["req-1", "req-2", "req-3"]);
     assert_eq!(got[0]["route"], "api");
     assert_eq!(got[0]["path"], "/api/item/1");
@@ -158,7 +161,7 @@ fn events_reach_subscribers_and_the_stream(transport: &str) {
     assert_eq!(redis.int(&["XLEN", "krowoc:events"]), 3);
     let entries = redis.cli(&["XRANGE", "krowoc:events", "-", "+", "COUNT", "1"]);
     assert!(entries.contains("event"), "{entries}");
-    assert!(entries.contains("\"id\":\"req-1\""), "{entries}");
+    assert!(entries.contains("\"request_id\":\"req-1\""), "{entries}");
 }
 
 #[test]

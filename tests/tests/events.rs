@@ -212,15 +212,17 @@ fn stream_events(stack: &Stack) -> Vec<Value> {
         .collect()
 }
 
-fn stream_ids(stack: &Stack) -> Vec<String> {
+/// The `request_id` (the client's `x-request-id`) of the events in the stream, oldest first.
+fn stream_request_ids(stack: &Stack) -> Vec<String> {
     stream_events(stack)
         .iter()
-        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .filter_map(|e| e["request_id"].as_str().map(str::to_string))
         .collect()
 }
 
-/// Events the upstream's background subscriber received on the request channel.
-fn recent_event_ids(stack: &Stack) -> Vec<String> {
+/// The `request_id` of the events the upstream's background subscriber received on the
+/// request channel.
+fn recent_request_ids(stack: &Stack) -> Vec<String> {
     let resp = stack.get("/api/recent-events?channel=krowoc:requests&limit=100");
     assert_eq!(resp.status, 200, "{}", resp.text());
     resp.json()["events"]
@@ -228,7 +230,7 @@ fn recent_event_ids(stack: &Stack) -> Vec<String> {
         .map(|events| {
             events
                 .iter()
-                .filter_map(|e| e["message"]["id"].as_str().map(str::to_string))
+                .filter_map(|e| e["message"]["request_id"].as_str().map(str::to_string))
                 .collect()
         })
         .unwrap_or_default()
@@ -250,8 +252,8 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(
     assert_eq!(resp.status, 200, "{}", resp.text());
 
     let event = sub
-        .wait_for(CHANNEL, WAIT, |e| e["id"] == id.as_str())
-        .unwrap_or_else(|| panic!("no event with id {id} on {CHANNEL}"));
+        .wait_for(CHANNEL, WAIT, |e| e["request_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no event with request_id {id} on {CHANNEL}"));
     assert_eq!(event["event_type"], "http_request");
     assert_eq!(event["method"], "GET");
     assert_eq!(event["path"], "/api/rate-limited");
@@ -286,14 +288,14 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(
 
     // The same event in the replayable stream and in the upstream's subscriber.
     assert!(
-        eventually(WAIT, || stream_ids(&stack).contains(&id)),
+        eventually(WAIT, || stream_request_ids(&stack).contains(&id)),
         "{id} not in {STREAM}: {:?}",
-        stream_ids(&stack)
+        stream_request_ids(&stack)
     );
     assert!(
-        eventually(WAIT, || recent_event_ids(&stack).contains(&id)),
+        eventually(WAIT, || recent_request_ids(&stack).contains(&id)),
         "{id} not in /api/recent-events: {:?}",
-        recent_event_ids(&stack)
+        recent_request_ids(&stack)
     );
 
     // A request the filter answers itself is published with the filter's decision.
@@ -309,12 +311,13 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(
         429
     );
     let denied = sub
-        .wait_for(CHANNEL, WAIT, |e| e["id"] == denied_id.as_str())
+        .wait_for(CHANNEL, WAIT, |e| e["request_id"] == denied_id.as_str())
         .unwrap_or_else(|| panic!("no event for the denied request"));
     assert_eq!(denied["status"], 429);
     assert_eq!(denied["rate_limit"], "denied");
 
-    // A request without x-request-id gets a generated id; one on no route has route null.
+    // A request without x-request-id gets the gateway's (as from an edge Envoy); one on no route
+    // has route null.
     assert_eq!(stack.get("/health").status, 200);
     let unrouted = sub
         .wait_for(CHANNEL, WAIT, |e| e["path"] == "/health")
@@ -323,6 +326,11 @@ fn a_request_is_published_to_subscribers_the_stream_and_recent_events(
     assert_eq!(unrouted["rate_limit"], Value::Null);
     assert_eq!(
         unrouted["id"].as_str().map(str::len),
+        Some(36),
+        "{unrouted}"
+    );
+    assert_eq!(
+        unrouted["request_id"].as_str().map(str::len),
         Some(36),
         "{unrouted}"
     );
@@ -356,11 +364,35 @@ fn relay_requests_are_published_to_subscribers_the_stream_and_recent_events(host
     a_request_is_published_to_subscribers_the_stream_and_recent_events(host, RELAY);
 }
 
-krowoc_tests::on_both_hosts!(
-    redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events
+krowoc_tests::on_host_shim_only!(
+    redis_call: redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events
 );
 fn redis_call_requests_are_published_to_subscribers_the_stream_and_recent_events(host: Host) {
     a_request_is_published_to_subscribers_the_stream_and_recent_events(host, REDIS_CALL);
+}
+
+krowoc_tests::on_both_hosts!(a_clients_request_id_is_reported_and_never_becomes_the_event_id);
+fn a_clients_request_id_is_reported_and_never_becomes_the_event_id(host: Host) {
+    let stack = stack_with(host, RELAY, 2, |_| {});
+    let mut sub = Subscriber::connect(stack.redis.addr(), &[CHANNEL]);
+    let chosen = "another-requests-id";
+    for _ in 0..2 {
+        assert_eq!(get_with_id(&stack, "/health", chosen).status, 200);
+    }
+    let mut event_ids = Vec::new();
+    for _ in 0..2 {
+        let event = sub
+            .wait_for(CHANNEL, WAIT, |e| e["request_id"] == chosen)
+            .unwrap_or_else(|| panic!("no event with request_id {chosen}"));
+        let id = event["id"].as_str().expect("id").to_string();
+        assert_ne!(id, chosen, "{event}");
+        assert_eq!(id.len(), 36, "a generated UUID: {event}");
+        event_ids.push(id);
+    }
+    assert_ne!(
+        event_ids[0], event_ids[1],
+        "one client x-request-id, two events"
+    );
 }
 
 krowoc_tests::on_both_hosts!(publish_event_through_the_gateway_reaches_a_subscriber);
@@ -393,7 +425,7 @@ fn publish_event_through_the_gateway_reaches_a_subscriber(host: Host) {
     assert_eq!(app["user_id"], 123);
     // And the request itself is an event on the request channel.
     let request = sub
-        .wait_for(CHANNEL, WAIT, |e| e["id"] == "pub-1")
+        .wait_for(CHANNEL, WAIT, |e| e["request_id"] == "pub-1")
         .expect("the request event");
     assert_eq!(request["method"], "POST");
     assert_eq!(request["path"], "/api/publish-event");
@@ -467,10 +499,11 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(
         ids
     };
     assert!(
-        eventually(Duration::from_secs(15), || sorted(stream_ids(&stack))
-            == expected),
+        eventually(Duration::from_secs(15), || sorted(stream_request_ids(
+            &stack
+        )) == expected),
         "stream after restart: {:?}",
-        stream_ids(&stack)
+        stream_request_ids(&stack)
     );
     assert!(
         eventually(WAIT, || stack.metric("krowoc_events_queued") == 0),
@@ -481,9 +514,10 @@ fn redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(
     // And events flow normally again.
     assert_eq!(get_with_id(&stack, "/health", "after").status, 200);
     assert!(
-        eventually(WAIT, || stream_ids(&stack).contains(&"after".to_string())),
+        eventually(WAIT, || stream_request_ids(&stack)
+            .contains(&"after".to_string())),
         "{:?}",
-        stream_ids(&stack)
+        stream_request_ids(&stack)
     );
 }
 
@@ -494,8 +528,8 @@ fn relay_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_boun
     redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(host, RELAY);
 }
 
-krowoc_tests::on_both_hosts!(
-    redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound
+krowoc_tests::on_host_shim_only!(
+    redis_call: redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound
 );
 fn redis_call_with_redis_down_responses_are_unaffected_and_events_wait_up_to_the_bound(host: Host) {
     redis_down_costs_nothing_and_queued_events_arrive_after_it_returns(host, REDIS_CALL);
@@ -525,9 +559,10 @@ fn sampling_and_disabled_routes_publish_fewer_events(host: Host) {
     }
     assert_eq!(get_with_id(&stack, "/api/rate-limited", "kept").status, 200);
     assert!(
-        eventually(WAIT, || stream_ids(&stack) == vec!["kept".to_string()]),
+        eventually(WAIT, || stream_request_ids(&stack)
+            == vec!["kept".to_string()]),
         "{:?}",
-        stream_ids(&stack)
+        stream_request_ids(&stack)
     );
     assert!(eventually(WAIT, || stack
         .metric("krowoc_events_sampled_out")
