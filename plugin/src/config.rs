@@ -4,6 +4,10 @@
 //!
 //! Sections are deserialized one by one (`redis`, `client_ip`, each `routes[i]`), so a
 //! configuration with mistakes in several places reports each of them, not only the first.
+//!
+//! Secrets (`redis.token`, `redis.password`, `cache.purge.token`) are the exception to "every
+//! error shows the value": their values, and serde messages that would quote them, are replaced
+//! by `(redacted)`, since refused configurations end up in the host's logs.
 
 use crate::cache_config::{
     validate_invalidation, validate_policy, validate_settings, CachePolicy, CacheSettings,
@@ -379,6 +383,41 @@ const MAX_WINDOW_MS: u64 = 30 * 24 * 3_600_000;
 const MAX_LIMIT: u64 = 1_000_000_000;
 const MAX_TRUSTED_HOPS: u32 = 16;
 
+/// Fields whose values are secrets, as error paths name them.
+const SECRET_FIELDS: &[&str] = &["redis.token", "redis.password", "cache.purge.token"];
+/// Objects that hold secrets: an unknown field in one may be a misspelt secret.
+const SECRET_HOLDERS: &[&str] = &["redis", "cache.purge"];
+/// What an error line shows instead of a secret.
+const REDACTED: &str = "(redacted)";
+
+fn is_secret(path: &str) -> bool {
+    SECRET_FIELDS.contains(&path)
+}
+
+/// A copy of the document with every secret's value replaced, for showing parts of it.
+fn without_secrets(root: &Value) -> Value {
+    let mut shown = root.clone();
+    for secret in SECRET_FIELDS {
+        let mut cur = Some(&mut shown);
+        for key in secret.split('.') {
+            cur = cur.and_then(|v| v.get_mut(key));
+        }
+        if let Some(v) = cur {
+            *v = Value::String(REDACTED.into());
+        }
+    }
+    shown
+}
+
+/// serde's messages quote the value they got (`invalid type: integer `5`, expected a string`);
+/// for a secret only what was expected is kept.
+fn without_value(message: &str) -> String {
+    match (message.split_once(':'), message.rsplit_once(", expected ")) {
+        (Some((what, _)), Some((_, expected))) => format!("{what}, expected {expected}"),
+        _ => "not an accepted value".to_string(),
+    }
+}
+
 /// Renders a JSON value for an error line, shortened to a readable length.
 fn render_value(v: Option<&Value>) -> String {
     let Some(v) = v else {
@@ -395,19 +434,34 @@ fn render_value(v: Option<&Value>) -> String {
 
 /// Collects problems with the path and value of each.
 pub(crate) struct Problems<'a> {
+    /// The document with its secrets redacted ([`without_secrets`]).
     root: &'a Value,
     list: Vec<ConfigError>,
 }
 
 impl Problems<'_> {
     /// Records a problem at `path` (segments like `routes`, `0`, `name`), reading the value from
-    /// the document so the line shows what the user wrote.
+    /// the document so the line shows what the user wrote (a secret shows as `(redacted)`).
     pub(crate) fn at(&mut self, path: &[PathSeg<'_>], message: impl Into<String>) {
-        let value = lookup(self.root, path);
+        let path_text = render_path(path);
+        let value = if is_secret(&path_text) {
+            REDACTED.to_string()
+        } else {
+            render_value(lookup(self.root, path))
+        };
+        self.list.push(ConfigError {
+            path: path_text,
+            value,
+            message: message.into(),
+        });
+    }
+
+    /// Records a problem without showing the value at `path`.
+    fn at_redacted(&mut self, path: &[PathSeg<'_>], message: String) {
         self.list.push(ConfigError {
             path: render_path(path),
-            value: render_value(value),
-            message: message.into(),
+            value: REDACTED.to_string(),
+            message,
         });
     }
 }
@@ -478,7 +532,16 @@ fn section<T: serde::de::DeserializeOwned>(
                 }
             }
             let message = strip_position(&err.inner().to_string());
-            problems.at(&path, message);
+            let path_text = render_path(&path);
+            let parent = path_text.rsplit_once('.').map_or("", |(parent, _)| parent);
+            if is_secret(&path_text) {
+                problems.at_redacted(&path, without_value(&message));
+            } else if SECRET_HOLDERS.contains(&parent) && message.starts_with("unknown field") {
+                // The message names only the field; its value may be a secret under a typo.
+                problems.at_redacted(&path, message);
+            } else {
+                problems.at(&path, message);
+            }
             None
         }
     }
@@ -515,12 +578,14 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
     let root: Value = serde_json::from_str(text).map_err(|e| {
         vec![ConfigError {
             path: ".".into(),
-            value: render_value(Some(&Value::String(text.chars().take(60).collect()))),
+            // Unparsed text cannot be told apart from its secrets; serde's message has the position.
+            value: "(not shown)".into(),
             message: format!("configuration is not valid JSON: {e}"),
         }]
     })?;
+    let shown = without_secrets(&root);
     let mut problems = Problems {
-        root: &root,
+        root: &shown,
         list: Vec::new(),
     };
     let Some(object) = root.as_object() else {
@@ -1155,6 +1220,100 @@ mod tests {
             "{}",
             e.value
         );
+    }
+
+    /// Every error line of `json`, which must be refused.
+    fn error_lines(json: &str) -> Vec<String> {
+        errors(json).iter().map(ToString::to_string).collect()
+    }
+
+    fn assert_absent(secret: &str, json: &str) -> Vec<String> {
+        let lines = error_lines(json);
+        for line in &lines {
+            assert!(!line.contains(secret), "{secret:?} shown in: {line}");
+        }
+        lines
+    }
+
+    #[test]
+    fn relay_token_values_never_appear_in_error_lines() {
+        let lines = assert_absent(
+            "sekret-relay-token",
+            r#"{"redis": {"transport": "redis_call", "token": "sekret-relay-token"}}"#,
+        );
+        assert_eq!(
+            lines,
+            vec!["invalid configuration at redis.token (value (redacted)): only used with transport `relay`"]
+        );
+        assert_absent(
+            "sekret relay token",
+            r#"{"redis": {"token": "sekret relay token"}}"#,
+        );
+        let lines = assert_absent("987654321", r#"{"redis": {"token": 987654321}}"#);
+        assert_eq!(
+            lines,
+            vec!["invalid configuration at redis.token (value (redacted)): invalid type, expected a string"]
+        );
+        assert_absent("sekret-typo", r#"{"redis": {"tokn": "sekret-typo"}}"#);
+    }
+
+    #[test]
+    fn redis_password_values_never_appear_in_error_lines() {
+        let lines = assert_absent(
+            "sekret-password",
+            r#"{"redis": {"transport": "relay", "username": "edge", "password": "sekret-password"}}"#,
+        );
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("redis.username") && l.contains("\"edge\"")),
+            "the user name is no secret: {lines:?}"
+        );
+        assert_absent(
+            "sekret-in-a-list",
+            r#"{"redis": {"transport": "redis_call", "password": ["sekret-in-a-list"]}}"#,
+        );
+        assert_absent(
+            "sekret-password",
+            r#"{"redis": {"transport": "redis_call", "pasword": "sekret-password"}}"#,
+        );
+    }
+
+    #[test]
+    fn purge_token_values_never_appear_in_error_lines() {
+        let lines = assert_absent(
+            "sekret-short",
+            r#"{"cache": {"purge": {"path": "/_purge", "token": "sekret-short"}}}"#,
+        );
+        assert_eq!(
+            lines,
+            vec!["invalid configuration at cache.purge.token (value (redacted)): must be 16 to 256 visible ASCII characters"]
+        );
+        assert_absent(
+            "12345678901234567890",
+            r#"{"cache": {"purge": {"path": "/_purge", "token": 12345678901234567890}}}"#,
+        );
+        // `path` missing: the error is about the purge object, shown without its token.
+        let lines = assert_absent(
+            "sekret-but-long-enough",
+            r#"{"cache": {"purge": {"token": "sekret-but-long-enough"}}}"#,
+        );
+        assert!(lines[0].contains(r#""token":"(redacted)""#), "{lines:?}");
+        assert_absent(
+            "sekret-but-long-enough",
+            r#"{"cache": {"purge": {"path": "/_purge", "tokne": "sekret-but-long-enough"}}}"#,
+        );
+    }
+
+    #[test]
+    fn unparseable_configuration_text_is_not_echoed() {
+        let lines = assert_absent(
+            "sekret-relay-token",
+            r#"{"redis": {"token": "sekret-relay-token" "timeout": "1s"}}"#,
+        );
+        assert!(lines[0].contains("not valid JSON"), "{lines:?}");
+        assert!(lines[0].contains("line 1 column"), "{lines:?}");
     }
 
     #[test]

@@ -106,6 +106,40 @@ fn refused_configuration_names_every_bad_field_with_its_value(host: Host) {
     }
 }
 
+krowoc_tests::on_both_hosts!(refused_configuration_never_shows_its_secrets);
+fn refused_configuration_never_shows_its_secrets(host: Host) {
+    let secrets = [
+        "sekret relay token e2e",
+        "sekret-password-e2e",
+        "sekret-purge",
+        "987654321",
+    ];
+    let err = start_error(
+        host,
+        &json!({
+            "redis": {"transport": "relay", "token": secrets[0], "password": secrets[1]},
+            "cache": {"purge": {"path": "/_krowoc/purge", "token": secrets[2]}},
+            "routes": []
+        }),
+    );
+    let typed = start_error(host, &json!({"redis": {"token": 987654321}, "routes": []}));
+    for expected in [
+        "redis.token (value (redacted))",
+        "redis.password (value (redacted))",
+        "cache.purge.token (value (redacted)): must be 16 to",
+    ] {
+        assert!(err.contains(expected), "{expected:?} missing from:\n{err}");
+    }
+    assert!(
+        typed.contains("redis.token (value (redacted)): invalid type, expected a string"),
+        "{typed}"
+    );
+    for secret in secrets {
+        assert!(!err.contains(secret), "{secret:?} shown in:\n{err}");
+        assert!(!typed.contains(secret), "{secret:?} shown in:\n{typed}");
+    }
+}
+
 krowoc_tests::on_host_shim_only!(redis_call: redis_call_to_a_cluster_the_host_does_not_know_is_refused);
 fn redis_call_to_a_cluster_the_host_does_not_know_is_refused(host: Host) {
     let err = start_error(
