@@ -9,11 +9,23 @@
 //! # The subset
 //! ```text
 //! admin.address.socket_address.{address, port_value, protocol: TCP}          (optional)
+//! overload_manager                                                          (optional)
+//!   refresh_interval, resource_monitors: at most one,
+//!     {name: envoy.resource_monitors.global_downstream_max_connections,
+//!      typed_config: DownstreamConnectionsConfig {max_active_downstream_connections}}
 //! static_resources.listeners: exactly one
 //!   name, address.socket_address
 //!   filter_chains: exactly one, with filters: exactly one
 //!     {name, typed_config: HttpConnectionManager}  (found by typed_config's @type)
 //!       stat_prefix (required), codec_type (AUTO | HTTP1), stream_idle_timeout (default 300s)
+//!       use_remote_address, xff_num_trusted_hops, skip_xff_append,
+//!       preserve_external_request_id, internal_address_config.{unix_sockets, cidr_ranges[]
+//!         {address_prefix, prefix_len}}                  (see crate::conn_manager)
+//!       request_headers_timeout (default none), normalize_path, merge_slashes
+//!       common_http_protocol_options.{idle_timeout (default 3600s),
+//!         headers_with_underscores_action (ALLOW | REJECT_REQUEST | DROP_HEADER)}
+//!       http2_protocol_options.{max_concurrent_streams, initial_stream_window_size,
+//!         initial_connection_window_size}
 //!       route_config.{name, virtual_hosts: exactly one}
 //!         {name, domains (must contain "*"), routes[]}
 //!           {name, match.{prefix | path}, route.{cluster, timeout}}
@@ -39,6 +51,20 @@
 //! * Cluster addresses are used as written (a name is resolved when connecting); a cluster has
 //!   one endpoint. `lb_policy` and `dns_lookup_family` are checked and have no other effect.
 //! * A route with no `timeout` gets Envoy's default of 15 s; `0s` means none (as in Envoy).
+//! * host-shim serves HTTP/1.1 only: `http2_protocol_options` are checked (Envoy's ranges) and
+//!   have no effect; `codec_type: AUTO` means HTTP/1.1.
+//! * For a loopback peer with `use_remote_address`, Envoy appends its own address to
+//!   `x-forwarded-for` (the first non-loopback interface's IPv4); host-shim takes its default
+//!   route's source address, the same on a single-homed host.
+//! * `overload_manager.refresh_interval` is checked only: host-shim counts connections
+//!   exactly, at accept, where Envoy samples on that interval.
+//! * The router strips the retry and timeout `x-envoy-*` headers it would act on and announces
+//!   `x-envoy-expected-rq-timeout-ms`; host-shim strips and announces alike but never retries.
+//! * The 408 for `request_headers_timeout` does not pass through the plugin (in Envoy the
+//!   filters' response phase sees it); Envoy closes the connection 1 s after it (delayed close),
+//!   host-shim at once. An idle connection that served requests is closed `drain_timeout`
+//!   (5 s) + 1 s after its idle timeout, as in Envoy; a request arriving in those seconds is
+//!   served with keep-alive (Envoy answers it with `connection: close`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,12 +74,17 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
+use crate::conn_manager::{CidrRange, ConnectionManagerConfig, UnderscoreAction};
+
 pub const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 pub const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 pub const ROUTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 pub const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
 pub const STRUCT_TYPE: &str = "type.googleapis.com/google.protobuf.Struct";
+pub const DOWNSTREAM_CONNECTIONS_MONITOR: &str =
+    "envoy.resource_monitors.global_downstream_max_connections";
+pub const DOWNSTREAM_CONNECTIONS_TYPE: &str = "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 
 /// Envoy's HTTP connection manager `stream_idle_timeout` when none is set.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -80,6 +111,11 @@ pub struct EnvoyConfig {
     /// How long a stream may wait with no progress (a filter that never resumes), Envoy's
     /// `stream_idle_timeout`: 300 s unless set; `None` when set to `0s` (disabled).
     pub stream_idle_timeout: Option<Duration>,
+    /// The HTTP connection manager's request handling: addresses and forwarding headers,
+    /// request header and idle timers, underscores, path normalisation.
+    pub connection_manager: ConnectionManagerConfig,
+    /// `overload_manager`'s `global_downstream_max_connections` monitor.
+    pub max_downstream_connections: Option<u64>,
     pub admin: Option<SocketAddress>,
     /// In order: the first match wins, as in Envoy.
     pub routes: Vec<RouteEntry>,
@@ -477,6 +513,14 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// An integer from `min` to `max`.
+    fn integer(&self, min: u64, max: u64) -> Result<u64> {
+        match self.value.as_u64() {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.expected(&format!("an integer from {min} to {max}"))),
+        }
+    }
+
     fn duration(&self) -> Result<Duration> {
         let s = self
             .string()
@@ -548,7 +592,12 @@ fn type_url<'a>(node: &Node<'a>) -> Result<&'a str> {
 // The bootstrap, piece by piece
 
 fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
-    let top = root.object(&["admin", "static_resources"])?;
+    let top = root.object(&["admin", "static_resources", "overload_manager"])?;
+    let max_downstream_connections = top
+        .get("overload_manager")
+        .map(|o| parse_overload_manager(&o))
+        .transpose()?
+        .flatten();
     let admin = match top.get("admin") {
         None => None,
         Some(node) => {
@@ -591,7 +640,18 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
         "stream_idle_timeout",
         "route_config",
         "http_filters",
+        "use_remote_address",
+        "xff_num_trusted_hops",
+        "skip_xff_append",
+        "preserve_external_request_id",
+        "internal_address_config",
+        "request_headers_timeout",
+        "common_http_protocol_options",
+        "http2_protocol_options",
+        "normalize_path",
+        "merge_slashes",
     ])?;
+    let connection_manager = parse_connection_manager(&hcm)?;
     let stat_prefix = hcm.req("stat_prefix")?.string()?.to_string();
     let stream_idle_timeout = match hcm.get("stream_idle_timeout") {
         None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
@@ -606,11 +666,142 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
         listener: listen,
         stat_prefix,
         stream_idle_timeout,
+        connection_manager,
+        max_downstream_connections,
         admin,
         routes,
         wasm,
         clusters,
     })
+}
+
+/// The connection manager fields that shape requests and connections (Envoy's defaults when
+/// absent).
+fn parse_connection_manager(hcm: &Object<'_>) -> Result<ConnectionManagerConfig> {
+    let mut cm = ConnectionManagerConfig::default();
+    let flag = |name: &str| -> Result<bool> {
+        Ok(hcm
+            .get(name)
+            .map(|f| f.boolean())
+            .transpose()?
+            .unwrap_or(false))
+    };
+    cm.use_remote_address = flag("use_remote_address")?;
+    cm.skip_xff_append = flag("skip_xff_append")?;
+    cm.preserve_external_request_id = flag("preserve_external_request_id")?;
+    cm.normalize_path = flag("normalize_path")?;
+    cm.merge_slashes = flag("merge_slashes")?;
+    if let Some(hops) = hcm.get("xff_num_trusted_hops") {
+        cm.xff_num_trusted_hops = hops.integer(0, u64::from(u32::MAX))? as u32;
+    }
+    if let Some(t) = hcm.get("request_headers_timeout") {
+        cm.request_headers_timeout = Some(t.duration()?).filter(|d| !d.is_zero());
+    }
+    if let Some(internal) = hcm.get("internal_address_config") {
+        let internal = internal.object(&["unix_sockets", "cidr_ranges"])?;
+        if let Some(u) = internal.get("unix_sockets") {
+            u.boolean()?;
+        }
+        if let Some(ranges) = internal.get("cidr_ranges") {
+            for range in ranges.list()? {
+                cm.internal_ranges.push(cidr_range(&range)?);
+            }
+        }
+    }
+    if let Some(common) = hcm.get("common_http_protocol_options") {
+        let common = common.object(&["idle_timeout", "headers_with_underscores_action"])?;
+        if let Some(t) = common.get("idle_timeout") {
+            cm.idle_timeout = Some(t.duration()?).filter(|d| !d.is_zero());
+        }
+        if let Some(a) = common.get("headers_with_underscores_action") {
+            cm.headers_with_underscores = match a
+                .enumeration(&["ALLOW", "REJECT_REQUEST", "DROP_HEADER"])?
+                .as_str()
+            {
+                "REJECT_REQUEST" => UnderscoreAction::RejectRequest,
+                "DROP_HEADER" => UnderscoreAction::DropHeader,
+                _ => UnderscoreAction::Allow,
+            };
+        }
+    }
+    if let Some(h2) = hcm.get("http2_protocol_options") {
+        // host-shim serves HTTP/1.1 only: checked as Envoy checks them, no other effect.
+        let h2 = h2.object(&[
+            "max_concurrent_streams",
+            "initial_stream_window_size",
+            "initial_connection_window_size",
+        ])?;
+        let max = u64::from(i32::MAX.unsigned_abs());
+        if let Some(n) = h2.get("max_concurrent_streams") {
+            n.integer(1, max)?;
+        }
+        for window in [
+            "initial_stream_window_size",
+            "initial_connection_window_size",
+        ] {
+            if let Some(n) = h2.get(window) {
+                n.integer(65535, max)?;
+            }
+        }
+    }
+    Ok(cm)
+}
+
+/// `{address_prefix, prefix_len}`
+fn cidr_range(node: &Node<'_>) -> Result<CidrRange> {
+    let range = node.object(&["address_prefix", "prefix_len"])?;
+    let prefix_node = range.req("address_prefix")?;
+    let prefix_text = prefix_node.string()?;
+    let prefix: IpAddr = prefix_text
+        .parse()
+        .map_err(|_| prefix_node.invalid(format!("{prefix_text:?} is not an IP address")))?;
+    let max = if prefix.is_ipv4() { 32 } else { 128 };
+    let len = match range.get("prefix_len") {
+        None => 0,
+        Some(l) => l.integer(0, max)? as u8,
+    };
+    Ok(CidrRange { prefix, len })
+}
+
+/// `overload_manager`: only the global downstream connection limit (the one monitor that needs
+/// no actions).
+fn parse_overload_manager(node: &Node<'_>) -> Result<Option<u64>> {
+    let om = node.object(&["refresh_interval", "resource_monitors"])?;
+    if let Some(r) = om.get("refresh_interval") {
+        r.duration()?;
+    }
+    let mut max = None;
+    let Some(monitors) = om.get("resource_monitors") else {
+        return Ok(None);
+    };
+    for monitor in monitors.list()? {
+        let m = monitor.object(&["name", "typed_config"])?;
+        let name_node = m.req("name")?;
+        let name = name_node.string()?;
+        if name != DOWNSTREAM_CONNECTIONS_MONITOR {
+            return Err(name_node.invalid(format!(
+                "{name:?}: host-shim supports only the {DOWNSTREAM_CONNECTIONS_MONITOR} monitor"
+            )));
+        }
+        if max.is_some() {
+            return Err(monitor.invalid(format!("{DOWNSTREAM_CONNECTIONS_MONITOR} is given twice")));
+        }
+        let typed = m.req("typed_config")?;
+        let url = type_url(&typed)?;
+        if url != DOWNSTREAM_CONNECTIONS_TYPE {
+            return Err(invalid(
+                &join(&typed.path, "@type"),
+                format!("{url:?}: this monitor's typed_config is {DOWNSTREAM_CONNECTIONS_TYPE}"),
+            ));
+        }
+        let config = typed.object(&["@type", "max_active_downstream_connections"])?;
+        max = Some(
+            config
+                .req("max_active_downstream_connections")?
+                .integer(1, i64::MAX.unsigned_abs())?,
+        );
+    }
+    Ok(max)
 }
 
 /// `address: {socket_address: {address, port_value}}`

@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::abi::{Action, HeaderList, Status};
 use crate::body::{self, Body, BodySender};
+use crate::conn_manager::{self, ConnectionManagerConfig};
+use crate::downstream::{DownstreamIo, RequestInFlight};
 use crate::redis_pool::{RedisEndpoint, RedisPool};
 use crate::shared::{QueueReady, SharedState};
 use crate::state::{Callout, HttpCallResponse, PauseOutcome, StreamInfo, StreamState};
@@ -88,6 +90,12 @@ pub struct GatewaySpec {
     /// How long a stream may stay paused by the plugin (Envoy's `stream_idle_timeout`); `None`:
     /// no limit.
     pub stream_idle_timeout: Option<Duration>,
+    /// The HTTP connection manager's request handling (addresses, forwarding headers, timers,
+    /// path normalisation); `Default` is Envoy's.
+    pub connection_manager: ConnectionManagerConfig,
+    /// The overload manager's `global_downstream_max_connections`: a connection accepted
+    /// beyond it is closed at once, unanswered, as Envoy does.
+    pub max_downstream_connections: Option<usize>,
 }
 
 impl GatewaySpec {
@@ -140,6 +148,8 @@ impl Gateway {
             }
         });
         let ready_workers = Arc::new(AtomicUsize::new(0));
+        let downstream_connections = Arc::new(AtomicUsize::new(0));
+        let local_ip = conn_manager::local_address();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), VmError>>();
         let mut shutdown = Vec::new();
         let mut threads = Vec::new();
@@ -151,13 +161,22 @@ impl Gateway {
             let shared = shared.clone();
             let started_tx = started_tx.clone();
             let ready = ready_workers.clone();
+            let connections = downstream_connections.clone();
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             shutdown.push(stop_tx);
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     worker_main(
-                        index, spec, shared, listener, queue_rx, started_tx, ready, stop_rx,
+                        index,
+                        spec,
+                        shared,
+                        listener,
+                        queue_rx,
+                        started_tx,
+                        ready,
+                        stop_rx,
+                        (connections, local_ip),
                     )
                 })
                 .map_err(|e| VmError::Start(format!("cannot start a worker thread: {e}")))?;
@@ -219,6 +238,7 @@ fn worker_main(
     started: std::sync::mpsc::Sender<Result<(), VmError>>,
     ready: Arc<AtomicUsize>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    (downstream_connections, local_ip): (Arc<AtomicUsize>, IpAddr),
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -233,7 +253,13 @@ fn worker_main(
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let (abandoned_tx, mut abandoned_rx) = mpsc::unbounded_channel();
-        let worker = Rc::new(Worker::new(index, spec.clone(), shared.clone(), abandoned_tx));
+        let worker = Rc::new(Worker::new(
+            index,
+            spec.clone(),
+            shared.clone(),
+            abandoned_tx,
+            local_ip,
+        ));
         if let Some(filter) = &spec.filter {
             match worker.start_vm(filter).await {
                 Ok(vm) => {
@@ -270,10 +296,19 @@ fn worker_main(
             tokio::select! {
                 accepted = listener.accept() => {
                     let Ok((stream, peer)) = accepted else { continue };
+                    let Some(slot) = ConnectionSlot::take(&downstream_connections, spec.max_downstream_connections) else {
+                        worker.shared.counters.downstream_global_cx_overflow.fetch_add(1, Ordering::Relaxed);
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let local_addr = stream.local_addr().unwrap_or(peer);
                     let conn_id = (index as u64) << 48 | connections.fetch_add(1, Ordering::Relaxed);
-                    tokio::task::spawn_local(worker.clone().serve_connection(stream, peer, local_addr, conn_id));
+                    let w = worker.clone();
+                    tokio::task::spawn_local(async move {
+                        w.serve_connection(stream, peer, local_addr, conn_id).await;
+                        drop(slot);
+                    });
                 }
                 _ = stop.changed() => break,
             }
@@ -286,6 +321,27 @@ struct VmSlot {
     generation: u64,
 }
 
+/// One downstream connection counted against the overload manager's limit, shared by all
+/// workers; released on drop.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(active: &Arc<AtomicUsize>, max: Option<usize>) -> Option<ConnectionSlot> {
+        let before = active.fetch_add(1, Ordering::Relaxed);
+        if max.is_some_and(|m| before >= m) {
+            active.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(active.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Worker {
     index: usize,
     spec: Arc<GatewaySpec>,
@@ -296,6 +352,8 @@ struct Worker {
     replacing: std::cell::Cell<bool>,
     /// Streams whose client went away before they finished: (context, VM generation).
     abandoned: mpsc::UnboundedSender<(u32, u64)>,
+    /// What Envoy appends to XFF for a loopback peer (its own address).
+    local_ip: IpAddr,
 }
 
 /// Why a stream could not go on through the plugin.
@@ -318,6 +376,7 @@ impl Worker {
         spec: Arc<GatewaySpec>,
         shared: Arc<SharedState>,
         abandoned: mpsc::UnboundedSender<(u32, u64)>,
+        local_ip: IpAddr,
     ) -> Worker {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -335,6 +394,7 @@ impl Worker {
             redis_pools: RefCell::new(HashMap::new()),
             replacing: std::cell::Cell::new(false),
             abandoned,
+            local_ip,
         }
     }
 
@@ -396,17 +456,25 @@ impl Worker {
         local: SocketAddr,
         conn_id: u64,
     ) {
+        let cm = &self.spec.connection_manager;
+        let (io, state) = DownstreamIo::new(stream, cm.request_headers_timeout, cm.idle_timeout);
         let worker = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let worker = worker.clone();
-            async move { Ok::<_, Infallible>(worker.handle(req, peer, local, conn_id).await) }
+            let in_flight = state.head_complete();
+            async move {
+                let resp = worker.handle(req, peer, local, conn_id).await;
+                Ok::<_, Infallible>(held_until_done(resp, in_flight))
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30))
+            // The connection's own timers (crate::downstream) replace hyper's, which also
+            // counts keep-alive idle time and answers nothing.
+            .header_read_timeout(None)
             .max_buf_size(self.spec.max_request_headers_bytes.max(8192))
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(io), service);
         if let Err(e) = conn.await {
             tracing::debug!(%peer, "connection ended: {e}");
         }
@@ -434,16 +502,24 @@ impl Worker {
         if head_size > self.spec.max_request_headers_bytes {
             return plain_response(431, "request header fields too large\n");
         }
-        let headers = request_header_list(&req, peer);
+        let cm = &self.spec.connection_manager;
+        let mut headers = request_header_list(&req);
+        let rejection = conn_manager::check_underscores(cm.headers_with_underscores, &mut headers)
+            .err()
+            .or_else(|| self.normalize_path(&mut headers).err());
+        let source = conn_manager::mutate_request_headers(cm, &mut headers, peer, self.local_ip);
         let path = header_str(&headers, ":path").unwrap_or("/").to_string();
         let route = self.spec.route_for(&path).cloned();
         let (_, incoming) = req.into_parts();
         let body = body::boxed(incoming);
         if self.spec.filter.is_none() {
+            if let Some(r) = rejection {
+                return rejection_response(&r);
+            }
             return self.forward(route.as_ref(), headers, body).await;
         }
         let info = StreamInfo {
-            source: peer,
+            source,
             destination: local,
             connection_id: conn_id,
             start_time: SystemTime::now(),
@@ -455,13 +531,47 @@ impl Worker {
         };
         // A fail-open pass-through needs the request as received; keep a copy only then.
         let kept = self.fail_open().then(|| headers.clone());
-        match FilteredStream::begin(self.clone(), info, headers, kept.clone()).await {
-            Ok(stream) => stream.run(route, body).await,
-            Err(StreamFailure::Closed) => reset_response(),
-            Err(StreamFailure::Vm) => {
+        match (
+            FilteredStream::begin(self.clone(), info, headers, kept.clone()).await,
+            rejection,
+        ) {
+            // Refused by the connection manager: the filters see only the response, as in Envoy.
+            (Ok(stream), Some(r)) => {
+                let mut resp = stream.local_reply(rejection_local(&r)).await;
+                if r.close {
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
+            }
+            (Ok(stream), None) => stream.run(route, body).await,
+            (Err(_), Some(r)) => rejection_response(&r),
+            (Err(StreamFailure::Closed), None) => reset_response(),
+            (Err(StreamFailure::Vm), None) => {
                 self.fail_by_policy(route.as_ref(), kept.unwrap_or_default(), body)
                     .await
             }
+        }
+    }
+
+    /// Envoy's `normalize_path` and `merge_slashes` on `:path`.
+    fn normalize_path(&self, headers: &mut HeaderList) -> Result<(), conn_manager::Rejection> {
+        let cm = &self.spec.connection_manager;
+        let Some(entry) = headers.iter_mut().find(|(k, _)| k == ":path") else {
+            return Ok(());
+        };
+        let path = String::from_utf8_lossy(&entry.1).into_owned();
+        match conn_manager::normalize_path(&path, cm.normalize_path, cm.merge_slashes) {
+            Some(p) => {
+                entry.1 = p.into_bytes();
+                Ok(())
+            }
+            None => Err(conn_manager::Rejection {
+                status: 400,
+                body: "",
+                details: "path_normalization_failed",
+                close: false,
+            }),
         }
     }
 
@@ -516,6 +626,8 @@ impl Worker {
         let Some(addr) = self.spec.clusters.get(&route.cluster) else {
             return Err(plain_response(503, "no healthy upstream"));
         };
+        let mut headers = headers;
+        conn_manager::router_request_headers(&mut headers, route.timeout);
         let req = match build_request(addr, &headers, body) {
             Ok(r) => r,
             Err(e) => return Err(plain_response(400, &format!("bad request: {e}\n"))),
@@ -1632,11 +1744,11 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
-/// The request's headers as Envoy presents them to a plugin: `:authority`, `:path`, `:method`,
-/// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`).
-/// Like an edge Envoy, it adds `x-request-id` when absent and appends the peer to
-/// `x-forwarded-for`.
-fn request_header_list(req: &Request<Incoming>, peer: SocketAddr) -> HeaderList {
+/// The request's headers as Envoy's codec hands them on: `:authority`, `:path`, `:method`,
+/// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`;
+/// repeated `x-forwarded-for` headers joined by `,` into the first, as Envoy's header map
+/// does). The connection manager's changes come after ([`conn_manager`]).
+fn request_header_list(req: &Request<Incoming>) -> HeaderList {
     let authority = req
         .headers()
         .get(http::header::HOST)
@@ -1658,49 +1770,79 @@ fn request_header_list(req: &Request<Incoming>, peer: SocketAddr) -> HeaderList 
         (":method".into(), req.method().as_str().as_bytes().to_vec()),
         (":scheme".into(), b"http".to_vec()),
     ];
-    let mut xff = None;
-    let mut has_request_id = false;
+    let mut xff_at: Option<usize> = None;
     for (k, v) in req.headers() {
         let name = k.as_str();
         if name == "host" || HOP_BY_HOP.contains(&name) {
             continue;
         }
         if name == "x-forwarded-for" {
-            xff = Some(v.as_bytes().to_vec());
-            continue;
+            if let Some(i) = xff_at {
+                let joined = &mut h[i].1;
+                joined.push(b',');
+                joined.extend_from_slice(v.as_bytes());
+                continue;
+            }
+            xff_at = Some(h.len());
         }
-        has_request_id |= name == "x-request-id";
         h.push((name.to_string(), v.as_bytes().to_vec()));
-    }
-    let peer_ip = peer.ip().to_string();
-    let xff = match xff {
-        Some(mut existing) => {
-            existing.extend_from_slice(b", ");
-            existing.extend_from_slice(peer_ip.as_bytes());
-            existing
-        }
-        None => peer_ip.into_bytes(),
-    };
-    h.push(("x-forwarded-for".into(), xff));
-    h.push(("x-forwarded-proto".into(), b"http".to_vec()));
-    if !has_request_id {
-        h.push(("x-request-id".into(), new_request_id().into_bytes()));
     }
     h
 }
 
-/// A random UUID (version 4) for `x-request-id`.
-fn new_request_id() -> String {
-    let a = fastrand::u64(..);
-    let b = fastrand::u64(..);
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        (b >> 48) & 0x3fff | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+/// The response to a request the connection manager refused, when no filter runs.
+fn rejection_response(r: &conn_manager::Rejection) -> Response<Body> {
+    let mut resp = local_response_parts(&rejection_local(r));
+    if r.close {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn rejection_local(r: &conn_manager::Rejection) -> crate::state::LocalResponse {
+    crate::state::LocalResponse {
+        status: r.status,
+        details: r.details.into(),
+        body: r.body.as_bytes().to_vec(),
+        headers: Vec::new(),
+    }
+}
+
+/// The response with the request's in-flight mark riding on its body: the connection counts as
+/// idle (its idle timer runs) once the body has been sent or dropped.
+fn held_until_done(resp: Response<Body>, in_flight: RequestInFlight) -> Response<Body> {
+    resp.map(|inner| {
+        body::boxed(HeldBody {
+            inner,
+            _in_flight: in_flight,
+        })
+    })
+}
+
+struct HeldBody {
+    inner: Body,
+    _in_flight: RequestInFlight,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn header_str<'a>(h: &'a HeaderList, name: &str) -> Option<&'a str> {

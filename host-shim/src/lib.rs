@@ -4,11 +4,15 @@
 //! * [`vm`] compiles a plugin once and runs one instance per worker thread;
 //! * [`host`] implements the ABI's imports, one module per family;
 //! * [`gateway`] is the HTTP front: workers, the request phases, forwarding and callouts;
+//! * [`conn_manager`] and [`downstream`] are Envoy's HTTP connection manager behaviour: request
+//!   headers and addresses, path normalisation, connection timers;
 //! * [`admin`] serves `/stats/prometheus` and `/ready`.
 
 pub mod abi;
 pub mod admin;
 pub mod body;
+pub mod conn_manager;
+pub mod downstream;
 pub mod envoy_config;
 pub mod gateway;
 pub mod host;

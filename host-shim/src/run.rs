@@ -140,6 +140,10 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         filter,
         max_request_headers_bytes: 60 * 1024,
         stream_idle_timeout: cfg.stream_idle_timeout,
+        connection_manager: cfg.connection_manager.clone(),
+        max_downstream_connections: cfg
+            .max_downstream_connections
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
     };
     Ok((spec, listen, admin))
 }

@@ -46,11 +46,14 @@ pub struct HostCounters {
     pub redis_callouts: AtomicU64,
     pub redis_callout_failures: AtomicU64,
     pub fail_open_passes: AtomicU64,
+    /// Connections closed at accept by the overload manager's connection limit (Envoy's
+    /// `downstream_global_cx_overflow`).
+    pub downstream_global_cx_overflow: AtomicU64,
 }
 
 impl HostCounters {
     /// (Prometheus name without prefix, help text, value) of every counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 10] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 11] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("requests_total", "requests received", v(&self.requests)),
@@ -98,6 +101,11 @@ impl HostCounters {
                 "redis_callout_failures_total",
                 "redis calls that failed",
                 v(&self.redis_callout_failures),
+            ),
+            (
+                "downstream_global_cx_overflow_total",
+                "connections closed at accept by the overload manager's connection limit",
+                v(&self.downstream_global_cx_overflow),
             ),
         ]
     }

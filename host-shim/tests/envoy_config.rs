@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use host_shim::conn_manager::{CidrRange, ConnectionManagerConfig, UnderscoreAction};
 use host_shim::envoy_config::{DiscoveryType, EnvoyConfig, EnvoyConfigError, PathMatch};
 use serde_yaml::Value;
 
@@ -486,4 +487,100 @@ fn stream_idle_timeout_defaults_to_envoys_300s_and_0s_disables_it() {
     let (path, message) = refused(with_field(HCM, "stream_idle_timeout", "soon".into()));
     assert_eq!(path, format!("{HCM}.stream_idle_timeout"));
     assert!(message.contains("soon"), "{message}");
+}
+
+#[test]
+fn connection_manager_options_are_read_and_checked_by_path() {
+    let cfg = with_field(
+        HCM,
+        "internal_address_config",
+        yaml("{unix_sockets: false, cidr_ranges: [{address_prefix: 10.0.0.0, prefix_len: 8}, {address_prefix: '::1', prefix_len: 128}]}"),
+    )
+    .expect("internal_address_config");
+    assert_eq!(
+        cfg.connection_manager.internal_ranges,
+        [
+            CidrRange {
+                prefix: "10.0.0.0".parse().unwrap(),
+                len: 8
+            },
+            CidrRange {
+                prefix: "::1".parse().unwrap(),
+                len: 128
+            },
+        ]
+    );
+    let cfg = with_field(HCM, "skip_xff_append", Value::Bool(true)).unwrap();
+    assert!(cfg.connection_manager.skip_xff_append);
+    let cfg = with_field(HCM, "preserve_external_request_id", Value::Bool(true)).unwrap();
+    assert!(cfg.connection_manager.preserve_external_request_id);
+    let cfg = with_field(HCM, "request_headers_timeout", "0s".into()).unwrap();
+    assert_eq!(cfg.connection_manager.request_headers_timeout, None);
+    let cfg = with_field(
+        HCM,
+        "common_http_protocol_options",
+        yaml("{idle_timeout: 0s, headers_with_underscores_action: drop_header}"),
+    )
+    .unwrap();
+    assert_eq!(cfg.connection_manager.idle_timeout, None);
+    assert_eq!(
+        cfg.connection_manager.headers_with_underscores,
+        UnderscoreAction::DropHeader
+    );
+
+    let refusals = [
+        (
+            "common_http_protocol_options",
+            yaml("{max_headers_count: 10}"),
+            format!("{HCM}.common_http_protocol_options.max_headers_count"),
+            "field not supported",
+        ),
+        (
+            "common_http_protocol_options",
+            yaml("{headers_with_underscores_action: REJECT}"),
+            format!("{HCM}.common_http_protocol_options.headers_with_underscores_action"),
+            "REJECT",
+        ),
+        (
+            "http2_protocol_options",
+            yaml("{initial_stream_window_size: 100}"),
+            format!("{HCM}.http2_protocol_options.initial_stream_window_size"),
+            "65535",
+        ),
+        (
+            "http2_protocol_options",
+            yaml("{allow_connect: true}"),
+            format!("{HCM}.http2_protocol_options.allow_connect"),
+            "field not supported",
+        ),
+        (
+            "xff_num_trusted_hops",
+            Value::from(-1),
+            format!("{HCM}.xff_num_trusted_hops"),
+            "integer",
+        ),
+        (
+            "use_remote_address",
+            "yes".into(),
+            format!("{HCM}.use_remote_address"),
+            "true or false",
+        ),
+        (
+            "internal_address_config",
+            yaml("{cidr_ranges: [{address_prefix: 10.0.0.0, prefix_len: 33}]}"),
+            format!("{HCM}.internal_address_config.cidr_ranges[0].prefix_len"),
+            "0 to 32",
+        ),
+        (
+            "internal_address_config",
+            yaml("{cidr_ranges: [{address_prefix: ten}]}"),
+            format!("{HCM}.internal_address_config.cidr_ranges[0].address_prefix"),
+            "not an IP",
+        ),
+    ];
+    for (key, value, want_path, want_text) in refusals {
+        let (path, message) = refused(with_field(HCM, key, value));
+        assert_eq!(path, want_path, "{message}");
+        assert!(message.contains(want_text), "{message}");
+    }
 }

@@ -168,6 +168,8 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
             fail_open: false,
         }),
         max_request_headers_bytes: 60 * 1024,
+        connection_manager: Default::default(),
+        max_downstream_connections: None,
         stream_idle_timeout: Some(std::time::Duration::from_secs(300)),
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

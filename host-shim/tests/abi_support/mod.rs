@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use host_shim::conn_manager::ConnectionManagerConfig;
 use host_shim::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
 use host_shim::shared::SharedState;
 use host_shim::vm::{PluginModule, VmError, VmSettings};
@@ -255,6 +256,8 @@ pub struct GatewayOptions {
     pub clusters: Vec<(String, SocketAddr)>,
     pub route_timeout: Option<Duration>,
     pub stream_idle_timeout: Option<Duration>,
+    pub connection_manager: ConnectionManagerConfig,
+    pub max_downstream_connections: Option<usize>,
 }
 
 impl Default for GatewayOptions {
@@ -270,6 +273,8 @@ impl Default for GatewayOptions {
             clusters: Vec::new(),
             route_timeout: Some(Duration::from_secs(10)),
             stream_idle_timeout: Some(Duration::from_secs(300)),
+            connection_manager: ConnectionManagerConfig::default(),
+            max_downstream_connections: None,
         }
     }
 }
@@ -342,6 +347,8 @@ pub fn spec(
             fail_open: opts.fail_open,
         }),
         max_request_headers_bytes: 60 * 1024,
+        connection_manager: opts.connection_manager.clone(),
+        max_downstream_connections: opts.max_downstream_connections,
         stream_idle_timeout: opts.stream_idle_timeout,
     }
 }

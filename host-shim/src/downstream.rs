@@ -1,0 +1,232 @@
+//! A downstream HTTP/1.1 connection as hyper reads it, with Envoy's connection timers (hyper's
+//! own header timeout also counts idle keep-alive time and answers nothing):
+//!
+//! * `request_headers_timeout`: from the first byte of a request until its headers are
+//!   complete. Envoy 1.40 then answers `408` with body `request header timeout` (text/plain,
+//!   `connection: close`) and closes.
+//! * `common_http_protocol_options.idle_timeout`: no request in flight for that long. Envoy
+//!   closes a connection that never sent a byte at once, without a response; one that has
+//!   served requests is drained first (`drain_timeout`, 5 s) and closed after its 1 s delayed
+//!   close.
+//!
+//! The request side tells the connection where it is with [`ConnectionState::head_complete`]
+//! and the guard that returns ([`RequestInFlight`]), dropped when the response is done.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
+/// long an idle connection that served requests stays open after its idle timeout.
+const DRAIN_AND_CLOSE: Duration = Duration::from_secs(6);
+
+const HEADER_TIMEOUT_REPLY: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 22\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nrequest header timeout";
+
+/// Where the connection's current request is, shared by the IO and the request handler.
+#[derive(Default)]
+pub struct ConnectionState {
+    /// Requests whose headers are complete and whose response has not finished.
+    in_flight: AtomicUsize,
+    /// Bytes of a new request head have arrived and its headers are not complete yet.
+    head_started: AtomicBool,
+    served: AtomicBool,
+    /// When the connection last became idle (no request in flight, no head in progress).
+    idle_since: Mutex<Option<Instant>>,
+    /// The reader waiting while a request was in flight: woken when the connection goes idle,
+    /// so that the idle timer starts.
+    reader: Mutex<Option<Waker>>,
+}
+
+impl ConnectionState {
+    fn new() -> ConnectionState {
+        let s = ConnectionState::default();
+        *s.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        s
+    }
+
+    /// A request's headers are complete: its head timer stops. Drop the guard when its
+    /// response is done.
+    pub fn head_complete(self: &Arc<Self>) -> RequestInFlight {
+        self.head_started.store(false, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        RequestInFlight {
+            state: self.clone(),
+        }
+    }
+}
+
+/// A request in flight on a connection; dropping it (when the response body is done) lets the
+/// connection go idle.
+pub struct RequestInFlight {
+    state: Arc<ConnectionState>,
+}
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        let s = &self.state;
+        s.served.store(true, Ordering::Relaxed);
+        if s.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *s.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            if let Some(w) = s.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The TCP stream with the two timers.
+pub struct DownstreamIo {
+    stream: TcpStream,
+    state: Arc<ConnectionState>,
+    request_headers_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    head_deadline: Option<Instant>,
+    sleep: Pin<Box<Sleep>>,
+    /// Set once the connection timed out: reads see EOF, writes are discarded.
+    closed: bool,
+}
+
+impl DownstreamIo {
+    pub fn new(
+        stream: TcpStream,
+        request_headers_timeout: Option<Duration>,
+        idle_timeout: Option<Duration>,
+    ) -> (DownstreamIo, Arc<ConnectionState>) {
+        let state = Arc::new(ConnectionState::new());
+        let io = DownstreamIo {
+            stream,
+            state: state.clone(),
+            request_headers_timeout,
+            idle_timeout,
+            head_deadline: None,
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            closed: false,
+        };
+        (io, state)
+    }
+
+    /// The earliest timer that applies now, and whether it is the head timer.
+    fn deadline(&self) -> Option<(Instant, bool)> {
+        if self.state.head_started.load(Ordering::Relaxed) {
+            return self.head_deadline.map(|d| (d, true));
+        }
+        if self.state.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = (*self
+            .state
+            .idle_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))?;
+        let idle = self.idle_timeout?;
+        let extra = if self.state.served.load(Ordering::Relaxed) {
+            DRAIN_AND_CLOSE
+        } else {
+            Duration::ZERO
+        };
+        Some((since + idle + extra, false))
+    }
+
+    fn expire(&mut self, head: bool) {
+        if head {
+            // Best effort: the reply is small enough for an empty socket buffer.
+            let _ = self.stream.try_write(HEADER_TIMEOUT_REPLY);
+        }
+        self.closed = true;
+    }
+}
+
+impl AsyncRead for DownstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = buf.filled().len() > before;
+                if got
+                    && this.state.in_flight.load(Ordering::Relaxed) == 0
+                    && !this.state.head_started.swap(true, Ordering::Relaxed)
+                {
+                    // The first byte of a new request: the idle timer stops, the head timer runs.
+                    *this
+                        .state
+                        .idle_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
+                    this.head_deadline = this.request_headers_timeout.map(|t| Instant::now() + t);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        let Some((deadline, head)) = this.deadline() else {
+            *this.state.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        if Instant::now() >= deadline {
+            this.expire(head);
+            return Poll::Ready(Ok(()));
+        }
+        if this.sleep.deadline() != deadline {
+            this.sleep.as_mut().reset(deadline);
+        }
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            this.expire(head);
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for DownstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.closed {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.closed {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
