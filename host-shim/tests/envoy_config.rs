@@ -490,6 +490,58 @@ fn stream_idle_timeout_defaults_to_envoys_300s_and_0s_disables_it() {
 }
 
 #[test]
+fn the_shipped_edge_settings_are_read() {
+    let cfg = EnvoyConfig::load(&shipped_path()).expect("envoy/envoy.yaml loads");
+    let cm = &cfg.connection_manager;
+    assert!(cm.use_remote_address);
+    assert_eq!(cm.xff_num_trusted_hops, 0);
+    assert!(!cm.skip_xff_append);
+    assert!(!cm.preserve_external_request_id);
+    assert!(cm.internal_ranges.is_empty());
+    assert!(cm.normalize_path && cm.merge_slashes);
+    assert_eq!(cm.request_headers_timeout, Some(Duration::from_secs(10)));
+    assert_eq!(cm.idle_timeout, Some(Duration::from_secs(3600)));
+    assert_eq!(cm.headers_with_underscores, UnderscoreAction::RejectRequest);
+    assert_eq!(cfg.stream_idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(cfg.max_downstream_connections, Some(10000));
+}
+
+#[test]
+fn connection_manager_fields_default_to_envoys() {
+    let mut doc = shipped_yaml();
+    let hcm = at(&mut doc, HCM).as_mapping_mut().expect("hcm");
+    for key in [
+        "use_remote_address",
+        "xff_num_trusted_hops",
+        "normalize_path",
+        "merge_slashes",
+        "request_headers_timeout",
+        "common_http_protocol_options",
+        "http2_protocol_options",
+    ] {
+        hcm.remove(key)
+            .unwrap_or_else(|| panic!("shipped yaml has {key}"));
+    }
+    doc.as_mapping_mut()
+        .expect("top")
+        .remove("overload_manager")
+        .expect("overload_manager");
+    let cfg = parse(&doc).expect("yaml");
+    assert_eq!(cfg.connection_manager, ConnectionManagerConfig::default());
+    assert!(!cfg.connection_manager.use_remote_address);
+    assert_eq!(cfg.connection_manager.request_headers_timeout, None);
+    assert_eq!(
+        cfg.connection_manager.idle_timeout,
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(
+        cfg.connection_manager.headers_with_underscores,
+        UnderscoreAction::Allow
+    );
+    assert_eq!(cfg.max_downstream_connections, None);
+}
+
+#[test]
 fn connection_manager_options_are_read_and_checked_by_path() {
     let cfg = with_field(
         HCM,
@@ -583,4 +635,37 @@ fn connection_manager_options_are_read_and_checked_by_path() {
         assert_eq!(path, want_path, "{message}");
         assert!(message.contains(want_text), "{message}");
     }
+}
+
+#[test]
+fn the_overload_manager_takes_only_the_connection_limit_monitor() {
+    let monitor = "overload_manager.resource_monitors[0]";
+    let (path, message) = refused(with_field(
+        monitor,
+        "name",
+        "envoy.resource_monitors.fixed_heap".into(),
+    ));
+    assert_eq!(path, format!("{monitor}.name"));
+    assert!(
+        message.contains("global_downstream_max_connections"),
+        "{message}"
+    );
+    let (path, _) = refused(with_field(
+        &format!("{monitor}.typed_config"),
+        "max_active_downstream_connections",
+        Value::from(0),
+    ));
+    assert_eq!(
+        path,
+        format!("{monitor}.typed_config.max_active_downstream_connections")
+    );
+    let (path, _) = refused(with_field("overload_manager", "actions", yaml("[]")));
+    assert_eq!(path, "overload_manager.actions");
+    let (path, _) = refused(with_field(
+        &format!("{monitor}.typed_config"),
+        "@type",
+        "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig"
+            .into(),
+    ));
+    assert_eq!(path, format!("{monitor}.typed_config.@type"));
 }
