@@ -323,6 +323,43 @@ pub struct Rejection {
     pub close: bool,
 }
 
+/// Envoy 1.40's HTTP/1 codec checks on a request head hyper accepts: HTTP/1.0 gets 426
+/// `Upgrade Required` (Envoy's default refuses HTTP/1.0), a method with lower-case letters and
+/// an HTTP/1.1 request without `Host` get 400, a header block over the limit 431; every one
+/// closes the connection.
+pub fn check_request_head(
+    version: http::Version,
+    method: &str,
+    has_host: bool,
+    head_too_large: bool,
+) -> Result<(), Rejection> {
+    let refuse = |status, body, details| {
+        Err(Rejection {
+            status,
+            body,
+            details,
+            close: true,
+        })
+    };
+    if head_too_large {
+        return refuse(
+            431,
+            "Request Header Fields Too Large",
+            "http1.headers_too_large",
+        );
+    }
+    if version < http::Version::HTTP_11 {
+        return refuse(426, "Upgrade Required", "low_version");
+    }
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return refuse(400, "Bad Request", "http1.codec_error");
+    }
+    if !has_host {
+        return refuse(400, "", "missing_host_header");
+    }
+    Ok(())
+}
+
 /// Applies `headers_with_underscores_action` to the regular headers.
 pub fn check_underscores(
     action: UnderscoreAction,

@@ -65,6 +65,11 @@
 //!   host-shim at once. An idle connection that served requests is closed `drain_timeout`
 //!   (5 s) + 1 s after its idle timeout, as in Envoy; a request arriving in those seconds is
 //!   served with keep-alive (Envoy answers it with `connection: close`).
+//! * HTTP/1 parsing is hyper's. Where Envoy 1.40 answers 400 `Bad Request` + close, hyper
+//!   differs: Content-Length with chunked is read as chunked (Content-Length dropped, the
+//!   connection closed after); a malformed chunked body aborts the upstream request (503); a
+//!   `#fragment` in the target is dropped (Envoy: 400, empty body). `expect: 100-continue` is
+//!   answered when the body is first read (after the plugin resumes), Envoy answers at once.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -499,14 +499,17 @@ impl Worker {
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>()
             + req.uri().to_string().len();
-        if head_size > self.spec.max_request_headers_bytes {
-            return plain_response(431, "request header fields too large\n");
-        }
         let cm = &self.spec.connection_manager;
         let mut headers = request_header_list(&req);
-        let rejection = conn_manager::check_underscores(cm.headers_with_underscores, &mut headers)
-            .err()
-            .or_else(|| self.normalize_path(&mut headers).err());
+        let rejection = conn_manager::check_request_head(
+            req.version(),
+            req.method().as_str(),
+            req.headers().contains_key(http::header::HOST),
+            head_size > self.spec.max_request_headers_bytes,
+        )
+        .and_then(|()| conn_manager::check_underscores(cm.headers_with_underscores, &mut headers))
+        .and_then(|()| self.normalize_path(&mut headers))
+        .err();
         let source = conn_manager::mutate_request_headers(cm, &mut headers, peer, self.local_ip);
         let path = header_str(&headers, ":path").unwrap_or("/").to_string();
         let route = self.spec.route_for(&path).cloned();
@@ -570,7 +573,7 @@ impl Worker {
                 status: 400,
                 body: "",
                 details: "path_normalization_failed",
-                close: false,
+                close: true,
             }),
         }
     }
@@ -1773,7 +1776,12 @@ fn request_header_list(req: &Request<Incoming>) -> HeaderList {
     let mut xff_at: Option<usize> = None;
     for (k, v) in req.headers() {
         let name = k.as_str();
-        if name == "host" || HOP_BY_HOP.contains(&name) {
+        // `expect: 100-continue` is answered here (hyper sends the 100 when the body is first
+        // read), not passed on, as Envoy does.
+        if name == "host"
+            || HOP_BY_HOP.contains(&name)
+            || (name == "expect" && v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
             continue;
         }
         if name == "x-forwarded-for" {
