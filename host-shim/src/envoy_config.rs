@@ -67,8 +67,9 @@
 //!   served with keep-alive (Envoy answers it with `connection: close`).
 //! * HTTP/1 parsing is hyper's. Where Envoy 1.40 answers 400 `Bad Request` + close, hyper
 //!   differs: Content-Length with chunked is read as chunked (Content-Length dropped, the
-//!   connection closed after); a malformed chunked body aborts the upstream request (503); a
-//!   `#fragment` in the target is dropped (Envoy: 400, empty body). `expect: 100-continue` is
+//!   connection closed after); a `#fragment` in the target is dropped (Envoy: 400, empty
+//!   body). A malformed chunked body gets Envoy's 400 only when it breaks before the upstream
+//!   has answered. `expect: 100-continue` is
 //!   answered when the body is first read (after the plugin resumes), Envoy answers at once.
 
 use std::collections::BTreeMap;

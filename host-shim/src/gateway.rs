@@ -651,6 +651,15 @@ impl Worker {
         };
         match result {
             Ok(resp) => Ok(resp),
+            // The client's body broke HTTP/1 framing (a malformed chunk): Envoy's codec answers.
+            Err(e) if malformed_request_body(&e) => {
+                Err(rejection_response(&conn_manager::Rejection {
+                    status: 400,
+                    body: "Bad Request",
+                    details: "http1.codec_error",
+                    close: true,
+                }))
+            }
             Err(e) => {
                 self.shared
                     .counters
@@ -1184,6 +1193,7 @@ impl FilteredStream {
                 }
             }
         };
+        let mut close = false;
         let (status, resp_headers, resp_body) = match upstream {
             Ok(resp) => {
                 let (parts, incoming) = resp.into_parts();
@@ -1196,6 +1206,8 @@ impl FilteredStream {
             }
             Err(local) => {
                 let (parts, b) = local.into_parts();
+                close = parts.headers.get(http::header::CONNECTION)
+                    == Some(&HeaderValue::from_static("close"));
                 let mut h = vec![(
                     ":status".to_string(),
                     parts.status.as_str().as_bytes().to_vec(),
@@ -1205,7 +1217,13 @@ impl FilteredStream {
             }
         };
         let _ = status;
-        self.respond(resp_headers, resp_body).await
+        let mut resp = self.respond(resp_headers, resp_body).await;
+        if close {
+            // Hop-by-hop, so the response phase does not carry it: the codec's own decision.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 
     /// Runs the response phase: `on_response_headers`, then the body through `on_response_body`.
@@ -1796,6 +1814,24 @@ fn request_header_list(req: &Request<Incoming>) -> HeaderList {
         h.push((name.to_string(), v.as_bytes().to_vec()));
     }
     h
+}
+
+/// Whether an upstream exchange failed because the client's request body could not be
+/// decoded (hyper's chunked decoder reports InvalidData / InvalidInput).
+fn malformed_request_body(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            ) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The response to a request the connection manager refused, when no filter runs.

@@ -1,7 +1,8 @@
 //! Requests Envoy 1.40's HTTP/1 codec refuses or answers itself, over real sockets, each as
-//! Envoy answered it: HTTP/1.0 → 426, a lower-case method or a missing Host → 400, an
-//! oversized header block → 431, all with `connection: close`; `expect: 100-continue` is
-//! answered by the gateway and not passed on; a local reply to HEAD keeps its headers.
+//! Envoy answered it: HTTP/1.0 → 426, a lower-case method, a missing Host or a malformed
+//! chunked body → 400, an oversized header block → 431, all with `connection: close`;
+//! `expect: 100-continue` is answered by the gateway and not passed on; a local reply to HEAD
+//! keeps its headers.
 
 mod abi_support;
 
@@ -108,4 +109,16 @@ fn a_local_reply_to_head_keeps_its_content_type_and_length_without_the_body() {
         .unwrap_or_else(|| panic!("no content-length: {head}"));
     assert!(length > 0, "{head}");
     assert_eq!(body, "");
+}
+
+#[test]
+fn a_malformed_chunked_body_gets_400_and_close() {
+    let gw = start("headers", &GatewayOptions::default());
+    let (head, body) = exchange(
+        gw.addr,
+        b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    );
+    assert!(head.starts_with("http/1.1 400 "), "{head}");
+    assert_eq!(body, "Bad Request");
+    assert!(head.contains("connection: close"), "{head}");
 }
