@@ -168,8 +168,17 @@ fn plugin_config_node(yaml: &serde_yaml::Value) -> Option<&serde_yaml::Value> {
 
 /// Writes a copy of envoy.yaml whose plugin configuration is `config`.
 pub fn write_yaml_with_plugin_config(dir: &Path, config: &Value) -> PathBuf {
+    write_yaml(dir, config, None)
+}
+
+/// Writes a copy of envoy.yaml whose plugin configuration is `config`, its connection manager
+/// changed by `edit`.
+fn write_yaml(dir: &Path, config: &Value, edit: Option<&ConnectionManagerEdit>) -> PathBuf {
     let text = std::fs::read_to_string(envoy_yaml()).expect("read envoy/envoy.yaml");
     let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse envoy/envoy.yaml");
+    if let Some(edit) = edit {
+        edit(connection_manager(&mut yaml));
+    }
     let filters = yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         ["typed_config"]["http_filters"]
         .as_sequence_mut()
@@ -188,12 +197,23 @@ pub fn write_yaml_with_plugin_config(dir: &Path, config: &Value) -> PathBuf {
 
 /// A change to the plugin configuration taken from envoy.yaml.
 pub type ConfigEdit = Box<dyn Fn(&mut Value)>;
+/// A change to envoy.yaml's HTTP connection manager (its `typed_config` mapping).
+pub type ConnectionManagerEdit = Box<dyn Fn(&mut serde_yaml::Mapping)>;
+
+/// envoy.yaml's HTTP connection manager settings (`typed_config` of the listener's one filter).
+pub fn connection_manager(yaml: &mut serde_yaml::Value) -> &mut serde_yaml::Mapping {
+    yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        .as_mapping_mut()
+        .expect("envoy.yaml has an HTTP connection manager")
+}
 
 /// How to start a [`Stack`].
 pub struct StackOptions {
     pub host: Host,
     /// Changes the plugin configuration from envoy.yaml before starting.
     pub plugin_config: Option<ConfigEdit>,
+    /// Changes envoy.yaml's connection manager before starting (both hosts run the result).
+    pub connection_manager: Option<ConnectionManagerEdit>,
     pub workers: usize,
     /// The upstream's slow delays (0 keeps tests fast).
     pub upstream_delay: Duration,
@@ -206,6 +226,7 @@ impl Default for StackOptions {
         StackOptions {
             host: Host::HostShim,
             plugin_config: None,
+            connection_manager: None,
             workers: 2,
             upstream_delay: Duration::ZERO,
             relay_max_body_bytes: None,
@@ -300,7 +321,11 @@ impl Stack {
         if let Some(change) = &options.plugin_config {
             change(&mut plugin_config);
         }
-        let yaml = write_yaml_with_plugin_config(dir.path(), &plugin_config);
+        let yaml = write_yaml(
+            dir.path(),
+            &plugin_config,
+            options.connection_manager.as_ref(),
+        );
         let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
 
         let upstream_config = UpstreamConfig {

@@ -113,11 +113,13 @@ fn comparable_fields(r: &Response) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = r
         .headers
         .iter()
+        // Envoy's router times each upstream answer (x-envoy-upstream-service-time); a hit
+        // had no upstream answer and carries none.
         .filter(|(k, _)| {
             !matches!(
                 k.as_str(),
                 "x-cache" | "cache-status" | "age" | "connection"
-            )
+            ) && !k.starts_with("x-envoy-")
         })
         .cloned()
         .collect();
