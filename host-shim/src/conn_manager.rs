@@ -218,7 +218,9 @@ pub fn mutate_request_headers(
             None
         };
         if !cfg.skip_xff_append {
-            let appended = if peer.ip().is_loopback() {
+            // Envoy's test is for the loopback address itself (127.0.0.1, ::1), not 127/8:
+            // a peer at 127.0.0.11 is appended as itself.
+            let appended = if is_the_loopback_address(peer.ip()) {
                 local_ip
             } else {
                 peer.ip()
@@ -296,6 +298,14 @@ pub fn new_request_id() -> String {
         (b >> 48) & 0x3fff | 0x8000,
         b & 0xffff_ffff_ffff
     )
+}
+
+/// `127.0.0.1` or `::1` (Envoy's `isLoopbackAddress`), not the rest of 127.0.0.0/8.
+fn is_the_loopback_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
+    }
 }
 
 /// The address Envoy appends to XFF for a loopback peer: its own (the node's) IPv4 address, or
@@ -497,6 +507,24 @@ mod tests {
         assert_eq!(x("bogus, 5.6.7.8", 1), (None, false));
         assert_eq!(x("garbage", 0), (None, false));
         assert_eq!(x(" ::1 ", 0), (ip("::1"), true));
+    }
+
+    #[test]
+    fn only_the_loopback_address_itself_appends_envoys_own_address() {
+        let cfg = ConnectionManagerConfig {
+            use_remote_address: true,
+            ..ConnectionManagerConfig::default()
+        };
+        let local: IpAddr = "192.0.2.2".parse().unwrap();
+        let appended = |peer: &str| {
+            let mut headers: HeaderList = vec![(":path".into(), b"/".to_vec())];
+            mutate_request_headers(&cfg, &mut headers, peer.parse().unwrap(), local);
+            String::from_utf8(get(&headers, "x-forwarded-for").unwrap().to_vec()).unwrap()
+        };
+        assert_eq!(appended("127.0.0.1:5000"), "192.0.2.2");
+        assert_eq!(appended("[::1]:5000"), "192.0.2.2");
+        assert_eq!(appended("127.0.0.11:5000"), "127.0.0.11");
+        assert_eq!(appended("203.0.113.9:5000"), "203.0.113.9");
     }
 
     #[test]
