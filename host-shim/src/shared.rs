@@ -435,6 +435,7 @@ mod tests {
         let names: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter(|l| !l.starts_with("host_shim_"))
             .map(|l| l.split(' ').next().unwrap_or(""))
             .collect();
         assert_eq!(names, ["a_count", "z_count", "b_gauge", "a_hist"]);

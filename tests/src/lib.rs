@@ -413,6 +413,17 @@ impl Stack {
     /// A gateway on this stack's host whose clusters are this stack's parts, except those in
     /// `clusters` (name, address); the caller owns it.
     pub fn spawn_gateway(&self, workers: usize, clusters: &[(&str, SocketAddr)]) -> Gateway {
+        self.spawn_gateway_on(self.host, workers, clusters)
+    }
+
+    /// Like [`Stack::spawn_gateway`], on `host` whatever the stack's own (the differential
+    /// suite runs both hosts in front of the same parts).
+    pub fn spawn_gateway_on(
+        &self,
+        host: Host,
+        workers: usize,
+        clusters: &[(&str, SocketAddr)],
+    ) -> Gateway {
         let mut all: Vec<(String, SocketAddr)> = vec![
             ("upstream".into(), self.upstream),
             ("redis_relay".into(), self.relay),
@@ -422,7 +433,7 @@ impl Stack {
             all.retain(|(n, _)| n != name);
             all.push((name.to_string(), *addr));
         }
-        match self.host {
+        match host {
             Host::HostShim => {
                 let mut args = self.run_args(workers);
                 args.clusters = all.iter().map(|(n, a)| format!("{n}={a}")).collect();
