@@ -5,6 +5,8 @@
 //! * `/echo` — answers locally: the body is the request's pairs as JSON `[[name, value], …]` in
 //!   the host's order; `x-get-value` is the value of `x-probe`, `x-get-method` the value of
 //!   `:method`, `x-get-missing` is `none` when `x-absent` is absent.
+//! * `/edit-echo` — makes the request edits of the default variant (below), then answers locally
+//!   with the request's pairs as JSON, in the host's order after the edits.
 //! * `/set-pairs…` — replaces the request's map with its pseudo-headers plus `x-set-pairs: yes`
 //!   and `x-set-second: 2`; on the response, replaces the map with `:status 203`,
 //!   `x-set-resp-pairs: yes` and the original `content-length`/`content-type`.
@@ -65,17 +67,29 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
             );
             Action::Continue
         }
+        "/edit-echo" => {
+            edit_request(s);
+            let pairs: Vec<(String, String)> = s.get_http_request_headers();
+            let body = serde_json::to_vec(&pairs).unwrap_or_default();
+            s.reply(200, &[("content-type", "application/json".into())], &body);
+            Action::Pause
+        }
         _ => {
-            s.add_http_request_header("x-added", "one");
-            s.add_http_request_header("x-added", "two");
-            s.set_http_request_header("x-replace-me", Some("replaced"));
-            s.set_http_request_header("x-remove-me", None);
-            s.remove_http_request_header("x-remove-too");
-            if let Some(path) = s.request_header("x-rewrite-path") {
-                s.set_http_request_header(":path", Some(&path));
-            }
+            edit_request(s);
             Action::Continue
         }
+    }
+}
+
+/// The request edits of the default variant (and of `/edit-echo`).
+fn edit_request(s: &mut AbiStream) {
+    s.add_http_request_header("x-added", "one");
+    s.add_http_request_header("x-added", "two");
+    s.set_http_request_header("x-replace-me", Some("replaced"));
+    s.set_http_request_header("x-remove-me", None);
+    s.remove_http_request_header("x-remove-too");
+    if let Some(path) = s.request_header("x-rewrite-path") {
+        s.set_http_request_header(":path", Some(&path));
     }
 }
 

@@ -21,6 +21,7 @@ mod headers;
 mod http_call;
 mod metrics;
 mod misbehave;
+mod phases;
 mod properties;
 mod queues;
 mod redis;
@@ -40,6 +41,8 @@ pub enum Scenario {
     Metrics,
     Ticks,
     Properties,
+    /// Which header maps and properties each callback can read; how bodies arrive.
+    Phases,
     Wasi,
     Misbehave,
     /// Refuses its configuration (`proxy_on_configure` returns false) after logging why.
@@ -58,6 +61,7 @@ impl Scenario {
             "metrics" => Scenario::Metrics,
             "ticks" => Scenario::Ticks,
             "properties" => Scenario::Properties,
+            "phases" => Scenario::Phases,
             "wasi" => Scenario::Wasi,
             "misbehave" => Scenario::Misbehave,
             "refuse" => Scenario::Refuse,
@@ -256,6 +260,9 @@ pub struct StreamState {
     pub call_token: Option<u32>,
     pub call_mode: String,
     pub panic_on_response: bool,
+    /// The `phases` scenario: `x-phase-id`, and what each callback could read.
+    pub phase_id: String,
+    pub phases: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One HTTP stream.
@@ -303,6 +310,9 @@ impl Context for AbiStream {
         body_size: usize,
         n_trailers: usize,
     ) {
+        if self.info.scenario == Scenario::Phases {
+            return phases::on_http_call_response(self);
+        }
         http_call::on_response(self, token, n_headers, body_size, n_trailers);
     }
 }
@@ -320,6 +330,7 @@ impl HttpContext for AbiStream {
             Scenario::Metrics => metrics::on_request_headers(self),
             Scenario::Ticks => Action::Continue,
             Scenario::Properties => properties::on_request_headers(self),
+            Scenario::Phases => phases::on_request_headers(self),
             Scenario::Wasi => wasi::on_request_headers(self),
             Scenario::Misbehave => misbehave::on_request_headers(self),
             Scenario::Refuse => Action::Continue,
@@ -329,6 +340,7 @@ impl HttpContext for AbiStream {
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
         match self.info.scenario {
             Scenario::Buffers => buffers::on_request_body(self, size, eos),
+            Scenario::Phases => phases::on_request_body(self, size, eos),
             Scenario::Misbehave => misbehave::on_request_body(self, eos),
             _ => Action::Continue,
         }
@@ -338,6 +350,7 @@ impl HttpContext for AbiStream {
         match self.info.scenario {
             Scenario::Headers => headers::on_response_headers(self),
             Scenario::Buffers => buffers::on_response_headers(self),
+            Scenario::Phases => phases::on_response_headers(self),
             Scenario::Misbehave => misbehave::on_response_headers(self),
             _ => Action::Continue,
         }
@@ -346,8 +359,15 @@ impl HttpContext for AbiStream {
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
         match self.info.scenario {
             Scenario::Buffers => buffers::on_response_body(self, size, eos),
+            Scenario::Phases => phases::on_response_body(self, size, eos),
             Scenario::Misbehave => misbehave::on_response_body(self, eos),
             _ => Action::Continue,
+        }
+    }
+
+    fn on_log(&mut self) {
+        if self.info.scenario == Scenario::Phases {
+            phases::on_log(self);
         }
     }
 }

@@ -21,10 +21,10 @@ use proxy_wasm::types::{Action, LogLevel};
 use crate::{log, path_only, AbiStream};
 
 /// Higress's buffer type of a Redis reply.
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
 const REDIS_CALL_RESPONSE: u32 = 9;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_redis_init(
@@ -124,7 +124,7 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
 fn redis_init(cluster: &str, timeout_ms: u32) -> u32 {
     // SAFETY: every pointer/length pair names a live slice for the duration of the call.
     unsafe {
@@ -140,7 +140,7 @@ fn redis_init(cluster: &str, timeout_ms: u32) -> u32 {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
 fn redis_call(cluster: &str, query: &[u8]) -> Result<u32, u32> {
     let mut token = 0u32;
     // SAFETY: the slices live for the call; `token` is a valid out-pointer.
@@ -161,7 +161,7 @@ fn redis_call(cluster: &str, query: &[u8]) -> Result<u32, u32> {
 }
 
 /// The reply bytes in buffer 9; the host allocated them with our allocator.
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
 fn redis_reply(size: usize) -> Result<Vec<u8>, u32> {
     let mut ptr: *mut u8 = std::ptr::null_mut();
     let mut len: usize = 0;
@@ -179,16 +179,17 @@ fn redis_reply(size: usize) -> Result<Vec<u8>, u32> {
     }
 }
 
-// Natively (clippy, `cargo test --workspace`) there is no host: the calls report failure.
-#[cfg(not(target_arch = "wasm32"))]
+// Natively (clippy, `cargo test --workspace`) there is no host, and without the `redis-call`
+// feature (the build for stock Envoy) no import: the calls report Unimplemented.
+#[cfg(not(all(target_arch = "wasm32", feature = "redis-call")))]
 fn redis_init(_cluster: &str, _timeout_ms: u32) -> u32 {
     12
 }
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(not(all(target_arch = "wasm32", feature = "redis-call")))]
 fn redis_call(_cluster: &str, _query: &[u8]) -> Result<u32, u32> {
     Err(12)
 }
-#[cfg(not(target_arch = "wasm32"))]
+#[cfg(not(all(target_arch = "wasm32", feature = "redis-call")))]
 fn redis_reply(_size: usize) -> Result<Vec<u8>, u32> {
     Err(12)
 }
