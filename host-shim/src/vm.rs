@@ -52,6 +52,10 @@ pub enum VmError {
     Compile { path: PathBuf, message: String },
     #[error("plugin {path}: {message}")]
     Link { path: PathBuf, message: String },
+    /// The module declares no proxy-wasm ABI version host-shim speaks (Envoy refuses such a
+    /// module at load: "Missing or unknown Proxy-Wasm ABI version").
+    #[error("plugin {path}: {message}")]
+    AbiVersion { path: PathBuf, message: String },
     #[error("plugin failed to start: {0}")]
     Start(String),
     #[error("plugin refused its configuration (proxy_on_configure returned false){}", lines_suffix(.0))]
@@ -174,6 +178,10 @@ impl PluginModule {
                 m
             }
         };
+        check_abi_version(&module).map_err(|message| VmError::AbiVersion {
+            path: path.to_path_buf(),
+            message,
+        })?;
         let mut linker: Linker<HostState> = Linker::new(engine());
         crate::host::add_to_linker(&mut linker).map_err(|e| VmError::Link {
             path: path.to_path_buf(),
@@ -198,6 +206,47 @@ impl PluginModule {
             path: path.to_path_buf(),
         }))
     }
+}
+
+/// The ABI versions host-shim runs, as the export that declares each. Envoy 1.40 accepts 0.2.1
+/// and 0.2.0 (one import set for both) and 0.1.0; Higress registers its Redis calls for 0.2.1
+/// and its own 0.2.100.
+const ABI_VERSION_EXPORTS: &[&str] = &[
+    "proxy_abi_version_0_2_1",
+    "proxy_abi_version_0_2_0",
+    "proxy_abi_version_0_2_100",
+];
+
+/// Envoy refuses a module without a known `proxy_abi_version_*` export before linking it; so does
+/// host-shim, naming the exports it looked for. ABI 0.1.0 (other callbacks and imports) is
+/// refused too: Envoy would load it, host-shim does not implement it.
+fn check_abi_version(module: &Module) -> Result<(), String> {
+    let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+    if exports.iter().any(|e| ABI_VERSION_EXPORTS.contains(e)) {
+        return Ok(());
+    }
+    if exports.contains(&"proxy_abi_version_0_1_0") {
+        return Err(
+            "exports proxy_abi_version_0_1_0: proxy-wasm ABI 0.1.0 is not implemented \
+                    by host-shim (it runs 0.2.0 and 0.2.1)"
+                .into(),
+        );
+    }
+    let declared: Vec<&str> = exports
+        .iter()
+        .copied()
+        .filter(|e| e.starts_with("proxy_abi_version_"))
+        .collect();
+    let found = if declared.is_empty() {
+        "none".to_string()
+    } else {
+        declared.join(", ")
+    };
+    Err(format!(
+        "missing or unknown proxy-wasm ABI version: the module exports none of {} (found: {found}), \
+         so Envoy refuses it too",
+        ABI_VERSION_EXPORTS.join(", ")
+    ))
 }
 
 fn fingerprint(bytes: &[u8]) -> u64 {

@@ -239,3 +239,36 @@ fn returned_bytes_use_either_allocator_and_none_is_an_internal_failure() {
     );
     assert!(parts.iter().all(Vec::is_empty), "{parts:?}");
 }
+
+/// Envoy 1.40 refuses such a module at load: "Missing or unknown Proxy-Wasm ABI version".
+#[test]
+fn module_without_an_abi_version_export_is_refused_at_load_naming_the_export() {
+    let (path, wat) = wat_source("no_abi_version.wat");
+    match PluginModule::from_bytes(&path, &wat) {
+        Ok(_) => panic!("a module without proxy_abi_version_* loaded"),
+        Err(e) => {
+            assert!(matches!(e, VmError::AbiVersion { .. }), "{e:?}");
+            let text = e.to_string();
+            assert!(text.contains("proxy_abi_version_0_2_1"), "{text}");
+            assert!(text.contains("found: none"), "{text}");
+        }
+    }
+}
+
+/// Envoy loads ABI 0.1.0 modules with 0.1.0's callbacks; host-shim runs 0.2.x only and says so
+/// instead of calling 0.1.0 callbacks with 0.2.1 arguments.
+#[test]
+fn module_of_abi_0_1_0_is_refused_as_unsupported() {
+    let (path, wat) = wat_source("abi_version_0_1_0.wat");
+    match PluginModule::from_bytes(&path, &wat) {
+        Ok(_) => panic!("an ABI 0.1.0 module loaded"),
+        Err(e) => assert!(e.to_string().contains("ABI 0.1.0"), "{e}"),
+    }
+}
+
+/// Envoy 1.40 accepts `proxy_abi_version_0_2_0` with the same imports as 0.2.1.
+#[test]
+fn module_of_abi_0_2_0_loads() {
+    let (path, wat) = wat_source("abi_version_0_2_0.wat");
+    PluginModule::from_bytes(&path, &wat).unwrap_or_else(|e| panic!("{e}"));
+}
