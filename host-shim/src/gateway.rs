@@ -845,9 +845,7 @@ impl Worker {
                     let Some(addr) = self.spec.clusters.get(base) else {
                         return Err(format!("unknown cluster {base}"));
                     };
-                    let db = cluster
-                        .split_once("?db=")
-                        .and_then(|(_, d)| d.parse::<u32>().ok());
+                    let db = init.db;
                     let endpoint = RedisEndpoint {
                         host: addr.host.clone(),
                         port: addr.port,

@@ -148,6 +148,8 @@ pub struct RedisInit {
     pub username: Option<String>,
     pub password: Option<String>,
     pub timeout: Duration,
+    /// `?db=N` in the name given to init.
+    pub db: Option<u32>,
 }
 
 /// Fixed facts about a VM.
@@ -177,6 +179,7 @@ pub struct HostState {
     pub next_token: u32,
     pub http_call_response: Option<HttpCallResponse>,
     pub redis_call_response: Option<Vec<u8>>,
+    /// Initialised Redis clusters by cluster name (the part before `?`).
     pub redis_clusters: HashMap<String, RedisInit>,
     pub tick_period: Option<Duration>,
     pub log_level: i32,

@@ -212,6 +212,7 @@ fn redis_gateway(redis: &testkit::RedisServer) -> TestGateway {
         clusters: vec![
             ("redis".into(), redis.addr()),
             ("redis_dead".into(), closed_addr()),
+            ("outbound|6379||redis.static".into(), redis.addr()),
         ],
         ..GatewayOptions::default()
     };
@@ -332,6 +333,68 @@ fn redis_init_for_an_unknown_cluster_is_a_bad_argument() {
         "GET",
         "/ping",
         &[("x-redis-cluster", "nowhere")],
+        b"",
+    );
+    assert_eq!(resp.status, 500);
+    assert_eq!(header(&resp, "x-redis-init-status"), "2");
+}
+
+/// Higress is the reference (stock Envoy has no Redis calls): its Go SDK initialises a cluster
+/// with batching options after `?` and then calls it by the name before `?`.
+#[test]
+fn redis_call_by_the_name_before_the_options_reaches_the_cluster_initialised_with_them() {
+    let redis = testkit::RedisServer::start();
+    let gw = redis_gateway(&redis);
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/ping",
+        &[
+            (
+                "x-redis-cluster",
+                "outbound|6379||redis.static?buffer_flush_timeout=3&max_buffer_size_before_flush=1024",
+            ),
+            ("x-redis-call-cluster", "outbound|6379||redis.static"),
+        ],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, b"+PONG\r\n");
+    assert_eq!(header(&resp, "x-redis-status"), "0");
+}
+
+#[test]
+fn redis_db_given_to_init_applies_to_calls_by_the_plain_name() {
+    let redis = testkit::RedisServer::start();
+    let gw = redis_gateway(&redis);
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/set",
+        &[
+            ("x-redis-cluster", "redis?db=5&buffer_flush_timeout=3"),
+            ("x-redis-call-cluster", "redis"),
+            ("x-redis-key", "abi:db5"),
+            ("x-redis-arg", "v5"),
+        ],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        redis_in_db(redis.addr(), 5, &["GET", "abi:db5"]),
+        b"$2\r\nv5\r\n"
+    );
+}
+
+#[test]
+fn redis_init_with_a_malformed_option_is_a_bad_argument() {
+    let redis = testkit::RedisServer::start();
+    let gw = redis_gateway(&redis);
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/ping",
+        &[("x-redis-cluster", "redis?db=two")],
         b"",
     );
     assert_eq!(resp.status, 500);

@@ -6,7 +6,8 @@
 //! * `/ping` — `PING`; `/eval` — `EVAL <script> 1 <key> <arg>` where the script returns
 //!   `{KEYS[1], ARGV[1], INCR(KEYS[1])}`; `/set` — `SET <key> <arg>`. Key from `x-redis-key`
 //!   (default `abi:counter`), arg from `x-redis-arg` (default `hello`).
-//! * `x-redis-cluster` (default `redis`) names the cluster, possibly with `?db=N`;
+//! * `x-redis-cluster` (default `redis`) names the cluster for init, possibly with `?db=N` and
+//!   other options; `x-redis-call-cluster` (default: the same) names it for the call;
 //!   `x-redis-timeout-ms` (default 1000) goes to `proxy_redis_init`.
 //!
 //! The reply is a local 200 whose body is the raw RESP reply, with `x-redis-status` (the
@@ -108,7 +109,10 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
         );
         return Action::Pause;
     }
-    match redis_call(&cluster, &query) {
+    let call_cluster = s
+        .request_header("x-redis-call-cluster")
+        .unwrap_or_else(|| cluster.clone());
+    match redis_call(&call_cluster, &query) {
         Ok(token) => {
             PENDING.with(|p| p.borrow_mut().insert(token, s.context_id));
             Action::Pause
