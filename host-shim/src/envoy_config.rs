@@ -165,9 +165,8 @@ pub struct WasmFilter {
     pub vm_configuration: String,
     /// `code.local.filename`, resolved against the yaml's directory when relative.
     pub code_path: PathBuf,
-    /// `fail_open: true` or `failure_policy: FAIL_OPEN`: on a VM failure, requests bypass the
-    /// filter instead of getting 503.
-    pub fail_open: bool,
+    /// `failure_policy`, or the deprecated `fail_open` (see [`FailurePolicy`]).
+    pub failure_policy: crate::vm::FailurePolicy,
     /// `vm_config.environment_variables`: `key_values`, then `host_env_keys` present in this
     /// process's environment; WASI `environ_*` shows these to the plugin.
     pub environment: Vec<(String, String)>,
@@ -953,18 +952,18 @@ fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
         .map(|f| f.boolean())
         .transpose()?
         .unwrap_or(false);
-    let fail_open = match config.get("failure_policy") {
-        None => fail_open_flag,
-        Some(p) => match p
-            .enumeration(&["UNSPECIFIED", "FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN"])?
-            .as_str()
-        {
-            "FAIL_OPEN" => true,
-            "UNSPECIFIED" => fail_open_flag,
-            // host-shim always replaces a failed VM; FAIL_RELOAD fails the request meanwhile.
-            _ => false,
-        },
-    };
+    let policy = config.get("failure_policy");
+    let policy_name = policy
+        .as_ref()
+        .map(|p| p.enumeration(&["UNSPECIFIED", "FAIL_CLOSED", "FAIL_RELOAD", "FAIL_OPEN"]))
+        .transpose()?;
+    let failure_policy =
+        crate::vm::FailurePolicy::from_envoy(fail_open_flag, policy_name.as_deref())
+            // Only a set failure_policy can be refused.
+            .map_err(|m| match &policy {
+                Some(p) => p.invalid(m),
+                None => invalid("failure_policy", m),
+            })?;
     let vm = config.req("vm_config")?.object(&[
         "vm_id",
         "runtime",
@@ -1025,7 +1024,7 @@ fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
         configuration,
         vm_configuration,
         code_path,
-        fail_open,
+        failure_policy,
         environment,
     })
 }

@@ -36,7 +36,7 @@ use crate::downstream::{DownstreamIo, RequestInFlight};
 use crate::redis_pool::{RedisEndpoint, RedisPool};
 use crate::shared::{QueueReady, SharedState};
 use crate::state::{Callout, HttpCallResponse, PauseOutcome, StreamInfo, StreamState};
-use crate::vm::{PluginModule, Vm, VmError, VmSettings};
+use crate::vm::{FailurePolicy, PluginModule, Vm, VmError, VmSettings};
 
 /// Where a cluster's endpoint is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +75,8 @@ pub struct Route {
 pub struct FilterSpec {
     pub module: Arc<PluginModule>,
     pub settings: VmSettings,
-    /// Envoy's `fail_open`: when the VM fails, pass requests through instead of answering 503.
-    pub fail_open: bool,
+    /// What requests get once the VM has failed (Envoy's `failure_policy` / `fail_open`).
+    pub failure_policy: FailurePolicy,
 }
 
 /// Everything a gateway needs, resolved from envoy.yaml and the command line.
@@ -413,7 +413,8 @@ impl Worker {
     /// Replaces a failed VM (in the background); streams of the old VM are woken so that they
     /// notice and apply the failure policy.
     fn replace_vm(self: &Rc<Self>) {
-        if self.replacing.replace(true) {
+        // Only FAIL_RELOAD reloads; otherwise the failed VM stays, as in Envoy.
+        if !self.failure_policy().reloads() || self.replacing.replace(true) {
             return;
         }
         let worker = self.clone();
@@ -532,6 +533,14 @@ impl Worker {
                 .map(|r| r.cluster.clone())
                 .unwrap_or_default(),
         };
+        if self.vm_failed().await {
+            // Envoy: a failed plugin is skipped (FAIL_OPEN) or refuses every request.
+            return if self.failure_policy().skips_failed_plugin() {
+                self.forward(route.as_ref(), headers, body).await
+            } else {
+                plain_response(503, "")
+            };
+        }
         // A fail-open pass-through needs the request as received; keep a copy only then.
         let kept = self.fail_open().then(|| headers.clone());
         match (
@@ -578,8 +587,21 @@ impl Worker {
         }
     }
 
+    fn failure_policy(&self) -> FailurePolicy {
+        self.spec
+            .filter
+            .as_ref()
+            .map_or(FailurePolicy::default(), |f| f.failure_policy)
+    }
+
+    /// Whether the request that failed the VM passes on (`fail_open: true`).
     fn fail_open(&self) -> bool {
-        self.spec.filter.as_ref().is_some_and(|f| f.fail_open)
+        self.failure_policy().passes_failing_request()
+    }
+
+    async fn vm_failed(&self) -> bool {
+        let guard = self.vm.lock().await;
+        guard.as_ref().is_some_and(|s| s.vm.failed.is_some())
     }
 
     /// What a request gets when the VM failed: Envoy's fail-closed 503, or a plain pass-through.
@@ -596,10 +618,7 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed);
             self.forward(route, headers, body).await
         } else {
-            plain_response(
-                503,
-                "plugin failure: the wasm VM failed; request refused (fail_open is false)\n",
-            )
+            plain_response(503, "")
         }
     }
 
@@ -1185,7 +1204,7 @@ impl FilteredStream {
                         Ok(Err(StreamFailure::Closed)) => return reset_response(),
                         Ok(Err(StreamFailure::Vm)) => {
                             self.finished = true;
-                            return plain_response(503, "plugin failure: the wasm VM failed\n");
+                            return plain_response(503, "");
                         }
                     },
                 }
@@ -1331,9 +1350,7 @@ impl FilteredStream {
                 return local_response_parts(&local);
             }
             Err(StreamFailure::Closed) => return reset_response(),
-            Err(StreamFailure::Vm) => {
-                return plain_response(503, "plugin failure: the wasm VM failed\n")
-            }
+            Err(StreamFailure::Vm) => return plain_response(503, ""),
         }
         let (mut headers, body, modified) = {
             let mut guard = self.worker.vm.lock().await;
@@ -1347,7 +1364,7 @@ impl FilteredStream {
                     std::mem::take(&mut s.response_body),
                     s.response_body_modified,
                 ),
-                None => return plain_response(503, "plugin failure: the wasm VM failed\n"),
+                None => return plain_response(503, ""),
             }
         };
         if modified && headers.iter().any(|(k, _)| k == "content-length") {
@@ -1389,7 +1406,7 @@ impl FilteredStream {
                     .body(body)
                     .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
             }
-            None => plain_response(503, "plugin failure: the wasm VM failed\n"),
+            None => plain_response(503, ""),
         }
     }
 

@@ -126,7 +126,7 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
                     env: w.environment.clone(),
                     log_level: log_level_from_env(),
                 },
-                fail_open: w.fail_open,
+                failure_policy: w.failure_policy,
             })
         }
     };

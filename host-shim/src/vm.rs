@@ -3,8 +3,8 @@
 //! `on_vm_start`, `on_configure` — and then the per-stream callbacks.
 //!
 //! Every callback runs under an epoch deadline (a runaway plugin traps instead of hanging the
-//! worker) and inside a memory cap. A trap poisons the VM: the caller fails the request by the
-//! filter's failure policy and replaces the VM.
+//! worker) and inside a memory cap. A trap poisons the VM: the caller fails the request and
+//! treats later ones by the filter's [`FailurePolicy`] (only `FAIL_RELOAD` replaces the VM).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,59 @@ pub struct VmSettings {
     pub memory_limit_bytes: usize,
     pub env: Vec<(String, String)>,
     pub log_level: i32,
+}
+
+/// What happens to requests once a plugin's VM has failed (trapped), as Envoy 1.40 does it
+/// (`failure_policy` in the Wasm filter's `config`, or the deprecated `fail_open`). Measured with
+/// Envoy 1.40: the request whose callback trapped gets 503 with an empty body (only
+/// `content-length: 0`), except with `fail_open: true`, which passes it on; afterwards:
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// The default (`UNSPECIFIED`, `FAIL_CLOSED`): the plugin stays failed and every later
+    /// request gets the same empty 503; the VM is never reloaded.
+    #[default]
+    FailClosed,
+    /// `FAIL_RELOAD`: a new VM is started and serves the following requests.
+    FailReload,
+    /// `FAIL_OPEN`: later requests bypass the failed plugin (the failing one still got 503).
+    FailOpen,
+    /// The deprecated `fail_open: true` (with `failure_policy` unset): the failing request and
+    /// every later one bypass the plugin.
+    FailOpenLegacy,
+}
+
+impl FailurePolicy {
+    /// Envoy's reading of the two fields: `failure_policy` other than `UNSPECIFIED` together with
+    /// `fail_open: true` is refused ("only one of fail_open or failure_policy can be set").
+    pub fn from_envoy(fail_open: bool, failure_policy: Option<&str>) -> Result<Self, String> {
+        match (failure_policy.unwrap_or("UNSPECIFIED"), fail_open) {
+            ("UNSPECIFIED", false) => Ok(FailurePolicy::FailClosed),
+            ("UNSPECIFIED", true) => Ok(FailurePolicy::FailOpenLegacy),
+            (_, true) => Err("only one of fail_open or failure_policy can be set".into()),
+            ("FAIL_CLOSED", false) => Ok(FailurePolicy::FailClosed),
+            ("FAIL_RELOAD", false) => Ok(FailurePolicy::FailReload),
+            ("FAIL_OPEN", false) => Ok(FailurePolicy::FailOpen),
+            (other, false) => Err(format!("unknown failure_policy {other:?}")),
+        }
+    }
+
+    /// Whether the request whose callback failed passes on without the plugin.
+    pub fn passes_failing_request(self) -> bool {
+        self == FailurePolicy::FailOpenLegacy
+    }
+
+    /// Whether requests after the failure bypass the plugin (instead of getting 503).
+    pub fn skips_failed_plugin(self) -> bool {
+        matches!(
+            self,
+            FailurePolicy::FailOpen | FailurePolicy::FailOpenLegacy
+        )
+    }
+
+    /// Whether a failed VM is replaced by a new one.
+    pub fn reloads(self) -> bool {
+        self == FailurePolicy::FailReload
+    }
 }
 
 /// Why a plugin could not be loaded, started or run.
@@ -507,6 +560,10 @@ impl Vm {
 
     /// Creates a context for a new HTTP stream.
     pub async fn create_stream(&mut self, stream: StreamState) -> Result<u32, VmError> {
+        // A failed VM stays in place under most policies: keep no state for streams it refuses.
+        if let Some(reason) = &self.failed {
+            return Err(VmError::Trap(reason.clone()));
+        }
         let id = self.next_context_id;
         self.next_context_id = self
             .next_context_id

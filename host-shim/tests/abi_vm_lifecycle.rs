@@ -13,7 +13,7 @@ use abi_support::{
     echoed, guest, header, request, start, try_start_module, wait_for, GatewayOptions, Response,
     TestGateway,
 };
-use host_shim::vm::VmError;
+use host_shim::vm::{FailurePolicy, VmError};
 
 /// Everything host-shim logs in this test process (INFO and above), as text.
 fn log_capture() -> Arc<Mutex<Vec<u8>>> {
@@ -51,12 +51,24 @@ fn log_text(log: &Arc<Mutex<Vec<u8>>>) -> String {
     String::from_utf8_lossy(&log.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
 }
 
-fn one_worker(fail_open: bool) -> GatewayOptions {
+fn one_worker(failure_policy: FailurePolicy) -> GatewayOptions {
     GatewayOptions {
         workers: 1,
-        fail_open,
+        failure_policy,
         ..GatewayOptions::default()
     }
+}
+
+/// With `fail_open: true` the plugin is bypassed after a failure: `/ok` reaches the upstream.
+fn bypasses_the_plugin(gw: &TestGateway) {
+    let (resp, _) = request(gw.addr, "GET", "/ok", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("x-ok"),
+        None,
+        "the failed plugin did not answer"
+    );
+    assert_eq!(echoed(&resp.body)["path"], "/ok");
 }
 
 /// Polls `/ok` until the plugin itself answers it (the failed VM has been replaced).
@@ -78,7 +90,7 @@ fn wasi_output_reaches_the_log_and_environment_clocks_and_randomness_work() {
     let log = log_capture();
     let opts = GatewayOptions {
         env: vec![("ABI_ENV".into(), "from-settings".into())],
-        ..one_worker(false)
+        ..one_worker(FailurePolicy::FailReload)
     };
     let gw = start("wasi", &opts);
     let (resp, _) = request(gw.addr, "GET", "/w", &[], b"");
@@ -128,7 +140,7 @@ fn wasi_output_reaches_the_log_and_environment_clocks_and_randomness_work() {
 
 #[test]
 fn wasi_proc_exit_fails_the_request_and_the_vm_is_replaced() {
-    let gw = start("wasi", &one_worker(false));
+    let gw = start("wasi", &one_worker(FailurePolicy::FailReload));
     let (resp, _) = request(gw.addr, "GET", "/exit", &[], b"");
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert_eq!(gw.host_counter("vm_traps_total"), 1);
@@ -144,12 +156,20 @@ fn wasi_proc_exit_fails_the_request_and_the_vm_is_replaced() {
 
 // ---- traps ----------------------------------------------------------------------------------
 
+/// Envoy 1.40 with `failure_policy: FAIL_RELOAD`: the failing request gets an empty 503, the next
+/// ones a new VM.
 #[test]
-fn trap_in_request_headers_fails_closed_with_503_then_a_replaced_vm_serves() {
-    let gw = start("misbehave", &one_worker(false));
+fn trap_in_request_headers_with_fail_reload_answers_503_then_a_reloaded_vm_serves() {
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailReload));
     let (resp, _) = request(gw.addr, "GET", "/panic", &[], b"");
     assert_eq!(resp.status, 503, "{}", resp.text());
-    assert!(!resp.body.is_empty(), "the 503 says why");
+    assert!(
+        resp.body.is_empty(),
+        "Envoy's 503 has no body: {:?}",
+        resp.text()
+    );
+    assert_eq!(resp.header("content-length"), Some("0"));
+    assert_eq!(resp.header("content-type"), None);
     assert!(
         gw.upstream.seen().is_empty(),
         "nothing reached the upstream"
@@ -166,19 +186,19 @@ fn trap_in_request_headers_fails_closed_with_503_then_a_replaced_vm_serves() {
 
 #[test]
 fn trap_in_request_headers_with_fail_open_passes_the_request_through() {
-    let gw = start("misbehave", &one_worker(true));
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailOpenLegacy));
     let (resp, _) = request(gw.addr, "GET", "/panic", &[("x-probe", "p")], b"");
     assert_eq!(resp.status, 200, "{}", resp.text());
     let echo = echoed(&resp.body);
     assert_eq!(echo["path"], "/panic");
     assert_eq!(gw.upstream.last("/panic").header("x-probe"), Some("p"));
     assert_eq!(gw.host_counter("fail_open_passes_total"), 1);
-    served_by_a_fresh_vm(&gw);
+    bypasses_the_plugin(&gw);
 }
 
 #[test]
 fn trap_in_response_headers_fails_closed_with_503() {
-    let gw = start("misbehave", &one_worker(false));
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailReload));
     let (resp, _) = request(gw.addr, "GET", "/panic-response", &[], b"");
     assert_eq!(resp.status, 503, "{}", resp.text());
     served_by_a_fresh_vm(&gw);
@@ -188,16 +208,16 @@ fn trap_in_response_headers_fails_closed_with_503() {
 /// failed in `on_response_headers` lets the upstream's response continue to the client.
 #[test]
 fn trap_in_response_headers_with_fail_open_passes_the_upstream_response() {
-    let gw = start("misbehave", &one_worker(true));
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailOpenLegacy));
     let (resp, _) = request(gw.addr, "GET", "/panic-response", &[], b"");
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(echoed(&resp.body)["path"], "/panic-response");
-    served_by_a_fresh_vm(&gw);
+    bypasses_the_plugin(&gw);
 }
 
 #[test]
 fn trap_in_request_body_fails_closed_with_503() {
-    let gw = start("misbehave", &one_worker(false));
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailReload));
     let (resp, _) = request(gw.addr, "POST", "/panic-body", &[], b"abc");
     assert_eq!(resp.status, 503, "{}", resp.text());
     served_by_a_fresh_vm(&gw);
@@ -206,11 +226,44 @@ fn trap_in_request_body_fails_closed_with_503() {
 /// Envoy: with fail_open a VM that failed in `on_request_body` lets the body continue upstream.
 #[test]
 fn trap_in_request_body_with_fail_open_passes_the_request_through() {
-    let gw = start("misbehave", &one_worker(true));
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailOpenLegacy));
     let (resp, _) = request(gw.addr, "POST", "/panic-body", &[], b"abc");
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(gw.upstream.last("/panic-body").body, "abc");
-    served_by_a_fresh_vm(&gw);
+    bypasses_the_plugin(&gw);
+}
+
+/// Envoy 1.40's default (`failure_policy` unset or `FAIL_CLOSED`): the plugin stays failed and
+/// every later request gets the same empty 503; nothing is reloaded.
+#[test]
+fn trap_with_the_default_policy_keeps_the_plugin_failed_and_every_later_request_gets_503() {
+    let gw = start("misbehave", &one_worker(FailurePolicy::default()));
+    let (resp, _) = request(gw.addr, "GET", "/panic", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    std::thread::sleep(Duration::from_millis(300));
+    for path in ["/ok", "/ok", "/passthru"] {
+        let (resp, _) = request(gw.addr, "GET", path, &[], b"");
+        assert_eq!(resp.status, 503, "{path}: {}", resp.text());
+        assert!(resp.body.is_empty(), "{path}: {:?}", resp.text());
+        assert_eq!(resp.header("content-length"), Some("0"));
+    }
+    assert!(
+        gw.upstream.seen().is_empty(),
+        "nothing reached the upstream"
+    );
+    assert_eq!(gw.host_counter("vm_replacements_total"), 0);
+}
+
+/// Envoy 1.40 with `failure_policy: FAIL_OPEN`: the failing request still gets the empty 503;
+/// later requests bypass the failed plugin.
+#[test]
+fn trap_with_fail_open_policy_answers_503_then_later_requests_bypass_the_plugin() {
+    let gw = start("misbehave", &one_worker(FailurePolicy::FailOpen));
+    let (resp, _) = request(gw.addr, "GET", "/panic", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(resp.body.is_empty());
+    bypasses_the_plugin(&gw);
+    assert_eq!(gw.host_counter("vm_replacements_total"), 0);
 }
 
 // ---- deadlines and memory -------------------------------------------------------------------
@@ -218,7 +271,7 @@ fn trap_in_request_body_with_fail_open_passes_the_request_through() {
 fn idle_after(timeout: Duration) -> GatewayOptions {
     GatewayOptions {
         stream_idle_timeout: Some(timeout),
-        ..one_worker(false)
+        ..one_worker(FailurePolicy::FailReload)
     }
 }
 
@@ -281,7 +334,7 @@ fn a_response_body_the_plugin_never_releases_is_reset_at_the_idle_timeout() {
 fn runaway_callback_is_stopped_at_its_deadline_and_fails_by_policy() {
     let opts = GatewayOptions {
         callback_deadline: Duration::from_millis(200),
-        ..one_worker(false)
+        ..one_worker(FailurePolicy::FailReload)
     };
     let gw = start("misbehave", &opts);
     let started = Instant::now();
@@ -301,7 +354,7 @@ fn runaway_callback_is_stopped_at_its_deadline_and_fails_by_policy() {
 fn memory_growth_beyond_the_cap_is_refused_and_an_allocation_failure_fails_cleanly() {
     let opts = GatewayOptions {
         memory_limit_bytes: 16 << 20,
-        ..one_worker(false)
+        ..one_worker(FailurePolicy::FailReload)
     };
     let gw = start("misbehave", &opts);
     let (resp, _) = request(gw.addr, "GET", "/grow-raw?pages=1024", &[], b"");

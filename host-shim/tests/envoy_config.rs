@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use host_shim::conn_manager::{CidrRange, ConnectionManagerConfig, UnderscoreAction};
 use host_shim::envoy_config::{DiscoveryType, EnvoyConfig, EnvoyConfigError, PathMatch};
+use host_shim::vm::FailurePolicy;
 use serde_yaml::Value;
 
 fn shipped_path() -> PathBuf {
@@ -116,7 +117,7 @@ fn shipped_envoy_yaml_loads_with_its_clusters_route_and_wasm_filter() {
     assert_eq!(wasm.vm_id, "krowoc_edge");
     assert_eq!(wasm.runtime, "envoy.wasm.runtime.v8");
     assert_eq!(wasm.code_path, PathBuf::from("/etc/envoy/plugin.wasm"));
-    assert!(!wasm.fail_open);
+    assert_eq!(wasm.failure_policy, FailurePolicy::FailClosed);
     assert_eq!(wasm.vm_configuration, "");
     let plugin_json: serde_json::Value =
         serde_json::from_str(&wasm.configuration).expect("the plugin configuration is JSON");
@@ -440,7 +441,7 @@ fn failure_policy_struct_configuration_and_environment_are_read() {
         );
     let cfg = parse(&doc).expect("yaml");
     let wasm = cfg.wasm.expect("wasm");
-    assert!(wasm.fail_open);
+    assert_eq!(wasm.failure_policy, FailurePolicy::FailOpen);
     let json: serde_json::Value = serde_json::from_str(&wasm.configuration).expect("json");
     assert_eq!(
         json,
@@ -668,4 +669,40 @@ fn the_overload_manager_takes_only_the_connection_limit_monitor() {
             .into(),
     ));
     assert_eq!(path, format!("{monitor}.typed_config.@type"));
+}
+
+/// Envoy 1.40: `fail_open: true` is the legacy fail-open (the failing request passes too), and
+/// refuses it together with a set `failure_policy`: "only one of fail_open or failure_policy can
+/// be set". `fail_open: false` with `FAIL_RELOAD` is fine.
+#[test]
+fn fail_open_and_failure_policy_are_read_as_envoy_does() {
+    let config = format!("{HCM}.http_filters[0].typed_config.config");
+    let policy_of = |fail_open: bool, policy: Option<&str>| {
+        let mut doc = shipped_yaml();
+        let c = at(&mut doc, &config).as_mapping_mut().expect("config");
+        c.insert("fail_open".into(), fail_open.into());
+        if let Some(p) = policy {
+            c.insert("failure_policy".into(), p.into());
+        }
+        parse(&doc).map(|cfg| cfg.wasm.expect("wasm").failure_policy)
+    };
+    assert_eq!(
+        policy_of(true, None).ok(),
+        Some(FailurePolicy::FailOpenLegacy)
+    );
+    assert_eq!(
+        policy_of(true, Some("UNSPECIFIED")).ok(),
+        Some(FailurePolicy::FailOpenLegacy)
+    );
+    assert_eq!(
+        policy_of(false, Some("FAIL_RELOAD")).ok(),
+        Some(FailurePolicy::FailReload)
+    );
+    let refused = policy_of(true, Some("FAIL_CLOSED")).expect_err("both fields set");
+    assert!(
+        refused
+            .to_string()
+            .contains("only one of fail_open or failure_policy"),
+        "{refused}"
+    );
 }

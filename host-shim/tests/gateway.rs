@@ -165,7 +165,7 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
                 env: Vec::new(),
                 log_level: 2,
             },
-            fail_open: false,
+            failure_policy: host_shim::vm::FailurePolicy::FailClosed,
         }),
         max_request_headers_bytes: 60 * 1024,
         connection_manager: Default::default(),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use host_shim::conn_manager::ConnectionManagerConfig;
 use host_shim::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
 use host_shim::shared::SharedState;
-use host_shim::vm::{PluginModule, VmError, VmSettings};
+use host_shim::vm::{FailurePolicy, PluginModule, VmError, VmSettings};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -242,11 +242,12 @@ pub fn echoed(body: &[u8]) -> serde_json::Value {
 
 // ---- the gateway ----------------------------------------------------------------------------
 
-/// How a test gateway is set up; `Default` is two workers, fail closed, generous limits.
+/// How a test gateway is set up; `Default` is two workers, `FAIL_RELOAD` (one trap does not leave
+/// a test's gateway failed for good, as Envoy's default `FAIL_CLOSED` would), generous limits.
 #[derive(Clone)]
 pub struct GatewayOptions {
     pub workers: usize,
-    pub fail_open: bool,
+    pub failure_policy: FailurePolicy,
     pub callback_deadline: Duration,
     pub memory_limit_bytes: usize,
     pub vm_configuration: String,
@@ -264,7 +265,7 @@ impl Default for GatewayOptions {
     fn default() -> Self {
         GatewayOptions {
             workers: 2,
-            fail_open: false,
+            failure_policy: FailurePolicy::FailReload,
             callback_deadline: Duration::from_secs(5),
             memory_limit_bytes: 64 << 20,
             vm_configuration: String::new(),
@@ -344,7 +345,7 @@ pub fn spec(
                 env: opts.env.clone(),
                 log_level: 0,
             },
-            fail_open: opts.fail_open,
+            failure_policy: opts.failure_policy,
         }),
         max_request_headers_bytes: 60 * 1024,
         connection_manager: opts.connection_manager.clone(),
