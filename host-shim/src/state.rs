@@ -54,6 +54,9 @@ pub struct StreamState {
     /// Set when the plugin replaced a body with `proxy_set_buffer_bytes`.
     pub request_body_modified: bool,
     pub response_body_modified: bool,
+    /// Which header maps the plugin may read and edit now, as in Envoy 1.40 (see
+    /// [`StreamState::enter`]).
+    pub readable: Readable,
     /// Properties the plugin set on this stream.
     pub properties: HashMap<String, Vec<u8>>,
     /// Wakes the task driving this stream when the plugin resumes it or answers locally.
@@ -76,8 +79,62 @@ impl StreamState {
             closed: false,
             request_body_modified: false,
             response_body_modified: false,
+            readable: Readable::default(),
             properties: HashMap::new(),
             wake: Arc::new(Notify::new()),
+        }
+    }
+}
+
+/// Which of a stream's header maps the plugin can reach through the header-map calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readable {
+    pub request_headers: bool,
+    pub response_headers: bool,
+}
+
+/// The stream callbacks, for the header maps each one may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    /// `on_done`, `on_log`, `on_delete`.
+    Log,
+}
+
+impl StreamState {
+    /// Envoy 1.40 (measured with the abi-test-guest's `phases` scenario): the request headers are
+    /// reachable in `on_request_headers` and, if it paused, until the next stream callback (so in
+    /// callout callbacks while paused); the response headers likewise from
+    /// `on_response_headers`; both again in the log phase (their final state). Outside that,
+    /// `get_header_map_pairs` gives an empty map and the other header calls BadArgument (which
+    /// the Rust SDK panics on). Trailers are reachable once they arrived, and in the log phase
+    /// absent trailers are an empty map.
+    pub fn enter(&mut self, phase: Phase) {
+        self.readable = Readable {
+            request_headers: matches!(phase, Phase::RequestHeaders | Phase::Log),
+            response_headers: matches!(phase, Phase::ResponseHeaders | Phase::Log),
+        };
+        if phase == Phase::Log {
+            self.request_trailers.get_or_insert_with(Vec::new);
+            if self.response_headers.is_some() {
+                self.response_trailers.get_or_insert_with(Vec::new);
+            }
+        }
+    }
+
+    /// After a headers callback: a `Continue` ends the reach of its map.
+    pub fn leave(&mut self, phase: Phase, action: crate::abi::Action) {
+        if action == crate::abi::Action::Continue {
+            match phase {
+                Phase::RequestHeaders => self.readable.request_headers = false,
+                Phase::ResponseHeaders => self.readable.response_headers = false,
+                _ => {}
+            }
         }
     }
 }

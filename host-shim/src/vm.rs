@@ -19,7 +19,7 @@ use wasmtime::{
 
 use crate::abi::Action;
 use crate::shared::SharedState;
-use crate::state::{HostState, StreamState, VmIdentity};
+use crate::state::{HostState, Phase, StreamState, VmIdentity};
 
 /// The length of one epoch tick; callback deadlines are counted in these.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -317,6 +317,12 @@ type Cb3R = TypedFunc<(i32, i32, i32), i32>;
 type Cb4 = TypedFunc<(i32, i32, i32, i32), ()>;
 type Cb5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// A stream callback export: with an end-of-stream flag (headers, body) or without (trailers).
+enum StreamCallback<'a> {
+    WithEos(Option<&'a Cb3R>, bool),
+    Plain(Option<&'a Cb2R>),
+}
+
 /// The plugin's exports host-shim calls; absent optional ones behave like the SDK's defaults.
 struct Exports {
     context_create: Cb2,
@@ -580,26 +586,38 @@ impl Vm {
         Ok(id)
     }
 
-    async fn action(
+    /// Runs one stream callback `f(ctx, a[, eos])` in `phase`: the header maps the plugin can
+    /// reach follow Envoy's phases ([`StreamState::enter`]).
+    async fn stream_callback(
         &mut self,
         ctx: u32,
-        f: Option<&Cb3R>,
-        a: i32,
-        eos: bool,
+        phase: Phase,
+        f: StreamCallback<'_>,
+        a: usize,
     ) -> Result<Action, VmError> {
-        match f {
-            Some(f) => Ok(Action::from_i32(
-                self.call(ctx, f, (ctx as i32, a, eos as i32)).await?,
-            )),
-            None => Ok(Action::Continue),
+        if let Some(s) = self.stream(ctx) {
+            s.enter(phase);
         }
+        let raw = match f {
+            StreamCallback::WithEos(Some(f), eos) => {
+                self.call(ctx, f, (ctx as i32, a as i32, eos as i32))
+                    .await?
+            }
+            StreamCallback::Plain(Some(f)) => self.call(ctx, f, (ctx as i32, a as i32)).await?,
+            StreamCallback::WithEos(None, _) | StreamCallback::Plain(None) => 0,
+        };
+        let action = Action::from_i32(raw);
+        if let Some(s) = self.stream(ctx) {
+            s.leave(phase, action);
+        }
+        Ok(action)
     }
 
     pub async fn on_request_headers(&mut self, ctx: u32, eos: bool) -> Result<Action, VmError> {
-        let n = self.stream(ctx).map_or(0, |s| s.request_headers.len()) as i32;
+        let n = self.stream(ctx).map_or(0, |s| s.request_headers.len());
         let exports = Arc::clone(&self.exports);
-        self.action(ctx, exports.request_headers.as_ref(), n, eos)
-            .await
+        let f = StreamCallback::WithEos(exports.request_headers.as_ref(), eos);
+        self.stream_callback(ctx, Phase::RequestHeaders, f, n).await
     }
 
     pub async fn on_request_body(
@@ -609,27 +627,25 @@ impl Vm {
         eos: bool,
     ) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
-        self.action(ctx, exports.request_body.as_ref(), size as i32, eos)
-            .await
+        let f = StreamCallback::WithEos(exports.request_body.as_ref(), eos);
+        self.stream_callback(ctx, Phase::RequestBody, f, size).await
     }
 
     pub async fn on_request_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
-        match &exports.request_trailers {
-            Some(f) => Ok(Action::from_i32(
-                self.call(ctx, f, (ctx as i32, n as i32)).await?,
-            )),
-            None => Ok(Action::Continue),
-        }
+        let f = StreamCallback::Plain(exports.request_trailers.as_ref());
+        self.stream_callback(ctx, Phase::RequestTrailers, f, n)
+            .await
     }
 
     pub async fn on_response_headers(&mut self, ctx: u32, eos: bool) -> Result<Action, VmError> {
         let n = self
             .stream(ctx)
             .and_then(|s| s.response_headers.as_ref().map(|h| h.len()))
-            .unwrap_or(0) as i32;
+            .unwrap_or(0);
         let exports = Arc::clone(&self.exports);
-        self.action(ctx, exports.response_headers.as_ref(), n, eos)
+        let f = StreamCallback::WithEos(exports.response_headers.as_ref(), eos);
+        self.stream_callback(ctx, Phase::ResponseHeaders, f, n)
             .await
     }
 
@@ -640,23 +656,24 @@ impl Vm {
         eos: bool,
     ) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
-        self.action(ctx, exports.response_body.as_ref(), size as i32, eos)
+        let f = StreamCallback::WithEos(exports.response_body.as_ref(), eos);
+        self.stream_callback(ctx, Phase::ResponseBody, f, size)
             .await
     }
 
     pub async fn on_response_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
-        match &exports.response_trailers {
-            Some(f) => Ok(Action::from_i32(
-                self.call(ctx, f, (ctx as i32, n as i32)).await?,
-            )),
-            None => Ok(Action::Continue),
-        }
+        let f = StreamCallback::Plain(exports.response_trailers.as_ref());
+        self.stream_callback(ctx, Phase::ResponseTrailers, f, n)
+            .await
     }
 
     /// `on_done`, `on_log`, `on_delete`, then forgets the stream.
     pub async fn finish_stream(&mut self, ctx: u32) -> Result<(), VmError> {
         let exports = Arc::clone(&self.exports);
+        if let Some(s) = self.stream(ctx) {
+            s.enter(Phase::Log);
+        }
         let result = async {
             if let Some(f) = &exports.done {
                 self.call(ctx, f, ctx as i32).await?;

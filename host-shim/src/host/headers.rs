@@ -9,7 +9,8 @@ use crate::abi::{decode_header_map, encode_header_map, map, HeaderList, Status};
 use crate::state::HostState;
 
 /// The header map a map type names, as Envoy resolves it: absent maps (no response yet, no
-/// trailers, no call response) are a bad argument.
+/// trailers, no call response, headers outside their phase — see `StreamState::enter`) are a
+/// bad argument.
 fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderList, Status> {
     match map_type {
         map::HTTP_CALL_RESPONSE_HEADERS => state
@@ -27,8 +28,11 @@ fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderList, S
         | map::RESPONSE_HEADERS
         | map::RESPONSE_TRAILERS => {
             let stream = state.current_stream().ok_or(Status::BadArgument)?;
+            let readable = stream.readable;
             match map_type {
-                map::REQUEST_HEADERS => Ok(&mut stream.request_headers),
+                map::REQUEST_HEADERS if readable.request_headers => Ok(&mut stream.request_headers),
+                map::REQUEST_HEADERS => Err(Status::BadArgument),
+                map::RESPONSE_HEADERS if !readable.response_headers => Err(Status::BadArgument),
                 map::REQUEST_TRAILERS => {
                     stream.request_trailers.as_mut().ok_or(Status::BadArgument)
                 }
@@ -69,6 +73,11 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
             Box::new(async move {
                 let bytes = match header_map(caller.data_mut(), map_type) {
                     Ok(h) => encode_header_map(h),
+                    // Envoy lists a map it cannot reach as empty (the single-value and edit calls
+                    // are refused instead).
+                    Err(_) if (0..=map::HTTP_CALL_RESPONSE_TRAILERS).contains(&map_type) => {
+                        Vec::new()
+                    }
                     Err(s) => return Ok(s.code()),
                 };
                 Ok(status(
