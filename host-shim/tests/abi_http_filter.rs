@@ -171,6 +171,44 @@ fn request_header_edits_reach_the_upstream() {
     assert_eq!(seen.method, "GET");
 }
 
+/// Envoy 1.40 (measured with `/edit-echo`): `replace_header` removes every copy of the name and
+/// appends the new value at the end; `add_header` appends at the end, not beside an existing copy.
+#[test]
+fn replaced_headers_move_to_the_end_and_added_headers_are_appended() {
+    let gw = start("headers", &GatewayOptions::default());
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/edit-echo",
+        &[
+            ("x-replace-me", "a"),
+            ("x-added", "zero"),
+            ("x-mid", "m"),
+            ("x-replace-me", "b"),
+            ("x-tail", "t"),
+        ],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let order: Vec<(String, String)> = pairs(&resp.body)
+        .into_iter()
+        .filter(|(k, _)| ["x-replace-me", "x-added", "x-mid", "x-tail"].contains(&k.as_str()))
+        .collect();
+    let expected = [
+        ("x-added", "zero"),
+        ("x-mid", "m"),
+        ("x-tail", "t"),
+        ("x-added", "one"),
+        ("x-added", "two"),
+        ("x-replace-me", "replaced"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(order, expected);
+}
+
 #[test]
 fn response_header_edits_reach_the_client() {
     let gw = start("headers", &GatewayOptions::default());

@@ -46,23 +46,11 @@ fn header_map(state: &mut HostState, map_type: i32) -> Result<&mut HeaderList, S
     }
 }
 
-/// Replaces the first `key` with `value` and drops the other occurrences; appends when absent.
+/// Envoy 1.40 (measured): replacing a header removes every copy of the name and appends the new
+/// value at the end of the map.
 pub fn replace_value(headers: &mut HeaderList, key: &str, value: Vec<u8>) {
-    match headers.iter().position(|(k, _)| k == key) {
-        Some(i) => {
-            headers[i].1 = value;
-            let mut seen = 0usize;
-            headers.retain(|(k, _)| {
-                if k == key {
-                    seen += 1;
-                    seen == 1
-                } else {
-                    true
-                }
-            });
-        }
-        None => headers.push((key.to_string(), value)),
-    }
+    headers.retain(|(k, _)| k != key);
+    headers.push((key.to_string(), value));
 }
 
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
@@ -195,7 +183,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replace_keeps_position_and_drops_duplicates() {
+    fn replace_drops_every_copy_and_appends_at_the_end() {
         let mut h: HeaderList = vec![
             ("a".into(), b"1".to_vec()),
             ("b".into(), b"2".to_vec()),
@@ -204,7 +192,7 @@ mod tests {
         replace_value(&mut h, "a", b"x".to_vec());
         assert_eq!(
             h,
-            vec![("a".into(), b"x".to_vec()), ("b".into(), b"2".to_vec())]
+            vec![("b".into(), b"2".to_vec()), ("a".into(), b"x".to_vec())]
         );
         replace_value(&mut h, "c", b"y".to_vec());
         assert_eq!(h.last(), Some(&("c".to_string(), b"y".to_vec())));
