@@ -138,6 +138,8 @@ pub struct SocketAddress {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteEntry {
+    /// `name`, empty when absent (Envoy's `xds.route_name` is then empty too).
+    pub name: String,
     pub matcher: PathMatch,
     pub cluster: String,
     /// As written: `None` = Envoy's default ([`DEFAULT_ROUTE_TIMEOUT`]), `Some(0)` = no timeout.
@@ -852,9 +854,10 @@ fn parse_routes(node: &Node<'_>, clusters: &BTreeMap<String, Cluster>) -> Result
     let mut routes = Vec::new();
     for route in vhost.req("routes")?.list()? {
         let entry = route.object(&["name", "match", "route"])?;
-        if let Some(name) = entry.get("name") {
-            name.string()?;
-        }
+        let name = match entry.get("name") {
+            Some(name) => name.string()?.to_string(),
+            None => String::new(),
+        };
         let m = entry.req("match")?;
         let matcher_obj = m.object(&["prefix", "path"])?;
         let matcher = match (matcher_obj.get("prefix"), matcher_obj.get("path")) {
@@ -880,6 +883,7 @@ fn parse_routes(node: &Node<'_>, clusters: &BTreeMap<String, Cluster>) -> Result
         }
         let timeout = action.get("timeout").map(|t| t.duration()).transpose()?;
         routes.push(RouteEntry {
+            name,
             matcher,
             cluster,
             timeout,

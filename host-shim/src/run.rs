@@ -97,9 +97,8 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
     let routes = cfg
         .routes
         .iter()
-        .enumerate()
-        .map(|(i, r)| Route {
-            name: format!("route_{i}"),
+        .map(|r| Route {
+            name: r.name.clone(),
             matcher: match &r.matcher {
                 YamlMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
                 YamlMatch::Path(p) => PathMatch::Exact(p.clone()),

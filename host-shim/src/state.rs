@@ -54,9 +54,16 @@ pub struct StreamState {
     /// Set when the plugin replaced a body with `proxy_set_buffer_bytes`.
     pub request_body_modified: bool,
     pub response_body_modified: bool,
+    /// Whether the request has gone past its headers phase (Envoy has picked the upstream host
+    /// by then: `upstream.address` is known).
+    pub past_request_headers: bool,
     /// Which header maps the plugin may read and edit now, as in Envoy 1.40 (see
     /// [`StreamState::enter`]).
     pub readable: Readable,
+    /// Response body bytes the plugin let through (`response.size` in the log phase).
+    pub response_body_sent: usize,
+    /// The details of the plugin's local reply (`response.code_details`), once it sent one.
+    pub local_details: Option<String>,
     /// Properties the plugin set on this stream.
     pub properties: HashMap<String, Vec<u8>>,
     /// Wakes the task driving this stream when the plugin resumes it or answers locally.
@@ -80,6 +87,9 @@ impl StreamState {
             request_body_modified: false,
             response_body_modified: false,
             readable: Readable::default(),
+            past_request_headers: false,
+            local_details: None,
+            response_body_sent: 0,
             properties: HashMap::new(),
             wake: Arc::new(Notify::new()),
         }
@@ -119,6 +129,9 @@ impl StreamState {
             request_headers: matches!(phase, Phase::RequestHeaders | Phase::Log),
             response_headers: matches!(phase, Phase::ResponseHeaders | Phase::Log),
         };
+        if phase != Phase::RequestHeaders {
+            self.past_request_headers = true;
+        }
         if phase == Phase::Log {
             self.request_trailers.get_or_insert_with(Vec::new);
             if self.response_headers.is_some() {

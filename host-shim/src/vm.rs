@@ -657,8 +657,16 @@ impl Vm {
     ) -> Result<Action, VmError> {
         let exports = Arc::clone(&self.exports);
         let f = StreamCallback::WithEos(exports.response_body.as_ref(), eos);
-        self.stream_callback(ctx, Phase::ResponseBody, f, size)
-            .await
+        let action = self
+            .stream_callback(ctx, Phase::ResponseBody, f, size)
+            .await?;
+        if action == Action::Continue {
+            // What is buffered now goes to the client.
+            if let Some(s) = self.stream(ctx) {
+                s.response_body_sent += s.response_body.len();
+            }
+        }
+        Ok(action)
     }
 
     pub async fn on_response_trailers(&mut self, ctx: u32, n: usize) -> Result<Action, VmError> {

@@ -111,3 +111,100 @@ fn paused_request_headers_stay_reachable_in_the_callout_callback() {
         assert_eq!(maps(call)[0], OUT_OF_REACH, "after the resume: {call}");
     }
 }
+
+/// A property as the guest reported it: its bytes (hex decoded), `None` for NotFound.
+fn prop(observation: &Value, name: &str) -> Option<Vec<u8>> {
+    let v = &observation["props"][name];
+    if v.is_null() {
+        return None;
+    }
+    let hex = v
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}: {observation}"));
+    assert!(!hex.starts_with("status"), "{name}: {hex}");
+    Some(
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect(),
+    )
+}
+
+fn int(v: i64) -> Option<Vec<u8>> {
+    Some(v.to_le_bytes().to_vec())
+}
+
+fn text(v: &str) -> Option<Vec<u8>> {
+    Some(v.as_bytes().to_vec())
+}
+
+/// Envoy 1.40 for a 10-byte POST through route `abi_route` to cluster `upstream`: 8-byte
+/// integers and a 1-byte boolean; sizes as in `properties::lookup`'s notes; the upstream's
+/// address once the request headers are done; no `cluster_name` / `route_name`.
+#[test]
+fn stream_properties_follow_envoy_in_each_phase() {
+    let gw = phases_gateway();
+    let (resp, _) = request(
+        gw.addr,
+        "POST",
+        "/p",
+        &[("x-phase-id", "props")],
+        b"0123456789",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let r = report(&resp.body);
+    let upstream = gw.upstream.addr;
+    let body_call = &r["rb"][0];
+    let log = log_record(&gw, "props");
+    for (phase, o) in [
+        ("rh", &r["rh"]),
+        ("rb", body_call),
+        ("sh", &r["sh"]),
+        ("log", &log),
+    ] {
+        assert_eq!(prop(o, "request.size"), int(10), "{phase}");
+        assert_eq!(prop(o, "response.flags"), int(0), "{phase}");
+        assert_eq!(prop(o, "connection.mtls"), Some(vec![0]), "{phase}");
+        assert_eq!(prop(o, "cluster_name"), None, "{phase}");
+        assert_eq!(prop(o, "route_name"), None, "{phase}");
+        assert_eq!(prop(o, "xds.route_name"), text("abi_route"), "{phase}");
+        assert_eq!(prop(o, "xds.cluster_name"), text("upstream"), "{phase}");
+    }
+    // Before the router picked a host there is no upstream and no response.
+    assert_eq!(prop(&r["rh"], "upstream.address"), None);
+    assert_eq!(prop(&r["rh"], "upstream.port"), None);
+    assert_eq!(prop(&r["rh"], "response.code"), None);
+    assert_eq!(prop(&r["rh"], "response.code_details"), None);
+    for (phase, o) in [("rb", body_call), ("sh", &r["sh"]), ("log", &log)] {
+        assert_eq!(
+            prop(o, "upstream.address"),
+            text(&upstream.to_string()),
+            "{phase}"
+        );
+        assert_eq!(
+            prop(o, "upstream.port"),
+            int(upstream.port() as i64),
+            "{phase}"
+        );
+    }
+    for (phase, o) in [("sh", &r["sh"]), ("log", &log)] {
+        assert_eq!(prop(o, "response.code"), int(200), "{phase}");
+        assert_eq!(
+            prop(o, "response.code_details"),
+            text("via_upstream"),
+            "{phase}"
+        );
+    }
+    // Totals count the headers only while they are reachable; the body callback sees the body.
+    assert_eq!(prop(body_call, "request.total_size"), int(10));
+    let total =
+        |o: &Value, p: &str| i64::from_le_bytes(prop(o, p).expect(p).try_into().expect("8 bytes"));
+    assert!(total(&r["rh"], "request.total_size") > 10);
+    assert_eq!(prop(&r["sh"], "response.size"), int(0), "nothing sent yet");
+    assert!(
+        total(&r["sh"], "response.total_size") > 0,
+        "the response headers"
+    );
+    assert!(total(&log, "response.size") > 0, "the body sent");
+    assert!(total(&log, "response.total_size") > total(&log, "response.size"));
+}

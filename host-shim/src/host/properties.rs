@@ -9,7 +9,7 @@ use wasmtime::Linker;
 
 use super::{read_bytes, return_bytes, status, HostCaller};
 use crate::abi::{encode_header_map, Status};
-use crate::state::HostState;
+use crate::state::{HostState, StreamState};
 
 fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
     headers
@@ -22,7 +22,33 @@ fn int(v: i64) -> Vec<u8> {
     v.to_le_bytes().to_vec()
 }
 
-/// The value of a property, or `None` when host-shim does not know it.
+/// Envoy's header byte size: the names and values, nothing else.
+fn headers_size(headers: &[(String, Vec<u8>)]) -> i64 {
+    headers
+        .iter()
+        .map(|(k, v)| (k.len() + v.len()) as i64)
+        .sum()
+}
+
+fn content_length(headers: &[(String, Vec<u8>)]) -> Option<i64> {
+    std::str::from_utf8(header(headers, "content-length")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The value of a property, or `None` when host-shim does not know it (or Envoy has none).
+///
+/// Envoy 1.40, measured with the abi-test-guest's `phases` scenario: numbers are 8-byte
+/// little-endian integers, booleans one byte. `request.size` is the request's content-length
+/// (else the body bytes received); the `*.total_size` values add the byte size of the headers
+/// only while those are reachable (so a body callback sees the body alone); `response.size` is 0
+/// until the log phase; `response.code_details` is `via_upstream` (or the details of the plugin's
+/// local reply) once there is a response; `response.flags` is 0 and `connection.mtls` false
+/// (host-shim has no response flags and no TLS); `upstream.address`/`upstream.port` appear after
+/// the request headers phase; `xds.route_name` is the route's `name` ("" when it has none);
+/// Envoy has no `cluster_name` or `route_name`.
 pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
     match path {
         "plugin_name" => return Some(state.identity.plugin_name.clone().into_bytes()),
@@ -71,10 +97,60 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
             int(std::str::from_utf8(status).ok()?.parse().ok()?)
         }
         "response.headers" => encode_header_map(stream.response_headers.as_ref()?),
-        "route_name" | "xds.route_name" => info.route_name.clone().into_bytes(),
-        "cluster_name" | "xds.cluster_name" => info.cluster_name.clone().into_bytes(),
+        "request.size" => int(content_length(req).unwrap_or(stream.request_body.len() as i64)),
+        "request.total_size" => {
+            let headers = if stream.readable.request_headers {
+                headers_size(req)
+            } else {
+                0
+            };
+            int(stream.request_body.len() as i64 + headers)
+        }
+        "response.size" => int(response_size(stream)),
+        "response.total_size" => {
+            let headers = match &stream.response_headers {
+                Some(h) if stream.readable.response_headers => headers_size(h),
+                _ => 0,
+            };
+            int(response_size(stream) + headers)
+        }
+        "response.code_details" => {
+            stream.response_headers.as_ref()?;
+            match &stream.local_details {
+                Some(details) => details.clone().into_bytes(),
+                None => b"via_upstream".to_vec(),
+            }
+        }
+        "response.flags" => int(0),
+        "connection.mtls" => vec![0],
+        "upstream.address" => upstream(state)?.to_string().into_bytes(),
+        "upstream.port" => int(upstream(state)?.port as i64),
+        "xds.route_name" => info.route_name.clone().into_bytes(),
+        "xds.cluster_name" => info.cluster_name.clone().into_bytes(),
         _ => return None,
     })
+}
+
+/// The response body bytes sent downstream, which Envoy reports once the response went out: 0
+/// before the log phase (where both header maps are reachable again), then the body bytes the
+/// plugin let through.
+fn response_size(stream: &StreamState) -> i64 {
+    let log_phase = stream.readable.request_headers && stream.readable.response_headers;
+    if log_phase {
+        stream.response_body_sent as i64
+    } else {
+        0
+    }
+}
+
+/// The upstream host of the stream's cluster, once Envoy would have picked it.
+fn upstream(state: &mut HostState) -> Option<crate::gateway::ClusterAddr> {
+    let stream = state.current_stream()?;
+    if !stream.past_request_headers || stream.local_details.is_some() {
+        return None;
+    }
+    let cluster = stream.info.cluster_name.clone();
+    state.clusters.get(&cluster).cloned()
 }
 
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {

@@ -71,6 +71,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
                 tracing::warn!("plugin sent a second local response on one stream; ignored");
                 return Status::Ok.code();
             }
+            s.local_details = Some(details.clone());
             s.local_response = Some(LocalResponse {
                 status: status_code as u16,
                 details,
