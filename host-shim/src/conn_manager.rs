@@ -2,7 +2,8 @@
 //! measured on Envoy 1.40: who the downstream is (`source.address`), `x-forwarded-for`,
 //! `x-forwarded-proto`, `x-request-id`, `x-envoy-internal` and the client-sent `x-envoy-*`
 //! headers it strips, headers with underscores, and `:path` normalisation. Also what the router
-//! strips and adds on the way upstream.
+//! strips and adds on the way upstream, and what both add to every response after the filters'
+//! response phase (`server`, `date`, the router's `x-envoy-upstream-service-time`).
 //!
 //! Envoy 1.40, a loopback client (`127.0.0.1`), no `internal_address_config`:
 //!
@@ -43,6 +44,14 @@ pub struct ConnectionManagerConfig {
     pub headers_with_underscores: UnderscoreAction,
     pub normalize_path: bool,
     pub merge_slashes: bool,
+    /// `server_name`: the `server` value Envoy writes (`envoy` by default).
+    pub server_name: String,
+    pub server_header_transformation: ServerHeaderTransformation,
+    /// The router filter's `suppress_envoy_headers` (Router typed_config): no
+    /// `x-envoy-upstream-service-time` on responses, no `x-envoy-expected-rq-timeout-ms` on
+    /// upstream requests. Kept here with the other settings that shape headers: host-shim's
+    /// router is part of its connection manager.
+    pub suppress_envoy_headers: bool,
 }
 
 /// Envoy's `common_http_protocol_options.idle_timeout` when none is set.
@@ -61,8 +70,26 @@ impl Default for ConnectionManagerConfig {
             headers_with_underscores: UnderscoreAction::Allow,
             normalize_path: false,
             merge_slashes: false,
+            server_name: DEFAULT_SERVER_NAME.into(),
+            server_header_transformation: ServerHeaderTransformation::Overwrite,
+            suppress_envoy_headers: false,
         }
     }
+}
+
+/// Envoy's `server_name` when none is set.
+pub const DEFAULT_SERVER_NAME: &str = "envoy";
+
+/// `server_header_transformation`, as Envoy 1.40 applies it to every response (proxied or
+/// local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerHeaderTransformation {
+    /// `server: <server_name>`; an upstream's `server` is replaced where it stands (default).
+    Overwrite,
+    /// An upstream's `server` is kept; otherwise `server: <server_name>` is appended.
+    AppendIfAbsent,
+    /// Nothing added; an upstream's `server` passes.
+    PassThrough,
 }
 
 /// `headers_with_underscores_action`.
@@ -275,14 +302,57 @@ pub fn mutate_request_headers(
 }
 
 /// What Envoy's router does to the request on its way upstream: drops the headers it consumes
-/// and announces the route timeout.
-pub fn router_request_headers(headers: &mut HeaderList, route_timeout: Option<Duration>) {
+/// and announces the route timeout (unless `suppress_envoy_headers`).
+pub fn router_request_headers(
+    cfg: &ConnectionManagerConfig,
+    headers: &mut HeaderList,
+    route_timeout: Option<Duration>,
+) {
     remove(headers, ROUTER_CONSUMED);
-    if let Some(t) = route_timeout {
+    if let Some(t) = route_timeout.filter(|_| !cfg.suppress_envoy_headers) {
         headers.push((
             "x-envoy-expected-rq-timeout-ms".into(),
             t.as_millis().to_string().into_bytes(),
         ));
+    }
+}
+
+/// The router's timing of an upstream exchange, set on the upstream's response before the
+/// filters' response phase sees it: an upstream-sent `x-envoy-upstream-service-time` is
+/// replaced where it stands (Envoy 1.40); with `suppress_envoy_headers` it passes untouched.
+pub fn router_response_headers(
+    cfg: &ConnectionManagerConfig,
+    headers: &mut http::HeaderMap,
+    upstream_time: Duration,
+) {
+    if !cfg.suppress_envoy_headers {
+        headers.insert(
+            "x-envoy-upstream-service-time",
+            http::HeaderValue::from(upstream_time.as_millis() as u64),
+        );
+    }
+}
+
+/// What the connection manager adds to every response after the filters' response phase, in
+/// Envoy 1.40's order: `date` when absent, then `server` by `server_header_transformation`.
+/// hyper adds the framing (`content-length: 0` for an empty body, chunked for a streamed one)
+/// after these, where Envoy's codec puts it too.
+pub fn encode_response_headers(cfg: &ConnectionManagerConfig, headers: &mut http::HeaderMap) {
+    if !headers.contains_key(http::header::DATE) {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        if let Ok(v) = http::HeaderValue::from_str(&now) {
+            headers.insert(http::header::DATE, v);
+        }
+    }
+    let overwrite = match cfg.server_header_transformation {
+        ServerHeaderTransformation::Overwrite => true,
+        ServerHeaderTransformation::AppendIfAbsent => !headers.contains_key(http::header::SERVER),
+        ServerHeaderTransformation::PassThrough => false,
+    };
+    if overwrite {
+        if let Ok(v) = http::HeaderValue::from_str(&cfg.server_name) {
+            headers.insert(http::header::SERVER, v);
+        }
     }
 }
 

@@ -22,6 +22,8 @@
 //!       preserve_external_request_id, internal_address_config.{unix_sockets, cidr_ranges[]
 //!         {address_prefix, prefix_len}}                  (see crate::conn_manager)
 //!       request_headers_timeout (default none), normalize_path, merge_slashes
+//!       server_name (default "envoy"), server_header_transformation (OVERWRITE |
+//!         APPEND_IF_ABSENT | PASS_THROUGH)                   (see crate::conn_manager)
 //!       common_http_protocol_options.{idle_timeout (default 3600s),
 //!         headers_with_underscores_action (ALLOW | REJECT_REQUEST | DROP_HEADER)}
 //!       http2_protocol_options.{max_concurrent_streams, initial_stream_window_size,
@@ -36,7 +38,8 @@
 //!           vm_config: vm_id, runtime, code.local.filename, configuration (as above),
 //!                      allow_precompiled, nack_on_code_cache_miss,
 //!                      environment_variables.{host_env_keys, key_values}
-//!         router: typed_config envoy.extensions.filters.http.router.v3.Router, no fields
+//!         router: typed_config envoy.extensions.filters.http.router.v3.Router,
+//!           suppress_envoy_headers
 //! static_resources.clusters[]
 //!   name, type (STATIC | STRICT_DNS | LOGICAL_DNS), connect_timeout (default 5s), lb_policy,
 //!   dns_lookup_family, load_assignment.{cluster_name, endpoints: exactly one
@@ -60,8 +63,18 @@
 //!   exactly, at accept, where Envoy samples on that interval.
 //! * The router strips the retry and timeout `x-envoy-*` headers it would act on and announces
 //!   `x-envoy-expected-rq-timeout-ms`; host-shim strips and announces alike but never retries.
-//! * The 408 for `request_headers_timeout` does not pass through the plugin (in Envoy the
-//!   filters' response phase sees it); Envoy closes the connection 1 s after it (delayed close),
+//!   `x-envoy-upstream-service-time` is host-shim's time from sending the request to the
+//!   upstream's response head (Envoy times from its first byte sent), in whole milliseconds.
+//! * Responses get `date` (when absent) and `server` after the filters' response phase, as in
+//!   Envoy; requests the codec or the connection manager refuses (400, 426, 431) are answered
+//!   without the filters, as in Envoy. What hyper frames differently: a response to HEAD with
+//!   no `content-length` (an empty local reply, an upstream's) carries no
+//!   `transfer-encoding: chunked` (hyper drops it for HEAD, Envoy writes it; no body follows
+//!   either way), and the 426 to an HTTP/1.0 request has an `HTTP/1.0` status line (Envoy's is
+//!   `HTTP/1.1`). Repeated fields of one name leave grouped (http's HeaderMap), where Envoy
+//!   keeps them interleaved as received.
+//! * The 408 for `request_headers_timeout` does not pass through the plugin and has no `date`
+//!   or `server` (in Envoy the filters' response phase sees it); Envoy closes the connection 1 s after it (delayed close),
 //!   host-shim at once. An idle connection that served requests is closed `drain_timeout`
 //!   (5 s) + 1 s after its idle timeout, as in Envoy; a request arriving in those seconds is
 //!   served with keep-alive (Envoy answers it with `connection: close`).
@@ -80,7 +93,9 @@ use std::time::Duration;
 
 use serde_yaml::{Mapping, Value};
 
-use crate::conn_manager::{CidrRange, ConnectionManagerConfig, UnderscoreAction};
+use crate::conn_manager::{
+    CidrRange, ConnectionManagerConfig, ServerHeaderTransformation, UnderscoreAction,
+};
 
 pub const HCM_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -657,8 +672,10 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
         "http2_protocol_options",
         "normalize_path",
         "merge_slashes",
+        "server_name",
+        "server_header_transformation",
     ])?;
-    let connection_manager = parse_connection_manager(&hcm)?;
+    let mut connection_manager = parse_connection_manager(&hcm)?;
     let stat_prefix = hcm.req("stat_prefix")?.string()?.to_string();
     let stream_idle_timeout = match hcm.get("stream_idle_timeout") {
         None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
@@ -668,7 +685,7 @@ fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
         codec.enumeration(&["AUTO", "HTTP1"])?;
     }
     let routes = parse_routes(&hcm.req("route_config")?, &clusters)?;
-    let wasm = parse_http_filters(&hcm.req("http_filters")?, base_dir)?;
+    let wasm = parse_http_filters(&hcm.req("http_filters")?, base_dir, &mut connection_manager)?;
     Ok(EnvoyConfig {
         listener: listen,
         stat_prefix,
@@ -698,6 +715,22 @@ fn parse_connection_manager(hcm: &Object<'_>) -> Result<ConnectionManagerConfig>
     cm.preserve_external_request_id = flag("preserve_external_request_id")?;
     cm.normalize_path = flag("normalize_path")?;
     cm.merge_slashes = flag("merge_slashes")?;
+    if let Some(name) = hcm.get("server_name") {
+        cm.server_name = name.string()?.to_string();
+        if http::HeaderValue::from_str(&cm.server_name).is_err() {
+            return Err(name.invalid("not a valid header value"));
+        }
+    }
+    if let Some(t) = hcm.get("server_header_transformation") {
+        cm.server_header_transformation = match t
+            .enumeration(&["OVERWRITE", "APPEND_IF_ABSENT", "PASS_THROUGH"])?
+            .as_str()
+        {
+            "APPEND_IF_ABSENT" => ServerHeaderTransformation::AppendIfAbsent,
+            "PASS_THROUGH" => ServerHeaderTransformation::PassThrough,
+            _ => ServerHeaderTransformation::Overwrite,
+        };
+    }
     if let Some(hops) = hcm.get("xff_num_trusted_hops") {
         cm.xff_num_trusted_hops = hops.integer(0, u64::from(u32::MAX))? as u32;
     }
@@ -892,7 +925,12 @@ fn parse_routes(node: &Node<'_>, clusters: &BTreeMap<String, Cluster>) -> Result
     Ok(routes)
 }
 
-fn parse_http_filters(node: &Node<'_>, base_dir: &Path) -> Result<Option<WasmFilter>> {
+/// The wasm filter, and the router's settings into `cm`.
+fn parse_http_filters(
+    node: &Node<'_>,
+    base_dir: &Path,
+    cm: &mut ConnectionManagerConfig,
+) -> Result<Option<WasmFilter>> {
     let filters = node.list()?;
     let mut wasm: Option<WasmFilter> = None;
     let mut router_seen = false;
@@ -913,7 +951,10 @@ fn parse_http_filters(node: &Node<'_>, base_dir: &Path) -> Result<Option<WasmFil
                 wasm = Some(parse_wasm(&typed, base_dir)?);
             }
             ROUTER_TYPE => {
-                typed.object(&["@type"])?;
+                let router = typed.object(&["@type", "suppress_envoy_headers"])?;
+                if let Some(f) = router.get("suppress_envoy_headers") {
+                    cm.suppress_envoy_headers = f.boolean()?;
+                }
                 router_seen = true;
             }
             other => {

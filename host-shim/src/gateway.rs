@@ -464,7 +464,14 @@ impl Worker {
             let worker = worker.clone();
             let in_flight = state.head_complete();
             async move {
-                let resp = worker.handle(req, peer, local, conn_id).await;
+                let mut resp = worker.clone().handle(req, peer, local, conn_id).await;
+                // After the filters' response phase, as Envoy's connection manager encodes it.
+                conn_manager::encode_response_headers(
+                    &worker.spec.connection_manager,
+                    resp.headers_mut(),
+                );
+                // The codec's `connection: close` goes after them.
+                move_to_end(resp.headers_mut(), &http::header::CONNECTION);
                 Ok::<_, Infallible>(held_until_done(resp, in_flight))
             }
         });
@@ -516,10 +523,12 @@ impl Worker {
         let route = self.spec.route_for(&path).cloned();
         let (_, incoming) = req.into_parts();
         let body = body::boxed(incoming);
+        // Refused by the codec or the connection manager: answered before any filter exists, so
+        // the plugin sees neither the request nor the reply (Envoy 1.40, measured).
+        if let Some(r) = rejection {
+            return rejection_response(&r);
+        }
         if self.spec.filter.is_none() {
-            if let Some(r) = rejection {
-                return rejection_response(&r);
-            }
             return self.forward(route.as_ref(), headers, body).await;
         }
         let info = StreamInfo {
@@ -543,23 +552,10 @@ impl Worker {
         }
         // A fail-open pass-through needs the request as received; keep a copy only then.
         let kept = self.fail_open().then(|| headers.clone());
-        match (
-            FilteredStream::begin(self.clone(), info, headers, kept.clone()).await,
-            rejection,
-        ) {
-            // Refused by the connection manager: the filters see only the response, as in Envoy.
-            (Ok(stream), Some(r)) => {
-                let mut resp = stream.local_reply(rejection_local(&r)).await;
-                if r.close {
-                    resp.headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp
-            }
-            (Ok(stream), None) => stream.run(route, body).await,
-            (Err(_), Some(r)) => rejection_response(&r),
-            (Err(StreamFailure::Closed), None) => reset_response(),
-            (Err(StreamFailure::Vm), None) => {
+        match FilteredStream::begin(self.clone(), info, headers, kept.clone()).await {
+            Ok(stream) => stream.run(route, body).await,
+            Err(StreamFailure::Closed) => reset_response(),
+            Err(StreamFailure::Vm) => {
                 self.fail_by_policy(route.as_ref(), kept.unwrap_or_default(), body)
                     .await
             }
@@ -643,17 +639,23 @@ impl Worker {
         body: Body,
     ) -> Result<Response<Incoming>, Response<Body>> {
         let Some(route) = route else {
-            return Err(plain_response(404, ""));
+            return Err(router_reply(404, "route_not_found", ""));
         };
         let Some(addr) = self.spec.clusters.get(&route.cluster) else {
-            return Err(plain_response(503, "no healthy upstream"));
+            return Err(router_reply(
+                503,
+                "no_healthy_upstream",
+                "no healthy upstream",
+            ));
         };
+        let cm = &self.spec.connection_manager;
         let mut headers = headers;
-        conn_manager::router_request_headers(&mut headers, route.timeout);
+        conn_manager::router_request_headers(cm, &mut headers, route.timeout);
         let req = match build_request(addr, &headers, body) {
             Ok(r) => r,
             Err(e) => return Err(plain_response(400, &format!("bad request: {e}\n"))),
         };
+        let sent = Instant::now();
         let fut = self.client.request(req);
         let result = match route.timeout {
             Some(t) => match tokio::time::timeout(t, fut).await {
@@ -663,13 +665,20 @@ impl Worker {
                         .counters
                         .upstream_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    return Err(plain_response(504, "upstream request timeout"));
+                    return Err(router_reply(
+                        504,
+                        "upstream_response_timeout",
+                        "upstream request timeout",
+                    ));
                 }
             },
             None => fut.await,
         };
         match result {
-            Ok(resp) => Ok(resp),
+            Ok(mut resp) => {
+                conn_manager::router_response_headers(cm, resp.headers_mut(), sent.elapsed());
+                Ok(resp)
+            }
             // The client's body broke HTTP/1 framing (a malformed chunk): Envoy's codec answers.
             Err(e) if malformed_request_body(&e) => {
                 Err(rejection_response(&conn_manager::Rejection {
@@ -685,13 +694,17 @@ impl Worker {
                     .upstream_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cluster = %route.cluster, "upstream error: {e:?}");
-                let reason = if e.is_connect() {
-                    "connection failure"
-                } else {
+                // Envoy 1.40's reset reasons: a refused connect is a "remote connection failure".
+                let reason = if !e.is_connect() {
                     "connection termination"
+                } else if timed_out(&e) {
+                    "connection timeout"
+                } else {
+                    "remote connection failure"
                 };
-                Err(plain_response(
+                Err(router_reply(
                     503,
+                    "upstream_reset_before_response_started",
                     &format!("upstream connect error or disconnect/reset before headers. reset reason: {reason}"),
                 ))
             }
@@ -1367,13 +1380,12 @@ impl FilteredStream {
                 None => return plain_response(503, ""),
             }
         };
-        if modified && headers.iter().any(|(k, _)| k == "content-length") {
-            // The whole body is known here, so a rewritten one gets its true length.
-            crate::host::headers::replace_value(
-                &mut headers,
-                "content-length",
-                body.len().to_string().into_bytes(),
-            );
+        if modified {
+            // The whole body is known here, so a rewritten one gets its true length (in place:
+            // the codec's framing, not a plugin's edit).
+            if let Some(entry) = headers.iter_mut().find(|(k, _)| k == "content-length") {
+                entry.1 = body.len().to_string().into_bytes();
+            }
         }
         self.finish_later();
         response_builder(&headers)
@@ -1849,6 +1861,32 @@ fn malformed_request_body(e: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
+/// Whether an upstream error was a timeout (hyper-util's connect timeout).
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// One of the router's own local replies (no route, no upstream, timeout), built as Envoy builds
+/// local replies.
+fn router_reply(status: u16, details: &str, body: &str) -> Response<Body> {
+    local_response_parts(&crate::state::LocalResponse {
+        status,
+        details: details.into(),
+        body: body.as_bytes().to_vec(),
+        headers: Vec::new(),
+    })
+}
+
 /// The response to a request the connection manager refused, when no filter runs.
 fn rejection_response(r: &conn_manager::Rejection) -> Response<Body> {
     let mut resp = local_response_parts(&rejection_local(r));
@@ -1952,16 +1990,17 @@ fn build_request(
     let map = builder
         .headers_mut()
         .ok_or_else(|| format!("invalid :path {path:?}"))?;
-    // Every value of a repeated name goes on (a HeaderMap's by-value iterator names only the
-    // first of each run).
-    for (k, v) in header_map_of(headers).iter() {
-        if !HOP_BY_HOP.contains(&k.as_str()) {
-            map.append(k.clone(), v.clone());
-        }
-    }
+    // `host` first, where Envoy's codec writes `:authority`.
     if !authority.is_empty() {
         if let Ok(v) = HeaderValue::from_str(authority) {
             map.insert(http::header::HOST, v);
+        }
+    }
+    // Every value of a repeated name goes on (a HeaderMap's by-value iterator names only the
+    // first of each run).
+    for (k, v) in header_map_of(headers).iter() {
+        if !HOP_BY_HOP.contains(&k.as_str()) && k != http::header::HOST {
+            map.append(k.clone(), v.clone());
         }
     }
     builder.body(body).map_err(|e| e.to_string())
@@ -1974,24 +2013,53 @@ fn response_builder(headers: &HeaderList) -> http::response::Builder {
         .unwrap_or(StatusCode::BAD_GATEWAY);
     let mut builder = Response::builder().status(status);
     if let Some(map) = builder.headers_mut() {
-        *map = header_map_of(headers);
-        for h in HOP_BY_HOP {
-            map.remove(h);
-        }
+        // Filtered while building: HeaderMap::remove swap-removes, which reorders the rest.
+        let kept: HeaderList = headers
+            .iter()
+            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        *map = header_map_of(&kept);
     }
     builder
 }
 
+/// Moves every `name` field to the end, the others keeping their order (HeaderMap::remove
+/// would swap the last field into the gap).
+fn move_to_end(map: &mut http::HeaderMap, name: &HeaderName) {
+    if !map.contains_key(name) {
+        return;
+    }
+    let old = std::mem::take(map);
+    let mut moved = Vec::new();
+    for (k, v) in old.iter() {
+        if k == name {
+            moved.push(v.clone());
+        } else {
+            map.append(k.clone(), v.clone());
+        }
+    }
+    for v in moved {
+        map.append(name.clone(), v);
+    }
+}
+
+/// A local reply's response as Envoy 1.40's `sendLocalReply` builds it: `:status`, the
+/// plugin's headers in order, then for a body `content-length` (replacing a plugin's in place)
+/// and `content-type: text/plain` when absent; an empty body drops both (the codec frames it).
 fn local_response_parts(local: &crate::state::LocalResponse) -> Response<Body> {
     let mut headers = local.headers.clone();
-    if !headers.iter().any(|(k, _)| k == "content-length") {
-        headers.push((
-            "content-length".into(),
-            local.body.len().to_string().into_bytes(),
-        ));
-    }
-    if !local.body.is_empty() && !headers.iter().any(|(k, _)| k == "content-type") {
-        headers.push(("content-type".into(), b"text/plain".to_vec()));
+    if local.body.is_empty() {
+        headers.retain(|(k, _)| k != "content-length" && k != "content-type");
+    } else {
+        let len = local.body.len().to_string().into_bytes();
+        match headers.iter_mut().find(|(k, _)| k == "content-length") {
+            Some(entry) => entry.1 = len,
+            None => headers.push(("content-length".into(), len)),
+        }
+        if !headers.iter().any(|(k, _)| k == "content-type") {
+            headers.push(("content-type".into(), b"text/plain".to_vec()));
+        }
     }
     let mut list = vec![(":status".to_string(), local.status.to_string().into_bytes())];
     list.extend(headers);

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use host_shim::conn_manager::{CidrRange, ConnectionManagerConfig, UnderscoreAction};
+use host_shim::conn_manager::{
+    CidrRange, ConnectionManagerConfig, ServerHeaderTransformation, UnderscoreAction,
+};
 use host_shim::envoy_config::{DiscoveryType, EnvoyConfig, EnvoyConfigError, PathMatch};
 use host_shim::vm::FailurePolicy;
 use serde_yaml::Value;
@@ -705,4 +707,51 @@ fn fail_open_and_failure_policy_are_read_as_envoy_does() {
             .contains("only one of fail_open or failure_policy"),
         "{refused}"
     );
+}
+
+#[test]
+fn server_header_settings_and_the_routers_suppress_envoy_headers_are_read() {
+    let cfg = parse(&shipped_yaml()).expect("the shipped yaml");
+    assert_eq!(cfg.connection_manager.server_name, "envoy");
+    assert_eq!(
+        cfg.connection_manager.server_header_transformation,
+        ServerHeaderTransformation::Overwrite
+    );
+    assert!(!cfg.connection_manager.suppress_envoy_headers);
+
+    let cfg = with_field(HCM, "server_name", Value::String("krowoc".into())).expect("server_name");
+    assert_eq!(cfg.connection_manager.server_name, "krowoc");
+    for (text, want) in [
+        ("OVERWRITE", ServerHeaderTransformation::Overwrite),
+        (
+            "APPEND_IF_ABSENT",
+            ServerHeaderTransformation::AppendIfAbsent,
+        ),
+        ("pass_through", ServerHeaderTransformation::PassThrough),
+    ] {
+        let cfg = with_field(
+            HCM,
+            "server_header_transformation",
+            Value::String(text.into()),
+        )
+        .expect(text);
+        assert_eq!(cfg.connection_manager.server_header_transformation, want);
+    }
+    let (path, message) = refused(with_field(
+        HCM,
+        "server_header_transformation",
+        Value::String("REPLACE".into()),
+    ));
+    assert_eq!(path, format!("{HCM}.server_header_transformation"));
+    assert!(message.contains("REPLACE"), "{message}");
+
+    let router = format!("{HCM}.http_filters[1].typed_config");
+    let cfg = with_field(&router, "suppress_envoy_headers", Value::Bool(true)).expect("router");
+    assert!(cfg.connection_manager.suppress_envoy_headers);
+    let (path, _) = refused(with_field(
+        &router,
+        "suppress_envoy_headers",
+        Value::String("yes".into()),
+    ));
+    assert_eq!(path, format!("{router}.suppress_envoy_headers"));
 }
