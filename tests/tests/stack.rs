@@ -39,3 +39,59 @@ fn unknown_paths_get_the_upstreams_404_through_the_filter(host: Host) {
     assert_eq!(resp.status, 404);
     assert!(resp.header("x-krowoc-edge").is_some());
 }
+
+/// The names of a response's fields, in order, without the ones a host adds or not by framing.
+fn field_names(resp: &testkit::http::Response) -> Vec<&str> {
+    resp.headers
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !matches!(*k, "transfer-encoding" | "connection"))
+        .collect()
+}
+
+krowoc_tests::on_both_hosts!(a_proxied_response_gets_the_routers_timing_and_envoys_server_last);
+fn a_proxied_response_gets_the_routers_timing_and_envoys_server_last(host: Host) {
+    let stack = Stack::on(host);
+    let resp = stack.get("/health");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let names = field_names(&resp);
+    let at = |name: &str| {
+        names
+            .iter()
+            .position(|k| *k == name)
+            .unwrap_or_else(|| panic!("no {name} in {names:?}"))
+    };
+    // The router's timing follows the upstream's fields and precedes the filter's own.
+    assert!(
+        at("content-length") < at("x-envoy-upstream-service-time"),
+        "{names:?}"
+    );
+    assert!(
+        at("x-envoy-upstream-service-time") < at("x-krowoc-edge"),
+        "{names:?}"
+    );
+    assert!(resp
+        .header("x-envoy-upstream-service-time")
+        .is_some_and(|v| v.parse::<u64>().is_ok()));
+    assert_eq!(names.last(), Some(&"server"), "{names:?}");
+    assert_eq!(resp.header("server"), Some("envoy"));
+}
+
+krowoc_tests::on_both_hosts!(a_local_reply_has_no_router_timing_and_ends_with_date_and_server);
+fn a_local_reply_has_no_router_timing_and_ends_with_date_and_server(host: Host) {
+    let stack = Stack::on(host);
+    // The purge API without its token: the filter's own local reply.
+    let resp = stack.request("POST", "/_krowoc/cache/purge", &[], b"");
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    let names = field_names(&resp);
+    assert_eq!(
+        resp.header("x-envoy-upstream-service-time"),
+        None,
+        "{names:?}"
+    );
+    assert_eq!(names[names.len() - 2..], ["date", "server"], "{names:?}");
+    assert_eq!(
+        resp.header("content-length"),
+        Some(resp.body.len().to_string().as_str())
+    );
+}
