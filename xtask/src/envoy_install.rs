@@ -4,7 +4,7 @@
 //! Anything older than 1.40 is refused: the tests and the README describe Envoy 1.40.
 
 use crate::cli::SetupOptions;
-use crate::setup::find_on_path;
+use crate::setup::{apt_install, find_on_path};
 use crate::workspace::{describe, run_loud};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -154,16 +154,7 @@ fn ensure_pip() -> Result<()> {
         );
     }
     eprintln!("xtask: setup: python3's pip is missing; installing python3-pip with apt-get");
-    run_loud(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    run_loud(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "python3-pip"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&["python3-pip"])?;
     if !has_pip() {
         bail!("apt-get installed python3-pip but `python3 -m pip` still fails");
     }

@@ -183,17 +183,7 @@ fn ensure_programs(programs: &[&Program], options: &SetupOptions) -> Result<()> 
         binaries.join(" and "),
         packages.join(" ")
     );
-    run_loud(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    run_loud(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&packages)?;
     for p in &missing {
         if find_on_path(p.binary).is_none() {
             bail!(
@@ -204,6 +194,21 @@ fn ensure_programs(programs: &[&Program], options: &SetupOptions) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `apt-get update`, then `apt-get install` of `packages` (Debian, as root).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    run_loud(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_loud(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// The first executable file named `binary` in PATH.
