@@ -119,7 +119,7 @@ fn shipped_envoy_yaml_loads_with_its_clusters_route_and_wasm_filter() {
     assert_eq!(wasm.vm_id, "krowoc_edge");
     assert_eq!(wasm.runtime, "envoy.wasm.runtime.v8");
     assert_eq!(wasm.code_path, PathBuf::from("/etc/envoy/plugin.wasm"));
-    assert_eq!(wasm.failure_policy, FailurePolicy::FailClosed);
+    assert_eq!(wasm.failure_policy, FailurePolicy::FailReload);
     assert_eq!(wasm.vm_configuration, "");
     let plugin_json: serde_json::Value =
         serde_json::from_str(&wasm.configuration).expect("the plugin configuration is JSON");
@@ -682,6 +682,7 @@ fn fail_open_and_failure_policy_are_read_as_envoy_does() {
     let policy_of = |fail_open: bool, policy: Option<&str>| {
         let mut doc = shipped_yaml();
         let c = at(&mut doc, &config).as_mapping_mut().expect("config");
+        c.remove("failure_policy");
         c.insert("fail_open".into(), fail_open.into());
         if let Some(p) = policy {
             c.insert("failure_policy".into(), p.into());
