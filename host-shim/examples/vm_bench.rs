@@ -65,6 +65,7 @@ async fn run(plugin: PathBuf, config: String, requests: usize) -> anyhow::Result
         memory_limit_bytes: 256 << 20,
         env: Vec::new(),
         log_level: 2,
+        log_file: None,
     };
     let mut vm = Vm::start(
         &module,
@@ -83,6 +84,7 @@ async fn run(plugin: PathBuf, config: String, requests: usize) -> anyhow::Result
         start_time: SystemTime::now(),
         route_name: "health".into(),
         cluster_name: "upstream".into(),
+        client_closes: false,
     };
     // What wrk sends and what the upstream's /health answers.
     let request = headers(&[

@@ -33,6 +33,26 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// `body` with its size hidden, so that HTTP/1.1 frames it chunked rather than with a
+/// `content-length` of hyper's own.
+pub fn without_length(body: Body) -> Body {
+    UnsizedBody(body).boxed_unsync()
+}
+
+struct UnsizedBody(Body);
+
+impl HttpBody for UnsizedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+}
+
 /// A body fed from a channel; the sender side sends frames, or an error to abort the stream.
 pub struct ChannelBody {
     rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
@@ -96,6 +116,16 @@ pub fn take_if_complete(mut body: Body) -> Result<Bytes, Body> {
         }
         .boxed_unsync()),
     }
+}
+
+/// `frame`, already taken from `rest`, put back in front of it.
+pub fn prepend(frame: Result<Frame<Bytes>, BoxError>, rest: Body) -> Body {
+    Prepend {
+        head: Vec::new(),
+        next: Some(frame),
+        rest,
+    }
+    .boxed_unsync()
 }
 
 /// Frames already taken from a body, then the body itself.

@@ -34,6 +34,8 @@
 //!       http_filters: [wasm filter (optional, at most one)], router (last)
 //!         wasm: typed_config envoy.extensions.filters.http.wasm.v3.Wasm, config:
 //!           name, root_id, fail_open, failure_policy,
+//!           reload_config.backoff.{base_interval, max_interval} (FAIL_RELOAD's wait: from
+//!             base_interval to 1.5 × it, 1 s by default; max_interval is checked only)
 //!           configuration: google.protobuf.StringValue {value} | google.protobuf.Struct {value}
 //!           vm_config: vm_id, runtime, code.local.filename, configuration (as above),
 //!                      allow_precompiled, nack_on_code_cache_miss,
@@ -111,6 +113,8 @@ pub const DOWNSTREAM_CONNECTIONS_TYPE: &str = "type.googleapis.com/envoy.extensi
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Envoy's route timeout when a route names none.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's `reload_config.backoff.base_interval` when none is set.
+pub const DEFAULT_RELOAD_BASE_INTERVAL: Duration = Duration::from_secs(1);
 /// Envoy's cluster connect timeout when a cluster names none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -184,6 +188,9 @@ pub struct WasmFilter {
     pub code_path: PathBuf,
     /// `failure_policy`, or the deprecated `fail_open` (see [`FailurePolicy`]).
     pub failure_policy: crate::vm::FailurePolicy,
+    /// `reload_config.backoff.base_interval`: after a trap, `FAIL_RELOAD` loads a new VM at the
+    /// first request at least this long (plus up to half again, at random) after the last load.
+    pub reload_base_interval: Duration,
     /// `vm_config.environment_variables`: `key_values`, then `host_env_keys` present in this
     /// process's environment; WASI `environ_*` shows these to the plugin.
     pub environment: Vec<(String, String)>,
@@ -984,6 +991,7 @@ fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
         "configuration",
         "fail_open",
         "failure_policy",
+        "reload_config",
     ])?;
     let name = config.string_or_empty("name")?;
     let root_id = config.string_or_empty("root_id")?;
@@ -1009,6 +1017,26 @@ fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
                 Some(p) => p.invalid(m),
                 None => invalid("failure_policy", m),
             })?;
+    let reload_base_interval = match config.get("reload_config") {
+        None => DEFAULT_RELOAD_BASE_INTERVAL,
+        Some(reload) => match reload.object(&["backoff"])?.get("backoff") {
+            None => DEFAULT_RELOAD_BASE_INTERVAL,
+            Some(backoff) => {
+                let backoff = backoff.object(&["base_interval", "max_interval"])?;
+                let base_node = backoff.req("base_interval")?;
+                let base = base_node.duration()?;
+                if base < Duration::from_millis(1) {
+                    return Err(base_node.invalid("must be at least 1ms"));
+                }
+                if let Some(max) = backoff.get("max_interval") {
+                    if max.duration()? < base {
+                        return Err(max.invalid("must not be less than base_interval"));
+                    }
+                }
+                base
+            }
+        },
+    };
     let vm = config.req("vm_config")?.object(&[
         "vm_id",
         "runtime",
@@ -1070,6 +1098,7 @@ fn parse_wasm(typed: &Node<'_>, base_dir: &Path) -> Result<WasmFilter> {
         vm_configuration,
         code_path,
         failure_policy,
+        reload_base_interval,
         environment,
     })
 }

@@ -3,7 +3,10 @@
 //! callouts (HTTP calls, Higress Redis calls), ticks and queue notifications.
 //!
 //! One worker = one OS thread = one current-thread tokio runtime = one plugin VM, as in Envoy:
-//! a request's contexts stay on the VM of the worker that accepted its connection.
+//! a request's contexts stay on the VM of the worker that accepted its connection. As in Envoy,
+//! a "main" thread holds two more VMs, started before the workers': the base VM (started and
+//! configured, then idle) and the main thread's own, which ticks and makes callouts but serves
+//! no request.
 //!
 //! A request's life: route → `on_request_headers` (pause until resumed, or a local reply) →
 //! request body chunks through `on_request_body` (buffered while the plugin pauses) → upstream →
@@ -77,6 +80,9 @@ pub struct FilterSpec {
     pub settings: VmSettings,
     /// What requests get once the VM has failed (Envoy's `failure_policy` / `fail_open`).
     pub failure_policy: FailurePolicy,
+    /// `FAIL_RELOAD` loads a new VM at the first request at least this long (plus up to half
+    /// again, at random, as Envoy's jittered lower bound) after the last load.
+    pub reload_base_interval: Duration,
 }
 
 /// Everything a gateway needs, resolved from envoy.yaml and the command line.
@@ -135,9 +141,13 @@ impl Gateway {
             .map_err(|e| VmError::Start(format!("listener: {e}")))?;
         let spec = Arc::new(spec);
         let workers = spec.workers.max(1);
+        // Envoy's threads: with a plugin, the main thread holds a VM too (after the base VM it
+        // clones from); it ticks and takes callouts but serves no request. Its queue index
+        // follows the workers'.
+        let main_thread = spec.filter.is_some();
         let mut queue_senders = Vec::new();
         let mut queue_receivers = Vec::new();
-        for _ in 0..workers {
+        for _ in 0..workers + usize::from(main_thread) {
             let (tx, rx) = mpsc::unbounded_channel::<QueueReady>();
             queue_senders.push(tx);
             queue_receivers.push(rx);
@@ -153,10 +163,27 @@ impl Gateway {
         let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), VmError>>();
         let mut shutdown = Vec::new();
         let mut threads = Vec::new();
-        for (index, queue_rx) in queue_receivers.into_iter().enumerate() {
-            let listener = listener
-                .try_clone()
-                .map_err(|e| VmError::Start(format!("listener: {e}")))?;
+        let stop_all = |shutdown: &[tokio::sync::watch::Sender<bool>]| {
+            for s in shutdown {
+                let _ = s.send(true);
+            }
+        };
+        // The main thread's VMs start first, then the workers', in Envoy's order.
+        let mut receivers = queue_receivers.into_iter().enumerate().collect::<Vec<_>>();
+        if main_thread {
+            receivers.rotate_right(1);
+        }
+        for (index, queue_rx) in receivers {
+            let serves = index < workers;
+            let listener = if serves {
+                Some(
+                    listener
+                        .try_clone()
+                        .map_err(|e| VmError::Start(format!("listener: {e}")))?,
+                )
+            } else {
+                None
+            };
             let spec = spec.clone();
             let shared = shared.clone();
             let started_tx = started_tx.clone();
@@ -164,8 +191,13 @@ impl Gateway {
             let connections = downstream_connections.clone();
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             shutdown.push(stop_tx);
+            let name = if serves {
+                format!("worker-{index}")
+            } else {
+                "main".to_string()
+            };
             let thread = std::thread::Builder::new()
-                .name(format!("worker-{index}"))
+                .name(name)
                 .spawn(move || {
                     worker_main(
                         index,
@@ -181,15 +213,24 @@ impl Gateway {
                 })
                 .map_err(|e| VmError::Start(format!("cannot start a worker thread: {e}")))?;
             threads.push(thread);
+            if !serves {
+                // The workers' VMs are cloned after the main thread's have started.
+                match started_rx.recv() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        stop_all(&shutdown);
+                        return Err(e);
+                    }
+                    Err(_) => return Err(VmError::Start("the main thread exited at start".into())),
+                }
+            }
         }
         drop(started_tx);
         for _ in 0..workers {
             match started_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    for s in &shutdown {
-                        let _ = s.send(true);
-                    }
+                    stop_all(&shutdown);
                     return Err(e);
                 }
                 Err(_) => return Err(VmError::Start("a worker thread exited at start".into())),
@@ -233,7 +274,8 @@ fn worker_main(
     index: usize,
     spec: Arc<GatewaySpec>,
     shared: Arc<SharedState>,
-    listener: std::net::TcpListener,
+    // None on the main thread, which serves no request.
+    listener: Option<std::net::TcpListener>,
     queue_rx: mpsc::UnboundedReceiver<QueueReady>,
     started: std::sync::mpsc::Sender<Result<(), VmError>>,
     ready: Arc<AtomicUsize>,
@@ -260,10 +302,26 @@ fn worker_main(
             abandoned_tx,
             local_ip,
         ));
+        // The main thread's base VM: started and configured, then only kept (Envoy clones the
+        // threads' VMs from it; it never ticks).
+        let mut _base_vm = None;
+        if let (None, Some(filter)) = (&listener, &spec.filter) {
+            match worker.start_vm(filter).await {
+                Ok(vm) => _base_vm = Some(vm),
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            }
+        }
         if let Some(filter) = &spec.filter {
             match worker.start_vm(filter).await {
                 Ok(vm) => {
-                    *worker.vm.lock().await = Some(VmSlot { vm, generation: 1 });
+                    *worker.vm.lock().await = Some(VmSlot {
+                        vm,
+                        generation: 1,
+                        loaded_at: Instant::now(),
+                    });
                 }
                 Err(e) => {
                     let _ = started.send(Err(e));
@@ -271,14 +329,16 @@ fn worker_main(
                 }
             }
         }
-        ready.fetch_add(1, Ordering::Relaxed);
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        let listener = match listener.map(tokio::net::TcpListener::from_std).transpose() {
             Ok(l) => l,
             Err(e) => {
                 let _ = started.send(Err(VmError::Start(format!("listener: {e}"))));
                 return;
             }
         };
+        if listener.is_some() {
+            ready.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = started.send(Ok(()));
         drop(started);
         if spec.filter.is_some() {
@@ -291,6 +351,10 @@ fn worker_main(
                 }
             });
         }
+        let Some(listener) = listener else {
+            let _ = stop.changed().await;
+            return;
+        };
         let connections = AtomicU64::new(0);
         loop {
             tokio::select! {
@@ -319,6 +383,8 @@ fn worker_main(
 struct VmSlot {
     vm: Vm,
     generation: u64,
+    /// When this VM (or the last attempt to replace it) was loaded.
+    loaded_at: Instant,
 }
 
 /// One downstream connection counted against the overload manager's limit, shared by all
@@ -349,7 +415,6 @@ struct Worker {
     vm: Mutex<Option<VmSlot>>,
     client: Client<HttpConnector, Body>,
     redis_pools: RefCell<HashMap<String, RedisPool>>,
-    replacing: std::cell::Cell<bool>,
     /// Streams whose client went away before they finished: (context, VM generation).
     abandoned: mpsc::UnboundedSender<(u32, u64)>,
     /// What Envoy appends to XFF for a loopback peer (its own address).
@@ -392,7 +457,6 @@ impl Worker {
             vm: Mutex::new(None),
             client,
             redis_pools: RefCell::new(HashMap::new()),
-            replacing: std::cell::Cell::new(false),
             abandoned,
             local_ip,
         }
@@ -410,44 +474,66 @@ impl Worker {
         .await
     }
 
-    /// Replaces a failed VM (in the background); streams of the old VM are woken so that they
-    /// notice and apply the failure policy.
-    fn replace_vm(self: &Rc<Self>) {
-        // Only FAIL_RELOAD reloads; otherwise the failed VM stays, as in Envoy.
-        if !self.failure_policy().reloads() || self.replacing.replace(true) {
-            return;
-        }
+    /// After a trap: the streams of the failed VM are woken so that they notice and apply the
+    /// failure policy. The VM itself is replaced, if at all, by the next request
+    /// ([`Worker::reload_if_due`]), as Envoy does.
+    fn vm_trapped(self: &Rc<Self>) {
         let worker = self.clone();
         tokio::task::spawn_local(async move {
-            let mut delay = Duration::from_millis(10);
-            while let Some(filter) = &worker.spec.filter {
-                match worker.start_vm(filter).await {
-                    Ok(vm) => {
-                        let mut guard = worker.vm.lock().await;
-                        let generation = guard.as_ref().map_or(0, |s| s.generation) + 1;
-                        if let Some(old) = guard.take() {
-                            for s in old.vm.state().streams.values() {
-                                s.wake.notify_one();
-                            }
-                        }
-                        *guard = Some(VmSlot { vm, generation });
-                        worker
-                            .shared
-                            .counters
-                            .vm_replacements
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(worker = worker.index, "plugin VM replaced");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::error!(worker = worker.index, "cannot replace the plugin VM: {e}");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+            let guard = worker.vm.lock().await;
+            if let Some(slot) = guard.as_ref() {
+                for s in slot.vm.state().streams.values() {
+                    s.wake.notify_one();
                 }
             }
-            worker.replacing.set(false);
         });
+    }
+
+    /// Envoy's `FAIL_RELOAD`, checked as a request arrives: a VM that trapped is replaced when
+    /// the last load is at least the reload interval (base to 1.5 × base, drawn anew at each
+    /// check) in the past; a check that is too early leaves it failed for this request. The
+    /// load time moves on every attempt, successful or not. Returns whether the VM can serve.
+    async fn reload_if_due(&self) -> bool {
+        let mut guard = self.vm.lock().await;
+        let Some(slot) = guard.as_mut() else {
+            return true;
+        };
+        if slot.vm.failed.is_none() {
+            return true;
+        }
+        let Some(filter) = self
+            .spec
+            .filter
+            .as_ref()
+            .filter(|f| f.failure_policy.reloads())
+        else {
+            return false;
+        };
+        let base = filter.reload_base_interval;
+        let interval = base + base.mul_f64(fastrand::f64() / 2.0);
+        if slot.loaded_at.elapsed() < interval {
+            return false;
+        }
+        slot.loaded_at = Instant::now();
+        match self.start_vm(filter).await {
+            Ok(vm) => {
+                for s in slot.vm.state().streams.values() {
+                    s.wake.notify_one();
+                }
+                slot.vm = vm;
+                slot.generation += 1;
+                self.shared
+                    .counters
+                    .vm_replacements
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = self.index, "plugin VM replaced");
+                true
+            }
+            Err(e) => {
+                tracing::error!(worker = self.index, "cannot replace the plugin VM: {e}");
+                false
+            }
+        }
     }
 
     async fn serve_connection(
@@ -472,6 +558,7 @@ impl Worker {
                 );
                 // The codec's `connection: close` goes after them.
                 move_to_end(resp.headers_mut(), &http::header::CONNECTION);
+                let resp = envoy_framing(resp);
                 Ok::<_, Infallible>(held_until_done(resp, in_flight))
             }
         });
@@ -508,6 +595,7 @@ impl Worker {
             .sum::<usize>()
             + req.uri().to_string().len();
         let cm = &self.spec.connection_manager;
+        let client_closes = closes_after(&req);
         let mut headers = request_header_list(&req);
         let rejection = conn_manager::check_request_head(
             req.version(),
@@ -541,8 +629,9 @@ impl Worker {
                 .as_ref()
                 .map(|r| r.cluster.clone())
                 .unwrap_or_default(),
+            client_closes,
         };
-        if self.vm_failed().await {
+        if !self.reload_if_due().await {
             // Envoy: a failed plugin is skipped (FAIL_OPEN) or refuses every request.
             return if self.failure_policy().skips_failed_plugin() {
                 self.forward(route.as_ref(), headers, body).await
@@ -593,11 +682,6 @@ impl Worker {
     /// Whether the request that failed the VM passes on (`fail_open: true`).
     fn fail_open(&self) -> bool {
         self.failure_policy().passes_failing_request()
-    }
-
-    async fn vm_failed(&self) -> bool {
-        let guard = self.vm.lock().await;
-        guard.as_ref().is_some_and(|s| s.vm.failed.is_some())
     }
 
     /// What a request gets when the VM failed: Envoy's fail-closed 503, or a plain pass-through.
@@ -934,7 +1018,7 @@ impl Worker {
     ) {
         match result {
             Ok(()) => self.dispatch(callouts, generation),
-            Err(_) => self.replace_vm(),
+            Err(_) => self.vm_trapped(),
         }
     }
 
@@ -1003,10 +1087,61 @@ async fn finish(worker: &Rc<Worker>, ctx: u32, generation: u64) {
     let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
         return;
     };
+    if let Some(s) = slot.vm.stream(ctx) {
+        encoded_response_map(&worker.spec.connection_manager, s);
+    }
     let result = slot.vm.finish_stream(ctx).await;
     let callouts = slot.vm.take_callouts();
     drop(guard);
     worker.after_callback(result, callouts, generation);
+}
+
+/// The response map as the log phase reads it in Envoy: the connection manager and the codec
+/// add `date`, `server` and `connection: close` to the map itself after the response phase
+/// (Envoy 1.40, measured; the chunked framing is written without entering the map).
+fn encoded_response_map(cm: &conn_manager::ConnectionManagerConfig, s: &mut StreamState) {
+    let closes = s.info.client_closes;
+    let Some(map) = s.response_headers.as_mut() else {
+        return;
+    };
+    let mut encoded = http::HeaderMap::new();
+    for (k, v) in map.iter() {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_bytes(v),
+        ) {
+            encoded.append(k, v);
+        }
+    }
+    conn_manager::encode_response_headers(cm, &mut encoded);
+    for name in [http::header::DATE, http::header::SERVER] {
+        let value = encoded.get(&name).map(|v| v.as_bytes().to_vec());
+        match (map.iter_mut().find(|(k, _)| k == name.as_str()), value) {
+            (Some(entry), Some(v)) => entry.1 = v,
+            (None, Some(v)) => map.push((name.as_str().to_string(), v)),
+            _ => {}
+        }
+    }
+    if closes && !map.iter().any(|(k, _)| k == "connection") {
+        map.push(("connection".into(), b"close".to_vec()));
+    }
+}
+
+/// Whether the connection closes after this request: `connection: close`, or HTTP/1.0
+/// without keep-alive.
+fn closes_after(req: &Request<Incoming>) -> bool {
+    let connection = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>();
+    if connection.iter().any(|t| t == "close") {
+        return true;
+    }
+    req.version() == http::Version::HTTP_10 && !connection.iter().any(|t| t == "keep-alive")
 }
 
 /// Stream state read back from the VM after a callback.
@@ -1036,7 +1171,7 @@ impl FilteredStream {
             Ok(ctx) => ctx,
             Err(_) => {
                 drop(guard);
-                worker.replace_vm();
+                worker.vm_trapped();
                 return Err(StreamFailure::Vm);
             }
         };
@@ -1084,7 +1219,7 @@ impl FilteredStream {
             Ok(_) => self.worker.dispatch(callouts, self.generation),
             Err(_) => {
                 self.finished = true;
-                self.worker.replace_vm();
+                self.worker.vm_trapped();
             }
         }
         outcome
@@ -1098,7 +1233,11 @@ impl FilteredStream {
         loop {
             {
                 let mut guard = self.worker.vm.lock().await;
-                let Some(slot) = guard.as_mut().filter(|s| s.generation == self.generation) else {
+                // A VM that trapped (or was replaced) will not resume this stream.
+                let Some(slot) = guard
+                    .as_mut()
+                    .filter(|s| s.generation == self.generation && s.vm.failed.is_none())
+                else {
                     self.finished = true;
                     return Err(StreamFailure::Vm);
                 };
@@ -1187,6 +1326,12 @@ impl FilteredStream {
                 .and_then(|s| s.vm.stream(self.ctx))
             {
                 Some(s) => {
+                    // The router edits the request's own map: the log phase sees it so.
+                    conn_manager::router_request_headers(
+                        &self.worker.spec.connection_manager,
+                        &mut s.request_headers,
+                        route.as_ref().and_then(|r| r.timeout),
+                    );
                     let mut h = s.request_headers.clone();
                     if s.request_body_modified {
                         h.retain(|(k, _)| k != "content-length");
@@ -1480,6 +1625,30 @@ enum Direction {
     Response,
 }
 
+/// `first` and the data frames of `body` that are already there (without waiting), as one
+/// chunk: what one socket read gives Envoy's codec. A trailers frame or the end stays for the
+/// next read.
+fn with_ready_data(first: Bytes, body: &mut Body) -> Bytes {
+    let mut more: Option<bytes::BytesMut> = None;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while !body.is_end_stream() {
+        // Peek at the next frame only if it is data; anything else is put back in front.
+        match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                let data = frame.into_data().unwrap_or_default();
+                more.get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                    .extend_from_slice(&data);
+            }
+            std::task::Poll::Ready(Some(other)) => {
+                *body = body::prepend(other, std::mem::replace(body, body::empty()));
+                break;
+            }
+            _ => break,
+        }
+    }
+    more.map_or(first, bytes::BytesMut::freeze)
+}
+
 /// Feeds one body, chunk by chunk, through the plugin's body callback into `tx`. While the
 /// plugin answers Pause, chunks accumulate (it sees the whole buffer each time); Continue
 /// flushes the buffer. Returns what the plugin decided for the request direction.
@@ -1500,7 +1669,17 @@ async fn pump_body(
         let frame = if saw_eos { None } else { body.frame().await };
         let (chunk, trailers, eos) = match frame {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => (Some(data), None, body.is_end_stream()),
+                // Envoy's HTTP/1 codec hands over what one read brought (several chunks of a
+                // chunked body at once) and says the request ended in a call of its own:
+                // `(n, false)` then `(0, true)`.
+                Ok(data) => {
+                    let data = with_ready_data(data, body);
+                    let eos = match dir {
+                        Direction::Request => false,
+                        Direction::Response => body.is_end_stream(),
+                    };
+                    (Some(data), None, eos)
+                }
                 Err(frame) => match frame.into_trailers() {
                     Ok(t) => (None, Some(header_list_of(&t)), true),
                     Err(_) => continue,
@@ -1537,6 +1716,9 @@ async fn pump_body(
             buffered.extend_from_slice(chunk);
         }
         let size = buffered.len();
+        if let (Direction::Request, Some(chunk)) = (dir, &chunk) {
+            s.request_body_received += chunk.len();
+        }
         if let Some(t) = &trailers {
             match dir {
                 Direction::Request => s.request_trailers = Some(t.clone()),
@@ -1566,7 +1748,7 @@ async fn pump_body(
             Ok(a) => a,
             Err(_) => {
                 drop(guard);
-                worker.replace_vm();
+                worker.vm_trapped();
                 return body_after_vm_failure(worker, held, body, &tx, eos).await;
             }
         };
@@ -2069,6 +2251,29 @@ fn local_response_parts(local: &crate::state::LocalResponse) -> Response<Body> {
 }
 
 /// A short text response generated by the gateway itself (Envoy's local replies).
+/// The response as Envoy's HTTP/1 codec frames it: a body without `content-length` (a plugin
+/// removed it) goes chunked even when its size is known, where hyper would count it; and the
+/// reason phrases where Envoy's table differs from the http crate's.
+fn envoy_framing(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    if parts.status == http::StatusCode::NON_AUTHORITATIVE_INFORMATION {
+        parts
+            .extensions
+            .insert(hyper::ext::ReasonPhrase::from_static(
+                b"Non-Authoritative Information",
+            ));
+    }
+    let sized = http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|n| n > 0);
+    let body = if sized && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        body::without_length(body)
+    } else {
+        body
+    };
+    Response::from_parts(parts, body)
+}
+
 pub fn plain_response(status: u16, text: &str) -> Response<Body> {
     let mut resp = Response::new(body::full(text.to_string()));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

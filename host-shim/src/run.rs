@@ -11,6 +11,7 @@ use anyhow::{anyhow, Context};
 
 use crate::envoy_config::{EnvoyConfig, PathMatch as YamlMatch};
 use crate::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
+use crate::host::misc::PluginLogFile;
 use crate::shared::SharedState;
 use crate::vm::{PluginModule, VmSettings};
 
@@ -40,6 +41,9 @@ pub struct RunArgs {
     /// Linear memory cap per plugin VM.
     #[arg(long, default_value = "256", value_name = "MIB")]
     pub vm_memory_mib: usize,
+    /// Also write the plugin's log lines to FILE (appended), as Envoy's `--log-path` holds them.
+    #[arg(long, value_name = "FILE")]
+    pub log_path: Option<PathBuf>,
 }
 
 /// What a started gateway gives back: where it listens, and how to stop it.
@@ -124,8 +128,16 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
                     memory_limit_bytes: args.vm_memory_mib.max(1) << 20,
                     env: w.environment.clone(),
                     log_level: log_level_from_env(),
+                    log_file: match &args.log_path {
+                        None => None,
+                        Some(p) => Some(Arc::new(
+                            PluginLogFile::create(p)
+                                .with_context(|| format!("--log-path {}", p.display()))?,
+                        )),
+                    },
                 },
                 failure_policy: w.failure_policy,
+                reload_base_interval: w.reload_base_interval,
             })
         }
     };

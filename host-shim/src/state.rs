@@ -32,6 +32,9 @@ pub struct StreamInfo {
     pub start_time: SystemTime,
     pub route_name: String,
     pub cluster_name: String,
+    /// The client asked to close the connection after this exchange (its response says
+    /// `connection: close`).
+    pub client_closes: bool,
 }
 
 /// One HTTP stream (request + response) as the plugin sees it.
@@ -62,6 +65,9 @@ pub struct StreamState {
     pub readable: Readable,
     /// Response body bytes the plugin let through (`response.size` in the log phase).
     pub response_body_sent: usize,
+    /// Request body bytes received from the client so far (`request.size` without a
+    /// content-length).
+    pub request_body_received: usize,
     /// The details of the plugin's local reply (`response.code_details`), once it sent one.
     pub local_details: Option<String>,
     /// Properties the plugin set on this stream.
@@ -90,6 +96,7 @@ impl StreamState {
             past_request_headers: false,
             local_details: None,
             response_body_sent: 0,
+            request_body_received: 0,
             properties: HashMap::new(),
             wake: Arc::new(Notify::new()),
         }
@@ -253,6 +260,8 @@ pub struct HostState {
     pub redis_clusters: HashMap<String, RedisInit>,
     pub tick_period: Option<Duration>,
     pub log_level: i32,
+    /// `--log-path`: where the plugin's log lines are also written.
+    pub log_file: Option<Arc<crate::host::misc::PluginLogFile>>,
     /// The last lines the plugin logged at warn or above (shown when it refuses to start).
     pub recent_errors: Vec<String>,
     /// The guest's `memory` export, looked up once at instantiation: every hostcall that reads

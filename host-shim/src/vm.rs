@@ -38,6 +38,8 @@ pub struct VmSettings {
     pub memory_limit_bytes: usize,
     pub env: Vec<(String, String)>,
     pub log_level: i32,
+    /// Also write the plugin's log lines here (`host-shim run --log-path`).
+    pub log_file: Option<Arc<crate::host::misc::PluginLogFile>>,
 }
 
 /// What happens to requests once a plugin's VM has failed (trapped), as Envoy 1.40 does it
@@ -50,7 +52,8 @@ pub enum FailurePolicy {
     /// request gets the same empty 503; the VM is never reloaded.
     #[default]
     FailClosed,
-    /// `FAIL_RELOAD`: a new VM is started and serves the following requests.
+    /// `FAIL_RELOAD`: the first request at least the reload interval after the VM's last load
+    /// starts a new VM and is served by it; earlier ones get the empty 503.
     FailReload,
     /// `FAIL_OPEN`: later requests bypass the failed plugin (the failing one still got 503).
     FailOpen,
@@ -410,6 +413,7 @@ impl Vm {
             redis_clusters: HashMap::new(),
             tick_period: None,
             log_level: settings.log_level,
+            log_file: settings.log_file.clone(),
             recent_errors: Vec::new(),
             memory: None,
             guest_alloc: None,

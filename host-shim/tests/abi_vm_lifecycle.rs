@@ -156,11 +156,20 @@ fn wasi_proc_exit_fails_the_request_and_the_vm_is_replaced() {
 
 // ---- traps ----------------------------------------------------------------------------------
 
-/// Envoy 1.40 with `failure_policy: FAIL_RELOAD`: the failing request gets an empty 503, the next
-/// ones a new VM.
+/// Envoy 1.40 with `failure_policy: FAIL_RELOAD`: the failing request gets an empty 503; so does
+/// every request until the reload interval (`reload_config.backoff.base_interval` to 1.5 × it)
+/// has passed since the VM was loaded; the first request after that loads a new VM and is served
+/// by it.
 #[test]
-fn trap_in_request_headers_with_fail_reload_answers_503_then_a_reloaded_vm_serves() {
-    let gw = start("misbehave", &one_worker(FailurePolicy::FailReload));
+fn trap_in_request_headers_with_fail_reload_answers_503_until_the_reload_interval_then_a_new_vm_serves(
+) {
+    let gw = start(
+        "misbehave",
+        &GatewayOptions {
+            reload_base_interval: Duration::from_secs(2),
+            ..one_worker(FailurePolicy::FailReload)
+        },
+    );
     let (resp, _) = request(gw.addr, "GET", "/panic", &[], b"");
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert!(
@@ -170,15 +179,24 @@ fn trap_in_request_headers_with_fail_reload_answers_503_then_a_reloaded_vm_serve
     );
     assert_eq!(resp.header("content-length"), Some("0"));
     assert_eq!(resp.header("content-type"), None);
+    let (early, _) = request(gw.addr, "GET", "/ok", &[], b"");
+    assert_eq!(
+        (early.status, early.body.len()),
+        (503, 0),
+        "within the reload interval the failed VM stays"
+    );
+    assert_eq!(gw.host_counter("vm_replacements_total"), 0);
+    std::thread::sleep(Duration::from_millis(3100));
+    let (next, _) = request(gw.addr, "GET", "/ok", &[], b"");
+    assert_eq!(next.status, 200, "{}", next.text());
+    assert_eq!(
+        header(&next, "x-vm"),
+        "3",
+        "the replacement is a new VM (after the base, main-thread and worker VMs)"
+    );
     assert!(
         gw.upstream.seen().is_empty(),
         "nothing reached the upstream"
-    );
-    let next = served_by_a_fresh_vm(&gw);
-    assert_eq!(
-        header(&next, "x-vm"),
-        "1",
-        "the replacement is a new VM (took the next index)"
     );
     assert_eq!(gw.host_counter("vm_traps_total"), 1);
     assert_eq!(gw.host_counter("vm_replacements_total"), 1);

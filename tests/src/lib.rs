@@ -179,20 +179,23 @@ fn write_yaml(dir: &Path, config: &Value, edit: Option<&ConnectionManagerEdit>) 
     if let Some(edit) = edit {
         edit(connection_manager(&mut yaml));
     }
-    let filters = yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"]["http_filters"]
-        .as_sequence_mut()
-        .expect("http_filters");
-    let wasm = filters
-        .iter_mut()
-        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.wasm"))
-        .expect("the wasm filter");
-    wasm["typed_config"]["config"]["configuration"]["value"] =
+    wasm_filter(&mut yaml)["typed_config"]["config"]["configuration"]["value"] =
         serde_yaml::Value::String(config.to_string());
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
     // The plugin path in the yaml is relative to its directory; tests always pass --plugin.
     path
+}
+
+/// The Wasm filter's entry in envoy.yaml's `http_filters`.
+fn wasm_filter(yaml: &mut serde_yaml::Value) -> &mut serde_yaml::Value {
+    yaml["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"]
+        .as_sequence_mut()
+        .expect("http_filters")
+        .iter_mut()
+        .find(|f| f.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.wasm"))
+        .expect("the wasm filter")
 }
 
 /// A change to the plugin configuration taken from envoy.yaml.
@@ -242,16 +245,18 @@ pub struct Gateway {
 }
 
 enum GatewayProcess {
-    HostShim(Option<Running>),
+    /// The running host-shim and its `--log-path` file.
+    HostShim(Option<Running>, PathBuf),
     Envoy(EnvoyProcess),
 }
 
 impl Gateway {
-    /// What the gateway logged: Envoy's log file (host-shim logs to the test's output).
+    /// What the gateway logged: Envoy's log file; host-shim's plugin log lines (its own logs
+    /// go to the test's output).
     pub fn log(&self) -> String {
         match &self.process {
             GatewayProcess::Envoy(e) => e.log_text(),
-            GatewayProcess::HostShim(_) => String::new(),
+            GatewayProcess::HostShim(_, log) => std::fs::read_to_string(log).unwrap_or_default(),
         }
     }
 
@@ -272,7 +277,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let GatewayProcess::HostShim(running) = &mut self.process {
+        if let GatewayProcess::HostShim(running, _) = &mut self.process {
             if let Some(r) = running.take() {
                 r.stop();
             }
@@ -398,6 +403,7 @@ impl Stack {
             workers: Some(workers),
             callback_deadline_ms: 1000,
             vm_memory_mib: 256,
+            log_path: None,
         }
     }
 
@@ -424,6 +430,42 @@ impl Stack {
         workers: usize,
         clusters: &[(&str, SocketAddr)],
     ) -> Gateway {
+        let module = match host {
+            Host::Envoy => stock_plugin_wasm(),
+            Host::HostShim => plugin_wasm(),
+        };
+        self.spawn(host, workers, clusters, &self.yaml, &module)
+    }
+
+    /// A gateway on `host` that loads `module` with the plugin configuration `configuration`
+    /// (a test guest), otherwise as [`Stack::spawn_gateway_on`].
+    pub fn spawn_module_on(
+        &self,
+        host: Host,
+        workers: usize,
+        clusters: &[(&str, SocketAddr)],
+        module: &Path,
+        configuration: &str,
+    ) -> Gateway {
+        let dir = tempfile::tempdir_in(self.dir.path()).expect("guest yaml dir");
+        let text = std::fs::read_to_string(&self.yaml).expect("read the stack's yaml");
+        let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse the yaml");
+        wasm_filter(&mut yaml)["typed_config"]["config"]["configuration"]["value"] =
+            serde_yaml::Value::String(configuration.to_string());
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
+        let _ = dir.keep();
+        self.spawn(host, workers, clusters, &path, module)
+    }
+
+    fn spawn(
+        &self,
+        host: Host,
+        workers: usize,
+        clusters: &[(&str, SocketAddr)],
+        yaml: &Path,
+        module: &Path,
+    ) -> Gateway {
         let mut all: Vec<(String, SocketAddr)> = vec![
             ("upstream".into(), self.upstream),
             ("redis_relay".into(), self.relay),
@@ -433,10 +475,19 @@ impl Stack {
             all.retain(|(n, _)| n != name);
             all.push((name.to_string(), *addr));
         }
+        // The directory (logs, yaml) stays for a failing test to read; the stack's temp dir
+        // removes it.
+        let dir = tempfile::tempdir_in(self.dir.path())
+            .expect("gateway dir")
+            .keep();
         match host {
             Host::HostShim => {
                 let mut args = self.run_args(workers);
+                args.config = yaml.to_path_buf();
+                args.plugin = Some(module.to_path_buf());
                 args.clusters = all.iter().map(|(n, a)| format!("{n}={a}")).collect();
+                let log = dir.join("plugin.log");
+                args.log_path = Some(log.clone());
                 let running = self
                     .rt
                     .block_on(host_shim::run::start(&args))
@@ -444,31 +495,25 @@ impl Stack {
                 Gateway {
                     addr: running.gateway.local_addr,
                     admin: running.admin_addr.expect("admin address"),
-                    process: GatewayProcess::HostShim(Some(running)),
+                    process: GatewayProcess::HostShim(Some(running), log),
                 }
             }
             Host::Envoy => {
-                let yaml = std::fs::read_to_string(&self.yaml).expect("read the stack's yaml");
-                let plugin = stock_plugin_wasm();
+                let yaml = std::fs::read_to_string(yaml).expect("read the gateway's yaml");
                 let copy = testkit::envoy::loopback_yaml(
                     &yaml,
                     &Loopback {
                         listener_port: 0,
                         admin_port: 0,
                         clusters: &all,
-                        plugin: &plugin,
+                        plugin: module,
                     },
                 )
                 .unwrap_or_else(|e| panic!("loopback copy of envoy.yaml: {e}"));
-                let dir = tempfile::tempdir_in(self.dir.path()).expect("gateway dir");
-                let path = dir.path().join("envoy.yaml");
+                let path = dir.join("envoy.yaml");
                 std::fs::write(&path, copy).expect("write envoy.yaml");
-                let envoy =
-                    EnvoyProcess::start(&testkit::envoy::binary(), &path, dir.path(), workers)
-                        .unwrap_or_else(|e| panic!("envoy did not start: {e}"));
-                // The directory (log, yaml) stays for a failing test to read; the stack's
-                // temp dir removes it.
-                let _ = dir.keep();
+                let envoy = EnvoyProcess::start(&testkit::envoy::binary(), &path, &dir, workers)
+                    .unwrap_or_else(|e| panic!("envoy did not start: {e}"));
                 Gateway {
                     addr: envoy.listener,
                     admin: envoy.admin,

@@ -53,6 +53,7 @@ fn start_error(host: Host, config: &Value) -> String {
                 workers: Some(1),
                 callback_deadline_ms: 1000,
                 vm_memory_mib: 256,
+                log_path: None,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)

@@ -112,8 +112,42 @@ pub fn log_plugin_line(state: &mut HostState, level: i32, msg: &str) {
         3 => tracing::warn!(target: "wasm", plugin, worker, "{msg}"),
         _ => tracing::error!(target: "wasm", plugin, worker, "{msg}"),
     }
+    if let Some(file) = &state.log_file {
+        file.write_line(level, &state.identity, msg);
+    }
     if level >= 3 {
         let line = format!("[{}] {msg}", log_level_name(level));
         state.remember_error_line(line);
+    }
+}
+
+/// `host-shim run --log-path FILE`: the plugin's log lines, one per line, as Envoy writes them
+/// to its own `--log-path` (`[time][thread][level][wasm] wasm log <plugin> <root_id>: msg`).
+#[derive(Debug)]
+pub struct PluginLogFile(std::sync::Mutex<std::fs::File>);
+
+impl PluginLogFile {
+    pub fn create(path: &std::path::Path) -> std::io::Result<PluginLogFile> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|f| PluginLogFile(std::sync::Mutex::new(f)))
+    }
+
+    fn write_line(&self, level: i32, identity: &crate::state::VmIdentity, msg: &str) {
+        use std::io::Write;
+        let now = httpdate::fmt_http_date(SystemTime::now());
+        let line = format!(
+            "[{now}][worker {}][{}][wasm] wasm log {} {}: {msg}\n",
+            identity.worker,
+            log_level_name(level),
+            identity.plugin_name,
+            identity.root_id,
+        );
+        // A poisoned lock means another writer panicked mid-line; the file is still usable.
+        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Logging must never fail a callback; a full disk loses lines, as Envoy's log does.
+        let _ = file.write_all(line.as_bytes());
     }
 }

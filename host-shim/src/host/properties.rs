@@ -50,6 +50,10 @@ fn content_length(headers: &[(String, Vec<u8>)]) -> Option<i64> {
 /// the request headers phase; `xds.route_name` is the route's `name` ("" when it has none);
 /// Envoy has no `cluster_name` or `route_name`.
 pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
+    let root = path.split('.').next().unwrap_or_default();
+    if !ROOTS.contains(&root) {
+        return None;
+    }
     match path {
         "plugin_name" => return Some(state.identity.plugin_name.clone().into_bytes()),
         "plugin_root_id" => return Some(state.identity.root_id.clone().into_bytes()),
@@ -57,9 +61,6 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
         _ => {}
     }
     let stream = state.current_stream()?;
-    if let Some(v) = stream.properties.get(path) {
-        return Some(v.clone());
-    }
     let req = &stream.request_headers;
     let info = &stream.info;
     let path_header = header(req, ":path").unwrap_or(b"/");
@@ -86,7 +87,7 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
         "request.id" => header(req, "x-request-id")?.to_vec(),
         "request.useragent" => header(req, "user-agent")?.to_vec(),
         "request.referer" => header(req, "referer")?.to_vec(),
-        "request.headers" => encode_header_map(req),
+        "request.headers" => encode_header_map(&joined(req)),
         "request.time" => int(info
             .start_time
             .duration_since(UNIX_EPOCH)
@@ -96,15 +97,15 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
             let status = header(stream.response_headers.as_ref()?, ":status")?;
             int(std::str::from_utf8(status).ok()?.parse().ok()?)
         }
-        "response.headers" => encode_header_map(stream.response_headers.as_ref()?),
-        "request.size" => int(content_length(req).unwrap_or(stream.request_body.len() as i64)),
+        "response.headers" => encode_header_map(&joined(stream.response_headers.as_ref()?)),
+        "request.size" => int(content_length(req).unwrap_or(stream.request_body_received as i64)),
         "request.total_size" => {
             let headers = if stream.readable.request_headers {
                 headers_size(req)
             } else {
                 0
             };
-            int(stream.request_body.len() as i64 + headers)
+            int(stream.request_body_received as i64 + headers)
         }
         "response.size" => int(response_size(stream)),
         "response.total_size" => {
@@ -129,6 +130,59 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
         "xds.cluster_name" => info.cluster_name.clone().into_bytes(),
         _ => return None,
     })
+}
+
+/// The first path segments Envoy resolves itself (its attributes); any other names a value a
+/// plugin set (filter state).
+const ROOTS: &[&str] = &[
+    "request",
+    "response",
+    "connection",
+    "upstream",
+    "source",
+    "destination",
+    "metadata",
+    "filter_state",
+    "node",
+    "xds",
+    "plugin_name",
+    "plugin_root_id",
+    "plugin_vm_id",
+    "cluster_name",
+    "cluster_metadata",
+    "route_name",
+    "route_metadata",
+    "listener_direction",
+    "listener_metadata",
+    "upstream_host_metadata",
+];
+
+/// A header map as Envoy's attribute serialises it: one entry per name, in the order names
+/// first appear, repeated values joined with `,`.
+fn joined(headers: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        match out.iter_mut().find(|(name, _)| name == k) {
+            Some((_, value)) => {
+                value.push(b',');
+                value.extend_from_slice(v);
+            }
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+/// A value the plugin set with `proxy_set_property`, as Envoy finds it: filter state is keyed by
+/// the whole path the plugin set, and a read looks up only its first segment, so a value set
+/// under a path of several segments cannot be read back, and no read reaches past a value.
+fn plugin_value(state: &mut HostState, raw_path: &str) -> Option<Vec<u8>> {
+    let mut segments = raw_path.split('\0');
+    let first = segments.next()?;
+    if segments.next().is_some() {
+        return None;
+    }
+    state.current_stream()?.properties.get(first).cloned()
 }
 
 /// The response body bytes sent downstream, which Envoy reports once the response went out: 0
@@ -160,11 +214,14 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
         |mut caller: HostCaller<'_>,
          (path_ptr, path_len, ret_ptr, ret_size): (i32, i32, i32, i32)| {
             Box::new(async move {
-                let path = match read_bytes(&mut caller, path_ptr, path_len) {
-                    Ok(p) => join_path(&p),
+                let raw = match read_bytes(&mut caller, path_ptr, path_len) {
+                    Ok(p) => raw_path(&p),
                     Err(s) => return Ok(s.code()),
                 };
-                let Some(value) = lookup(caller.data_mut(), &path) else {
+                let path = raw.replace('\0', ".");
+                let found = lookup(caller.data_mut(), &path)
+                    .or_else(|| plugin_value(caller.data_mut(), &raw));
+                let Some(value) = found else {
                     return Ok(Status::NotFound.code());
                 };
                 Ok(status(
@@ -183,7 +240,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
          val_len: i32|
          -> i32 {
             let path = match read_bytes(&mut caller, path_ptr, path_len) {
-                Ok(p) => join_path(&p),
+                Ok(p) => raw_path(&p),
                 Err(s) => return s.code(),
             };
             let value = match read_bytes(&mut caller, val_ptr, val_len) {
@@ -202,9 +259,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `source\0address` → `source.address` (a trailing NUL is ignored).
-pub fn join_path(raw: &[u8]) -> String {
+/// A property path as the plugin sent it, segments separated by NUL (a trailing NUL is ignored).
+fn raw_path(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw)
         .trim_end_matches('\0')
-        .replace('\0', ".")
+        .to_string()
 }

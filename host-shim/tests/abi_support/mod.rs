@@ -259,6 +259,8 @@ pub struct GatewayOptions {
     pub stream_idle_timeout: Option<Duration>,
     pub connection_manager: ConnectionManagerConfig,
     pub max_downstream_connections: Option<usize>,
+    /// `reload_config.backoff.base_interval` (Envoy's 1 s by default).
+    pub reload_base_interval: Duration,
 }
 
 impl Default for GatewayOptions {
@@ -276,6 +278,7 @@ impl Default for GatewayOptions {
             stream_idle_timeout: Some(Duration::from_secs(300)),
             connection_manager: ConnectionManagerConfig::default(),
             max_downstream_connections: None,
+            reload_base_interval: host_shim::envoy_config::DEFAULT_RELOAD_BASE_INTERVAL,
         }
     }
 }
@@ -344,8 +347,10 @@ pub fn spec(
                 memory_limit_bytes: opts.memory_limit_bytes,
                 env: opts.env.clone(),
                 log_level: 0,
+                log_file: None,
             },
             failure_policy: opts.failure_policy,
+            reload_base_interval: opts.reload_base_interval,
         }),
         max_request_headers_bytes: 60 * 1024,
         connection_manager: opts.connection_manager.clone(),

@@ -11,7 +11,8 @@
 //!   `"status N"` for any other status;
 //! * for bodies, `n` and `eos`.
 //!
-//! * `/report?id=X` — answers locally with the `log` record that the request with
+//! * `/report?id=X` — answers locally with the `log` record (which also lists the names in
+//!   the request and response header maps as `names`) that the request with
 //!   `x-phase-id: X` left in shared data (`abi/phases/X`), `404` when there is none yet.
 //! * `/pause-call` — pauses the request headers on an HTTP call to cluster `upstream`, records
 //!   `cb` in the call's callback and resumes the request there; then as below.
@@ -290,7 +291,19 @@ pub fn on_log(s: &mut AbiStream) {
     if is_report(s) || s.state.phase_id.is_empty() {
         return;
     }
-    let record = Value::Object(observe()).to_string();
+    let mut record = observe();
+    // Both header maps are reachable in the log phase: which names they hold by then.
+    let names = |pairs: Vec<(String, String)>| -> Vec<String> {
+        pairs.into_iter().map(|(k, _)| k).collect()
+    };
+    record.insert(
+        "names".into(),
+        json!({
+            "0": names(s.get_http_request_headers()),
+            "2": names(s.get_http_response_headers()),
+        }),
+    );
+    let record = Value::Object(record).to_string();
     let _ = s.set_shared_data(
         &report_key(&s.state.phase_id),
         Some(record.as_bytes()),

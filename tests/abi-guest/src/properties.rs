@@ -3,8 +3,8 @@
 //!
 //! Every request gets a local 200 whose JSON body maps each property path to what the host
 //! returned: a string, a number for 8-byte integers, `[[name, value], …]` for header maps
-//! (decoded here from the ABI's layout), `null` when the host had none. `abi.note` is set to
-//! `round-trip` and read back.
+//! (decoded here from the ABI's layout), `null` when the host had none. `abi.note` (two
+//! segments) and `abi_note` (one) are set to `round-trip` and read back.
 
 use proxy_wasm::traits::Context;
 use proxy_wasm::types::Action;
@@ -103,6 +103,11 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
             Value::String(String::from_utf8_lossy(&b).into_owned())
         });
     out.insert("abi.note".into(), note);
+    s.set_property(vec!["abi_note"], Some(b"round-trip"));
+    let single = s.get_property(vec!["abi_note"]).map_or(Value::Null, |b| {
+        Value::String(String::from_utf8_lossy(&b).into_owned())
+    });
+    out.insert("abi_note".into(), single);
     s.reply(
         200,
         &[("content-type", "application/json".into())],
