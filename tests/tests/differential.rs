@@ -10,11 +10,12 @@
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::IntoResponse;
-use krowoc_tests::{workspace_root, Host, Stack, StackOptions};
+use krowoc_tests::{workspace_root, Gateway, Host, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const ALLOWED: &str = "tests/differential-allowed.txt";
@@ -48,6 +49,11 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> impl
     if uri.path().ends_with("/etag") {
         fields.push(("etag", "\"v1\"".into()));
     }
+    if uri.path().starts_with("/abi/") {
+        // What the ABI guest's `headers` scenario rewrites and removes on the response.
+        fields.push(("x-upstream-tag", "original".into()));
+        fields.push(("x-upstream-secret", "s3cret".into()));
+    }
     let mut response = axum::response::Response::new(axum::body::Body::from(view.to_string()));
     for (k, v) in fields {
         response
@@ -72,6 +78,8 @@ struct Case {
     raw: String,
     /// How many times it is sent (the last answer is compared).
     times: usize,
+    /// A wait before it is sent to either host.
+    wait_first: Duration,
 }
 
 fn case(name: &'static str, raw: &str) -> Case {
@@ -79,6 +87,15 @@ fn case(name: &'static str, raw: &str) -> Case {
         name,
         raw: raw.to_string(),
         times: 1,
+        wait_first: Duration::ZERO,
+    }
+}
+
+/// A case sent after `wait` (past the reload interval after a trap).
+fn case_after(wait: Duration, name: &'static str, raw: &str) -> Case {
+    Case {
+        wait_first: wait,
+        ..case(name, raw)
     }
 }
 
@@ -105,6 +122,7 @@ fn cases() -> Vec<Case> {
                 big.len()
             ),
             times: 1,
+            wait_first: Duration::ZERO,
         },
         case("head", "HEAD /echo/head HTTP/1.1\r\nhost: {host}\r\n\r\n"),
         case(
@@ -139,16 +157,21 @@ fn cases() -> Vec<Case> {
             name: "rate limit denial",
             raw: "GET /api/rate-limited HTTP/1.1\r\nhost: {host}\r\n\r\n".into(),
             times: 6,
+            wait_first: Duration::ZERO,
         },
         Case {
             name: "cache hit",
             raw: "GET /api/cached-data?user_id=diff HTTP/1.1\r\nhost: {host}\r\n\r\n".into(),
             times: 2,
+            wait_first: Duration::ZERO,
         },
     ]
 }
 
-/// Sends `raw` on a new connection from `from` and reads the answer until the server closes.
+/// Sends `raw` on a new connection from `from` and reads one response: to the end of its
+/// framing (content-length, the last chunk, or no body for HEAD, 1xx, 204 and 304), else until
+/// the server closes. Not waiting for the close keeps each exchange short whatever the host's
+/// delayed close, so that timings (the reload interval after a trap) stay apart from it.
 fn exchange(from: IpAddr, to: SocketAddr, raw: &str) -> Vec<u8> {
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
@@ -165,9 +188,46 @@ fn exchange(from: IpAddr, to: SocketAddr, raw: &str) -> Vec<u8> {
     // One request per connection: the server closes after answering it.
     let raw = raw.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1);
     stream.write_all(raw.as_bytes()).expect("write");
+    let head_request = raw.starts_with("HEAD ");
     let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out);
-    out
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if response_complete(&out, head_request) {
+            return out;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Whether `bytes` hold a whole response.
+fn response_complete(bytes: &[u8], head_request: bool) -> bool {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    let body = &bytes[end + 4..];
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if head_request || status < 200 || status == 204 || status == 304 {
+        return true;
+    }
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    if let Some(n) = field("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        return body.len() >= n;
+    }
+    if field("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    false
 }
 
 /// A response as compared: the status line, `name: value` lines in order, the body — each
@@ -187,55 +247,205 @@ const VARYING_VALUES: [&str; 5] = [
     "content-length",
 ];
 
-/// `host_name` and `client` (each host's own, so that rate limits and cache keys stay apart)
-/// read as `HOST` and `CLIENT`.
-fn normalise(raw: &[u8], host_name: &str, client: IpAddr) -> Seen {
-    let text = String::from_utf8_lossy(raw)
-        .replace(host_name, "HOST")
-        .replace(&client.to_string(), "CLIENT");
+/// `host_name`, `client` and the gateway's `listener` (each host's own, so that rate limits and
+/// cache keys stay apart) read as `HOST`, `CLIENT` and `LISTENER`; UUIDs (request and event
+/// ids) as `UUID`.
+fn normalise(raw: &[u8], host_name: &str, client: IpAddr, listener: SocketAddr) -> Seen {
+    let text = blank_uuids(
+        &String::from_utf8_lossy(raw)
+            .replace(host_name, "HOST")
+            .replace(&listener.to_string(), "LISTENER")
+            .replace(&client.to_string(), "CLIENT"),
+    );
+    let text = blank_client_ports(&text);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default().to_string();
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| {
             let k = k.trim().to_ascii_lowercase();
             let v = if VARYING_VALUES.contains(&k.as_str()) {
                 "…".to_string()
+            } else if k == "cache-status" {
+                // The remaining freshness counts down with the clock.
+                blank_ttl(v.trim())
             } else {
                 v.trim().to_string()
             };
             (k, v)
         })
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    // The framing itself is compared through the headers; the body as its data.
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Seen {
         status,
         headers,
-        body: normalise_body(body),
+        body: normalise_body(&body),
     }
 }
 
-/// The echo's JSON with request ids and timings blanked; other bodies as they are.
+/// The data of a chunked body (what is left unparsed is kept as it is).
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out.push_str(body);
+    out
+}
+
+/// Fields of JSON bodies (the echo's view, the ABI guest's reports) whose values differ from
+/// run to run or between the two gateways' listeners.
+const VARYING_FIELDS: [&str; 5] = [
+    "retry_after",
+    "request.time",
+    "source.port",
+    "destination.port",
+    "x-envoy-upstream-service-time",
+];
+
+/// JSON bodies with their varying values blanked, at any depth (the ABI guest reports nest the
+/// echo's view as a string); other bodies as they are.
 fn normalise_body(body: &str) -> String {
     let Ok(mut v) = serde_json::from_str::<Value>(body) else {
         // A chunked or empty body; the framing itself is compared through the headers.
         return body.chars().take(400).collect();
     };
-    if let Some(headers) = v.get_mut("headers").and_then(Value::as_array_mut) {
-        for pair in headers.iter_mut() {
-            if let Some([k, value]) = pair.as_array_mut().map(|a| a.as_mut_slice()) {
-                if VARYING_VALUES.contains(&k.as_str().unwrap_or_default()) {
+    blank_varying(&mut v);
+    v.to_string()
+}
+
+fn blank_varying(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, value) in map.iter_mut() {
+                if VARYING_FIELDS.contains(&k.as_str()) {
                     *value = json!("…");
+                } else {
+                    blank_varying(value);
+                }
+                // Envoy lists a header-map attribute in its hash order, which varies.
+                if k.ends_with(".headers") {
+                    if let Value::Array(pairs) = value {
+                        pairs.sort_by_key(|p| p.to_string());
+                    }
                 }
             }
         }
+        Value::Array(items) => {
+            // `[name, value]` header pairs.
+            if let [Value::String(k), value] = items.as_mut_slice() {
+                if VARYING_VALUES.contains(&k.as_str()) {
+                    *value = json!("…");
+                    return;
+                }
+            }
+            items.iter_mut().for_each(blank_varying);
+        }
+        Value::String(text) => {
+            if let Ok(mut inner) = serde_json::from_str::<Value>(text) {
+                if inner.is_object() || inner.is_array() {
+                    blank_varying(&mut inner);
+                    *text = inner.to_string();
+                }
+            }
+        }
+        _ => {}
     }
-    for field in ["retry_after"] {
-        if v.get(field).is_some() {
-            v[field] = json!("…");
+}
+
+/// `ttl=<seconds>` in a Cache-Status value reads as `ttl=…`.
+fn blank_ttl(value: &str) -> String {
+    value
+        .split("; ")
+        .map(|p| if p.starts_with("ttl=") { "ttl=…" } else { p })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `CLIENT:<port>` (the client's ephemeral port) reads as `CLIENT:PORT`.
+fn blank_client_ports(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("CLIENT:") {
+        let (before, after) = rest.split_at(at + "CLIENT:".len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 {
+            out.push_str("PORT");
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `8-4-4-4-12` hex groups read as `UUID`.
+fn blank_uuids(text: &str) -> String {
+    const GROUPS: [usize; 5] = [8, 4, 4, 4, 12];
+    let bytes = text.as_bytes();
+    let uuid_at = |at: usize| -> bool {
+        let mut pos = at;
+        for (i, n) in GROUPS.iter().enumerate() {
+            if i > 0 {
+                if bytes.get(pos) != Some(&b'-') {
+                    return false;
+                }
+                pos += 1;
+            }
+            match bytes.get(pos..pos + n) {
+                Some(g) if g.iter().all(u8::is_ascii_hexdigit) => pos += n,
+                _ => return false,
+            }
+        }
+        true
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < text.len() {
+        if text.is_char_boundary(at) && uuid_at(at) {
+            out.push_str("UUID");
+            at += 36;
+        } else {
+            let c = text[at..].chars().next().unwrap_or(' ');
+            out.push(c);
+            at += c.len_utf8();
         }
     }
-    v.to_string()
+    out
+}
+
+/// The plugin's log lines (`wasm log <plugin> <root_id>: message`) as `[level] message`,
+/// sorted (VMs on different threads interleave).
+fn plugin_log_lines(log: &str) -> Vec<String> {
+    let mut lines: Vec<String> = log
+        .lines()
+        .filter_map(|line| {
+            let (head, rest) = line.split_once("wasm log ")?;
+            let level = head
+                .split("][")
+                .find(|f| ["trace", "debug", "info", "warning", "error", "critical"].contains(f))?;
+            let (_, message) = rest.split_once(": ")?;
+            Some(format!("[{level}] {}", blank_uuids(message)))
+        })
+        .collect();
+    lines.sort();
+    lines
 }
 
 /// The differences between the two answers to one case, as `case: what`.
@@ -306,6 +516,169 @@ fn key(difference: &str) -> &str {
     difference.split_once(" (").map_or(difference, |(k, _)| k)
 }
 
+/// One host's side of a comparison: its gateway, the `Host` its clients send and the address
+/// they connect from.
+struct Side<'a> {
+    gateway: &'a Gateway,
+    host_name: &'static str,
+    client: IpAddr,
+}
+
+/// Envoy's side and host-shim's: each with a `Host` and a client address of its own.
+fn sides<'a>(envoy: &'a Gateway, shim: &'a Gateway) -> [Side<'a>; 2] {
+    [
+        Side {
+            gateway: envoy,
+            host_name: "envoy.test",
+            client: IpAddr::from([127, 0, 0, 11]),
+        },
+        Side {
+            gateway: shim,
+            host_name: "hshim.test",
+            client: IpAddr::from([127, 0, 0, 12]),
+        },
+    ]
+}
+
+/// Sends every case to both sides (Envoy first) and returns the differences, each case named
+/// `prefix` + its name.
+fn compare(prefix: &str, cases: &[Case], sides: &[Side; 2]) -> Vec<String> {
+    let mut found = Vec::new();
+    for c in cases {
+        std::thread::sleep(c.wait_first);
+        let seen: Vec<Seen> = sides
+            .iter()
+            .map(|side| {
+                let raw = c.raw.replace("{host}", side.host_name);
+                let mut answer = Vec::new();
+                for _ in 0..c.times {
+                    answer = exchange(side.client, side.gateway.addr, &raw);
+                    // The cache stores after the client has its answer: give it a moment.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                normalise(&answer, side.host_name, side.client, side.gateway.addr)
+            })
+            .collect();
+        found.extend(differences(
+            &format!("{prefix}{}", c.name),
+            &seen[0],
+            &seen[1],
+        ));
+    }
+    found
+}
+
+/// The plugin's log lines on both sides, compared as sorted lists.
+fn compare_logs(what: &str, envoy: &Gateway, shim: &Gateway) -> Vec<String> {
+    let (e, s) = (
+        plugin_log_lines(&envoy.log()),
+        plugin_log_lines(&shim.log()),
+    );
+    if e == s {
+        return Vec::new();
+    }
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|l| !b.contains(l)).cloned().collect()
+    };
+    vec![format!(
+        "{what}: plugin log (only envoy {:?}, only host-shim {:?}, envoy {} lines, host-shim {})",
+        only(&e, &s),
+        only(&s, &e),
+        e.len(),
+        s.len()
+    )]
+}
+
+/// The ABI test guest's scenarios that show a host's behaviour: header edits, a trap in each
+/// phase (the shipped yaml reloads the VM after one), properties, and what each phase can
+/// read and how bodies arrive.
+fn guest_tables() -> Vec<(&'static str, Vec<Case>)> {
+    // Envoy's reload interval is 1 s (base_interval) to 1.5 s, drawn at random.
+    let past_reload = Duration::from_millis(1600);
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: {{host}}\r\n\r\n");
+    vec![
+        (
+            "headers",
+            vec![
+                case(
+                    "edits seen by the upstream and the client",
+                    "GET /abi/edit HTTP/1.1\r\nhost: {host}\r\nx-replace-me: a\r\nx-dup: 1\r\nx-replace-me: b\r\nx-remove-me: c\r\nx-remove-too: d\r\nx-dup: 2\r\n\r\n",
+                ),
+                case(
+                    "pairs in the host's order",
+                    "GET /echo HTTP/1.1\r\nhost: {host}\r\nx-probe: p\r\nX-Dup: 1\r\nx-b: 2\r\nx-dup: 3\r\n\r\n",
+                ),
+                case(
+                    "edits read back",
+                    "GET /edit-echo HTTP/1.1\r\nhost: {host}\r\nx-added: zero\r\nx-replace-me: a\r\nx-remove-me: c\r\n\r\n",
+                ),
+                case(
+                    "path rewritten",
+                    "GET /abi/from HTTP/1.1\r\nhost: {host}\r\nx-rewrite-path: /abi/to?q=1\r\n\r\n",
+                ),
+                case("maps replaced", &get("/set-pairs")),
+            ],
+        ),
+        (
+            // The shipped yaml's FAIL_RELOAD: within the reload interval (1 s to 1.5 s) of the
+            // last load a trapped VM stays failed; the first request after it loads a new one.
+            "misbehave",
+            vec![
+                case("trap in request headers", &get("/panic")),
+                case_after(past_reload, "reloaded after the interval", &get("/ok")),
+                case("trap in response headers", &get("/panic-response")),
+                case("failed within the interval", &get("/ok")),
+                case_after(past_reload, "reloaded after the response trap", &get("/ok")),
+                case(
+                    "trap in the request body",
+                    "POST /panic-body HTTP/1.1\r\nhost: {host}\r\ncontent-length: 4\r\n\r\nbody",
+                ),
+                case("failed within the interval after the body trap", &get("/ok")),
+                case_after(past_reload, "reloaded after the body trap", &get("/ok")),
+                case("passed through", &get("/abi/through")),
+            ],
+        ),
+        (
+            "properties",
+            vec![case(
+                "request properties",
+                "GET /props/a?x=1&y=2 HTTP/1.1\r\nhost: {host}\r\nx-probe: 1\r\nx-probe: 2\r\nuser-agent: diff/1\r\n\r\n",
+            )],
+        ),
+        (
+            "phases",
+            vec![
+                case("no body", &get("/abi/phases-get")),
+                case(
+                    "small body",
+                    "POST /abi/phases-post HTTP/1.1\r\nhost: {host}\r\ncontent-length: 10\r\nx-phase-id: small\r\n\r\n0123456789",
+                ),
+                case(
+                    "chunked body",
+                    "POST /abi/phases-chunked HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\nx-phase-id: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                ),
+                case("log phase of the small body", &get("/report?id=small")),
+                case("log phase of the chunked body", &get("/report?id=chunked")),
+                case(
+                    "paused on a call",
+                    "POST /pause-call HTTP/1.1\r\nhost: {host}\r\ncontent-length: 10\r\n\r\n0123456789",
+                ),
+            ],
+        ),
+    ]
+}
+
+/// The ABI test guest as stock Envoy loads it, built beside the stock plugin.
+fn stock_guest_wasm() -> PathBuf {
+    let path = krowoc_tests::stock_plugin_wasm().with_file_name("abi_test_guest.wasm");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
 #[test]
 fn envoy_and_host_shim_answer_the_same_table_alike() {
     let stack = Stack::start_with(StackOptions {
@@ -328,47 +701,25 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
     });
     let envoy = stack.spawn_gateway_on(Host::Envoy, 1, &[("upstream", echo_addr)]);
     let shim = stack.spawn_gateway_on(Host::HostShim, 1, &[("upstream", echo_addr)]);
-    let hosts = [
-        ("envoy", &envoy, "envoy.test", [127, 0, 0, 11]),
-        ("host-shim", &shim, "shim.test", [127, 0, 0, 12]),
-    ];
+    let mut found = compare("", &cases(), &sides(&envoy, &shim));
 
-    let mut found = Vec::new();
-    for c in cases() {
-        let mut seen = Vec::new();
-        for (_, gateway, host_name, client) in &hosts {
-            let raw = c.raw.replace("{host}", host_name);
-            let mut answer = Vec::new();
-            for _ in 0..c.times {
-                answer = exchange(IpAddr::from(*client), gateway.addr, &raw);
-                // The cache stores after the client has its answer: give it a moment.
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            seen.push(normalise(&answer, host_name, IpAddr::from(*client)));
-        }
-        found.extend(differences(c.name, &seen[0], &seen[1]));
-    }
     // An upstream that is down (nothing listens on its port).
     let dead = SocketAddr::from(([127, 0, 0, 1], testkit::free_port()));
     let down = [
         stack.spawn_gateway_on(Host::Envoy, 1, &[("upstream", dead)]),
         stack.spawn_gateway_on(Host::HostShim, 1, &[("upstream", dead)]),
     ];
-    let raw = "GET /echo/down HTTP/1.1\r\nhost: down.test\r\n\r\n";
-    let seen: Vec<Seen> = down
-        .iter()
-        .map(|g| {
-            normalise(
-                &exchange(IpAddr::from([127, 0, 0, 13]), g.addr, raw),
-                "down.test",
-                IpAddr::from([127, 0, 0, 13]),
-            )
-        })
-        .collect();
-    found.extend(differences("upstream down", &seen[0], &seen[1]));
+    found.extend(compare(
+        "",
+        &[case(
+            "upstream down",
+            "GET /echo/down HTTP/1.1\r\nhost: {host}\r\n\r\n",
+        )],
+        &sides(&down[0], &down[1]),
+    ));
 
     // The plugin's own counters after the same requests (event flushes vary with timing).
-    let counters = |gateway: &krowoc_tests::Gateway| -> Vec<String> {
+    let counters = |gateway: &Gateway| -> Vec<String> {
         testkit::http::get(gateway.admin, "/stats/prometheus")
             .text()
             .lines()
@@ -381,6 +732,23 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
         found.push(format!(
             "metrics: plugin counters (envoy {ec:?}, host-shim {sc:?})"
         ));
+    }
+    found.extend(compare_logs("plugin", &envoy, &shim));
+
+    // The ABI test guest, one gateway per scenario on each host, the same module in both.
+    let guest = stock_guest_wasm();
+    let mut envoy_logs = vec![envoy.log()];
+    for (scenario, table) in guest_tables() {
+        let on =
+            |host| stack.spawn_module_on(host, 1, &[("upstream", echo_addr)], &guest, scenario);
+        let (e, s) = (on(Host::Envoy), on(Host::HostShim));
+        found.extend(compare(
+            &format!("abi {scenario}: "),
+            &table,
+            &sides(&e, &s),
+        ));
+        found.extend(compare_logs(&format!("abi {scenario}"), &e, &s));
+        envoy_logs.push(e.log());
     }
 
     let allowed = allowed();
@@ -395,7 +763,7 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
     assert!(
         unexplained.is_empty() && stale.is_empty(),
         "differences between Envoy and host-shim not in {ALLOWED}:\n{}\n\nlisted there but no \
-         longer different:\n{}\n\nEnvoy's log:\n{}",
+         longer different:\n{}\n\nEnvoy's logs:\n{}",
         unexplained
             .iter()
             .map(|d| format!("  {d}"))
@@ -406,6 +774,6 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
             .map(|d| format!("  {d}"))
             .collect::<Vec<_>>()
             .join("\n"),
-        envoy.log()
+        envoy_logs.join("\n---\n")
     );
 }

@@ -241,6 +241,8 @@ impl Workspace {
 
     /// Builds the plugin as stock Envoy loads it (`--no-default-features`: no Higress Redis
     /// imports) into its own target dir, since it has the same file name as the default build.
+    /// The other wasm crates (the ABI test guest) are built the same way beside it, for the
+    /// suites that load them in Envoy.
     pub fn build_stock_plugin(&self) -> Result<PathBuf> {
         let target_dir = self.target_dir.join("stock-plugin");
         let mut cmd = cargo();
@@ -248,6 +250,11 @@ impl Workspace {
             .args(STOCK_PLUGIN_ARGS)
             .arg("--target-dir")
             .arg(&target_dir);
+        for c in self.wasm_crates()? {
+            if c.name != PLUGIN_CRATE {
+                cmd.args(["-p", &c.name]);
+            }
+        }
         run_loud(&mut cmd)?;
         let path = target_dir
             .join(WASM_TARGET)
