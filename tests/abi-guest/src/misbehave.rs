@@ -10,7 +10,8 @@
 //! * `/grow-vec?mib=N` — allocates and touches an N MiB vector (default 64); past the host's cap
 //!   the allocator fails and the guest aborts.
 //! * `/stall` — pauses in `on_http_request_headers` and never resumes.
-//! * `/stall-body` — holds the whole request body (pauses at its end) and never resumes.
+//! * `/stall-body` — holds the whole request body (pauses on every body call: Envoy delivers
+//!   the data and the end in separate calls) and never resumes.
 //! * `/stall-response-body` — holds the whole response body and never resumes.
 //! * `/ok` — a local 200 with `x-ok: yes`.
 //! * anything else — passes through to the upstream untouched.
@@ -77,10 +78,10 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
     }
 }
 
-pub fn on_request_body(s: &mut AbiStream, eos: bool) -> Action {
+pub fn on_request_body(s: &mut AbiStream, _eos: bool) -> Action {
     match path_only(&s.state.path) {
         "/panic-body" => panic!("abi-test-guest panics in on_http_request_body on purpose"),
-        "/stall-body" if eos => Action::Pause,
+        "/stall-body" => Action::Pause,
         _ => Action::Continue,
     }
 }
