@@ -24,6 +24,24 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+/// The most of a request head scanned for its framing headers (Envoy's 60 KiB header limit,
+/// with room for the request line).
+const MAX_SCANNED_HEAD: usize = 64 * 1024;
+
+/// Whether a request head (without its final blank line) has both `content-length` and
+/// `transfer-encoding` fields.
+fn frames_body_twice(head: &[u8]) -> bool {
+    let mut length = false;
+    let mut encoding = false;
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        let name = name.trim_ascii();
+        length |= name.eq_ignore_ascii_case(b"content-length");
+        encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+    }
+    length && encoding
+}
+
 /// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
 /// long an idle connection that served requests stays open after its idle timeout.
 const DRAIN_AND_CLOSE: Duration = Duration::from_secs(6);
@@ -43,6 +61,9 @@ pub struct ConnectionState {
     /// The reader waiting while a request was in flight: woken when the connection goes idle,
     /// so that the idle timer starts.
     reader: Mutex<Option<Waker>>,
+    /// The current request's head carried both `content-length` and `transfer-encoding`, which
+    /// hyper resolves by dropping `content-length` (where Envoy refuses the request).
+    conflicting_framing: AtomicBool,
 }
 
 impl ConnectionState {
@@ -50,6 +71,12 @@ impl ConnectionState {
         let s = ConnectionState::default();
         *s.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         s
+    }
+
+    /// Whether the head just completed framed its body twice (`content-length` and
+    /// `transfer-encoding`); asking clears it.
+    pub fn take_conflicting_framing(&self) -> bool {
+        self.conflicting_framing.swap(false, Ordering::Relaxed)
     }
 
     /// A request's headers are complete: its head timer stops. Drop the guard when its
@@ -93,6 +120,9 @@ pub struct DownstreamIo {
     sleep: Pin<Box<Sleep>>,
     /// Set once the connection timed out: reads see EOF, writes are discarded.
     closed: bool,
+    /// The bytes of the current request head read so far (scanned for its framing headers),
+    /// `None` once the head is complete.
+    head: Option<Vec<u8>>,
 }
 
 impl DownstreamIo {
@@ -108,6 +138,7 @@ impl DownstreamIo {
             request_headers_timeout,
             idle_timeout,
             head_deadline: None,
+            head: None,
             sleep: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             closed: false,
         };
@@ -170,6 +201,21 @@ impl AsyncRead for DownstreamIo {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = None;
                     this.head_deadline = this.request_headers_timeout.map(|t| Instant::now() + t);
+                    this.head = Some(Vec::new());
+                }
+                if let Some(head) = &mut this.head {
+                    head.extend_from_slice(&buf.filled()[before..]);
+                    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if frames_body_twice(&head[..end]) {
+                            this.state
+                                .conflicting_framing
+                                .store(true, Ordering::Relaxed);
+                        }
+                        this.head = None;
+                    } else if head.len() > MAX_SCANNED_HEAD {
+                        // hyper refuses a head this large anyway.
+                        this.head = None;
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }

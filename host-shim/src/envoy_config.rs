@@ -75,15 +75,20 @@
 //!   either way), and the 426 to an HTTP/1.0 request has an `HTTP/1.0` status line (Envoy's is
 //!   `HTTP/1.1`). Repeated fields of one name leave grouped (http's HeaderMap), where Envoy
 //!   keeps them interleaved as received.
+//! * gRPC callouts (`proxy_grpc_call`, `proxy_grpc_stream` and the rest) answer `Unimplemented`:
+//!   Envoy performs them over an HTTP/2 cluster. host-shim's clusters are HTTP/1.1 only and the
+//!   filter never makes gRPC calls; implementing them means an HTTP/2 client, gRPC framing and
+//!   the four gRPC callbacks, worth it only for a plugin that needs them.
+//! * `response.flags` is always 0 (host-shim sets none of Envoy's response flags).
 //! * The 408 for `request_headers_timeout` does not pass through the plugin and has no `date`
 //!   or `server` (in Envoy the filters' response phase sees it); Envoy closes the connection 1 s after it (delayed close),
 //!   host-shim at once. An idle connection that served requests is closed `drain_timeout`
 //!   (5 s) + 1 s after its idle timeout, as in Envoy; a request arriving in those seconds is
 //!   served with keep-alive (Envoy answers it with `connection: close`).
-//! * HTTP/1 parsing is hyper's. Where Envoy 1.40 answers 400 `Bad Request` + close, hyper
-//!   differs: Content-Length with chunked is read as chunked (Content-Length dropped, the
-//!   connection closed after); a `#fragment` in the target is dropped (Envoy: 400, empty
-//!   body). A malformed chunked body gets Envoy's 400 only when it breaks before the upstream
+//! * HTTP/1 parsing is hyper's. Content-Length with chunked gets Envoy's 400 (host-shim scans
+//!   each head for the pair before hyper, which would drop Content-Length); where else Envoy
+//!   1.40 answers 400 `Bad Request` + close, hyper differs: a `#fragment` in the target is
+//!   dropped (Envoy: 400, empty body). A malformed chunked body gets Envoy's 400 only when it breaks before the upstream
 //!   has answered. `expect: 100-continue` is
 //!   answered when the body is first read (after the plugin resumes), Envoy answers at once.
 

@@ -549,8 +549,20 @@ impl Worker {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let worker = worker.clone();
             let in_flight = state.head_complete();
+            let conflicting_framing = state.take_conflicting_framing();
             async move {
-                let mut resp = worker.clone().handle(req, peer, local, conn_id).await;
+                let mut resp = if conflicting_framing {
+                    // Envoy's codec refuses a body framed both ways (a smuggling vector), before
+                    // any filter sees the request.
+                    rejection_response(&conn_manager::Rejection {
+                        status: 400,
+                        body: "Bad Request",
+                        details: "http1.content_length_and_chunked_not_allowed",
+                        close: true,
+                    })
+                } else {
+                    worker.clone().handle(req, peer, local, conn_id).await
+                };
                 // After the filters' response phase, as Envoy's connection manager encodes it.
                 conn_manager::encode_response_headers(
                     &worker.spec.connection_manager,
@@ -1127,6 +1139,13 @@ fn encoded_response_map(cm: &conn_manager::ConnectionManagerConfig, s: &mut Stre
     }
 }
 
+/// Envoy 1.40 answers a local reply sent before the plugin was given the request's end (in the
+/// headers phase of a request with a body, or in a body call before the last) with
+/// `connection: close`, and closes the connection after it.
+fn closes_unread_body(local: &mut crate::state::LocalResponse) {
+    local.closes_connection = true;
+}
+
 /// Whether the connection closes after this request: `connection: close`, or HTTP/1.0
 /// without keep-alive.
 fn closes_after(req: &Request<Incoming>) -> bool {
@@ -1285,7 +1304,12 @@ impl FilteredStream {
         };
         match self.settle(outcome, false).await {
             Ok(Verdict::Continue) => {}
-            Ok(Verdict::Local(local)) => return self.local_reply(local).await,
+            Ok(Verdict::Local(mut local)) => {
+                if !eos {
+                    closes_unread_body(&mut local);
+                }
+                return self.local_reply(local).await;
+            }
             Err(e) => return self.failed(e, route.as_ref(), body).await,
         }
 
@@ -1591,7 +1615,15 @@ impl FilteredStream {
             parts.status.as_str().as_bytes().to_vec(),
         )];
         h.extend(header_list_of(&parts.headers));
-        self.respond(h, b).await
+        let mut resp = self.respond(h, b).await;
+        if local.closes_connection {
+            // The codec's, after the filters: the plugin's response phase does not see it.
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 
     async fn failed(
@@ -1760,10 +1792,14 @@ async fn pump_body(
             let _ = tx.send(Err("stream closed by the plugin".into())).await;
             return Err(StreamFailure::Closed);
         }
-        if let Some(local) = s.local_response.take() {
+        if let Some(mut local) = s.local_response.take() {
             drop(guard);
             worker.dispatch(callouts, generation);
             let _ = tx.send(Err("replaced by a local reply".into())).await;
+            // Before the plugin was given the request's end, as Envoy counts it.
+            if !eos && matches!(dir, Direction::Request) {
+                closes_unread_body(&mut local);
+            }
             return Ok(Verdict::Local(local));
         }
         let mut flush = None;
@@ -1887,6 +1923,7 @@ fn idle_timeout_reply() -> crate::state::LocalResponse {
         details: "stream_idle_timeout".into(),
         body: b"stream timeout".to_vec(),
         headers: Vec::new(),
+        closes_connection: false,
     }
 }
 
@@ -2066,6 +2103,7 @@ fn router_reply(status: u16, details: &str, body: &str) -> Response<Body> {
         details: details.into(),
         body: body.as_bytes().to_vec(),
         headers: Vec::new(),
+        closes_connection: false,
     })
 }
 
@@ -2085,6 +2123,7 @@ fn rejection_local(r: &conn_manager::Rejection) -> crate::state::LocalResponse {
         details: r.details.into(),
         body: r.body.as_bytes().to_vec(),
         headers: Vec::new(),
+        closes_connection: false,
     }
 }
 

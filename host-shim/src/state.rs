@@ -21,6 +21,8 @@ pub struct LocalResponse {
     pub details: String,
     pub body: Vec<u8>,
     pub headers: HeaderList,
+    /// The connection closes after it (sent before the request was read to its end).
+    pub closes_connection: bool,
 }
 
 /// Facts about a stream that properties expose.

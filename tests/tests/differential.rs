@@ -146,6 +146,18 @@ fn cases() -> Vec<Case> {
             "POST /_krowoc/cache/purge HTTP/1.1\r\nhost: {host}\r\nx-krowoc-purge-token: wrong-token-wrong-token\r\ncontent-length: 0\r\n\r\n",
         ),
         case(
+            "content-length with chunked",
+            "POST /echo/smuggle HTTP/1.1\r\nhost: {host}\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        case(
+            "chunked with content-length",
+            "POST /echo/smuggle HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        ),
+        case(
+            "local reply before the body is read",
+            "POST /_krowoc/cache/purge HTTP/1.1\r\nhost: {host}\r\nx-krowoc-purge-token: wrong-token-wrong-token\r\nconnection: keep-alive\r\ncontent-length: 10\r\n\r\n0123456789",
+        ),
+        case(
             "local reply to head",
             "HEAD /_krowoc/cache/purge HTTP/1.1\r\nhost: {host}\r\n\r\n",
         ),
@@ -185,8 +197,13 @@ fn exchange(from: IpAddr, to: SocketAddr, raw: &str) -> Vec<u8> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    // One request per connection: the server closes after answering it.
-    let raw = raw.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1);
+    // One request per connection: the server closes after answering it (unless the case says
+    // how its connection goes on).
+    let raw = if raw.to_ascii_lowercase().contains("\r\nconnection:") {
+        raw.to_string()
+    } else {
+        raw.replacen("\r\n\r\n", "\r\nconnection: close\r\n\r\n", 1)
+    };
     stream.write_all(raw.as_bytes()).expect("write");
     let head_request = raw.starts_with("HEAD ");
     let mut out = Vec::new();

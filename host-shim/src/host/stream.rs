@@ -77,6 +77,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
                 details,
                 body,
                 headers,
+                closes_connection: false,
             });
             s.wake.notify_one();
             Status::Ok.code()
