@@ -28,18 +28,15 @@ use tokio::time::{Instant, Sleep};
 /// with room for the request line).
 const MAX_SCANNED_HEAD: usize = 64 * 1024;
 
-/// Whether a request head (without its final blank line) has both `content-length` and
-/// `transfer-encoding` fields.
-fn frames_body_twice(head: &[u8]) -> bool {
-    let mut length = false;
-    let mut encoding = false;
-    for line in head.split(|b| *b == b'\n').skip(1) {
-        let name = line.split(|b| *b == b':').next().unwrap_or_default();
-        let name = name.trim_ascii();
-        length |= name.eq_ignore_ascii_case(b"content-length");
-        encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
-    }
-    length && encoding
+/// The field names of a request head (without its final blank line), lower-case, in order.
+fn field_names(head: &[u8]) -> Vec<String> {
+    head.split(|b| *b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            let (name, _) = line.split_at(line.iter().position(|b| *b == b':')?);
+            Some(String::from_utf8_lossy(name.trim_ascii()).to_ascii_lowercase())
+        })
+        .collect()
 }
 
 /// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
@@ -64,6 +61,9 @@ pub struct ConnectionState {
     /// The current request's head carried both `content-length` and `transfer-encoding`, which
     /// hyper resolves by dropping `content-length` (where Envoy refuses the request).
     conflicting_framing: AtomicBool,
+    /// The current request's field names in the order they came (lower-case): http's HeaderMap
+    /// groups the values of one name, Envoy keeps them as received.
+    field_order: Mutex<Option<Vec<String>>>,
 }
 
 impl ConnectionState {
@@ -77,6 +77,14 @@ impl ConnectionState {
     /// `transfer-encoding`); asking clears it.
     pub fn take_conflicting_framing(&self) -> bool {
         self.conflicting_framing.swap(false, Ordering::Relaxed)
+    }
+
+    /// The field names of the head just completed, in wire order (taken once).
+    pub fn take_field_order(&self) -> Option<Vec<String>> {
+        self.field_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// A request's headers are complete: its head timer stops. Drop the guard when its
@@ -206,11 +214,19 @@ impl AsyncRead for DownstreamIo {
                 if let Some(head) = &mut this.head {
                     head.extend_from_slice(&buf.filled()[before..]);
                     if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        if frames_body_twice(&head[..end]) {
+                        let names = field_names(&head[..end]);
+                        if names.iter().any(|n| n == "content-length")
+                            && names.iter().any(|n| n == "transfer-encoding")
+                        {
                             this.state
                                 .conflicting_framing
                                 .store(true, Ordering::Relaxed);
                         }
+                        *this
+                            .state
+                            .field_order
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(names);
                         this.head = None;
                     } else if head.len() > MAX_SCANNED_HEAD {
                         // hyper refuses a head this large anyway.

@@ -550,6 +550,10 @@ impl Worker {
             let worker = worker.clone();
             let in_flight = state.head_complete();
             let conflicting_framing = state.take_conflicting_framing();
+            let mut req = req;
+            if let Some(order) = state.take_field_order() {
+                req.extensions_mut().insert(FieldOrder(order));
+            }
             async move {
                 let mut resp = if conflicting_framing {
                     // Envoy's codec refuses a body framed both ways (a smuggling vector), before
@@ -2015,6 +2019,36 @@ const HOP_BY_HOP: [&str; 8] = [
 /// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`;
 /// repeated `x-forwarded-for` headers joined by `,` into the first, as Envoy's header map
 /// does). The connection manager's changes come after ([`conn_manager`]).
+/// A request's field names in the order the client sent them (see crate::downstream).
+#[derive(Clone)]
+struct FieldOrder(Vec<String>);
+
+/// The fields of `map` in wire order: `order` names them as they came, each name taking its
+/// next value (http's HeaderMap keeps one name's values in order, but together); fields
+/// `order` does not name follow in the map's order.
+fn in_wire_order<'a>(
+    map: &'a http::HeaderMap,
+    order: &[String],
+) -> Vec<(&'a HeaderName, &'a HeaderValue)> {
+    let mut out = Vec::with_capacity(map.len());
+    let mut taken: HashMap<&str, usize> = HashMap::new();
+    for name in order {
+        let Some(key) = map.keys().find(|k| k.as_str() == name) else {
+            continue;
+        };
+        let n = taken.entry(key.as_str()).or_insert(0);
+        if let Some(v) = map.get_all(key).iter().nth(*n) {
+            out.push((key, v));
+            *n += 1;
+        }
+    }
+    for key in map.keys() {
+        let n = taken.get(key.as_str()).copied().unwrap_or(0);
+        out.extend(map.get_all(key).iter().skip(n).map(|v| (key, v)));
+    }
+    out
+}
+
 fn request_header_list(req: &Request<Incoming>) -> HeaderList {
     let authority = req
         .headers()
@@ -2038,7 +2072,8 @@ fn request_header_list(req: &Request<Incoming>) -> HeaderList {
         (":scheme".into(), b"http".to_vec()),
     ];
     let mut xff_at: Option<usize> = None;
-    for (k, v) in req.headers() {
+    let order = req.extensions().get::<FieldOrder>().map(|o| o.0.as_slice());
+    for (k, v) in in_wire_order(req.headers(), order.unwrap_or_default()) {
         let name = k.as_str();
         // `expect: 100-continue` is answered here (hyper sends the 100 when the body is first
         // read), not passed on, as Envoy does.
