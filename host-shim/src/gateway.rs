@@ -1086,6 +1086,9 @@ struct FilteredStream {
     finished: bool,
     /// The request headers as received, for a fail-open pass-through (empty otherwise).
     original_headers: HeaderList,
+    /// The last headers phase paused (the plugin resumed it later): Envoy buffered what body
+    /// arrived meanwhile, its end included, and hands it over in one call.
+    paused: bool,
 }
 
 impl Drop for FilteredStream {
@@ -1206,6 +1209,7 @@ impl FilteredStream {
             wake,
             finished: false,
             original_headers,
+            paused: false,
         })
     }
 
@@ -1288,6 +1292,7 @@ impl FilteredStream {
         if let Some(local) = outcome.local {
             return Ok(Verdict::Local(local));
         }
+        self.paused = outcome.action == Action::Pause;
         match outcome.action {
             Action::Continue => {
                 // A resume the plugin issued during the callback itself is not needed any more.
@@ -1328,6 +1333,7 @@ impl FilteredStream {
                 ctx: self.ctx,
                 generation: self.generation,
                 wake: self.wake.clone(),
+                end_with_data: self.paused,
             };
             tokio::task::spawn_local(async move {
                 let verdict = pump.run(&mut body, tx).await;
@@ -1420,7 +1426,7 @@ impl FilteredStream {
             }
         };
         let _ = status;
-        let mut resp = self.respond(resp_headers, resp_body).await;
+        let mut resp = self.respond(resp_headers, resp_body, false).await;
         if close {
             // Hop-by-hop, so the response phase does not carry it: the codec's own decision.
             resp.headers_mut()
@@ -1430,7 +1436,14 @@ impl FilteredStream {
     }
 
     /// Runs the response phase: `on_response_headers`, then the body through `on_response_body`.
-    async fn respond(mut self, headers: HeaderList, resp_body: Body) -> Response<Body> {
+    /// `local`: the plugin's own reply, whose body Envoy hands the response phase in one call
+    /// with the end.
+    async fn respond(
+        mut self,
+        headers: HeaderList,
+        resp_body: Body,
+        local: bool,
+    ) -> Response<Body> {
         let eos = resp_body.is_end_stream();
         // With fail_open, a VM failure here passes the upstream's response on as it came.
         let kept = self.worker.fail_open().then(|| headers.clone());
@@ -1482,8 +1495,9 @@ impl FilteredStream {
         // A body already complete in the receive buffer (the common small response) goes
         // through the plugin inline: the client gets headers and body in one write, with no
         // pump task.
+        let end_with_data = local || self.paused;
         let mut resp_body = match body::take_if_complete(resp_body) {
-            Ok(data) => return self.respond_complete(data, kept).await,
+            Ok(data) => return self.respond_complete(data, kept, end_with_data).await,
             Err(rest) => rest,
         };
         let builder = response_builder(&headers);
@@ -1493,6 +1507,7 @@ impl FilteredStream {
             ctx: self.ctx,
             generation: self.generation,
             wake: self.wake.clone(),
+            end_with_data,
         };
         // The pump owns the end of the stream (on_done/on_log/on_delete) from here on.
         self.finished = true;
@@ -1505,9 +1520,16 @@ impl FilteredStream {
             .unwrap_or_else(|_| plain_response(502, "invalid response headers"))
     }
 
-    /// The whole response body, already received, through `on_response_body` at once.
-    async fn respond_complete(mut self, data: Bytes, kept: Option<HeaderList>) -> Response<Body> {
-        let len = data.len();
+    /// The whole response body, already received, through `on_response_body`: as `(n, false)`
+    /// then `(0, true)` (Envoy's codec reports the end on its own), or with `end_with_data` in
+    /// one call (a local reply's body, or one that arrived while the headers phase paused).
+    async fn respond_complete(
+        mut self,
+        data: Bytes,
+        kept: Option<HeaderList>,
+        end_with_data: bool,
+    ) -> Response<Body> {
+        let mut len = data.len();
         {
             let mut guard = self.worker.vm.lock().await;
             if let Some(s) = guard
@@ -1516,6 +1538,40 @@ impl FilteredStream {
                 .and_then(|s| s.vm.stream(self.ctx))
             {
                 s.response_body = data.to_vec();
+            }
+        }
+        // What the plugin let through before the end.
+        let mut released = Vec::new();
+        if !end_with_data {
+            let first = match self
+                .callback(|vm, ctx| Box::pin(vm.on_response_body(ctx, len, false)))
+                .await
+            {
+                Ok(o) => o,
+                Err(StreamFailure::Closed) => return reset_response(),
+                Err(StreamFailure::Vm) => {
+                    return self.response_after_vm_failure(kept, body::full(data));
+                }
+            };
+            if first.closed {
+                return reset_response();
+            }
+            if let Some(local) = first.local {
+                self.shared_local_count();
+                self.finish_later();
+                return local_response_parts(&local);
+            }
+            let mut guard = self.worker.vm.lock().await;
+            if let Some(s) = guard
+                .as_mut()
+                .filter(|s| s.generation == self.generation)
+                .and_then(|s| s.vm.stream(self.ctx))
+            {
+                // Continue passes the buffer on; Pause keeps it for the next call.
+                if first.action == Action::Continue {
+                    released = std::mem::take(&mut s.response_body);
+                }
+                len = s.response_body.len();
             }
         }
         let outcome = match self
@@ -1545,11 +1601,20 @@ impl FilteredStream {
                 .filter(|s| s.generation == self.generation)
                 .and_then(|s| s.vm.stream(self.ctx))
             {
-                Some(s) => (
-                    s.response_headers.clone().unwrap_or_default(),
-                    std::mem::take(&mut s.response_body),
-                    s.response_body_modified,
-                ),
+                Some(s) => {
+                    let rest = std::mem::take(&mut s.response_body);
+                    let body = if released.is_empty() {
+                        rest
+                    } else {
+                        released.extend_from_slice(&rest);
+                        released
+                    };
+                    (
+                        s.response_headers.clone().unwrap_or_default(),
+                        body,
+                        s.response_body_modified,
+                    )
+                }
                 None => return plain_response(503, ""),
             }
         };
@@ -1619,7 +1684,7 @@ impl FilteredStream {
             parts.status.as_str().as_bytes().to_vec(),
         )];
         h.extend(header_list_of(&parts.headers));
-        let mut resp = self.respond(h, b).await;
+        let mut resp = self.respond(h, b, true).await;
         if local.closes_connection {
             // The codec's, after the filters: the plugin's response phase does not see it.
             resp.headers_mut().insert(
@@ -1652,6 +1717,8 @@ struct RequestBodyPump {
     ctx: u32,
     generation: u64,
     wake: Arc<Notify>,
+    /// The headers phase paused: see [`pump_body`]'s `end_with_data`.
+    end_with_data: bool,
 }
 
 /// Which body a pump feeds through the plugin.
@@ -1661,28 +1728,40 @@ enum Direction {
     Response,
 }
 
-/// `first` and the data frames of `body` that are already there (without waiting), as one
-/// chunk: what one socket read gives Envoy's codec. A trailers frame or the end stays for the
-/// next read.
-fn with_ready_data(first: Bytes, body: &mut Body) -> Bytes {
+/// `first` and the data frames of `body` that are there without waiting for the peer, as one
+/// chunk (what one socket read gives Envoy's codec; hyper decodes on its connection task, so
+/// that task gets a turn before the body counts as drained), and whether the body ended. A
+/// trailers frame stays for the next read.
+async fn with_ready_data(first: Bytes, body: &mut Body) -> (Bytes, bool) {
     let mut more: Option<bytes::BytesMut> = None;
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    while !body.is_end_stream() {
-        // Peek at the next frame only if it is data; anything else is put back in front.
+    let mut yielded = false;
+    loop {
+        if body.is_end_stream() {
+            break (more.map_or(first, bytes::BytesMut::freeze), true);
+        }
         match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
             std::task::Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
                 let data = frame.into_data().unwrap_or_default();
                 more.get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
                     .extend_from_slice(&data);
+                yielded = false;
             }
             std::task::Poll::Ready(Some(other)) => {
                 *body = body::prepend(other, std::mem::replace(body, body::empty()));
-                break;
+                break (more.map_or(first, bytes::BytesMut::freeze), false);
             }
-            _ => break,
+            std::task::Poll::Ready(None) => {
+                *body = body::empty();
+                break (more.map_or(first, bytes::BytesMut::freeze), true);
+            }
+            std::task::Poll::Pending if !yielded => {
+                yielded = true;
+                tokio::task::yield_now().await;
+            }
+            std::task::Poll::Pending => break (more.map_or(first, bytes::BytesMut::freeze), false),
         }
     }
-    more.map_or(first, bytes::BytesMut::freeze)
 }
 
 /// Feeds one body, chunk by chunk, through the plugin's body callback into `tx`. While the
@@ -1696,6 +1775,10 @@ async fn pump_body(
     dir: Direction,
     body: &mut Body,
     tx: BodySender,
+    // What is there when the pump starts is handed over with the end in one call when it is
+    // all there (Envoy buffered it while the headers phase was paused); otherwise the end
+    // comes in a call of its own, as Envoy's HTTP/1 codec reports it.
+    mut end_with_data: bool,
 ) -> Result<Verdict, StreamFailure> {
     let mut saw_eos = false;
     // Chunks given to the plugin but not yet released downstream: what a fail-open
@@ -1709,11 +1792,8 @@ async fn pump_body(
                 // chunked body at once) and says the request ended in a call of its own:
                 // `(n, false)` then `(0, true)`.
                 Ok(data) => {
-                    let data = with_ready_data(data, body);
-                    let eos = match dir {
-                        Direction::Request => false,
-                        Direction::Response => body.is_end_stream(),
-                    };
+                    let (data, ended) = with_ready_data(data, body).await;
+                    let eos = end_with_data && ended;
                     (Some(data), None, eos)
                 }
                 Err(frame) => match frame.into_trailers() {
@@ -1730,6 +1810,7 @@ async fn pump_body(
         if saw_eos && chunk.is_none() {
             return Ok(Verdict::Continue);
         }
+        end_with_data = false;
         saw_eos = eos;
         if let Some(c) = &chunk {
             held.push(c.clone());
@@ -1975,6 +2056,7 @@ impl RequestBodyPump {
             Direction::Request,
             body,
             tx,
+            self.end_with_data,
         )
         .await
     }
@@ -1985,6 +2067,8 @@ struct ResponseBodyPump {
     ctx: u32,
     generation: u64,
     wake: Arc<Notify>,
+    /// The response headers phase paused: see [`pump_body`]'s `end_with_data`.
+    end_with_data: bool,
 }
 
 impl ResponseBodyPump {
@@ -1997,6 +2081,7 @@ impl ResponseBodyPump {
             Direction::Response,
             body,
             tx,
+            self.end_with_data,
         )
         .await;
     }

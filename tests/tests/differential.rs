@@ -268,14 +268,17 @@ const VARYING_VALUES: [&str; 5] = [
 /// cache keys stay apart) read as `HOST`, `CLIENT` and `LISTENER`; UUIDs (request and event
 /// ids) as `UUID`.
 fn normalise(raw: &[u8], host_name: &str, client: IpAddr, listener: SocketAddr) -> Seen {
-    let text = blank_uuids(
-        &String::from_utf8_lossy(raw)
-            .replace(host_name, "HOST")
-            .replace(&listener.to_string(), "LISTENER")
-            .replace(&client.to_string(), "CLIENT"),
-    );
-    let text = blank_client_ports(&text);
+    let names = |text: &str| {
+        blank_client_ports(&blank_uuids(
+            &text
+                .replace(host_name, "HOST")
+                .replace(&listener.to_string(), "LISTENER")
+                .replace(&client.to_string(), "CLIENT"),
+        ))
+    };
+    let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let head = names(head);
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default().to_string();
     let headers: Vec<(String, String)> = lines
@@ -296,12 +299,13 @@ fn normalise(raw: &[u8], host_name: &str, client: IpAddr, listener: SocketAddr) 
     let chunked = headers
         .iter()
         .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    // The framing itself is compared through the headers; the body as its data.
-    let body = if chunked {
+    // The framing itself is compared through the headers; the body as its data (de-chunked
+    // before any name is replaced, since the chunk sizes count the original bytes).
+    let body = names(&if chunked {
         dechunk(body)
     } else {
         body.to_string()
-    };
+    });
     Seen {
         status,
         headers,
@@ -340,8 +344,8 @@ const VARYING_FIELDS: [&str; 5] = [
 /// echo's view as a string); other bodies as they are.
 fn normalise_body(body: &str) -> String {
     let Ok(mut v) = serde_json::from_str::<Value>(body) else {
-        // A chunked or empty body; the framing itself is compared through the headers.
-        return body.chars().take(400).collect();
+        // Not JSON: compared as it is.
+        return body.to_string();
     };
     blank_varying(&mut v);
     v.to_string()

@@ -12,7 +12,8 @@
 //! * `/stall` — pauses in `on_http_request_headers` and never resumes.
 //! * `/stall-body` — holds the whole request body (pauses on every body call: Envoy delivers
 //!   the data and the end in separate calls) and never resumes.
-//! * `/stall-response-body` — holds the whole response body and never resumes.
+//! * `/stall-response-body` — holds the whole response body (pauses on every body call) and
+//!   never resumes.
 //! * `/ok` — a local 200 with `x-ok: yes`.
 //! * anything else — passes through to the upstream untouched.
 
@@ -86,8 +87,8 @@ pub fn on_request_body(s: &mut AbiStream, _eos: bool) -> Action {
     }
 }
 
-pub fn on_response_body(s: &mut AbiStream, eos: bool) -> Action {
-    if eos && path_only(&s.state.path) == "/stall-response-body" {
+pub fn on_response_body(s: &mut AbiStream, _eos: bool) -> Action {
+    if path_only(&s.state.path) == "/stall-response-body" {
         return Action::Pause;
     }
     Action::Continue
