@@ -1328,15 +1328,16 @@ impl FilteredStream {
         } else {
             let (tx, upstream_body) = body::channel();
             let (local_tx, local_rx) = tokio::sync::oneshot::channel();
-            let pump = RequestBodyPump {
+            let pump = BodyPump {
                 worker: self.worker.clone(),
                 ctx: self.ctx,
                 generation: self.generation,
                 wake: self.wake.clone(),
+                dir: Direction::Request,
                 end_with_data: self.paused,
             };
             tokio::task::spawn_local(async move {
-                let verdict = pump.run(&mut body, tx).await;
+                let verdict = pump_body(&pump, &mut body, tx).await;
                 let _ = local_tx.send(verdict);
             });
             // Hold the upstream exchange until the body settles, unless a local reply or a
@@ -1502,17 +1503,18 @@ impl FilteredStream {
         };
         let builder = response_builder(&headers);
         let (tx, downstream) = body::channel();
-        let pump = ResponseBodyPump {
+        let pump = BodyPump {
             worker: self.worker.clone(),
             ctx: self.ctx,
             generation: self.generation,
             wake: self.wake.clone(),
+            dir: Direction::Response,
             end_with_data,
         };
         // The pump owns the end of the stream (on_done/on_log/on_delete) from here on.
         self.finished = true;
         tokio::task::spawn_local(async move {
-            pump.run(&mut resp_body, tx).await;
+            let _ = pump_body(&pump, &mut resp_body, tx).await;
             finish(&pump.worker, pump.ctx, pump.generation).await;
         });
         builder
@@ -1712,12 +1714,16 @@ impl FilteredStream {
     }
 }
 
-struct RequestBodyPump {
+/// One body on its way through the plugin's body callbacks.
+struct BodyPump {
     worker: Rc<Worker>,
     ctx: u32,
     generation: u64,
     wake: Arc<Notify>,
-    /// The headers phase paused: see [`pump_body`]'s `end_with_data`.
+    dir: Direction,
+    /// What is there when the pump starts is handed over with the end in one call when it is
+    /// all there (Envoy buffered it while the headers phase was paused); otherwise the end
+    /// comes in a call of its own, as Envoy's HTTP/1 codec reports it.
     end_with_data: bool,
 }
 
@@ -1768,18 +1774,18 @@ async fn with_ready_data(first: Bytes, body: &mut Body) -> (Bytes, bool) {
 /// plugin answers Pause, chunks accumulate (it sees the whole buffer each time); Continue
 /// flushes the buffer. Returns what the plugin decided for the request direction.
 async fn pump_body(
-    worker: &Rc<Worker>,
-    ctx: u32,
-    generation: u64,
-    wake: &Arc<Notify>,
-    dir: Direction,
+    pump: &BodyPump,
     body: &mut Body,
     tx: BodySender,
-    // What is there when the pump starts is handed over with the end in one call when it is
-    // all there (Envoy buffered it while the headers phase was paused); otherwise the end
-    // comes in a call of its own, as Envoy's HTTP/1 codec reports it.
-    mut end_with_data: bool,
 ) -> Result<Verdict, StreamFailure> {
+    let (worker, ctx, generation, wake, dir) = (
+        &pump.worker,
+        pump.ctx,
+        pump.generation,
+        &pump.wake,
+        pump.dir,
+    );
+    let mut end_with_data = pump.end_with_data;
     let mut saw_eos = false;
     // Chunks given to the plugin but not yet released downstream: what a fail-open
     // pass-through still owes the peer if the VM dies.
@@ -2044,47 +2050,6 @@ async fn body_after_vm_failure(
         }
     }
     Ok(Verdict::Continue)
-}
-
-impl RequestBodyPump {
-    async fn run(&self, body: &mut Body, tx: BodySender) -> Result<Verdict, StreamFailure> {
-        pump_body(
-            &self.worker,
-            self.ctx,
-            self.generation,
-            &self.wake,
-            Direction::Request,
-            body,
-            tx,
-            self.end_with_data,
-        )
-        .await
-    }
-}
-
-struct ResponseBodyPump {
-    worker: Rc<Worker>,
-    ctx: u32,
-    generation: u64,
-    wake: Arc<Notify>,
-    /// The response headers phase paused: see [`pump_body`]'s `end_with_data`.
-    end_with_data: bool,
-}
-
-impl ResponseBodyPump {
-    async fn run(&self, body: &mut Body, tx: BodySender) {
-        let _ = pump_body(
-            &self.worker,
-            self.ctx,
-            self.generation,
-            &self.wake,
-            Direction::Response,
-            body,
-            tx,
-            self.end_with_data,
-        )
-        .await;
-    }
 }
 
 // ---- HTTP plumbing ------------------------------------------------------------------------
