@@ -21,23 +21,14 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::field_order::field_names;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// The most of a request head scanned for its framing headers (Envoy's 60 KiB header limit,
 /// with room for the request line).
 const MAX_SCANNED_HEAD: usize = 64 * 1024;
-
-/// The field names of a request head (without its final blank line), lower-case, in order.
-fn field_names(head: &[u8]) -> Vec<String> {
-    head.split(|b| *b == b'\n')
-        .skip(1)
-        .filter_map(|line| {
-            let (name, _) = line.split_at(line.iter().position(|b| *b == b':')?);
-            Some(String::from_utf8_lossy(name.trim_ascii()).to_ascii_lowercase())
-        })
-        .collect()
-}
 
 /// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
 /// long an idle connection that served requests stays open after its idle timeout.

@@ -73,9 +73,9 @@
 //!   no `content-length` (an empty local reply, an upstream's) carries no
 //!   `transfer-encoding: chunked` (hyper drops it for HEAD, Envoy writes it; no body follows
 //!   either way), and the 426 to an HTTP/1.0 request has an `HTTP/1.0` status line (Envoy's is
-//!   `HTTP/1.1`). Repeated fields of one name reach the plugin in the order the client sent
-//!   them, but leave for the upstream and the client grouped by name (http's HeaderMap), and an
-//!   upstream's response reaches the plugin grouped; Envoy keeps them interleaved throughout.
+//!   `HTTP/1.1`). Repeated fields of one name reach the plugin in the order they came (from
+//!   the client and from the upstream), but leave for the upstream and the client grouped by
+//!   name (hyper writes http's HeaderMap); Envoy keeps them interleaved throughout.
 //! * gRPC callouts (`proxy_grpc_call`, `proxy_grpc_stream` and the rest) answer `Unimplemented`:
 //!   Envoy performs them over an HTTP/2 cluster. host-shim's clusters are HTTP/1.1 only and the
 //!   filter never makes gRPC calls; implementing them means an HTTP/2 client, gRPC framing and

@@ -28,6 +28,8 @@ use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::field_order::{in_wire_order, FieldOrder, OrderedConnector, ResponseOrders};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{mpsc, Mutex, Notify};
@@ -413,7 +415,7 @@ struct Worker {
     spec: Arc<GatewaySpec>,
     shared: Arc<SharedState>,
     vm: Mutex<Option<VmSlot>>,
-    client: Client<HttpConnector, Body>,
+    client: Client<OrderedConnector, Body>,
     redis_pools: RefCell<HashMap<String, RedisPool>>,
     /// Streams whose client went away before they finished: (context, VM generation).
     abandoned: mpsc::UnboundedSender<(u32, u64)>,
@@ -449,7 +451,7 @@ impl Worker {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(OrderedConnector(connector));
         Worker {
             index,
             spec,
@@ -893,7 +895,7 @@ impl Worker {
                     ":status".to_string(),
                     parts.status.as_str().as_bytes().to_vec(),
                 )];
-                headers.extend(header_list_of(&parts.headers));
+                headers.extend(response_header_list(&parts));
                 HttpCallResponse {
                     headers,
                     body: collected.to_bytes().to_vec(),
@@ -1411,7 +1413,7 @@ impl FilteredStream {
                     ":status".to_string(),
                     parts.status.as_str().as_bytes().to_vec(),
                 )];
-                h.extend(header_list_of(&parts.headers));
+                h.extend(response_header_list(&parts));
                 (parts.status, h, body::boxed(incoming))
             }
             Err(local) => {
@@ -2069,36 +2071,6 @@ const HOP_BY_HOP: [&str; 8] = [
 /// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`;
 /// repeated `x-forwarded-for` headers joined by `,` into the first, as Envoy's header map
 /// does). The connection manager's changes come after ([`conn_manager`]).
-/// A request's field names in the order the client sent them (see crate::downstream).
-#[derive(Clone)]
-struct FieldOrder(Vec<String>);
-
-/// The fields of `map` in wire order: `order` names them as they came, each name taking its
-/// next value (http's HeaderMap keeps one name's values in order, but together); fields
-/// `order` does not name follow in the map's order.
-fn in_wire_order<'a>(
-    map: &'a http::HeaderMap,
-    order: &[String],
-) -> Vec<(&'a HeaderName, &'a HeaderValue)> {
-    let mut out = Vec::with_capacity(map.len());
-    let mut taken: HashMap<&str, usize> = HashMap::new();
-    for name in order {
-        let Some(key) = map.keys().find(|k| k.as_str() == name) else {
-            continue;
-        };
-        let n = taken.entry(key.as_str()).or_insert(0);
-        if let Some(v) = map.get_all(key).iter().nth(*n) {
-            out.push((key, v));
-            *n += 1;
-        }
-    }
-    for key in map.keys() {
-        let n = taken.get(key.as_str()).copied().unwrap_or(0);
-        out.extend(map.get_all(key).iter().skip(n).map(|v| (key, v)));
-    }
-    out
-}
-
 fn request_header_list(req: &Request<Incoming>) -> HeaderList {
     let authority = req
         .headers()
@@ -2252,6 +2224,21 @@ fn header_str<'a>(h: &'a HeaderList, name: &str) -> Option<&'a str> {
     h.iter()
         .find(|(k, _)| k == name)
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// An upstream response's fields (hop-by-hop ones dropped) in the order the upstream sent
+/// them, when its connection noted that order.
+fn response_header_list(parts: &http::response::Parts) -> HeaderList {
+    let order = parts
+        .extensions
+        .get::<ResponseOrders>()
+        .and_then(ResponseOrders::take)
+        .unwrap_or_default();
+    in_wire_order(&parts.headers, &order.0)
+        .into_iter()
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
 }
 
 fn header_list_of(map: &http::HeaderMap) -> HeaderList {

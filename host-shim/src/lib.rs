@@ -5,7 +5,8 @@
 //! * [`host`] implements the ABI's imports, one module per family;
 //! * [`gateway`] is the HTTP front: workers, the request phases, forwarding and callouts;
 //! * [`conn_manager`] and [`downstream`] are Envoy's HTTP connection manager behaviour: request
-//!   headers and addresses, path normalisation, connection timers;
+//!   headers and addresses, path normalisation, connection timers; [`field_order`] keeps
+//!   header fields in the order they came;
 //! * [`admin`] serves `/stats/prometheus` and `/ready`.
 
 pub mod abi;
@@ -14,6 +15,7 @@ pub mod body;
 pub mod conn_manager;
 pub mod downstream;
 pub mod envoy_config;
+pub mod field_order;
 pub mod gateway;
 pub mod host;
 pub mod redis_pool;

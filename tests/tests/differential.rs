@@ -689,6 +689,51 @@ fn guest_tables() -> Vec<(&'static str, Vec<Case>)> {
     ]
 }
 
+/// An upstream on raw sockets: for each request it answers with the field names of the head it
+/// received, in order, as a JSON list, and with repeated response fields interleaved
+/// (`x-dup`, `x-mid`, `x-dup`), which neither axum nor hyper would write.
+fn raw_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the raw upstream");
+    let addr = listener.local_addr().expect("raw upstream address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                buf.extend_from_slice(&chunk[..n]);
+                                continue;
+                            }
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let names: Vec<String> = head
+                        .lines()
+                        .skip(1)
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, _)| k.trim().to_ascii_lowercase())
+                        .collect();
+                    let body = json!({ "names": names }).to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nx-dup: a\r\ncontent-type: application/json\r\nx-mid: m\r\nx-dup: b\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// The ABI test guest as stock Envoy loads it, built beside the stock plugin.
 fn stock_guest_wasm() -> PathBuf {
     let path = krowoc_tests::stock_plugin_wasm().with_file_name("abi_test_guest.wasm");
@@ -771,6 +816,25 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
         found.extend(compare_logs(&format!("abi {scenario}"), &e, &s));
         envoy_logs.push(e.log());
     }
+
+    // Repeated fields in wire order, through an upstream that reads and writes raw bytes: it
+    // answers with the request's field names as it received them and interleaved repeated
+    // response fields; the phases guest reports the response map's names in the log phase.
+    let raw = raw_upstream();
+    let on = |host| stack.spawn_module_on(host, 1, &[("upstream", raw)], &guest, "phases");
+    let (e, s) = (on(Host::Envoy), on(Host::HostShim));
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: {{host}}\r\n\r\n");
+    found.extend(compare(
+        "field order: ",
+        &[
+            case(
+                "repeated fields",
+                "GET /raw HTTP/1.1\r\nhost: {host}\r\nx-phase-id: order\r\nx-dup: 1\r\nx-mid: 2\r\nx-dup: 3\r\n\r\n",
+            ),
+            case("as the plugin read them", &get("/report?id=order")),
+        ],
+        &sides(&e, &s),
+    ));
 
     let allowed = allowed();
     let unexplained: Vec<&String> = found
