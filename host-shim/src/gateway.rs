@@ -1351,7 +1351,7 @@ impl FilteredStream {
 
     async fn proxy(
         mut self,
-        route: Option<Route>,
+        mut route: Option<Route>,
         upstream_body: Body,
         body_verdict: Option<tokio::sync::oneshot::Receiver<Result<Verdict, StreamFailure>>>,
     ) -> Response<Body> {
@@ -1363,6 +1363,14 @@ impl FilteredStream {
                 .and_then(|s| s.vm.stream(self.ctx))
             {
                 Some(s) => {
+                    // The router matches the request as the filters left it (Envoy clears its
+                    // route cache when a plugin edits the headers), and finds no route for a
+                    // request without x-forwarded-proto (Envoy 1.40's route table refuses it).
+                    route = match header_str(&s.request_headers, "x-forwarded-proto") {
+                        None => None,
+                        Some(_) => header_str(&s.request_headers, ":path")
+                            .and_then(|p| self.worker.spec.route_for(p).cloned()),
+                    };
                     // The router edits the request's own map: the log phase sees it so.
                     conn_manager::router_request_headers(
                         &self.worker.spec.connection_manager,

@@ -230,8 +230,9 @@ fn response_header_edits_reach_the_client() {
 #[test]
 fn set_header_map_pairs_replaces_the_request_and_response_maps() {
     let gw = start("headers", &GatewayOptions::default());
-    let (resp, _) = request(gw.addr, "GET", "/set-pairs", &[("x-dropped", "1")], b"");
-    let seen = gw.upstream.last("/set-pairs");
+    let path = "/set-pairs-keep-proto";
+    let (resp, _) = request(gw.addr, "GET", path, &[("x-dropped", "1")], b"");
+    let seen = gw.upstream.last(path);
     assert_eq!(seen.header("x-set-pairs"), Some("yes"));
     assert_eq!(seen.header("x-set-second"), Some("2"));
     assert_eq!(
@@ -246,7 +247,22 @@ fn set_header_map_pairs_replaces_the_request_and_response_maps() {
     );
     assert_eq!(header(&resp, "x-set-resp-pairs"), "yes");
     assert_eq!(resp.header("x-upstream-tag"), None);
-    assert_eq!(echoed(&resp.body)["path"], "/set-pairs");
+    assert_eq!(echoed(&resp.body)["path"], path);
+}
+
+/// Envoy 1.40's route table finds no route for a request without `x-forwarded-proto` (which
+/// the connection manager sets): a plugin that drops it gets the router's empty 404.
+#[test]
+fn a_request_map_without_x_forwarded_proto_finds_no_route() {
+    let gw = start("headers", &GatewayOptions::default());
+    let (resp, _) = request(gw.addr, "GET", "/set-pairs", &[], b"");
+    assert!(
+        gw.upstream.seen().is_empty(),
+        "nothing reached the upstream"
+    );
+    // The guest rewrites the 404's :status to 203 and keeps its (empty) body.
+    assert_eq!(resp.status, 203, "{}", resp.text());
+    assert!(resp.body.is_empty(), "{:?}", resp.text());
 }
 
 // ---- buffers --------------------------------------------------------------------------------

@@ -637,7 +637,8 @@ fn guest_tables() -> Vec<(&'static str, Vec<Case>)> {
                     "path rewritten",
                     "GET /abi/from HTTP/1.1\r\nhost: {host}\r\nx-rewrite-path: /abi/to?q=1\r\n\r\n",
                 ),
-                case("maps replaced", &get("/set-pairs")),
+                case("maps replaced", &get("/set-pairs-keep-proto")),
+                case("maps replaced without x-forwarded-proto", &get("/set-pairs")),
             ],
         ),
         (

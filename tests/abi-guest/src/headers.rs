@@ -7,8 +7,9 @@
 //!   `:method`, `x-get-missing` is `none` when `x-absent` is absent.
 //! * `/edit-echo` — makes the request edits of the default variant (below), then answers locally
 //!   with the request's pairs as JSON, in the host's order after the edits.
-//! * `/set-pairs…` — replaces the request's map with its pseudo-headers plus `x-set-pairs: yes`
-//!   and `x-set-second: 2`; on the response, replaces the map with `:status 203`,
+//! * `/set-pairs…` — replaces the request's map with its pseudo-headers (and, for a path with
+//!   `keep-proto` in it, `x-forwarded-proto`, without which Envoy finds no route) plus
+//!   `x-set-pairs: yes` and `x-set-second: 2`; on the response, replaces the map with `:status 203`,
 //!   `x-set-resp-pairs: yes` and the original `content-length`/`content-type`.
 //! * anything else — on the request: adds `x-added: one` and `x-added: two`, replaces
 //!   `x-replace-me` with `replaced`, removes `x-remove-me` (set to None) and `x-remove-too`,
@@ -52,10 +53,11 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
             Action::Pause
         }
         p if p.starts_with("/set-pairs") => {
+            let keep_proto = p.contains("keep-proto");
             let mut pairs: Vec<(String, String)> = s
                 .get_http_request_headers()
                 .into_iter()
-                .filter(|(k, _)| k.starts_with(':'))
+                .filter(|(k, _)| k.starts_with(':') || (keep_proto && k == "x-forwarded-proto"))
                 .collect();
             pairs.push(("x-set-pairs".into(), "yes".into()));
             pairs.push(("x-set-second".into(), "2".into()));
