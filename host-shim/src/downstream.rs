@@ -30,6 +30,31 @@ use tokio::time::{Instant, Sleep};
 /// with room for the request line).
 const MAX_SCANNED_HEAD: usize = 64 * 1024;
 
+/// What Envoy 1.40's HTTP/1 codec answers itself to a request line, before any filter: an
+/// HTTP/1.0 request gets 426 (Envoy's default refuses HTTP/1.0; the status line still says
+/// HTTP/1.1), a target with a `#fragment` an empty 400; both close the connection.
+fn codec_refusal(request_line: &[u8], server: Option<&str>) -> Option<String> {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let server = server
+        .map(|s| format!("server: {s}\r\n"))
+        .unwrap_or_default();
+    let mut parts = request_line.split(|b| *b == b' ');
+    let (_method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if version == b"HTTP/1.0" {
+        return Some(format!(
+            "HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\ncontent-type: text/plain\r\n\
+             date: {date}\r\n{server}connection: close\r\n\r\nUpgrade Required"
+        ));
+    }
+    if target.contains(&b'#') {
+        return Some(format!(
+            "HTTP/1.1 400 Bad Request\r\ndate: {date}\r\n{server}connection: close\r\n\
+             content-length: 0\r\n\r\n"
+        ));
+    }
+    None
+}
+
 /// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
 /// long an idle connection that served requests stays open after its idle timeout.
 const DRAIN_AND_CLOSE: Duration = Duration::from_secs(6);
@@ -122,13 +147,17 @@ pub struct DownstreamIo {
     /// The bytes of the current request head read so far (scanned for its framing headers),
     /// `None` once the head is complete.
     head: Option<Vec<u8>>,
+    /// The `server` header of the refusals written here (None: no `server`).
+    server: Option<String>,
 }
 
 impl DownstreamIo {
+    /// `server`: the `server` field of the refusals the connection writes itself.
     pub fn new(
         stream: TcpStream,
         request_headers_timeout: Option<Duration>,
         idle_timeout: Option<Duration>,
+        server: Option<String>,
     ) -> (DownstreamIo, Arc<ConnectionState>) {
         let state = Arc::new(ConnectionState::new());
         let io = DownstreamIo {
@@ -138,6 +167,7 @@ impl DownstreamIo {
             idle_timeout,
             head_deadline: None,
             head: None,
+            server,
             sleep: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             closed: false,
         };
@@ -205,6 +235,19 @@ impl AsyncRead for DownstreamIo {
                 if let Some(head) = &mut this.head {
                     head.extend_from_slice(&buf.filled()[before..]);
                     if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let line = head[..end]
+                            .split(|b| *b == b'\r')
+                            .next()
+                            .unwrap_or_default();
+                        if let Some(reply) = codec_refusal(line, this.server.as_deref()) {
+                            // Answered here, the request never reaches hyper (which would
+                            // answer an HTTP/1.0 request in HTTP/1.0, and drops a fragment).
+                            let _ = this.stream.try_write(reply.as_bytes());
+                            this.closed = true;
+                            this.head = None;
+                            buf.set_filled(before);
+                            return Poll::Ready(Ok(()));
+                        }
                         let names = field_names(&head[..end]);
                         if names.iter().any(|n| n == "content-length")
                             && names.iter().any(|n| n == "transfer-encoding")

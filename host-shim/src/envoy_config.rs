@@ -72,8 +72,7 @@
 //!   without the filters, as in Envoy. What hyper frames differently: a response to HEAD with
 //!   no `content-length` (an empty local reply, an upstream's) carries no
 //!   `transfer-encoding: chunked` (hyper drops it for HEAD, Envoy writes it; no body follows
-//!   either way), and the 426 to an HTTP/1.0 request has an `HTTP/1.0` status line (Envoy's is
-//!   `HTTP/1.1`). Repeated fields of one name reach the plugin in the order they came (from
+//!   either way). Repeated fields of one name reach the plugin in the order they came (from
 //!   the client and from the upstream), but leave for the upstream and the client grouped by
 //!   name (hyper writes http's HeaderMap); Envoy keeps them interleaved throughout.
 //! * gRPC callouts (`proxy_grpc_call`, `proxy_grpc_stream` and the rest) answer `Unimplemented`:
@@ -82,16 +81,16 @@
 //!   the four gRPC callbacks, worth it only for a plugin that needs them.
 //! * `response.flags` is always 0 (host-shim sets none of Envoy's response flags).
 //! * The 408 for `request_headers_timeout` does not pass through the plugin and has no `date`
-//!   or `server` (in Envoy the filters' response phase sees it); Envoy closes the connection 1 s after it (delayed close),
-//!   host-shim at once. An idle connection that served requests is closed `drain_timeout`
+//!   or `server` (in Envoy the filters' response phase sees it); Envoy closes the connection
+//!   1 s after it (delayed close), host-shim at once. An idle connection that served requests is closed `drain_timeout`
 //!   (5 s) + 1 s after its idle timeout, as in Envoy; a request arriving in those seconds is
 //!   served with keep-alive (Envoy answers it with `connection: close`).
-//! * HTTP/1 parsing is hyper's. Content-Length with chunked gets Envoy's 400 (host-shim scans
-//!   each head for the pair before hyper, which would drop Content-Length); where else Envoy
-//!   1.40 answers 400 `Bad Request` + close, hyper differs: a `#fragment` in the target is
-//!   dropped (Envoy: 400, empty body). A malformed chunked body gets Envoy's 400 only when it breaks before the upstream
-//!   has answered. `expect: 100-continue` is
-//!   answered when the body is first read (after the plugin resumes), Envoy answers at once.
+//! * HTTP/1 parsing is hyper's. host-shim scans each head before hyper for what Envoy's codec
+//!   refuses and hyper would not: Content-Length with chunked (400), a `#fragment` in the target
+//!   (empty 400), HTTP/1.0 (426, with Envoy's `HTTP/1.1` status line). A malformed chunked
+//!   body gets Envoy's 400 only when it breaks before the upstream has answered.
+//!   `expect: 100-continue` is answered when the body is first read (after the plugin
+//!   resumes), Envoy answers at once.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -546,7 +546,12 @@ impl Worker {
         conn_id: u64,
     ) {
         let cm = &self.spec.connection_manager;
-        let (io, state) = DownstreamIo::new(stream, cm.request_headers_timeout, cm.idle_timeout);
+        let server = match cm.server_header_transformation {
+            conn_manager::ServerHeaderTransformation::PassThrough => None,
+            _ => Some(cm.server_name.clone()),
+        };
+        let (io, state) =
+            DownstreamIo::new(stream, cm.request_headers_timeout, cm.idle_timeout, server);
         let worker = self.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let worker = worker.clone();

@@ -145,6 +145,8 @@ fn cases() -> Vec<Case> {
             "local reply with a body",
             "POST /_krowoc/cache/purge HTTP/1.1\r\nhost: {host}\r\nx-krowoc-purge-token: wrong-token-wrong-token\r\ncontent-length: 0\r\n\r\n",
         ),
+        case("http/1.0", "GET /echo/old HTTP/1.0\r\nhost: {host}\r\n\r\n"),
+        case("a fragment in the target", "GET /echo/frag#part HTTP/1.1\r\nhost: {host}\r\n\r\n"),
         case(
             "content-length with chunked",
             "POST /echo/smuggle HTTP/1.1\r\nhost: {host}\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
