@@ -353,6 +353,7 @@ fn stream_properties_describe_the_request_the_connection_and_the_plugin() {
             ("x-probe", "pv"),
             ("x-request-id", "rid-1"),
             ("x-probe", "pw"),
+            ("user-agent", "abi-test"),
         ],
         b"",
     );
@@ -369,6 +370,10 @@ fn stream_properties_describe_the_request_the_connection_and_the_plugin() {
     assert_eq!(v["request.host"], "props.test");
     assert_eq!(v["request.scheme"], "http");
     assert_eq!(v["request.id"], "rid-1");
+    // One field by name (any case), its values joined with a comma; none for an absent one.
+    assert_eq!(v["request.headers.x-probe"], "pv,pw");
+    assert_eq!(v["request.headers.User-Agent"], "abi-test");
+    assert!(v["request.headers.x-absent"].is_null(), "{v}");
     assert_eq!(v["plugin_name"], "abi_plugin");
     assert_eq!(v["plugin_root_id"], "abi_root");
     assert_eq!(v["plugin_vm_id"], "abi_vm");

@@ -61,6 +61,17 @@ pub fn lookup(state: &mut HostState, path: &str) -> Option<Vec<u8>> {
         _ => {}
     }
     let stream = state.current_stream()?;
+    // One field of a header map: its values joined with `,`, as Envoy's attribute gives it.
+    for (prefix, map) in [
+        ("request.headers.", Some(&stream.request_headers)),
+        ("response.headers.", stream.response_headers.as_ref()),
+    ] {
+        if let Some(name) = path.strip_prefix(prefix) {
+            let name = name.to_ascii_lowercase();
+            let (_, value) = joined(map?).into_iter().find(|(k, _)| *k == name)?;
+            return Some(value);
+        }
+    }
     let req = &stream.request_headers;
     let info = &stream.info;
     let path_header = header(req, ":path").unwrap_or(b"/");
