@@ -1,18 +1,24 @@
 //! The response cache on a request's path, and its work off the path.
 //!
-//! A request on a route with a `cache` policy:
-//! 1. `begin_cache` — unless the request bypasses the cache (method, credentials), the lookup
-//!    script is sent together with the rate-limit call, so the request waits for one round
-//!    trip at most. The script returns the entry and, on a miss or a stale entry, tries the
-//!    key's fill lock.
-//! 2. `cache_proceed` — once every call answered and the rate limit let the request pass:
-//!    a fresh entry is served (or 304); a stale one within stale-while-revalidate is served and,
-//!    when this request took the lock, refreshed in the background; a miss with the lock taken
-//!    by another request waits for that fill (coalescing); anything else goes upstream.
-//! 3. `cache_response_headers` / `cache_response_body` — the upstream's answer passes to the
-//!    client as it comes; a storable one is collected on the way, and stored (one script: the
-//!    entry, its indexes, the lock) when it ends. A 5xx with a stale copy within
-//!    stale-if-error is replaced by the stale copy. An invalidation header is honoured on 2xx.
+//! A request on a route with a `cache` policy, as the filter's phase driver calls the
+//! [`CacheEngine`]:
+//! 1. [`CacheEngine::lookup`] — unless the request bypasses the cache (method, credentials),
+//!    the lookup script is sent together with the rate-limit call, so the request waits for one
+//!    round trip at most. The script returns the entry and, on a miss or a stale entry, tries
+//!    the key's fill lock.
+//! 2. [`CacheEngine::proceed`] — once every call answered and the rate limit let the request
+//!    pass: a fresh entry is served (or 304); a stale one within stale-while-revalidate is
+//!    served and, when this request took the lock, refreshed in the background; a miss with the
+//!    lock taken by another request waits for that fill (coalescing); anything else goes
+//!    upstream.
+//! 3. [`CacheEngine::response_headers`] / [`CacheEngine::response_body`] — the upstream's
+//!    answer passes to the client as it comes; a storable one is collected on the way, and
+//!    stored (one script: the entry, its indexes, the lock) when it ends. A 5xx with a stale
+//!    copy within stale-if-error is replaced by the stale copy. An invalidation header is
+//!    honoured on 2xx.
+//!
+//! A request's cache state ([`CacheRequest`]) lives in the request's record; the engine keeps
+//! only what outlives requests or spans several (jobs, coalescing, refreshes).
 //!
 //! Work that must outlive the request (stores, lock releases, background purges, refreshes,
 //! coalescing polls) is dispatched from the root context: on the tick for transport `relay`
@@ -28,12 +34,11 @@ use crate::cache_policy::{
     ttl_seconds, Bypass, CacheStatus, NotStored, Outcome,
 };
 use crate::cache_purge::{constant_time_eq, parse_directives, plan, Directive, PurgeStep};
-use crate::client::{Purpose, RawReply};
+use crate::client::{Purpose, RawReply, RedisClient, Wire};
 use crate::config::{Config, Transport};
 use crate::error::RedisError;
-use crate::filter::{Begin, Edge, HostAction, RequestFlow, RequestInfo};
 use crate::host::{self, define_metric, increment_metric, METRIC_COUNTER};
-use crate::ratelimit::LocalResponse;
+use crate::http::{HostAction, LocalResponse, RequestInfo};
 use crate::resp::{Command, Reply};
 use crate::scripts::Script;
 use proxy_wasm::types::LogLevel;
@@ -52,8 +57,6 @@ pub const CACHE_PURGE_LUA: &str = include_str!("scripts/cache_purge.lua");
 /// Source of one step of a pattern purge.
 pub const CACHE_SCAN_PURGE_LUA: &str = include_str!("scripts/cache_scan_purge.lua");
 
-/// Response body buffer (`BufferType::HttpResponseBody`).
-const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 /// Completion ids of background jobs: far above any context id a host hands out.
 const JOB_ID_BASE: u32 = 0x8000_0000;
 /// SCAN COUNT of one pattern-purge step.
@@ -350,8 +353,9 @@ enum Phase {
     Finished,
 }
 
+/// A request's cache state, kept in the request's record.
 #[derive(Debug)]
-struct CacheRequest {
+pub struct CacheRequest {
     route: usize,
     method: String,
     key: CacheKey,
@@ -367,9 +371,21 @@ struct CacheRequest {
     /// Redis time of the lookup that sent this request upstream (0: none).
     looked_up_at: u64,
     phase: Phase,
+    /// What the cache did, for the request's event.
+    outcome: Option<Outcome>,
 }
 
 impl CacheRequest {
+    /// Its lookup is out: the request waits for the answer.
+    pub fn awaits_lookup(&self) -> bool {
+        matches!(self.phase, Phase::Looking)
+    }
+
+    /// What the cache did (`HIT`, `MISS`, `BYPASS`, …), once it decided.
+    pub fn outcome(&self) -> Option<&'static str> {
+        self.outcome.map(Outcome::as_str)
+    }
+
     fn entry_key(&self) -> String {
         self.keys.entry(&self.key.hash)
     }
@@ -381,7 +397,7 @@ impl CacheRequest {
 /// A request waiting for its purges: a purge-endpoint request (answered with the outcome), or
 /// a response that announced an invalidation (let go once the purges are done).
 #[derive(Debug, Default)]
-struct PurgeRequest {
+pub struct PurgeRequest {
     /// A held response, not a purge-endpoint request.
     response: bool,
     outstanding: usize,
@@ -457,9 +473,9 @@ struct Revalidation {
 
 /// The cache's state on one VM.
 pub struct CacheEngine {
+    config: Rc<Config>,
     scripts: CacheScripts,
     metrics: CacheMetrics,
-    requests: HashMap<u32, CacheRequest>,
     queue: VecDeque<Job>,
     jobs: HashMap<u32, Job>,
     next_job: u32,
@@ -467,28 +483,68 @@ pub struct CacheEngine {
     waiting: BTreeMap<String, Vec<u32>>,
     polling: HashSet<String>,
     poll_results: HashMap<String, PollResult>,
-    purges: HashMap<u32, PurgeRequest>,
     revalidations: HashMap<u32, Revalidation>,
     tokens: u64,
     seed: u64,
 }
 
+/// The cache's view of the requests in flight (the filter's records), by context id: the
+/// engine reaches other requests only for coalescing and purge-endpoint answers.
+pub trait CacheRequests {
+    /// The cache state of request `ctx`.
+    fn cache_mut(&mut self, ctx: u32) -> Option<&mut CacheRequest>;
+    /// The purges request `ctx` waits for (None: no such request).
+    fn purge_mut(&mut self, ctx: u32) -> Option<&mut Option<PurgeRequest>>;
+}
+
+/// How the purge endpoint answers.
+#[derive(Debug)]
+pub enum PurgeStart {
+    /// At once (refused, or nothing could be sent).
+    Answer(LocalResponse),
+    /// Once these purges are done (the request waits, keeping this in its record).
+    Wait(PurgeRequest),
+}
+
+/// What a request does once its lookup answered and the rate limit let it pass.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Proceed {
+    /// Answered from the cache.
+    Serve(LocalResponse),
+    /// Waits for another request's fill (the tick lets it go).
+    Wait,
+    /// Goes upstream.
+    Forward,
+}
+
+/// What the response phase does for the cache.
+#[derive(Debug)]
+pub enum CacheResponse {
+    /// Let the response pass with these fields added.
+    Pass(Vec<(String, String)>),
+    /// Add these fields and hold the response until these purges are done
+    /// (`HostAction::ResumeResponse`).
+    Hold(Vec<(String, String)>, PurgeRequest),
+    /// Answer with this instead (a stale copy for an upstream error).
+    Replace(LocalResponse),
+}
+
 impl CacheEngine {
-    pub fn new(config: &Config) -> CacheEngine {
+    /// `seed` makes this VM's lock tokens differ from every other's (the host's clock).
+    pub fn new(config: &Rc<Config>, seed: u64) -> CacheEngine {
         CacheEngine {
+            config: Rc::clone(config),
             scripts: CacheScripts::load(),
             metrics: CacheMetrics::define(config),
-            requests: HashMap::new(),
             queue: VecDeque::new(),
             jobs: HashMap::new(),
             next_job: 0,
             waiting: BTreeMap::new(),
             polling: HashSet::new(),
             poll_results: HashMap::new(),
-            purges: HashMap::new(),
             revalidations: HashMap::new(),
             tokens: 0,
-            seed: host::now_ns(),
+            seed,
         }
     }
 
@@ -511,55 +567,25 @@ impl CacheEngine {
             .any(|r| r.cache.is_some() || r.invalidation.is_some())
             || config.cache.purge.is_some()
     }
-}
 
-fn is_job(id: u32) -> bool {
-    id & JOB_ID_BASE != 0
-}
-
-fn log_debug(message: &str) {
-    host::log(LogLevel::Debug, message);
-}
-
-fn json_response(status: u32, body: serde_json::Value) -> LocalResponse {
-    LocalResponse {
-        status,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("cache-control".into(), "no-store".into()),
-        ],
-        body: body.to_string().into_bytes(),
-    }
-}
-
-fn route_for(config: &Config, path: &str, method: &str) -> Option<usize> {
-    config
-        .routes
-        .iter()
-        .position(|r| r.matcher.matches(path, method))
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    first(headers, name)
-}
-
-impl Edge {
     // ---- request phase -----------------------------------------------------------------------
 
     /// The purge endpoint: answered by the filter, never forwarded. None for other paths.
-    pub(crate) fn purge_request(
+    pub fn purge_endpoint(
         &mut self,
-        ctx: u32,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
+        ctx: u32,
         req: &RequestInfo,
-    ) -> Option<Begin> {
-        let purge = self.config.cache.purge.as_ref()?;
-        let path = req.path.split('?').next().unwrap_or("");
-        if path != purge.path {
+    ) -> Option<PurgeStart> {
+        let config = Rc::clone(&self.config);
+        let purge = config.cache.purge.as_ref()?;
+        if req.path() != purge.path {
             return None;
         }
         let respond = |status: u32, error: &str| {
-            Some(Begin::Respond(json_response(
+            Some(PurgeStart::Answer(json_response(
                 status,
                 serde_json::json!({ "error": error }),
             )))
@@ -567,9 +593,9 @@ impl Edge {
         if req.method != "POST" && req.method != "PURGE" {
             let mut resp = json_response(405, serde_json::json!({"error": "use POST"}));
             resp.headers.push(("allow".into(), "POST, PURGE".into()));
-            return Some(Begin::Respond(resp));
+            return Some(PurgeStart::Answer(resp));
         }
-        let token = header(&req.headers, &purge.token_header).unwrap_or("");
+        let token = req.header(&purge.token_header).unwrap_or("");
         if !constant_time_eq(token.as_bytes(), purge.token.as_bytes()) {
             return respond(403, "missing or wrong purge token");
         }
@@ -597,7 +623,6 @@ impl Edge {
             directives: directives.iter().map(Directive::render).collect(),
             ..PurgeRequest::default()
         };
-        let config = Rc::clone(&self.config);
         let mut jobs = Vec::new();
         for d in &directives {
             for step in plan(&config, d) {
@@ -609,7 +634,7 @@ impl Edge {
         }
         // The endpoint's own calls go out from its context: it waits for them (alive).
         for job in jobs {
-            match self.dispatch_job(now_ms, job) {
+            match self.dispatch_job(client, wire, now_ms, job) {
                 Ok(()) => request.outstanding += 1,
                 Err(failed) => {
                     let (job, e) = *failed;
@@ -619,51 +644,34 @@ impl Edge {
             }
         }
         if request.outstanding == 0 {
-            return Some(Begin::Respond(purge_answer(&request)));
+            return Some(PurgeStart::Answer(purge_answer(&request)));
         }
-        self.cache.purges.insert(ctx, request);
-        Some(Begin::Pause)
+        Some(PurgeStart::Wait(request))
     }
 
-    /// Adds the cache lookup to a request the rate limiter let pass (or is deciding).
-    pub(crate) fn begin_cache(
+    /// The cache's part of a request on route `route_idx`: the lookup is sent (it goes out
+    /// with the rate limit's call, so the request waits for one round trip at most), or the
+    /// request bypasses the cache. None when the route has no cache.
+    pub fn lookup(
         &mut self,
-        ctx: u32,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
+        ctx: u32,
+        route_idx: usize,
         req: &RequestInfo,
-        rate_limit: Begin,
-    ) -> Begin {
-        if matches!(rate_limit, Begin::Respond(_)) {
-            return rate_limit;
-        }
-        if matches!(rate_limit, Begin::Continue) {
-            if let Some(purge) = self.purge_request(ctx, now_ms, req) {
-                return purge;
-            }
-        }
-        let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    ) -> Option<CacheRequest> {
         let config = Rc::clone(&self.config);
-        let Some(route_idx) = route_for(&config, path, &req.method) else {
-            return rate_limit;
-        };
         let route = &config.routes[route_idx];
-        if route.cache.is_none() && route.invalidation.is_none() {
-            return rate_limit;
-        }
-        self.flows
-            .entry(ctx)
-            .or_insert_with(|| RequestFlow::for_route(route_idx));
-        let Some(policy) = &route.cache else {
-            return rate_limit;
-        };
+        let policy = route.cache.as_ref()?;
         let key = cache_key::derive(
             policy,
             &KeyInput {
-                scheme: header(&req.headers, ":scheme").unwrap_or("http"),
-                host: header(&req.headers, ":authority").unwrap_or(""),
+                scheme: req.header(":scheme").unwrap_or("http"),
+                host: req.header(":authority").unwrap_or(""),
                 method: &req.method,
-                path,
-                query,
+                path: req.path(),
+                query: req.query(),
                 headers: &req.headers,
             },
         );
@@ -672,7 +680,7 @@ impl Edge {
             method: req.method.clone(),
             key,
             keys: RouteKeys::new(&config.redis.key_prefix, &route.name),
-            token: self.cache.new_token(ctx),
+            token: self.new_token(ctx),
             holds_lock: false,
             conditional: req
                 .headers
@@ -687,12 +695,12 @@ impl Edge {
             delete_on_end: false,
             looked_up_at: 0,
             phase: Phase::Looking,
+            outcome: None,
         };
         if let Some(reason) = cache_policy::request_bypass(policy, &req.method, &req.headers) {
             request.phase = Phase::Bypass(reason);
-            self.cache.metrics.count(route_idx, Count::Bypass);
-            self.cache.requests.insert(ctx, request);
-            return rate_limit;
+            self.metrics.count(route_idx, Count::Bypass);
+            return Some(request);
         }
         if policy.stale_while_revalidate.as_millis() > 0 || policy.honor_cache_control {
             request.revalidate = revalidate_target(policy, req);
@@ -708,52 +716,32 @@ impl Edge {
             lock_ms.to_string(),
             request.token.clone(),
         ];
-        let lookup = &self.cache.scripts.lookup;
+        let lookup = &self.scripts.lookup;
         let (evalsha, eval) = (lookup.evalsha(&keys, &args), lookup.eval(&keys, &args));
-        let sent = self.client.call(
-            &mut self.wire,
+        let sent = client.call(
+            wire,
             now_ms,
             ctx,
             Purpose::CacheLookup,
             &evalsha,
             Some(eval),
         );
-        match sent {
-            Ok(_) => {
-                if let Some(flow) = self.flows.get_mut(&ctx) {
-                    flow.outstanding += 1;
-                }
-                self.cache.requests.insert(ctx, request);
-                Begin::Pause
-            }
-            Err(e) => {
-                log_debug(&format!(
-                    "krowoc-edge: route {}: cache bypassed: {e}",
-                    route.name
-                ));
-                request.phase = Phase::Bypass(Bypass::Redis);
-                self.cache.metrics.count(route_idx, Count::Bypass);
-                self.cache.metrics.count(route_idx, Count::RedisError);
-                self.cache.requests.insert(ctx, request);
-                rate_limit
-            }
+        if let Err(e) = sent {
+            log_debug(&format!(
+                "krowoc-edge: route {}: cache bypassed: {e}",
+                route.name
+            ));
+            request.phase = Phase::Bypass(Bypass::Redis);
+            self.metrics.count(route_idx, Count::Bypass);
+            self.metrics.count(route_idx, Count::RedisError);
         }
+        Some(request)
     }
 
-    /// A cache call finished (a lookup, or a background job).
-    pub(crate) fn complete_cache(
-        &mut self,
-        now_ms: u64,
-        ctx: u32,
-        purpose: Purpose,
-        result: Result<Reply, RedisError>,
-    ) -> Option<HostAction> {
-        if purpose == Purpose::CacheJob {
-            return self.complete_job(now_ms, ctx, result);
-        }
-        let request = self.cache.requests.get_mut(&ctx)?;
+    /// The lookup's answer; false when the request was not waiting for one.
+    pub fn on_lookup(request: &mut CacheRequest, result: Result<Reply, RedisError>) -> bool {
         if !matches!(request.phase, Phase::Looking) {
-            return None;
+            return false;
         }
         let lookup = result.and_then(|r| parse_lookup(&r));
         if let Ok(l) = &lookup {
@@ -761,30 +749,28 @@ impl Edge {
             request.looked_up_at = l.now_ms;
         }
         request.phase = Phase::Found(lookup);
-        let flow = self.flows.get_mut(&ctx)?;
-        flow.outstanding = flow.outstanding.saturating_sub(1);
-        if flow.outstanding > 0 {
-            return None;
-        }
-        self.decide(now_ms, ctx)
+        true
     }
 
     /// The rate limit let the request pass: answer it from the cache, let it wait for a
     /// fill, or send it upstream.
-    pub(crate) fn cache_proceed(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+    pub fn proceed(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        ctx: u32,
+        request: &mut CacheRequest,
+    ) -> Proceed {
         let config = Rc::clone(&self.config);
-        let Some(request) = self.cache.requests.get_mut(&ctx) else {
-            return Some(HostAction::Resume(ctx));
-        };
         if !matches!(request.phase, Phase::Found(_)) {
             // A bypass: nothing to decide.
-            return Some(HostAction::Resume(ctx));
+            return Proceed::Forward;
         }
         let Phase::Found(result) = std::mem::replace(&mut request.phase, Phase::Finished) else {
-            return Some(HostAction::Resume(ctx));
+            return Proceed::Forward;
         };
         let route = request.route;
-        let metrics = &self.cache.metrics;
         let mut lookup = match result {
             Ok(l) => l,
             Err(e) => {
@@ -792,31 +778,28 @@ impl Edge {
                     "krowoc-edge: route {}: cache bypassed: {e}",
                     config.routes[route].name
                 ));
-                metrics.count(route, Count::Bypass);
-                metrics.count(route, Count::RedisError);
+                self.metrics.count(route, Count::Bypass);
+                self.metrics.count(route, Count::RedisError);
                 request.phase = Phase::Bypass(Bypass::Redis);
-                return Some(HostAction::Resume(ctx));
+                return Proceed::Forward;
             }
         };
         if lookup.corrupt {
-            metrics.count(route, Count::Corrupt);
+            self.metrics.count(route, Count::Corrupt);
         }
-        let decoded = lookup.blob.take().map(entry_decode);
-        let decoded = match decoded {
+        let decoded = match lookup.blob.take().map(entry_decode) {
             Some(Err(())) => {
-                metrics.count(route, Count::Corrupt);
+                self.metrics.count(route, Count::Corrupt);
                 request.delete_on_end = true;
                 None
             }
             Some(Ok(r)) => Some(r),
             None => None,
         };
-        let request = self.cache.requests.get_mut(&ctx)?;
         let settings = &config.cache;
-        let metrics = &self.cache.metrics;
         match (lookup.state, decoded) {
             (EntryState::Hit, Some(stored)) => {
-                metrics.count(route, Count::Hit);
+                self.metrics.count(route, Count::Hit);
                 let ttl = ttl_seconds(lookup.fresh_ms, lookup.age_ms);
                 let resp = serve(
                     settings,
@@ -826,15 +809,15 @@ impl Edge {
                     Outcome::Hit,
                     CacheStatus::hit(ttl),
                 );
-                self.events.note_cache(ctx, Outcome::Hit.as_str());
+                request.outcome = Some(Outcome::Hit);
                 if resp.status == 304 {
-                    metrics.count(route, Count::NotModified);
+                    self.metrics.count(route, Count::NotModified);
                 }
                 request.phase = Phase::Served;
-                Some(HostAction::Respond(ctx, resp))
+                Proceed::Serve(resp)
             }
             (EntryState::Stale, Some(stored)) => {
-                metrics.count(route, Count::Stale);
+                self.metrics.count(route, Count::Stale);
                 let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, lookup.age_ms));
                 status.detail = Some("stale-while-revalidate");
                 let resp = serve(
@@ -845,7 +828,7 @@ impl Edge {
                     Outcome::Stale,
                     status,
                 );
-                self.events.note_cache(ctx, Outcome::Stale.as_str());
+                request.outcome = Some(Outcome::Stale);
                 request.phase = Phase::Served;
                 if request.holds_lock {
                     request.holds_lock = false;
@@ -863,9 +846,9 @@ impl Edge {
                             pass_ms: 0,
                         },
                     };
-                    self.queue_job(now_ms, job);
+                    self.queue_job(client, wire, now_ms, job);
                 }
-                Some(HostAction::Respond(ctx, resp))
+                Proceed::Serve(resp)
             }
             (state, stored) => {
                 let stale = stored.map(|response| StaleCopy {
@@ -881,38 +864,57 @@ impl Edge {
                     Outcome::Miss
                 };
                 if lookup.lock == LockState::Held {
-                    metrics.count(route, Count::Coalesced);
+                    self.metrics.count(route, Count::Coalesced);
                     request.phase = Phase::Waiting {
                         since_ms: now_ms,
                         stale,
                     };
-                    let entry_key = request.entry_key();
-                    self.cache.waiting.entry(entry_key).or_default().push(ctx);
-                    return None;
+                    self.waiting
+                        .entry(request.entry_key())
+                        .or_default()
+                        .push(ctx);
+                    return Proceed::Wait;
                 }
-                metrics.count(route, Count::forwarded(outcome));
+                self.metrics.count(route, Count::forwarded(outcome));
                 request.phase = Phase::Forwarded { outcome, stale };
-                Some(HostAction::Resume(ctx))
+                Proceed::Forward
             }
         }
     }
 
     // ---- response phase ----------------------------------------------------------------------
 
-    /// The upstream's response headers (or a local reply's): fields to add, or a replacement.
+    /// The upstream's response headers (or a local reply's) for a request on route
+    /// `route_idx`: fields to add, or a replacement. `passed` are the fields the request was
+    /// let through with (the rate limit's), which a replacement carries too.
     ///
     /// A response that invalidates (the route's invalidation header, or a successful unsafe
     /// request to a cached route) is held until its purges are done, so that a client that
     /// reads after it sees the invalidation: one Redis round trip, the purges going out
     /// together. Pattern purges scan and stay off the response path.
-    pub(crate) fn cache_response_headers(
+    #[allow(clippy::too_many_arguments)]
+    pub fn response_headers(
         &mut self,
-        ctx: u32,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
+        ctx: u32,
+        route_idx: usize,
+        request: Option<&mut CacheRequest>,
+        passed: &[(String, String)],
         end_of_stream: bool,
     ) -> CacheResponse {
         let mut purges = Vec::new();
-        let step = self.response_step(ctx, now_ms, end_of_stream, &mut purges);
+        let step = self.response_step(
+            client,
+            wire,
+            now_ms,
+            route_idx,
+            request,
+            passed,
+            end_of_stream,
+            &mut purges,
+        );
         if purges.is_empty() {
             return step;
         }
@@ -925,7 +927,7 @@ impl Edge {
                 kind,
                 notify: Some(ctx),
             };
-            match self.dispatch_job(now_ms, job) {
+            match self.dispatch_job(client, wire, now_ms, job) {
                 Ok(()) => held.outstanding += 1,
                 Err(failed) => {
                     let (job, e) = *failed;
@@ -935,30 +937,29 @@ impl Edge {
         }
         match step {
             CacheResponse::Pass(fields) if held.outstanding > 0 => {
-                self.cache.purges.insert(ctx, held);
-                CacheResponse::Hold(fields)
+                CacheResponse::Hold(fields, held)
             }
             other => other,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn response_step(
         &mut self,
-        ctx: u32,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
+        route_idx: usize,
+        request: Option<&mut CacheRequest>,
+        passed: &[(String, String)],
         end_of_stream: bool,
         purges: &mut Vec<JobKind>,
     ) -> CacheResponse {
         let config = Rc::clone(&self.config);
-        let Some(route_idx) = self.flows.get(&ctx).map(|f| f.route) else {
-            return CacheResponse::Pass(Vec::new());
-        };
         let route = &config.routes[route_idx];
         let wanted = route.invalidation.is_some()
-            || self
-                .cache
-                .requests
-                .get(&ctx)
+            || request
+                .as_ref()
                 .is_some_and(|r| matches!(r.phase, Phase::Forwarded { .. } | Phase::Bypass(_)));
         if !wanted {
             return CacheResponse::Pass(Vec::new());
@@ -969,10 +970,10 @@ impl Edge {
             .unwrap_or(502);
         if let Some(inv) = &route.invalidation {
             if (200..300).contains(&status) {
-                self.honour_invalidation(now_ms, &headers, &inv.header, purges);
+                self.honour_invalidation(client, wire, now_ms, &headers, &inv.header, purges);
             }
         }
-        let Some(request) = self.cache.requests.get_mut(&ctx) else {
+        let Some(request) = request else {
             return CacheResponse::Pass(Vec::new());
         };
         let settings = &config.cache;
@@ -999,7 +1000,7 @@ impl Edge {
                         });
                 request.phase = Phase::Bypass(reason);
                 purges.extend(invalidate.map(JobKind::Purge));
-                self.events.note_cache(ctx, Outcome::Bypass.as_str());
+                request.outcome = Some(Outcome::Bypass);
                 CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
             }
             Phase::Forwarded { outcome, stale } => {
@@ -1017,25 +1018,10 @@ impl Edge {
                         s.detail = Some("stale-if-error");
                         let mut resp =
                             serve(settings, request, &stale.response, age, Outcome::Stale, s);
-                        self.events.note_cache(ctx, Outcome::Stale.as_str());
-                        let lock = request
-                            .holds_lock
-                            .then(|| (request.lock_key(), request.token.clone()));
-                        request.holds_lock = false;
-                        self.cache.metrics.count(route_idx, Count::Stale);
-                        if let Some((lock_key, token)) = lock {
-                            self.queue_job(
-                                now_ms,
-                                JobKind::Unlock {
-                                    lock_key,
-                                    token,
-                                    pass_ms: 0,
-                                },
-                            );
-                        }
-                        if let Some(flow) = self.flows.get(&ctx) {
-                            resp.headers.extend(flow.response_headers.iter().cloned());
-                        }
+                        request.outcome = Some(Outcome::Stale);
+                        self.metrics.count(route_idx, Count::Stale);
+                        self.release_lock(client, wire, now_ms, request, 0);
+                        resp.headers.extend(passed.iter().cloned());
                         return CacheResponse::Replace(resp);
                     }
                 }
@@ -1063,16 +1049,22 @@ impl Edge {
                         request.phase = Phase::Collecting(collector);
                         // A HEAD answer has no body even when its fields describe one.
                         if end_of_stream || request.method == "HEAD" {
-                            self.finish_collecting(now_ms, ctx);
+                            self.finish_collecting(client, wire, now_ms, request);
                         }
                     }
                     Err(why) => {
                         s.detail = Some(why.as_str());
-                        self.cache.metrics.count(route_idx, Count::NotStored);
-                        self.release_lock(now_ms, ctx, pass_for(why, status, policy));
+                        self.metrics.count(route_idx, Count::NotStored);
+                        self.release_lock(
+                            client,
+                            wire,
+                            now_ms,
+                            request,
+                            pass_for(why, status, policy),
+                        );
                     }
                 }
-                self.events.note_cache(ctx, outcome.as_str());
+                request.outcome = Some(outcome);
                 CacheResponse::Pass(status_fields(settings, outcome, &s))
             }
             other => {
@@ -1082,51 +1074,48 @@ impl Edge {
         }
     }
 
-    /// A chunk of the response body passed (`body_size` bytes buffered).
-    pub(crate) fn cache_response_body(
+    /// Whether the request keeps a copy of its response body (to store it).
+    pub fn collects(request: &CacheRequest) -> bool {
+        matches!(request.phase, Phase::Collecting(_))
+    }
+
+    /// A chunk of the response body passed.
+    pub fn response_body(
         &mut self,
-        ctx: u32,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
-        body_size: usize,
+        request: &mut CacheRequest,
+        chunk: &[u8],
         end_of_stream: bool,
     ) {
-        let Some(request) = self.cache.requests.get_mut(&ctx) else {
-            return;
-        };
         let Phase::Collecting(c) = &mut request.phase else {
             return;
         };
         let route = request.route;
-        let max = self.config.routes[route]
-            .cache
-            .as_ref()
-            .map(|p| p.max_body_bytes)
-            .unwrap_or(0);
-        if body_size > 0 {
-            let chunk = host::buffer(BUFFER_HTTP_RESPONSE_BODY, body_size).unwrap_or_default();
-            c.body.extend_from_slice(&chunk);
-        }
+        let policy = self.config.routes[route].cache.as_ref();
+        let max = policy.map(|p| p.max_body_bytes).unwrap_or(0);
+        c.body.extend_from_slice(chunk);
         if u64::try_from(c.body.len()).unwrap_or(u64::MAX) > max {
             request.phase = Phase::Finished;
-            self.cache.metrics.count(route, Count::NotStored);
-            let pass = self.config.routes[route]
-                .cache
-                .as_ref()
-                .map(|p| p.coalesce.lock.as_millis())
-                .unwrap_or(0);
-            self.release_lock(now_ms, ctx, pass);
+            self.metrics.count(route, Count::NotStored);
+            let pass = policy.map(|p| p.coalesce.lock.as_millis()).unwrap_or(0);
+            self.release_lock(client, wire, now_ms, request, pass);
             return;
         }
         if end_of_stream {
-            self.finish_collecting(now_ms, ctx);
+            self.finish_collecting(client, wire, now_ms, request);
         }
     }
 
     /// The response ended: store what was collected.
-    fn finish_collecting(&mut self, now_ms: u64, ctx: u32) {
-        let Some(request) = self.cache.requests.get_mut(&ctx) else {
-            return;
-        };
+    fn finish_collecting(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        request: &mut CacheRequest,
+    ) {
         let Phase::Collecting(c) = std::mem::replace(&mut request.phase, Phase::Finished) else {
             return;
         };
@@ -1158,55 +1147,48 @@ impl Edge {
             request.looked_up_at.to_string(),
         ];
         request.holds_lock = false;
-        let route = request.route;
-        self.queue_store(now_ms, route, keys, args, blob);
+        self.queue_store(client, wire, now_ms, request.route, keys, args, blob);
     }
 
-    /// The request ended (logged, or its context went away).
-    pub(crate) fn cache_end(&mut self, ctx: u32) {
-        let now_ms = host::now_ms();
-        if let Some(request) = self.cache.requests.get(&ctx) {
-            if let Phase::Collecting(c) = &request.phase {
-                // Trailers ended the body without an end-of-stream chunk: store if complete.
-                if c.content_length == Some(c.body.len()) {
-                    self.finish_collecting(now_ms, ctx);
-                } else {
-                    let route = request.route;
-                    self.cache.metrics.count(route, Count::NotStored);
-                }
+    /// Request `ctx` ended (logged, or its context went away).
+    pub fn end(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        ctx: u32,
+        mut request: CacheRequest,
+    ) {
+        if let Phase::Collecting(c) = &request.phase {
+            // Trailers ended the body without an end-of-stream chunk: store if complete.
+            if c.content_length == Some(c.body.len()) {
+                self.finish_collecting(client, wire, now_ms, &mut request);
+            } else {
+                self.metrics.count(request.route, Count::NotStored);
             }
         }
-        self.release_lock(now_ms, ctx, 0);
-        let unreadable = self
-            .cache
-            .requests
-            .get(&ctx)
-            .filter(|r| r.delete_on_end)
-            .map(CacheRequest::entry_key);
-        if let Some(key) = unreadable {
-            self.queue_job(now_ms, JobKind::Delete { key });
+        self.release_lock(client, wire, now_ms, &mut request, 0);
+        if request.delete_on_end {
+            let key = request.entry_key();
+            self.queue_job(client, wire, now_ms, JobKind::Delete { key });
         }
-        let waited_on = self
-            .cache
-            .requests
-            .get(&ctx)
-            .filter(|r| matches!(r.phase, Phase::Waiting { .. }))
-            .map(CacheRequest::entry_key);
-        if let Some(key) = waited_on {
-            if let Some(list) = self.cache.waiting.get_mut(&key) {
+        if matches!(request.phase, Phase::Waiting { .. }) {
+            if let Some(list) = self.waiting.get_mut(&request.entry_key()) {
                 list.retain(|c| *c != ctx);
             }
         }
-        self.cache.requests.remove(&ctx);
-        self.cache.purges.remove(&ctx);
     }
 
     /// Releases this request's fill lock (off the request path); `pass_ms` > 0 marks the key
     /// uncacheable for that long.
-    fn release_lock(&mut self, now_ms: u64, ctx: u32, pass_ms: u64) {
-        let Some(request) = self.cache.requests.get_mut(&ctx) else {
-            return;
-        };
+    fn release_lock(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        request: &mut CacheRequest,
+        pass_ms: u64,
+    ) {
         if !request.holds_lock {
             return;
         }
@@ -1216,13 +1198,15 @@ impl Edge {
             token: request.token.clone(),
             pass_ms,
         };
-        self.queue_job(now_ms, job);
+        self.queue_job(client, wire, now_ms, job);
     }
 
     /// Applies an upstream's invalidation header (its route has `invalidation`, status 2xx):
     /// index purges go to `purges` (the response waits for them), scans to the job queue.
     fn honour_invalidation(
         &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
         headers: &[(String, String)],
         name: &str,
@@ -1244,7 +1228,7 @@ impl Edge {
                     LogLevel::Warn,
                     &format!("krowoc-edge: ignored invalidation header {name}: {e}"),
                 );
-                increment_metric(self.cache.metrics.purge_failures, 1);
+                increment_metric(self.metrics.purge_failures, 1);
                 return;
             }
         };
@@ -1252,7 +1236,7 @@ impl Edge {
         for d in &directives {
             for step in plan(&config, d) {
                 match purge_job(step) {
-                    scan @ JobKind::Scan { .. } => self.queue_job(now_ms, scan),
+                    scan @ JobKind::Scan { .. } => self.queue_job(client, wire, now_ms, scan),
                     index => purges.push(index),
                 }
             }
@@ -1261,8 +1245,11 @@ impl Edge {
 
     // ---- background work ---------------------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)]
     fn queue_store(
         &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
         route: usize,
         keys: Vec<String>,
@@ -1278,182 +1265,47 @@ impl Edge {
             },
             notify: None,
         };
-        self.enqueue(now_ms, job);
+        self.enqueue(client, wire, now_ms, job);
     }
 
-    fn queue_job(&mut self, now_ms: u64, kind: JobKind) {
-        self.enqueue(now_ms, Job { kind, notify: None });
+    fn queue_job(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        kind: JobKind,
+    ) {
+        self.enqueue(client, wire, now_ms, Job { kind, notify: None });
     }
 
-    fn enqueue(&mut self, now_ms: u64, job: Job) {
+    fn enqueue(&mut self, client: &mut RedisClient, wire: &mut dyn Wire, now_ms: u64, job: Job) {
         // Higress Redis calls belong to the root context: no need to wait for the tick.
-        let immediate = self.client.transport == Transport::RedisCall
+        let immediate = client.transport == Transport::RedisCall
             && !matches!(job.kind, JobKind::Revalidate { .. });
         if immediate {
-            if let Err(failed) = self.dispatch_job(now_ms, job) {
+            if let Err(failed) = self.dispatch_job(client, wire, now_ms, job) {
                 let (job, e) = *failed;
                 self.job_failed(&job, &e);
             }
             return;
         }
-        if self.cache.queue.len() >= MAX_QUEUED_JOBS {
+        if self.queue.len() >= MAX_QUEUED_JOBS {
             self.job_failed(&job, &RedisError::protocol("cache job queue full"));
             return;
         }
-        self.cache.queue.push_back(job);
+        self.queue.push_back(job);
     }
-}
 
-/// What the response phase does for the cache.
-#[derive(Debug)]
-pub enum CacheResponse {
-    /// Let the response pass with these fields added.
-    Pass(Vec<(String, String)>),
-    /// Add these fields and hold the response until its purges are done
-    /// (`HostAction::ResumeResponse`).
-    Hold(Vec<(String, String)>),
-    /// Answer with this instead (a stale copy for an upstream error).
-    Replace(LocalResponse),
-}
-
-/// `EVALSHA`/`EVAL` of a script whose first argument may be bytes.
-fn script_command(
-    script: &Script,
-    eval: bool,
-    keys: &[String],
-    blob: Option<&[u8]>,
-    args: &[String],
-) -> Command {
-    let head = if eval {
-        Command::new("EVAL").arg(script.source)
-    } else {
-        Command::new("EVALSHA").arg(&script.sha1)
-    };
-    let mut c = head.arg(keys.len().to_string()).args(keys);
-    if let Some(b) = blob {
-        c = c.arg(b);
-    }
-    c.args(args)
-}
-
-fn script_pair(
-    script: &Script,
-    keys: &[String],
-    blob: Option<&[u8]>,
-    args: &[String],
-) -> (Command, Option<Command>) {
-    (
-        script_command(script, false, keys, blob, args),
-        Some(script_command(script, true, keys, blob, args)),
-    )
-}
-
-/// The job of one purge step.
-fn purge_job(step: PurgeStep) -> JobKind {
-    match step {
-        PurgeStep::Scan { .. } => JobKind::Scan {
-            step,
-            cursor: "0".into(),
-        },
-        index => JobKind::Purge(index),
-    }
-}
-
-fn entry_decode(blob: Vec<u8>) -> Result<StoredResponse, ()> {
-    cache_entry::decode(blob).map_err(|e| log_debug(&format!("krowoc-edge: {e}")))
-}
-
-/// How long to mark a key uncacheable after a response that was not stored: a deterministic
-/// refusal (private, too large, ...) keeps concurrent misses from waiting for a fill that never
-/// comes; a 5xx may be passing, so it only releases the lock.
-fn pass_for(why: NotStored, status: u16, policy: &CachePolicy) -> u64 {
-    if why == NotStored::Status && status >= 500 {
-        0
-    } else {
-        policy.coalesce.lock.as_millis()
-    }
-}
-
-/// Where a background refresh of this request's entry would go: the route's cluster (Envoy's
-/// `xds.cluster_name`), with the request line and the keyed fields.
-fn revalidate_target(policy: &CachePolicy, req: &RequestInfo) -> Option<RevalidateTarget> {
-    let cluster = host::property(&["xds", "cluster_name"])
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .filter(|c| !c.is_empty())?;
-    let mut headers = vec![
-        (":method".to_string(), req.method.clone()),
-        (":path".to_string(), req.path.clone()),
-        (
-            ":authority".to_string(),
-            header(&req.headers, ":authority")?.to_string(),
-        ),
-        (
-            ":scheme".to_string(),
-            header(&req.headers, ":scheme")
-                .unwrap_or("http")
-                .to_string(),
-        ),
-    ];
-    for name in &policy.key.headers {
-        headers.extend(
-            req.headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .cloned(),
-        );
-    }
-    Some(RevalidateTarget { cluster, headers })
-}
-
-/// The answer from the cache: the stored response (or 304 for a matching conditional
-/// request) with `Age`, `X-Cache` and `Cache-Status`.
-fn serve(
-    settings: &crate::cache_config::CacheSettings,
-    request: &CacheRequest,
-    stored: &StoredResponse,
-    age_ms: u64,
-    outcome: Outcome,
-    status: CacheStatus,
-) -> LocalResponse {
-    let (code, mut headers, body) =
-        if not_modified(&request.method, &request.conditional, &stored.headers) {
-            (304, not_modified_fields(&stored.headers), Vec::new())
-        } else {
-            (stored.status, stored.headers.clone(), stored.body.clone())
-        };
-    headers.push(("age".into(), (age_ms / 1000).to_string()));
-    headers.extend(status_fields(settings, outcome, &status));
-    LocalResponse {
-        status: u32::from(code),
-        headers,
-        body,
-    }
-}
-
-fn purge_answer(p: &PurgeRequest) -> LocalResponse {
-    if p.failures.is_empty() {
-        json_response(
-            200,
-            serde_json::json!({"purged": p.deleted, "directives": p.directives}),
-        )
-    } else {
-        json_response(
-            502,
-            serde_json::json!({
-                "error": "some purges failed",
-                "failures": p.failures,
-                "purged": p.deleted,
-                "directives": p.directives,
-            }),
-        )
-    }
-}
-
-impl Edge {
     /// Sends one job now; the job comes back with the error when it could not be sent.
-    fn dispatch_job(&mut self, now_ms: u64, job: Job) -> Result<(), Box<(Job, RedisError)>> {
-        let id = self.cache.job_id();
-        let scripts = &self.cache.scripts;
+    fn dispatch_job(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        job: Job,
+    ) -> Result<(), Box<(Job, RedisError)>> {
+        let id = self.job_id();
+        let scripts = &self.scripts;
         let (cmd, eval) = match &job.kind {
             JobKind::Store {
                 keys, blob, args, ..
@@ -1544,8 +1396,8 @@ impl Edge {
                             ..
                         } = job.kind
                         {
-                            increment_metric(self.cache.metrics.revalidations, 1);
-                            self.cache.revalidations.insert(
+                            increment_metric(self.metrics.revalidations, 1);
+                            self.revalidations.insert(
                                 call,
                                 Revalidation {
                                     route,
@@ -1570,15 +1422,12 @@ impl Edge {
                 };
             }
         };
-        match self
-            .client
-            .call(&mut self.wire, now_ms, id, Purpose::CacheJob, &cmd, eval)
-        {
+        match client.call(wire, now_ms, id, Purpose::CacheJob, &cmd, eval) {
             Ok(_) => {
                 if let JobKind::Poll { entry_key, .. } = &job.kind {
-                    self.cache.polling.insert(entry_key.clone());
+                    self.polling.insert(entry_key.clone());
                 }
-                self.cache.jobs.insert(id, job);
+                self.jobs.insert(id, job);
                 Ok(())
             }
             Err(e) => Err(Box::new((job, e))),
@@ -1590,20 +1439,20 @@ impl Edge {
         match &job.kind {
             JobKind::Store { route, .. } => {
                 log_debug(&format!("krowoc-edge: cache store failed: {e}"));
-                self.cache.metrics.count(*route, Count::StoreFailure);
+                self.metrics.count(*route, Count::StoreFailure);
             }
             JobKind::Purge(_) | JobKind::Scan { .. } => {
                 host::log(
                     LogLevel::Warn,
                     &format!("krowoc-edge: cache purge failed: {e}"),
                 );
-                increment_metric(self.cache.metrics.purge_failures, 1);
+                increment_metric(self.metrics.purge_failures, 1);
             }
             JobKind::Poll {
                 entry_key, token, ..
             } => {
-                self.cache.polling.remove(entry_key);
-                self.cache.poll_results.insert(
+                self.polling.remove(entry_key);
+                self.poll_results.insert(
                     entry_key.clone(),
                     PollResult {
                         token: token.clone(),
@@ -1620,7 +1469,7 @@ impl Edge {
                     &self.config.redis.key_prefix,
                     &self.config.routes[*route].name,
                 );
-                self.cache.queue.push_back(Job {
+                self.queue.push_back(Job {
                     kind: JobKind::Unlock {
                         lock_key: keys.lock(&key.hash),
                         token: token.clone(),
@@ -1633,44 +1482,50 @@ impl Edge {
         }
     }
 
-    /// A purge of a purge-endpoint request finished (or made progress).
+    /// A purge of request `ctx` finished (or made progress); once the last is done, the
+    /// purge endpoint answers or the held response goes on.
     fn purge_progress(
-        &mut self,
+        requests: &mut dyn CacheRequests,
         ctx: u32,
         deleted: u64,
         failure: Option<String>,
     ) -> Option<HostAction> {
-        let p = self.cache.purges.get_mut(&ctx)?;
+        let slot = requests.purge_mut(ctx)?;
+        let p = slot.as_mut()?;
         p.deleted += deleted;
         p.failures.extend(failure);
         p.outstanding = p.outstanding.saturating_sub(1);
         if p.outstanding > 0 {
             return None;
         }
-        let p = self.cache.purges.remove(&ctx)?;
+        let p = slot.take()?;
         if p.response {
             return Some(HostAction::ResumeResponse(ctx));
         }
         Some(HostAction::Respond(ctx, purge_answer(&p)))
     }
 
-    fn complete_job(
+    /// The answer to job `id` (a completion of [`Purpose::CacheJob`]).
+    pub fn on_job_answer(
         &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
         id: u32,
         result: Result<Reply, RedisError>,
+        requests: &mut dyn CacheRequests,
     ) -> Option<HostAction> {
         if !is_job(id) {
             return None;
         }
-        let job = self.cache.jobs.remove(&id)?;
+        let job = self.jobs.remove(&id)?;
         let result = match result {
             Ok(r) => r,
             Err(e) => {
                 self.job_failed(&job, &e);
                 return job
                     .notify
-                    .and_then(|ctx| self.purge_progress(ctx, 0, Some(e.to_string())));
+                    .and_then(|ctx| Self::purge_progress(requests, ctx, 0, Some(e.to_string())));
             }
         };
         match job.kind {
@@ -1681,19 +1536,19 @@ impl Edge {
                 } else {
                     Count::Store
                 };
-                self.cache.metrics.count(route, count);
+                self.metrics.count(route, count);
                 None
             }
             JobKind::Unlock { .. } | JobKind::Delete { .. } | JobKind::Revalidate { .. } => None,
             JobKind::Purge(_) => {
                 let deleted = as_u64(&result).unwrap_or(0);
-                increment_metric(self.cache.metrics.purges, 1);
+                increment_metric(self.metrics.purges, 1);
                 increment_metric(
-                    self.cache.metrics.purged_entries,
+                    self.metrics.purged_entries,
                     i64::try_from(deleted).unwrap_or(0),
                 );
                 job.notify
-                    .and_then(|ctx| self.purge_progress(ctx, deleted, None))
+                    .and_then(|ctx| Self::purge_progress(requests, ctx, deleted, None))
             }
             JobKind::Scan { step, .. } => {
                 let (cursor, deleted) = match &result {
@@ -1707,7 +1562,7 @@ impl Edge {
                     _ => (String::new(), 0),
                 };
                 increment_metric(
-                    self.cache.metrics.purged_entries,
+                    self.metrics.purged_entries,
                     i64::try_from(deleted).unwrap_or(0),
                 );
                 if !cursor.is_empty() && cursor != "0" {
@@ -1717,17 +1572,18 @@ impl Edge {
                         notify: job.notify,
                     };
                     if let Some(ctx) = job.notify {
-                        if let Some(p) = self.cache.purges.get_mut(&ctx) {
+                        if let Some(Some(p)) = requests.purge_mut(ctx) {
                             p.deleted += deleted;
                         }
                     }
-                    return match self.dispatch_job(now_ms, next) {
+                    return match self.dispatch_job(client, wire, now_ms, next) {
                         Ok(()) => None,
                         Err(failed) => {
                             let (next, e) = *failed;
                             self.job_failed(&next, &e);
-                            next.notify
-                                .and_then(|ctx| self.purge_progress(ctx, 0, Some(e.to_string())))
+                            next.notify.and_then(|ctx| {
+                                Self::purge_progress(requests, ctx, 0, Some(e.to_string()))
+                            })
                         }
                     };
                 }
@@ -1735,16 +1591,16 @@ impl Edge {
                     .is_empty()
                     .then(|| format!("cache_scan_purge answered {result:?}"));
                 if failure.is_none() {
-                    increment_metric(self.cache.metrics.purges, 1);
+                    increment_metric(self.metrics.purges, 1);
                 }
                 job.notify
-                    .and_then(|ctx| self.purge_progress(ctx, deleted, failure))
+                    .and_then(|ctx| Self::purge_progress(requests, ctx, deleted, failure))
             }
             JobKind::Poll {
                 entry_key, token, ..
             } => {
-                self.cache.polling.remove(&entry_key);
-                self.cache.poll_results.insert(
+                self.polling.remove(&entry_key);
+                self.poll_results.insert(
                     entry_key,
                     PollResult {
                         token,
@@ -1758,8 +1614,15 @@ impl Edge {
     }
 
     /// The answer to a background refresh (HTTP call `token`); false when the call is not one.
-    pub(crate) fn cache_revalidated(&mut self, now_ms: u64, token: u32, raw: &RawReply) -> bool {
-        let Some(rev) = self.cache.revalidations.remove(&token) else {
+    pub fn on_refresh_answer(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        token: u32,
+        raw: &RawReply,
+    ) -> bool {
+        let Some(rev) = self.revalidations.remove(&token) else {
             return false;
         };
         let config = Rc::clone(&self.config);
@@ -1779,7 +1642,7 @@ impl Edge {
                 body,
             } => (*s, body),
             _ => {
-                self.queue_job(now_ms, unlock(0));
+                self.queue_job(client, wire, now_ms, unlock(0));
                 return true;
             }
         };
@@ -1817,66 +1680,83 @@ impl Edge {
                     rev.token.clone(),
                     rev.looked_up_at.to_string(),
                 ];
-                self.queue_store(now_ms, rev.route, store_keys, args, blob);
+                self.queue_store(client, wire, now_ms, rev.route, store_keys, args, blob);
             }
             Ok(_) => {
-                self.cache.metrics.count(rev.route, Count::NotStored);
-                self.queue_job(now_ms, unlock(policy.coalesce.lock.as_millis()));
+                self.metrics.count(rev.route, Count::NotStored);
+                let lock_ms = policy.coalesce.lock.as_millis();
+                self.queue_job(client, wire, now_ms, unlock(lock_ms));
             }
             Err(why) => {
-                self.cache.metrics.count(rev.route, Count::NotStored);
-                self.queue_job(now_ms, unlock(pass_for(why, status, policy)));
+                self.metrics.count(rev.route, Count::NotStored);
+                self.queue_job(client, wire, now_ms, unlock(pass_for(why, status, policy)));
             }
         }
         true
     }
 
     /// The tick: coalesced requests (answers of polls, time-outs, new polls) and queued jobs.
-    pub(crate) fn cache_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
+    pub fn tick(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        requests: &mut dyn CacheRequests,
+    ) -> Vec<HostAction> {
         let mut actions = Vec::new();
-        let keys: Vec<String> = self.cache.waiting.keys().cloned().collect();
+        let keys: Vec<String> = self.waiting.keys().cloned().collect();
         for entry_key in keys {
-            let Some(mut waiters) = self.cache.waiting.remove(&entry_key) else {
+            let Some(mut waiters) = self.waiting.remove(&entry_key) else {
                 continue;
             };
             waiters.retain(|c| {
-                self.cache
-                    .requests
-                    .get(c)
+                requests
+                    .cache_mut(*c)
                     .is_some_and(|r| matches!(r.phase, Phase::Waiting { .. }))
             });
-            if let Some(poll) = self.cache.poll_results.remove(&entry_key) {
-                waiters = self.settle_waiters(now_ms, waiters, poll, &mut actions);
+            if let Some(poll) = self.poll_results.remove(&entry_key) {
+                waiters = self.settle_waiters(
+                    client,
+                    wire,
+                    now_ms,
+                    waiters,
+                    poll,
+                    requests,
+                    &mut actions,
+                );
             }
             let mut still = Vec::with_capacity(waiters.len());
             for ctx in waiters {
-                let expired = self.cache.requests.get(&ctx).is_some_and(|r| {
-                    let wait = self.config.routes[r.route]
-                        .cache
-                        .as_ref()
-                        .map(|p| p.coalesce.wait.as_millis())
-                        .unwrap_or(0);
-                    matches!(r.phase, Phase::Waiting { since_ms, .. } if since_ms + wait <= now_ms)
-                });
+                let Some(r) = requests.cache_mut(ctx) else {
+                    continue;
+                };
+                let wait = self.config.routes[r.route]
+                    .cache
+                    .as_ref()
+                    .map(|p| p.coalesce.wait.as_millis())
+                    .unwrap_or(0);
+                let expired =
+                    matches!(r.phase, Phase::Waiting { since_ms, .. } if since_ms + wait <= now_ms);
                 if expired {
-                    actions.extend(self.stop_waiting(now_ms, ctx));
+                    actions.extend(self.stop_waiting(now_ms, ctx, r));
                 } else {
                     still.push(ctx);
                 }
             }
             if let Some(first_ctx) = still.first().copied() {
-                if !self.cache.polling.contains(&entry_key) {
-                    self.poll(now_ms, first_ctx);
+                if !self.polling.contains(&entry_key) {
+                    if let Some(r) = requests.cache_mut(first_ctx) {
+                        self.poll(client, wire, now_ms, r);
+                    }
                 }
-                self.cache.waiting.insert(entry_key, still);
+                self.waiting.insert(entry_key, still);
             }
         }
-        self.cache
-            .poll_results
-            .retain(|k, _| self.cache.waiting.contains_key(k));
-        let queued: Vec<Job> = self.cache.queue.drain(..).collect();
+        let waiting = &self.waiting;
+        self.poll_results.retain(|k, _| waiting.contains_key(k));
+        let queued: Vec<Job> = self.queue.drain(..).collect();
         for job in queued {
-            if let Err(failed) = self.dispatch_job(now_ms, job) {
+            if let Err(failed) = self.dispatch_job(client, wire, now_ms, job) {
                 let (job, e) = *failed;
                 self.job_failed(&job, &e);
             }
@@ -1884,37 +1764,44 @@ impl Edge {
         actions
     }
 
-    /// Sends a coalescing poll for the key `ctx` waits on, with `ctx`'s lock token.
-    fn poll(&mut self, now_ms: u64, ctx: u32) {
-        let Some(r) = self.cache.requests.get(&ctx) else {
-            return;
-        };
-        let lock_ms = self.config.routes[r.route]
+    /// Sends a coalescing poll for the key `request` waits on, with its lock token.
+    fn poll(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        request: &CacheRequest,
+    ) {
+        let lock_ms = self.config.routes[request.route]
             .cache
             .as_ref()
             .map(|p| p.coalesce.lock.as_millis())
             .unwrap_or(0);
         let job = Job {
             kind: JobKind::Poll {
-                entry_key: r.entry_key(),
-                lock_key: r.lock_key(),
-                token: r.token.clone(),
+                entry_key: request.entry_key(),
+                lock_key: request.lock_key(),
+                token: request.token.clone(),
                 lock_ms,
             },
             notify: None,
         };
-        if let Err(failed) = self.dispatch_job(now_ms, job) {
+        if let Err(failed) = self.dispatch_job(client, wire, now_ms, job) {
             let (job, e) = *failed;
             self.job_failed(&job, &e);
         }
     }
 
     /// Acts on a poll's answer for the requests waiting on one key; returns those still waiting.
+    #[allow(clippy::too_many_arguments)]
     fn settle_waiters(
         &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
         waiters: Vec<u32>,
         poll: PollResult,
+        requests: &mut dyn CacheRequests,
         actions: &mut Vec<HostAction>,
     ) -> Vec<u32> {
         let config = Rc::clone(&self.config);
@@ -1923,10 +1810,10 @@ impl Edge {
             Err(e) => {
                 log_debug(&format!("krowoc-edge: coalescing poll failed: {e}"));
                 for ctx in waiters {
-                    if let Some(r) = self.cache.requests.get_mut(&ctx) {
+                    if let Some(r) = requests.cache_mut(ctx) {
                         r.phase = Phase::Bypass(Bypass::Redis);
-                        self.cache.metrics.count(r.route, Count::Bypass);
-                        self.cache.metrics.count(r.route, Count::RedisError);
+                        self.metrics.count(r.route, Count::Bypass);
+                        self.metrics.count(r.route, Count::RedisError);
                         actions.push(HostAction::Resume(ctx));
                     }
                 }
@@ -1947,15 +1834,15 @@ impl Edge {
             };
             let age_ms = lookup.age_ms + now_ms.saturating_sub(poll.read_at_ms);
             for ctx in &waiters {
-                let Some(r) = self.cache.requests.get_mut(ctx) else {
+                let Some(r) = requests.cache_mut(*ctx) else {
                     continue;
                 };
                 let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, age_ms));
                 status.collapsed = true;
                 let resp = serve(&config.cache, r, &stored, age_ms, outcome, status);
-                self.events.note_cache(*ctx, outcome.as_str());
+                r.outcome = Some(outcome);
                 r.phase = Phase::Served;
-                self.cache.metrics.count(
+                self.metrics.count(
                     r.route,
                     if outcome == Outcome::Hit {
                         Count::Hit
@@ -1967,13 +1854,17 @@ impl Edge {
             }
             if lookup.lock == LockState::Taken {
                 // The poll took the refresh lock of a stale entry: give it back.
-                if let Some(r) = waiters.first().and_then(|c| self.cache.requests.get(c)) {
+                let lock_key = waiters
+                    .first()
+                    .and_then(|c| requests.cache_mut(*c))
+                    .map(|r| r.lock_key());
+                if let Some(lock_key) = lock_key {
                     let job = JobKind::Unlock {
-                        lock_key: r.lock_key(),
+                        lock_key,
                         token: poll.token.clone(),
                         pass_ms: 0,
                     };
-                    self.queue_job(now_ms, job);
+                    self.queue_job(client, wire, now_ms, job);
                 }
             }
             return Vec::new();
@@ -1984,23 +1875,31 @@ impl Edge {
                 let mut rest = Vec::with_capacity(waiters.len());
                 let mut handed = false;
                 for ctx in waiters {
-                    let owner = self
-                        .cache
-                        .requests
-                        .get(&ctx)
-                        .is_some_and(|r| r.token == poll.token);
-                    if owner && !handed {
-                        handed = true;
-                        actions.extend(self.stop_waiting_as_filler(now_ms, ctx, lookup.now_ms));
-                    } else {
-                        rest.push(ctx);
+                    let owner = requests
+                        .cache_mut(ctx)
+                        .filter(|r| r.token == poll.token && !handed);
+                    match owner {
+                        Some(r) => {
+                            handed = true;
+                            actions.extend(self.stop_waiting_as_filler(
+                                client,
+                                wire,
+                                now_ms,
+                                ctx,
+                                r,
+                                lookup.now_ms,
+                            ));
+                        }
+                        None => rest.push(ctx),
                     }
                 }
                 rest
             }
             LockState::Pass | LockState::NotTried => {
                 for ctx in waiters {
-                    actions.extend(self.stop_waiting(now_ms, ctx));
+                    if let Some(r) = requests.cache_mut(ctx) {
+                        actions.extend(self.stop_waiting(now_ms, ctx, r));
+                    }
                 }
                 Vec::new()
             }
@@ -2011,47 +1910,51 @@ impl Edge {
     /// A waiting request goes upstream holding the fill lock.
     fn stop_waiting_as_filler(
         &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
         now_ms: u64,
         ctx: u32,
+        request: &mut CacheRequest,
         looked_up_at: u64,
     ) -> Option<HostAction> {
-        let r = self.cache.requests.get_mut(&ctx)?;
-        r.holds_lock = true;
-        r.looked_up_at = looked_up_at;
-        let action = self.stop_waiting(now_ms, ctx);
-        if let Some(r) = self.cache.requests.get_mut(&ctx) {
-            if !matches!(r.phase, Phase::Forwarded { .. }) {
-                // Served stale instead: the lock goes back.
-                self.release_lock(now_ms, ctx, 0);
-            }
+        request.holds_lock = true;
+        request.looked_up_at = looked_up_at;
+        let action = self.stop_waiting(now_ms, ctx, request);
+        if !matches!(request.phase, Phase::Forwarded { .. }) {
+            // Served stale instead: the lock goes back.
+            self.release_lock(client, wire, now_ms, request, 0);
         }
         action
     }
 
     /// A waiting request stops waiting: a usable stale copy, or upstream.
-    fn stop_waiting(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
-        let config = Rc::clone(&self.config);
-        let r = self.cache.requests.get_mut(&ctx)?;
-        let Phase::Waiting { stale, .. } = std::mem::replace(&mut r.phase, Phase::Finished) else {
+    fn stop_waiting(
+        &mut self,
+        now_ms: u64,
+        ctx: u32,
+        request: &mut CacheRequest,
+    ) -> Option<HostAction> {
+        let Phase::Waiting { stale, .. } = std::mem::replace(&mut request.phase, Phase::Finished)
+        else {
             return None;
         };
-        if !r.holds_lock {
+        if !request.holds_lock {
             if let Some(stale) = stale.as_ref().filter(|s| s.usable_for_error(now_ms)) {
                 let age = stale.age_at(now_ms);
                 let mut status = CacheStatus::hit(ttl_seconds(stale.fresh_ms, age));
                 status.collapsed = true;
                 status.detail = Some("stale-if-error");
                 let resp = serve(
-                    &config.cache,
-                    r,
+                    &self.config.cache,
+                    request,
                     &stale.response,
                     age,
                     Outcome::Stale,
                     status,
                 );
-                self.events.note_cache(ctx, Outcome::Stale.as_str());
-                r.phase = Phase::Served;
-                self.cache.metrics.count(r.route, Count::Stale);
+                request.outcome = Some(Outcome::Stale);
+                request.phase = Phase::Served;
+                self.metrics.count(request.route, Count::Stale);
                 return Some(HostAction::Respond(ctx, resp));
             }
         }
@@ -2060,9 +1963,163 @@ impl Edge {
         } else {
             Outcome::Miss
         };
-        self.cache.metrics.count(r.route, Count::forwarded(outcome));
-        r.phase = Phase::Forwarded { outcome, stale };
+        self.metrics.count(request.route, Count::forwarded(outcome));
+        request.phase = Phase::Forwarded { outcome, stale };
         Some(HostAction::Resume(ctx))
+    }
+}
+
+fn is_job(id: u32) -> bool {
+    id & JOB_ID_BASE != 0
+}
+
+fn log_debug(message: &str) {
+    host::log(LogLevel::Debug, message);
+}
+
+fn json_response(status: u32, body: serde_json::Value) -> LocalResponse {
+    LocalResponse {
+        status,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("cache-control".into(), "no-store".into()),
+        ],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    first(headers, name)
+}
+
+/// `EVALSHA`/`EVAL` of a script whose first argument may be bytes.
+fn script_command(
+    script: &Script,
+    eval: bool,
+    keys: &[String],
+    blob: Option<&[u8]>,
+    args: &[String],
+) -> Command {
+    let head = if eval {
+        Command::new("EVAL").arg(script.source)
+    } else {
+        Command::new("EVALSHA").arg(&script.sha1)
+    };
+    let mut c = head.arg(keys.len().to_string()).args(keys);
+    if let Some(b) = blob {
+        c = c.arg(b);
+    }
+    c.args(args)
+}
+
+fn script_pair(
+    script: &Script,
+    keys: &[String],
+    blob: Option<&[u8]>,
+    args: &[String],
+) -> (Command, Option<Command>) {
+    (
+        script_command(script, false, keys, blob, args),
+        Some(script_command(script, true, keys, blob, args)),
+    )
+}
+
+/// The job of one purge step.
+fn purge_job(step: PurgeStep) -> JobKind {
+    match step {
+        PurgeStep::Scan { .. } => JobKind::Scan {
+            step,
+            cursor: "0".into(),
+        },
+        index => JobKind::Purge(index),
+    }
+}
+
+fn entry_decode(blob: Vec<u8>) -> Result<StoredResponse, ()> {
+    cache_entry::decode(blob).map_err(|e| log_debug(&format!("krowoc-edge: {e}")))
+}
+
+/// How long to mark a key uncacheable after a response that was not stored: a deterministic
+/// refusal (private, too large, ...) keeps concurrent misses from waiting for a fill that never
+/// comes; a 5xx may be passing, so it only releases the lock.
+fn pass_for(why: NotStored, status: u16, policy: &CachePolicy) -> u64 {
+    if why == NotStored::Status && status >= 500 {
+        0
+    } else {
+        policy.coalesce.lock.as_millis()
+    }
+}
+
+/// Where a background refresh of this request's entry would go: the route's cluster (Envoy's
+/// `xds.cluster_name`), with the request line and the keyed fields.
+fn revalidate_target(policy: &CachePolicy, req: &RequestInfo) -> Option<RevalidateTarget> {
+    let cluster = host::property(&["xds", "cluster_name"])
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .filter(|c| !c.is_empty())?;
+    let mut headers = vec![
+        (":method".to_string(), req.method.clone()),
+        (":path".to_string(), req.path.clone()),
+        (
+            ":authority".to_string(),
+            req.header(":authority")?.to_string(),
+        ),
+        (
+            ":scheme".to_string(),
+            req.header(":scheme").unwrap_or("http").to_string(),
+        ),
+    ];
+    for name in &policy.key.headers {
+        headers.extend(
+            req.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .cloned(),
+        );
+    }
+    Some(RevalidateTarget { cluster, headers })
+}
+
+/// The answer from the cache: the stored response (or 304 for a matching conditional
+/// request) with `Age`, `X-Cache` and `Cache-Status`.
+fn serve(
+    settings: &crate::cache_config::CacheSettings,
+    request: &CacheRequest,
+    stored: &StoredResponse,
+    age_ms: u64,
+    outcome: Outcome,
+    status: CacheStatus,
+) -> LocalResponse {
+    let (code, mut headers, body) =
+        if not_modified(&request.method, &request.conditional, &stored.headers) {
+            (304, not_modified_fields(&stored.headers), Vec::new())
+        } else {
+            (stored.status, stored.headers.clone(), stored.body.clone())
+        };
+    headers.push(("age".into(), (age_ms / 1000).to_string()));
+    headers.extend(status_fields(settings, outcome, &status));
+    LocalResponse {
+        status: u32::from(code),
+        headers,
+        body,
+    }
+}
+
+fn purge_answer(p: &PurgeRequest) -> LocalResponse {
+    if p.failures.is_empty() {
+        json_response(
+            200,
+            serde_json::json!({"purged": p.deleted, "directives": p.directives}),
+        )
+    } else {
+        json_response(
+            502,
+            serde_json::json!({
+                "error": "some purges failed",
+                "failures": p.failures,
+                "purged": p.deleted,
+                "directives": p.directives,
+            }),
+        )
     }
 }
 

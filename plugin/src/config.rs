@@ -32,6 +32,15 @@ pub struct Config {
     pub cache: CacheSettings,
 }
 
+impl Config {
+    /// The route a request line matches: the first in order (`path` without its query).
+    pub fn route_for(&self, path: &str, method: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|r| r.matcher.matches(path, method))
+    }
+}
+
 /// How the filter reaches Redis, and what every call shares.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

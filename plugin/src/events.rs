@@ -2,10 +2,10 @@
 //! edge), queued in the VM and written to Redis in batches, off the request path.
 //!
 //! A request's life here: its facts are noted when its headers arrive ([`EventPublisher::on_request`],
-//! where sampling is decided on the request id), the filter's decisions as they are made
-//! ([`EventPublisher::note_rate_limit`], [`EventPublisher::note_cache`]), and the event is built
-//! in `on_log` ([`EventPublisher::on_log`]) and pushed on a bounded queue. When the queue is full
-//! the oldest event is dropped and counted.
+//! where sampling is decided on the request id) in an [`OpenEvent`] the request's record keeps,
+//! the filter's decisions are noted on it ([`OpenEvent::note_rate_limit`],
+//! [`OpenEvent::note_cache`]), and the event is built in `on_log` ([`EventPublisher::on_log`])
+//! and pushed on a bounded queue. When the queue is full the oldest event is dropped and counted.
 //!
 //! Flushing happens only on the root context's tick ([`EventPublisher::flush`]): a full batch is
 //! sent at the next tick, a partial one once its oldest event has waited `flush_interval`. Why
@@ -30,9 +30,9 @@ use crate::client::{Purpose, RedisClient, Wire};
 use crate::config::{Config, Transport};
 use crate::error::{RedisError, RedisErrorKind};
 use crate::event_config::{EventPolicy, EventsConfig, FieldSource};
-use crate::filter::RequestInfo;
 use crate::host::{self, define_metric, increment_metric, record_metric};
 use crate::host::{METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM};
+use crate::http::RequestInfo;
 use crate::ratelimit::Tally;
 use crate::resp::{encode_array, Command, Reply};
 use crate::scripts::Script;
@@ -132,9 +132,9 @@ pub fn host_response(want_headers: bool) -> ResponseFacts {
     ResponseFacts { status, headers }
 }
 
-/// A request seen at its start, waiting for `on_log`.
+/// A request's event from its start to `on_log`, kept in the request's record.
 #[derive(Clone, Debug)]
-struct OpenRequest {
+pub struct OpenEvent {
     route: Option<usize>,
     id: String,
     request_id: Option<String>,
@@ -145,7 +145,19 @@ struct OpenRequest {
     /// One per policy field: the request header's value (response fields are read at the end).
     request_fields: Vec<Option<String>>,
     rate_limit: Option<&'static str>,
-    cache: Option<String>,
+    cache: Option<&'static str>,
+}
+
+impl OpenEvent {
+    /// The rate limiter decided.
+    pub fn note_rate_limit(&mut self, tally: Tally) {
+        self.rate_limit = Some(rate_limit_label(tally));
+    }
+
+    /// The cache decided (`HIT`, `MISS`, `BYPASS`, `STALE`, …).
+    pub fn note_cache(&mut self, status: &'static str) {
+        self.cache = Some(status);
+    }
 }
 
 /// One event waiting to be written.
@@ -261,7 +273,6 @@ pub struct EventPublisher {
     transport: Transport,
     script: Script,
     ids: IdGenerator,
-    open: HashMap<u32, OpenRequest>,
     queue: VecDeque<QueuedEvent>,
     in_flight: HashMap<u32, InFlight>,
     next_flush: u32,
@@ -279,7 +290,6 @@ impl EventPublisher {
             transport: config.redis.transport,
             script: Script::new("events_flush", EVENTS_FLUSH_LUA),
             ids: IdGenerator::new(),
-            open: HashMap::new(),
             queue: VecDeque::new(),
             in_flight: HashMap::new(),
             next_flush: 0,
@@ -315,19 +325,18 @@ impl EventPublisher {
         self.in_flight.len()
     }
 
-    /// Notes a request's facts when its headers arrive (`now_ns`: the host's clock).
-    pub fn on_request(&mut self, ctx: u32, now_ns: u64, req: &RequestInfo, config: &Config) {
+    /// Opens a request's event when its headers arrive (`now_ns`: the host's clock; `route`: the
+    /// route it matched). None when it has no event (events off for it, or sampled out).
+    pub fn on_request(
+        &mut self,
+        now_ns: u64,
+        req: &RequestInfo,
+        route: Option<usize>,
+    ) -> Option<OpenEvent> {
         if !self.enabled() {
-            return;
+            return None;
         }
-        let path = req.path.split_once('?').map_or(req.path.as_str(), |p| p.0);
-        let route = config
-            .routes
-            .iter()
-            .position(|r| r.matcher.matches(path, &req.method));
-        let Some(policy) = self.config.policy(route) else {
-            return;
-        };
+        let policy = self.config.policy(route)?;
         let header = |name: &str| {
             req.headers
                 .iter()
@@ -342,7 +351,7 @@ impl EventPublisher {
         // The request id when there is one, so every gateway on the request's path decides alike.
         if !sampled(request_id.unwrap_or(&id), policy.sample_ratio) {
             self.stats.sampled_out += 1;
-            return;
+            return None;
         }
         let request_id = request_id.map(str::to_string);
         let request_fields = policy
@@ -355,48 +364,28 @@ impl EventPublisher {
                 FieldSource::ResponseHeader(_) => None,
             })
             .collect();
-        self.open.insert(
-            ctx,
-            OpenRequest {
-                route,
-                id,
-                request_id,
-                start_ns: now_ns,
-                method: truncate(&req.method, 32).to_string(),
-                path: truncate(path, MAX_PATH_BYTES).to_string(),
-                client: req.client_ip(self.trusted_hops),
-                request_fields,
-                rate_limit: None,
-                cache: None,
-            },
-        );
+        Some(OpenEvent {
+            route,
+            id,
+            request_id,
+            start_ns: now_ns,
+            method: truncate(&req.method, 32).to_string(),
+            path: truncate(req.path(), MAX_PATH_BYTES).to_string(),
+            client: req.client_ip(self.trusted_hops),
+            request_fields,
+            rate_limit: None,
+            cache: None,
+        })
     }
 
-    /// The rate limiter decided for request `ctx`.
-    pub fn note_rate_limit(&mut self, ctx: u32, tally: Tally) {
-        if let Some(r) = self.open.get_mut(&ctx) {
-            r.rate_limit = Some(rate_limit_label(tally));
-        }
-    }
-
-    /// The cache decided for request `ctx` (`HIT`, `MISS`, `BYPASS`, `STALE`, …).
-    pub fn note_cache(&mut self, ctx: u32, status: &str) {
-        if let Some(r) = self.open.get_mut(&ctx) {
-            r.cache = Some(status.to_string());
-        }
-    }
-
-    /// Builds and queues request `ctx`'s event; `read_response` is asked for the response's
-    /// facts only when the request has an event (with headers when a field needs them).
+    /// Builds and queues a request's event; `read_response` is asked for the response's facts
+    /// (with headers when a field needs them).
     pub fn on_log(
         &mut self,
-        ctx: u32,
+        open: OpenEvent,
         now_ns: u64,
         read_response: impl FnOnce(bool) -> ResponseFacts,
     ) {
-        let Some(open) = self.open.remove(&ctx) else {
-            return;
-        };
         let Some(policy) = self.config.policy(open.route) else {
             return;
         };
@@ -414,11 +403,6 @@ impl EventPublisher {
             queued_ms: now_ns / 1_000_000,
         });
         self.stats.recorded += 1;
-    }
-
-    /// Forgets request `ctx` (it ended without `on_log`).
-    pub fn forget(&mut self, ctx: u32) {
-        self.open.remove(&ctx);
     }
 
     fn route_name(&self, route: Option<usize>) -> Option<&str> {
@@ -518,7 +502,7 @@ impl EventPublisher {
     fn fail(&mut self, batch: Vec<QueuedEvent>, e: &RedisError) {
         if e.kind != RedisErrorKind::BreakerOpen {
             self.stats.flush_failures += 1;
-            log(
+            host::log(
                 LogLevel::Debug,
                 &format!("krowoc-edge: events: flush of {} failed: {e}", batch.len()),
             );
@@ -548,7 +532,7 @@ impl EventPublisher {
             LogLevel::Warn
         };
         self.warned_rejection = true;
-        log(
+        host::log(
             level,
             &format!("krowoc-edge: events: Redis refused {n} event(s): {why}"),
         );
@@ -596,15 +580,6 @@ impl EventPublisher {
     }
 }
 
-/// Logs through the host; native unit tests have no host (the SDK's `proxy_log` import is
-/// absent there).
-#[cfg(target_arch = "wasm32")]
-fn log(level: LogLevel, message: &str) {
-    host::log(level, message);
-}
-#[cfg(not(target_arch = "wasm32"))]
-fn log(_level: LogLevel, _message: &str) {}
-
 /// Whether a whole-flush failure may pass by itself (so its events are worth keeping).
 pub fn retryable(e: &RedisError) -> bool {
     match e.kind {
@@ -619,7 +594,7 @@ pub fn retryable(e: &RedisError) -> bool {
 
 /// The JSON text of a request's event.
 fn build_event(
-    open: &OpenRequest,
+    open: &OpenEvent,
     policy: &EventPolicy,
     route: Option<&str>,
     response: &ResponseFacts,
@@ -651,7 +626,7 @@ fn build_event(
         status: response.status,
         duration_ms: elapsed_us as f64 / 1_000.0,
         client: open.client.as_deref(),
-        cache: open.cache.as_deref(),
+        cache: open.cache,
         rate_limit: open.rate_limit,
         sample_ratio: policy.sample_ratio,
         fields,
@@ -1082,17 +1057,34 @@ mod tests {
     }
 
     /// Runs one request through the publisher and returns its event (None if none was queued).
+    /// Opens a request's event as the filter does: on the route its request line matches.
+    fn open(
+        p: &mut EventPublisher,
+        cfg: &Config,
+        now_ns: u64,
+        req: &RequestInfo,
+    ) -> Option<OpenEvent> {
+        p.on_request(now_ns, req, cfg.route_for(req.path(), &req.method))
+    }
+
+    /// One request without decisions: opened, then logged with an empty response.
+    fn pass(p: &mut EventPublisher, cfg: &Config, req: &RequestInfo) {
+        if let Some(event) = open(p, cfg, 0, req) {
+            p.on_log(event, 0, |_| ResponseFacts::default());
+        }
+    }
+
     fn one_event(
         p: &mut EventPublisher,
         cfg: &Config,
-        ctx: u32,
         req: &RequestInfo,
         resp: ResponseFacts,
     ) -> Option<Value> {
         let before = p.queue_len();
-        p.on_request(ctx, 1_700_000_000_123_000_000, req, cfg);
-        p.note_rate_limit(ctx, Tally::Allowed);
-        p.on_log(ctx, 1_700_000_000_125_500_000, |_| resp);
+        if let Some(mut event) = open(p, cfg, 1_700_000_000_123_000_000, req) {
+            event.note_rate_limit(Tally::Allowed);
+            p.on_log(event, 1_700_000_000_125_500_000, |_| resp);
+        }
         (p.queue_len() > before).then(|| {
             let last = p.queue.back().expect("queued");
             serde_json::from_str(&last.payload).expect("event is JSON")
@@ -1112,11 +1104,11 @@ mod tests {
             "/api/rate-limited?user_id=7",
             &[("x-request-id", "req-42"), ("user-agent", "curl/8")],
         );
-        p.on_request(9, 1_700_000_000_123_000_000, &req, &cfg);
-        p.note_rate_limit(9, Tally::Denied);
-        p.note_cache(9, "BYPASS");
+        let mut event = open(&mut p, &cfg, 1_700_000_000_123_000_000, &req).expect("an event");
+        event.note_rate_limit(Tally::Denied);
+        event.note_cache("BYPASS");
         let mut asked_for_headers = None;
-        p.on_log(9, 1_700_000_000_125_500_000, |want| {
+        p.on_log(event, 1_700_000_000_125_500_000, |want| {
             asked_for_headers = Some(want);
             response(429, &[("content-type", "application/json")])
         });
@@ -1187,9 +1179,9 @@ mod tests {
     fn requests_without_a_route_or_decision_report_nulls() {
         let cfg = config(&format!(r#"{{"events": {{}}, {ROUTES}}}"#));
         let mut p = EventPublisher::new(&cfg);
-        p.on_request(1, 5_000_000, &request("/health", &[]), &cfg);
+        let event = open(&mut p, &cfg, 5_000_000, &request("/health", &[])).expect("an event");
         let mut asked = None;
-        p.on_log(1, 6_000_000, |want| {
+        p.on_log(event, 6_000_000, |want| {
             asked = Some(want);
             ResponseFacts::default()
         });
@@ -1209,9 +1201,9 @@ mod tests {
         let cfg = config(&format!(r#"{{"events": {{}}, {ROUTES}}}"#));
         let mut p = EventPublisher::new(&cfg);
         let mut ids = Vec::new();
-        for ctx in 1..=2 {
+        for _ in 0..2 {
             let req = request("/x", &[("X-Request-Id", "  victim-id  ")]);
-            let v = one_event(&mut p, &cfg, ctx, &req, response(200, &[])).expect("event");
+            let v = one_event(&mut p, &cfg, &req, response(200, &[])).expect("event");
             assert_eq!(v["request_id"], "victim-id", "trimmed");
             let id = v["id"].as_str().expect("id").to_string();
             assert_ne!(id, "victim-id");
@@ -1222,7 +1214,6 @@ mod tests {
         let blank = one_event(
             &mut p,
             &cfg,
-            3,
             &request("/x", &[("x-request-id", " ")]),
             response(200, &[]),
         )
@@ -1236,11 +1227,9 @@ mod tests {
         let ids: Vec<String> = (0..200).map(|i| format!("req-{i}")).collect();
         // Two publishers stand for two gateways on one request's path.
         let (mut a, mut b) = (EventPublisher::new(&cfg), EventPublisher::new(&cfg));
-        for (ctx, id) in ids.iter().enumerate() {
-            let ctx = ctx as u32 + 1;
+        for id in &ids {
             for p in [&mut a, &mut b] {
-                p.on_request(ctx, 0, &request("/x", &[("x-request-id", id)]), &cfg);
-                p.on_log(ctx, 0, |_| ResponseFacts::default());
+                pass(p, &cfg, &request("/x", &[("x-request-id", id)]));
             }
         }
         let kept = |p: &EventPublisher| -> Vec<String> {
@@ -1261,8 +1250,8 @@ mod tests {
     fn missing_request_id_gets_a_generated_uuid() {
         let cfg = config(&format!(r#"{{"events": {{}}, {ROUTES}}}"#));
         let mut p = EventPublisher::new(&cfg);
-        let a = one_event(&mut p, &cfg, 1, &request("/x", &[]), response(200, &[])).expect("a");
-        let b = one_event(&mut p, &cfg, 2, &request("/x", &[]), response(200, &[])).expect("b");
+        let a = one_event(&mut p, &cfg, &request("/x", &[]), response(200, &[])).expect("a");
+        let b = one_event(&mut p, &cfg, &request("/x", &[]), response(200, &[])).expect("b");
         let (a, b) = (a["id"].as_str().expect("id"), b["id"].as_str().expect("id"));
         assert_ne!(a, b);
         for id in [a, b] {
@@ -1277,19 +1266,12 @@ mod tests {
     fn disabled_routes_and_configs_without_events_queue_nothing() {
         let cfg = config(&format!(r#"{{"events": {{}}, {ROUTES}}}"#));
         let mut p = EventPublisher::new(&cfg);
-        assert!(one_event(
-            &mut p,
-            &cfg,
-            1,
-            &request("/quiet/x", &[]),
-            response(200, &[])
-        )
-        .is_none());
+        assert!(one_event(&mut p, &cfg, &request("/quiet/x", &[]), response(200, &[])).is_none());
         let cfg = config(&format!(r#"{{{ROUTES}}}"#));
         let mut p = EventPublisher::new(&cfg);
         assert!(!p.enabled());
         assert_eq!(p.tick_period_ms(), None);
-        assert!(one_event(&mut p, &cfg, 1, &request("/x", &[]), response(200, &[])).is_none());
+        assert!(one_event(&mut p, &cfg, &request("/x", &[]), response(200, &[])).is_none());
     }
 
     #[test]
@@ -1301,7 +1283,6 @@ mod tests {
         let v = one_event(
             &mut p,
             &cfg,
-            1,
             &request(&long, &[("x-request-id", &id)]),
             response(200, &[]),
         )
@@ -1330,10 +1311,8 @@ mod tests {
 
         let cfg = config(r#"{"events": {"sample_ratio": 0.5}}"#);
         let mut p = EventPublisher::new(&cfg);
-        for (ctx, id) in ids[..1000].iter().enumerate() {
-            let ctx = ctx as u32 + 1;
-            p.on_request(ctx, 0, &request("/x", &[("x-request-id", id)]), &cfg);
-            p.on_log(ctx, 0, |_| ResponseFacts::default());
+        for id in &ids[..1000] {
+            pass(&mut p, &cfg, &request("/x", &[("x-request-id", id)]));
         }
         assert_eq!(p.stats.recorded + p.stats.sampled_out, 1000);
         assert_eq!(p.stats.recorded, p.queue_len() as u64);

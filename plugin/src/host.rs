@@ -249,9 +249,14 @@ unsafe fn take_host_bytes(data: *mut u8, size: usize) -> Option<Vec<u8>> {
 }
 
 /// Logs one line; a failing log call is ignored (there is nowhere else to report it).
+#[cfg(target_arch = "wasm32")]
 pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
+
+/// Natively (unit tests) there is no host to log to: the SDK's `proxy_log` import is absent.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn log(_level: LogLevel, _message: &str) {}
 
 /// Milliseconds of the host's wall clock; 0 if the host cannot tell.
 pub fn now_ms() -> u64 {

@@ -9,13 +9,21 @@
 //! imports `proxy_redis_init`/`proxy_redis_call`, which stock Envoy does not provide and so
 //! refuses to load; for stock Envoy build with `--no-default-features` (transport `relay`).
 //!
-//! Layout: [`config`] (the user's contract), [`keys`], [`ratelimit`], [`headers`] and the Lua
-//! in `src/scripts/` (the rate limiter), [`client`], [`resp`], [`breaker`], [`error`] (the Redis
-//! command layer), [`event_config`] and [`events`] (request events), [`cache_config`],
+//! A request's life, read top to bottom in [`filter::driver`]: its route is matched once; its
+//! event is started; the purge endpoint is answered by the filter; otherwise the rate limit's
+//! call and the cache's lookup go to Redis together (one round trip at most); once both
+//! answered, the verdict is decided, then the cache's answer (serve, wait for another request's
+//! fill, or forward); the upstream's response gets the cache's and the rate limit's fields and
+//! is stored on the way; on log the event is queued, and flushed in batches on the tick.
+//!
+//! Layout: [`filter`] (the proxy-wasm contexts, the phase driver and the per-request record),
+//! [`http`] (a request's facts, local responses, host actions), [`config`] (the user's
+//! contract), [`keys`], [`ratelimit`], [`headers`] and the Lua in `src/scripts/` (the rate
+//! limiter), [`client`], [`resp`], [`breaker`], [`error`], [`scripts`] (the Redis command
+//! layer), [`event_config`] and [`events`] (request events), [`cache_config`],
 //! [`cache_policy`], [`cache_key`], [`cache_entry`], [`cache_purge`] and [`cache`] (the response
-//! cache), [`metrics`], and the host glue: [`host`] (every FFI call) and [`filter`]
-//! (the proxy-wasm contexts). Everything but the glue is plain Rust, tested natively
-//! (`cargo test -p krowoc-plugin`).
+//! cache), [`metrics`], [`duration`], and [`host`] (every FFI call). Everything but the
+//! contexts and the host is plain Rust, tested natively (`cargo test -p krowoc-plugin`).
 
 pub mod breaker;
 pub mod cache;
@@ -33,6 +41,7 @@ pub mod events;
 pub mod filter;
 pub mod headers;
 pub mod host;
+pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod ratelimit;

@@ -2,12 +2,16 @@
 //! cache, the per-worker token buckets of `failure_mode: local`, and the verdict (pass with
 //! headers, or a local response) for every way a decision can come about.
 
+use crate::client::{Purpose, RedisClient, Wire};
 use crate::config::{Algorithm, FailureMode, LimitRule, RateLimitPolicy};
 use crate::error::RedisError;
 use crate::headers::{rate_limit_headers, retry_after_secs};
-use crate::keys::KeyGroup;
+use crate::host;
+use crate::http::LocalResponse;
+use crate::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
 use crate::resp::{Command, Reply};
-use crate::scripts::Script;
+use crate::scripts::{Script, RATE_LIMIT_LUA};
+use proxy_wasm::types::LogLevel;
 use std::collections::HashMap;
 
 /// The state of one limit after a decision.
@@ -266,14 +270,6 @@ impl LocalLimiter {
     }
 }
 
-/// What a request gets.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalResponse {
-    pub status: u32,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
 /// How a rate-limit verdict came about, for the per-route counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tally {
@@ -416,6 +412,135 @@ pub fn verdict_for_failure(
             verdict_for_decision(route, policy, &decision, true)
         }
     }
+}
+
+/// The rate limiter of one VM: the script, the deny cache and the local buckets.
+#[derive(Debug)]
+pub struct RateLimiter {
+    script: Script,
+    deny_cache: DenyCache,
+    local: LocalLimiter,
+}
+
+/// A request's rate limit while Redis decides.
+#[derive(Debug)]
+pub struct RateLimitCall {
+    /// The client within the route (the deny cache's and the local buckets' key).
+    identity: String,
+    /// Redis' answer, once it came.
+    answer: Option<Result<Decision, RedisError>>,
+}
+
+/// How a request's rate limit starts.
+#[derive(Debug)]
+pub enum Start {
+    /// A keyed value is missing and the policy says `missing_key: skip`.
+    Skipped,
+    /// Decided without waiting: from the deny cache, or by the failure mode when Redis cannot
+    /// be called.
+    Decided(Verdict),
+    /// The script call is out.
+    Asked(RateLimitCall),
+}
+
+impl Default for RateLimiter {
+    fn default() -> RateLimiter {
+        RateLimiter {
+            script: Script::new("rate_limit", RATE_LIMIT_LUA),
+            deny_cache: DenyCache::default(),
+            local: LocalLimiter::default(),
+        }
+    }
+}
+
+impl RateLimiter {
+    /// Starts request `ctx`'s decision on route `route` (keys under `prefix`): the deny cache
+    /// answers a known denial, else the script call goes out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        ctx: u32,
+        route: &str,
+        prefix: &str,
+        policy: &RateLimitPolicy,
+        facts: &RequestFacts<'_>,
+    ) -> Start {
+        let group = match derive_keys(route, prefix, policy, facts) {
+            KeyDecision::Skip => return Start::Skipped,
+            KeyDecision::Limit(group) => group,
+        };
+        if policy.deny_cache && !policy.shadow {
+            if let Some(decision) = self.deny_cache.lookup(&group.identity, now_ms) {
+                return Start::Decided(verdict_for_cached_denial(route, policy, &decision));
+            }
+        }
+        let (evalsha, eval) = script_call(&self.script, policy, &group);
+        match client.call(wire, now_ms, ctx, Purpose::RateLimit, &evalsha, Some(eval)) {
+            Ok(_) => Start::Asked(RateLimitCall {
+                identity: group.identity,
+                answer: None,
+            }),
+            Err(e) => {
+                log_undecided(route, &e);
+                Start::Decided(verdict_for_failure(
+                    route,
+                    policy,
+                    &group.identity,
+                    &mut self.local,
+                    now_ms,
+                ))
+            }
+        }
+    }
+
+    /// Redis answered the call (or it failed).
+    pub fn on_answer(
+        call: &mut RateLimitCall,
+        policy: &RateLimitPolicy,
+        result: Result<Reply, RedisError>,
+    ) {
+        call.answer = Some(result.and_then(|r| parse_decision(&r, policy.limits.len())));
+    }
+
+    /// The verdict on Redis' answer (or, when it failed, by the failure mode); None while
+    /// Redis has not answered.
+    pub fn decide(
+        &mut self,
+        now_ms: u64,
+        route: &str,
+        policy: &RateLimitPolicy,
+        call: &mut RateLimitCall,
+    ) -> Option<Verdict> {
+        match call.answer.take()? {
+            Ok(decision) => {
+                if !decision.allowed && policy.deny_cache && !policy.shadow {
+                    self.deny_cache.insert(&call.identity, now_ms, &decision);
+                }
+                Some(verdict_for_decision(route, policy, &decision, false))
+            }
+            Err(e) => {
+                log_undecided(route, &e);
+                Some(verdict_for_failure(
+                    route,
+                    policy,
+                    &call.identity,
+                    &mut self.local,
+                    now_ms,
+                ))
+            }
+        }
+    }
+}
+
+fn log_undecided(route: &str, e: &RedisError) {
+    // Debug level: during an outage every request fails the same way; the breaker logs once.
+    host::log(
+        LogLevel::Debug,
+        &format!("krowoc-edge: route {route}: rate limit undecided: {e}"),
+    );
 }
 
 /// The verdict for a request the deny cache already knows to be over its limit.

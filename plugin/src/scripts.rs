@@ -43,20 +43,6 @@ impl Script {
 /// Source of the rate-limit script (every algorithm, several limits in one call).
 pub const RATE_LIMIT_LUA: &str = include_str!("scripts/rate_limit.lua");
 
-/// The scripts of one filter instance.
-#[derive(Clone, Debug)]
-pub struct Scripts {
-    pub rate_limit: Script,
-}
-
-impl Scripts {
-    pub fn load() -> Scripts {
-        Scripts {
-            rate_limit: Script::new("rate_limit", RATE_LIMIT_LUA),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

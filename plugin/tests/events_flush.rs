@@ -6,7 +6,7 @@ use krowoc_plugin::client::{RawReply, RedisClient, Wire};
 use krowoc_plugin::config::{parse_config, Config};
 use krowoc_plugin::error::RedisError;
 use krowoc_plugin::events::{EventPublisher, ResponseFacts};
-use krowoc_plugin::filter::RequestInfo;
+use krowoc_plugin::http::RequestInfo;
 use krowoc_plugin::resp::{decode_replies, Reply};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -117,8 +117,9 @@ fn publish(redis: &RedisServer, cfg: &Config, n: u32) -> EventPublisher {
             headers: vec![("x-request-id".into(), format!("req-{ctx}"))],
             source_address: Some("192.0.2.7:40000".into()),
         };
-        p.on_request(ctx, 1_000_000_000, &req, cfg);
-        p.on_log(ctx, 1_002_000_000, |_| ResponseFacts {
+        let route = cfg.route_for(req.path(), &req.method);
+        let event = p.on_request(1_000_000_000, &req, route).expect("an event");
+        p.on_log(event, 1_002_000_000, |_| ResponseFacts {
             status: Some(200),
             headers: vec![],
         });

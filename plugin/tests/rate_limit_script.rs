@@ -8,7 +8,7 @@ use krowoc_plugin::error::RedisError;
 use krowoc_plugin::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
 use krowoc_plugin::ratelimit::{parse_decision, script_args, Decision};
 use krowoc_plugin::resp::{decode_replies, Reply};
-use krowoc_plugin::scripts::{Script, Scripts, RATE_LIMIT_LUA};
+use krowoc_plugin::scripts::{Script, RATE_LIMIT_LUA};
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -324,12 +324,12 @@ fn time_comes_from_redis() {
 #[test]
 fn script_sha_matches_redis_and_evalsha_needs_the_script_loaded() {
     let redis = RedisServer::start();
-    let scripts = Scripts::load();
+    let rate_limit = Script::new("rate_limit", RATE_LIMIT_LUA);
     let loaded = redis.cli(&["SCRIPT", "LOAD", RATE_LIMIT_LUA]);
-    assert_eq!(loaded, scripts.rate_limit.sha1);
+    assert_eq!(loaded, rate_limit.sha1);
     redis.cli(&["SCRIPT", "FLUSH"]);
     let raw = redis
-        .try_command(&["EVALSHA", &scripts.rate_limit.sha1, "0", "0"])
+        .try_command(&["EVALSHA", &rate_limit.sha1, "0", "0"])
         .expect("reachable");
     let reply = decode_replies(&raw, 1).expect("reply").remove(0);
     assert_eq!(reply.error_prefix(), Some("NOSCRIPT"));
@@ -370,7 +370,7 @@ fn command_layer_falls_back_to_eval_on_noscript_against_real_redis() {
         next: 3,
         replies: HashMap::new(),
     };
-    let scripts = Scripts::load();
+    let rate_limit = Script::new("rate_limit", RATE_LIMIT_LUA);
     let p = policy(r#"{"limits": [{"limit": 1, "window": "60s"}]}"#);
     let k = keys_for(&p, "9.9.9.9");
     let args = script_args(&p);
@@ -381,8 +381,8 @@ fn command_layer_falls_back_to_eval_on_noscript_against_real_redis() {
                 0,
                 1,
                 Purpose::RateLimit,
-                &scripts.rate_limit.evalsha(&k.keys, &args),
-                Some(scripts.rate_limit.eval(&k.keys, &args)),
+                &rate_limit.evalsha(&k.keys, &args),
+                Some(rate_limit.eval(&k.keys, &args)),
             )
             .expect("sent");
         let mut token = token;

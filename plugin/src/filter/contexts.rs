@@ -1,0 +1,343 @@
+//! The proxy-wasm contexts: the SDK's traits and the Higress callback, nothing else. Each
+//! callback reads the host, calls the phase driver ([`Edge`]) and performs what it decided.
+//!
+//! State shared by the root context, the request contexts and the Higress callback lives in
+//! one [`Edge`] per root context, reachable from `proxy_on_redis_call_response` through a
+//! thread-local table. Host actions (resume, local response) are collected while the state is
+//! borrowed and performed after the borrow ends, so a host that calls back synchronously finds
+//! the state free.
+
+use super::driver::{Begin, Edge, ResponseStep};
+use super::EDGE_HEADER;
+use crate::config::parse_config;
+use crate::events::host_response;
+use crate::host;
+use crate::http::{HostAction, LocalResponse, RequestInfo};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Response body buffer (`BufferType::HttpResponseBody`).
+const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
+
+thread_local! {
+    /// Root context id → its state, for the Higress callback (the SDK does not know it).
+    static INSTANCES: RefCell<HashMap<u32, Rc<RefCell<Edge>>>> = RefCell::new(HashMap::new());
+}
+
+/// Performs actions outside any borrow of the state. `current` is the context the host is
+/// already calling (no switch needed).
+fn perform(actions: Vec<HostAction>, current: Option<u32>) {
+    for action in actions {
+        let ctx = match &action {
+            HostAction::Resume(c) | HostAction::Respond(c, _) | HostAction::ResumeResponse(c) => *c,
+        };
+        if current != Some(ctx) && !host::set_effective_context(ctx) {
+            // The request is gone (client closed): nothing to resume.
+            continue;
+        }
+        match action {
+            HostAction::Resume(_) => {
+                host::resume_request();
+            }
+            HostAction::ResumeResponse(_) => {
+                host::resume_response();
+            }
+            HostAction::Respond(_, resp) => {
+                send_response(&resp);
+            }
+        }
+    }
+}
+
+fn send_response(resp: &LocalResponse) {
+    let mut headers = resp.headers.clone();
+    headers.push((EDGE_HEADER.to_string(), crate::VERSION.to_string()));
+    host::send_local_response(resp.status, "krowoc_edge", &headers, &resp.body);
+}
+
+/// Root context: parses the configuration once and creates request contexts.
+pub struct EdgeRoot {
+    context_id: u32,
+    edge: Option<Rc<RefCell<Edge>>>,
+}
+
+impl EdgeRoot {
+    pub fn new(context_id: u32) -> EdgeRoot {
+        EdgeRoot {
+            context_id,
+            edge: None,
+        }
+    }
+}
+
+impl Context for EdgeRoot {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        // Calls made from the root context (none yet; events will flush from here).
+        let Some(edge) = &self.edge else { return };
+        let raw = host::relay_reply(num_headers, body_size);
+        let action = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
+            Err(_) => None,
+        };
+        perform(action.into_iter().collect(), None);
+    }
+
+    fn on_done(&mut self) -> bool {
+        INSTANCES.with(|i| i.borrow_mut().remove(&self.context_id));
+        true
+    }
+}
+
+impl RootContext for EdgeRoot {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let built = parse_config(&host::plugin_configuration())
+            .and_then(|config| Edge::new(config).map_err(|e| vec![e]));
+        match built {
+            Ok(edge) => {
+                host::log(
+                    LogLevel::Info,
+                    &format!(
+                        "krowoc-edge {} configured (root context {}): {} route(s), transport {:?}",
+                        crate::VERSION,
+                        self.context_id,
+                        edge.config.routes.len(),
+                        edge.config.redis.transport
+                    ),
+                );
+                if edge.uses_redis() {
+                    host::set_tick_period_ms(edge.tick_period_ms());
+                }
+                let edge = Rc::new(RefCell::new(edge));
+                INSTANCES.with(|i| i.borrow_mut().insert(self.context_id, Rc::clone(&edge)));
+                self.edge = Some(edge);
+                true
+            }
+            Err(problems) => {
+                for problem in &problems {
+                    host::log(LogLevel::Error, &format!("krowoc-edge: {problem}"));
+                }
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(edge) = &self.edge else { return };
+        let actions = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_tick(host::now_ms()),
+            Err(_) => Vec::new(),
+        };
+        perform(actions, None);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(EdgeRequest {
+            context_id,
+            edge: self.edge.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Per-request context.
+pub struct EdgeRequest {
+    context_id: u32,
+    edge: Option<Rc<RefCell<Edge>>>,
+}
+
+impl EdgeRequest {
+    fn request_info(&self) -> RequestInfo {
+        let headers = host::header_pairs(host::MAP_REQUEST_HEADERS);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        RequestInfo {
+            path: get(":path"),
+            method: get(":method"),
+            source_address: host::property(&["source", "address"])
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+            headers,
+        }
+    }
+}
+
+impl Context for EdgeRequest {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let Some(edge) = &self.edge else { return };
+        let raw = host::relay_reply(num_headers, body_size);
+        let action = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
+            // Re-entered while busy: the call stays pending and times out on a tick.
+            Err(_) => None,
+        };
+        perform(action.into_iter().collect(), Some(self.context_id));
+    }
+}
+
+impl HttpContext for EdgeRequest {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(edge) = &self.edge else {
+            return Action::Continue;
+        };
+        let routed = match edge.try_borrow() {
+            Ok(e) if e.filters_requests() => {
+                // Where some requests need nothing, two header lookups decide before reading
+                // them whole.
+                let path =
+                    host::header_value(host::MAP_REQUEST_HEADERS, ":path").unwrap_or_default();
+                let method =
+                    host::header_value(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
+                let route = e.route(&path, &method);
+                if !e.wants(&path, route) {
+                    return Action::Continue;
+                }
+                Some((self.request_info(), route))
+            }
+            Ok(e) => {
+                let info = self.request_info();
+                let route = e.route(&info.path, &info.method);
+                Some((info, route))
+            }
+            Err(_) => None,
+        };
+        let Some((info, route)) = routed else {
+            return Action::Continue;
+        };
+        let begin = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_request_headers(
+                self.context_id,
+                host::now_ms(),
+                host::now_ns(),
+                &info,
+                route,
+            ),
+            Err(_) => Begin::Continue,
+        };
+        match begin {
+            Begin::Continue => Action::Continue,
+            Begin::Pause => Action::Pause,
+            Begin::Respond(resp) => {
+                send_response(&resp);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let step = self.edge.as_ref().and_then(|edge| {
+            let mut e = edge.try_borrow_mut().ok()?;
+            Some(e.on_response_headers(self.context_id, host::now_ms(), end_of_stream))
+        });
+        let (cache, passed, hold) = match step {
+            Some(ResponseStep::Replace(resp)) => {
+                send_response(&resp);
+                return Action::Pause;
+            }
+            Some(ResponseStep::Fields {
+                cache,
+                passed,
+                hold,
+            }) => (cache, passed, hold),
+            None => (Vec::new(), Vec::new(), false),
+        };
+        for (k, v) in cache {
+            host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+        }
+        host::replace_header(host::MAP_RESPONSE_HEADERS, EDGE_HEADER, crate::VERSION);
+        for (k, v) in passed {
+            host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+        }
+        // Held until the response's purges are done; the fields above go with it.
+        if hold {
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Chunks pass on as they come; the cache keeps a copy of a response it will store.
+        if let Some(edge) = &self.edge {
+            if let Ok(mut e) = edge.try_borrow_mut() {
+                e.on_response_body(self.context_id, host::now_ms(), end_of_stream, || {
+                    if body_size == 0 {
+                        return Vec::new();
+                    }
+                    host::buffer(BUFFER_HTTP_RESPONSE_BODY, body_size).unwrap_or_default()
+                });
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(edge) = &self.edge {
+            if let Ok(mut e) = edge.try_borrow_mut() {
+                e.on_log(
+                    self.context_id,
+                    host::now_ms(),
+                    host::now_ns(),
+                    host_response,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for EdgeRequest {
+    fn drop(&mut self) {
+        if let Some(edge) = &self.edge {
+            if let Ok(mut e) = edge.try_borrow_mut() {
+                e.end(self.context_id, host::now_ms());
+            }
+        }
+    }
+}
+
+/// Higress calls this with the root context that made the call. Unknown tokens (a reply
+/// after its deadline) are ignored, never a trap.
+#[cfg(all(target_arch = "wasm32", feature = "redis-call"))]
+#[no_mangle]
+pub extern "C" fn proxy_on_redis_call_response(
+    root_context_id: u32,
+    token: u32,
+    status: u32,
+    response_size: usize,
+) {
+    let edge = INSTANCES.with(|i| {
+        let map = i.borrow();
+        map.get(&root_context_id).cloned().or_else(|| {
+            map.values()
+                .find(|e| e.try_borrow().map(|e| e.owns_call(token)).unwrap_or(false))
+                .cloned()
+        })
+    });
+    let Some(edge) = edge else { return };
+    let raw = host::redis_call_reply(status, response_size);
+    let action = match edge.try_borrow_mut() {
+        Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
+        Err(_) => None,
+    };
+    perform(action.into_iter().collect(), None);
+}

@@ -1,0 +1,623 @@
+//! The phase driver: a request's life, in the order it happens. The contexts read the host and
+//! call in here; each phase hands each feature its part of the request's [`Request`] record
+//! and acts on what the feature decides.
+//!
+//! 1. route — matched once, on the request line ([`Edge::route`]); nothing to do: pass.
+//! 2. start the event ([`Edge::on_request_headers`]).
+//! 3. purge endpoint? — answered by the filter, never forwarded.
+//! 4. rate limit ∥ cache lookup — both calls go out together: one Redis round trip at most.
+//! 5. decide ([`Edge::decide`]) — once every call answered: the rate limit's verdict, then the
+//!    cache's answer (serve, wait for a fill, or forward).
+//! 6. upstream — the request goes on.
+//! 7. response ([`Edge::on_response_headers`]) — the cache's fields (or a stale copy for an
+//!    error), the filter's mark, the rate limit's fields.
+//! 8. store ([`Edge::on_response_body`]) — the body is collected and stored off the path.
+//! 9. log ([`Edge::on_log`]) — the event is queued; then the request ends ([`Edge::end`]).
+//!
+//! Redis answers ([`Edge::on_reply`]) and the tick ([`Edge::on_tick`]) come in between.
+
+use super::record::{Request, Requests};
+use crate::cache::{CacheEngine, CacheRequest, CacheResponse, Proceed, PurgeStart};
+use crate::client::{Completion, Purpose, RawReply, RedisClient, Wire};
+use crate::config::{Config, ConfigError, Transport};
+use crate::error::RedisError;
+use crate::events::{EventPublisher, ResponseFacts};
+use crate::host::{self, RedisCallWire, RelayWire};
+use crate::http::{without_query, HostAction, LocalResponse, RequestInfo};
+use crate::keys::RequestFacts;
+use crate::metrics::Metrics;
+use crate::ratelimit::{verdict_skipped, RateLimiter, Start, Verdict};
+use proxy_wasm::types::LogLevel;
+use std::rc::Rc;
+
+/// Either transport's host side.
+pub enum HostWire {
+    Relay(RelayWire),
+    RedisCall(RedisCallWire),
+}
+
+impl Wire for HostWire {
+    fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
+        match self {
+            HostWire::Relay(w) => w.send(payload, timeout_ms),
+            HostWire::RedisCall(w) => w.send(payload, timeout_ms),
+        }
+    }
+}
+
+/// The outcome of the request-headers phase.
+#[derive(Debug)]
+pub enum Begin {
+    /// No policy applies, or it was decided without waiting: let the request go on.
+    Continue,
+    /// Waiting for Redis.
+    Pause,
+    /// Answer from the filter now.
+    Respond(LocalResponse),
+}
+
+/// What the response-headers phase does.
+#[derive(Debug)]
+pub enum ResponseStep {
+    /// Set the cache's fields, the filter's mark ([`super::EDGE_HEADER`]), then the fields the request
+    /// was let through with (the rate limit's); `hold`: keep the response until its purges are
+    /// done (`HostAction::ResumeResponse`).
+    Fields {
+        cache: Vec<(String, String)>,
+        passed: Vec<(String, String)>,
+        hold: bool,
+    },
+    /// Answer with this instead (a stale copy for an upstream error).
+    Replace(LocalResponse),
+}
+
+/// One configured filter instance on one VM.
+pub struct Edge {
+    pub config: Rc<Config>,
+    client: RedisClient,
+    wire: HostWire,
+    /// The requests in flight: one record each.
+    requests: Requests,
+    rate_limiter: RateLimiter,
+    metrics: Metrics,
+    /// Request events: noted per request, queued, flushed on the tick.
+    events: EventPublisher,
+    /// The response cache (see [`crate::cache`]).
+    cache: CacheEngine,
+    /// Every request has an event (on no route and on every route): each is read whole, with
+    /// no [`Edge::wants`] check first.
+    reads_every_request: bool,
+}
+
+impl Edge {
+    /// Builds the instance for a validated configuration; for `redis_call` this also tells the
+    /// host the Redis credentials (a refusal is a configuration error naming the cluster).
+    pub fn new(config: Config) -> Result<Edge, ConfigError> {
+        let redis = &config.redis;
+        let wire = match redis.transport {
+            Transport::Relay => HostWire::Relay(RelayWire {
+                cluster: redis.cluster().to_string(),
+                authority: redis.authority().to_string(),
+                token: redis.token.clone(),
+            }),
+            Transport::RedisCall => {
+                if !host::HAS_REDIS_CALL {
+                    return Err(ConfigError {
+                        path: "redis.transport".into(),
+                        value: "\"redis_call\"".into(),
+                        message: "this build of the plugin has no redis_call transport (built without the `redis-call` feature)".into(),
+                    });
+                }
+                let upstream = redis_upstream(redis.cluster(), redis.database);
+                if let Err(status) = host::redis_init(
+                    &upstream,
+                    redis.username.as_deref().unwrap_or(""),
+                    redis.password.as_deref().unwrap_or(""),
+                    redis.timeout.as_millis(),
+                ) {
+                    return Err(ConfigError {
+                        path: "redis.cluster".into(),
+                        value: format!("{upstream:?}"),
+                        message: format!(
+                            "the host refused proxy_redis_init (status {status}): is this a Redis cluster it knows?"
+                        ),
+                    });
+                }
+                HostWire::RedisCall(RedisCallWire { upstream })
+            }
+        };
+        let events = EventPublisher::new(&config);
+        let reads_every_request =
+            events.applies_to(None) && (0..config.routes.len()).all(|i| events.applies_to(Some(i)));
+        let config = Rc::new(config);
+        Ok(Edge {
+            client: RedisClient::new(&config.redis),
+            metrics: Metrics::define(&config),
+            events,
+            cache: CacheEngine::new(&config, host::now_ns()),
+            wire,
+            requests: Requests::new(),
+            rate_limiter: RateLimiter::default(),
+            config,
+            reads_every_request,
+        })
+    }
+
+    /// Whether a request must be looked at before reading it whole (see [`Edge::wants`]).
+    pub fn filters_requests(&self) -> bool {
+        !self.reads_every_request
+    }
+
+    /// Tick period: often enough to enforce call deadlines close to the timeout.
+    pub fn tick_period_ms(&self) -> u32 {
+        let calls = (self.client.timeout_ms() / 4).clamp(10, 100);
+        // Events flush on the tick: a partial batch waits at most about one flush interval.
+        let period = self.events.tick_period_ms().map_or(calls, |e| e.min(calls));
+        u32::try_from(period).unwrap_or(100)
+    }
+
+    pub fn uses_redis(&self) -> bool {
+        self.config.routes.iter().any(|r| r.rate_limit.is_some())
+            || self.events.enabled()
+            || CacheEngine::wanted(&self.config)
+    }
+
+    // ---- 1. route ----------------------------------------------------------------------------
+
+    /// The route a request line matches (`path` may carry its query): matched once per request.
+    pub fn route(&self, path: &str, method: &str) -> Option<usize> {
+        self.config.route_for(without_query(path), method)
+    }
+
+    /// Whether a request on `route` needs the filter at all: an event, a policy on its route,
+    /// or the purge endpoint. When not, it passes without the filter reading its headers (an
+    /// unpoliced route pays for two header lookups, not a copy of every header).
+    pub fn wants(&self, path: &str, route: Option<usize>) -> bool {
+        let policed = route.map(|i| &self.config.routes[i]).is_some_and(|r| {
+            r.rate_limit.is_some() || r.cache.is_some() || r.invalidation.is_some()
+        });
+        let purge = self
+            .config
+            .cache
+            .purge
+            .as_ref()
+            .is_some_and(|p| p.path == without_query(path));
+        policed || purge || self.events.applies_to(route)
+    }
+
+    // ---- 2.-4. the request's headers ---------------------------------------------------------
+
+    /// The request's headers arrived (it matched `route`): its record is made, its event
+    /// started, and the purge endpoint, or the rate limit and the cache lookup, begun.
+    pub fn on_request_headers(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        now_ns: u64,
+        req: &RequestInfo,
+        route: Option<usize>,
+    ) -> Begin {
+        let mut request = Request::on(route);
+        request.event = self.events.on_request(now_ns, req, route);
+        let purge = self
+            .cache
+            .purge_endpoint(&mut self.client, &mut self.wire, now_ms, ctx, req);
+        let begin = match purge {
+            Some(PurgeStart::Answer(resp)) => Begin::Respond(resp),
+            Some(PurgeStart::Wait(purge)) => {
+                request.purge = Some(purge);
+                Begin::Pause
+            }
+            None => self.limit_and_look_up(ctx, now_ms, req, &mut request),
+        };
+        self.requests.insert(ctx, request);
+        self.report_client();
+        begin
+    }
+
+    /// The rate limit's call and the cache's lookup go out together; a denial decided without
+    /// waiting (deny cache, failure mode) answers at once and sends no lookup.
+    fn limit_and_look_up(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        req: &RequestInfo,
+        request: &mut Request,
+    ) -> Begin {
+        let Some(route_idx) = request.route else {
+            return Begin::Continue;
+        };
+        let config = Rc::clone(&self.config);
+        let route = &config.routes[route_idx];
+        if let Some(policy) = &route.rate_limit {
+            let facts = RequestFacts {
+                client_ip: req.client_ip(config.client_ip.trusted_hops),
+                path: req.path(),
+                query: req.query(),
+                headers: &req.headers,
+            };
+            let start = self.rate_limiter.start(
+                &mut self.client,
+                &mut self.wire,
+                now_ms,
+                ctx,
+                &route.name,
+                &config.redis.key_prefix,
+                policy,
+                &facts,
+            );
+            let decided = match start {
+                Start::Skipped => Some(verdict_skipped()),
+                Start::Decided(verdict) => Some(verdict),
+                Start::Asked(call) => {
+                    request.rate_limit = Some(call);
+                    request.outstanding += 1;
+                    None
+                }
+            };
+            if let Some(denial) = decided.and_then(|v| settle(&self.metrics, route_idx, request, v))
+            {
+                return Begin::Respond(denial);
+            }
+        }
+        let lookup = self.cache.lookup(
+            &mut self.client,
+            &mut self.wire,
+            now_ms,
+            ctx,
+            route_idx,
+            req,
+        );
+        if let Some(cache) = lookup {
+            if cache.awaits_lookup() {
+                request.outstanding += 1;
+            }
+            request.cache = Some(cache);
+        }
+        if request.outstanding > 0 {
+            Begin::Pause
+        } else {
+            Begin::Continue
+        }
+    }
+
+    // ---- Redis answers -----------------------------------------------------------------------
+
+    /// The host's answer to call `token`.
+    pub fn on_reply(&mut self, now_ms: u64, token: u32, raw: RawReply) -> Option<HostAction> {
+        let refresh =
+            self.cache
+                .on_refresh_answer(&mut self.client, &mut self.wire, now_ms, token, &raw);
+        if refresh {
+            return None;
+        }
+        let completion = self.client.on_reply(&mut self.wire, now_ms, token, raw);
+        self.report_client();
+        completion.and_then(|c| self.complete(now_ms, c))
+    }
+
+    /// Whether call `token` is this instance's.
+    pub fn owns_call(&self, token: u32) -> bool {
+        self.client.has_pending(token)
+    }
+
+    /// Delivers one finished call to whoever made it: a flush, a cache job, or a request
+    /// (which decides once its last call answered).
+    fn complete(&mut self, now_ms: u64, c: Completion) -> Option<HostAction> {
+        let ctx = c.context_id;
+        match c.purpose {
+            Purpose::Events => {
+                self.events.on_flush_done(ctx, c.result);
+                // Flushes are answered in the root context (they are made from it): send what
+                // is due now rather than at the next tick, so a backlog drains at Redis' pace.
+                self.events.flush(&mut self.client, &mut self.wire, now_ms);
+                return None;
+            }
+            Purpose::CacheJob => {
+                return self.cache.on_job_answer(
+                    &mut self.client,
+                    &mut self.wire,
+                    now_ms,
+                    ctx,
+                    c.result,
+                    &mut self.requests,
+                );
+            }
+            Purpose::RateLimit => {
+                let request = self.requests.get_mut(&ctx)?;
+                let policy = request
+                    .route
+                    .and_then(|r| self.config.routes[r].rate_limit.as_ref())?;
+                RateLimiter::on_answer(request.rate_limit.as_mut()?, policy, c.result);
+            }
+            Purpose::CacheLookup => {
+                let cache = self.requests.get_mut(&ctx)?.cache.as_mut()?;
+                if !CacheEngine::on_lookup(cache, c.result) {
+                    return None;
+                }
+            }
+        }
+        let request = self.requests.get_mut(&ctx)?;
+        request.outstanding = request.outstanding.saturating_sub(1);
+        if request.outstanding > 0 {
+            return None;
+        }
+        self.decide(now_ms, ctx)
+    }
+
+    // ---- 5. decide ---------------------------------------------------------------------------
+
+    /// Every call of request `ctx` answered: the rate limit's verdict first (unless decided
+    /// already), then the cache's answer.
+    pub fn decide(&mut self, now_ms: u64, ctx: u32) -> Option<HostAction> {
+        let config = Rc::clone(&self.config);
+        let request = self.requests.get_mut(&ctx)?;
+        let route_idx = request.route?;
+        let route = &config.routes[route_idx];
+        if let (Some(policy), Some(call)) = (&route.rate_limit, request.rate_limit.as_mut()) {
+            let verdict = self.rate_limiter.decide(now_ms, &route.name, policy, call);
+            request.rate_limit = None;
+            if let Some(denial) = verdict.and_then(|v| settle(&self.metrics, route_idx, request, v))
+            {
+                return Some(HostAction::Respond(ctx, denial));
+            }
+        }
+        let Some(cache) = request.cache.as_mut() else {
+            return Some(HostAction::Resume(ctx));
+        };
+        match self
+            .cache
+            .proceed(&mut self.client, &mut self.wire, now_ms, ctx, cache)
+        {
+            Proceed::Serve(resp) => Some(HostAction::Respond(ctx, resp)),
+            // The tick lets it go once the fill is there (or the wait is over).
+            Proceed::Wait => None,
+            Proceed::Forward => Some(HostAction::Resume(ctx)),
+        }
+    }
+
+    // ---- 7.-8. the response ------------------------------------------------------------------
+
+    /// The upstream's response headers (or a local reply's): the cache reads them before the
+    /// filter adds its own fields.
+    pub fn on_response_headers(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        end_of_stream: bool,
+    ) -> ResponseStep {
+        let Some(request) = self.requests.get_mut(&ctx) else {
+            return ResponseStep::Fields {
+                cache: Vec::new(),
+                passed: Vec::new(),
+                hold: false,
+            };
+        };
+        let step = match request.route {
+            Some(route) => self.cache.response_headers(
+                &mut self.client,
+                &mut self.wire,
+                now_ms,
+                ctx,
+                route,
+                request.cache.as_mut(),
+                &request.response_headers,
+                end_of_stream,
+            ),
+            None => CacheResponse::Pass(Vec::new()),
+        };
+        let (cache, hold) = match step {
+            CacheResponse::Replace(resp) => return ResponseStep::Replace(resp),
+            CacheResponse::Pass(fields) => (fields, false),
+            CacheResponse::Hold(fields, purge) => {
+                request.purge = Some(purge);
+                (fields, true)
+            }
+        };
+        ResponseStep::Fields {
+            cache,
+            passed: request.response_headers.clone(),
+            hold,
+        }
+    }
+
+    /// A chunk of the response body passed; `read_chunk` is asked for its bytes only when the
+    /// cache keeps a copy (to store the response when it ends).
+    pub fn on_response_body(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        end_of_stream: bool,
+        read_chunk: impl FnOnce() -> Vec<u8>,
+    ) {
+        let Some(cache) = self.requests.get_mut(&ctx).and_then(|r| r.cache.as_mut()) else {
+            return;
+        };
+        if !CacheEngine::collects(cache) {
+            return;
+        }
+        let chunk = read_chunk();
+        self.cache.response_body(
+            &mut self.client,
+            &mut self.wire,
+            now_ms,
+            cache,
+            &chunk,
+            end_of_stream,
+        );
+    }
+
+    // ---- 9. log and end ----------------------------------------------------------------------
+
+    /// The request is logged: its event, with the decisions noted on its record, is queued
+    /// (`read_response` is asked for the response's facts only when it has one); then it ends.
+    pub fn on_log(
+        &mut self,
+        ctx: u32,
+        now_ms: u64,
+        now_ns: u64,
+        read_response: impl FnOnce(bool) -> ResponseFacts,
+    ) {
+        if let Some(request) = self.requests.get_mut(&ctx) {
+            if let Some(mut event) = request.event.take() {
+                if let Some(tally) = request.tally {
+                    event.note_rate_limit(tally);
+                }
+                if let Some(outcome) = request.cache.as_ref().and_then(CacheRequest::outcome) {
+                    event.note_cache(outcome);
+                }
+                self.events.on_log(event, now_ns, read_response);
+            }
+        }
+        self.end(ctx, now_ms);
+    }
+
+    /// The request ended (logged, or its context went away): its record is removed and each
+    /// feature cleans up its part.
+    pub fn end(&mut self, ctx: u32, now_ms: u64) {
+        let Some(request) = self.requests.remove(&ctx) else {
+            return;
+        };
+        if let Some(cache) = request.cache {
+            self.cache
+                .end(&mut self.client, &mut self.wire, now_ms, ctx, cache);
+        }
+    }
+
+    // ---- the tick ----------------------------------------------------------------------------
+
+    /// Timeouts enforced, coalesced requests and cache jobs moved on, events flushed.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
+        let expired = self.client.expire(now_ms);
+        self.report_client();
+        let mut actions: Vec<HostAction> = expired
+            .into_iter()
+            .filter_map(|c| self.complete(now_ms, c))
+            .collect();
+        actions.extend(self.cache.tick(
+            &mut self.client,
+            &mut self.wire,
+            now_ms,
+            &mut self.requests,
+        ));
+        self.events.flush(&mut self.client, &mut self.wire, now_ms);
+        self.report_client();
+        actions
+    }
+
+    fn report_client(&mut self) {
+        let transitions = std::mem::take(&mut self.client.transitions);
+        for t in &transitions {
+            match t {
+                crate::breaker::Transition::Opened => host::log(
+                    LogLevel::Warn,
+                    "krowoc-edge: Redis failing, circuit breaker open: policies use their failure mode",
+                ),
+                crate::breaker::Transition::Closed => host::log(
+                    LogLevel::Info,
+                    "krowoc-edge: Redis answers again, circuit breaker closed",
+                ),
+                crate::breaker::Transition::None => {}
+            }
+        }
+        self.metrics.report_client(self.client.stats, &transitions);
+        if self.client.take_noauth() {
+            self.reinit_redis_call();
+        }
+    }
+
+    /// Higress's wrappers call init again after NOAUTH (e.g. the password was rotated).
+    fn reinit_redis_call(&mut self) {
+        if let HostWire::RedisCall(w) = &self.wire {
+            let r = &self.config.redis;
+            let _ = host::redis_init(
+                &w.upstream,
+                r.username.as_deref().unwrap_or(""),
+                r.password.as_deref().unwrap_or(""),
+                r.timeout.as_millis(),
+            );
+        }
+    }
+}
+
+/// Records a rate-limit verdict on the request; the denial to answer with, if it is one.
+fn settle(
+    metrics: &Metrics,
+    route: usize,
+    request: &mut Request,
+    verdict: Verdict,
+) -> Option<LocalResponse> {
+    metrics.count_verdict(route, &verdict);
+    request.tally = Some(verdict.tally);
+    if verdict.deny.is_none() {
+        request.response_headers = verdict.response_headers;
+    }
+    verdict.deny
+}
+
+fn redis_upstream(cluster: &str, database: u32) -> String {
+    if database == 0 {
+        cluster.to_string()
+    } else {
+        format!("{cluster}?db={database}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+
+    fn edge(json: &str) -> Edge {
+        Edge::new(parse_config(json.as_bytes()).expect("valid configuration")).expect("edge")
+    }
+
+    /// Whether the filter reads a request with this request line (its route matched once).
+    fn wants(e: &Edge, path: &str, method: &str) -> bool {
+        e.wants(path, e.route(path, method))
+    }
+
+    const ROUTES: &str = r#"[
+        {"name": "limited", "match": {"prefix": "/limited"},
+         "rate_limit": {"limits": [{"limit": 5, "window": "60s"}]}},
+        {"name": "posts-only", "match": {"prefix": "/posts", "methods": ["POST"]},
+         "rate_limit": {"limits": [{"limit": 5, "window": "60s"}]}},
+        {"name": "cached", "match": {"path": "/cached"}, "cache": {"ttl": "60s"}},
+        {"name": "plain", "match": {"prefix": "/plain"}},
+        {"name": "quiet", "match": {"prefix": "/quiet"}, "events": {"enabled": false}}
+    ]"#;
+
+    #[test]
+    fn only_requests_with_something_to_do_are_read() {
+        let e = edge(&format!(
+            r#"{{"routes": {ROUTES},
+                "cache": {{"purge": {{"path": "/_purge", "token": "0123456789abcdef"}}}}}}"#
+        ));
+        assert!(wants(&e, "/limited/x?y=1", "GET"));
+        assert!(wants(&e, "/cached?user_id=1", "GET"));
+        assert!(wants(&e, "/_purge?tag=x", "POST"));
+        assert!(wants(&e, "/posts", "POST"));
+        assert!(!wants(&e, "/posts", "GET"), "the route matches POST only");
+        assert!(!wants(&e, "/plain", "GET"), "a route without a policy");
+        assert!(!wants(&e, "/nowhere", "GET"), "no route");
+    }
+
+    #[test]
+    fn with_events_every_request_is_read_but_where_they_are_off() {
+        let e = edge(&format!(r#"{{"routes": {ROUTES}, "events": {{}}}}"#));
+        assert!(wants(&e, "/plain", "GET"));
+        assert!(wants(&e, "/nowhere", "GET"));
+        assert!(
+            !wants(&e, "/quiet", "GET"),
+            "events off on that route, no other policy"
+        );
+        assert!(e.filters_requests(), "one route has no events");
+        let everywhere = ROUTES.replace(r#", "events": {"enabled": false}"#, "");
+        let e = edge(&format!(r#"{{"routes": {everywhere}, "events": {{}}}}"#));
+        assert!(
+            !e.filters_requests(),
+            "every request has an event: read at once"
+        );
+        assert!(edge(r#"{"routes": []}"#).filters_requests());
+    }
+}
