@@ -415,19 +415,33 @@ pub fn reply_bytes(raw: RawReply) -> Result<Vec<u8>, RedisError> {
     }
 }
 
+/// A wire for unit tests: collects what would go on the wire; tokens count up like a host's.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::parse_config;
+pub(crate) mod recording {
+    use super::Wire;
+    use crate::error::RedisError;
+    use crate::resp::{decode_replies, Reply};
 
-    /// Collects what would go on the wire; tokens count up like a host's.
-    struct Recorder {
-        next: u32,
-        sent: Vec<(u32, Vec<u8>)>,
-        fail: Option<RedisError>,
+    #[derive(Debug)]
+    pub struct RecordingWire {
+        pub next: u32,
+        /// Each call's token and payload, in order.
+        pub sent: Vec<(u32, Vec<u8>)>,
+        /// Set: every send is refused with it.
+        pub fail: Option<RedisError>,
     }
 
-    impl Wire for Recorder {
+    impl Default for RecordingWire {
+        fn default() -> RecordingWire {
+            RecordingWire {
+                next: 3,
+                sent: Vec::new(),
+                fail: None,
+            }
+        }
+    }
+
+    impl Wire for RecordingWire {
         fn send(&mut self, payload: &[u8], _timeout_ms: u64) -> Result<u32, RedisError> {
             if let Some(e) = self.fail.clone() {
                 return Err(e);
@@ -438,17 +452,51 @@ mod tests {
         }
     }
 
+    /// Shared, so that a test reads what a wire it boxed away sent.
+    impl Wire for std::rc::Rc<std::cell::RefCell<RecordingWire>> {
+        fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
+            self.borrow_mut().send(payload, timeout_ms)
+        }
+    }
+
+    impl RecordingWire {
+        /// The arguments of the last call's first command (`EVALSHA`, its SHA1, …), as text.
+        pub fn last_command(&self) -> Vec<String> {
+            let Some((_, payload)) = self.sent.last() else {
+                return Vec::new();
+            };
+            match decode_replies(payload, 1).ok().and_then(|mut r| r.pop()) {
+                Some(Reply::Array(items)) => items
+                    .iter()
+                    .map(|i| match i {
+                        Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        }
+
+        /// The token of the last call.
+        pub fn last_token(&self) -> u32 {
+            self.sent.last().map_or(0, |(t, _)| *t)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recording::RecordingWire;
+    use super::*;
+    use crate::config::parse_config;
+
     fn client(json: &str) -> RedisClient {
         let cfg = parse_config(json.as_bytes()).expect("config");
         RedisClient::new(&cfg.redis)
     }
 
-    fn recorder() -> Recorder {
-        Recorder {
-            next: 3,
-            sent: Vec::new(),
-            fail: None,
-        }
+    fn recorder() -> RecordingWire {
+        RecordingWire::default()
     }
 
     #[test]

@@ -999,29 +999,13 @@ impl IdGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::recording::RecordingWire;
     use crate::client::RawReply;
     use crate::config::parse_config;
     use serde_json::Value;
 
-    /// Collects what would go on the wire; tokens count up like a host's.
-    struct Recorder {
-        next: u32,
-        sent: Vec<(u32, Vec<u8>)>,
-    }
-
-    impl Wire for Recorder {
-        fn send(&mut self, payload: &[u8], _timeout_ms: u64) -> Result<u32, RedisError> {
-            self.next += 4;
-            self.sent.push((self.next, payload.to_vec()));
-            Ok(self.next)
-        }
-    }
-
-    fn recorder() -> Recorder {
-        Recorder {
-            next: 3,
-            sent: Vec::new(),
-        }
+    fn recorder() -> RecordingWire {
+        RecordingWire::default()
     }
 
     fn config(json: &str) -> Config {
@@ -1427,7 +1411,7 @@ mod tests {
     fn answer(
         p: &mut EventPublisher,
         client: &mut RedisClient,
-        wire: &mut Recorder,
+        wire: &mut RecordingWire,
         token: u32,
         raw: RawReply,
     ) {

@@ -7,12 +7,15 @@
 //! SDK must register to route the answer back to the calling context (its accepted statuses are
 //! Ok, BadArgument and InternalFailure, which is what Envoy returns).
 //!
-//! Natively (unit tests) the raw imports are replaced by stubs that answer Unimplemented.
+//! Natively (unit tests) the raw imports are replaced by stubs that answer Unimplemented, logs
+//! go nowhere and HTTP calls are refused, so code that reaches the host still links and runs.
 
 use crate::client::Wire;
 use crate::error::{RedisError, RedisErrorKind};
+use crate::http::Upstream;
+#[cfg(target_arch = "wasm32")]
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::LogLevel;
+use proxy_wasm::types::{LogLevel, Status};
 use std::ptr::null_mut;
 use std::time::Duration;
 
@@ -518,6 +521,29 @@ pub fn redis_call_reply(status: u32, response_size: usize) -> crate::client::Raw
     crate::client::RawReply::RedisCall { status, body }
 }
 
+/// `dispatch_http_call` through the SDK, which registers the token so that the answer reaches
+/// the calling context.
+#[cfg(target_arch = "wasm32")]
+fn http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<u32, Status> {
+    hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout)
+}
+
+/// Natively (unit tests) no host answers: every call is refused.
+#[cfg(not(target_arch = "wasm32"))]
+fn http_call(
+    _cluster: &str,
+    _headers: Vec<(&str, &str)>,
+    _body: Option<&[u8]>,
+    _timeout: Duration,
+) -> Result<u32, Status> {
+    Err(Status::InternalFailure)
+}
+
 /// The relay transport: RESP as the body of `POST /resp` to the relay cluster.
 pub struct RelayWire {
     pub cluster: String,
@@ -536,11 +562,10 @@ impl Wire for RelayWire {
         if let Some(t) = &self.token {
             headers.push(("x-krowoc-relay-token", t.as_str()));
         }
-        hostcalls::dispatch_http_call(
+        http_call(
             &self.cluster,
             headers,
             Some(payload),
-            vec![],
             Duration::from_millis(timeout_ms),
         )
         .map_err(|status| {
@@ -552,6 +577,24 @@ impl Wire for RelayWire {
                 ),
             )
         })
+    }
+}
+
+/// HTTP calls to the upstream clusters Envoy knows (background cache refreshes).
+pub struct HostUpstream;
+
+impl Upstream for HostUpstream {
+    fn call(
+        &mut self,
+        cluster: &str,
+        headers: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<u32, String> {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        http_call(cluster, headers, None, timeout).map_err(|status| format!("{status:?}"))
     }
 }
 

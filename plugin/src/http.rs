@@ -2,6 +2,7 @@
 //! filter sends itself, and what to do to a paused request or held response.
 
 use crate::keys::client_ip;
+use std::time::Duration;
 
 /// A request's facts as the host gave them.
 #[derive(Clone, Debug, Default)]
@@ -66,6 +67,19 @@ pub enum HostAction {
     Respond(u32, LocalResponse),
     /// Let a held response go on.
     ResumeResponse(u32),
+}
+
+/// HTTP calls to an upstream cluster (the host's `dispatch_http_call`): the answer comes later,
+/// under the returned token.
+pub trait Upstream {
+    /// Sends a bodiless request with these fields (`:method`, `:path`, … included); why the
+    /// host refused it otherwise.
+    fn call(
+        &mut self,
+        cluster: &str,
+        headers: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<u32, String>;
 }
 
 #[cfg(test)]

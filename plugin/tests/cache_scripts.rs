@@ -4,11 +4,12 @@
 //! remove exactly the listed entries, and pattern purges by SCAN.
 
 use krowoc_plugin::cache::{
-    parse_lookup, EntryState, LockState, Lookup, CACHE_LOOKUP_LUA, CACHE_PURGE_LUA,
+    parse_lookup, store_call, EntryState, LockState, Lookup, CACHE_LOOKUP_LUA, CACHE_PURGE_LUA,
     CACHE_SCAN_PURGE_LUA, CACHE_STORE_LUA, CACHE_UNLOCK_LUA,
 };
 use krowoc_plugin::cache_entry::{decode, encode, MAGIC};
-use krowoc_plugin::cache_key::{all_entries_match, glob_to_lua_pattern, RouteKeys};
+use krowoc_plugin::cache_key::{all_entries_match, glob_to_lua_pattern, CacheKey, RouteKeys};
+use krowoc_plugin::cache_policy::Freshness;
 use krowoc_plugin::resp::{decode_replies, Command, Reply};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -71,27 +72,22 @@ impl Entry<'_> {
         token: &str,
         looked_up_at: u64,
     ) -> i64 {
-        let mut keys = vec![
-            self.keys.entry(self.hash),
-            self.keys.lock(self.hash),
-            self.keys.purge_mark(),
-            self.keys.route_index(),
-            self.keys.path_index(self.path),
-            self.keys.url_index(self.url),
-        ];
-        keys.extend(self.tags.iter().map(|t| self.keys.tag_index(t)));
-        let nums = [fresh, swr, sie, age, looked_up_at].map(|n| n.to_string());
-        let args: Vec<&[u8]> = vec![
-            blob,
-            nums[0].as_bytes(),
-            nums[1].as_bytes(),
-            nums[2].as_bytes(),
-            nums[3].as_bytes(),
-            self.url.as_bytes(),
-            self.hash.as_bytes(),
-            token.as_bytes(),
-            nums[4].as_bytes(),
-        ];
+        let key = CacheKey {
+            hash: self.hash.into(),
+            url: self.url.into(),
+            path: self.path.into(),
+        };
+        let tags: Vec<String> = self.tags.iter().map(|t| t.to_string()).collect();
+        let freshness = Freshness {
+            fresh_ms: fresh,
+            stale_while_revalidate_ms: swr,
+            stale_if_error_ms: sie,
+            initial_age_ms: age,
+        };
+        // The keys and arguments the filter sends, with the entry first.
+        let (keys, rest) = store_call(self.keys, &key, &tags, &freshness, token, looked_up_at);
+        let mut args: Vec<&[u8]> = vec![blob];
+        args.extend(rest.iter().map(|a| a.as_bytes()));
         match eval(redis, CACHE_STORE_LUA, &keys, &args) {
             Reply::Int(keep) => keep,
             other => panic!("store answered {other:?}"),

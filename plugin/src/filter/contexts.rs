@@ -9,6 +9,7 @@
 
 use super::driver::{Begin, Edge, ResponseStep};
 use super::EDGE_HEADER;
+use crate::client::RawReply;
 use crate::config::parse_config;
 use crate::events::host_response;
 use crate::host;
@@ -25,6 +26,39 @@ const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 thread_local! {
     /// Root context id → its state, for the Higress callback (the SDK does not know it).
     static INSTANCES: RefCell<HashMap<u32, Rc<RefCell<Edge>>>> = RefCell::new(HashMap::new());
+}
+
+/// The fields of the HTTP call answer being delivered (inside `on_http_call_response`).
+fn call_response_headers() -> Vec<(String, String)> {
+    host::header_pairs(host::MAP_HTTP_CALL_RESPONSE_HEADERS)
+}
+
+/// Hands the answer to HTTP call `token` (a relay reply, or a cache refresh) to the instance
+/// and performs what follows; `current` is the context the host is calling.
+fn deliver_http_answer(
+    edge: Option<&Rc<RefCell<Edge>>>,
+    token: u32,
+    num_headers: usize,
+    body_size: usize,
+    current: Option<u32>,
+) {
+    let Some(edge) = edge else { return };
+    deliver(
+        edge,
+        token,
+        host::relay_reply(num_headers, body_size),
+        current,
+    );
+}
+
+/// Hands a call's answer to the instance and performs what follows.
+fn deliver(edge: &Rc<RefCell<Edge>>, token: u32, raw: RawReply, current: Option<u32>) {
+    let action = match edge.try_borrow_mut() {
+        Ok(mut e) => e.on_reply(host::now_ms(), token, raw, call_response_headers),
+        // Re-entered while busy: the call stays pending and times out on a tick.
+        Err(_) => None,
+    };
+    perform(action.into_iter().collect(), current);
 }
 
 /// Performs actions outside any borrow of the state. `current` is the context the host is
@@ -81,14 +115,8 @@ impl Context for EdgeRoot {
         body_size: usize,
         _: usize,
     ) {
-        // Calls made from the root context (none yet; events will flush from here).
-        let Some(edge) = &self.edge else { return };
-        let raw = host::relay_reply(num_headers, body_size);
-        let action = match edge.try_borrow_mut() {
-            Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
-            Err(_) => None,
-        };
-        perform(action.into_iter().collect(), None);
+        // Calls made from the root context: event flushes and cache jobs.
+        deliver_http_answer(self.edge.as_ref(), token, num_headers, body_size, None);
     }
 
     fn on_done(&mut self) -> bool {
@@ -185,14 +213,8 @@ impl Context for EdgeRequest {
         body_size: usize,
         _: usize,
     ) {
-        let Some(edge) = &self.edge else { return };
-        let raw = host::relay_reply(num_headers, body_size);
-        let action = match edge.try_borrow_mut() {
-            Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
-            // Re-entered while busy: the call stays pending and times out on a tick.
-            Err(_) => None,
-        };
-        perform(action.into_iter().collect(), Some(self.context_id));
+        let current = Some(self.context_id);
+        deliver_http_answer(self.edge.as_ref(), token, num_headers, body_size, current);
     }
 }
 
@@ -232,6 +254,10 @@ impl HttpContext for EdgeRequest {
                 host::now_ns(),
                 &info,
                 route,
+                || {
+                    host::property(&["xds", "cluster_name"])
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                },
             ),
             Err(_) => Begin::Continue,
         };
@@ -248,7 +274,11 @@ impl HttpContext for EdgeRequest {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let step = self.edge.as_ref().and_then(|edge| {
             let mut e = edge.try_borrow_mut().ok()?;
-            Some(e.on_response_headers(self.context_id, host::now_ms(), end_of_stream))
+            Some(
+                e.on_response_headers(self.context_id, host::now_ms(), end_of_stream, || {
+                    host::header_pairs(host::MAP_RESPONSE_HEADERS)
+                }),
+            )
         });
         let (cache, passed, hold) = match step {
             Some(ResponseStep::Replace(resp)) => {
@@ -334,10 +364,10 @@ pub extern "C" fn proxy_on_redis_call_response(
         })
     });
     let Some(edge) = edge else { return };
-    let raw = host::redis_call_reply(status, response_size);
-    let action = match edge.try_borrow_mut() {
-        Ok(mut e) => e.on_reply(host::now_ms(), token, raw),
-        Err(_) => None,
-    };
-    perform(action.into_iter().collect(), None);
+    deliver(
+        &edge,
+        token,
+        host::redis_call_reply(status, response_size),
+        None,
+    );
 }

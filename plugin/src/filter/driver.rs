@@ -20,30 +20,14 @@ use super::record::{Request, Requests};
 use crate::cache::{CacheEngine, CacheRequest, CacheResponse, Proceed, PurgeStart};
 use crate::client::{Completion, Purpose, RawReply, RedisClient, Wire};
 use crate::config::{Config, ConfigError, Transport};
-use crate::error::RedisError;
 use crate::events::{EventPublisher, ResponseFacts};
-use crate::host::{self, RedisCallWire, RelayWire};
-use crate::http::{without_query, HostAction, LocalResponse, RequestInfo};
+use crate::host::{self, HostUpstream, RedisCallWire, RelayWire};
+use crate::http::{without_query, HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::keys::RequestFacts;
 use crate::metrics::Metrics;
 use crate::ratelimit::{verdict_skipped, RateLimiter, Start, Verdict};
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
-
-/// Either transport's host side.
-pub enum HostWire {
-    Relay(RelayWire),
-    RedisCall(RedisCallWire),
-}
-
-impl Wire for HostWire {
-    fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
-        match self {
-            HostWire::Relay(w) => w.send(payload, timeout_ms),
-            HostWire::RedisCall(w) => w.send(payload, timeout_ms),
-        }
-    }
-}
 
 /// The outcome of the request-headers phase.
 #[derive(Debug)]
@@ -75,7 +59,12 @@ pub enum ResponseStep {
 pub struct Edge {
     pub config: Rc<Config>,
     client: RedisClient,
-    wire: HostWire,
+    /// The transport's host side (a recording wire in tests).
+    wire: Box<dyn Wire>,
+    /// Where background refreshes go (the host's HTTP calls).
+    upstream: Box<dyn Upstream>,
+    /// The Higress upstream `proxy_redis_init` was told about (transport `redis_call`).
+    redis_call_upstream: Option<String>,
     /// The requests in flight: one record each.
     requests: Requests,
     rate_limiter: RateLimiter,
@@ -94,12 +83,15 @@ impl Edge {
     /// host the Redis credentials (a refusal is a configuration error naming the cluster).
     pub fn new(config: Config) -> Result<Edge, ConfigError> {
         let redis = &config.redis;
-        let wire = match redis.transport {
-            Transport::Relay => HostWire::Relay(RelayWire {
-                cluster: redis.cluster().to_string(),
-                authority: redis.authority().to_string(),
-                token: redis.token.clone(),
-            }),
+        let (wire, redis_call_upstream): (Box<dyn Wire>, _) = match redis.transport {
+            Transport::Relay => {
+                let wire = RelayWire {
+                    cluster: redis.cluster().to_string(),
+                    authority: redis.authority().to_string(),
+                    token: redis.token.clone(),
+                };
+                (Box::new(wire), None)
+            }
             Transport::RedisCall => {
                 if !host::HAS_REDIS_CALL {
                     return Err(ConfigError {
@@ -123,24 +115,42 @@ impl Edge {
                         ),
                     });
                 }
-                HostWire::RedisCall(RedisCallWire { upstream })
+                let wire = RedisCallWire {
+                    upstream: upstream.clone(),
+                };
+                (Box::new(wire), Some(upstream))
             }
         };
+        let mut edge = Edge::with_host(config, wire, Box::new(HostUpstream), host::now_ns());
+        edge.redis_call_upstream = redis_call_upstream;
+        Ok(edge)
+    }
+
+    /// The instance over these host sides (`seed`: what makes this VM's cache lock tokens its
+    /// own); tests give recording ones.
+    pub fn with_host(
+        config: Config,
+        wire: Box<dyn Wire>,
+        upstream: Box<dyn Upstream>,
+        seed: u64,
+    ) -> Edge {
         let events = EventPublisher::new(&config);
         let reads_every_request =
             events.applies_to(None) && (0..config.routes.len()).all(|i| events.applies_to(Some(i)));
         let config = Rc::new(config);
-        Ok(Edge {
+        Edge {
             client: RedisClient::new(&config.redis),
             metrics: Metrics::define(&config),
             events,
-            cache: CacheEngine::new(&config, host::now_ns()),
+            cache: CacheEngine::new(&config, seed),
             wire,
+            upstream,
+            redis_call_upstream: None,
             requests: Requests::new(),
             rate_limiter: RateLimiter::default(),
             config,
             reads_every_request,
-        })
+        }
     }
 
     /// Whether a request must be looked at before reading it whole (see [`Edge::wants`]).
@@ -189,6 +199,8 @@ impl Edge {
 
     /// The request's headers arrived (it matched `route`): its record is made, its event
     /// started, and the purge endpoint, or the rate limit and the cache lookup, begun.
+    /// `route_cluster` tells where the route sends requests (asked only by a cache that
+    /// refreshes in the background).
     pub fn on_request_headers(
         &mut self,
         ctx: u32,
@@ -196,19 +208,20 @@ impl Edge {
         now_ns: u64,
         req: &RequestInfo,
         route: Option<usize>,
+        route_cluster: impl FnOnce() -> Option<String>,
     ) -> Begin {
         let mut request = Request::on(route);
         request.event = self.events.on_request(now_ns, req, route);
         let purge = self
             .cache
-            .purge_endpoint(&mut self.client, &mut self.wire, now_ms, ctx, req);
+            .purge_endpoint(&mut self.client, &mut *self.wire, now_ms, ctx, req);
         let begin = match purge {
             Some(PurgeStart::Answer(resp)) => Begin::Respond(resp),
             Some(PurgeStart::Wait(purge)) => {
                 request.purge = Some(purge);
                 Begin::Pause
             }
-            None => self.limit_and_look_up(ctx, now_ms, req, &mut request),
+            None => self.limit_and_look_up(ctx, now_ms, req, &mut request, route_cluster),
         };
         self.requests.insert(ctx, request);
         self.report_client();
@@ -223,6 +236,7 @@ impl Edge {
         now_ms: u64,
         req: &RequestInfo,
         request: &mut Request,
+        route_cluster: impl FnOnce() -> Option<String>,
     ) -> Begin {
         let Some(route_idx) = request.route else {
             return Begin::Continue;
@@ -238,7 +252,7 @@ impl Edge {
             };
             let start = self.rate_limiter.start(
                 &mut self.client,
-                &mut self.wire,
+                &mut *self.wire,
                 now_ms,
                 ctx,
                 &route.name,
@@ -262,11 +276,12 @@ impl Edge {
         }
         let lookup = self.cache.lookup(
             &mut self.client,
-            &mut self.wire,
+            &mut *self.wire,
             now_ms,
             ctx,
             route_idx,
             req,
+            route_cluster,
         );
         if let Some(cache) = lookup {
             if cache.awaits_lookup() {
@@ -283,15 +298,27 @@ impl Edge {
 
     // ---- Redis answers -----------------------------------------------------------------------
 
-    /// The host's answer to call `token`.
-    pub fn on_reply(&mut self, now_ms: u64, token: u32, raw: RawReply) -> Option<HostAction> {
-        let refresh =
-            self.cache
-                .on_refresh_answer(&mut self.client, &mut self.wire, now_ms, token, &raw);
+    /// The host's answer to call `token` (`read_headers` gives an HTTP answer's fields, asked
+    /// only for a cache refresh).
+    pub fn on_reply(
+        &mut self,
+        now_ms: u64,
+        token: u32,
+        raw: RawReply,
+        read_headers: impl FnOnce() -> Vec<(String, String)>,
+    ) -> Option<HostAction> {
+        let refresh = self.cache.on_refresh_answer(
+            &mut self.client,
+            &mut *self.wire,
+            now_ms,
+            token,
+            &raw,
+            read_headers,
+        );
         if refresh {
             return None;
         }
-        let completion = self.client.on_reply(&mut self.wire, now_ms, token, raw);
+        let completion = self.client.on_reply(&mut *self.wire, now_ms, token, raw);
         self.report_client();
         completion.and_then(|c| self.complete(now_ms, c))
     }
@@ -310,13 +337,13 @@ impl Edge {
                 self.events.on_flush_done(ctx, c.result);
                 // Flushes are answered in the root context (they are made from it): send what
                 // is due now rather than at the next tick, so a backlog drains at Redis' pace.
-                self.events.flush(&mut self.client, &mut self.wire, now_ms);
+                self.events.flush(&mut self.client, &mut *self.wire, now_ms);
                 return None;
             }
             Purpose::CacheJob => {
                 return self.cache.on_job_answer(
                     &mut self.client,
-                    &mut self.wire,
+                    &mut *self.wire,
                     now_ms,
                     ctx,
                     c.result,
@@ -367,7 +394,7 @@ impl Edge {
         };
         match self
             .cache
-            .proceed(&mut self.client, &mut self.wire, now_ms, ctx, cache)
+            .proceed(&mut self.client, &mut *self.wire, now_ms, ctx, cache)
         {
             Proceed::Serve(resp) => Some(HostAction::Respond(ctx, resp)),
             // The tick lets it go once the fill is there (or the wait is over).
@@ -378,13 +405,14 @@ impl Edge {
 
     // ---- 7.-8. the response ------------------------------------------------------------------
 
-    /// The upstream's response headers (or a local reply's): the cache reads them before the
-    /// filter adds its own fields.
+    /// The upstream's response headers (or a local reply's; `read_headers` gives them, asked
+    /// only when the cache needs them): the cache reads them before the filter adds its own.
     pub fn on_response_headers(
         &mut self,
         ctx: u32,
         now_ms: u64,
         end_of_stream: bool,
+        read_headers: impl FnOnce() -> Vec<(String, String)>,
     ) -> ResponseStep {
         let Some(request) = self.requests.get_mut(&ctx) else {
             return ResponseStep::Fields {
@@ -396,13 +424,14 @@ impl Edge {
         let step = match request.route {
             Some(route) => self.cache.response_headers(
                 &mut self.client,
-                &mut self.wire,
+                &mut *self.wire,
                 now_ms,
                 ctx,
                 route,
                 request.cache.as_mut(),
                 &request.response_headers,
                 end_of_stream,
+                read_headers,
             ),
             None => CacheResponse::Pass(Vec::new()),
         };
@@ -439,7 +468,7 @@ impl Edge {
         let chunk = read_chunk();
         self.cache.response_body(
             &mut self.client,
-            &mut self.wire,
+            &mut *self.wire,
             now_ms,
             cache,
             &chunk,
@@ -480,7 +509,7 @@ impl Edge {
         };
         if let Some(cache) = request.cache {
             self.cache
-                .end(&mut self.client, &mut self.wire, now_ms, ctx, cache);
+                .end(&mut self.client, &mut *self.wire, now_ms, ctx, cache);
         }
     }
 
@@ -496,11 +525,12 @@ impl Edge {
             .collect();
         actions.extend(self.cache.tick(
             &mut self.client,
-            &mut self.wire,
+            &mut *self.wire,
+            &mut *self.upstream,
             now_ms,
             &mut self.requests,
         ));
-        self.events.flush(&mut self.client, &mut self.wire, now_ms);
+        self.events.flush(&mut self.client, &mut *self.wire, now_ms);
         self.report_client();
         actions
     }
@@ -528,10 +558,10 @@ impl Edge {
 
     /// Higress's wrappers call init again after NOAUTH (e.g. the password was rotated).
     fn reinit_redis_call(&mut self) {
-        if let HostWire::RedisCall(w) = &self.wire {
+        if let Some(upstream) = &self.redis_call_upstream {
             let r = &self.config.redis;
             let _ = host::redis_init(
-                &w.upstream,
+                upstream,
                 r.username.as_deref().unwrap_or(""),
                 r.password.as_deref().unwrap_or(""),
                 r.timeout.as_millis(),
@@ -566,7 +596,149 @@ fn redis_upstream(cluster: &str, database: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::recording::RecordingWire;
     use crate::config::parse_config;
+    use std::cell::RefCell;
+    use std::time::Duration;
+
+    /// No upstream answers in these tests: every refresh is refused.
+    struct NoUpstream;
+
+    impl Upstream for NoUpstream {
+        fn call(&mut self, _: &str, _: &[(String, String)], _: Duration) -> Result<u32, String> {
+            Err("no upstream in this test".into())
+        }
+    }
+
+    /// An instance whose Redis calls the test reads (and answers) through `wire`.
+    fn recorded(json: &str) -> (Edge, Rc<RefCell<RecordingWire>>) {
+        let wire = Rc::new(RefCell::new(RecordingWire::default()));
+        let config = parse_config(json.as_bytes()).expect("valid configuration");
+        let edge = Edge::with_host(config, Box::new(Rc::clone(&wire)), Box::new(NoUpstream), 1);
+        (edge, wire)
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestInfo {
+        let mut all = vec![(":authority", "example.test"), (":scheme", "http")];
+        all.extend_from_slice(headers);
+        RequestInfo {
+            path: path.to_string(),
+            method: method.to_string(),
+            headers: all
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            source_address: Some("10.0.0.1:4000".into()),
+        }
+    }
+
+    fn begin(e: &mut Edge, ctx: u32, req: &RequestInfo) -> Begin {
+        let route = e.route(&req.path, &req.method);
+        e.on_request_headers(ctx, 1_000, 1_000_000_000, req, route, || None)
+    }
+
+    fn ok(body: &[u8]) -> RawReply {
+        RawReply::Relay {
+            status: Some(200),
+            body: body.to_vec(),
+        }
+    }
+
+    /// Each call's payload, as text (commands and SHA1s are ASCII).
+    fn payloads(wire: &RefCell<RecordingWire>) -> Vec<String> {
+        wire.borrow()
+            .sent
+            .iter()
+            .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    const LIMITED_AND_CACHED: &str = r#"{"routes": [
+        {"name": "both", "match": {"prefix": "/both"},
+         "rate_limit": {"limits": [{"limit": 5, "window": "60s"}]},
+         "cache": {"ttl": "60s"}}],
+        "cache": {"purge": {"path": "/both/_purge", "token": "0123456789abcdef"}}}"#;
+
+    const ALLOWED: &[u8] = b"*5\r\n:1\r\n:0\r\n:4\r\n:60000\r\n:0\r\n";
+    const DENIED: &[u8] = b"*5\r\n:0\r\n:30000\r\n:0\r\n:30000\r\n:1\r\n";
+    const MISS_LOCK_TAKEN: &[u8] =
+        b"*9\r\n$4\r\nmiss\r\n:0\r\n$-1\r\n:1\r\n:0\r\n:0\r\n:0\r\n:0\r\n:1700000000000\r\n";
+
+    #[test]
+    fn the_rate_limit_and_the_cache_lookup_go_out_together_and_decide_when_both_answered() {
+        let (mut e, wire) = recorded(LIMITED_AND_CACHED);
+        assert!(matches!(
+            begin(&mut e, 7, &request("GET", "/both", &[])),
+            Begin::Pause
+        ));
+        let sent = payloads(&wire);
+        assert_eq!(sent.len(), 2, "one round trip: both calls at once");
+        assert!(sent[0].contains(
+            &crate::scripts::Script::new("rate_limit", crate::scripts::RATE_LIMIT_LUA).sha1
+        ));
+        let (limit, lookup) = (wire.borrow().sent[0].0, wire.borrow().sent[1].0);
+        assert_eq!(
+            e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new),
+            None
+        );
+        assert_eq!(
+            e.on_reply(1_002, limit, ok(ALLOWED), Vec::new),
+            Some(HostAction::Resume(7)),
+            "the last answer decides"
+        );
+        let ResponseStep::Fields {
+            cache,
+            passed,
+            hold,
+        } = e.on_response_headers(7, 1_010, true, || vec![(":status".into(), "200".into())])
+        else {
+            panic!("fields");
+        };
+        assert!(!hold);
+        assert!(cache.contains(&("x-cache".to_string(), "MISS".to_string())));
+        assert!(passed.iter().any(|(k, _)| k == "ratelimit"), "{passed:?}");
+    }
+
+    #[test]
+    fn a_denial_drops_the_cache_answer_and_gives_the_fill_lock_back() {
+        let (mut e, wire) = recorded(LIMITED_AND_CACHED);
+        begin(&mut e, 7, &request("GET", "/both", &[]));
+        let (limit, lookup) = (wire.borrow().sent[0].0, wire.borrow().sent[1].0);
+        e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new);
+        let Some(HostAction::Respond(7, denied)) = e.on_reply(1_002, limit, ok(DENIED), Vec::new)
+        else {
+            panic!("denied");
+        };
+        assert_eq!(denied.status, 429);
+        e.on_log(7, 1_003, 1_003_000_000, |_| ResponseFacts::default());
+        e.on_tick(1_004);
+        let unlock = payloads(&wire).pop().expect("a call");
+        let sha = crate::scripts::Script::new("cache_unlock", crate::cache::CACHE_UNLOCK_LUA).sha1;
+        assert!(unlock.contains(&sha), "the lock goes back: {unlock}");
+    }
+
+    #[test]
+    fn the_purge_endpoint_is_answered_before_any_rate_limit() {
+        let (mut e, wire) = recorded(LIMITED_AND_CACHED);
+        let req = request(
+            "POST",
+            "/both/_purge",
+            &[
+                ("x-krowoc-purge-token", "0123456789abcdef"),
+                ("x-krowoc-invalidate", "route=both"),
+            ],
+        );
+        assert!(matches!(begin(&mut e, 3, &req), Begin::Pause));
+        let sent = payloads(&wire);
+        assert_eq!(sent.len(), 1, "the purge only: {sent:?}");
+        let purge = wire.borrow().sent[0].0;
+        let Some(HostAction::Respond(3, answer)) =
+            e.on_reply(1_001, purge, ok(b":4\r\n"), Vec::new)
+        else {
+            panic!("answered");
+        };
+        assert_eq!(answer.status, 200);
+    }
 
     fn edge(json: &str) -> Edge {
         Edge::new(parse_config(json.as_bytes()).expect("valid configuration")).expect("edge")

@@ -12,7 +12,7 @@ pub mod driver;
 pub mod record;
 
 pub use contexts::{EdgeRequest, EdgeRoot};
-pub use driver::{Begin, Edge, HostWire, ResponseStep};
+pub use driver::{Begin, Edge, ResponseStep};
 pub use record::{Request, Requests};
 
 /// Name of the response header that proves the filter ran.
