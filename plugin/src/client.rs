@@ -248,7 +248,7 @@ impl RedisClient {
         match &result {
             Ok(_) => self.record_health(),
             Err(e) => {
-                if e.prefix() == Some("NOAUTH") {
+                if e.is_noauth() {
                     self.noauth = true;
                 }
                 self.record_failure(e, now_ms)
@@ -330,7 +330,7 @@ impl RedisClient {
                 }
             }
             Err(e) => {
-                if e.prefix() == Some("NOAUTH") {
+                if e.is_noauth() {
                     self.noauth = true;
                 }
                 self.record_failure(e, now_ms)

@@ -1,5 +1,7 @@
 //! The error type of the Redis command layer: what went wrong (a kind with predicates) and a
-//! message that says where. Error replies keep their RESP prefix (`NOSCRIPT`, `MOVED`, ...).
+//! message that says where. An error reply's RESP prefix (`NOSCRIPT`, `LOADING`, `MOVED`, ...)
+//! is read once, into a [`ServerErrorKind`], whose health judgement the circuit breaker and the
+//! event flushes' retries both follow.
 
 use std::fmt;
 
@@ -14,7 +16,7 @@ pub enum RedisErrorKind {
     /// The reply was not the RESP (or the shape) expected.
     Protocol,
     /// Redis answered with an error reply.
-    Server,
+    Server(ServerErrorKind),
     /// The circuit breaker is open: the call was not made.
     BreakerOpen,
     /// The host refused to dispatch the call (unknown cluster, bad argument).
@@ -28,10 +30,74 @@ impl RedisErrorKind {
             RedisErrorKind::Unavailable => "unavailable",
             RedisErrorKind::Refused => "refused",
             RedisErrorKind::Protocol => "protocol",
-            RedisErrorKind::Server => "server",
+            RedisErrorKind::Server(_) => "server",
             RedisErrorKind::BreakerOpen => "breaker_open",
             RedisErrorKind::Dispatch => "dispatch",
         }
+    }
+}
+
+/// What an error reply's prefix says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerErrorKind {
+    /// The script is not loaded: send EVAL instead.
+    NoScript,
+    /// Redis wants credentials (the host should be given them again).
+    NoAuth,
+    WrongPass,
+    /// Redis is loading its dataset.
+    Loading,
+    /// A script runs too long.
+    Busy,
+    MasterDown,
+    /// Out of memory: Redis refuses writes.
+    Oom,
+    TryAgain,
+    ClusterDown,
+    /// Redis Cluster redirections (the relay follows them; the filter sees them only through
+    /// a misconfigured relay).
+    Moved,
+    Ask,
+    /// A replica refused a write.
+    ReadOnly,
+    /// `ERR`, `WRONGTYPE` and the rest: about the call, not about Redis.
+    Other,
+}
+
+impl ServerErrorKind {
+    /// The kind of an error reply from its first word.
+    pub fn from_prefix(prefix: &str) -> ServerErrorKind {
+        match prefix {
+            "NOSCRIPT" => ServerErrorKind::NoScript,
+            "NOAUTH" => ServerErrorKind::NoAuth,
+            "WRONGPASS" => ServerErrorKind::WrongPass,
+            "LOADING" => ServerErrorKind::Loading,
+            "BUSY" => ServerErrorKind::Busy,
+            "MASTERDOWN" => ServerErrorKind::MasterDown,
+            "OOM" => ServerErrorKind::Oom,
+            "TRYAGAIN" => ServerErrorKind::TryAgain,
+            "CLUSTERDOWN" => ServerErrorKind::ClusterDown,
+            "MOVED" => ServerErrorKind::Moved,
+            "ASK" => ServerErrorKind::Ask,
+            "READONLY" => ServerErrorKind::ReadOnly,
+            _ => ServerErrorKind::Other,
+        }
+    }
+
+    /// Whether the reply says Redis is unhealthy (or refuses this client), a state that may
+    /// pass: it counts for the breaker, and a flush that failed so is tried again.
+    pub fn is_unhealthy(self) -> bool {
+        matches!(
+            self,
+            ServerErrorKind::Loading
+                | ServerErrorKind::Busy
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::NoAuth
+                | ServerErrorKind::WrongPass
+                | ServerErrorKind::Oom
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+        )
     }
 }
 
@@ -53,9 +119,11 @@ impl RedisError {
         RedisError::new(RedisErrorKind::Protocol, message)
     }
 
-    /// An error reply from Redis; the message starts with its prefix.
+    /// An error reply from Redis; the message starts with its prefix, read here once.
     pub fn server(message: impl Into<String>) -> RedisError {
-        RedisError::new(RedisErrorKind::Server, message)
+        let message = message.into();
+        let kind = ServerErrorKind::from_prefix(message.split(' ').next().unwrap_or(""));
+        RedisError::new(RedisErrorKind::Server(kind), message)
     }
 
     pub fn is_timeout(&self) -> bool {
@@ -68,11 +136,24 @@ impl RedisError {
 
     /// The RESP error prefix of a server error (`NOSCRIPT`, `NOAUTH`, `MOVED`, ...).
     pub fn prefix(&self) -> Option<&str> {
-        (self.kind == RedisErrorKind::Server).then(|| self.message.split(' ').next().unwrap_or(""))
+        self.server_kind()
+            .map(|_| self.message.split(' ').next().unwrap_or(""))
+    }
+
+    /// The kind of a server error.
+    pub fn server_kind(&self) -> Option<ServerErrorKind> {
+        match self.kind {
+            RedisErrorKind::Server(k) => Some(k),
+            _ => None,
+        }
     }
 
     pub fn is_noscript(&self) -> bool {
-        self.prefix() == Some("NOSCRIPT")
+        self.server_kind() == Some(ServerErrorKind::NoScript)
+    }
+
+    pub fn is_noauth(&self) -> bool {
+        self.server_kind() == Some(ServerErrorKind::NoAuth)
     }
 
     /// Whether the failure says something about Redis' health (and so counts for the breaker).
@@ -82,19 +163,7 @@ impl RedisError {
     pub fn counts_for_breaker(&self) -> bool {
         match self.kind {
             RedisErrorKind::Refused => false,
-            RedisErrorKind::Server => matches!(
-                self.prefix(),
-                Some(
-                    "LOADING"
-                        | "BUSY"
-                        | "MASTERDOWN"
-                        | "NOAUTH"
-                        | "WRONGPASS"
-                        | "OOM"
-                        | "TRYAGAIN"
-                        | "CLUSTERDOWN"
-                )
-            ),
+            RedisErrorKind::Server(kind) => kind.is_unhealthy(),
             RedisErrorKind::BreakerOpen => false,
             _ => true,
         }
@@ -123,6 +192,27 @@ mod tests {
         assert_eq!(RedisError::protocol("x").prefix(), None);
         assert!(RedisError::new(RedisErrorKind::Timeout, "t").is_timeout());
         assert!(RedisError::new(RedisErrorKind::Timeout, "t").counts_for_breaker());
+    }
+
+    #[test]
+    fn error_replies_are_classified_once_by_their_prefix() {
+        let kind = |m: &str| RedisError::server(m).server_kind();
+        assert_eq!(
+            kind("MOVED 3999 127.0.0.1:6381"),
+            Some(ServerErrorKind::Moved)
+        );
+        assert_eq!(kind("OOM command not allowed"), Some(ServerErrorKind::Oom));
+        assert_eq!(
+            kind("WRONGTYPE Operation against a key"),
+            Some(ServerErrorKind::Other)
+        );
+        assert_eq!(
+            kind("noscript lower case is not the prefix"),
+            Some(ServerErrorKind::Other)
+        );
+        assert!(RedisError::server("NOAUTH Authentication required.").is_noauth());
+        assert!(!RedisError::server("READONLY You can't write").counts_for_breaker());
+        assert_eq!(RedisError::protocol("x").server_kind(), None);
     }
 
     #[test]

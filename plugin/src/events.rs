@@ -587,7 +587,7 @@ pub fn retryable(e: &RedisError) -> bool {
         | RedisErrorKind::Unavailable
         | RedisErrorKind::Dispatch
         | RedisErrorKind::BreakerOpen => true,
-        RedisErrorKind::Server => e.counts_for_breaker(),
+        RedisErrorKind::Server(kind) => kind.is_unhealthy(),
         RedisErrorKind::Refused | RedisErrorKind::Protocol => false,
     }
 }
