@@ -41,21 +41,13 @@ use crate::host::{self, define_metric, increment_metric, METRIC_COUNTER};
 use crate::http::{HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::resp::{Command, Reply};
 use crate::scripts::Script;
+pub use crate::scripts::{
+    CACHE_LOOKUP_LUA, CACHE_PURGE_LUA, CACHE_SCAN_PURGE_LUA, CACHE_STORE_LUA, CACHE_UNLOCK_LUA,
+};
 use proxy_wasm::types::LogLevel;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
-
-/// Source of the lookup script (entry + fill lock).
-pub const CACHE_LOOKUP_LUA: &str = include_str!("scripts/cache_lookup.lua");
-/// Source of the store script (entry + indexes + lock release).
-pub const CACHE_STORE_LUA: &str = include_str!("scripts/cache_store.lua");
-/// Source of the lock release script.
-pub const CACHE_UNLOCK_LUA: &str = include_str!("scripts/cache_unlock.lua");
-/// Source of the index purge script.
-pub const CACHE_PURGE_LUA: &str = include_str!("scripts/cache_purge.lua");
-/// Source of one step of a pattern purge.
-pub const CACHE_SCAN_PURGE_LUA: &str = include_str!("scripts/cache_scan_purge.lua");
 
 /// Completion ids of background jobs: far above any context id a host hands out.
 const JOB_ID_BASE: u32 = 0x8000_0000;
@@ -1998,9 +1990,9 @@ fn lookup_call(
     )
 }
 
-/// KEYS and ARGV[2..] of `cache_store.lua` (ARGV[1] is the encoded response): the entry of
-/// `key`, its indexes and tags, its freshness, the fill lock `token` releases (empty: none),
-/// and the Redis time of the lookup (a purge since then refuses the store).
+/// KEYS, and ARGV after the encoded response, of `cache_store.lua`: the entry of `key`, its
+/// indexes and tags, its freshness, the fill lock `token` releases (empty: none), and the Redis
+/// time of the lookup (a purge since then refuses the store).
 pub fn store_call(
     keys: &RouteKeys,
     key: &CacheKey,

@@ -36,6 +36,7 @@ use crate::http::RequestInfo;
 use crate::ratelimit::Tally;
 use crate::resp::{encode_array, Command, Reply};
 use crate::scripts::Script;
+pub use crate::scripts::EVENTS_FLUSH_LUA;
 use proxy_wasm::types::LogLevel;
 use serde::Serialize;
 use std::collections::hash_map::RandomState;
@@ -44,8 +45,6 @@ use std::hash::BuildHasher;
 
 /// `event_type` of the filter's events.
 pub const EVENT_TYPE: &str = "http_request";
-/// The batch script for transport `redis_call`.
-pub const EVENTS_FLUSH_LUA: &str = include_str!("scripts/events_flush.lua");
 /// Field name of the event in stream entries (`XADD key ... * event <json>`).
 pub const STREAM_FIELD: &str = "event";
 /// Client-supplied values are cut to these lengths, so an event's size is bounded.

@@ -1,6 +1,6 @@
-//! Lua scripts run by the filter. Each lives in `src/scripts/*.lua` (with a header comment:
-//! KEYS, ARGV, reply) and is called with EVALSHA; its SHA1 is computed once, when the
-//! configuration is loaded.
+//! Every Lua script the filter runs, and how it is called. Each lives in `src/scripts/*.lua`
+//! (with a header comment: KEYS, ARGV, reply) and is called with EVALSHA (EVAL on NOSCRIPT);
+//! its SHA1 is computed once, when the feature that runs it is built for a configuration.
 
 use crate::resp::Command;
 
@@ -40,8 +40,20 @@ impl Script {
     }
 }
 
-/// Source of the rate-limit script (every algorithm, several limits in one call).
+/// The rate limiter's script (every algorithm, several limits in one call).
 pub const RATE_LIMIT_LUA: &str = include_str!("scripts/rate_limit.lua");
+/// The cache's lookup (entry + fill lock).
+pub const CACHE_LOOKUP_LUA: &str = include_str!("scripts/cache_lookup.lua");
+/// The cache's store (entry + indexes + lock release).
+pub const CACHE_STORE_LUA: &str = include_str!("scripts/cache_store.lua");
+/// The cache's lock release.
+pub const CACHE_UNLOCK_LUA: &str = include_str!("scripts/cache_unlock.lua");
+/// The cache's index purge.
+pub const CACHE_PURGE_LUA: &str = include_str!("scripts/cache_purge.lua");
+/// One step of the cache's pattern purge.
+pub const CACHE_SCAN_PURGE_LUA: &str = include_str!("scripts/cache_scan_purge.lua");
+/// An event batch for transport `redis_call` (which forwards one command per call).
+pub const EVENTS_FLUSH_LUA: &str = include_str!("scripts/events_flush.lua");
 
 #[cfg(test)]
 mod tests {
