@@ -23,7 +23,7 @@
 //! Index sets expire with the longest-lived entry they list.
 
 use crate::cache_config::CachePolicy;
-use crate::keys::percent_decode;
+use crate::http::percent_decode;
 
 /// One request's cache key.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The HTTP side every feature shares: a request's facts as the host gave them, a response the
 //! filter sends itself, and what to do to a paused request or held response.
 
-use crate::keys::client_ip;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// A request's facts as the host gave them.
@@ -34,7 +34,7 @@ impl RequestInfo {
     }
 
     /// The client's address: the connection's, or an `X-Forwarded-For` entry past
-    /// `trusted_hops` proxies (see [`crate::keys::client_ip`]).
+    /// `trusted_hops` proxies (see [`client_ip`]).
     pub fn client_ip(&self, trusted_hops: u32) -> Option<String> {
         let forwarded: Vec<&str> = self
             .headers
@@ -49,6 +49,96 @@ impl RequestInfo {
 /// A `:path` without its query string.
 pub fn without_query(path: &str) -> &str {
     path.split_once('?').map_or(path, |(p, _)| p)
+}
+
+/// The client address: with `trusted_hops` = 0 the downstream connection's address; with
+/// N > 0 the N-th `X-Forwarded-For` entry from the right (the one the outermost trusted proxy
+/// appended). Entries a client prepends itself are never used. A proxy that appends the
+/// connection's own address before the filter runs (Envoy with `use_remote_address`,
+/// host-shim) leaves that address as the last entry: it is the connection, not a hop, and is
+/// skipped. Addresses are normalised (ports removed, IPv6 in canonical form).
+pub fn client_ip(
+    source_address: Option<&str>,
+    forwarded_for: &[&str],
+    trusted_hops: u32,
+) -> Option<String> {
+    let source = source_address.and_then(parse_ip);
+    if trusted_hops > 0 {
+        let mut entries: Vec<&str> = forwarded_for
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        if source.is_some() && entries.last().and_then(|e| parse_ip(e)) == source {
+            entries.pop();
+        }
+        if !entries.is_empty() {
+            let hops = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
+            // Fewer entries than trusted proxies: the leftmost was still written by one of them.
+            let index = entries.len().saturating_sub(hops);
+            if let Some(ip) = parse_ip(entries[index]) {
+                return Some(ip.to_string());
+            }
+        }
+    }
+    source.map(|ip| ip.to_string())
+}
+
+/// Parses `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`.
+pub fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Some(canonical(sa.ip()));
+    }
+    let unbracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'))?;
+    unbracketed.parse::<IpAddr>().ok().map(canonical)
+}
+
+/// IPv4-mapped IPv6 addresses count as the IPv4 address (one client, one limit).
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Decodes `%XX` and `+` (form encoding); malformed escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// A response the filter sends instead of the upstream's.
@@ -85,6 +175,89 @@ pub trait Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_trusted_hops_ignores_forwarded_for() {
+        let ip = client_ip(Some("10.0.0.7:5555"), &["1.2.3.4"], 0);
+        assert_eq!(ip.as_deref(), Some("10.0.0.7"));
+    }
+
+    #[test]
+    fn trusted_hops_pick_the_entry_the_trusted_proxy_wrote() {
+        // client spoofs "6.6.6.6"; the trusted proxy appended the real client 1.2.3.4.
+        let xff = ["6.6.6.6, 1.2.3.4"];
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &xff, 1).as_deref(),
+            Some("1.2.3.4")
+        );
+        let xff = ["6.6.6.6, 1.2.3.4, 10.0.0.2"];
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &xff, 2).as_deref(),
+            Some("1.2.3.4")
+        );
+        // Several header lines count as one list.
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &["6.6.6.6", "1.2.3.4"], 1).as_deref(),
+            Some("1.2.3.4")
+        );
+        // Fewer entries than hops: the leftmost.
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &["1.2.3.4"], 3).as_deref(),
+            Some("1.2.3.4")
+        );
+        // Garbage where the address should be: the connection's address.
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &["nonsense"], 1).as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            client_ip(Some("10.0.0.1:1"), &[], 1).as_deref(),
+            Some("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn the_connection_address_appended_by_the_host_is_not_a_hop() {
+        // Trusted proxy 10.0.0.1 wrote the client 1.2.3.4; the host appended 10.0.0.1.
+        let xff = ["6.6.6.6, 1.2.3.4, 10.0.0.1"];
+        assert_eq!(
+            client_ip(Some("10.0.0.1:5"), &xff, 1).as_deref(),
+            Some("1.2.3.4")
+        );
+        // A direct client with only the host's entry: itself.
+        assert_eq!(
+            client_ip(Some("1.2.3.4:5"), &["1.2.3.4"], 1).as_deref(),
+            Some("1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn addresses_are_normalised() {
+        assert_eq!(
+            parse_ip("[::1]:8080").map(|i| i.to_string()).as_deref(),
+            Some("::1")
+        );
+        assert_eq!(
+            parse_ip("0:0:0:0:0:0:0:1")
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some("::1")
+        );
+        assert_eq!(
+            parse_ip("[2001:db8::1]").map(|i| i.to_string()).as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(
+            parse_ip("::ffff:1.2.3.4").map(|i| i.to_string()).as_deref(),
+            Some("1.2.3.4")
+        );
+        assert_eq!(
+            parse_ip("1.2.3.4:99").map(|i| i.to_string()).as_deref(),
+            Some("1.2.3.4")
+        );
+        assert_eq!(parse_ip("1.2.3"), None);
+        assert_eq!(client_ip(None, &[], 0), None);
+    }
 
     #[test]
     fn path_and_query_are_split_at_the_first_question_mark() {

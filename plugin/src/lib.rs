@@ -17,12 +17,12 @@
 //! is stored on the way; on log the event is queued, and flushed in batches on the tick.
 //!
 //! Layout: [`filter`] (the proxy-wasm contexts, the phase driver and the per-request record),
-//! [`http`] (a request's facts, local responses, host actions), [`config`] (the user's
-//! contract), [`keys`], [`ratelimit`], [`headers`] and the Lua in `src/scripts/` (the rate
-//! limiter), [`client`], [`resp`], [`breaker`], [`error`], [`scripts`] (the Redis command
-//! layer), [`event_config`] and [`events`] (request events), [`cache_config`],
-//! [`cache_policy`], [`cache_key`], [`cache_entry`], [`cache_purge`] and [`cache`] (the response
-//! cache), [`metrics`], [`duration`], and [`host`] (every FFI call). Everything but the
+//! [`http`] (a request's facts, the client address, local responses, host actions),
+//! [`config`] (the user's contract, with [`event_config`], [`cache_config`] and [`duration`]),
+//! [`ratelimit`] (decisions, keys, local fallbacks, response fields), [`cache`] (the engine,
+//! with [`cache_policy`], [`cache_key`], [`cache_entry`] and [`cache_purge`]), [`events`],
+//! the Redis command layer ([`client`], [`resp`], [`breaker`], [`error`], [`scripts`] with every
+//! Lua script), [`metrics`], and [`host`] (every FFI call and the two wires). Everything but the
 //! contexts and the host is plain Rust, tested natively (`cargo test -p krowoc-plugin`).
 
 pub mod breaker;
@@ -39,10 +39,8 @@ pub mod error;
 pub mod event_config;
 pub mod events;
 pub mod filter;
-pub mod headers;
 pub mod host;
 pub mod http;
-pub mod keys;
 pub mod metrics;
 pub mod ratelimit;
 pub mod resp;

@@ -5,7 +5,7 @@
 use krowoc_plugin::client::{Purpose, RawReply, RedisClient, Wire};
 use krowoc_plugin::config::{parse_config, RateLimitPolicy};
 use krowoc_plugin::error::RedisError;
-use krowoc_plugin::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
+use krowoc_plugin::ratelimit::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
 use krowoc_plugin::ratelimit::{parse_decision, script_args, Decision};
 use krowoc_plugin::resp::{decode_replies, Reply};
 use krowoc_plugin::scripts::{Script, RATE_LIMIT_LUA};

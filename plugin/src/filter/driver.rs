@@ -23,9 +23,8 @@ use crate::config::{Config, ConfigError, Transport};
 use crate::events::{EventPublisher, ResponseFacts};
 use crate::host::{self, HostUpstream, RedisCallWire, RelayWire};
 use crate::http::{without_query, HostAction, LocalResponse, RequestInfo, Upstream};
-use crate::keys::RequestFacts;
 use crate::metrics::Metrics;
-use crate::ratelimit::{verdict_skipped, RateLimiter, Start, Verdict};
+use crate::ratelimit::{verdict_skipped, RateLimiter, RequestFacts, Start, Verdict};
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
 

@@ -4,8 +4,8 @@
 //! remaining and `t` seconds until quota comes back), the older `X-RateLimit-*` fields, and
 //! `Retry-After` on a denial.
 
+use super::Decision;
 use crate::config::{HeaderStyle, LimitRule};
-use crate::ratelimit::Decision;
 
 /// Whole seconds, rounded up: a client waiting this long is never early.
 pub fn ceil_secs(ms: u64) -> u64 {
@@ -103,7 +103,7 @@ pub fn rate_limit_headers(
 fn most_restrictive<'a>(
     limits: &'a [LimitRule],
     decision: &'a Decision,
-) -> Option<(&'a LimitRule, &'a crate::ratelimit::LimitStatus)> {
+) -> Option<(&'a LimitRule, &'a super::LimitStatus)> {
     limits
         .iter()
         .zip(&decision.limits)
