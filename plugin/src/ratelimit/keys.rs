@@ -116,16 +116,7 @@ fn limit_key(prefix: &str, identity: &str, limit: &LimitRule) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_config;
-
-    fn policy(json: &str) -> RateLimitPolicy {
-        let cfg = parse_config(
-            format!(r#"{{"routes": [{{"name": "r", "match": {{"prefix": "/"}}, "rate_limit": {json}}}]}}"#)
-                .as_bytes(),
-        )
-        .expect("valid policy");
-        cfg.routes[0].rate_limit.clone().expect("policy")
-    }
+    use crate::ratelimit::test_policy as policy;
 
     #[test]
     fn query_parameters_are_decoded() {

@@ -104,16 +104,7 @@ impl LocalLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{parse_config, RateLimitPolicy};
-
-    fn policy(json: &str) -> RateLimitPolicy {
-        let cfg = parse_config(
-            format!(r#"{{"routes": [{{"name": "r", "match": {{"prefix": "/"}}, "rate_limit": {json}}}]}}"#)
-                .as_bytes(),
-        )
-        .expect("valid policy");
-        cfg.routes[0].rate_limit.clone().expect("policy")
-    }
+    use crate::ratelimit::test_policy as policy;
 
     #[test]
     fn local_bucket_admits_the_limit_then_refills() {

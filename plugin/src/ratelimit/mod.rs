@@ -478,19 +478,19 @@ pub fn verdict_skipped() -> Verdict {
     }
 }
 
+/// A route's policy from its JSON, read and validated as the configuration is (for tests).
+#[cfg(test)]
+fn test_policy(json: &str) -> RateLimitPolicy {
+    let route = format!(r#"{{"name": "r", "match": {{"prefix": "/"}}, "rate_limit": {json}}}"#);
+    let cfg = crate::config::parse_config(format!(r#"{{"routes": [{route}]}}"#).as_bytes())
+        .expect("valid policy");
+    cfg.routes[0].rate_limit.clone().expect("policy")
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_policy as policy;
     use super::*;
-    use crate::config::parse_config;
-
-    fn policy(json: &str) -> RateLimitPolicy {
-        let cfg = parse_config(
-            format!(r#"{{"routes": [{{"name": "r", "match": {{"prefix": "/"}}, "rate_limit": {json}}}]}}"#)
-                .as_bytes(),
-        )
-        .expect("valid policy");
-        cfg.routes[0].rate_limit.clone().expect("policy")
-    }
 
     #[test]
     fn script_arguments_list_every_limit() {
