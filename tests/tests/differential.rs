@@ -547,6 +547,29 @@ struct Side<'a> {
     client: IpAddr,
 }
 
+/// Waits (up to 3 s) until the plugin's cache counters have not moved for 250 ms, longer than
+/// the plugin's store tick and a Redis round trip: a store the previous answer started has
+/// been counted (stored, not stored or failed).
+fn settled(gateway: &Gateway) {
+    let counters = || -> Vec<String> {
+        testkit::http::get(gateway.admin, "/stats/prometheus")
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("krowoc_cache_"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut last = counters();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = counters();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Envoy's side and host-shim's: each with a `Host` and a client address of its own.
 fn sides<'a>(envoy: &'a Gateway, shim: &'a Gateway) -> [Side<'a>; 2] {
     [
@@ -574,10 +597,12 @@ fn compare(prefix: &str, cases: &[Case], sides: &[Side; 2]) -> Vec<String> {
             .map(|side| {
                 let raw = c.raw.replace("{host}", side.host_name);
                 let mut answer = Vec::new();
-                for _ in 0..c.times {
+                for i in 0..c.times {
                     answer = exchange(side.client, side.gateway.addr, &raw);
-                    // The cache stores after the client has its answer: give it a moment.
-                    std::thread::sleep(Duration::from_millis(50));
+                    if i + 1 < c.times {
+                        // The cache stores after the client has its answer (on a tick).
+                        settled(side.gateway);
+                    }
                 }
                 normalise(&answer, side.host_name, side.client, side.gateway.addr)
             })
