@@ -7,6 +7,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY plugin plugin
 COPY host-shim host-shim
+COPY relay relay
 COPY upstream upstream
 COPY testkit testkit
 COPY tests tests

@@ -15,6 +15,7 @@ COPY host-shim host-shim
 COPY upstream upstream
 COPY testkit testkit
 COPY tests tests
+COPY relay relay
 COPY xtask xtask
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,id=krowoc-cargo-target-higress \

@@ -18,8 +18,10 @@ pub mod envoy_config;
 pub mod field_order;
 pub mod gateway;
 pub mod host;
-pub mod redis_pool;
-pub mod relay;
+/// The relay and its Redis pool live in the krowoc-relay crate; host-shim runs the relay as
+/// `host-shim relay` and uses the pool for Higress `redis_call`s.
+pub use krowoc_relay as relay;
+pub use krowoc_relay::pool as redis_pool;
 pub mod run;
 pub mod shared;
 pub mod state;

@@ -8,6 +8,7 @@
 //! assert_eq!(reply.trim(), "PONG");
 //! ```
 
+pub mod docs;
 pub mod envoy;
 pub mod http;
 

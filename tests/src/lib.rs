@@ -17,9 +17,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use host_shim::redis_pool::RedisEndpoint;
-use host_shim::relay::RelayConfig;
 use host_shim::run::{RunArgs, Running};
+use krowoc_relay::pool::RedisEndpoint;
+use krowoc_relay::RelayConfig;
 use krowoc_upstream::config::UpstreamConfig;
 use krowoc_upstream::AppState;
 use serde_json::Value;
@@ -365,7 +365,7 @@ impl Stack {
                 .await
                 .expect("bind relay");
             let addr = listener.local_addr().expect("relay addr");
-            tokio::spawn(host_shim::relay::serve(listener, config));
+            tokio::spawn(krowoc_relay::serve(listener, config));
             addr
         });
 

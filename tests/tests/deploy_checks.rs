@@ -302,7 +302,6 @@ const DEMO_TOKEN: &str = "krowoc-demo-relay-token-change-me";
 fn a_relay_on_its_loopback_default_is_unreachable_from_envoy() {
     let compose = compose_with("relay", |s| {
         s["command"] = yaml(json!([
-            "relay",
             "--redis",
             "redis://redis:6379",
             "--token",
@@ -323,7 +322,6 @@ fn a_relay_on_its_loopback_default_is_unreachable_from_envoy() {
 fn a_relay_port_other_than_the_clusters_is_reported_for_the_cluster_and_the_health_check() {
     let compose = compose_with("relay", |s| {
         s["command"] = yaml(json!([
-            "relay",
             "--listen",
             "0.0.0.0:7380",
             "--redis",
@@ -355,7 +353,6 @@ fn a_relay_port_other_than_the_clusters_is_reported_for_the_cluster_and_the_heal
 fn a_misspelt_relay_flag_is_refused_by_the_relays_own_parser() {
     let compose = compose_with("relay", |s| {
         s["command"] = yaml(json!([
-            "relay",
             "--listen",
             "0.0.0.0:7379",
             "--redis-url",
@@ -385,7 +382,6 @@ fn a_plugin_token_the_relay_does_not_get_is_a_mismatch_and_passing_it_fixes_it()
     );
     let compose = compose_with("relay", |s| {
         s["command"] = yaml(json!([
-            "relay",
             "--listen",
             "0.0.0.0:7379",
             "--redis",
@@ -629,7 +625,7 @@ fn a_plugin_for_stock_envoy_built_with_the_higress_imports_is_reported() {
 fn an_unlocked_build_of_the_whole_workspace_is_reported() {
     let d = Deployment::repo().edit(RELAY_DOCKERFILE, |t| {
         t.replace(
-            "cargo build --locked --release -p host-shim --bin host-shim",
+            "cargo build --locked --release -p krowoc-relay --bin krowoc-relay",
             "cargo build --release",
         )
     });

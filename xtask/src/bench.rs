@@ -492,14 +492,8 @@ impl Bench<'_> {
             startup_timeout: Duration::from_secs(30),
         })?;
 
-        let mut relay = quiet(Command::new(&self.bins.host_shim));
-        relay.args([
-            "relay",
-            "--listen",
-            &self.relay.to_string(),
-            "--redis",
-            &redis_url,
-        ]);
+        let mut relay = quiet(Command::new(&self.bins.relay));
+        relay.args(["--listen", &self.relay.to_string(), "--redis", &redis_url]);
         if let Some(t) = token {
             relay.args(["--token", t]);
         }

@@ -159,9 +159,8 @@ impl Demo {
             30,
         ))?;
 
-        let mut relay = with_log_level(Command::new(&bins.host_shim));
+        let mut relay = with_log_level(Command::new(&bins.relay));
         relay.args([
-            "relay",
             "--listen",
             &loopback(RELAY_PORT).to_string(),
             "--redis",

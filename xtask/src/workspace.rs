@@ -23,7 +23,15 @@ pub const STOCK_PLUGIN_ARGS: [&str; 8] = [
     WASM_PROFILE,
 ];
 /// `cargo` arguments of the binaries' build (the README's Tests section shows this command).
-pub const BINARIES_ARGS: [&str; 5] = ["build", "-p", "host-shim", "-p", "krowoc-upstream"];
+pub const BINARIES_ARGS: [&str; 7] = [
+    "build",
+    "-p",
+    "host-shim",
+    "-p",
+    "krowoc-relay",
+    "-p",
+    "krowoc-upstream",
+];
 /// Every wasm crate the tests need; those after the plugin are built when they are workspace
 /// members (a test guest may come and go without xtask changing).
 pub const WASM_CRATES: &[&str] = &[PLUGIN_CRATE, "abi-test-guest"];
@@ -31,6 +39,7 @@ pub const WASM_CRATES: &[&str] = &[PLUGIN_CRATE, "abi-test-guest"];
 /// The native binaries demo, test and bench start.
 pub const HOST_SHIM_BIN: &str = "host-shim";
 pub const UPSTREAM_BIN: &str = "krowoc-upstream";
+pub const RELAY_BIN: &str = "krowoc-relay";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workspace {
@@ -65,6 +74,7 @@ pub struct WasmBuild {
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub host_shim: PathBuf,
+    pub relay: PathBuf,
     pub upstream: PathBuf,
 }
 
@@ -283,9 +293,10 @@ impl Workspace {
             .join(if release { "release" } else { "debug" });
         let bins = Binaries {
             host_shim: dir.join(HOST_SHIM_BIN),
+            relay: dir.join(RELAY_BIN),
             upstream: dir.join(UPSTREAM_BIN),
         };
-        for b in [&bins.host_shim, &bins.upstream] {
+        for b in [&bins.host_shim, &bins.relay, &bins.upstream] {
             if !b.is_file() {
                 bail!("the build succeeded but {} is missing", b.display());
             }

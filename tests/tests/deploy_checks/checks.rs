@@ -9,9 +9,9 @@ use std::path::{Component, Path, PathBuf};
 
 use clap::Parser;
 use host_shim::envoy_config::EnvoyConfig;
-use host_shim::redis_pool::RedisEndpoint;
-use host_shim::relay::{RelayArgs, RelayConfig};
 use krowoc_plugin::config::{parse_config, Config, Transport};
+use krowoc_relay::pool::RedisEndpoint;
+use krowoc_relay::{RelayArgs, RelayConfig};
 use serde::Deserialize as _;
 
 use super::compose::{Compose, Service};
@@ -679,6 +679,14 @@ enum Role {
     Unknown,
 }
 
+/// `krowoc-relay`'s command line (the relay's own binary).
+#[derive(Parser)]
+#[command(name = "krowoc-relay")]
+struct RelayCli {
+    #[command(flatten)]
+    relay: RelayArgs,
+}
+
 #[derive(Parser)]
 #[command(name = "host-shim")]
 struct HostShimCli {
@@ -713,29 +721,35 @@ fn role(run: &Running<'_>, problems: &mut Vec<Problem>) -> Role {
             .unwrap_or(REDIS_DEFAULT_PORT);
         return Role::Redis { port };
     }
+    let relay = |args: RelayArgs, problems: &mut Vec<Problem>| {
+        if args.token_file.is_none() {
+            if let Err(e) = RelayConfig::from_args(&args) {
+                problems.push(Problem::RelayArgsRefused {
+                    service: run.name.to_string(),
+                    message: format!("{e:#}"),
+                });
+            }
+        }
+        Role::Relay(Box::new(args))
+    };
+    let refused = |e: clap::Error, problems: &mut Vec<Problem>| {
+        problems.push(Problem::RelayArgsRefused {
+            service: run.name.to_string(),
+            message: e.to_string().lines().next().unwrap_or_default().to_string(),
+        });
+        Role::Unknown
+    };
     match argv.first().map(String::as_str) {
+        Some("krowoc-relay") => match RelayCli::try_parse_from(&argv) {
+            Ok(cli) => relay(cli.relay, problems),
+            Err(e) => refused(e, problems),
+        },
         Some("host-shim") => match HostShimCli::try_parse_from(&argv) {
             Ok(HostShimCli {
                 command: HostShimCommand::Relay(args),
-            }) => {
-                if args.token_file.is_none() {
-                    if let Err(e) = RelayConfig::from_args(&args) {
-                        problems.push(Problem::RelayArgsRefused {
-                            service: run.name.to_string(),
-                            message: format!("{e:#}"),
-                        });
-                    }
-                }
-                Role::Relay(Box::new(args))
-            }
+            }) => relay(args, problems),
             Ok(_) => Role::Unknown,
-            Err(e) => {
-                problems.push(Problem::RelayArgsRefused {
-                    service: run.name.to_string(),
-                    message: e.to_string().lines().next().unwrap_or_default().to_string(),
-                });
-                Role::Unknown
-            }
+            Err(e) => refused(e, problems),
         },
         Some("krowoc-upstream") => {
             let image_env = |name: &str| run.image.as_ref().and_then(|s| s.env(name));

@@ -11,8 +11,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use testkit::{encode_command, RedisServer};
 
-use host_shim::redis_pool::RedisEndpoint;
-use host_shim::relay::{serve, RelayArgs, RelayConfig, TOKEN_HEADER};
+use krowoc_relay::pool::RedisEndpoint;
+use krowoc_relay::{serve, RelayArgs, RelayConfig, TOKEN_HEADER};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -544,7 +544,7 @@ fn flags_parse_with_documented_defaults_and_refuse_bad_values() {
 
 mod pool {
     use super::*;
-    use host_shim::redis_pool::{PoolErrorKind, RedisPool};
+    use krowoc_relay::pool::{PoolErrorKind, RedisPool};
     use std::io::{Read, Write};
 
     fn current_thread() -> tokio::runtime::Runtime {

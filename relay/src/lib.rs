@@ -1,8 +1,11 @@
-//! `host-shim relay`: the RESP-over-HTTP relay that lets the filter reach Redis from stock Envoy.
+//! krowoc-relay: the RESP-over-HTTP relay that lets the filter reach Redis from stock Envoy, a
+//! component platform teams deploy beside Envoy (`krowoc-relay --redis … --token-file …`; also
+//! `host-shim relay`, the same code). Its Redis pool ([`pool`]) also carries host-shim's Higress
+//! `redis_call`s.
 //!
 //! The plugin sends `POST /resp` to the `redis_relay` cluster with one or more RESP commands as
 //! the body; the relay checks the token, the size, and every command against its allow-list,
-//! sends them on a pooled, pipelined Redis connection ([`crate::redis_pool`]) and answers `200`
+//! sends them on a pooled, pipelined Redis connection ([`crate::pool`]) and answers `200`
 //! with the raw replies, concatenated in order. A Redis error reply (`-NOSCRIPT …`) is a normal
 //! reply inside the 200. Failures are distinct statuses with a plain-text body naming the
 //! problem: 400 malformed RESP, 403 token or command refused, 413 body or command count too
@@ -34,7 +37,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::redis_pool::{self, CommandInfo, PoolError, RedisEndpoint, RedisPool};
+pub mod pool;
+
+use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 
 /// The header that carries the shared token.
 pub const TOKEN_HEADER: &str = "x-krowoc-relay-token";
@@ -91,7 +96,7 @@ pub const SCRIPT_SUBCOMMANDS: &[&str] = &["LOAD", "EXISTS"];
 
 /// Refused even when named with `--allow`: they wipe or reconfigure the server, read the whole
 /// keyspace, or take over the shared connection (see also
-/// [`redis_pool::SHARED_CONNECTION_UNSAFE`], which is refused as well).
+/// [`pool::SHARED_CONNECTION_UNSAFE`], which is refused as well).
 pub const ALWAYS_REFUSED: &[&str] = &[
     "FLUSHALL",
     "FLUSHDB",
@@ -122,7 +127,7 @@ pub const ALWAYS_REFUSED: &[&str] = &[
 ];
 
 fn always_refused(name: &str) -> bool {
-    ALWAYS_REFUSED.contains(&name) || redis_pool::SHARED_CONNECTION_UNSAFE.contains(&name)
+    ALWAYS_REFUSED.contains(&name) || pool::SHARED_CONNECTION_UNSAFE.contains(&name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ pub struct RelayArgs {
     #[arg(long, default_value = "1s", value_parser = parse_flag_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
     /// Redis connections shared by all requests (each pipelines many requests).
-    #[arg(long, default_value_t = redis_pool::DEFAULT_CONNECTIONS, value_name = "N")]
+    #[arg(long, default_value_t = pool::DEFAULT_CONNECTIONS, value_name = "N")]
     pub pool_size: usize,
 }
 
@@ -311,7 +316,7 @@ impl RelayConfig {
             max_commands: DEFAULT_MAX_COMMANDS,
             commands: CommandPolicy::filter_default(),
             timeout: DEFAULT_TIMEOUT,
-            pool_size: redis_pool::DEFAULT_CONNECTIONS,
+            pool_size: pool::DEFAULT_CONNECTIONS,
         }
     }
 
@@ -671,7 +676,7 @@ impl Relay {
         }
         let max = self.config.max_commands;
         let mut commands = Vec::new();
-        for parsed in redis_pool::commands(&body) {
+        for parsed in pool::commands(&body) {
             let cmd = parsed.map_err(|e| (Failure::Malformed, e.to_string()))?;
             if commands.len() == max {
                 return Err((

@@ -1,10 +1,10 @@
-//! A pooled, pipelined RESP connection to one Redis, shared by the relay (`host-shim relay`) and
+//! A pooled, pipelined RESP connection to one Redis, shared by the relay (`krowoc-relay`) and
 //! by host-shim's Higress `proxy_redis_call`. Bytes in, bytes out: the pool frames replies but
 //! never interprets them, so a Redis error reply (`-NOSCRIPT …`) is an ordinary reply.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use host_shim::redis_pool::{RedisEndpoint, RedisPool};
+//! use krowoc_relay::pool::{RedisEndpoint, RedisPool};
 //! use std::time::Duration;
 //! let pool = RedisPool::new(RedisEndpoint::from_url("redis://127.0.0.1:6379/0")?, 2);
 //! let replies = pool
