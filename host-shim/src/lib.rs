@@ -1,5 +1,6 @@
 //! host-shim: a proxy-wasm ABI 0.2.1 host on wasmtime that runs the filter from `envoy/envoy.yaml`
-//! as Envoy would, and the RESP-over-HTTP relay that lets the filter reach Redis from stock Envoy.
+//! as Envoy would; it also runs the RESP-over-HTTP relay of the krowoc-relay crate
+//! (`host-shim relay`), whose Redis pool carries its Higress `redis_call`s.
 //!
 //! * [`vm`] compiles a plugin once and runs one instance per worker thread;
 //! * [`host`] implements the ABI's imports, one module per family;

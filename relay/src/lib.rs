@@ -133,7 +133,7 @@ fn always_refused(name: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
-/// `host-shim relay` flags.
+/// The relay's flags (`krowoc-relay …`, `host-shim relay …`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayArgs {
     /// Address to listen on. Loopback by default: put the relay next to Envoy, not on the
