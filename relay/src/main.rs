@@ -49,40 +49,14 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    /// A usage line the parser takes: a concrete command must parse whole; a synopsis (with
-    /// `[…]`, `…` or placeholders in brackets) must name only flags the relay has.
     fn check_usage(line: &str) -> Result<(), String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if line.contains('[') || line.contains('…') {
-            let command = Cli::command();
-            for flag in words.iter().filter_map(|w| {
-                w.trim_start_matches('[')
-                    .strip_prefix("--")
-                    .map(|f| f.trim_end_matches([']', '.']))
-            }) {
-                if !command.get_arguments().any(|a| a.get_long() == Some(flag)) {
-                    return Err(format!("krowoc-relay has no flag --{flag}"));
-                }
-            }
-            return Ok(());
-        }
-        Cli::try_parse_from(&words)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        testkit::docs::check_usage(Cli::command(), line, false)
     }
 
     #[test]
     fn readme_usage() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut seen = 0;
-        for (doc, text) in testkit::docs::readmes(&root) {
-            for line in testkit::docs::usage_lines(&text, "krowoc-relay") {
-                seen += 1;
-                if let Err(e) = check_usage(&line) {
-                    panic!("{doc}: `{line}` does not match krowoc-relay's arguments: {e}");
-                }
-            }
-        }
+        let seen = testkit::docs::check_readme_usage(&root, "krowoc-relay", Cli::command, false);
         assert!(seen >= 1, "no krowoc-relay usage line found");
     }
 
