@@ -27,36 +27,13 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("host-shim: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = rt.block_on(async {
+    krowoc_relay::process::serve("host-shim", async {
         match cli.command {
             Command::Run(args) => host_shim::run::run(args).await,
             Command::Relay(args) => host_shim::relay::run(args).await,
         }
     });
-    if let Err(e) = result {
-        eprintln!("host-shim: error: {e:#}");
-        std::process::exit(1);
-    }
 }
 
 #[cfg(test)]

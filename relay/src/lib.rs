@@ -38,6 +38,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 pub mod pool;
+pub mod process;
 
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 
