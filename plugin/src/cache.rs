@@ -26,7 +26,6 @@
 //! (Higress calls belong to the root context anyway). Redis failing means bypass, never an
 //! error to the client.
 
-use crate::cache_config::CachePolicy;
 use crate::cache_entry::{self, StoredResponse, MAGIC};
 use crate::cache_key::{self, CacheKey, KeyInput, RouteKeys};
 use crate::cache_policy::{
@@ -34,14 +33,15 @@ use crate::cache_policy::{
     ttl_seconds, Bypass, CacheStatus, Freshness, NotStored, Outcome,
 };
 use crate::cache_purge::{constant_time_eq, parse_directives, plan, Directive, PurgeStep};
-use crate::client::{Purpose, RawReply, RedisClient, Wire};
+use crate::config::cache::CachePolicy;
 use crate::config::{Config, Transport};
-use crate::error::RedisError;
 use crate::host::{self, define_metric, increment_metric, METRIC_COUNTER};
 use crate::http::{HostAction, LocalResponse, RequestInfo, Upstream};
-use crate::resp::{Command, Reply};
-use crate::scripts::Script;
-pub use crate::scripts::{
+use crate::redis::client::{Purpose, RawReply, RedisClient, Wire};
+use crate::redis::error::RedisError;
+use crate::redis::resp::{Command, Reply};
+use crate::redis::scripts::Script;
+pub use crate::redis::scripts::{
     CACHE_LOOKUP_LUA, CACHE_PURGE_LUA, CACHE_SCAN_PURGE_LUA, CACHE_STORE_LUA, CACHE_UNLOCK_LUA,
 };
 use proxy_wasm::types::LogLevel;
@@ -1407,7 +1407,7 @@ impl CacheEngine {
             }
             Err(why) => {
                 let e = RedisError::new(
-                    crate::error::RedisErrorKind::Dispatch,
+                    crate::redis::error::RedisErrorKind::Dispatch,
                     format!(
                         "host refused the refresh call to cluster {:?} ({why})",
                         target.cluster
@@ -2114,7 +2114,7 @@ fn revalidate_target(
 /// The answer from the cache: the stored response (or 304 for a matching conditional
 /// request) with `Age`, `X-Cache` and `Cache-Status`.
 fn serve(
-    settings: &crate::cache_config::CacheSettings,
+    settings: &crate::config::cache::CacheSettings,
     request: &CacheRequest,
     stored: &StoredResponse,
     age_ms: u64,
@@ -2274,8 +2274,8 @@ mod tests {
 #[cfg(test)]
 mod engine_tests {
     use super::*;
-    use crate::client::recording::RecordingWire;
     use crate::config::parse_config;
+    use crate::redis::client::recording::RecordingWire;
 
     /// One refresh sent: its token, cluster and fields.
     type Refresh = (u32, String, Vec<(String, String)>);

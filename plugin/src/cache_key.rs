@@ -22,7 +22,7 @@
 //!
 //! Index sets expire with the longest-lived entry they list.
 
-use crate::cache_config::CachePolicy;
+use crate::config::cache::CachePolicy;
 use crate::http::percent_decode;
 
 /// One request's cache key.
@@ -242,11 +242,11 @@ fn push_lua_literal(out: &mut String, c: char) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_config::validate_policy;
+    use crate::config::cache::policy_problems;
 
     fn policy(json: &str) -> CachePolicy {
         let mut p: CachePolicy = serde_json::from_str(json).expect("policy");
-        assert!(validate_policy(&mut p).is_empty());
+        assert_eq!(policy_problems(&mut p), Vec::new());
         p
     }
 

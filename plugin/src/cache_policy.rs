@@ -4,7 +4,7 @@
 //! `Age`, `X-Cache` and RFC 9211 `Cache-Status` fields of an answer. Plain functions over
 //! header lists (names lower case, as proxies hand them over); no host calls.
 
-use crate::cache_config::{CachePolicy, CacheSettings};
+use crate::config::cache::{CachePolicy, CacheSettings};
 
 /// Request or response fields as `(name, value)`, names lower case.
 pub type Headers = [(String, String)];
@@ -578,7 +578,7 @@ pub fn ttl_seconds(fresh_ms: u64, age_ms: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_config::validate_policy;
+    use crate::config::cache::policy_problems;
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -589,7 +589,7 @@ mod tests {
 
     fn policy(json: &str) -> CachePolicy {
         let mut p: CachePolicy = serde_json::from_str(json).expect("policy");
-        assert!(validate_policy(&mut p).is_empty());
+        assert_eq!(policy_problems(&mut p), Vec::new());
         p
     }
 

@@ -26,17 +26,17 @@
 //! flush may have been written): consumers deduplicate by `id`. Events Redis refuses (an error
 //! reply such as `WRONGTYPE` for that event) are counted and not retried.
 
-use crate::client::{Purpose, RedisClient, Wire};
+use crate::config::events::{EventPolicy, EventsConfig, FieldSource};
 use crate::config::{Config, Transport};
-use crate::error::{RedisError, RedisErrorKind};
-use crate::event_config::{EventPolicy, EventsConfig, FieldSource};
 use crate::host::{self, define_metric, increment_metric, record_metric};
 use crate::host::{METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM};
 use crate::http::RequestInfo;
 use crate::ratelimit::Tally;
-use crate::resp::{encode_array, Command, Reply};
-use crate::scripts::Script;
-pub use crate::scripts::EVENTS_FLUSH_LUA;
+use crate::redis::client::{Purpose, RedisClient, Wire};
+use crate::redis::error::{RedisError, RedisErrorKind};
+use crate::redis::resp::{encode_array, Command, Reply};
+use crate::redis::scripts::Script;
+pub use crate::redis::scripts::EVENTS_FLUSH_LUA;
 use proxy_wasm::types::LogLevel;
 use serde::Serialize;
 use std::collections::hash_map::RandomState;
@@ -998,9 +998,9 @@ impl IdGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::recording::RecordingWire;
-    use crate::client::RawReply;
     use crate::config::parse_config;
+    use crate::redis::client::recording::RecordingWire;
+    use crate::redis::client::RawReply;
     use serde_json::Value;
 
     fn recorder() -> RecordingWire {
@@ -1505,7 +1505,7 @@ mod tests {
         // A flush without an answer times out on a tick and is queued again too.
         p.flush(&mut client, &mut wire, 1_000);
         assert_eq!(p.in_flight_len(), 2, "a full batch and a due partial one");
-        for c in client.expire(1_000 + 100 + crate::client::DEADLINE_GRACE_MS) {
+        for c in client.expire(1_000 + 100 + crate::redis::client::DEADLINE_GRACE_MS) {
             p.on_flush_done(c.context_id, c.result);
         }
         assert_eq!(p.stats.flush_failures, 3);
@@ -1587,7 +1587,10 @@ mod tests {
         answer(&mut p, &mut client, &mut wire, token, relay_ok(body));
         assert_eq!((p.stats.published, p.stats.rejected), (1, 1));
         assert_eq!(p.queue_len(), 0);
-        assert_eq!(client.breaker_state(), crate::breaker::BreakerState::Closed);
+        assert_eq!(
+            client.breaker_state(),
+            crate::redis::breaker::BreakerState::Closed
+        );
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //! Natively (unit tests) the raw imports are replaced by stubs that answer Unimplemented, logs
 //! go nowhere and HTTP calls are refused, so code that reaches the host still links and runs.
 
-use crate::client::Wire;
-use crate::error::{RedisError, RedisErrorKind};
 use crate::http::Upstream;
+use crate::redis::client::Wire;
+use crate::redis::error::{RedisError, RedisErrorKind};
 #[cfg(target_arch = "wasm32")]
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, Status};
@@ -494,7 +494,7 @@ pub fn serialize_header_map(pairs: &[(String, String)]) -> Vec<u8> {
 }
 
 /// Reads the answer of a relay call inside `on_http_call_response`.
-pub fn relay_reply(num_headers: usize, body_size: usize) -> crate::client::RawReply {
+pub fn relay_reply(num_headers: usize, body_size: usize) -> crate::redis::client::RawReply {
     let status = if num_headers == 0 {
         None
     } else {
@@ -508,17 +508,17 @@ pub fn relay_reply(num_headers: usize, body_size: usize) -> crate::client::RawRe
     } else {
         Vec::new()
     };
-    crate::client::RawReply::Relay { status, body }
+    crate::redis::client::RawReply::Relay { status, body }
 }
 
 /// Reads the raw reply of a Higress Redis call inside `proxy_on_redis_call_response`.
-pub fn redis_call_reply(status: u32, response_size: usize) -> crate::client::RawReply {
+pub fn redis_call_reply(status: u32, response_size: usize) -> crate::redis::client::RawReply {
     let body = if status == STATUS_OK && response_size > 0 {
         buffer(BUFFER_REDIS_CALL_RESPONSE, response_size).unwrap_or_default()
     } else {
         Vec::new()
     };
-    crate::client::RawReply::RedisCall { status, body }
+    crate::redis::client::RawReply::RedisCall { status, body }
 }
 
 /// `dispatch_http_call` through the SDK, which registers the token so that the answer reaches

@@ -21,30 +21,23 @@
 //! [`config`] (the user's contract, with [`event_config`], [`cache_config`] and [`duration`]),
 //! [`ratelimit`] (decisions, keys, local fallbacks, response fields), [`cache`] (the engine,
 //! with [`cache_policy`], [`cache_key`], [`cache_entry`] and [`cache_purge`]), [`events`],
-//! the Redis command layer ([`client`], [`resp`], [`breaker`], [`error`], [`scripts`] with every
+//! [`redis`] (the command layer, RESP, errors, the breaker, every
 //! Lua script), [`metrics`], and [`host`] (every FFI call and the two wires). Everything but the
 //! contexts and the host is plain Rust, tested natively (`cargo test -p krowoc-plugin`).
 
-pub mod breaker;
 pub mod cache;
-pub mod cache_config;
 pub mod cache_entry;
 pub mod cache_key;
 pub mod cache_policy;
 pub mod cache_purge;
-pub mod client;
 pub mod config;
-pub mod duration;
-pub mod error;
-pub mod event_config;
 pub mod events;
 pub mod filter;
 pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod ratelimit;
-pub mod resp;
-pub mod scripts;
+pub mod redis;
 
 /// The value of the `x-krowoc-edge` response header.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

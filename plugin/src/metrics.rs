@@ -45,11 +45,11 @@
 //! | `krowoc.cache.purge_failures` | counter | purges that failed or malformed invalidation headers |
 //! | `krowoc.cache.revalidations` | counter | background refreshes sent (stale-while-revalidate) |
 
-use crate::breaker::Transition;
-use crate::client::ClientStats;
 use crate::config::Config;
 use crate::host::{define_metric, increment_metric, METRIC_COUNTER, METRIC_GAUGE};
 use crate::ratelimit::{Tally, Verdict};
+use crate::redis::breaker::Transition;
+use crate::redis::client::ClientStats;
 
 /// Metric ids of one route (None where the host refused a definition).
 #[derive(Clone, Debug, Default)]

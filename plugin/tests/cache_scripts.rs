@@ -10,7 +10,7 @@ use krowoc_plugin::cache::{
 use krowoc_plugin::cache_entry::{decode, encode, MAGIC};
 use krowoc_plugin::cache_key::{all_entries_match, glob_to_lua_pattern, CacheKey, RouteKeys};
 use krowoc_plugin::cache_policy::Freshness;
-use krowoc_plugin::resp::{decode_replies, Command, Reply};
+use krowoc_plugin::redis::resp::{decode_replies, Command, Reply};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

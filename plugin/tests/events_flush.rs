@@ -2,12 +2,12 @@
 //! the pipelined PUBLISH/XADD body of transport `relay`, and the flush script of transport
 //! `redis_call` (EVALSHA, NOSCRIPT, then EVAL), read back by a SUBSCRIBE client and XRANGE.
 
-use krowoc_plugin::client::{RawReply, RedisClient, Wire};
 use krowoc_plugin::config::{parse_config, Config};
-use krowoc_plugin::error::RedisError;
 use krowoc_plugin::events::{EventPublisher, ResponseFacts};
 use krowoc_plugin::http::RequestInfo;
-use krowoc_plugin::resp::{decode_replies, Reply};
+use krowoc_plugin::redis::client::{RawReply, RedisClient, Wire};
+use krowoc_plugin::redis::error::RedisError;
+use krowoc_plugin::redis::resp::{decode_replies, Reply};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,13 +2,13 @@
 //! it (same script source, same arguments, same reply parsing), plus the command layer's
 //! EVALSHA → NOSCRIPT → EVAL path against real Redis.
 
-use krowoc_plugin::client::{Purpose, RawReply, RedisClient, Wire};
 use krowoc_plugin::config::{parse_config, RateLimitPolicy};
-use krowoc_plugin::error::RedisError;
 use krowoc_plugin::ratelimit::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
 use krowoc_plugin::ratelimit::{parse_decision, script_args, Decision};
-use krowoc_plugin::resp::{decode_replies, Reply};
-use krowoc_plugin::scripts::{Script, RATE_LIMIT_LUA};
+use krowoc_plugin::redis::client::{Purpose, RawReply, RedisClient, Wire};
+use krowoc_plugin::redis::error::RedisError;
+use krowoc_plugin::redis::resp::{decode_replies, Reply};
+use krowoc_plugin::redis::scripts::{Script, RATE_LIMIT_LUA};
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;

@@ -9,11 +9,11 @@
 
 use super::driver::{Begin, Edge, ResponseStep};
 use super::EDGE_HEADER;
-use crate::client::RawReply;
 use crate::config::parse_config;
 use crate::events::host_response;
 use crate::host;
 use crate::http::{HostAction, LocalResponse, RequestInfo};
+use crate::redis::client::RawReply;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;

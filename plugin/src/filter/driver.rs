@@ -18,13 +18,13 @@
 
 use super::record::{Request, Requests};
 use crate::cache::{CacheEngine, CacheRequest, CacheResponse, Proceed, PurgeStart};
-use crate::client::{Completion, Purpose, RawReply, RedisClient, Wire};
 use crate::config::{Config, ConfigError, Transport};
 use crate::events::{EventPublisher, ResponseFacts};
 use crate::host::{self, HostUpstream, RedisCallWire, RelayWire};
 use crate::http::{without_query, HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::metrics::Metrics;
 use crate::ratelimit::{verdict_skipped, RateLimiter, RequestFacts, Start, Verdict};
+use crate::redis::client::{Completion, Purpose, RawReply, RedisClient, Wire};
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
 
@@ -538,15 +538,15 @@ impl Edge {
         let transitions = std::mem::take(&mut self.client.transitions);
         for t in &transitions {
             match t {
-                crate::breaker::Transition::Opened => host::log(
+                crate::redis::breaker::Transition::Opened => host::log(
                     LogLevel::Warn,
                     "krowoc-edge: Redis failing, circuit breaker open: policies use their failure mode",
                 ),
-                crate::breaker::Transition::Closed => host::log(
+                crate::redis::breaker::Transition::Closed => host::log(
                     LogLevel::Info,
                     "krowoc-edge: Redis answers again, circuit breaker closed",
                 ),
-                crate::breaker::Transition::None => {}
+                crate::redis::breaker::Transition::None => {}
             }
         }
         self.metrics.report_client(self.client.stats, &transitions);
@@ -595,8 +595,8 @@ fn redis_upstream(cluster: &str, database: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::recording::RecordingWire;
     use crate::config::parse_config;
+    use crate::redis::client::recording::RecordingWire;
     use std::cell::RefCell;
     use std::time::Duration;
 
@@ -673,7 +673,11 @@ mod tests {
         let sent = payloads(&wire);
         assert_eq!(sent.len(), 2, "one round trip: both calls at once");
         assert!(sent[0].contains(
-            &crate::scripts::Script::new("rate_limit", crate::scripts::RATE_LIMIT_LUA).sha1
+            &crate::redis::scripts::Script::new(
+                "rate_limit",
+                crate::redis::scripts::RATE_LIMIT_LUA
+            )
+            .sha1
         ));
         let (limit, lookup) = (wire.borrow().sent[0].0, wire.borrow().sent[1].0);
         assert_eq!(
@@ -712,7 +716,8 @@ mod tests {
         e.on_log(7, 1_003, 1_003_000_000, |_| ResponseFacts::default());
         e.on_tick(1_004);
         let unlock = payloads(&wire).pop().expect("a call");
-        let sha = crate::scripts::Script::new("cache_unlock", crate::cache::CACHE_UNLOCK_LUA).sha1;
+        let sha =
+            crate::redis::scripts::Script::new("cache_unlock", crate::cache::CACHE_UNLOCK_LUA).sha1;
         assert!(unlock.contains(&sha), "the lock goes back: {unlock}");
     }
 

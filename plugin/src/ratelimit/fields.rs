@@ -117,8 +117,8 @@ fn most_restrictive<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::duration::ConfigDuration;
     use crate::config::{Algorithm, LimitRule};
-    use crate::duration::ConfigDuration;
     use crate::ratelimit::LimitStatus;
 
     fn rule(name: &str, limit: u64, window_ms: u64) -> LimitRule {

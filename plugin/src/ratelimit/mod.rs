@@ -4,13 +4,13 @@
 //! of a request), [`local`] (the token buckets of `failure_mode: local`), [`fields`] (the
 //! response fields).
 
-use crate::client::{Purpose, RedisClient, Wire};
 use crate::config::{FailureMode, LimitRule, RateLimitPolicy};
-use crate::error::RedisError;
 use crate::host;
 use crate::http::LocalResponse;
-use crate::resp::{Command, Reply};
-use crate::scripts::{Script, RATE_LIMIT_LUA};
+use crate::redis::client::{Purpose, RedisClient, Wire};
+use crate::redis::error::RedisError;
+use crate::redis::resp::{Command, Reply};
+use crate::redis::scripts::{Script, RATE_LIMIT_LUA};
 use fields::{rate_limit_headers, retry_after_secs};
 use keys::{derive_keys, KeyDecision, KeyGroup};
 use proxy_wasm::types::LogLevel;

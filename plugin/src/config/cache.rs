@@ -1,6 +1,6 @@
 //! The cache's part of the configuration: a route's `cache` policy, a route's `invalidation`
 //! header, and the filter-wide `cache` settings (status header names, the purge endpoint).
-//! Deserialized by [`crate::config`] with the rest of the document (`deny_unknown_fields`);
+//! Deserialized by [`super`] with the rest of the document (`deny_unknown_fields`);
 //! checked here once, each problem naming its field. Header names are lower-cased during
 //! validation, so the request path compares them without case folding.
 //!
@@ -47,7 +47,8 @@
 //! A route's `invalidation`: `{"header": "x-krowoc-invalidate"}` (the default) — purge directives
 //! in the upstream's 2xx responses on that route are applied (see [`crate::cache_purge`]).
 
-use crate::duration::ConfigDuration;
+use super::duration::ConfigDuration;
+use super::problems::{PathSeg, Problems};
 use serde::Deserialize;
 
 /// A route's response cache.
@@ -241,27 +242,6 @@ fn default_token_header() -> String {
     "x-krowoc-purge-token".into()
 }
 
-/// One segment of a field path below the section being checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Field {
-    Key(&'static str),
-    Index(usize),
-}
-
-/// A problem at a path below the checked section.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub path: Vec<Field>,
-    pub message: String,
-}
-
-fn problem(path: &[Field], message: impl Into<String>) -> Problem {
-    Problem {
-        path: path.to_vec(),
-        message: message.into(),
-    }
-}
-
 const MAX_TTL_MS: u64 = 365 * 24 * 3_600_000;
 const MAX_STALE_MS: u64 = 30 * 24 * 3_600_000;
 const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
@@ -271,181 +251,203 @@ const MIN_PURGE_TOKEN_BYTES: usize = 16;
 
 /// An HTTP token (RFC 9110 `tchar`s) no longer than a header name may be here.
 pub fn is_token(s: &str) -> bool {
-    s.len() <= MAX_TOKEN_HEADER_BYTES && crate::config::is_token(s)
+    s.len() <= MAX_TOKEN_HEADER_BYTES && super::problems::is_token(s)
 }
 
 /// Checks a header-name list and lower-cases it.
-fn header_list(out: &mut Vec<Problem>, field: &'static str, names: &mut [String]) {
+fn header_list(p: &mut Problems<'_>, at: &[PathSeg<'static>], names: &mut [String]) {
     if names.len() > MAX_KEY_ITEMS {
-        out.push(problem(
-            &[Field::Key(field)],
-            format!("give at most {MAX_KEY_ITEMS} header names"),
-        ));
+        p.at(at, format!("give at most {MAX_KEY_ITEMS} header names"));
     }
     for (i, name) in names.iter_mut().enumerate() {
         if !is_token(name) {
-            out.push(problem(
-                &[Field::Key(field), Field::Index(i)],
+            p.at(
+                &[at, &[PathSeg::Index(i)]].concat(),
                 "must be a header name (an HTTP token)",
-            ));
+            );
         }
         *name = name.to_ascii_lowercase();
     }
 }
 
 /// Checks a route's cache policy; lower-cases its header names.
-pub fn validate_policy(c: &mut CachePolicy) -> Vec<Problem> {
-    let mut out = Vec::new();
+pub(crate) fn validate_policy(
+    p: &mut Problems<'_>,
+    base: &[PathSeg<'static>],
+    c: &mut CachePolicy,
+) {
+    let at = |rest: &[PathSeg<'static>]| [base, rest].concat();
     let ttl = c.ttl.as_millis();
     if ttl == 0 || ttl > MAX_TTL_MS {
-        out.push(problem(
-            &[Field::Key("ttl")],
-            "must be between 1ms and 8760h",
-        ));
+        p.at(&at(&[PathSeg::Key("ttl")]), "must be between 1ms and 8760h")
     }
     if c.methods.is_empty() || c.methods.len() > 8 {
-        out.push(problem(&[Field::Key("methods")], "give 1 to 8 methods"));
+        p.at(&at(&[PathSeg::Key("methods")]), "give 1 to 8 methods")
     }
     for (i, m) in c.methods.iter().enumerate() {
         if !is_token(m) || m.bytes().any(|b| b.is_ascii_lowercase()) {
-            out.push(problem(
-                &[Field::Key("methods"), Field::Index(i)],
+            p.at(
+                &at(&[PathSeg::Key("methods"), PathSeg::Index(i)]),
                 "must be an upper-case HTTP method such as GET",
-            ));
+            )
         }
     }
     if c.statuses.is_empty() {
-        out.push(problem(&[Field::Key("statuses")], "give at least 1 status"));
+        p.at(&at(&[PathSeg::Key("statuses")]), "give at least 1 status")
     }
     for (i, s) in c.statuses.iter().enumerate() {
         if !(200..=599).contains(s) || *s == 206 || *s == 304 {
-            out.push(problem(
-                &[Field::Key("statuses"), Field::Index(i)],
+            p.at(
+                &at(&[PathSeg::Key("statuses"), PathSeg::Index(i)]),
                 "must be an HTTP status between 200 and 599, not 206 or 304",
-            ));
+            )
         }
     }
     if c.key.query.len() > MAX_KEY_ITEMS {
-        out.push(problem(
-            &[Field::Key("key"), Field::Key("query")],
+        p.at(
+            &at(&[PathSeg::Key("key"), PathSeg::Key("query")]),
             format!("give at most {MAX_KEY_ITEMS} query parameters"),
-        ));
+        )
     }
     for (i, q) in c.key.query.iter().enumerate() {
         if q.is_empty() || q.len() > 256 {
-            out.push(problem(
-                &[Field::Key("key"), Field::Key("query"), Field::Index(i)],
+            p.at(
+                &at(&[
+                    PathSeg::Key("key"),
+                    PathSeg::Key("query"),
+                    PathSeg::Index(i),
+                ]),
                 "must be a query parameter name of 1 to 256 bytes",
-            ));
+            )
         }
     }
-    let mut key_problems = Vec::new();
-    header_list(&mut key_problems, "headers", &mut c.key.headers);
-    out.extend(key_problems.into_iter().map(|mut p| {
-        p.path.insert(0, Field::Key("key"));
-        p
-    }));
+    header_list(
+        p,
+        &at(&[PathSeg::Key("key"), PathSeg::Key("headers")]),
+        &mut c.key.headers,
+    );
     if c.max_body_bytes == 0 || c.max_body_bytes > MAX_BODY_BYTES {
-        out.push(problem(
-            &[Field::Key("max_body_bytes")],
+        p.at(
+            &at(&[PathSeg::Key("max_body_bytes")]),
             format!("must be between 1 and {MAX_BODY_BYTES}"),
-        ));
+        )
     }
     for (field, d) in [
         ("stale_while_revalidate", c.stale_while_revalidate),
         ("stale_if_error", c.stale_if_error),
     ] {
         if d.as_millis() > MAX_STALE_MS {
-            out.push(problem(&[Field::Key(field)], "must be at most 720h"));
+            p.at(&at(&[PathSeg::Key(field)]), "must be at most 720h")
         }
     }
-    header_list(&mut out, "tag_headers", &mut c.tag_headers);
+    header_list(p, &at(&[PathSeg::Key("tag_headers")]), &mut c.tag_headers);
     let lock = c.coalesce.lock.as_millis();
     if !(100..=600_000).contains(&lock) {
-        out.push(problem(
-            &[Field::Key("coalesce"), Field::Key("lock")],
+        p.at(
+            &at(&[PathSeg::Key("coalesce"), PathSeg::Key("lock")]),
             "must be between 100ms and 10m",
-        ));
+        )
     }
     let wait = c.coalesce.wait.as_millis();
     if wait > 60_000 || wait > lock {
-        out.push(problem(
-            &[Field::Key("coalesce"), Field::Key("wait")],
+        p.at(
+            &at(&[PathSeg::Key("coalesce"), PathSeg::Key("wait")]),
             "must be at most 60s and at most `lock`",
-        ));
+        )
     }
-    out
+}
+
+/// Checks a policy outside a document (problems' paths start at the policy), for tests.
+#[cfg(test)]
+pub(crate) fn policy_problems(c: &mut CachePolicy) -> Vec<super::ConfigError> {
+    let root = serde_json::Value::Null;
+    let mut found = Problems::new(&root);
+    validate_policy(&mut found, &[], c);
+    found.into_list()
 }
 
 /// Checks a route's invalidation header.
-pub fn validate_invalidation(c: &mut InvalidationConfig) -> Vec<Problem> {
-    let mut out = Vec::new();
+pub(crate) fn validate_invalidation(
+    p: &mut Problems<'_>,
+    base: &[PathSeg<'static>],
+    c: &mut InvalidationConfig,
+) {
+    let at = |rest: &[PathSeg<'static>]| [base, rest].concat();
     if !is_token(&c.header) {
-        out.push(problem(
-            &[Field::Key("header")],
+        p.at(
+            &at(&[PathSeg::Key("header")]),
             "must be a header name (an HTTP token)",
-        ));
+        )
     }
     c.header = c.header.to_ascii_lowercase();
-    out
 }
 
 /// Checks the filter-wide settings.
-pub fn validate_settings(c: &mut CacheSettings) -> Vec<Problem> {
-    let mut out = Vec::new();
+pub(crate) fn validate_settings(
+    p: &mut Problems<'_>,
+    base: &[PathSeg<'static>],
+    c: &mut CacheSettings,
+) {
+    let at = |rest: &[PathSeg<'static>]| [base, rest].concat();
     for (field, name) in [
         ("x_cache_header", &mut c.x_cache_header),
         ("cache_status_header", &mut c.cache_status_header),
     ] {
         if !name.is_empty() && !is_token(name) {
-            out.push(problem(
-                &[Field::Key(field)],
+            p.at(
+                &at(&[PathSeg::Key(field)]),
                 "must be a header name (an HTTP token), or empty for none",
-            ));
+            )
         }
         *name = name.to_ascii_lowercase();
     }
     if !is_token(&c.name) {
-        out.push(problem(
-            &[Field::Key("name")],
+        p.at(
+            &at(&[PathSeg::Key("name")]),
             "must be an HTTP token (it is a Cache-Status item)",
-        ));
+        )
     }
-    if let Some(p) = c.purge.as_mut() {
-        let at = |f: &'static str| [Field::Key("purge"), Field::Key(f)];
-        if !p.path.starts_with('/') || p.path.contains(['?', '#']) || p.path.len() > 256 {
-            out.push(problem(
+    if let Some(purge) = c.purge.as_mut() {
+        let at = |f: &'static str| at(&[PathSeg::Key("purge"), PathSeg::Key(f)]);
+        if !purge.path.starts_with('/') || purge.path.contains(['?', '#']) || purge.path.len() > 256
+        {
+            p.at(
                 &at("path"),
                 "must start with '/', contain no '?' or '#', and be at most 256 bytes",
-            ));
+            )
         }
-        if p.token.len() < MIN_PURGE_TOKEN_BYTES
-            || p.token.len() > MAX_TOKEN_HEADER_BYTES
-            || !p.token.bytes().all(|b| (0x21..0x7f).contains(&b))
+        if purge.token.len() < MIN_PURGE_TOKEN_BYTES
+            || purge.token.len() > MAX_TOKEN_HEADER_BYTES
+            || !purge.token.bytes().all(|b| (0x21..0x7f).contains(&b))
         {
-            out.push(problem(
-                &at("token"),
-                format!(
+            p.at(&at("token"), format!(
                     "must be {MIN_PURGE_TOKEN_BYTES} to {MAX_TOKEN_HEADER_BYTES} visible ASCII characters"
-                ),
-            ));
+                ))
         }
         for (field, name) in [
-            ("token_header", &mut p.token_header),
-            ("header", &mut p.header),
+            ("token_header", &mut purge.token_header),
+            ("header", &mut purge.header),
         ] {
             if !is_token(name) {
-                out.push(problem(&at(field), "must be a header name (an HTTP token)"));
+                p.at(&at(field), "must be a header name (an HTTP token)")
             }
             *name = name.to_ascii_lowercase();
         }
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    /// The paths of the problems `check` finds.
+    fn problem_paths(check: impl FnOnce(&mut Problems<'_>)) -> Vec<String> {
+        let root = Value::Null;
+        let mut p = Problems::new(&root);
+        check(&mut p);
+        p.into_list().into_iter().map(|e| e.path).collect()
+    }
 
     fn policy(json: &str) -> CachePolicy {
         serde_json::from_str(json).expect("policy deserializes")
@@ -454,7 +456,7 @@ mod tests {
     #[test]
     fn policy_defaults_are_the_safe_ones() {
         let mut p = policy(r#"{"ttl": "60s"}"#);
-        assert!(validate_policy(&mut p).is_empty());
+        assert!(problem_paths(|found| validate_policy(found, &[], &mut p)).is_empty());
         assert_eq!(p.ttl_ms(), 60_000);
         assert_eq!(p.methods, vec!["GET", "HEAD"]);
         assert!(p.caches_status(200) && !p.caches_status(206) && !p.caches_status(500));
@@ -481,12 +483,19 @@ mod tests {
         let mut p = policy(
             r#"{"ttl": "1s", "key": {"headers": ["Accept-Language", "bad header"]}, "tag_headers": ["X-Tags"]}"#,
         );
-        let problems = validate_policy(&mut p);
+        let root = Value::Null;
+        let mut found = Problems::new(&root);
+        validate_policy(&mut found, &[], &mut p);
+        let problems: Vec<(String, String)> = found
+            .into_list()
+            .into_iter()
+            .map(|e| (e.path, e.message))
+            .collect();
         assert_eq!(
             problems,
-            vec![problem(
-                &[Field::Key("key"), Field::Key("headers"), Field::Index(1)],
-                "must be a header name (an HTTP token)"
+            vec![(
+                "key.headers[1]".to_string(),
+                "must be a header name (an HTTP token)".to_string()
             )]
         );
         assert_eq!(p.key.headers[0], "accept-language");
@@ -499,18 +508,14 @@ mod tests {
             r#"{"ttl": "0s", "methods": ["get"], "statuses": [206], "max_body_bytes": 0,
                 "coalesce": {"lock": "1s", "wait": "2s"}}"#,
         );
-        let paths: Vec<Vec<Field>> = validate_policy(&mut p)
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
         assert_eq!(
-            paths,
+            problem_paths(|found| validate_policy(found, &[], &mut p)),
             vec![
-                vec![Field::Key("ttl")],
-                vec![Field::Key("methods"), Field::Index(0)],
-                vec![Field::Key("statuses"), Field::Index(0)],
-                vec![Field::Key("max_body_bytes")],
-                vec![Field::Key("coalesce"), Field::Key("wait")],
+                "ttl",
+                "methods[0]",
+                "statuses[0]",
+                "max_body_bytes",
+                "coalesce.wait",
             ]
         );
     }
@@ -520,22 +525,15 @@ mod tests {
         let mut s: CacheSettings =
             serde_json::from_str(r#"{"purge": {"path": "purge", "token": "short"}}"#)
                 .expect("settings");
-        let paths: Vec<Vec<Field>> = validate_settings(&mut s)
-            .into_iter()
-            .map(|p| p.path)
-            .collect();
         assert_eq!(
-            paths,
-            vec![
-                vec![Field::Key("purge"), Field::Key("path")],
-                vec![Field::Key("purge"), Field::Key("token")],
-            ]
+            problem_paths(|found| validate_settings(found, &[], &mut s)),
+            vec!["purge.path", "purge.token"]
         );
         let mut s: CacheSettings = serde_json::from_str(
             r#"{"x_cache_header": "", "purge": {"path": "/_purge", "token": "0123456789abcdef", "token_header": "X-Token"}}"#,
         )
         .expect("settings");
-        assert!(validate_settings(&mut s).is_empty());
+        assert!(problem_paths(|found| validate_settings(found, &[], &mut s)).is_empty());
         let purge = s.purge.expect("purge");
         assert_eq!(purge.token_header, "x-token");
         assert_eq!(purge.header, "x-krowoc-invalidate");

@@ -6,10 +6,10 @@
 //! `dispatch_http_call` and `proxy_redis_call`); everything here is plain Rust, so it is
 //! tested natively against a real redis-server.
 
-use crate::breaker::{Breaker, BreakerState, Transition};
 use crate::config::{RedisConfig, Transport};
-use crate::error::{RedisError, RedisErrorKind};
-use crate::resp::{decode_replies, encode_pipeline, Command, Reply};
+use crate::redis::breaker::{Breaker, BreakerState, Transition};
+use crate::redis::error::{RedisError, RedisErrorKind};
+use crate::redis::resp::{decode_replies, encode_pipeline, Command, Reply};
 use std::collections::HashMap;
 
 /// Sends encoded commands over one transport; the reply comes later, under the returned token.
@@ -163,7 +163,7 @@ impl RedisClient {
     }
 
     /// Sends several commands in one call (one relay body): `payload` is `commands` encoded
-    /// commands back to back (see [`crate::resp::encode_array`]). The completion's reply is an
+    /// commands back to back (see [`crate::redis::resp::encode_array`]). The completion's reply is an
     /// array of their replies, in order, error replies included; the call fails as a whole only
     /// when the transport fails or a reply says Redis is unhealthy (`LOADING`, `OOM`, ...). Only
     /// for transport `relay`: Higress hosts forward exactly one command per `redis_call`.
@@ -419,8 +419,8 @@ pub fn reply_bytes(raw: RawReply) -> Result<Vec<u8>, RedisError> {
 #[cfg(test)]
 pub(crate) mod recording {
     use super::Wire;
-    use crate::error::RedisError;
-    use crate::resp::{decode_replies, Reply};
+    use crate::redis::error::RedisError;
+    use crate::redis::resp::{decode_replies, Reply};
 
     #[derive(Debug)]
     pub struct RecordingWire {

@@ -19,8 +19,9 @@
 //! | `queue_limit` | `10000` | events kept per VM while Redis is slow or down; the oldest go first; top level only |
 //! | `max_in_flight` | `4` | flushes awaiting an answer at once, per VM; top level only |
 
-use crate::config::{PathSeg, Problems, RedisConfig, Transport};
-use crate::duration::ConfigDuration;
+use super::duration::ConfigDuration;
+use super::problems::{PathSeg, Problems};
+use super::redis::{RedisConfig, Transport};
 use serde::Deserialize;
 use std::collections::HashSet;
 
@@ -551,7 +552,7 @@ fn is_field_name(s: &str) -> bool {
 /// An HTTP token (RFC 9110), or an HTTP/2 pseudo-header such as `:authority`.
 fn is_header_name(s: &str) -> bool {
     let name = s.strip_prefix(':').unwrap_or(s);
-    name.len() <= 256 && crate::config::is_token(name)
+    name.len() <= 256 && super::problems::is_token(name)
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
-//! Every Lua script the filter runs, and how it is called. Each lives in `src/scripts/*.lua`
+//! Every Lua script the filter runs, and how it is called. Each lives in `src/redis/scripts/*.lua`
 //! (with a header comment: KEYS, ARGV, reply) and is called with EVALSHA (EVAL on NOSCRIPT);
 //! its SHA1 is computed once, when the feature that runs it is built for a configuration.
 
-use crate::resp::Command;
+use crate::redis::resp::Command;
 
 /// A script's source and SHA1 (hex), as Redis names it.
 #[derive(Clone, Debug, PartialEq, Eq)]

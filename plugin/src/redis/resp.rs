@@ -4,7 +4,7 @@
 //! never panics: a reply is first measured by a small iterative scanner that bounds nesting
 //! depth (the crate's decoder recurses), then decoded by the crate.
 
-use crate::error::RedisError;
+use crate::redis::error::RedisError;
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::types::OwnedFrame;
 

@@ -1,0 +1,211 @@
+//! The `redis` section: how the filter reaches Redis (transport, cluster, credentials), the
+//! timeout every call shares, the key prefix and the circuit breaker.
+
+use super::duration::ConfigDuration;
+use super::problems::{PathSeg, Problems};
+use serde::Deserialize;
+
+const MAX_KEY_PREFIX_BYTES: usize = 64;
+
+/// How the filter reaches Redis, and what every call shares.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `relay` (stock Envoy, via `dispatch_http_call`) or `redis_call` (Higress ABI).
+    #[serde(default)]
+    pub transport: Transport,
+    /// Envoy cluster name; default `redis_relay` for `relay`, `redis` for `redis_call`.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// `:authority` of relay calls; default: the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Relay token sent as `x-krowoc-relay-token` (relay only).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Redis ACL user (redis_call only).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Redis password (redis_call only).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Redis logical database (redis_call only; the relay picks its database in its URL).
+    #[serde(default)]
+    pub database: u32,
+    /// Timeout of every Redis call.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: ConfigDuration,
+    /// Prefix of every key the filter writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Relay,
+    RedisCall,
+}
+
+/// Per-VM circuit breaker: after `failures` consecutive failed calls, no Redis calls for
+/// `cooldown`, then one probe.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    pub cooldown: ConfigDuration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: default_breaker_failures(),
+            cooldown: default_breaker_cooldown(),
+        }
+    }
+}
+
+fn default_redis_timeout() -> ConfigDuration {
+    ConfigDuration::from_millis(200)
+}
+fn default_key_prefix() -> String {
+    "krowoc:".to_string()
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> ConfigDuration {
+    ConfigDuration::from_millis(5_000)
+}
+
+impl RedisConfig {
+    /// The Envoy cluster Redis calls go to.
+    pub fn cluster(&self) -> &str {
+        match (&self.cluster, self.transport) {
+            (Some(c), _) => c,
+            (None, Transport::Relay) => "redis_relay",
+            (None, Transport::RedisCall) => "redis",
+        }
+    }
+
+    /// `:authority` of relay calls.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or_else(|| self.cluster())
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            transport: Transport::default(),
+            cluster: None,
+            authority: None,
+            token: None,
+            username: None,
+            password: None,
+            database: 0,
+            timeout: default_redis_timeout(),
+            key_prefix: default_key_prefix(),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+pub(super) fn validate_redis(p: &mut Problems<'_>, redis: &RedisConfig) {
+    let at = |field: &'static str| [PathSeg::Key("redis"), PathSeg::Key(field)];
+    if let Some(cluster) = &redis.cluster {
+        if cluster.is_empty() || cluster.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            p.at(
+                &at("cluster"),
+                "must be a non-empty cluster name without spaces",
+            );
+        }
+    }
+    if let Some(authority) = &redis.authority {
+        if authority.is_empty()
+            || authority
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            p.at(
+                &at("authority"),
+                "must be a non-empty host name without spaces",
+            );
+        }
+    }
+    match redis.transport {
+        Transport::Relay => {
+            for (field, set) in [
+                ("username", redis.username.is_some()),
+                ("password", redis.password.is_some()),
+                ("database", redis.database != 0),
+            ] {
+                if set {
+                    p.at(
+                        &at(field),
+                        "only used with transport `redis_call` (the relay authenticates and picks the database itself)",
+                    );
+                }
+            }
+        }
+        Transport::RedisCall => {
+            for (field, set) in [
+                ("token", redis.token.is_some()),
+                ("authority", redis.authority.is_some()),
+            ] {
+                if set {
+                    p.at(&at(field), "only used with transport `relay`");
+                }
+            }
+        }
+    }
+    if let Some(token) = &redis.token {
+        if token.is_empty() || !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            p.at(
+                &at("token"),
+                "must be non-empty visible ASCII (it is sent as a header)",
+            );
+        }
+    }
+    let timeout = redis.timeout.as_millis();
+    if timeout == 0 || timeout > 60_000 {
+        p.at(&at("timeout"), "must be between 1ms and 60s");
+    }
+    let prefix = &redis.key_prefix;
+    if prefix.len() > MAX_KEY_PREFIX_BYTES
+        || prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+    {
+        p.at(
+            &at("key_prefix"),
+            format!("must be at most {MAX_KEY_PREFIX_BYTES} bytes without spaces or braces (braces would break hash tags)"),
+        );
+    }
+    if redis.breaker.failures == 0 {
+        p.at(
+            &[
+                PathSeg::Key("redis"),
+                PathSeg::Key("breaker"),
+                PathSeg::Key("failures"),
+            ],
+            "must be at least 1",
+        );
+    }
+    let cooldown = redis.breaker.cooldown.as_millis();
+    if cooldown == 0 || cooldown > 3_600_000 {
+        p.at(
+            &[
+                PathSeg::Key("redis"),
+                PathSeg::Key("breaker"),
+                PathSeg::Key("cooldown"),
+            ],
+            "must be between 1ms and 1h",
+        );
+    }
+}
