@@ -26,10 +26,6 @@
 //! contexts and the host is plain Rust, tested natively (`cargo test -p krowoc-plugin`).
 
 pub mod cache;
-pub mod cache_entry;
-pub mod cache_key;
-pub mod cache_policy;
-pub mod cache_purge;
 pub mod config;
 pub mod events;
 pub mod filter;

@@ -170,3 +170,112 @@ impl Metrics {
         }
     }
 }
+
+// ---- the cache ---------------------------------------------------------------------------
+
+/// Metric ids of one cached route.
+#[derive(Clone, Debug, Default)]
+pub struct RouteCacheMetrics {
+    hits: Option<u32>,
+    misses: Option<u32>,
+    expired: Option<u32>,
+    stale: Option<u32>,
+    bypass: Option<u32>,
+    redis_errors: Option<u32>,
+    stores: Option<u32>,
+    store_failures: Option<u32>,
+    not_stored: Option<u32>,
+    coalesced: Option<u32>,
+    not_modified: Option<u32>,
+    corrupt: Option<u32>,
+}
+
+/// The cache's counters.
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    routes: Vec<Option<RouteCacheMetrics>>,
+    pub purges: Option<u32>,
+    pub purged_entries: Option<u32>,
+    pub purge_failures: Option<u32>,
+    pub revalidations: Option<u32>,
+}
+
+/// `krowoc.cache.<route>.<what>`.
+pub fn cache_metric_name(route: &str, what: &str) -> String {
+    format!("krowoc.cache.{route}.{what}")
+}
+
+/// What the cache counts per route.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheCount {
+    Hit,
+    Miss,
+    Expired,
+    Stale,
+    Bypass,
+    RedisError,
+    Store,
+    StoreFailure,
+    NotStored,
+    Coalesced,
+    NotModified,
+    Corrupt,
+}
+
+impl CacheMetrics {
+    pub fn define(config: &Config) -> CacheMetrics {
+        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        let any_cache = config.routes.iter().any(|r| r.cache.is_some());
+        let global = |name: &str| any_cache.then(|| counter(name)).flatten();
+        CacheMetrics {
+            routes: config
+                .routes
+                .iter()
+                .map(|r| {
+                    r.cache.as_ref().map(|_| {
+                        let c = |what: &str| counter(&cache_metric_name(&r.name, what));
+                        RouteCacheMetrics {
+                            hits: c("hits"),
+                            misses: c("misses"),
+                            expired: c("expired"),
+                            stale: c("stale"),
+                            bypass: c("bypass"),
+                            redis_errors: c("redis_errors"),
+                            stores: c("stores"),
+                            store_failures: c("store_failures"),
+                            not_stored: c("not_stored"),
+                            coalesced: c("coalesced"),
+                            not_modified: c("not_modified"),
+                            corrupt: c("corrupt"),
+                        }
+                    })
+                })
+                .collect(),
+            purges: global("krowoc.cache.purges"),
+            purged_entries: global("krowoc.cache.purged_entries"),
+            purge_failures: global("krowoc.cache.purge_failures"),
+            revalidations: global("krowoc.cache.revalidations"),
+        }
+    }
+
+    pub fn count(&self, route: usize, what: CacheCount) {
+        let Some(Some(m)) = self.routes.get(route) else {
+            return;
+        };
+        let id = match what {
+            CacheCount::Hit => m.hits,
+            CacheCount::Miss => m.misses,
+            CacheCount::Expired => m.expired,
+            CacheCount::Stale => m.stale,
+            CacheCount::Bypass => m.bypass,
+            CacheCount::RedisError => m.redis_errors,
+            CacheCount::Store => m.stores,
+            CacheCount::StoreFailure => m.store_failures,
+            CacheCount::NotStored => m.not_stored,
+            CacheCount::Coalesced => m.coalesced,
+            CacheCount::NotModified => m.not_modified,
+            CacheCount::Corrupt => m.corrupt,
+        };
+        increment_metric(id, 1);
+    }
+}

@@ -3,13 +3,13 @@
 //! Redis' clock, the fill lock and its `pass` mark, unreadable entries, index purges that
 //! remove exactly the listed entries, and pattern purges by SCAN.
 
+use krowoc_plugin::cache::entry::{decode, encode, MAGIC};
+use krowoc_plugin::cache::key::{all_entries_match, glob_to_lua_pattern, CacheKey, RouteKeys};
+use krowoc_plugin::cache::policy::Freshness;
 use krowoc_plugin::cache::{
     parse_lookup, store_call, EntryState, LockState, Lookup, CACHE_LOOKUP_LUA, CACHE_PURGE_LUA,
     CACHE_SCAN_PURGE_LUA, CACHE_STORE_LUA, CACHE_UNLOCK_LUA,
 };
-use krowoc_plugin::cache_entry::{decode, encode, MAGIC};
-use krowoc_plugin::cache_key::{all_entries_match, glob_to_lua_pattern, CacheKey, RouteKeys};
-use krowoc_plugin::cache_policy::Freshness;
 use krowoc_plugin::redis::resp::{decode_replies, Command, Reply};
 use std::io::{Read, Write};
 use std::net::TcpStream;

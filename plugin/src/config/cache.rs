@@ -45,7 +45,7 @@
 //! | `purge.header` | `"x-krowoc-invalidate"` | the request header carrying the directives |
 //!
 //! A route's `invalidation`: `{"header": "x-krowoc-invalidate"}` (the default) — purge directives
-//! in the upstream's 2xx responses on that route are applied (see [`crate::cache_purge`]).
+//! in the upstream's 2xx responses on that route are applied (see [`crate::cache::purge`]).
 
 use super::duration::ConfigDuration;
 use super::problems::{PathSeg, Problems};

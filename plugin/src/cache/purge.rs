@@ -17,7 +17,7 @@
 //! Tag, route and URL purges read an index set and delete what it lists: no scan. Unknown kinds
 //! are skipped, so senders may add kinds.
 
-use crate::cache_key::{
+use crate::cache::key::{
     all_entries_match, glob_to_lua_pattern, normalized_url, sha1_hex, RouteKeys,
 };
 use crate::config::{Config, RouteMatch};
@@ -170,6 +170,224 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         .zip(b.bytes())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
         == 0
+}
+
+// ---- the engine's purges ----------------------------------------------------------------
+
+use super::{CacheEngine, CacheRequests, Job, JobKind};
+use crate::host;
+use crate::host::increment_metric;
+use crate::http::{HostAction, LocalResponse, RequestInfo};
+use crate::redis::client::{RedisClient, Wire};
+use proxy_wasm::types::LogLevel;
+use std::rc::Rc;
+
+/// A request waiting for its purges: a purge-endpoint request (answered with the outcome), or
+/// a response that announced an invalidation (let go once the purges are done).
+#[derive(Debug, Default)]
+pub struct PurgeRequest {
+    /// A held response, not a purge-endpoint request.
+    pub(super) response: bool,
+    pub(super) outstanding: usize,
+    pub(super) deleted: u64,
+    pub(super) failures: Vec<String>,
+    pub(super) directives: Vec<String>,
+}
+
+/// How the purge endpoint answers.
+#[derive(Debug)]
+pub enum PurgeStart {
+    /// At once (refused, or nothing could be sent).
+    Answer(LocalResponse),
+    /// Once these purges are done (the request waits, keeping this in its record).
+    Wait(PurgeRequest),
+}
+
+pub(super) fn json_response(status: u32, body: serde_json::Value) -> LocalResponse {
+    LocalResponse {
+        status,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("cache-control".into(), "no-store".into()),
+        ],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// The job of one purge step.
+pub(super) fn purge_job(step: PurgeStep) -> JobKind {
+    match step {
+        PurgeStep::Scan { .. } => JobKind::Scan {
+            step,
+            cursor: "0".into(),
+        },
+        index => JobKind::Purge(index),
+    }
+}
+
+pub(super) fn purge_answer(p: &PurgeRequest) -> LocalResponse {
+    if p.failures.is_empty() {
+        json_response(
+            200,
+            serde_json::json!({"purged": p.deleted, "directives": p.directives}),
+        )
+    } else {
+        json_response(
+            502,
+            serde_json::json!({
+                "error": "some purges failed",
+                "failures": p.failures,
+                "purged": p.deleted,
+                "directives": p.directives,
+            }),
+        )
+    }
+}
+
+impl CacheEngine {
+    /// The purge endpoint: answered by the filter, never forwarded. None for other paths.
+    pub fn purge_endpoint(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        ctx: u32,
+        req: &RequestInfo,
+    ) -> Option<PurgeStart> {
+        let config = Rc::clone(&self.config);
+        let purge = config.cache.purge.as_ref()?;
+        if req.path() != purge.path {
+            return None;
+        }
+        let respond = |status: u32, error: &str| {
+            Some(PurgeStart::Answer(json_response(
+                status,
+                serde_json::json!({ "error": error }),
+            )))
+        };
+        if req.method != "POST" && req.method != "PURGE" {
+            let mut resp = json_response(405, serde_json::json!({"error": "use POST"}));
+            resp.headers.push(("allow".into(), "POST, PURGE".into()));
+            return Some(PurgeStart::Answer(resp));
+        }
+        let token = req.header(&purge.token_header).unwrap_or("");
+        if !constant_time_eq(token.as_bytes(), purge.token.as_bytes()) {
+            return respond(403, "missing or wrong purge token");
+        }
+        let directives = req
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(&purge.header))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let directives = match parse_directives(&directives) {
+            Ok(d) if d.is_empty() => {
+                return respond(
+                    400,
+                    &format!(
+                        "give directives in the {} header, e.g. tag=user:42",
+                        purge.header
+                    ),
+                )
+            }
+            Ok(d) => d,
+            Err(e) => return respond(400, &e),
+        };
+        let mut request = PurgeRequest {
+            directives: directives.iter().map(Directive::render).collect(),
+            ..PurgeRequest::default()
+        };
+        let mut jobs = Vec::new();
+        for d in &directives {
+            for step in plan(&config, d) {
+                jobs.push(Job {
+                    kind: purge_job(step),
+                    notify: Some(ctx),
+                });
+            }
+        }
+        // The endpoint's own calls go out from its context: it waits for them (alive).
+        for job in jobs {
+            match self.dispatch_job(client, wire, now_ms, job) {
+                Ok(()) => request.outstanding += 1,
+                Err(failed) => {
+                    let (job, e) = *failed;
+                    self.job_failed(&job, &e);
+                    request.failures.push(e.to_string());
+                }
+            }
+        }
+        if request.outstanding == 0 {
+            return Some(PurgeStart::Answer(purge_answer(&request)));
+        }
+        Some(PurgeStart::Wait(request))
+    }
+
+    /// Applies an upstream's invalidation header (its route has `invalidation`, status 2xx):
+    /// index purges go to `purges` (the response waits for them), scans to the job queue.
+    pub(super) fn honour_invalidation(
+        &mut self,
+        client: &mut RedisClient,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        headers: &[(String, String)],
+        name: &str,
+        purges: &mut Vec<JobKind>,
+    ) {
+        let value = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        if value.is_empty() {
+            return;
+        }
+        let directives = match parse_directives(&value) {
+            Ok(d) => d,
+            Err(e) => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("krowoc-edge: ignored invalidation header {name}: {e}"),
+                );
+                increment_metric(self.metrics.purge_failures, 1);
+                return;
+            }
+        };
+        let config = Rc::clone(&self.config);
+        for d in &directives {
+            for step in plan(&config, d) {
+                match purge_job(step) {
+                    scan @ JobKind::Scan { .. } => self.queue_job(client, wire, now_ms, scan),
+                    index => purges.push(index),
+                }
+            }
+        }
+    }
+
+    /// A purge of request `ctx` finished (or made progress); once the last is done, the
+    /// purge endpoint answers or the held response goes on.
+    pub(super) fn purge_progress(
+        requests: &mut dyn CacheRequests,
+        ctx: u32,
+        deleted: u64,
+        failure: Option<String>,
+    ) -> Option<HostAction> {
+        let slot = requests.purge_mut(ctx)?;
+        let p = slot.as_mut()?;
+        p.deleted += deleted;
+        p.failures.extend(failure);
+        p.outstanding = p.outstanding.saturating_sub(1);
+        if p.outstanding > 0 {
+            return None;
+        }
+        let p = slot.take()?;
+        if p.response {
+            return Some(HostAction::ResumeResponse(ctx));
+        }
+        Some(HostAction::Respond(ctx, purge_answer(&p)))
+    }
 }
 
 #[cfg(test)]
