@@ -18,7 +18,7 @@
 //! | `krowoc.rate_limit.<route>.fallback_allowed` | counter | requests let through by the failure mode |
 //! | `krowoc.rate_limit.<route>.fallback_denied` | counter | requests refused by the failure mode |
 //! | `krowoc.rate_limit.<route>.skipped` | counter | requests without the keyed value, skipped |
-//! | `krowoc.events.recorded` | counter | request events built and queued (defined in [`crate::events`]) |
+//! | `krowoc.events.recorded` | counter | request events built and queued |
 //! | `krowoc.events.sampled_out` | counter | requests without an event because of `sample_ratio` |
 //! | `krowoc.events.published` | counter | events Redis confirmed (every target written) |
 //! | `krowoc.events.dropped` | counter | events dropped from a full queue, oldest first |
@@ -28,7 +28,7 @@
 //! | `krowoc.events.requeued` | counter | events put back on the queue after a failed flush |
 //! | `krowoc.events.queued` | gauge | events waiting in all VMs' queues now |
 //! | `krowoc.events.batch_size` | histogram | events per flush |
-//! | `krowoc.cache.<route>.hits` | counter | requests answered from a fresh entry (incl. 304s and coalesced waits) (defined in [`crate::cache`]) |
+//! | `krowoc.cache.<route>.hits` | counter | requests answered from a fresh entry (incl. 304s and coalesced waits) |
 //! | `krowoc.cache.<route>.misses` | counter | lookups without an entry: sent upstream |
 //! | `krowoc.cache.<route>.expired` | counter | lookups finding an entry past its stale windows: sent upstream |
 //! | `krowoc.cache.<route>.stale` | counter | stale entries served (stale-while-revalidate, stale-if-error) |
@@ -46,7 +46,9 @@
 //! | `krowoc.cache.revalidations` | counter | background refreshes sent (stale-while-revalidate) |
 
 use crate::config::Config;
-use crate::host::{define_metric, increment_metric, METRIC_COUNTER, METRIC_GAUGE};
+use crate::host::{
+    define_metric, increment_metric, METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM,
+};
 use crate::ratelimit::{Tally, Verdict};
 use crate::redis::breaker::Transition;
 use crate::redis::client::ClientStats;
@@ -277,5 +279,97 @@ impl CacheMetrics {
             CacheCount::Corrupt => m.corrupt,
         };
         increment_metric(id, 1);
+    }
+}
+
+// ---- request events ------------------------------------------------------------------------
+
+/// Counters since the VM started (the metrics report their deltas).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    /// Events built and queued.
+    pub recorded: u64,
+    /// Requests without an event because of sampling.
+    pub sampled_out: u64,
+    /// Events Redis confirmed.
+    pub published: u64,
+    /// Events dropped because the queue was full (the oldest first).
+    pub dropped: u64,
+    /// Events Redis refused (an error reply for that event); not retried.
+    pub rejected: u64,
+    /// Flush calls sent.
+    pub flushes: u64,
+    /// Events sent in those calls (retries included).
+    pub flushed_events: u64,
+    /// Flush calls that failed (their events are queued again when the failure may pass).
+    pub flush_failures: u64,
+    /// Events put back on the queue after a failed flush.
+    pub requeued: u64,
+}
+
+/// The request events' metrics, by delta from the publisher's [`EventStats`].
+#[derive(Clone, Debug, Default)]
+pub struct EventMetrics {
+    recorded: Option<u32>,
+    sampled_out: Option<u32>,
+    published: Option<u32>,
+    dropped: Option<u32>,
+    rejected: Option<u32>,
+    flushes: Option<u32>,
+    flush_failures: Option<u32>,
+    requeued: Option<u32>,
+    queued: Option<u32>,
+    pub batch_size: Option<u32>,
+    reported: EventStats,
+    reported_queue: usize,
+}
+
+impl EventMetrics {
+    pub fn define() -> EventMetrics {
+        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        EventMetrics {
+            recorded: counter("krowoc.events.recorded"),
+            sampled_out: counter("krowoc.events.sampled_out"),
+            published: counter("krowoc.events.published"),
+            dropped: counter("krowoc.events.dropped"),
+            rejected: counter("krowoc.events.rejected"),
+            flushes: counter("krowoc.events.flushes"),
+            flush_failures: counter("krowoc.events.flush_failures"),
+            requeued: counter("krowoc.events.requeued"),
+            queued: define_metric(METRIC_GAUGE, "krowoc.events.queued"),
+            batch_size: define_metric(METRIC_HISTOGRAM, "krowoc.events.batch_size"),
+            reported: EventStats::default(),
+            reported_queue: 0,
+        }
+    }
+
+    pub fn report(&mut self, stats: EventStats, queue_len: usize) {
+        let d = |now: u64, before: u64| i64::try_from(now.saturating_sub(before)).unwrap_or(0);
+        let r = self.reported;
+        for (id, delta) in [
+            (self.recorded, d(stats.recorded, r.recorded)),
+            (self.sampled_out, d(stats.sampled_out, r.sampled_out)),
+            (self.published, d(stats.published, r.published)),
+            (self.dropped, d(stats.dropped, r.dropped)),
+            (self.rejected, d(stats.rejected, r.rejected)),
+            (self.flushes, d(stats.flushes, r.flushes)),
+            (
+                self.flush_failures,
+                d(stats.flush_failures, r.flush_failures),
+            ),
+            (self.requeued, d(stats.requeued, r.requeued)),
+        ] {
+            if delta > 0 {
+                increment_metric(id, delta);
+            }
+        }
+        self.reported = stats;
+        // The gauge is shared by every VM: each adds its own change.
+        let change = i64::try_from(queue_len).unwrap_or(i64::MAX)
+            - i64::try_from(self.reported_queue).unwrap_or(i64::MAX);
+        if change != 0 {
+            increment_metric(self.queued, change);
+        }
+        self.reported_queue = queue_len;
     }
 }

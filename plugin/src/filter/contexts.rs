@@ -10,7 +10,7 @@
 use super::driver::{Begin, Edge, ResponseStep};
 use super::EDGE_HEADER;
 use crate::config::parse_config;
-use crate::events::host_response;
+use crate::events::ResponseFacts;
 use crate::host;
 use crate::http::{HostAction, LocalResponse, RequestInfo};
 use crate::redis::client::RawReply;
@@ -370,4 +370,33 @@ pub extern "C" fn proxy_on_redis_call_response(
         host::redis_call_reply(status, response_size),
         None,
     );
+}
+
+/// Reads the response's status (and its headers when `want_headers`) from the host, in `on_log`.
+fn host_response(want_headers: bool) -> ResponseFacts {
+    let headers = if want_headers {
+        host::header_pairs(host::MAP_RESPONSE_HEADERS)
+    } else {
+        Vec::new()
+    };
+    let from_headers = |h: &[(String, String)]| {
+        h.iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.trim().parse::<u16>().ok())
+    };
+    let status = from_headers(&headers)
+        .or_else(|| {
+            // Envoy serialises integers as 8 bytes little-endian; 0 means no response.
+            let b = host::property(&["response", "code"])?;
+            let code = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+            u16::try_from(code).ok().filter(|c| *c > 0)
+        })
+        .or_else(|| {
+            if want_headers {
+                None
+            } else {
+                from_headers(&host::header_pairs(host::MAP_RESPONSE_HEADERS))
+            }
+        });
+    ResponseFacts { status, headers }
 }
