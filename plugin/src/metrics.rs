@@ -46,12 +46,11 @@
 //! | `krowoc.cache.revalidations` | counter | background refreshes sent (stale-while-revalidate) |
 
 use crate::config::Config;
-use crate::host::{
-    define_metric, increment_metric, METRIC_COUNTER, METRIC_GAUGE, METRIC_HISTOGRAM,
-};
+use crate::host::{define_metric, increment_metric};
 use crate::ratelimit::{Tally, Verdict};
 use crate::redis::breaker::Transition;
 use crate::redis::client::ClientStats;
+use proxy_wasm::types::MetricType;
 
 /// Metric ids of one route (None where the host refused a definition).
 #[derive(Clone, Debug, Default)]
@@ -87,7 +86,7 @@ pub fn route_metric_name(route: &str, what: &str) -> String {
 
 impl Metrics {
     pub fn define(config: &Config) -> Metrics {
-        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        let counter = |name: &str| define_metric(MetricType::Counter, name);
         Metrics {
             calls: counter("krowoc.redis.calls"),
             errors: counter("krowoc.redis.errors"),
@@ -95,7 +94,7 @@ impl Metrics {
             noscript: counter("krowoc.redis.noscript"),
             short_circuited: counter("krowoc.redis.short_circuited"),
             breaker_opened: counter("krowoc.redis.breaker_opened"),
-            breaker_open: define_metric(METRIC_GAUGE, "krowoc.redis.breaker_open"),
+            breaker_open: define_metric(MetricType::Gauge, "krowoc.redis.breaker_open"),
             routes: config
                 .routes
                 .iter()
@@ -226,7 +225,7 @@ pub enum CacheCount {
 
 impl CacheMetrics {
     pub fn define(config: &Config) -> CacheMetrics {
-        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        let counter = |name: &str| define_metric(MetricType::Counter, name);
         let any_cache = config.routes.iter().any(|r| r.cache.is_some());
         let global = |name: &str| any_cache.then(|| counter(name)).flatten();
         CacheMetrics {
@@ -326,7 +325,7 @@ pub struct EventMetrics {
 
 impl EventMetrics {
     pub fn define() -> EventMetrics {
-        let counter = |name: &str| define_metric(METRIC_COUNTER, name);
+        let counter = |name: &str| define_metric(MetricType::Counter, name);
         EventMetrics {
             recorded: counter("krowoc.events.recorded"),
             sampled_out: counter("krowoc.events.sampled_out"),
@@ -336,8 +335,8 @@ impl EventMetrics {
             flushes: counter("krowoc.events.flushes"),
             flush_failures: counter("krowoc.events.flush_failures"),
             requeued: counter("krowoc.events.requeued"),
-            queued: define_metric(METRIC_GAUGE, "krowoc.events.queued"),
-            batch_size: define_metric(METRIC_HISTOGRAM, "krowoc.events.batch_size"),
+            queued: define_metric(MetricType::Gauge, "krowoc.events.queued"),
+            batch_size: define_metric(MetricType::Histogram, "krowoc.events.batch_size"),
             reported: EventStats::default(),
             reported_queue: 0,
         }

@@ -15,13 +15,10 @@ use crate::host;
 use crate::http::{HostAction, LocalResponse, RequestInfo};
 use crate::redis::client::RawReply;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-
-/// Response body buffer (`BufferType::HttpResponseBody`).
-const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 
 thread_local! {
     /// Root context id → its state, for the Higress callback (the SDK does not know it).
@@ -30,7 +27,7 @@ thread_local! {
 
 /// The fields of the HTTP call answer being delivered (inside `on_http_call_response`).
 fn call_response_headers() -> Vec<(String, String)> {
-    host::header_pairs(host::MAP_HTTP_CALL_RESPONSE_HEADERS)
+    host::header_pairs(MapType::HttpCallResponseHeaders)
 }
 
 /// Hands the answer to HTTP call `token` (a relay reply, or a cache refresh) to the instance
@@ -187,7 +184,7 @@ pub struct EdgeRequest {
 
 impl EdgeRequest {
     fn request_info(&self) -> RequestInfo {
-        let headers = host::header_pairs(host::MAP_REQUEST_HEADERS);
+        let headers = host::header_pairs(MapType::HttpRequestHeaders);
         let get = |name: &str| {
             headers
                 .iter()
@@ -228,9 +225,9 @@ impl HttpContext for EdgeRequest {
                 // Where some requests need nothing, two header lookups decide before reading
                 // them whole.
                 let path =
-                    host::header_value(host::MAP_REQUEST_HEADERS, ":path").unwrap_or_default();
+                    host::header_value(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
                 let method =
-                    host::header_value(host::MAP_REQUEST_HEADERS, ":method").unwrap_or_default();
+                    host::header_value(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
                 let route = e.route(&path, &method);
                 if !e.wants(&path, route) {
                     return Action::Continue;
@@ -276,7 +273,7 @@ impl HttpContext for EdgeRequest {
             let mut e = edge.try_borrow_mut().ok()?;
             Some(
                 e.on_response_headers(self.context_id, host::now_ms(), end_of_stream, || {
-                    host::header_pairs(host::MAP_RESPONSE_HEADERS)
+                    host::header_pairs(MapType::HttpResponseHeaders)
                 }),
             )
         });
@@ -293,11 +290,11 @@ impl HttpContext for EdgeRequest {
             None => (Vec::new(), Vec::new(), false),
         };
         for (k, v) in cache {
-            host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+            host::replace_header(MapType::HttpResponseHeaders, &k, &v);
         }
-        host::replace_header(host::MAP_RESPONSE_HEADERS, EDGE_HEADER, crate::VERSION);
+        host::replace_header(MapType::HttpResponseHeaders, EDGE_HEADER, crate::VERSION);
         for (k, v) in passed {
-            host::replace_header(host::MAP_RESPONSE_HEADERS, &k, &v);
+            host::replace_header(MapType::HttpResponseHeaders, &k, &v);
         }
         // Held until the response's purges are done; the fields above go with it.
         if hold {
@@ -314,7 +311,7 @@ impl HttpContext for EdgeRequest {
                     if body_size == 0 {
                         return Vec::new();
                     }
-                    host::buffer(BUFFER_HTTP_RESPONSE_BODY, body_size).unwrap_or_default()
+                    host::buffer(BufferType::HttpResponseBody, body_size).unwrap_or_default()
                 });
             }
         }
@@ -375,7 +372,7 @@ pub extern "C" fn proxy_on_redis_call_response(
 /// Reads the response's status (and its headers when `want_headers`) from the host, in `on_log`.
 fn host_response(want_headers: bool) -> ResponseFacts {
     let headers = if want_headers {
-        host::header_pairs(host::MAP_RESPONSE_HEADERS)
+        host::header_pairs(MapType::HttpResponseHeaders)
     } else {
         Vec::new()
     };
@@ -395,7 +392,7 @@ fn host_response(want_headers: bool) -> ResponseFacts {
             if want_headers {
                 None
             } else {
-                from_headers(&host::header_pairs(host::MAP_RESPONSE_HEADERS))
+                from_headers(&host::header_pairs(MapType::HttpResponseHeaders))
             }
         });
     ResponseFacts { status, headers }

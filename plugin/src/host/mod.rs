@@ -9,37 +9,29 @@
 //!
 //! Natively (unit tests) the raw imports are replaced by stubs that answer Unimplemented, logs
 //! go nowhere and HTTP calls are refused, so code that reaches the host still links and runs.
+//!
+//! Map, buffer, stream and metric kinds are `proxy_wasm::types` enums; the two Redis wires
+//! (relay and `proxy_redis_call`) and the refresh calls are in [`wire`].
 
-use crate::http::Upstream;
-use crate::redis::client::Wire;
-use crate::redis::error::{RedisError, RedisErrorKind};
+pub mod wire;
+
+pub use wire::{
+    redis_call_reply, redis_init, relay_reply, HostUpstream, RedisCallWire, RelayWire,
+    HAS_REDIS_CALL,
+};
+
 #[cfg(target_arch = "wasm32")]
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, Status};
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, StreamType};
 use std::ptr::null_mut;
-use std::time::Duration;
 
 /// ABI status codes used here.
 pub const STATUS_OK: u32 = 0;
 pub const STATUS_NOT_FOUND: u32 = 1;
 pub const STATUS_UNIMPLEMENTED: u32 = 12;
 
-/// Buffer types (`BufferType`), including Higress's Redis reply buffer.
-pub const BUFFER_HTTP_CALL_RESPONSE_BODY: u32 = 4;
-pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
-pub const BUFFER_REDIS_CALL_RESPONSE: u32 = 9;
-
-/// Header map types (`MapType`).
-pub const MAP_REQUEST_HEADERS: u32 = 0;
-pub const MAP_RESPONSE_HEADERS: u32 = 2;
-pub const MAP_HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
-
-pub const METRIC_COUNTER: u32 = 0;
-pub const METRIC_GAUGE: u32 = 1;
-pub const METRIC_HISTOGRAM: u32 = 2;
-
-const STREAM_HTTP_REQUEST: u32 = 0;
-const STREAM_HTTP_RESPONSE: u32 = 1;
+/// Higress's buffer of a Redis call's reply (not in the proxy-wasm ABI's `BufferType`).
+const BUFFER_REDIS_CALL_RESPONSE: u32 = 9;
 
 #[cfg(target_arch = "wasm32")]
 mod ffi {
@@ -300,7 +292,12 @@ pub fn set_tick_period_ms(ms: u32) -> bool {
 }
 
 /// A host buffer's bytes (up to `max_size`); None when absent or refused.
-pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
+pub fn buffer(buffer_type: BufferType, max_size: usize) -> Option<Vec<u8>> {
+    buffer_raw(buffer_type as u32, max_size)
+}
+
+/// [`buffer`] by number, for buffers the ABI's `BufferType` lacks (Higress's Redis reply).
+fn buffer_raw(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: out-pointers to locals; on Ok the host hands over `size` bytes at `data`.
@@ -314,16 +311,16 @@ pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
 
 /// The plugin configuration bytes (`configuration` of the wasm filter); empty when none.
 pub fn plugin_configuration() -> Vec<u8> {
-    buffer(BUFFER_PLUGIN_CONFIGURATION, usize::MAX).unwrap_or_default()
+    buffer(BufferType::PluginConfiguration, usize::MAX).unwrap_or_default()
 }
 
 /// All pairs of a header map, values decoded lossily (non-UTF-8 bytes become U+FFFD).
-pub fn header_pairs(map_type: u32) -> Vec<(String, String)> {
+pub fn header_pairs(map_type: MapType) -> Vec<(String, String)> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: as in `buffer`.
     let bytes = unsafe {
-        match ffi::proxy_get_header_map_pairs(map_type, &mut data, &mut size) {
+        match ffi::proxy_get_header_map_pairs(map_type as u32, &mut data, &mut size) {
             STATUS_OK => take_host_bytes(data, size),
             _ => None,
         }
@@ -332,13 +329,13 @@ pub fn header_pairs(map_type: u32) -> Vec<(String, String)> {
 }
 
 /// One header's value, decoded lossily; `None` when absent.
-pub fn header_value(map_type: u32, name: &str) -> Option<String> {
+pub fn header_value(map_type: MapType, name: &str) -> Option<String> {
     let mut data: *mut u8 = null_mut();
     let mut size: usize = 0;
     // SAFETY: as in `buffer`; `name` is a live string.
     let bytes = unsafe {
         match ffi::proxy_get_header_map_value(
-            map_type,
+            map_type as u32,
             name.as_ptr(),
             name.len(),
             &mut data,
@@ -352,11 +349,11 @@ pub fn header_value(map_type: u32, name: &str) -> Option<String> {
 }
 
 /// Sets a header (replacing any value of that name); false if the host refused.
-pub fn replace_header(map_type: u32, name: &str, value: &str) -> bool {
+pub fn replace_header(map_type: MapType, name: &str, value: &str) -> bool {
     // SAFETY: pointers and lengths of live strings.
     unsafe {
         ffi::proxy_replace_header_map_value(
-            map_type,
+            map_type as u32,
             name.as_ptr(),
             name.len(),
             value.as_ptr(),
@@ -388,13 +385,13 @@ pub fn set_effective_context(context_id: u32) -> bool {
 /// Resumes the paused request of the effective context.
 pub fn resume_request() -> bool {
     // SAFETY: plain value argument.
-    unsafe { ffi::proxy_continue_stream(STREAM_HTTP_REQUEST) == STATUS_OK }
+    unsafe { ffi::proxy_continue_stream(StreamType::HttpRequest as u32) == STATUS_OK }
 }
 
 /// Resumes the held response of the effective context.
 pub fn resume_response() -> bool {
     // SAFETY: plain value argument.
-    unsafe { ffi::proxy_continue_stream(STREAM_HTTP_RESPONSE) == STATUS_OK }
+    unsafe { ffi::proxy_continue_stream(StreamType::HttpResponse as u32) == STATUS_OK }
 }
 
 /// Answers the effective context's request from the filter.
@@ -420,11 +417,11 @@ pub fn send_local_response(
     }
 }
 
-pub fn define_metric(metric_type: u32, name: &str) -> Option<u32> {
+pub fn define_metric(metric_type: MetricType, name: &str) -> Option<u32> {
     let mut id: u32 = 0;
     // SAFETY: pointer and length of a live string; the host writes one u32.
     let status =
-        unsafe { ffi::proxy_define_metric(metric_type, name.as_ptr(), name.len(), &mut id) };
+        unsafe { ffi::proxy_define_metric(metric_type as u32, name.as_ptr(), name.len(), &mut id) };
     (status == STATUS_OK).then_some(id)
 }
 
@@ -492,174 +489,6 @@ pub fn serialize_header_map(pairs: &[(String, String)]) -> Vec<u8> {
     }
     out
 }
-
-/// Reads the answer of a relay call inside `on_http_call_response`.
-pub fn relay_reply(num_headers: usize, body_size: usize) -> crate::redis::client::RawReply {
-    let status = if num_headers == 0 {
-        None
-    } else {
-        header_pairs(MAP_HTTP_CALL_RESPONSE_HEADERS)
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.trim().parse::<u16>().ok())
-    };
-    let body = if body_size > 0 {
-        buffer(BUFFER_HTTP_CALL_RESPONSE_BODY, body_size).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    crate::redis::client::RawReply::Relay { status, body }
-}
-
-/// Reads the raw reply of a Higress Redis call inside `proxy_on_redis_call_response`.
-pub fn redis_call_reply(status: u32, response_size: usize) -> crate::redis::client::RawReply {
-    let body = if status == STATUS_OK && response_size > 0 {
-        buffer(BUFFER_REDIS_CALL_RESPONSE, response_size).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    crate::redis::client::RawReply::RedisCall { status, body }
-}
-
-/// `dispatch_http_call` through the SDK, which registers the token so that the answer reaches
-/// the calling context.
-#[cfg(target_arch = "wasm32")]
-fn http_call(
-    cluster: &str,
-    headers: Vec<(&str, &str)>,
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout)
-}
-
-/// Natively (unit tests) no host answers: every call is refused.
-#[cfg(not(target_arch = "wasm32"))]
-fn http_call(
-    _cluster: &str,
-    _headers: Vec<(&str, &str)>,
-    _body: Option<&[u8]>,
-    _timeout: Duration,
-) -> Result<u32, Status> {
-    Err(Status::InternalFailure)
-}
-
-/// The relay transport: RESP as the body of `POST /resp` to the relay cluster.
-pub struct RelayWire {
-    pub cluster: String,
-    pub authority: String,
-    pub token: Option<String>,
-}
-
-impl Wire for RelayWire {
-    fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", "/resp"),
-            (":authority", self.authority.as_str()),
-            ("content-type", "application/x-resp"),
-        ];
-        if let Some(t) = &self.token {
-            headers.push(("x-krowoc-relay-token", t.as_str()));
-        }
-        http_call(
-            &self.cluster,
-            headers,
-            Some(payload),
-            Duration::from_millis(timeout_ms),
-        )
-        .map_err(|status| {
-            RedisError::new(
-                RedisErrorKind::Dispatch,
-                format!(
-                    "host refused the relay call to cluster {:?} (status {status:?})",
-                    self.cluster
-                ),
-            )
-        })
-    }
-}
-
-/// HTTP calls to the upstream clusters Envoy knows (background cache refreshes).
-pub struct HostUpstream;
-
-impl Upstream for HostUpstream {
-    fn call(
-        &mut self,
-        cluster: &str,
-        headers: &[(String, String)],
-        timeout: Duration,
-    ) -> Result<u32, String> {
-        let headers: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        http_call(cluster, headers, None, timeout).map_err(|status| format!("{status:?}"))
-    }
-}
-
-/// The Higress transport: raw RESP through `proxy_redis_call`.
-pub struct RedisCallWire {
-    /// Cluster name, with `?db=N` when a database is configured.
-    pub upstream: String,
-}
-
-impl Wire for RedisCallWire {
-    fn send(&mut self, payload: &[u8], _timeout_ms: u64) -> Result<u32, RedisError> {
-        let mut token: u32 = 0;
-        // SAFETY: pointers and lengths of live buffers; the host writes one u32.
-        let status = unsafe {
-            ffi_redis::proxy_redis_call(
-                self.upstream.as_ptr(),
-                self.upstream.len(),
-                payload.as_ptr(),
-                payload.len(),
-                &mut token,
-            )
-        };
-        if status == STATUS_OK {
-            Ok(token)
-        } else {
-            Err(RedisError::new(
-                RedisErrorKind::Dispatch,
-                format!(
-                    "host refused proxy_redis_call to {:?} (status {status})",
-                    self.upstream
-                ),
-            ))
-        }
-    }
-}
-
-/// `proxy_redis_init`: tells the host the credentials and timeout for `upstream`.
-pub fn redis_init(
-    upstream: &str,
-    username: &str,
-    password: &str,
-    timeout_ms: u64,
-) -> Result<(), u32> {
-    let timeout = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
-    // SAFETY: pointers and lengths of live strings.
-    let status = unsafe {
-        ffi_redis::proxy_redis_init(
-            upstream.as_ptr(),
-            upstream.len(),
-            username.as_ptr(),
-            username.len(),
-            password.as_ptr(),
-            password.len(),
-            timeout,
-        )
-    };
-    if status == STATUS_OK {
-        Ok(())
-    } else {
-        Err(status)
-    }
-}
-
-/// Whether this build has the Higress Redis imports.
-pub const HAS_REDIS_CALL: bool = cfg!(feature = "redis-call");
 
 #[cfg(test)]
 mod tests {
