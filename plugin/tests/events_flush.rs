@@ -5,7 +5,7 @@
 use krowoc_plugin::config::{parse_config, Config};
 use krowoc_plugin::events::{EventPublisher, ResponseFacts};
 use krowoc_plugin::http::RequestInfo;
-use krowoc_plugin::redis::client::{RawReply, RedisClient, Wire};
+use krowoc_plugin::redis::client::{Owner, RawReply, RedisClient, Wire};
 use krowoc_plugin::redis::error::RedisError;
 use krowoc_plugin::redis::resp::{decode_replies, Reply};
 use std::collections::HashMap;
@@ -136,7 +136,10 @@ fn publish(redis: &RedisServer, cfg: &Config, n: u32) -> EventPublisher {
             krowoc_plugin::config::Transport::RedisCall => RawReply::RedisCall { status: 0, body },
         };
         if let Some(c) = client.on_reply(&mut wire, 10_001, token, raw) {
-            p.on_flush_done(c.context_id, c.result);
+            let Owner::Flush(flush) = c.owner else {
+                panic!("not a flush: {:?}", c.owner);
+            };
+            p.on_flush_done(flush, c.result);
         }
     }
     p

@@ -5,7 +5,7 @@
 use krowoc_plugin::config::{parse_config, RateLimitPolicy};
 use krowoc_plugin::ratelimit::keys::{derive_keys, KeyDecision, KeyGroup, RequestFacts};
 use krowoc_plugin::ratelimit::{parse_decision, script_args, Decision};
-use krowoc_plugin::redis::client::{Purpose, RawReply, RedisClient, Wire};
+use krowoc_plugin::redis::client::{Owner, RawReply, RedisClient, Wire};
 use krowoc_plugin::redis::error::RedisError;
 use krowoc_plugin::redis::resp::{decode_replies, Reply};
 use krowoc_plugin::redis::scripts::{Script, RATE_LIMIT_LUA};
@@ -379,8 +379,7 @@ fn command_layer_falls_back_to_eval_on_noscript_against_real_redis() {
             .call(
                 wire,
                 0,
-                1,
-                Purpose::RateLimit,
+                Owner::RateLimit(1),
                 &rate_limit.evalsha(&k.keys, &args),
                 Some(rate_limit.eval(&k.keys, &args)),
             )

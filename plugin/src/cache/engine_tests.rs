@@ -199,17 +199,17 @@ impl Cache {
         let c = self
             .client
             .on_reply(&mut self.wire, self.now_ms, token, raw)?;
-        match c.purpose {
-            Purpose::CacheLookup => {
-                let r = self.records.cache_mut(c.context_id)?;
+        match c.owner {
+            Owner::CacheLookup(ctx) => {
+                let r = self.records.cache_mut(ctx)?;
                 assert!(CacheEngine::on_lookup(r, c.result));
                 None
             }
-            Purpose::CacheJob => self.engine.on_job_answer(
+            Owner::Job(job) => self.engine.on_job_answer(
                 &mut self.client,
                 &mut self.wire,
                 self.now_ms,
-                c.context_id,
+                job,
                 c.result,
                 &mut self.records,
             ),

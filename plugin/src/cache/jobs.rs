@@ -5,9 +5,6 @@
 
 use super::*;
 
-/// Completion ids of background jobs: far above any context id a host hands out.
-pub(super) const JOB_ID_BASE: u32 = 0x8000_0000;
-
 /// SCAN COUNT of one pattern-purge step.
 pub(super) const SCAN_COUNT: u32 = 500;
 
@@ -62,10 +59,6 @@ pub(super) struct Job {
     pub(super) notify: Option<u32>,
 }
 
-pub(super) fn is_job(id: u32) -> bool {
-    id & JOB_ID_BASE != 0
-}
-
 /// `EVALSHA`/`EVAL` of a script whose first argument may be bytes.
 pub(super) fn script_command(
     script: &Script,
@@ -100,8 +93,8 @@ pub(super) fn script_pair(
 
 impl CacheEngine {
     pub(super) fn job_id(&mut self) -> u32 {
-        self.next_job = self.next_job.wrapping_add(1) % JOB_ID_BASE;
-        JOB_ID_BASE | self.next_job
+        self.next_job = self.next_job.wrapping_add(1);
+        self.next_job
     }
 
     pub(super) fn queue_job(
@@ -215,7 +208,7 @@ impl CacheEngine {
                 return Err(Box::new((job, e)));
             }
         };
-        match client.call(wire, now_ms, id, Purpose::CacheJob, &cmd, eval) {
+        match client.call(wire, now_ms, Owner::Job(id), &cmd, eval) {
             Ok(_) => {
                 if let JobKind::Poll { entry_key, .. } = &job.kind {
                     self.polling.insert(entry_key.clone());
@@ -275,7 +268,7 @@ impl CacheEngine {
         }
     }
 
-    /// The answer to job `id` (a completion of [`Purpose::CacheJob`]).
+    /// The answer to job `id` (a completion of [`Owner::Job`]).
     pub fn on_job_answer(
         &mut self,
         client: &mut RedisClient,
@@ -285,9 +278,6 @@ impl CacheEngine {
         result: Result<Reply, RedisError>,
         requests: &mut dyn CacheRequests,
     ) -> Option<HostAction> {
-        if !is_job(id) {
-            return None;
-        }
         let job = self.jobs.remove(&id)?;
         let result = match result {
             Ok(r) => r,

@@ -190,14 +190,7 @@ impl CacheEngine {
         );
         let lookup = &self.scripts.lookup;
         let (evalsha, eval) = (lookup.evalsha(&keys, &args), lookup.eval(&keys, &args));
-        let sent = client.call(
-            wire,
-            now_ms,
-            ctx,
-            Purpose::CacheLookup,
-            &evalsha,
-            Some(eval),
-        );
+        let sent = client.call(wire, now_ms, Owner::CacheLookup(ctx), &evalsha, Some(eval));
         if let Err(e) = sent {
             log_debug(&format!(
                 "krowoc-edge: route {}: cache bypassed: {e}",

@@ -59,7 +59,7 @@ use crate::config::{Config, Transport};
 use crate::host::{self, increment_metric};
 use crate::http::{HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::metrics::{CacheCount as Count, CacheMetrics};
-use crate::redis::client::{Purpose, RawReply, RedisClient, Wire};
+use crate::redis::client::{Owner, RawReply, RedisClient, Wire};
 use crate::redis::error::RedisError;
 use crate::redis::resp::{Command, Reply};
 use crate::redis::scripts::Script;

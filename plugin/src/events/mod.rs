@@ -36,7 +36,7 @@ use crate::http::RequestInfo;
 use crate::metrics::EventMetrics;
 pub use crate::metrics::EventStats;
 use crate::ratelimit::Tally;
-use crate::redis::client::{Purpose, RedisClient, Wire};
+use crate::redis::client::{Owner, RedisClient, Wire};
 use crate::redis::error::{RedisError, RedisErrorKind};
 use crate::redis::resp::{encode_array, Command, Reply};
 
@@ -246,11 +246,11 @@ impl EventPublisher {
             let sent = match self.transport {
                 Transport::Relay => {
                     let (payload, commands) = pipeline_payload(&batch, &self.config);
-                    client.call_pipeline(wire, now_ms, id, Purpose::Events, &payload, commands)
+                    client.call_pipeline(wire, now_ms, Owner::Flush(id), &payload, commands)
                 }
                 Transport::RedisCall => {
                     let (evalsha, eval) = script_commands(&self.script, &batch, &self.config);
-                    client.call(wire, now_ms, id, Purpose::Events, &evalsha, Some(eval))
+                    client.call(wire, now_ms, Owner::Flush(id), &evalsha, Some(eval))
                 }
             };
             match sent {
@@ -272,7 +272,7 @@ impl EventPublisher {
         self.report();
     }
 
-    /// The answer to flush `flush_id` (a completion of [`Purpose::Events`]).
+    /// The answer to flush `flush_id` (a completion of [`Owner::Flush`]).
     pub fn on_flush_done(&mut self, flush_id: u32, result: Result<Reply, RedisError>) {
         let Some(flight) = self.in_flight.remove(&flush_id) else {
             return;
@@ -820,8 +820,10 @@ mod tests {
         let c = client
             .on_reply(wire, 0, token, raw)
             .expect("a flush completion");
-        assert_eq!(c.purpose, Purpose::Events);
-        p.on_flush_done(c.context_id, c.result);
+        let Owner::Flush(flush) = c.owner else {
+            panic!("not a flush: {:?}", c.owner);
+        };
+        p.on_flush_done(flush, c.result);
     }
 
     #[test]
@@ -909,7 +911,10 @@ mod tests {
         p.flush(&mut client, &mut wire, 1_000);
         assert_eq!(p.in_flight_len(), 2, "a full batch and a due partial one");
         for c in client.expire(1_000 + 100 + crate::redis::client::DEADLINE_GRACE_MS) {
-            p.on_flush_done(c.context_id, c.result);
+            let Owner::Flush(flush) = c.owner else {
+                panic!("not a flush: {:?}", c.owner);
+            };
+            p.on_flush_done(flush, c.result);
         }
         assert_eq!(p.stats.flush_failures, 3);
         assert_eq!(p.queue_len(), 3);

@@ -24,7 +24,7 @@ use crate::host::{self, HostUpstream, RedisCallWire, RelayWire};
 use crate::http::{without_query, HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::metrics::Metrics;
 use crate::ratelimit::{verdict_skipped, RateLimiter, RequestFacts, Start, Verdict};
-use crate::redis::client::{Completion, Purpose, RawReply, RedisClient, Wire};
+use crate::redis::client::{Completion, Owner, RawReply, RedisClient, Wire};
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
 
@@ -330,39 +330,40 @@ impl Edge {
     /// Delivers one finished call to whoever made it: a flush, a cache job, or a request
     /// (which decides once its last call answered).
     fn complete(&mut self, now_ms: u64, c: Completion) -> Option<HostAction> {
-        let ctx = c.context_id;
-        match c.purpose {
-            Purpose::Events => {
-                self.events.on_flush_done(ctx, c.result);
+        let ctx = match c.owner {
+            Owner::Flush(flush) => {
+                self.events.on_flush_done(flush, c.result);
                 // Flushes are answered in the root context (they are made from it): send what
                 // is due now rather than at the next tick, so a backlog drains at Redis' pace.
                 self.events.flush(&mut self.client, &mut *self.wire, now_ms);
                 return None;
             }
-            Purpose::CacheJob => {
+            Owner::Job(job) => {
                 return self.cache.on_job_answer(
                     &mut self.client,
                     &mut *self.wire,
                     now_ms,
-                    ctx,
+                    job,
                     c.result,
                     &mut self.requests,
                 );
             }
-            Purpose::RateLimit => {
+            Owner::RateLimit(ctx) => {
                 let request = self.requests.get_mut(&ctx)?;
                 let policy = request
                     .route
                     .and_then(|r| self.config.routes[r].rate_limit.as_ref())?;
                 RateLimiter::on_answer(request.rate_limit.as_mut()?, policy, c.result);
+                ctx
             }
-            Purpose::CacheLookup => {
+            Owner::CacheLookup(ctx) => {
                 let cache = self.requests.get_mut(&ctx)?.cache.as_mut()?;
                 if !CacheEngine::on_lookup(cache, c.result) {
                     return None;
                 }
+                ctx
             }
-        }
+        };
         let request = self.requests.get_mut(&ctx)?;
         request.outstanding = request.outstanding.saturating_sub(1);
         if request.outstanding > 0 {

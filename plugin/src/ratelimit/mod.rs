@@ -7,7 +7,7 @@
 use crate::config::{FailureMode, LimitRule, RateLimitPolicy};
 use crate::host;
 use crate::http::LocalResponse;
-use crate::redis::client::{Purpose, RedisClient, Wire};
+use crate::redis::client::{Owner, RedisClient, Wire};
 use crate::redis::error::RedisError;
 use crate::redis::resp::{Command, Reply};
 use crate::redis::scripts::{Script, RATE_LIMIT_LUA};
@@ -391,7 +391,7 @@ impl RateLimiter {
             }
         }
         let (evalsha, eval) = script_call(&self.script, policy, &group);
-        match client.call(wire, now_ms, ctx, Purpose::RateLimit, &evalsha, Some(eval)) {
+        match client.call(wire, now_ms, Owner::RateLimit(ctx), &evalsha, Some(eval)) {
             Ok(_) => Start::Asked(RateLimitCall {
                 identity: group.identity,
                 answer: None,

@@ -26,23 +26,33 @@ pub enum RawReply {
     RedisCall { status: u32, body: Vec<u8> },
 }
 
-/// Why a call was made: who gets the reply.
+/// Who made a call, and so who gets its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Purpose {
-    RateLimit,
-    /// A flush of request events; the call's `context_id` is the flush's number.
-    Events,
-    /// A request's cache lookup (joins the rate-limit call of the same request).
-    CacheLookup,
-    /// Cache work off the request path; the call's `context_id` is the job's id.
-    CacheJob,
+pub enum Owner {
+    /// The rate-limit call of the request with this context id.
+    RateLimit(u32),
+    /// The cache lookup of the request with this context id (joins its rate-limit call).
+    CacheLookup(u32),
+    /// The flush of request events with this number.
+    Flush(u32),
+    /// The cache job with this id, off the request path.
+    Job(u32),
+}
+
+impl Owner {
+    /// The request context that waits for this call, if a request made it.
+    pub fn request(self) -> Option<u32> {
+        match self {
+            Owner::RateLimit(ctx) | Owner::CacheLookup(ctx) => Some(ctx),
+            Owner::Flush(_) | Owner::Job(_) => None,
+        }
+    }
 }
 
 /// One call in flight.
 #[derive(Clone, Debug)]
 pub struct PendingCall {
-    pub context_id: u32,
-    pub purpose: Purpose,
+    pub owner: Owner,
     pub deadline_ms: u64,
     /// Sent instead when Redis answers NOSCRIPT (the EVAL of an EVALSHA).
     pub on_noscript: Option<Command>,
@@ -53,8 +63,7 @@ pub struct PendingCall {
 /// A finished call, handed to the context that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completion {
-    pub context_id: u32,
-    pub purpose: Purpose,
+    pub owner: Owner,
     pub result: Result<Reply, RedisError>,
 }
 
@@ -108,22 +117,21 @@ impl RedisClient {
         self.pending.len()
     }
 
-    /// Tokens of calls in flight for a context.
+    /// Calls in flight for a request context.
     pub fn pending_for(&self, context_id: u32) -> usize {
         self.pending
             .values()
-            .filter(|p| p.context_id == context_id)
+            .filter(|p| p.owner.request() == Some(context_id))
             .count()
     }
 
-    /// Sends one command for `context_id`; `on_noscript` is sent instead if Redis answers
+    /// Sends one command for `owner`; `on_noscript` is sent instead if Redis answers
     /// NOSCRIPT. Fails at once (no call made) when the breaker is open or the host refuses.
     pub fn call(
         &mut self,
         wire: &mut dyn Wire,
         now_ms: u64,
-        context_id: u32,
-        purpose: Purpose,
+        owner: Owner,
         command: &Command,
         on_noscript: Option<Command>,
     ) -> Result<u32, RedisError> {
@@ -137,29 +145,20 @@ impl RedisClient {
                 "circuit breaker open: Redis is not called during the cool-down",
             ));
         }
-        self.dispatch(wire, now_ms, context_id, purpose, command, on_noscript)
+        self.dispatch(wire, now_ms, owner, command, on_noscript)
     }
 
     fn dispatch(
         &mut self,
         wire: &mut dyn Wire,
         now_ms: u64,
-        context_id: u32,
-        purpose: Purpose,
+        owner: Owner,
         command: &Command,
         on_noscript: Option<Command>,
     ) -> Result<u32, RedisError> {
         self.stats.calls += 1;
         let payload = encode_pipeline(std::slice::from_ref(command));
-        self.send_payload(
-            wire,
-            now_ms,
-            context_id,
-            purpose,
-            &payload,
-            on_noscript,
-            None,
-        )
+        self.send_payload(wire, now_ms, owner, &payload, on_noscript, None)
     }
 
     /// Sends several commands in one call (one relay body): `payload` is `commands` encoded
@@ -171,8 +170,7 @@ impl RedisClient {
         &mut self,
         wire: &mut dyn Wire,
         now_ms: u64,
-        context_id: u32,
-        purpose: Purpose,
+        owner: Owner,
         payload: &[u8],
         commands: usize,
     ) -> Result<u32, RedisError> {
@@ -188,7 +186,7 @@ impl RedisClient {
         }
         self.stats.calls += 1;
         let replies = Some(commands);
-        self.send_payload(wire, now_ms, context_id, purpose, payload, None, replies)
+        self.send_payload(wire, now_ms, owner, payload, None, replies)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -196,8 +194,7 @@ impl RedisClient {
         &mut self,
         wire: &mut dyn Wire,
         now_ms: u64,
-        context_id: u32,
-        purpose: Purpose,
+        owner: Owner,
         payload: &[u8],
         on_noscript: Option<Command>,
         pipeline: Option<usize>,
@@ -207,8 +204,7 @@ impl RedisClient {
                 self.pending.insert(
                     token,
                     PendingCall {
-                        context_id,
-                        purpose,
+                        owner,
                         deadline_ms: now_ms + self.timeout_ms + DEADLINE_GRACE_MS,
                         on_noscript,
                         pipeline,
@@ -255,8 +251,7 @@ impl RedisClient {
             }
         }
         Completion {
-            context_id: call.context_id,
-            purpose: call.purpose,
+            owner: call.owner,
             result,
         }
     }
@@ -312,18 +307,10 @@ impl RedisClient {
                 self.stats.noscript += 1;
                 self.record_health();
                 if let Some(eval) = call.on_noscript {
-                    return match self.dispatch(
-                        wire,
-                        now_ms,
-                        call.context_id,
-                        call.purpose,
-                        &eval,
-                        None,
-                    ) {
+                    return match self.dispatch(wire, now_ms, call.owner, &eval, None) {
                         Ok(_) => None,
                         Err(e) => Some(Completion {
-                            context_id: call.context_id,
-                            purpose: call.purpose,
+                            owner: call.owner,
                             result: Err(e),
                         }),
                     };
@@ -338,8 +325,7 @@ impl RedisClient {
             Ok(_) => self.record_health(),
         }
         Some(Completion {
-            context_id: call.context_id,
-            purpose: call.purpose,
+            owner: call.owner,
             result,
         })
     }
@@ -361,8 +347,7 @@ impl RedisClient {
                 );
                 self.record_failure(&e, now_ms);
                 out.push(Completion {
-                    context_id: call.context_id,
-                    purpose: call.purpose,
+                    owner: call.owner,
                     result: Err(e),
                 });
             }
@@ -550,34 +535,13 @@ mod tests {
         let mut c = client("{}");
         let mut w = recorder();
         let a = c
-            .call(
-                &mut w,
-                0,
-                7,
-                Purpose::RateLimit,
-                &Command::new("PING"),
-                None,
-            )
+            .call(&mut w, 0, Owner::RateLimit(7), &Command::new("PING"), None)
             .expect("a");
         let b = c
-            .call(
-                &mut w,
-                0,
-                7,
-                Purpose::RateLimit,
-                &Command::new("TIME"),
-                None,
-            )
+            .call(&mut w, 0, Owner::RateLimit(7), &Command::new("TIME"), None)
             .expect("b");
         let other = c
-            .call(
-                &mut w,
-                0,
-                9,
-                Purpose::RateLimit,
-                &Command::new("PING"),
-                None,
-            )
+            .call(&mut w, 0, Owner::RateLimit(9), &Command::new("PING"), None)
             .expect("c");
         assert_eq!(c.pending_for(7), 2);
         let done = c
@@ -591,7 +555,7 @@ mod tests {
                 },
             )
             .expect("b done");
-        assert_eq!(done.context_id, 7);
+        assert_eq!(done.owner, Owner::RateLimit(7));
         assert_eq!(done.result, Ok(Reply::Int(5)));
         assert_eq!(c.pending_for(7), 1);
         let done = c
@@ -632,8 +596,7 @@ mod tests {
             .call(
                 &mut w,
                 0,
-                1,
-                Purpose::RateLimit,
+                Owner::RateLimit(1),
                 &Command::new("EVALSHA").arg("abc"),
                 Some(Command::new("EVAL").arg("return 1")),
             )
@@ -674,8 +637,7 @@ mod tests {
             .call(
                 &mut w,
                 1000,
-                3,
-                Purpose::RateLimit,
+                Owner::RateLimit(3),
                 &Command::new("PING"),
                 None,
             )
@@ -711,8 +673,7 @@ mod tests {
                 .call(
                     &mut w,
                     now,
-                    1,
-                    Purpose::RateLimit,
+                    Owner::RateLimit(1),
                     &Command::new("PING"),
                     None,
                 )
@@ -734,8 +695,7 @@ mod tests {
             .call(
                 &mut w,
                 500,
-                1,
-                Purpose::RateLimit,
+                Owner::RateLimit(1),
                 &Command::new("PING"),
                 None,
             )
@@ -748,8 +708,7 @@ mod tests {
             .call(
                 &mut w,
                 1001,
-                1,
-                Purpose::RateLimit,
+                Owner::RateLimit(1),
                 &Command::new("PING"),
                 None,
             )
@@ -758,8 +717,7 @@ mod tests {
             .call(
                 &mut w,
                 1002,
-                1,
-                Purpose::RateLimit,
+                Owner::RateLimit(1),
                 &Command::new("PING"),
                 None
             )
@@ -783,14 +741,7 @@ mod tests {
         let mut w = recorder();
         w.fail = Some(RedisError::new(RedisErrorKind::Dispatch, "unknown cluster"));
         assert!(c
-            .call(
-                &mut w,
-                0,
-                1,
-                Purpose::RateLimit,
-                &Command::new("PING"),
-                None
-            )
+            .call(&mut w, 0, Owner::RateLimit(1), &Command::new("PING"), None)
             .is_err());
         assert_eq!(c.pending_len(), 0);
         assert_eq!(c.breaker_state(), BreakerState::Open);
@@ -801,14 +752,7 @@ mod tests {
         let mut c = client(r#"{"redis": {"breaker": {"failures": 1}}}"#);
         let mut w = recorder();
         let t = c
-            .call(
-                &mut w,
-                0,
-                1,
-                Purpose::RateLimit,
-                &Command::new("EVAL"),
-                None,
-            )
+            .call(&mut w, 0, Owner::RateLimit(1), &Command::new("EVAL"), None)
             .expect("sent");
         let done = c
             .on_reply(
