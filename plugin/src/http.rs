@@ -14,6 +14,41 @@ pub struct RequestInfo {
     pub source_address: Option<String>,
 }
 
+/// Request or response fields as `(name, value)`, names lower case.
+pub type Headers = [(String, String)];
+
+/// Every value of a field, in order (several lines of one field are one list).
+pub fn values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .iter()
+        .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The first value of a field.
+pub fn first<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Every value of a field joined by `,` (one list, as RFC 9110 reads repeated lines); None
+/// when the field is absent.
+pub fn joined(headers: &Headers, name: &str) -> Option<String> {
+    let mut values = values(headers, name).peekable();
+    values.peek()?;
+    Some(values.collect::<Vec<_>>().join(","))
+}
+
+/// The members of a comma-separated list field, trimmed, empty members dropped.
+pub fn list_members<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    values(headers, name)
+        .flat_map(|v| v.split(','))
+        .map(|m| m.trim_matches([' ', '\t']))
+        .filter(|m| !m.is_empty())
+}
+
 impl RequestInfo {
     /// The path without its query string.
     pub fn path(&self) -> &str {
@@ -27,21 +62,13 @@ impl RequestInfo {
 
     /// The first value of a field (names compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        first(&self.headers, name)
     }
 
     /// The client's address: the connection's, or an `X-Forwarded-For` entry past
     /// `trusted_hops` proxies (see [`client_ip`]).
     pub fn client_ip(&self, trusted_hops: u32) -> Option<String> {
-        let forwarded: Vec<&str> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|(_, v)| v.as_str())
-            .collect();
+        let forwarded: Vec<&str> = values(&self.headers, "x-forwarded-for").collect();
         client_ip(self.source_address.as_deref(), &forwarded, trusted_hops)
     }
 }

@@ -121,13 +121,7 @@ pub fn derive(policy: &CachePolicy, input: &KeyInput<'_>) -> CacheKey {
     push_part(&mut material, "method", Some(input.method));
     push_part(&mut material, "url", Some(&url));
     for name in &policy.key.headers {
-        let values: Vec<&str> = input
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        let joined = (!values.is_empty()).then(|| values.join(","));
+        let joined = crate::http::joined(input.headers, name);
         push_part(&mut material, name, joined.as_deref());
     }
     CacheKey {

@@ -57,6 +57,7 @@ use store::pass_for;
 use crate::config::cache::CachePolicy;
 use crate::config::{Config, Transport};
 use crate::host::{self, increment_metric};
+use crate::http::first;
 use crate::http::{HostAction, LocalResponse, RequestInfo, Upstream};
 use crate::metrics::{CacheCount as Count, CacheMetrics};
 use crate::redis::client::{Owner, RawReply, RedisClient, Wire};
@@ -69,8 +70,8 @@ pub use crate::redis::scripts::{
 use entry::{StoredResponse, MAGIC};
 use key::{CacheKey, KeyInput, RouteKeys};
 use policy::{
-    first, not_modified, not_modified_fields, status_fields, storable, stored_fields, ttl_seconds,
-    Bypass, CacheStatus, Freshness, NotStored, Outcome,
+    not_modified, not_modified_fields, status_fields, storable, stored_fields, ttl_seconds, Bypass,
+    CacheStatus, Freshness, NotStored, Outcome,
 };
 use proxy_wasm::types::LogLevel;
 use purge::PurgeStep;
@@ -295,10 +296,6 @@ fn forwarded(outcome: Outcome) -> Count {
 
 fn log_debug(message: &str) {
     host::log(LogLevel::Debug, message);
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    first(headers, name)
 }
 
 fn entry_decode(blob: Vec<u8>) -> Result<StoredResponse, ()> {

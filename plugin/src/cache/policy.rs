@@ -6,32 +6,7 @@
 
 use crate::config::cache::{CachePolicy, CacheSettings};
 
-/// Request or response fields as `(name, value)`, names lower case.
-pub type Headers = [(String, String)];
-
-/// Every value of a field, in order (several lines of one field are one list).
-pub fn values<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers
-        .iter()
-        .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-/// The first value of a field.
-pub fn first<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-/// The members of a comma-separated list field, trimmed, empty members dropped.
-pub fn list_members<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    values(headers, name)
-        .flat_map(|v| v.split(','))
-        .map(|m| m.trim_matches([' ', '\t']))
-        .filter(|m| !m.is_empty())
-}
+pub use crate::http::{first, list_members, values, Headers};
 
 /// The directives of `Cache-Control` that matter to a shared cache.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -177,7 +177,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 use super::{CacheEngine, CacheRequests, Job, JobKind};
 use crate::host;
 use crate::host::increment_metric;
-use crate::http::{HostAction, LocalResponse, RequestInfo};
+use crate::http::{joined, HostAction, LocalResponse, RequestInfo};
 use crate::redis::client::{RedisClient, Wire};
 use proxy_wasm::types::LogLevel;
 use std::rc::Rc;
@@ -274,13 +274,7 @@ impl CacheEngine {
         if !constant_time_eq(token.as_bytes(), purge.token.as_bytes()) {
             return respond(403, "missing or wrong purge token");
         }
-        let directives = req
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(&purge.header))
-            .map(|(_, v)| v.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
+        let directives = joined(&req.headers, &purge.header).unwrap_or_default();
         let directives = match parse_directives(&directives) {
             Ok(d) if d.is_empty() => {
                 return respond(
@@ -335,15 +329,9 @@ impl CacheEngine {
         name: &str,
         purges: &mut Vec<JobKind>,
     ) {
-        let value = headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        if value.is_empty() {
+        let Some(value) = joined(headers, name).filter(|v| !v.is_empty()) else {
             return;
-        }
+        };
         let directives = match parse_directives(&value) {
             Ok(d) => d,
             Err(e) => {

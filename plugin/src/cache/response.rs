@@ -102,7 +102,7 @@ impl CacheEngine {
             return CacheResponse::Pass(Vec::new());
         }
         let headers = read_headers();
-        let status = header(&headers, ":status")
+        let status = first(&headers, ":status")
             .and_then(|s| s.trim().parse::<u16>().ok())
             .unwrap_or(502);
         if let Some(inv) = &route.invalidation {
@@ -173,7 +173,7 @@ impl CacheEngine {
                             route.invalidation.as_ref().map(|i| i.header.as_str()),
                             &headers,
                         );
-                        let content_length = header(&headers, "content-length")
+                        let content_length = first(&headers, "content-length")
                             .and_then(|v| v.trim().parse::<usize>().ok());
                         let collector = Collector {
                             status,

@@ -106,11 +106,9 @@ pub(super) fn build_event(
     for (field, from_request) in policy.fields.iter().zip(&open.request_fields) {
         let value = match &field.source {
             FieldSource::RequestHeader(_) => from_request.as_deref(),
-            FieldSource::ResponseHeader(h) => response
-                .headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(h))
-                .map(|(_, v)| truncate(v, MAX_FIELD_BYTES)),
+            FieldSource::ResponseHeader(h) => {
+                first(&response.headers, h).map(|v| truncate(v, MAX_FIELD_BYTES))
+            }
         };
         fields.insert(field.name.as_str(), value);
     }

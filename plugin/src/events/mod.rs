@@ -32,7 +32,7 @@
 use crate::config::events::{EventPolicy, EventsConfig, FieldSource};
 use crate::config::{Config, Transport};
 use crate::host::{self, record_metric};
-use crate::http::RequestInfo;
+use crate::http::{first, RequestInfo};
 use crate::metrics::EventMetrics;
 pub use crate::metrics::EventStats;
 use crate::ratelimit::Tally;
@@ -143,12 +143,7 @@ impl EventPublisher {
             return None;
         }
         let policy = self.config.policy(route)?;
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        let header = |name: &str| req.header(name);
         let request_id = header("x-request-id")
             .map(str::trim)
             .filter(|id| !id.is_empty())

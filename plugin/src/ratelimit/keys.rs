@@ -19,13 +19,7 @@ pub struct RequestFacts<'a> {
 impl RequestFacts<'_> {
     /// All values of a header (case-insensitive name), joined by `,`; None when absent.
     pub fn header(&self, name: &str) -> Option<String> {
-        let values: Vec<&str> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        (!values.is_empty()).then(|| values.join(","))
+        crate::http::joined(self.headers, name)
     }
 
     /// The first value of a query parameter, percent-decoded.
