@@ -49,6 +49,16 @@ pub fn list_members<'a>(headers: &'a Headers, name: &'a str) -> impl Iterator<It
         .filter(|m| !m.is_empty())
 }
 
+/// Seconds since the epoch of an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), and
+/// the obsolete RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`) forms recipients must accept. None when unreadable, which
+/// includes a day name that is not the date's and years before 1970 (`httpdate`'s range).
+pub fn parse_http_date(text: &str) -> Option<i64> {
+    let at = httpdate::parse_http_date(text.trim()).ok()?;
+    let secs = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
+}
+
 impl RequestInfo {
     /// The path without its query string.
     pub fn path(&self) -> &str {

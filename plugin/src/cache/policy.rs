@@ -6,7 +6,7 @@
 
 use crate::config::cache::{CachePolicy, CacheSettings};
 
-pub use crate::http::{first, list_members, values, Headers};
+pub use crate::http::{first, list_members, parse_http_date, values, Headers};
 
 /// The directives of `Cache-Control` that matter to a shared cache.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,69 +69,6 @@ impl CacheControl {
         }
         cc
     }
-}
-
-// ---- HTTP dates ------------------------------------------------------------------------------
-
-const MONTHS: [&str; 12] = [
-    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-];
-
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn parse_hms(s: &str) -> Option<(u32, u32, u32)> {
-    let mut it = s.split(':');
-    let h = it.next()?.parse().ok()?;
-    let m = it.next()?.parse().ok()?;
-    let sec = it.next()?.parse().ok()?;
-    if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    Some((h, m, sec))
-}
-
-fn month(s: &str) -> Option<u32> {
-    let lower = s.to_ascii_lowercase();
-    MONTHS
-        .iter()
-        .position(|m| *m == lower)
-        .map(|i| i as u32 + 1)
-}
-
-/// Seconds since the epoch of an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), and
-/// the obsolete RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
-/// (`Sun Nov  6 08:49:37 1994`) forms recipients must accept. None when unreadable.
-pub fn parse_http_date(text: &str) -> Option<i64> {
-    let parts: Vec<&str> = text.split_whitespace().collect();
-    let (y, mo, d, hms) = match parts.as_slice() {
-        [_, d, mo, y, t, "GMT"] => (y.parse::<i64>().ok()?, month(mo)?, d.parse().ok()?, *t),
-        [_, dmy, t, "GMT"] => {
-            let mut it = dmy.split('-');
-            let d = it.next()?.parse().ok()?;
-            let mo = month(it.next()?)?;
-            let y2: i64 = it.next()?.parse().ok()?;
-            // RFC 9110: a two-digit year more than 50 years in the future is in the past.
-            let y = if y2 < 70 { 2000 + y2 } else { 1900 + y2 };
-            (y, mo, d, *t)
-        }
-        [_, mo, d, t, y] => (y.parse::<i64>().ok()?, month(mo)?, d.parse().ok()?, *t),
-        _ => return None,
-    };
-    // Four-digit years only: bounded arithmetic whatever a client or upstream sends.
-    if !(1..=31).contains(&d) || !(1000..=9999).contains(&y) {
-        return None;
-    }
-    let (h, mi, s) = parse_hms(hms)?;
-    Some(days_from_civil(y, mo, d) * 86_400 + i64::from(h * 3600 + mi * 60 + s))
 }
 
 // ---- requests --------------------------------------------------------------------------------
@@ -611,7 +548,7 @@ mod tests {
         assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(t));
         assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
         assert_eq!(
-            parse_http_date("Wed, 29 Feb 2024 23:59:59 GMT"),
+            parse_http_date("Thu, 29 Feb 2024 23:59:59 GMT"),
             Some(1_709_251_199)
         );
         for bad in [
@@ -621,6 +558,8 @@ mod tests {
             "Sun, 06 Foo 1994 08:49:37 GMT",
             "Sun, 06 Nov 99999999999999999 08:49:37 GMT",
             "Sun, 06 Nov -9223372036854775808 08:49:37 GMT",
+            // The day name must be the date's.
+            "Wed, 29 Feb 2024 23:59:59 GMT",
         ] {
             assert_eq!(parse_http_date(bad), None, "{bad}");
         }
