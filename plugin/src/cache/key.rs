@@ -23,7 +23,7 @@
 //! Index sets expire with the longest-lived entry they list.
 
 use crate::config::cache::CachePolicy;
-use crate::http::percent_decode;
+use crate::http::{encode_component, query_pairs};
 
 /// One request's cache key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,30 +62,12 @@ fn push_part(material: &mut Vec<u8>, tag: &str, value: Option<&str>) {
     material.push(b';');
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The allowed parameters of a query string, decoded, sorted by name (the order of one name's
 /// values is kept, it may mean something to the application), re-encoded canonically.
 pub fn normalized_query(allowed: &[String], query: &str) -> String {
-    let mut kept: Vec<(String, String)> = query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let k = percent_decode(k);
-            allowed.contains(&k).then(|| (k, percent_decode(v)))
-        })
+    let mut kept: Vec<(String, String)> = query_pairs(query)
+        .filter(|(k, _)| allowed.iter().any(|a| a == k))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     kept.sort_by(|a, b| a.0.cmp(&b.0));
     kept.iter()

@@ -2,7 +2,7 @@
 //! request share one hash tag `{route:hash}`, so one script call touches one Redis Cluster slot.
 
 use crate::config::{KeyPart, LimitRule, MissingKey, RateLimitPolicy};
-use crate::http::percent_decode;
+use crate::http::query_pairs;
 
 /// What a request offers for key derivation.
 #[derive(Clone, Debug, Default)]
@@ -24,13 +24,7 @@ impl RequestFacts<'_> {
 
     /// The first value of a query parameter, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-            .find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (percent_decode(k) == name).then(|| percent_decode(v))
-            })
+        query_pairs(self.query).find_map(|(k, v)| (k == name).then(|| v.into_owned()))
     }
 }
 
@@ -121,8 +115,15 @@ mod tests {
         assert_eq!(facts.query_param("user_id").as_deref(), Some("jó n"));
         assert_eq!(facts.query_param("flag").as_deref(), Some(""));
         assert_eq!(facts.query_param("nope"), None);
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        let value = |query| {
+            RequestFacts {
+                query,
+                ..Default::default()
+            }
+            .query_param("v")
+        };
+        assert_eq!(value("v=100%").as_deref(), Some("100%"));
+        assert_eq!(value("v=%zz%4").as_deref(), Some("%zz%4"));
     }
 
     #[test]
