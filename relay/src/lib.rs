@@ -1,7 +1,7 @@
 //! krowoc-relay: the RESP-over-HTTP relay that lets the filter reach Redis from stock Envoy, a
 //! component platform teams deploy beside Envoy (`krowoc-relay --redis … --token-file …`; also
 //! `host-shim relay`, the same code). Its Redis pool ([`pool`]) also carries host-shim's Higress
-//! `redis_call`s.
+//! `redis_call`s; [`redis_url`] reads Redis URLs and redacts them, for the upstream too.
 //!
 //! The plugin sends `POST /resp` to the `redis_relay` cluster with one or more RESP commands as
 //! the body; the relay checks the token, the size, and every command against its allow-list,
@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 
 pub mod pool;
 pub mod process;
+pub mod redis_url;
 
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 

@@ -102,7 +102,8 @@ pub const SHARED_CONNECTION_UNSAFE: &[&str] = &[
 // ---------------------------------------------------------------------------------------------
 // Endpoint
 
-/// Where one Redis is and how to log in to it.
+/// Where one Redis is and how to log in to it; [`RedisEndpoint::from_url`] reads it from a
+/// `redis://` URL ([`crate::redis_url`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisEndpoint {
     pub host: String,
@@ -135,83 +136,6 @@ impl RedisEndpoint {
         }
     }
 
-    /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (user and password percent-decoded,
-    /// IPv6 hosts in brackets, port 6379 by default). TLS (`rediss://`) and query parameters are
-    /// refused rather than ignored.
-    pub fn from_url(url: &str) -> Result<RedisEndpoint, EndpointError> {
-        let fail = |reason: String| EndpointError {
-            url: redact_url(url),
-            reason,
-        };
-        let rest = match url.split_once("://") {
-            Some(("redis", rest)) => rest,
-            Some(("rediss", _)) => {
-                return Err(fail(
-                    "TLS (rediss://) is not supported; use redis:// on a trusted network".into(),
-                ))
-            }
-            Some((scheme, _)) => {
-                return Err(fail(format!(
-                    "scheme {scheme:?} is not redis; expected redis://[[user]:password@]host[:port][/db]"
-                )))
-            }
-            None => {
-                return Err(fail(
-                    "no scheme; expected redis://[[user]:password@]host[:port][/db]".into(),
-                ))
-            }
-        };
-        if rest.contains('?') || rest.contains('#') {
-            return Err(fail(
-                "query parameters and fragments are not supported; put the database in the path (/DB)"
-                    .into(),
-            ));
-        }
-        // The last '@' ends the user info, so an unencoded '@' or '/' in a password still works.
-        let (userinfo, hostpath) = match rest.rfind('@') {
-            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-            None => (None, rest),
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(info) => {
-                let Some((user, pass)) = info.split_once(':') else {
-                    return Err(fail(
-                        "user info has no ':'; write redis://:PASSWORD@host or redis://USER:PASSWORD@host"
-                            .into(),
-                    ));
-                };
-                let user = percent_decode(user).map_err(|e| fail(format!("username: {e}")))?;
-                let pass = percent_decode(pass).map_err(|e| fail(format!("password: {e}")))?;
-                if pass.is_empty() {
-                    return Err(fail("the password is empty".into()));
-                }
-                ((!user.is_empty()).then_some(user), Some(pass))
-            }
-        };
-        let (hostport, db) = match hostpath.split_once('/') {
-            None => (hostpath, None),
-            Some((hp, "")) => (hp, None),
-            Some((hp, db)) => {
-                let n: u32 = db.parse().map_err(|_| {
-                    fail(format!(
-                        "database {db:?} is not a number (the path must be /DB, e.g. /0)"
-                    ))
-                })?;
-                (hp, Some(n))
-            }
-        };
-        let (host, port) = split_host_port(hostport, DEFAULT_PORT).map_err(fail)?;
-        Ok(RedisEndpoint {
-            host,
-            port,
-            username,
-            password,
-            db,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        })
-    }
-
     /// `host:port` (IPv6 in brackets), the address this endpoint connects to.
     pub fn address(&self) -> String {
         if self.host.contains(':') {
@@ -219,79 +143,6 @@ impl RedisEndpoint {
         } else {
             format!("{}:{}", self.host, self.port)
         }
-    }
-}
-
-/// `HOST[:PORT]` or `[V6][:PORT]`.
-fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let Some((host, after)) = rest.split_once(']') else {
-            return Err(format!("host {s:?}: '[' without ']'"));
-        };
-        match after {
-            "" => (host, None),
-            p => match p.strip_prefix(':') {
-                Some(p) => (host, Some(p)),
-                None => return Err(format!("unexpected {p:?} after the IPv6 address")),
-            },
-        }
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, _)) if h.contains(':') => {
-                return Err(format!(
-                    "host {s:?}: write IPv6 addresses in brackets, e.g. [::1]:6379"
-                ))
-            }
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("the host is empty".into());
-    }
-    let port = match port {
-        None => default_port,
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(format!("port {p:?} is not a number from 1 to 65535")),
-        },
-    };
-    Ok((host.to_string(), port))
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent escape at character {i}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "percent escapes do not decode to UTF-8".to_string())
-}
-
-/// The URL with the password (if any) replaced, for error messages and logs.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.rfind('@') {
-        Some(at) => {
-            let info = &rest[..at];
-            let user = info.split_once(':').map(|(u, _)| u).unwrap_or(info);
-            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
-        }
-        None => url.to_string(),
     }
 }
 
