@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use krowoc_relay::redis_url::redact_url;
+
 use crate::error::Error;
 
 /// The channels the background subscriber listens to by default: the filter's request events
@@ -169,27 +171,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     Duration::try_from_secs_f64(value * seconds_per_unit)
         .map_err(|_| format!("{text:?} is out of range"))
-}
-
-/// The URL with any password replaced by `***`, for logs and health output.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split_once(':').map_or("", |(user, _)| user);
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_string()
-            };
-            format!("{scheme}://{shown}@{}", &rest[at + 1..])
-        }
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use krowoc_upstream::config::{parse_duration, redact_url, DEFAULT_CHANNELS};
+use krowoc_relay::redis_url::redact_url;
+use krowoc_upstream::config::{parse_duration, DEFAULT_CHANNELS};
 use krowoc_upstream::{app, AppState, UpstreamConfig};
 use tracing_subscriber::EnvFilter;
 

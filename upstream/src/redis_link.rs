@@ -7,10 +7,10 @@
 
 use std::time::{Duration, Instant};
 
+use krowoc_relay::redis_url::redact_url;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::FromRedisValue;
 
-use crate::config::redact_url;
 use crate::error::Error;
 
 #[derive(Clone)]
