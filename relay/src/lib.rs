@@ -162,33 +162,44 @@ pub struct RelayArgs {
     #[arg(long = "allow", value_name = "CMD")]
     pub allow: Vec<String>,
     /// How long Redis may take to answer a request (e.g. 1s, 250ms, 0.5s); then 504.
-    #[arg(long, default_value = "1s", value_parser = parse_flag_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "1s", value_parser = parse_timeout, value_name = "DURATION")]
     pub timeout: Duration,
     /// How long connecting to Redis (TCP, AUTH, SELECT) may take; then 502.
-    #[arg(long, default_value = "1s", value_parser = parse_flag_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "1s", value_parser = parse_timeout, value_name = "DURATION")]
     pub connect_timeout: Duration,
     /// Redis connections shared by all requests (each pipelines many requests).
     #[arg(long, default_value_t = pool::DEFAULT_CONNECTIONS, value_name = "N")]
     pub pool_size: usize,
 }
 
-/// Parses `250ms`, `1s`, `0.5s`, `2m`.
+/// Parses a duration flag with humantime: `250ms`, `1s`, `0.5s`, `2m`, `100us`, `1h 30m` or a
+/// bare `0`. The error quotes the value and says what is wrong with it. The upstream's flags
+/// use it too.
 pub fn parse_flag_duration(s: &str) -> Result<Duration, String> {
+    use humantime::DurationError;
     let s = s.trim();
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        return Err(format!("{s:?}: give a unit, e.g. 1s, 250ms, 0.5s"));
-    };
-    match number.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 && v * scale <= 86_400.0 => {
-            Ok(Duration::from_secs_f64(v * scale))
+    humantime::parse_duration(s).map_err(|e| match e {
+        DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            format!("{s:?} has no unit (e.g. 1s, 250ms, 0.5s)")
         }
-        _ => Err(format!("{s:?} is not a duration such as 1s, 250ms, 0.5s")),
+        DurationError::UnknownUnit { unit, .. } => {
+            format!("{s:?} has unknown unit {unit:?} (use us, ms, s, m or h)")
+        }
+        DurationError::NumberOverflow => {
+            format!("{s:?} is out of range or finer than a nanosecond")
+        }
+        DurationError::Empty => "the duration is empty (e.g. 1s, 250ms, 0.5s)".to_string(),
+        other => format!("{s:?} is not a number with a unit, e.g. 1s, 250ms, 0.5s ({other})"),
+    })
+}
+
+/// The longest `--timeout` and `--connect-timeout`: more than a day is a mistake.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_flag_duration(s)? {
+        d if d > MAX_TIMEOUT => Err(format!("{:?} is longer than a day", s.trim())),
+        d => Ok(d),
     }
 }
 
@@ -787,6 +798,33 @@ mod tests {
         assert!(parse_flag_duration("5").is_err());
         assert!(parse_flag_duration("-1s").is_err());
         assert!(parse_flag_duration("xs").is_err());
+        assert_eq!(parse_timeout("24h"), Ok(MAX_TIMEOUT));
+        assert!(parse_timeout("25h")
+            .unwrap_err()
+            .contains("longer than a day"));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_flag_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_flag_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_flag_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_flag_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_flag_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_flag_duration("0ms"), Ok(Duration::ZERO));
+        assert_eq!(parse_flag_duration("100us"), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_flag_duration(" 1h "), Ok(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn bad_durations_say_why() {
+        assert!(parse_flag_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_flag_duration("5 parsecs")
+            .unwrap_err()
+            .contains("unit"));
+        assert!(parse_flag_duration("ms").unwrap_err().contains("number"));
+        assert!(parse_flag_duration("1..2s").unwrap_err().contains("number"));
+        assert!(parse_flag_duration("").unwrap_err().contains("empty"));
     }
 
     #[test]

@@ -144,56 +144,9 @@ pub fn validate_channel(channel: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `1s`, `250ms`, `1.5s`, `2m`, `100us` or a bare `0`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s or m, e.g. 250ms)"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    let seconds_per_unit = match unit {
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use us, ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(value * seconds_per_unit)
-        .map_err(|_| format!("{text:?} is out of range"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("0ms"), Ok(Duration::ZERO));
-    }
-
-    #[test]
-    fn bad_durations_say_why() {
-        assert!(parse_duration("5").unwrap_err().contains("no unit"));
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
-        assert!(parse_duration("ms").unwrap_err().contains("number"));
-        assert!(parse_duration("1..2s").unwrap_err().contains("number"));
-    }
 
     #[test]
     fn defaults_are_valid() {

@@ -12,8 +12,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use krowoc_relay::parse_flag_duration;
 use krowoc_relay::redis_url::redact_url;
-use krowoc_upstream::config::{parse_duration, DEFAULT_CHANNELS};
+use krowoc_upstream::config::DEFAULT_CHANNELS;
 use krowoc_upstream::{app, AppState, UpstreamConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -31,13 +32,13 @@ struct Cli {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis: String,
     /// How long GET /api/cached-data takes (e.g. 1s, 250ms, 0).
-    #[arg(long, env = "UPSTREAM_CACHED_DATA_DELAY", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_CACHED_DATA_DELAY", default_value = "1s", value_parser = parse_flag_duration)]
     cached_data_delay: Duration,
     /// How long GET /api/slow-limited takes.
-    #[arg(long, env = "UPSTREAM_SLOW_DELAY", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_SLOW_DELAY", default_value = "2s", value_parser = parse_flag_duration)]
     slow_delay: Duration,
     /// max-age sent with GET /api/cached-data (whole seconds).
-    #[arg(long, env = "UPSTREAM_CACHE_MAX_AGE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_CACHE_MAX_AGE", default_value = "60s", value_parser = parse_flag_duration)]
     cache_max_age: Duration,
     /// Channels the background subscriber listens to, comma-separated.
     #[arg(long, env = "UPSTREAM_CHANNELS", value_delimiter = ',', default_values_t = DEFAULT_CHANNELS.iter().map(|c| c.to_string()))]
@@ -55,16 +56,16 @@ struct Cli {
     #[arg(long, env = "UPSTREAM_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     max_body_bytes: usize,
     /// Timeout of every Redis call and connection attempt.
-    #[arg(long, env = "UPSTREAM_REDIS_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_REDIS_TIMEOUT", default_value = "1s", value_parser = parse_flag_duration)]
     redis_timeout: Duration,
     /// The subscriber's first reconnect delay (doubles after each failure).
-    #[arg(long, env = "UPSTREAM_SUBSCRIBER_BACKOFF", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_BACKOFF", default_value = "100ms", value_parser = parse_flag_duration)]
     subscriber_backoff: Duration,
     /// The cap on the subscriber's reconnect delay.
-    #[arg(long, env = "UPSTREAM_SUBSCRIBER_MAX_BACKOFF", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_MAX_BACKOFF", default_value = "10s", value_parser = parse_flag_duration)]
     subscriber_max_backoff: Duration,
     /// How often the subscriber PINGs its connection.
-    #[arg(long, env = "UPSTREAM_SUBSCRIBER_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "UPSTREAM_SUBSCRIBER_PING_INTERVAL", default_value = "15s", value_parser = parse_flag_duration)]
     subscriber_ping_interval: Duration,
 }
 
