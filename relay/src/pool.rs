@@ -487,13 +487,22 @@ fn describe_byte(b: u8) -> String {
     }
 }
 
-/// Encodes one command as a RESP array of bulk strings.
+/// Encodes one command as a RESP array of bulk strings: the host side's one RESP encoder
+/// (testkit keeps a dependency-free twin for test tools; the wasm plugin has its own).
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
-    let mut out = BytesMut::new();
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    // Each length line is a prefix byte, at most 20 digits and CRLF.
+    let size = args.iter().map(|a| a.as_ref().len() + 25).sum::<usize>() + 23;
+    let mut out = BytesMut::with_capacity(size);
+    let mut digits = itoa::Buffer::new();
+    let mut length_line = |out: &mut BytesMut, prefix: u8, n: usize| {
+        out.extend_from_slice(&[prefix]);
+        out.extend_from_slice(digits.format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    length_line(&mut out, b'*', args.len());
     for a in args {
         let a = a.as_ref();
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        length_line(&mut out, b'$', a.len());
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
@@ -1061,5 +1070,22 @@ mod tests {
         assert_eq!(reply_len(b"*2\r\n$1\r\na\r\n"), Ok(None));
         assert_eq!(reply_len(b"$-1\r\n"), Ok(Some(5)));
         assert!(reply_len(b"?x\r\n").is_err());
+    }
+
+    #[test]
+    fn encode_command_writes_resp_and_agrees_with_testkit() {
+        assert_eq!(
+            &encode_command(&["SET", "k", "hello"])[..],
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n"
+        );
+        assert_eq!(&encode_command::<&str>(&[])[..], b"*0\r\n");
+        let long = "x".repeat(12_345);
+        for args in [&["PING"][..], &["EVALSHA", "abc", "1", "k", "", &long]] {
+            assert_eq!(
+                encode_command(args),
+                testkit::encode_command(args),
+                "{args:?}"
+            );
+        }
     }
 }

@@ -205,6 +205,9 @@ pub fn redis_server_binary() -> PathBuf {
 }
 
 /// Encodes a command as a RESP array of bulk strings.
+///
+/// A twin of `krowoc_relay::pool::encode_command`, kept so testkit, and with it `cargo xtask`'s
+/// first build, need not compile the relay's tokio and hyper; a relay test pins the two equal.
 pub fn encode_command(args: &[&str]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {

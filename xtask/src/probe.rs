@@ -16,11 +16,7 @@ pub fn redis_command(addr: SocketAddr, args: &[&str]) -> Result<String> {
         .with_context(|| format!("cannot connect to redis at {addr}"))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut request = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        request.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-    }
-    stream.write_all(&request)?;
+    stream.write_all(&testkit::encode_command(args))?;
     read_reply(&mut BufReader::new(stream)).with_context(|| format!("redis {args:?} at {addr}"))
 }
 
