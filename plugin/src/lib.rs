@@ -16,14 +16,18 @@
 //! fill, or forward); the upstream's response gets the cache's and the rate limit's fields and
 //! is stored on the way; on log the event is queued, and flushed in batches on the tick.
 //!
-//! Layout: [`filter`] (the proxy-wasm contexts, the phase driver and the per-request record),
-//! [`http`] (a request's facts, the client address, local responses, host actions),
-//! [`config`] (the user's contract, with [`event_config`], [`cache_config`] and [`duration`]),
-//! [`ratelimit`] (decisions, keys, local fallbacks, response fields), [`cache`] (the engine,
-//! with [`cache_policy`], [`cache_key`], [`cache_entry`] and [`cache_purge`]), [`events`],
-//! [`redis`] (the command layer, RESP, errors, the breaker, every
-//! Lua script), [`metrics`], and [`host`] (every FFI call and the two wires). Everything but the
-//! contexts and the host is plain Rust, tested natively (`cargo test -p krowoc-plugin`).
+//! Modules:
+//! - [`filter`]: the proxy-wasm contexts, the phase driver and the per-request record;
+//! - [`host`]: every FFI call, and the two wires Redis calls go out on;
+//! - [`http`]: header lookups, HTTP dates, query strings, the client address, local responses;
+//! - [`config`]: the user's contract, section by section, with one problem type;
+//! - [`redis`]: the command layer, RESP, errors, the circuit breaker, every Lua script;
+//! - [`ratelimit`], [`cache`], [`events`]: the three features, each taking values in and
+//!   giving decisions out;
+//! - [`metrics`]: every metric the filter defines.
+//!
+//! Everything but the contexts and the host is plain Rust, tested natively
+//! (`cargo test -p krowoc-plugin`).
 
 pub mod cache;
 pub mod config;

@@ -1,6 +1,8 @@
 //! A pooled, pipelined RESP connection to one Redis, shared by the relay (`krowoc-relay`) and
 //! by host-shim's Higress `proxy_redis_call`. Bytes in, bytes out: the pool frames replies but
-//! never interprets them, so a Redis error reply (`-NOSCRIPT …`) is an ordinary reply.
+//! never interprets them, so a Redis error reply (`-NOSCRIPT …`) is an ordinary reply. It is
+//! hand-written rather than a Redis client crate because those decode every reply into values,
+//! and both of its callers want Redis' bytes passed through unchanged.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -59,38 +59,6 @@ pub(super) struct Job {
     pub(super) notify: Option<u32>,
 }
 
-/// `EVALSHA`/`EVAL` of a script whose first argument may be bytes.
-pub(super) fn script_command(
-    script: &Script,
-    eval: bool,
-    keys: &[String],
-    blob: Option<&[u8]>,
-    args: &[String],
-) -> Command {
-    let head = if eval {
-        Command::new("EVAL").arg(script.source)
-    } else {
-        Command::new("EVALSHA").arg(&script.sha1)
-    };
-    let mut c = head.arg(keys.len().to_string()).args(keys);
-    if let Some(b) = blob {
-        c = c.arg(b);
-    }
-    c.args(args)
-}
-
-pub(super) fn script_pair(
-    script: &Script,
-    keys: &[String],
-    blob: Option<&[u8]>,
-    args: &[String],
-) -> (Command, Option<Command>) {
-    (
-        script_command(script, false, keys, blob, args),
-        Some(script_command(script, true, keys, blob, args)),
-    )
-}
-
 impl CacheEngine {
     pub(super) fn job_id(&mut self) -> u32 {
         self.next_job = self.next_job.wrapping_add(1);
@@ -144,13 +112,12 @@ impl CacheEngine {
         let (cmd, eval) = match &job.kind {
             JobKind::Store {
                 keys, blob, args, ..
-            } => script_pair(&scripts.store, keys, Some(blob), args),
+            } => scripts.store.pair(keys, Some(blob), args),
             JobKind::Unlock {
                 lock_key,
                 token,
                 pass_ms,
-            } => script_pair(
-                &scripts.unlock,
+            } => scripts.unlock.pair(
                 std::slice::from_ref(lock_key),
                 None,
                 &[token.clone(), pass_ms.to_string()],
@@ -160,8 +127,7 @@ impl CacheEngine {
                 index_key,
                 entry_prefix,
                 mark_key,
-            }) => script_pair(
-                &scripts.purge,
+            }) => scripts.purge.pair(
                 &[index_key.clone(), mark_key.clone()],
                 None,
                 std::slice::from_ref(entry_prefix),
@@ -178,8 +144,7 @@ impl CacheEngine {
                         mark_keys,
                     },
                 cursor,
-            } => script_pair(
-                &scripts.scan,
+            } => scripts.scan.pair(
                 mark_keys,
                 None,
                 &[
@@ -201,7 +166,7 @@ impl CacheEngine {
             } => {
                 let (keys, args) =
                     lookup_call(entry_key.clone(), lock_key.clone(), *lock_ms, token);
-                script_pair(&scripts.lookup, &keys, None, &args)
+                scripts.lookup.pair(&keys, None, &args)
             }
             JobKind::Revalidate { .. } => {
                 let e = RedisError::protocol("a refresh is sent to the upstream on the tick");

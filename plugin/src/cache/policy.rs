@@ -3,6 +3,10 @@
 //! stored and for how long, which of its fields are stored, conditional requests, and the
 //! `Age`, `X-Cache` and RFC 9211 `Cache-Status` fields of an answer. Plain functions over
 //! header lists (names lower case, as proxies hand them over); no host calls.
+//!
+//! Cache-Control is parsed by hand: a shared cache acts on a dozen directives with RFC 9111's
+//! rules for repeated and malformed ones, and the crates that parse it bring a whole private
+//! cache's policy with them.
 
 use crate::config::cache::{CachePolicy, CacheSettings};
 

@@ -1,5 +1,5 @@
 //! The one way a configuration problem is reported: a [`ConfigError`] naming the field path and
-//! the offending value, collected by [`Problems`] while each section is checked. Secrets
+//! the offending value, collected by `Problems` while each section is checked. Secrets
 //! (`redis.token`, `redis.password`, `cache.purge.token`) show as `(redacted)`, and serde
 //! messages that would quote them are cut, since refused configurations end up in the host's
 //! logs.

@@ -1,6 +1,7 @@
-//! RESP on the wire: commands encoded as arrays of bulk strings (written directly; the
-//! `redis-protocol` crate's encoder is the reference in a test) and replies decoded with the
-//! crate (RESP2). Replies come from the network (through the relay or the host), so decoding
+//! RESP on the wire: commands encoded as arrays of bulk strings and replies decoded with the
+//! `redis-protocol` crate (RESP2). The encoder is hand-written because every Redis call on the
+//! request path goes through it: it writes straight into one buffer, where the crate would
+//! first build a frame per argument (the crate's encoder is the reference in a test). Replies come from the network (through the relay or the host), so decoding
 //! never panics: a reply is first measured by a small iterative scanner that bounds nesting
 //! depth (the crate's decoder recurses), then decoded by the crate.
 

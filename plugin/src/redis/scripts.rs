@@ -23,20 +23,45 @@ impl Script {
 
     /// `EVALSHA sha numkeys keys... args...`
     pub fn evalsha(&self, keys: &[String], args: &[String]) -> Command {
-        Command::new("EVALSHA")
-            .arg(&self.sha1)
-            .arg(keys.len().to_string())
-            .args(keys)
-            .args(args)
+        self.command(false, keys, None, args)
     }
 
     /// `EVAL source numkeys keys... args...` (after NOSCRIPT; it also loads the script).
     pub fn eval(&self, keys: &[String], args: &[String]) -> Command {
-        Command::new("EVAL")
-            .arg(self.source)
-            .arg(keys.len().to_string())
-            .args(keys)
-            .args(args)
+        self.command(true, keys, None, args)
+    }
+
+    /// The `EVALSHA` to send and the `EVAL` for NOSCRIPT, with `blob` (bytes, not UTF-8 in
+    /// general) as the first argument before `args`.
+    pub fn pair(
+        &self,
+        keys: &[String],
+        blob: Option<&[u8]>,
+        args: &[String],
+    ) -> (Command, Option<Command>) {
+        (
+            self.command(false, keys, blob, args),
+            Some(self.command(true, keys, blob, args)),
+        )
+    }
+
+    fn command(
+        &self,
+        eval: bool,
+        keys: &[String],
+        blob: Option<&[u8]>,
+        args: &[String],
+    ) -> Command {
+        let head = if eval {
+            Command::new("EVAL").arg(self.source)
+        } else {
+            Command::new("EVALSHA").arg(&self.sha1)
+        };
+        let mut c = head.arg(keys.len().to_string()).args(keys);
+        if let Some(b) = blob {
+            c = c.arg(b);
+        }
+        c.args(args)
     }
 }
 
