@@ -196,18 +196,7 @@ pub(super) fn write_event(e: &RequestEvent<'_>, elapsed_us: u64) -> String {
 }
 
 pub(super) fn push_u64(out: &mut String, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+    out.push_str(itoa::Buffer::new().format(n));
 }
 
 pub(super) fn push_json_opt(out: &mut String, s: Option<&str>) {

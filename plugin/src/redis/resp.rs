@@ -80,18 +80,7 @@ pub fn encode_array<A: AsRef<[u8]>>(out: &mut Vec<u8>, args: &[A]) {
 /// `<kind><n>\r\n`.
 fn push_length_line(out: &mut Vec<u8>, kind: u8, n: usize) {
     out.push(kind);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
