@@ -61,27 +61,18 @@ pub const RESERVED_FIELDS: &[&str] = &[
     "sample_ratio",
 ];
 
-/// The top-level `events` object as written.
+/// The top-level `events` object as written (a field left out is `None`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSpec {
-    #[serde(default)]
     pub enabled: Option<bool>,
-    #[serde(default)]
     pub sample_ratio: Option<f64>,
-    #[serde(default)]
     pub fields: Option<Vec<FieldSpec>>,
-    #[serde(default)]
     pub publish: Option<PublishSpec>,
-    #[serde(default)]
     pub stream: Option<StreamSpec>,
-    #[serde(default)]
     pub batch_size: Option<usize>,
-    #[serde(default)]
     pub flush_interval: Option<ConfigDuration>,
-    #[serde(default)]
     pub queue_limit: Option<usize>,
-    #[serde(default)]
     pub max_in_flight: Option<usize>,
 }
 
@@ -89,36 +80,26 @@ pub struct EventsSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteEventsSpec {
-    #[serde(default)]
     pub enabled: Option<bool>,
-    #[serde(default)]
     pub sample_ratio: Option<f64>,
-    #[serde(default)]
     pub fields: Option<Vec<FieldSpec>>,
-    #[serde(default)]
     pub publish: Option<PublishSpec>,
-    #[serde(default)]
     pub stream: Option<StreamSpec>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishSpec {
-    #[serde(default)]
     pub enabled: Option<bool>,
-    #[serde(default)]
     pub channel: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSpec {
-    #[serde(default)]
     pub enabled: Option<bool>,
     /// Key after the configured `redis.key_prefix`.
-    #[serde(default)]
     pub key: Option<String>,
-    #[serde(default)]
     pub maxlen: Option<u64>,
 }
 

@@ -135,17 +135,23 @@ impl RedisClient {
         command: &Command,
         on_noscript: Option<Command>,
     ) -> Result<u32, RedisError> {
-        if !self
+        self.admit(now_ms)?;
+        self.dispatch(wire, now_ms, owner, command, on_noscript)
+    }
+
+    /// Lets a call through the breaker, or fails it at once (counted as short-circuited).
+    fn admit(&mut self, now_ms: u64) -> Result<(), RedisError> {
+        if self
             .breaker
             .try_acquire(now_ms, self.timeout_ms + DEADLINE_GRACE_MS)
         {
-            self.stats.short_circuited += 1;
-            return Err(RedisError::new(
-                RedisErrorKind::BreakerOpen,
-                "circuit breaker open: Redis is not called during the cool-down",
-            ));
+            return Ok(());
         }
-        self.dispatch(wire, now_ms, owner, command, on_noscript)
+        self.stats.short_circuited += 1;
+        Err(RedisError::new(
+            RedisErrorKind::BreakerOpen,
+            "circuit breaker open: Redis is not called during the cool-down",
+        ))
     }
 
     fn dispatch(
@@ -174,16 +180,7 @@ impl RedisClient {
         payload: &[u8],
         commands: usize,
     ) -> Result<u32, RedisError> {
-        if !self
-            .breaker
-            .try_acquire(now_ms, self.timeout_ms + DEADLINE_GRACE_MS)
-        {
-            self.stats.short_circuited += 1;
-            return Err(RedisError::new(
-                RedisErrorKind::BreakerOpen,
-                "circuit breaker open: Redis is not called during the cool-down",
-            ));
-        }
+        self.admit(now_ms)?;
         self.stats.calls += 1;
         let replies = Some(commands);
         self.send_payload(wire, now_ms, owner, payload, None, replies)
