@@ -196,6 +196,15 @@ pub trait Upstream {
     ) -> Result<u32, String>;
 }
 
+/// Owned fields from `(name, value)` literals, for tests.
+#[cfg(test)]
+pub(crate) fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::parse_config;
+use crate::http::fields;
 use crate::redis::client::recording::RecordingWire;
 
 /// One refresh sent: its token, cluster and fields.
@@ -55,13 +56,6 @@ struct Cache {
     upstream: RecordingUpstream,
     records: Records,
     now_ms: u64,
-}
-
-fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// RESP, as Redis writes a reply.

@@ -139,13 +139,7 @@ pub fn decode(mut blob: Vec<u8>) -> Result<StoredResponse, EntryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::http::fields as h;
 
     #[test]
     fn round_trips_status_fields_and_body() {

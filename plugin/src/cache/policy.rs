@@ -495,13 +495,7 @@ pub fn ttl_seconds(fresh_ms: u64, age_ms: u64) -> i64 {
 mod tests {
     use super::*;
     use crate::config::cache::policy_problems;
-
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::http::fields as h;
 
     fn policy(json: &str) -> CachePolicy {
         let mut p: CachePolicy = serde_json::from_str(json).expect("policy");

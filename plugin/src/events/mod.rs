@@ -419,10 +419,7 @@ mod tests {
         RequestInfo {
             path: path.to_string(),
             method: "GET".to_string(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: crate::http::fields(headers),
             source_address: Some("10.1.2.3:5555".to_string()),
         }
     }
@@ -430,10 +427,7 @@ mod tests {
     fn response(status: u16, headers: &[(&str, &str)]) -> ResponseFacts {
         ResponseFacts {
             status: Some(status),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: crate::http::fields(headers),
         }
     }
 

@@ -624,10 +624,7 @@ mod tests {
         RequestInfo {
             path: path.to_string(),
             method: method.to_string(),
-            headers: all
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: crate::http::fields(&all),
             source_address: Some("10.0.0.1:4000".into()),
         }
     }
