@@ -43,6 +43,22 @@ pub mod redis_url;
 
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 
+/// `host:port` as a connect address or a URL authority, an IPv6 literal in brackets
+/// (`[::1]:6379`): the one spelling of an address that the pool and host-shim share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPort<'a>(pub &'a str, pub u16);
+
+impl fmt::Display for HostPort<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let HostPort(host, port) = *self;
+        if host.contains(':') {
+            write!(f, "[{host}]:{port}")
+        } else {
+            write!(f, "{host}:{port}")
+        }
+    }
+}
+
 /// The header that carries the shared token.
 pub const TOKEN_HEADER: &str = "x-krowoc-relay-token";
 /// Content type of request and response bodies.
@@ -750,6 +766,13 @@ mod tests {
             subcommand: sub.map(Into::into),
             span: 0..0,
         }
+    }
+
+    #[test]
+    fn host_port_brackets_ipv6_literals_only() {
+        assert_eq!(HostPort("redis", 6379).to_string(), "redis:6379");
+        assert_eq!(HostPort("127.0.0.1", 80).to_string(), "127.0.0.1:80");
+        assert_eq!(HostPort("::1", 7379).to_string(), "[::1]:7379");
     }
 
     #[test]

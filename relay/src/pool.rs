@@ -140,11 +140,7 @@ impl RedisEndpoint {
 
     /// `host:port` (IPv6 in brackets), the address this endpoint connects to.
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::HostPort(&self.host, self.port).to_string()
     }
 }
 

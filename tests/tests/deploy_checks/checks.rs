@@ -828,7 +828,7 @@ impl Stack<'_> {
                 if is_loopback(&listen_host) {
                     problems.push(Problem::ListensOnLoopback {
                         service: host.to_string(),
-                        address: format!("{listen_host}:{listen_port}"),
+                        address: krowoc_relay::HostPort(&listen_host, listen_port).to_string(),
                     });
                 }
             }
@@ -1031,7 +1031,7 @@ pub fn check_compose(d: &Deployment) -> Vec<Problem> {
         if is_loopback(&address.host) {
             problems.push(Problem::ListensOnLoopback {
                 service: envoy_name.to_string(),
-                address: format!("{}:{}", address.host, address.port),
+                address: address.to_string(),
             });
         }
     }
