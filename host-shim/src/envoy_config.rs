@@ -328,6 +328,16 @@ impl PathMatch {
     }
 }
 
+impl Cluster {
+    /// The cluster's one endpoint.
+    pub fn address(&self) -> SocketAddress {
+        SocketAddress {
+            host: self.host.clone(),
+            port: self.port,
+        }
+    }
+}
+
 impl RouteEntry {
     /// The timeout to apply: the route's, else Envoy's default; `None` when disabled (`0s`).
     pub fn effective_timeout(&self) -> Option<Duration> {

@@ -38,43 +38,11 @@ use crate::abi::{Action, HeaderList, Status};
 use crate::body::{self, Body, BodySender};
 use crate::conn_manager::{self, ConnectionManagerConfig};
 use crate::downstream::{DownstreamIo, RequestInFlight};
+use crate::envoy_config::{RouteEntry, SocketAddress};
 use crate::redis_pool::{RedisEndpoint, RedisPool};
 use crate::shared::{QueueReady, SharedState};
 use crate::state::{Callout, HttpCallResponse, PauseOutcome, StreamInfo, StreamState};
 use crate::vm::{FailurePolicy, PluginModule, Vm, VmError, VmSettings};
-
-/// Where a cluster's endpoint is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterAddr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for ClusterAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// How a request path selects a route.
-#[derive(Debug, Clone)]
-pub enum PathMatch {
-    Prefix(String),
-    Exact(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub matcher: PathMatch,
-    pub cluster: String,
-    /// Envoy's route timeout: 15 s unless configured; `None` disables it.
-    pub timeout: Option<Duration>,
-}
 
 /// The wasm filter of the listener.
 pub struct FilterSpec {
@@ -90,8 +58,10 @@ pub struct FilterSpec {
 /// Everything a gateway needs, resolved from envoy.yaml and the command line.
 pub struct GatewaySpec {
     pub workers: usize,
-    pub routes: Vec<Route>,
-    pub clusters: HashMap<String, ClusterAddr>,
+    /// In order: the first match wins. A route's `timeout` is as written (see
+    /// [`RouteEntry::effective_timeout`]).
+    pub routes: Vec<RouteEntry>,
+    pub clusters: HashMap<String, SocketAddress>,
     pub filter: Option<FilterSpec>,
     /// Requests whose header block is larger than this get 431.
     pub max_request_headers_bytes: usize,
@@ -108,12 +78,9 @@ pub struct GatewaySpec {
 
 impl GatewaySpec {
     /// First route whose matcher fits the path (query excluded), as Envoy's route table does.
-    pub fn route_for(&self, path: &str) -> Option<&Route> {
+    pub fn route_for(&self, path: &str) -> Option<&RouteEntry> {
         let path = path.split('?').next().unwrap_or(path);
-        self.routes.iter().find(|r| match &r.matcher {
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            PathMatch::Exact(p) => path == p,
-        })
+        self.routes.iter().find(|r| r.matcher.matches(path))
     }
 }
 
@@ -465,7 +432,7 @@ impl Worker {
     }
 
     async fn start_vm(&self, filter: &FilterSpec) -> Result<Vm, VmError> {
-        let clusters: HashMap<String, ClusterAddr> = self.spec.clusters.clone();
+        let clusters: HashMap<String, SocketAddress> = self.spec.clusters.clone();
         Vm::start(
             &filter.module,
             &filter.settings,
@@ -710,7 +677,7 @@ impl Worker {
     /// What a request gets when the VM failed: Envoy's fail-closed 503, or a plain pass-through.
     async fn fail_by_policy(
         &self,
-        route: Option<&Route>,
+        route: Option<&RouteEntry>,
         headers: HeaderList,
         body: Body,
     ) -> Response<Body> {
@@ -729,7 +696,7 @@ impl Worker {
     /// for no route (404), connect failure (503) or timeout (504).
     async fn forward(
         &self,
-        route: Option<&Route>,
+        route: Option<&RouteEntry>,
         headers: HeaderList,
         body: Body,
     ) -> Response<Body> {
@@ -741,7 +708,7 @@ impl Worker {
 
     async fn send_upstream(
         &self,
-        route: Option<&Route>,
+        route: Option<&RouteEntry>,
         headers: HeaderList,
         body: Body,
     ) -> Result<Response<Incoming>, Response<Body>> {
@@ -757,14 +724,15 @@ impl Worker {
         };
         let cm = &self.spec.connection_manager;
         let mut headers = headers;
-        conn_manager::router_request_headers(cm, &mut headers, route.timeout);
+        let timeout = route.effective_timeout();
+        conn_manager::router_request_headers(cm, &mut headers, timeout);
         let req = match build_request(addr, &headers, body) {
             Ok(r) => r,
             Err(e) => return Err(plain_response(400, &format!("bad request: {e}\n"))),
         };
         let sent = Instant::now();
         let fut = self.client.request(req);
-        let result = match route.timeout {
+        let result = match timeout {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -1309,7 +1277,7 @@ impl FilteredStream {
         }
     }
 
-    async fn run(mut self, route: Option<Route>, mut body: Body) -> Response<Body> {
+    async fn run(mut self, route: Option<RouteEntry>, mut body: Body) -> Response<Body> {
         let eos = body.is_end_stream();
         let outcome = match self
             .callback(|vm, ctx| Box::pin(vm.on_request_headers(ctx, eos)))
@@ -1356,7 +1324,7 @@ impl FilteredStream {
 
     async fn proxy(
         mut self,
-        mut route: Option<Route>,
+        mut route: Option<RouteEntry>,
         upstream_body: Body,
         body_verdict: Option<tokio::sync::oneshot::Receiver<Result<Verdict, StreamFailure>>>,
     ) -> Response<Body> {
@@ -1380,7 +1348,7 @@ impl FilteredStream {
                     conn_manager::router_request_headers(
                         &self.worker.spec.connection_manager,
                         &mut s.request_headers,
-                        route.as_ref().and_then(|r| r.timeout),
+                        route.as_ref().and_then(RouteEntry::effective_timeout),
                     );
                     let mut h = s.request_headers.clone();
                     if s.request_body_modified {
@@ -1715,7 +1683,7 @@ impl FilteredStream {
     async fn failed(
         mut self,
         e: StreamFailure,
-        route: Option<&Route>,
+        route: Option<&RouteEntry>,
         body: Body,
     ) -> Response<Body> {
         self.finished = true;
@@ -2279,7 +2247,7 @@ fn header_map_of(list: &HeaderList) -> http::HeaderMap {
 
 /// Builds the upstream request from the (plugin-modified) header list.
 fn build_request(
-    addr: &ClusterAddr,
+    addr: &SocketAddress,
     headers: &HeaderList,
     body: Body,
 ) -> Result<Request<Body>, String> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
-use crate::envoy_config::{EnvoyConfig, PathMatch as YamlMatch};
-use crate::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
+use crate::envoy_config::{EnvoyConfig, SocketAddress};
+use crate::gateway::{FilterSpec, Gateway, GatewaySpec};
 use crate::host::misc::PluginLogFile;
 use crate::shared::SharedState;
 use crate::vm::{PluginModule, VmSettings};
@@ -85,32 +85,12 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         }
         (None, None) => None,
     };
-    let clusters: HashMap<String, ClusterAddr> = cfg
+    let clusters: HashMap<String, SocketAddress> = cfg
         .clusters
         .iter()
-        .map(|(name, c)| {
-            (
-                name.clone(),
-                ClusterAddr {
-                    host: c.host.clone(),
-                    port: c.port,
-                },
-            )
-        })
+        .map(|(name, c)| (name.clone(), c.address()))
         .collect();
-    let routes = cfg
-        .routes
-        .iter()
-        .map(|r| Route {
-            name: r.name.clone(),
-            matcher: match &r.matcher {
-                YamlMatch::Prefix(p) => PathMatch::Prefix(p.clone()),
-                YamlMatch::Path(p) => PathMatch::Exact(p.clone()),
-            },
-            cluster: r.cluster.clone(),
-            timeout: r.effective_timeout(),
-        })
-        .collect();
+    let routes = cfg.routes.clone();
     let filter = match &cfg.wasm {
         None => None,
         Some(w) => {

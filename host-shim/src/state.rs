@@ -249,7 +249,7 @@ pub struct HostState {
     pub vm_configuration: Vec<u8>,
     pub plugin_configuration: Vec<u8>,
     /// Clusters a callout may name (HTTP calls and Redis calls).
-    pub clusters: Arc<HashMap<String, crate::gateway::ClusterAddr>>,
+    pub clusters: Arc<HashMap<String, crate::envoy_config::SocketAddress>>,
     pub root_context_id: u32,
     /// The context the current callback acts on (`proxy_set_effective_context` changes it).
     pub current_context: u32,

@@ -383,7 +383,7 @@ impl Vm {
         settings: &VmSettings,
         worker: usize,
         shared: Arc<SharedState>,
-        clusters: Arc<HashMap<String, crate::gateway::ClusterAddr>>,
+        clusters: Arc<HashMap<String, crate::envoy_config::SocketAddress>>,
     ) -> Result<Vm, VmError> {
         let state = HostState {
             wasi: crate::host::wasi::wasi_context(&settings.plugin_name, &settings.env),

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use host_shim::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
+use host_shim::envoy_config::{PathMatch, RouteEntry, SocketAddress};
+use host_shim::gateway::{FilterSpec, Gateway, GatewaySpec};
 use host_shim::shared::SharedState;
 use host_shim::vm::{PluginModule, VmSettings};
 use http_body_util::BodyExt;
@@ -111,14 +112,14 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
     let mut clusters = HashMap::new();
     clusters.insert(
         "upstream".to_string(),
-        ClusterAddr {
+        SocketAddress {
             host: "127.0.0.1".into(),
             port: upstream.port(),
         },
     );
     clusters.insert(
         "dead".to_string(),
-        ClusterAddr {
+        SocketAddress {
             host: "127.0.0.1".into(),
             port: testkit::free_port(),
         },
@@ -126,25 +127,25 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
     let spec = GatewaySpec {
         workers: 2,
         routes: vec![
-            Route {
+            RouteEntry {
                 name: "dead".into(),
                 matcher: PathMatch::Prefix("/dead".into()),
                 cluster: "dead".into(),
                 timeout: Some(Duration::from_secs(5)),
             },
-            Route {
+            RouteEntry {
                 name: "exact".into(),
-                matcher: PathMatch::Exact("/only".into()),
+                matcher: PathMatch::Path("/only".into()),
                 cluster: "upstream".into(),
                 timeout: Some(Duration::from_secs(5)),
             },
-            Route {
+            RouteEntry {
                 name: "api".into(),
                 matcher: PathMatch::Prefix("/echo".into()),
                 cluster: "upstream".into(),
                 timeout: Some(Duration::from_secs(5)),
             },
-            Route {
+            RouteEntry {
                 name: "big".into(),
                 matcher: PathMatch::Prefix("/big".into()),
                 cluster: "upstream".into(),

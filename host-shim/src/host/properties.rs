@@ -209,7 +209,7 @@ fn response_size(stream: &StreamState) -> i64 {
 }
 
 /// The upstream host of the stream's cluster, once Envoy would have picked it.
-fn upstream(state: &mut HostState) -> Option<crate::gateway::ClusterAddr> {
+fn upstream(state: &mut HostState) -> Option<crate::envoy_config::SocketAddress> {
     let stream = state.current_stream()?;
     if !stream.past_request_headers || stream.local_details.is_some() {
         return None;

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use host_shim::conn_manager::ConnectionManagerConfig;
-use host_shim::gateway::{ClusterAddr, FilterSpec, Gateway, GatewaySpec, PathMatch, Route};
+use host_shim::envoy_config::{PathMatch, RouteEntry, SocketAddress};
+use host_shim::gateway::{FilterSpec, Gateway, GatewaySpec};
 use host_shim::shared::SharedState;
 use host_shim::vm::{FailurePolicy, PluginModule, VmError, VmSettings};
 use http_body_util::{BodyExt, Full};
@@ -255,6 +256,7 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     /// Clusters besides `upstream` (the echo server) and `dead` (a closed port).
     pub clusters: Vec<(String, SocketAddr)>,
+    /// The route's `timeout` as the yaml would write it: `None` is Envoy's 15 s default.
     pub route_timeout: Option<Duration>,
     pub stream_idle_timeout: Option<Duration>,
     pub connection_manager: ConnectionManagerConfig,
@@ -315,7 +317,7 @@ pub fn spec(
     let mut add = |name: &str, addr: SocketAddr| {
         clusters.insert(
             name.to_string(),
-            ClusterAddr {
+            SocketAddress {
                 host: addr.ip().to_string(),
                 port: addr.port(),
             },
@@ -328,7 +330,7 @@ pub fn spec(
     }
     GatewaySpec {
         workers: opts.workers,
-        routes: vec![Route {
+        routes: vec![RouteEntry {
             name: "abi_route".into(),
             matcher: PathMatch::Prefix("/".into()),
             cluster: "upstream".into(),
