@@ -1,0 +1,286 @@
+//! What the plugin dispatched, carried out on its worker: HTTP calls to clusters, Higress Redis
+//! calls on the worker's pools, ticks and shared-queue notifications, each answered through the
+//! matching root-context callback.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+
+use crate::abi::{HeaderList, Status};
+use crate::body;
+use crate::redis_pool::{RedisEndpoint, RedisPool};
+use crate::shared::QueueReady;
+use crate::state::{Callout, HttpCallResponse};
+use crate::vm::VmError;
+
+use super::convert::{build_request, header_list_of, response_header_list};
+use super::worker::Worker;
+
+type BoxedErr = Box<dyn std::error::Error + Send + Sync>;
+
+impl Worker {
+    pub(super) fn dispatch(self: &Rc<Self>, callouts: Vec<Callout>, generation: u64) {
+        for callout in callouts {
+            let worker = self.clone();
+            tokio::task::spawn_local(async move {
+                match callout {
+                    Callout::Http {
+                        token,
+                        cluster,
+                        headers,
+                        body,
+                        trailers: _,
+                        timeout,
+                    } => {
+                        let response = worker.http_callout(&cluster, headers, body, timeout).await;
+                        worker.deliver_http(token, response, generation).await;
+                    }
+                    Callout::Redis {
+                        token,
+                        cluster,
+                        query,
+                    } => {
+                        let reply = worker.redis_callout(&cluster, query).await;
+                        worker.deliver_redis(token, reply, generation).await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn http_callout(
+        &self,
+        cluster: &str,
+        headers: HeaderList,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> HttpCallResponse {
+        let fail = |status: u16, text: &str| {
+            self.shared
+                .counters
+                .http_callout_failures
+                .fetch_add(1, Ordering::Relaxed);
+            HttpCallResponse {
+                headers: vec![
+                    (":status".into(), status.to_string().into_bytes()),
+                    ("content-length".into(), text.len().to_string().into_bytes()),
+                    ("content-type".into(), b"text/plain".to_vec()),
+                ],
+                body: text.as_bytes().to_vec(),
+                trailers: Vec::new(),
+                status: Some(Status::Ok),
+                message: String::new(),
+            }
+        };
+        let Some(addr) = self.spec.clusters.get(cluster) else {
+            return fail(503, "no healthy upstream");
+        };
+        let req = match build_request(addr, &headers, body::full(body)) {
+            Ok(r) => r,
+            Err(_) => return fail(503, "upstream connect error or disconnect/reset before headers. reset reason: invalid request"),
+        };
+        let exchange = async {
+            let resp = self.client.request(req).await?;
+            let (parts, incoming) = resp.into_parts();
+            let collected = incoming.collect().await;
+            Ok::<_, BoxedErr>((parts, collected))
+        };
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, exchange).await {
+                Ok(r) => r,
+                Err(_) => return fail(504, "upstream request timeout"),
+            },
+            None => exchange.await,
+        };
+        match result {
+            Ok((parts, Ok(collected))) => {
+                let trailers = collected.trailers().map(header_list_of).unwrap_or_default();
+                let mut headers = vec![(
+                    ":status".to_string(),
+                    parts.status.as_str().as_bytes().to_vec(),
+                )];
+                headers.extend(response_header_list(&parts));
+                HttpCallResponse {
+                    headers,
+                    body: collected.to_bytes().to_vec(),
+                    trailers,
+                    status: Some(Status::Ok),
+                    message: String::new(),
+                }
+            }
+            Ok((_, Err(e))) => {
+                // Reset after the headers: the plugin sees no headers and BrokenConnection.
+                self.shared
+                    .counters
+                    .http_callout_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                HttpCallResponse {
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                    status: Some(Status::BrokenConnection),
+                    message: e.to_string(),
+                }
+            }
+            Err(e) => {
+                let connect = e
+                    .downcast_ref::<hyper_util::client::legacy::Error>()
+                    .is_some_and(|e| e.is_connect());
+                fail(
+                    503,
+                    if connect {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+                    } else {
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+                    },
+                )
+            }
+        }
+    }
+
+    async fn deliver_http(
+        self: &Rc<Self>,
+        token: u32,
+        response: HttpCallResponse,
+        generation: u64,
+    ) {
+        let mut guard = self.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+            return;
+        };
+        let (nh, nb, nt) = (
+            response.headers.len(),
+            response.body.len(),
+            response.trailers.len(),
+        );
+        slot.vm.state_mut().http_call_response = Some(response);
+        let result = slot.vm.on_http_call_response(token, nh, nb, nt).await;
+        let callouts = slot.vm.take_callouts();
+        drop(guard);
+        self.after_callback(result.map(|_| ()), callouts, generation);
+    }
+
+    /// Runs a Redis command (Higress ABI) on this worker's pool for the cluster.
+    async fn redis_callout(&self, cluster: &str, query: Vec<u8>) -> Result<Vec<u8>, String> {
+        let init = {
+            let guard = self.vm.lock().await;
+            guard
+                .as_ref()
+                .and_then(|s| s.vm.state().redis_clusters.get(cluster).cloned())
+        };
+        let Some(init) = init else {
+            return Err(format!("redis cluster {cluster} was not initialised"));
+        };
+        let count = crate::redis_pool::parse_commands(&query)
+            .map_err(|e| format!("malformed RESP query: {e}"))?
+            .len();
+        let pool = {
+            let mut pools = self.redis_pools.borrow_mut();
+            match pools.get(cluster) {
+                Some(p) => p.clone(),
+                None => {
+                    let base = crate::host::redis_call::cluster_base(cluster);
+                    let Some(addr) = self.spec.clusters.get(base) else {
+                        return Err(format!("unknown cluster {base}"));
+                    };
+                    let db = init.db;
+                    let endpoint = RedisEndpoint {
+                        host: addr.host.clone(),
+                        port: addr.port,
+                        username: init.username.clone(),
+                        password: init.password.clone(),
+                        db,
+                        connect_timeout: init.timeout,
+                    };
+                    let pool = RedisPool::new(endpoint, 2);
+                    pools.insert(cluster.to_string(), pool.clone());
+                    pool
+                }
+            }
+        };
+        pool.call_raw(Bytes::from(query), count, init.timeout)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn deliver_redis(
+        self: &Rc<Self>,
+        token: u32,
+        reply: Result<Vec<u8>, String>,
+        generation: u64,
+    ) {
+        let (status, reply) = match reply {
+            Ok(r) => (0, Some(r)),
+            Err(e) => {
+                tracing::debug!("redis call failed: {e}");
+                self.shared
+                    .counters
+                    .redis_callout_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                (1, None)
+            }
+        };
+        let mut guard = self.vm.lock().await;
+        let Some(slot) = guard.as_mut().filter(|s| s.generation == generation) else {
+            return;
+        };
+        let result = slot.vm.on_redis_call_response(token, status, reply).await;
+        let callouts = slot.vm.take_callouts();
+        drop(guard);
+        self.after_callback(result, callouts, generation);
+    }
+
+    /// After a root-context callback: dispatch what it queued, or replace the VM if it failed.
+    pub(super) fn after_callback(
+        self: &Rc<Self>,
+        result: Result<(), VmError>,
+        callouts: Vec<Callout>,
+        generation: u64,
+    ) {
+        match result {
+            Ok(()) => self.dispatch(callouts, generation),
+            Err(_) => self.vm_trapped(),
+        }
+    }
+
+    pub(super) async fn tick_loop(self: Rc<Self>) {
+        loop {
+            let period = {
+                let guard = self.vm.lock().await;
+                guard.as_ref().and_then(|s| s.vm.state().tick_period)
+            };
+            let Some(period) = period else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::time::sleep(period).await;
+            let mut guard = self.vm.lock().await;
+            let Some(slot) = guard.as_mut() else { continue };
+            let generation = slot.generation;
+            let result = slot.vm.on_tick().await;
+            let callouts = slot.vm.take_callouts();
+            drop(guard);
+            self.after_callback(result, callouts, generation);
+        }
+    }
+
+    pub(super) async fn queue_loop(self: Rc<Self>, mut rx: mpsc::UnboundedReceiver<QueueReady>) {
+        while let Some(ready) = rx.recv().await {
+            let mut guard = self.vm.lock().await;
+            let Some(slot) = guard.as_mut() else { continue };
+            let generation = slot.generation;
+            let result = slot
+                .vm
+                .on_queue_ready(ready.root_context_id, ready.queue_id)
+                .await;
+            let callouts = slot.vm.take_callouts();
+            drop(guard);
+            self.after_callback(result, callouts, generation);
+        }
+    }
+}
