@@ -3,7 +3,6 @@
 //! plugin left, and responses built from header lists.
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::abi::HeaderList;
 use crate::body::Body;
@@ -25,7 +24,7 @@ const HOP_BY_HOP: [&str; 8] = [
 /// `:scheme`, then the regular headers in order (lower-case; `host` becomes `:authority`;
 /// repeated `x-forwarded-for` headers joined by `,` into the first, as Envoy's header map
 /// does). The connection manager's changes come after ([`crate::conn_manager`]).
-pub(super) fn request_header_list(req: &Request<Incoming>) -> HeaderList {
+pub(super) fn request_header_list<B>(req: &Request<B>) -> HeaderList {
     let authority = req
         .headers()
         .get(http::header::HOST)
@@ -108,7 +107,7 @@ pub(super) fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// Whether the connection closes after this request: `connection: close`, or HTTP/1.0
 /// without keep-alive.
-pub(super) fn closes_after(req: &Request<Incoming>) -> bool {
+pub(super) fn closes_after<B>(req: &Request<B>) -> bool {
     let connection = req
         .headers()
         .get_all(http::header::CONNECTION)
@@ -237,5 +236,155 @@ pub(super) fn move_to_end(map: &mut http::HeaderMap, name: &HeaderName) {
     }
     for v in moved {
         map.append(name.clone(), v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+
+    fn list(pairs: &[(&str, &str)]) -> HeaderList {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn request_headers_reach_the_plugin_as_envoys_codec_hands_them_on() {
+        let req = Request::post("/search?q=1")
+            .header("host", "shop.example")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("connection", "keep-alive")
+            .header("expect", "100-continue")
+            .header("x-trace", "a")
+            .header("x-forwarded-for", "10.0.0.2")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            request_header_list(&req),
+            list(&[
+                (":authority", "shop.example"),
+                (":path", "/search?q=1"),
+                (":method", "POST"),
+                (":scheme", "http"),
+                ("x-forwarded-for", "10.0.0.1,10.0.0.2"),
+                ("x-trace", "a"),
+            ])
+        );
+    }
+
+    #[test]
+    fn connection_close_and_http10_without_keep_alive_close_after_the_request() {
+        let req = |version, connection: Option<&str>| {
+            let mut b = Request::get("/").version(version);
+            if let Some(c) = connection {
+                b = b.header("connection", c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!closes_after(&req(http::Version::HTTP_11, None)));
+        assert!(closes_after(&req(
+            http::Version::HTTP_11,
+            Some("keep-alive, Close")
+        )));
+        assert!(closes_after(&req(http::Version::HTTP_10, None)));
+        assert!(!closes_after(&req(
+            http::Version::HTTP_10,
+            Some("Keep-Alive")
+        )));
+    }
+
+    #[test]
+    fn upstream_requests_go_to_the_cluster_with_host_first_and_no_hop_by_hop_fields() {
+        let cluster = SocketAddress {
+            host: "::1".into(),
+            port: 8080,
+        };
+        let headers = list(&[
+            (":method", "PUT"),
+            (":path", "/items/1?v=2"),
+            (":authority", "api.example"),
+            ("x-tag", "one"),
+            ("connection", "close"),
+            ("x-tag", "two"),
+            ("host", "ignored.example"),
+        ]);
+        let req = build_request(&cluster, &headers, body::empty()).unwrap();
+        assert_eq!(req.method(), http::Method::PUT);
+        assert_eq!(req.uri().to_string(), "http://[::1]:8080/items/1?v=2");
+        let fields: Vec<(&str, &str)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [("host", "api.example"), ("x-tag", "one"), ("x-tag", "two")]
+        );
+    }
+
+    #[test]
+    fn an_upstream_request_with_an_invalid_method_is_refused() {
+        let cluster = SocketAddress {
+            host: "127.0.0.1".into(),
+            port: 80,
+        };
+        let headers = list(&[(":method", "GE T"), (":path", "/")]);
+        let err = build_request(&cluster, &headers, body::empty()).unwrap_err();
+        assert!(err.contains(":method"), "{err}");
+    }
+
+    #[test]
+    fn responses_keep_their_field_order_and_drop_hop_by_hop_fields() {
+        let headers = list(&[
+            (":status", "201"),
+            ("x-b", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-a", "2"),
+            ("x-b", "3"),
+        ]);
+        let resp = response_builder(&headers).body(()).unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(
+            header_list_of(resp.headers()),
+            list(&[("x-b", "1"), ("x-b", "3"), ("x-a", "2")])
+        );
+    }
+
+    #[test]
+    fn a_missing_or_invalid_status_is_a_502() {
+        for status in [None, Some("abc"), Some("1000")] {
+            let mut headers = list(&[("x-a", "1")]);
+            if let Some(s) = status {
+                headers.push((":status".into(), s.as_bytes().to_vec()));
+            }
+            let resp = response_builder(&headers).body(()).unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn moving_a_field_to_the_end_keeps_the_others_in_order() {
+        let mut map = header_map_of(&list(&[
+            ("connection", "close"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+        ]));
+        move_to_end(&mut map, &http::header::CONNECTION);
+        let names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-a", "x-b", "x-c", "connection"]);
+    }
+
+    #[test]
+    fn header_maps_leave_out_pseudo_headers_and_invalid_names() {
+        let map = header_map_of(&list(&[
+            (":status", "200"),
+            ("bad name", "x"),
+            ("x-ok", "y"),
+        ]));
+        assert_eq!(header_list_of(&map), list(&[("x-ok", "y")]));
     }
 }

@@ -347,3 +347,42 @@ fn worker_main(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy_config::PathMatch;
+
+    fn route(name: &str, matcher: PathMatch) -> RouteEntry {
+        RouteEntry {
+            name: name.into(),
+            matcher,
+            cluster: "upstream".into(),
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn the_first_route_whose_matcher_fits_the_path_without_its_query_wins() {
+        let spec = GatewaySpec {
+            workers: 1,
+            routes: vec![
+                route("exact", PathMatch::Path("/api/data".into())),
+                route("query", PathMatch::Prefix("/api?".into())),
+                route("api", PathMatch::Prefix("/api".into())),
+            ],
+            clusters: HashMap::new(),
+            filter: None,
+            max_request_headers_bytes: 60 * 1024,
+            stream_idle_timeout: None,
+            connection_manager: ConnectionManagerConfig::default(),
+            max_downstream_connections: None,
+        };
+        let name = |path: &str| spec.route_for(path).map(|r| r.name.as_str());
+        assert_eq!(name("/api/data?page=2"), Some("exact"));
+        assert_eq!(name("/api/data/1"), Some("api"));
+        // The query is not part of what a prefix sees.
+        assert_eq!(name("/api?x=1"), Some("api"));
+        assert_eq!(name("/other"), None);
+    }
+}

@@ -110,3 +110,96 @@ pub(super) fn reset_response() -> Response<Body> {
     *resp.status_mut() = StatusCode::BAD_GATEWAY;
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body as _;
+
+    use super::*;
+    use crate::state::LocalResponse;
+
+    fn local(body: &str, headers: &[(&str, &str)]) -> LocalResponse {
+        LocalResponse {
+            status: 403,
+            details: "test".into(),
+            body: body.as_bytes().to_vec(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            closes_connection: false,
+        }
+    }
+
+    fn fields(resp: &Response<Body>) -> Vec<(String, String)> {
+        resp.headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_local_reply_with_a_body_gets_its_true_length_in_place_and_text_plain() {
+        let resp = local_response_parts(&local(
+            "denied",
+            &[("content-length", "999"), ("x-why", "rule")],
+        ));
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        let expected = [
+            ("content-length", "6"),
+            ("x-why", "rule"),
+            ("content-type", "text/plain"),
+        ];
+        assert_eq!(
+            fields(&resp),
+            expected.map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+    }
+
+    #[test]
+    fn a_local_reply_without_a_body_drops_the_plugins_length_and_type() {
+        let resp = local_response_parts(&local(
+            "",
+            &[
+                ("content-type", "application/json"),
+                ("content-length", "2"),
+            ],
+        ));
+        assert!(fields(&resp).is_empty());
+    }
+
+    #[test]
+    fn a_sized_body_without_content_length_is_sent_chunked() {
+        let mut resp = Response::new(body::full("abc"));
+        let framed = envoy_framing(Response::new(body::full("abc")));
+        assert_eq!(framed.body().size_hint().exact(), None);
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        assert_eq!(envoy_framing(resp).body().size_hint().exact(), Some(3));
+    }
+
+    #[test]
+    fn status_203_carries_envoys_reason_phrase() {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::NON_AUTHORITATIVE_INFORMATION;
+        let framed = envoy_framing(resp);
+        let phrase = framed.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(
+            phrase.map(|p| p.as_bytes()),
+            Some(&b"Non-Authoritative Information"[..])
+        );
+    }
+
+    #[test]
+    fn a_refused_request_that_closes_says_so() {
+        let resp = rejection_response(&conn_manager::Rejection {
+            status: 400,
+            body: "Bad Request",
+            details: "http1.codec_error",
+            close: true,
+        });
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(resp.headers()["connection"], "close");
+        assert_eq!(resp.headers()["content-length"], "11");
+    }
+}
