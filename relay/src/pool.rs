@@ -576,12 +576,22 @@ impl RedisPool {
         count: usize,
         timeout: Duration,
     ) -> Result<Bytes, PoolError> {
-        let endpoint = &self.inner.endpoint;
-        let invalid =
-            |detail: String| PoolError::new(PoolErrorKind::InvalidRequest, endpoint, detail);
-        let parsed = parse_commands(&commands).map_err(|e| invalid(e.to_string()))?;
-        if parsed.len() != count {
-            return Err(invalid(format!(
+        self.check(&commands, Some(count))?;
+        self.send(commands, count, timeout).await
+    }
+
+    /// Like [`RedisPool::call_raw`] for a caller that has not counted the commands: the body is
+    /// parsed once, here, and answered with one reply per command it holds.
+    pub async fn call(&self, commands: Bytes, timeout: Duration) -> Result<Bytes, PoolError> {
+        let count = self.check(&commands, None)?;
+        self.send(commands, count, timeout).await
+    }
+
+    /// How many commands `commands` holds (`expected`, when given), or why it cannot be sent.
+    fn check(&self, commands: &[u8], expected: Option<usize>) -> Result<usize, PoolError> {
+        let parsed = parse_commands(commands).map_err(|e| self.invalid(e.to_string()))?;
+        if let Some(count) = expected.filter(|&count| count != parsed.len()) {
+            return Err(self.invalid(format!(
                 "{} commands in the body but {count} replies expected",
                 parsed.len()
             )));
@@ -590,14 +600,29 @@ impl RedisPool {
             .iter()
             .find(|c| SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
         {
-            return Err(invalid(format!(
+            return Err(self.invalid(format!(
                 "{} cannot run on a shared pipelined connection",
                 cmd.name
             )));
         }
+        Ok(parsed.len())
+    }
+
+    fn invalid(&self, detail: String) -> PoolError {
+        PoolError::new(PoolErrorKind::InvalidRequest, &self.inner.endpoint, detail)
+    }
+
+    /// Queues `count` checked commands on a connection and waits for their replies.
+    async fn send(
+        &self,
+        commands: Bytes,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Bytes, PoolError> {
         if count == 0 {
             return Ok(Bytes::new());
         }
+        let endpoint = &self.inner.endpoint;
         let sender = self.sender()?;
         let (reply_tx, reply_rx) = oneshot::channel();
         let request = Request {

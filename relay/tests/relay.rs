@@ -662,6 +662,28 @@ mod pool {
     }
 
     #[test]
+    fn call_counts_the_commands_it_sends_and_refuses_what_call_raw_refuses() {
+        let redis = RedisServer::start();
+        let pool = RedisPool::new(RedisEndpoint::from_url(&redis.url()).expect("url"), 1);
+        let rt = current_thread();
+        let call =
+            |body: Vec<u8>| rt.block_on(pool.call(Bytes::from(body), Duration::from_secs(1)));
+        let replies = call(commands(&[
+            &["SET", "c", "1"],
+            &["INCR", "c"],
+            &["GET", "c"],
+        ]))
+        .expect("three commands");
+        assert_eq!(&replies[..], b"+OK\r\n:2\r\n$1\r\n2\r\n");
+        let unsafe_cmd = call(commands(&[&["SET", "c", "9"], &["MULTI"]])).expect_err("unsafe");
+        assert!(unsafe_cmd.is_invalid_request(), "{unsafe_cmd}");
+        let malformed = call(b"*1\r\n+PING\r\n".to_vec()).expect_err("malformed");
+        assert!(malformed.is_invalid_request(), "{malformed}");
+        assert_eq!(redis.cli(&["GET", "c"]).trim(), "2");
+        assert_eq!(call(Vec::new()).expect("nothing to do").len(), 0);
+    }
+
+    #[test]
     fn an_unreachable_redis_fails_fast_and_the_error_names_it() {
         let port = testkit::free_port();
         let pool = RedisPool::new(RedisEndpoint::new("127.0.0.1", port), 1);
