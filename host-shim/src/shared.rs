@@ -45,6 +45,12 @@ pub struct HostCounters {
     pub http_callout_failures: AtomicU64,
     pub redis_callouts: AtomicU64,
     pub redis_callout_failures: AtomicU64,
+    /// The failures by kind: no reply within the init timeout, refused before sending
+    /// (malformed, or unsafe on a shared connection), and the rest (Redis unreachable, login
+    /// refused, garbage answered, cluster not initialised).
+    pub redis_callout_timeouts: AtomicU64,
+    pub redis_callout_refusals: AtomicU64,
+    pub redis_callout_unreachable: AtomicU64,
     pub fail_open_passes: AtomicU64,
     /// Connections closed at accept by the overload manager's connection limit (Envoy's
     /// `downstream_global_cx_overflow`).
@@ -53,7 +59,7 @@ pub struct HostCounters {
 
 impl HostCounters {
     /// (Prometheus name without prefix, help text, value) of every counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 14] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("requests_total", "requests received", v(&self.requests)),
@@ -101,6 +107,21 @@ impl HostCounters {
                 "redis_callout_failures_total",
                 "redis calls that failed",
                 v(&self.redis_callout_failures),
+            ),
+            (
+                "redis_callout_timeouts_total",
+                "redis calls with no reply within their timeout",
+                v(&self.redis_callout_timeouts),
+            ),
+            (
+                "redis_callout_refusals_total",
+                "redis calls refused before sending: malformed, or unsafe on a shared connection",
+                v(&self.redis_callout_refusals),
+            ),
+            (
+                "redis_callout_unreachable_total",
+                "redis calls that failed otherwise: Redis unreachable, login refused, not RESP",
+                v(&self.redis_callout_unreachable),
             ),
             (
                 "downstream_global_cx_overflow_total",

@@ -324,6 +324,70 @@ fn redis_call_to_an_unreachable_redis_reports_a_failure_status() {
     assert!(gw.host_counter("redis_callout_failures_total") >= 1);
 }
 
+/// Higress's `RedisStatus::NetworkError`: the one status its Envoy gives a failed Redis call.
+const HIGRESS_NETWORK_ERROR: &str = "1";
+
+#[test]
+fn a_redis_call_to_a_redis_that_is_down_gets_higress_network_error() {
+    let redis = testkit::RedisServer::start();
+    let gw = redis_gateway(&redis);
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/ping",
+        &[("x-redis-cluster", "redis_dead")],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(header(&resp, "x-redis-status"), HIGRESS_NETWORK_ERROR);
+    assert_eq!(header(&resp, "x-redis-size"), "0");
+    assert_eq!(gw.host_counter("redis_callout_unreachable_total"), 1);
+    assert_eq!(gw.host_counter("redis_callout_timeouts_total"), 0);
+}
+
+#[test]
+fn a_redis_call_without_a_reply_in_time_gets_higress_network_error() {
+    // Accepts connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let opts = GatewayOptions {
+        clusters: vec![("redis_silent".into(), silent.local_addr().expect("addr"))],
+        ..GatewayOptions::default()
+    };
+    let gw = start("redis", &opts);
+    let started = Instant::now();
+    let (resp, _) = request(
+        gw.addr,
+        "GET",
+        "/ping",
+        &[
+            ("x-redis-cluster", "redis_silent"),
+            ("x-redis-timeout-ms", "200"),
+        ],
+        b"",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(header(&resp, "x-redis-status"), HIGRESS_NETWORK_ERROR);
+    assert_eq!(header(&resp, "x-redis-size"), "0");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(gw.host_counter("redis_callout_timeouts_total"), 1);
+}
+
+#[test]
+fn a_malformed_redis_query_gets_higress_network_error_and_is_not_sent() {
+    let redis = testkit::RedisServer::start();
+    let gw = redis_gateway(&redis);
+    let (resp, _) = request(gw.addr, "GET", "/malformed", &[], b"");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(header(&resp, "x-redis-status"), HIGRESS_NETWORK_ERROR);
+    assert_eq!(header(&resp, "x-redis-size"), "0");
+    assert_eq!(gw.host_counter("redis_callout_refusals_total"), 1);
+    assert_eq!(
+        redis.cli(&["CLIENT", "LIST"]).lines().count(),
+        1,
+        "only redis-cli's own connection: the pool never connected"
+    );
+}
+
 #[test]
 fn redis_init_for_an_unknown_cluster_is_a_bad_argument() {
     let redis = testkit::RedisServer::start();

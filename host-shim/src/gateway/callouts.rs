@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::abi::{HeaderList, Status};
 use crate::body;
-use crate::redis_pool::{RedisEndpoint, RedisPool};
+use crate::redis_pool::{PoolError, PoolErrorKind, RedisEndpoint, RedisPool};
 use crate::shared::QueueReady;
 use crate::state::{Callout, HttpCallResponse};
 use crate::vm::VmError;
@@ -164,8 +164,13 @@ impl Worker {
         self.after_callback(result.map(|_| ()), callouts, generation);
     }
 
-    /// Runs a Redis command (Higress ABI) on this worker's pool for the cluster.
-    async fn redis_callout(&self, cluster: &str, query: Vec<u8>) -> Result<Vec<u8>, String> {
+    /// Runs a Redis query (Higress ABI) on this worker's pool for the cluster. The pool parses
+    /// the query, once, as it counts the replies to wait for.
+    async fn redis_callout(
+        &self,
+        cluster: &str,
+        query: Vec<u8>,
+    ) -> Result<Vec<u8>, RedisCallError> {
         let init = {
             let guard = self.vm.lock().await;
             guard
@@ -173,11 +178,10 @@ impl Worker {
                 .and_then(|s| s.vm.state().redis_clusters.get(cluster).cloned())
         };
         let Some(init) = init else {
-            return Err(format!("redis cluster {cluster} was not initialised"));
+            return Err(RedisCallError::NoCluster(format!(
+                "redis cluster {cluster} was not initialised"
+            )));
         };
-        let count = crate::redis_pool::parse_commands(&query)
-            .map_err(|e| format!("malformed RESP query: {e}"))?
-            .len();
         let pool = {
             let mut pools = self.redis_pools.borrow_mut();
             match pools.get(cluster) {
@@ -185,7 +189,7 @@ impl Worker {
                 None => {
                     let base = crate::host::redis_call::cluster_base(cluster);
                     let Some(addr) = self.spec.clusters.get(base) else {
-                        return Err(format!("unknown cluster {base}"));
+                        return Err(RedisCallError::NoCluster(format!("unknown cluster {base}")));
                     };
                     let db = init.db;
                     let endpoint = RedisEndpoint {
@@ -202,27 +206,35 @@ impl Worker {
                 }
             }
         };
-        pool.call_raw(Bytes::from(query), count, init.timeout)
+        pool.call(Bytes::from(query), init.timeout)
             .await
             .map(|b| b.to_vec())
-            .map_err(|e| e.to_string())
+            .map_err(RedisCallError::Pool)
     }
 
     async fn deliver_redis(
         self: &Rc<Self>,
         token: u32,
-        reply: Result<Vec<u8>, String>,
+        reply: Result<Vec<u8>, RedisCallError>,
         generation: u64,
     ) {
         let (status, reply) = match reply {
-            Ok(r) => (0, Some(r)),
+            Ok(r) => (REDIS_STATUS_OK, Some(r)),
             Err(e) => {
-                tracing::debug!("redis call failed: {e}");
-                self.shared
-                    .counters
+                tracing::debug!(kind = e.kind(), "redis call failed: {e}");
+                let counters = &self.shared.counters;
+                counters
                     .redis_callout_failures
                     .fetch_add(1, Ordering::Relaxed);
-                (1, None)
+                match &e {
+                    RedisCallError::Pool(p) if p.is_timeout() => &counters.redis_callout_timeouts,
+                    RedisCallError::Pool(p) if p.is_invalid_request() => {
+                        &counters.redis_callout_refusals
+                    }
+                    _ => &counters.redis_callout_unreachable,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                (e.higress_status(), None)
             }
         };
         let mut guard = self.vm.lock().await;
@@ -281,6 +293,60 @@ impl Worker {
             let callouts = slot.vm.take_callouts();
             drop(guard);
             self.after_callback(result, callouts, generation);
+        }
+    }
+}
+
+/// Higress's `RedisStatus`, the status `proxy_on_redis_call_response` passes: `Ok = 0` and
+/// `NetworkError = 1` are all there is (higress-group/proxy-wasm-cpp-sdk, `proxy_wasm_enums.h`).
+const REDIS_STATUS_OK: i32 = 0;
+const REDIS_STATUS_NETWORK_ERROR: i32 = 1;
+
+/// Why a Higress Redis call got no reply.
+#[derive(Debug)]
+enum RedisCallError {
+    /// The call names a cluster this VM has not initialised, or one the gateway does not know:
+    /// nothing was sent.
+    NoCluster(String),
+    /// The pool could not carry it (its kind says why).
+    Pool(PoolError),
+}
+
+impl RedisCallError {
+    /// What went wrong, for the log.
+    fn kind(&self) -> &'static str {
+        match self {
+            RedisCallError::NoCluster(_) => "no cluster",
+            RedisCallError::Pool(e) => e.kind().as_str(),
+        }
+    }
+
+    /// The status the plugin's callback gets. Higress has one failure status: its Envoy
+    /// answers every failure of a Redis call with `RedisStatus::NetworkError` and no reply
+    /// (`Context::onRedisCallFailure` in source/extensions/common/wasm/context.cc), because its
+    /// Redis async client's `onFailure` carries no reason: a refused connection, a timeout and a
+    /// cancelled request look alike (source/common/redis/async_client_impl.cc). The kind still
+    /// goes to the log and the counters. A malformed query is refused here before it is sent;
+    /// Higress's Envoy sends the bytes unchecked and Redis answers them as it will.
+    fn higress_status(&self) -> i32 {
+        match self {
+            RedisCallError::NoCluster(_) => REDIS_STATUS_NETWORK_ERROR,
+            RedisCallError::Pool(e) => match e.kind() {
+                PoolErrorKind::Unreachable
+                | PoolErrorKind::Timeout
+                | PoolErrorKind::Auth
+                | PoolErrorKind::Protocol
+                | PoolErrorKind::InvalidRequest => REDIS_STATUS_NETWORK_ERROR,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for RedisCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisCallError::NoCluster(message) => f.write_str(message),
+            RedisCallError::Pool(e) => e.fmt(f),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! with `proxy_set_effective_context`, as the SDK does for HTTP calls.
 //!
 //! * `/ping` — `PING`; `/eval` — `EVAL <script> 1 <key> <arg>` where the script returns
-//!   `{KEYS[1], ARGV[1], INCR(KEYS[1])}`; `/set` — `SET <key> <arg>`. Key from `x-redis-key`
+//!   `{KEYS[1], ARGV[1], INCR(KEYS[1])}`; `/set` — `SET <key> <arg>`; `/malformed` — bytes that
+//!   are not a RESP command (an array holding a simple string). Key from `x-redis-key`
 //!   (default `abi:counter`), arg from `x-redis-arg` (default `hello`).
 //! * `x-redis-cluster` (default `redis`) names the cluster for init, possibly with `?db=N` and
 //!   other options; `x-redis-call-cluster` (default: the same) names it for the call;
@@ -95,6 +96,7 @@ pub fn on_request_headers(s: &mut AbiStream) -> Action {
             arg.as_bytes(),
         ]),
         "/set" => encode_command(&[b"SET", key.as_bytes(), arg.as_bytes()]),
+        "/malformed" => b"*1\r\n+PING\r\n".to_vec(),
         other => {
             s.reply(404, &[], format!("no redis variant {other}").as_bytes());
             return Action::Pause;
