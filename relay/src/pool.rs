@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -485,26 +486,19 @@ fn describe_byte(b: u8) -> String {
     }
 }
 
-/// Encodes one command as a RESP array of bulk strings: the host side's one RESP encoder
-/// (testkit keeps a dependency-free twin for test tools; the wasm plugin has its own).
+/// Encodes one command as a RESP array of bulk strings, with `redis-protocol`'s encoder (the
+/// pool passes callers' commands through; it encodes only its own PING, AUTH and SELECT).
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
-    // Each length line is a prefix byte, at most 20 digits and CRLF.
-    let size = args.iter().map(|a| a.as_ref().len() + 25).sum::<usize>() + 23;
-    let mut out = BytesMut::with_capacity(size);
-    let mut digits = itoa::Buffer::new();
-    let mut length_line = |out: &mut BytesMut, prefix: u8, n: usize| {
-        out.extend_from_slice(&[prefix]);
-        out.extend_from_slice(digits.format(n).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    };
-    length_line(&mut out, b'*', args.len());
-    for a in args {
-        let a = a.as_ref();
-        length_line(&mut out, b'$', a.len());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.freeze()
+    let frame = OwnedFrame::Array(
+        args.iter()
+            .map(|a| OwnedFrame::BulkString(a.as_ref().to_vec()))
+            .collect(),
+    );
+    let mut out = vec![0u8; frame.encode_len(false)];
+    // The buffer has the frame's own length: encoding cannot run out of room.
+    let written = redis_protocol::resp2::encode::encode(&mut out, &frame, false).unwrap_or(0);
+    out.truncate(written);
+    Bytes::from(out)
 }
 
 /// The length of the first complete RESP2 reply in `buf`, `Ok(None)` if more bytes are needed.
@@ -1096,7 +1090,7 @@ mod tests {
     }
 
     #[test]
-    fn encode_command_writes_resp_and_agrees_with_testkit() {
+    fn encode_command_writes_resp() {
         assert_eq!(
             &encode_command(&["SET", "k", "hello"])[..],
             b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n"

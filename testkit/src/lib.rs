@@ -12,6 +12,7 @@ pub mod docs;
 pub mod envoy;
 pub mod http;
 
+use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -204,17 +205,18 @@ pub fn redis_server_binary() -> PathBuf {
     p
 }
 
-/// Encodes a command as a RESP array of bulk strings.
-///
-/// A twin of `krowoc_relay::pool::encode_command`, kept so testkit, and with it `cargo xtask`'s
-/// first build, need not compile the relay's tokio and hyper; a relay test pins the two equal.
+/// Encodes a command as a RESP array of bulk strings, with `redis-protocol`'s encoder (as
+/// `krowoc_relay::pool::encode_command` does; testkit does not depend on the relay, so that
+/// `cargo xtask`'s first build need not compile tokio and hyper).
 pub fn encode_command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    let frame = OwnedFrame::Array(
+        args.iter()
+            .map(|a| OwnedFrame::BulkString(a.as_bytes().to_vec()))
+            .collect(),
+    );
+    let mut out = vec![0u8; frame.encode_len(false)];
+    let written = redis_protocol::resp2::encode::encode(&mut out, &frame, false).unwrap_or(0);
+    out.truncate(written);
     out
 }
 
