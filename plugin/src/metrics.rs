@@ -29,10 +29,10 @@
 //! | `krowoc.events.queued` | gauge | events waiting in all VMs' queues now |
 //! | `krowoc.events.batch_size` | histogram | events per flush |
 //! | `krowoc.cache.<route>.hits` | counter | requests answered from a fresh entry (incl. 304s and coalesced waits) |
-//! | `krowoc.cache.<route>.misses` | counter | lookups without an entry: sent upstream |
+//! | `krowoc.cache.<route>.misses` | counter | lookups without an entry (or past one, for a client's honoured `no-cache`): sent upstream |
 //! | `krowoc.cache.<route>.expired` | counter | lookups finding an entry past its stale windows: sent upstream |
 //! | `krowoc.cache.<route>.stale` | counter | stale entries served (stale-while-revalidate, stale-if-error) |
-//! | `krowoc.cache.<route>.bypass` | counter | requests not using the cache (method, credentials, Redis failing) |
+//! | `krowoc.cache.<route>.bypass` | counter | requests not using the cache (method, credentials, a client's honoured `no-store`, Redis failing) |
 //! | `krowoc.cache.<route>.redis_errors` | counter | bypasses because Redis failed or the breaker was open |
 //! | `krowoc.cache.<route>.stores` | counter | responses stored |
 //! | `krowoc.cache.<route>.store_failures` | counter | stores that failed |

@@ -604,7 +604,11 @@ fn a_successful_unsafe_request_invalidates_its_url(host: Host) {
 krowoc_tests::on_both_hosts!(requests_with_credentials_bypass_the_cache);
 fn requests_with_credentials_bypass_the_cache(host: Host) {
     let stack = stack(host, RELAY);
-    for (name, value) in [("authorization", "Bearer secret"), ("cookie", "session=1")] {
+    for (name, value) in [
+        ("authorization", "Bearer secret"),
+        ("proxy-authorization", "Basic dXNlcjpwYXNz"),
+        ("cookie", "session=1"),
+    ] {
         let r = stack.request("GET", &user("9"), &[(name, value)], b"");
         assert_eq!(r.status, 200);
         assert_eq!(x_cache(&r), "BYPASS", "{name}");
@@ -618,6 +622,49 @@ fn requests_with_credentials_bypass_the_cache(host: Host) {
     std::thread::sleep(Duration::from_millis(300));
     assert!(entry_keys(&stack).is_empty(), "nothing stored for them");
     assert_eq!(x_cache(&stack.get(&user("9"))), "MISS");
+}
+
+krowoc_tests::on_both_hosts!(a_clients_cache_control_counts_only_when_the_route_honours_it);
+fn a_clients_cache_control_counts_only_when_the_route_honours_it(host: Host) {
+    for honour in [false, true] {
+        let stack = stack_with(host, RELAY, Duration::ZERO, move |cfg| {
+            cached_data_policy(cfg)["honor_request_cache_control"] = json!(honour);
+        });
+        assert_eq!(x_cache(&stack.get(&user("3"))), "MISS");
+        wait_for_hit(&stack, &user("3"));
+        let calls = upstream_calls(&stack);
+        let fresh = stack.request("GET", &user("3"), &[("cache-control", "no-cache")], b"");
+        assert_eq!(fresh.status, 200);
+        let status = fresh.header("cache-status").unwrap_or_default().to_string();
+        let no_store = stack.request("GET", &user("3"), &[("cache-control", "no-store")], b"");
+        if !honour {
+            assert_eq!(x_cache(&fresh), "HIT", "ignored by default: {status}");
+            assert_eq!(x_cache(&no_store), "HIT");
+            assert_eq!(upstream_calls(&stack), calls);
+            continue;
+        }
+        assert_eq!(x_cache(&fresh), "MISS", "{status}");
+        assert!(
+            status.contains("fwd=request") && status.contains("stored"),
+            "{status}"
+        );
+        assert_eq!(x_cache(&no_store), "BYPASS");
+        assert!(
+            no_store
+                .header("cache-status")
+                .is_some_and(|s| s.contains("fwd=request") && s.contains("detail=no-store")),
+            "{:?}",
+            no_store.headers
+        );
+        assert_eq!(upstream_calls(&stack), calls + 2, "both went upstream");
+        // The no-cache answer (its body names its upstream call) replaces the entry.
+        let replaced = eventually(Duration::from_secs(5), || {
+            let r = stack.get(&user("3"));
+            x_cache(&r) == "HIT" && r.body == fresh.body
+        });
+        assert!(replaced, "the entry is the no-cache request's answer");
+        assert_eq!(upstream_calls(&stack), calls + 2);
+    }
 }
 
 /// A test origin: `/origin/<kind>` answers as `kind` says; calls are counted.

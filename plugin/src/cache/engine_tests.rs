@@ -166,7 +166,13 @@ impl Cache {
 
     /// Request `ctx` on the route: its lookup; true when it was sent.
     fn look_up(&mut self, ctx: u32, method: &str, path: &str) -> bool {
-        let req = Cache::request(method, path);
+        self.look_up_with(ctx, method, path, &[])
+    }
+
+    /// [`Cache::look_up`] for a request with these fields too.
+    fn look_up_with(&mut self, ctx: u32, method: &str, path: &str, extra: &[(&str, &str)]) -> bool {
+        let mut req = Cache::request(method, path);
+        req.headers.extend(fields(extra));
         let cache = self
             .engine
             .lookup(
@@ -797,4 +803,69 @@ fn the_purge_endpoint_answers_once_its_purges_are_done() {
         .engine
         .purge_endpoint(&mut c.client, &mut c.wire, c.now_ms, 11, &other)
         .is_none());
+}
+
+const HONOURS_CLIENTS: &str = r#"{"name": "r", "match": {"prefix": "/r"},
+    "cache": {"ttl": "60s", "honor_cache_control": false, "honor_request_cache_control": true}}"#;
+
+#[test]
+fn a_clients_no_cache_goes_upstream_past_a_fresh_entry_and_its_answer_replaces_it() {
+    let fresh = || lookup_reply("hit", 1_000, Some(&entry("old")), -1, 60_000, 0, 0);
+    let mut c = Cache::new(HONOURS_CLIENTS);
+    assert!(
+        matches!(c.found(1, "/r", &fresh()), Proceed::Serve(_)),
+        "without the directive the entry is served"
+    );
+    for (ctx, directive) in [
+        (2, ("cache-control", "no-cache")),
+        (3, ("pragma", "no-cache")),
+    ] {
+        assert!(c.look_up_with(ctx, "GET", "/r", &[directive]));
+        let t = c.wire.last_token();
+        c.answer(t, &fresh());
+        assert_eq!(c.proceed(ctx), Proceed::Forward, "{directive:?}");
+        let f = passes(c.respond(ctx, 200, &[("content-length", "3")], &[], false));
+        assert_eq!(header_of(&f, "x-cache"), Some("MISS"));
+        assert_eq!(
+            header_of(&f, "cache-status"),
+            Some("krowoc; fwd=request; fwd-status=200; stored")
+        );
+        c.body(ctx, b"new", true);
+        assert!(c.tick().is_empty());
+        let store = c.wire.last_command();
+        assert_eq!(store[1], c.sha("cache_store"), "the answer is stored");
+        assert_eq!(store[16], "", "without a fill lock: a fresh hit takes none");
+    }
+    // `Pragma` counts only without `Cache-Control`.
+    let both = [("cache-control", "max-age=60"), ("pragma", "no-cache")];
+    assert!(c.look_up_with(4, "GET", "/r", &both));
+    let t = c.wire.last_token();
+    c.answer(t, &fresh());
+    assert!(matches!(c.proceed(4), Proceed::Serve(_)));
+}
+
+#[test]
+fn a_clients_no_store_bypasses_the_cache_and_is_ignored_unless_honoured() {
+    let mut c = Cache::new(HONOURS_CLIENTS);
+    assert!(
+        !c.look_up_with(1, "GET", "/r", &[("cache-control", "no-store")]),
+        "no lookup is sent"
+    );
+    assert_eq!(c.proceed(1), Proceed::Forward);
+    let f = passes(c.respond(1, 200, &[("content-length", "3")], &[], true));
+    assert_eq!(header_of(&f, "x-cache"), Some("BYPASS"));
+    assert_eq!(
+        header_of(&f, "cache-status"),
+        Some("krowoc; fwd=request; fwd-status=200; detail=no-store")
+    );
+
+    let mut c = Cache::new(ROUTE);
+    let fresh = lookup_reply("hit", 1_000, Some(&entry("old")), -1, 60_000, 0, 0);
+    assert!(c.look_up_with(1, "GET", "/r", &[("cache-control", "no-store, no-cache")]));
+    let t = c.wire.last_token();
+    c.answer(t, &fresh);
+    assert!(
+        matches!(c.proceed(1), Proceed::Serve(_)),
+        "by default a client's directives do not empty the cache"
+    );
 }

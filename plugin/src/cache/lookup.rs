@@ -163,6 +163,9 @@ impl CacheEngine {
                 .collect(),
             revalidate: None,
             delete_on_end: false,
+            no_cache: policy.honor_request_cache_control
+                && policy::request_directives(&req.headers).no_cache,
+            refreshed: false,
             looked_up_at: 0,
             phase: Phase::Looking,
             outcome: None,
@@ -262,6 +265,18 @@ impl CacheEngine {
             None => None,
         };
         let settings = &config.cache;
+        let servable = matches!(lookup.state, EntryState::Hit | EntryState::Stale);
+        if request.no_cache && servable && decoded.is_some() {
+            // The client wants a fresh answer: upstream, and the answer replaces the entry
+            // (with the fill lock when the lookup took it for a stale entry).
+            request.refreshed = true;
+            self.metrics.count(route, Count::Miss);
+            request.phase = Phase::Forwarded {
+                outcome: Outcome::Miss,
+                stale: None,
+            };
+            return Proceed::Forward;
+        }
         match (lookup.state, decoded) {
             (EntryState::Hit, Some(stored)) => {
                 self.metrics.count(route, Count::Hit);

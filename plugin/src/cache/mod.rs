@@ -169,6 +169,10 @@ pub struct CacheRequest {
     /// The entry found was unreadable: deleted when this request ends without storing (a
     /// separate delete could overtake the store that replaces it).
     delete_on_end: bool,
+    /// The client asked for a fresh answer (`no-cache`, with `honor_request_cache_control`).
+    no_cache: bool,
+    /// A stored answer was found but not used because of `no_cache`: sent upstream, stored.
+    refreshed: bool,
     /// Redis time of the lookup that sent this request upstream (0: none).
     looked_up_at: u64,
     phase: Phase,

@@ -82,8 +82,10 @@ impl CacheControl {
 pub enum Bypass {
     /// The method is not one the policy caches.
     Method,
-    /// `Authorization` or `Cookie` without `allow_authorized`.
+    /// `Authorization`, `Proxy-Authorization` or `Cookie` without `allow_authorized`.
     Authorized,
+    /// The request's `Cache-Control: no-store` (with `honor_request_cache_control`).
+    NoStore,
     /// Redis failed or the breaker is open.
     Redis,
 }
@@ -94,6 +96,7 @@ impl Bypass {
         match self {
             Bypass::Method => ("method", "method"),
             Bypass::Authorized => ("request", "authorized"),
+            Bypass::NoStore => ("request", "no-store"),
             Bypass::Redis => ("bypass", "redis-unavailable"),
         }
     }
@@ -104,13 +107,30 @@ pub fn request_bypass(policy: &CachePolicy, method: &str, headers: &Headers) -> 
     if !policy.caches_method(method) {
         return Some(Bypass::Method);
     }
-    let credentials = headers
+    let credentials = ["authorization", "proxy-authorization", "cookie"]
         .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("authorization") || k.eq_ignore_ascii_case("cookie"));
+        .any(|name| first(headers, name).is_some());
     if credentials && !policy.allow_authorized {
         return Some(Bypass::Authorized);
     }
+    if policy.honor_request_cache_control && request_directives(headers).no_store {
+        return Some(Bypass::NoStore);
+    }
     None
+}
+
+/// What a request's own `Cache-Control` asks of the cache. `Pragma: no-cache` counts as
+/// `no-cache` only without a `Cache-Control` field (RFC 9111 5.4).
+pub fn request_directives(headers: &Headers) -> CacheControl {
+    if first(headers, "cache-control").is_none() {
+        let pragma_no_cache =
+            list_members(headers, "pragma").any(|m| m.eq_ignore_ascii_case("no-cache"));
+        return CacheControl {
+            no_cache: pragma_no_cache,
+            ..CacheControl::default()
+        };
+    }
+    CacheControl::parse(headers)
 }
 
 // ---- responses -------------------------------------------------------------------------------
@@ -576,6 +596,11 @@ mod tests {
         assert_eq!(
             request_bypass(&p, "GET", &h(&[("cookie", "s=1")])),
             Some(Bypass::Authorized)
+        );
+        assert_eq!(
+            request_bypass(&p, "GET", &h(&[("Proxy-Authorization", "Basic eA==")])),
+            Some(Bypass::Authorized),
+            "a proxy credential is a credential too"
         );
         let p = policy(r#"{"ttl": "60s", "allow_authorized": true}"#);
         assert_eq!(request_bypass(&p, "GET", &h(&[("cookie", "s=1")])), None);

@@ -141,7 +141,9 @@ impl CacheEngine {
                 CacheResponse::Pass(status_fields(settings, Outcome::Bypass, &s))
             }
             Phase::Forwarded { outcome, stale } => {
-                let fwd = if outcome == Outcome::Expired {
+                let fwd = if request.refreshed {
+                    "request"
+                } else if outcome == Outcome::Expired {
                     "stale"
                 } else {
                     "uri-miss"

@@ -26,7 +26,8 @@
 //! | `honor_cache_control` | `true` | obey the upstream's `no-store`, `private`, `no-cache`, `s-maxage`, `max-age`, `Expires`, `stale-while-revalidate`, `stale-if-error`, `must-revalidate` |
 //! | `stale_while_revalidate` | `"0s"` | past freshness, serve stale this long while one request refreshes the entry in the background |
 //! | `stale_if_error` | `"0s"` | past freshness, serve stale this long when the upstream fails or answers 5xx |
-//! | `allow_authorized` | `false` | use the cache for requests with `Authorization` or `Cookie` |
+//! | `honor_request_cache_control` | `false` | obey the client's `Cache-Control`: `no-cache` goes upstream and stores the answer instead of serving a stored one (`Cache-Status: fwd=request`), `no-store` bypasses the cache; off, as CDNs do, so clients cannot empty the cache's benefit |
+//! | `allow_authorized` | `false` | use the cache for requests with `Authorization`, `Proxy-Authorization` or `Cookie` |
 //! | `allow_set_cookie` | `false` | store responses with `Set-Cookie` |
 //! | `tag_headers` | `["cache-tag", "surrogate-key"]` | response headers whose values (comma or space separated) tag the entry |
 //! | `coalesce.enabled` | `true` | concurrent misses for a key wait for one fill |
@@ -80,7 +81,11 @@ pub struct CachePolicy {
     /// How long past its freshness an entry is served when the upstream fails or answers 5xx.
     #[serde(default = "zero")]
     pub stale_if_error: ConfigDuration,
-    /// Look up and store for requests carrying `Authorization` or `Cookie`.
+    /// Obey the request's `no-cache` (go upstream, store the answer) and `no-store` (bypass).
+    #[serde(default)]
+    pub honor_request_cache_control: bool,
+    /// Look up and store for requests carrying `Authorization`, `Proxy-Authorization` or
+    /// `Cookie`.
     #[serde(default)]
     pub allow_authorized: bool,
     /// Store responses carrying `Set-Cookie` (the cookie is then served to everyone).
