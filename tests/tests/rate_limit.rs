@@ -364,6 +364,52 @@ fn failure_mode_deny_answers_503_and_local_keeps_a_per_worker_limit(host: Host) 
     assert!(stack.metric(&route_metric("local", "fallback_denied")) >= 4);
 }
 
+krowoc_tests::on_both_hosts!(failure_mode_local_admits_a_share_of_the_limit_per_vm_across_gateways);
+fn failure_mode_local_admits_a_share_of_the_limit_per_vm_across_gateways(host: Host) {
+    let limit = 8;
+    let mut stack = stack(host, RELAY, move |cfg| {
+        cfg["routes"] = json!([
+            {"name": "local", "match": {"path": "/api/slow-limited"},
+             "rate_limit": {"limits": [{"limit": limit, "window": "5m"}], "failure_mode": "local"}}
+        ]);
+    });
+    let (second, _) = stack.start_gateway(2);
+    // Two gateways of two workers: four VMs decide, each registers while Redis is up.
+    let vms = 4;
+    let registered = eventually(Duration::from_secs(30), || {
+        stack.get("/api/slow-limited");
+        testkit::http::get(second, "/api/slow-limited");
+        stack.redis.int(&["ZCARD", "krowoc:vms"]) == vms
+    });
+    assert!(
+        registered,
+        "registered VMs: {}",
+        stack.redis.int(&["ZCARD", "krowoc:vms"])
+    );
+    // Every VM reads the count at its next registration (every 2 s).
+    std::thread::sleep(Duration::from_millis(2_500));
+    stack.redis.stop();
+    let statuses: Vec<u16> = (0..40)
+        .map(|i| {
+            if i % 2 == 0 {
+                stack.get("/api/slow-limited").status
+            } else {
+                testkit::http::get(second, "/api/slow-limited").status
+            }
+        })
+        .collect();
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    // Each VM's bucket holds limit / VMs = 2: at most the limit in all, not 2 × 2 × 8.
+    assert!(
+        (1..=limit as usize).contains(&passed),
+        "{passed} passed: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+}
+
 krowoc_tests::on_both_hosts!(shadow_mode_counts_but_never_denies);
 fn shadow_mode_counts_but_never_denies(host: Host) {
     let stack = stack(host, RELAY, |cfg| {

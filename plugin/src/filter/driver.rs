@@ -120,13 +120,15 @@ impl Edge {
                 (Box::new(wire), Some(upstream))
             }
         };
-        let mut edge = Edge::with_host(config, wire, Box::new(HostUpstream), host::now_ns());
+        // A VM's seed names it among every gateway's VMs (lock tokens, the VM registry).
+        let seed = host::random_u64().unwrap_or_else(host::now_ns);
+        let mut edge = Edge::with_host(config, wire, Box::new(HostUpstream), seed);
         edge.redis_call_upstream = redis_call_upstream;
         Ok(edge)
     }
 
-    /// The instance over these host sides (`seed`: what makes this VM's cache lock tokens its
-    /// own); tests give recording ones.
+    /// The instance over these host sides (`seed`: what makes this VM's cache lock tokens and
+    /// registry member its own); tests give recording ones.
     pub fn with_host(
         config: Config,
         wire: Box<dyn Wire>,
@@ -146,7 +148,7 @@ impl Edge {
             upstream,
             redis_call_upstream: None,
             requests: Requests::new(),
-            rate_limiter: RateLimiter::default(),
+            rate_limiter: RateLimiter::new(&config, format!("{seed:016x}")),
             config,
             reads_every_request,
         }
@@ -336,6 +338,10 @@ impl Edge {
                 // Flushes are answered in the root context (they are made from it): send what
                 // is due now rather than at the next tick, so a backlog drains at Redis' pace.
                 self.events.flush(&mut self.client, &mut *self.wire, now_ms);
+                return None;
+            }
+            Owner::Registry => {
+                self.rate_limiter.on_registry_answer(c.result);
                 return None;
             }
             Owner::Job(job) => {
@@ -531,6 +537,8 @@ impl Edge {
             &mut self.requests,
         ));
         self.events.flush(&mut self.client, &mut *self.wire, now_ms);
+        self.rate_limiter
+            .tick(&mut self.client, &mut *self.wire, now_ms);
         self.report_client();
         actions
     }

@@ -27,32 +27,54 @@ impl TokenBucket {
     }
 }
 
-fn bucket_shape(l: &LimitRule) -> (f64, f64) {
+/// A limit's bucket in one of `vms` VMs: its share of the capacity (rounded up, at least one
+/// request) and of the rate.
+fn bucket_shape(l: &LimitRule, vms: u64) -> (f64, f64) {
     let capacity = match l.algorithm {
         Algorithm::Gcra => l.burst(),
         _ => l.limit,
-    } as f64;
-    let per_ms = l.limit as f64 / l.window_ms().max(1) as f64;
-    (capacity, per_ms)
+    };
+    let vms = vms.max(1);
+    let share = capacity.div_ceil(vms).max(1) as f64;
+    let per_ms = l.limit as f64 / vms as f64 / l.window_ms().max(1) as f64;
+    (share, per_ms)
 }
 
-/// The per-worker fallback of `failure_mode: local`: token buckets with each limit's capacity
-/// and rate, keyed like Redis would be. Bounded like the deny cache.
-#[derive(Debug, Default)]
+/// The per-worker fallback of `failure_mode: local`: token buckets with this VM's share of
+/// each limit's capacity and rate (see [`super::share`]), keyed like Redis would be. Bounded
+/// like the deny cache.
+#[derive(Debug)]
 pub struct LocalLimiter {
     buckets: HashMap<String, Vec<TokenBucket>>,
+    /// VMs sharing each limit.
+    vms: u64,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> LocalLimiter {
+        LocalLimiter {
+            buckets: HashMap::new(),
+            vms: 1,
+        }
+    }
 }
 
 pub const LOCAL_LIMITER_MAX_KEYS: usize = 10_000;
 
 impl LocalLimiter {
+    /// How many VMs share each limit from now on (at least 1).
+    pub fn set_vms(&mut self, vms: u64) {
+        self.vms = vms.max(1);
+    }
+
     /// Decides one request; like the script, a denial consumes nothing.
     pub fn decide(&mut self, identity: &str, limits: &[LimitRule], now_ms: u64) -> Decision {
+        let vms = self.vms;
         if !self.buckets.contains_key(identity) && self.buckets.len() >= LOCAL_LIMITER_MAX_KEYS {
             // Drop buckets that have refilled completely: they equal fresh ones.
             self.buckets.retain(|_, bs| {
                 bs.iter().zip(limits).any(|(b, l)| {
-                    let (cap, per_ms) = bucket_shape(l);
+                    let (cap, per_ms) = bucket_shape(l, vms);
                     let mut b = *b;
                     b.refill(cap, per_ms, now_ms);
                     b.tokens < cap
@@ -65,14 +87,14 @@ impl LocalLimiter {
         let buckets = self.buckets.entry(identity.to_string()).or_insert_with(|| {
             limits
                 .iter()
-                .map(|l| TokenBucket::full(bucket_shape(l).0, now_ms))
+                .map(|l| TokenBucket::full(bucket_shape(l, vms).0, now_ms))
                 .collect()
         });
         let mut statuses = Vec::with_capacity(limits.len());
         let mut allowed = true;
         let mut retry_after_ms = 0u64;
         for (b, l) in buckets.iter_mut().zip(limits) {
-            let (cap, per_ms) = bucket_shape(l);
+            let (cap, per_ms) = bucket_shape(l, vms);
             b.refill(cap, per_ms, now_ms);
             let over = b.tokens < 1.0;
             let to_next_ms = ((1.0 - b.tokens.fract()) / per_ms).ceil() as u64;
@@ -123,6 +145,25 @@ mod tests {
         assert!(!l.decide("r:a", &p.limits, 12_000).allowed);
         // Another client has its own bucket.
         assert!(l.decide("r:b", &p.limits, 12_000).allowed);
+    }
+
+    #[test]
+    fn each_vm_admits_its_share_of_the_limit() {
+        let p = policy(r#"{"limits": [{"limit": 10, "window": "60s"}], "failure_mode": "local"}"#);
+        for (vms, admitted) in [(1, 10), (2, 5), (3, 4), (4, 3), (40, 1)] {
+            let mut l = LocalLimiter::default();
+            l.set_vms(vms);
+            let n = (0..20)
+                .filter(|_| l.decide("a", &p.limits, 0).allowed)
+                .count();
+            assert_eq!(n, admitted, "{vms} VMs: ceil(10 / {vms}), at least 1");
+        }
+        // The rate is shared too: with 2 VMs one token every 12s instead of every 6s.
+        let mut l = LocalLimiter::default();
+        l.set_vms(2);
+        while l.decide("a", &p.limits, 0).allowed {}
+        assert!(!l.decide("a", &p.limits, 6_000).allowed);
+        assert!(l.decide("a", &p.limits, 12_000).allowed);
     }
 
     #[test]

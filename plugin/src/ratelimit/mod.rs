@@ -4,7 +4,7 @@
 //! of a request), [`local`] (the token buckets of `failure_mode: local`), [`fields`] (the
 //! response fields).
 
-use crate::config::{FailureMode, LimitRule, RateLimitPolicy};
+use crate::config::{Config, FailureMode, LimitRule, RateLimitPolicy};
 use crate::host;
 use crate::http::LocalResponse;
 use crate::redis::client::{Owner, RedisClient, Wire};
@@ -19,9 +19,11 @@ use std::collections::HashMap;
 pub mod fields;
 pub mod keys;
 pub mod local;
+pub mod share;
 
 pub use keys::RequestFacts;
 pub use local::LocalLimiter;
+pub use share::Share;
 
 /// The state of one limit after a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,12 +329,14 @@ pub fn verdict_for_failure(
     }
 }
 
-/// The rate limiter of one VM: the script, the deny cache and the local buckets.
+/// The rate limiter of one VM: the script, the deny cache, the local buckets and how many VMs
+/// share them.
 #[derive(Debug)]
 pub struct RateLimiter {
     script: Script,
     deny_cache: DenyCache,
     local: LocalLimiter,
+    share: Share,
 }
 
 /// A request's rate limit while Redis decides.
@@ -356,17 +360,34 @@ pub enum Start {
     Asked(RateLimitCall),
 }
 
-impl Default for RateLimiter {
-    fn default() -> RateLimiter {
+impl RateLimiter {
+    /// The rate limiter for `config`; `member` names this VM in the registry of VMs sharing
+    /// the limits (unique across gateways).
+    pub fn new(config: &Config, member: String) -> RateLimiter {
+        let local_mode = config.routes.iter().any(|r| {
+            r.rate_limit
+                .as_ref()
+                .is_some_and(|p| p.failure_mode == FailureMode::Local)
+        });
         RateLimiter {
             script: Script::new("rate_limit", RATE_LIMIT_LUA),
             deny_cache: DenyCache::default(),
             local: LocalLimiter::default(),
+            share: Share::new(&config.redis.key_prefix, member, local_mode),
         }
     }
-}
 
-impl RateLimiter {
+    /// On the tick: the registry of VMs sharing the limits, when it is time.
+    pub fn tick(&mut self, client: &mut RedisClient, wire: &mut dyn Wire, now_ms: u64) {
+        self.share.tick(client, wire, now_ms);
+    }
+
+    /// The registry's answer.
+    pub fn on_registry_answer(&mut self, result: Result<Reply, RedisError>) {
+        self.share.on_answer(result);
+        self.local.set_vms(self.share.vms());
+    }
+
     /// Starts request `ctx`'s decision on route `route` (keys under `prefix`): the deny cache
     /// answers a known denial, else the script call goes out.
     #[allow(clippy::too_many_arguments)]
@@ -385,6 +406,9 @@ impl RateLimiter {
             KeyDecision::Skip => return Start::Skipped,
             KeyDecision::Limit(group) => group,
         };
+        if policy.failure_mode == FailureMode::Local {
+            self.share.note_request(now_ms);
+        }
         if policy.deny_cache && !policy.shadow {
             if let Some(decision) = self.deny_cache.lookup(&group.identity, now_ms) {
                 return Start::Decided(verdict_for_cached_denial(route, policy, &decision));

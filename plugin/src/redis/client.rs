@@ -37,6 +37,8 @@ pub enum Owner {
     Flush(u32),
     /// The cache job with this id, off the request path.
     Job(u32),
+    /// This VM's registration for the rate limits' shares (`failure_mode: local`).
+    Registry,
 }
 
 impl Owner {
@@ -44,7 +46,7 @@ impl Owner {
     pub fn request(self) -> Option<u32> {
         match self {
             Owner::RateLimit(ctx) | Owner::CacheLookup(ctx) => Some(ctx),
-            Owner::Flush(_) | Owner::Job(_) => None,
+            Owner::Flush(_) | Owner::Job(_) | Owner::Registry => None,
         }
     }
 }

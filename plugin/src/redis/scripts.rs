@@ -79,6 +79,8 @@ pub const CACHE_PURGE_LUA: &str = include_str!("scripts/cache_purge.lua");
 pub const CACHE_SCAN_PURGE_LUA: &str = include_str!("scripts/cache_scan_purge.lua");
 /// An event batch for transport `redis_call` (which forwards one command per call).
 pub const EVENTS_FLUSH_LUA: &str = include_str!("scripts/events_flush.lua");
+/// How many VMs share the rate limits (`failure_mode: local`).
+pub const VM_REGISTRY_LUA: &str = include_str!("scripts/vm_registry.lua");
 
 #[cfg(test)]
 mod tests {
