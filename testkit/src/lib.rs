@@ -10,6 +10,7 @@
 
 pub mod docs;
 pub mod envoy;
+pub mod fuzz;
 pub mod http;
 
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};

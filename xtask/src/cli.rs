@@ -28,6 +28,10 @@ commands:
       --only TEXT         run only scenarios whose name contains TEXT (repeatable); \"in process\"
                           is the plugin's cost per request without network (vm_bench)
   build-plugin   build the wasm crates and print their paths and sizes
+  fuzz           mutate the inputs of the parsers that read untrusted bytes (Redis replies,
+                 configuration, cache entries, purge directives, header maps, relay bodies)
+                 for a while each; `test` runs the same targets briefly
+      --seconds SECS      time per target (default 60)
 
 flags for every command:
       --no-install        never run rustup/apt-get/pip; stop with the command to run instead";
@@ -40,6 +44,14 @@ pub enum Command {
     Test(SetupOptions),
     Tour(TourOptions),
     Bench(BenchOptions),
+    Fuzz(FuzzOptions),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FuzzOptions {
+    pub setup: SetupOptions,
+    /// How long each fuzz target runs.
+    pub per_target: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -227,6 +239,24 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 );
             }
             Command::Bench(o)
+        }
+        "fuzz" => {
+            let mut per_target = Duration::from_secs(60);
+            flags.for_each(|name, value| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                "--seconds" => {
+                    per_target = parse_secs(value.take(name)?)?;
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            if per_target.is_zero() {
+                bail!("--seconds must be at least 1");
+            }
+            Command::Fuzz(FuzzOptions { setup, per_target })
         }
         other => bail!("unknown command {other:?}"),
     };

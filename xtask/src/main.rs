@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         cli::Command::Test(o) => test_suite::run(&o),
         cli::Command::Tour(o) => tour::run(&o),
         cli::Command::Bench(o) => bench::run(&o).map(|()| ExitCode::SUCCESS),
+        cli::Command::Fuzz(o) => fuzz(&o),
     };
     match result {
         Ok(code) => code,
@@ -64,4 +65,26 @@ fn build_plugin(options: &cli::SetupOptions) -> anyhow::Result<()> {
     let ws = workspace::Workspace::load()?;
     ws.build_wasm()?;
     Ok(())
+}
+
+/// `cargo xtask fuzz`: every crate's `fuzz` test target, each target for `--seconds`.
+fn fuzz(options: &cli::FuzzOptions) -> anyhow::Result<ExitCode> {
+    setup::ensure(&setup::Needs::default(), &options.setup)?;
+    let ws = workspace::Workspace::load()?;
+    let mut cmd = workspace::cargo();
+    cmd.current_dir(&ws.root)
+        .args([
+            "test",
+            "--workspace",
+            "--test",
+            "fuzz",
+            "--",
+            "--test-threads=1",
+        ])
+        .env(
+            "KROWOC_FUZZ_SECONDS",
+            options.per_target.as_secs().to_string(),
+        );
+    workspace::run_loud(&mut cmd)?;
+    Ok(ExitCode::SUCCESS)
 }

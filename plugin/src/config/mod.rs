@@ -401,6 +401,15 @@ mod tests {
     }
 
     #[test]
+    fn keys_a_plain_path_cannot_show_are_quoted() {
+        // Found by the fuzzer: an empty key made an empty path.
+        let e = one_error(r#"{"": 1}"#);
+        assert_eq!(e.path, r#"[""]"#);
+        let e = one_error(r#"{"routes": [{"name": "a", "match": {"prefix": "/"}, "a.b c": 1}]}"#);
+        assert_eq!(e.path, r#"routes[0]["a.b c"]"#);
+    }
+
+    #[test]
     fn long_values_are_shortened_in_errors() {
         let long = "x".repeat(1000);
         let e = one_error(&format!(r#"{{"redis": {{"key_prefix": "{long}"}}}}"#));

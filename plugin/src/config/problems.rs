@@ -150,7 +150,19 @@ fn render_path(path: &[PathSeg<'_>]) -> String {
     out
 }
 
+/// A key as a path segment: `.name`, or `["…"]` (JSON-quoted) for a key that is empty or has
+/// characters a plain segment cannot show, so that every path names one place.
 fn push_key(out: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !plain {
+        out.push('[');
+        out.push_str(&Value::String(key.to_string()).to_string());
+        out.push(']');
+        return;
+    }
     if !out.is_empty() {
         out.push('.');
     }
