@@ -15,9 +15,10 @@
 //! text: requests, commands, errors by kind).
 //!
 //! The relay is not an open proxy: it listens on loopback unless told otherwise, compares the
-//! token in constant time, and allows only the commands the filter uses ([`FILTER_COMMANDS`]);
-//! [`ALWAYS_REFUSED`] commands cannot be allowed at all. Note that EVAL runs any Lua script,
-//! which can call any data command: the token is what keeps strangers out.
+//! token in constant time, allows only the commands the filter uses ([`FILTER_COMMANDS`]);
+//! [`ALWAYS_REFUSED`] commands cannot be allowed at all), and runs only the filter's own Lua
+//! scripts ([`scripts`]: `EVAL`, `EVALSHA` and `SCRIPT LOAD` of any other script are refused, so
+//! the token does not grant arbitrary Lua, nor a busy script that stalls Redis for everyone).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -40,8 +41,10 @@ use tokio::net::TcpListener;
 pub mod pool;
 pub mod process;
 pub mod redis_url;
+pub mod scripts;
 
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
+use crate::scripts::ScriptList;
 
 /// `host:port` as a connect address or a URL authority, an IPv6 literal in brackets
 /// (`[::1]:6379`): the one spelling of an address that the pool and host-shim share.
@@ -142,6 +145,10 @@ pub const ALWAYS_REFUSED: &[&str] = &[
     "HELLO",
     "QUIT",
     "RESET",
+    // Functions are Lua the relay's script list cannot vouch for.
+    "FUNCTION",
+    "FCALL",
+    "FCALL_RO",
 ];
 
 fn always_refused(name: &str) -> bool {
@@ -177,6 +184,10 @@ pub struct RelayArgs {
     /// like cannot be allowed.
     #[arg(long = "allow", value_name = "CMD")]
     pub allow: Vec<String>,
+    /// Also let this Lua script run (repeatable): the text of another plugin version's script,
+    /// during a rolling upgrade. The filter's own scripts are always allowed; others are 403.
+    #[arg(long = "allow-script", value_name = "FILE")]
+    pub allow_script: Vec<PathBuf>,
     /// How long Redis may take to answer a request (e.g. 1s, 250ms, 0.5s); then 504.
     #[arg(long, default_value = "1s", value_parser = parse_timeout, value_name = "DURATION")]
     pub timeout: Duration,
@@ -315,6 +326,8 @@ pub struct RelayConfig {
     pub max_body_bytes: usize,
     pub max_commands: usize,
     pub commands: CommandPolicy,
+    /// The scripts `EVAL`, `EVALSHA` and `SCRIPT LOAD` may name.
+    pub scripts: ScriptList,
     /// Per request: how long Redis may take to answer.
     pub timeout: Duration,
     pub pool_size: usize,
@@ -328,6 +341,7 @@ impl fmt::Debug for RelayConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_commands", &self.max_commands)
             .field("commands", &self.commands)
+            .field("scripts", &self.scripts.len())
             .field("timeout", &self.timeout)
             .field("pool_size", &self.pool_size)
             .finish()
@@ -336,7 +350,7 @@ impl fmt::Debug for RelayConfig {
 
 impl RelayConfig {
     /// Defaults for everything but the Redis to talk to: no token, 1 MiB, 64 commands, the
-    /// filter's commands, 1 s, 2 connections.
+    /// filter's commands and scripts, 1 s, 2 connections.
     pub fn new(redis: RedisEndpoint) -> RelayConfig {
         RelayConfig {
             redis,
@@ -344,6 +358,7 @@ impl RelayConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_commands: DEFAULT_MAX_COMMANDS,
             commands: CommandPolicy::filter_default(),
+            scripts: ScriptList::plugin(),
             timeout: DEFAULT_TIMEOUT,
             pool_size: pool::DEFAULT_CONNECTIONS,
         }
@@ -381,12 +396,17 @@ impl RelayConfig {
         for name in &args.allow {
             commands.allow(name).map_err(anyhow::Error::msg)?;
         }
+        let mut scripts = ScriptList::plugin();
+        for path in &args.allow_script {
+            scripts.allow_file(path)?;
+        }
         Ok(RelayConfig {
             redis,
             token,
             max_body_bytes: args.max_body_bytes,
             max_commands: args.max_commands,
             commands,
+            scripts,
             timeout: args.timeout,
             pool_size: args.pool_size,
         })
@@ -408,7 +428,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     if !addr.ip().is_loopback() && config.token.is_none() {
         tracing::warn!(%addr, "relay listens beyond loopback without a token: anyone who reaches it can use Redis");
     }
-    tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, "relay ready");
+    for (sha1, origin) in config.scripts.iter() {
+        tracing::debug!(sha1, origin, "script allowed");
+    }
+    tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready");
     println!("relay listening on {addr}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -469,16 +492,18 @@ enum Failure {
     Malformed,
     Token,
     Command,
+    Script,
     TooLarge,
     Unreachable,
     Timeout,
 }
 
 impl Failure {
-    const ALL: [Failure; 6] = [
+    const ALL: [Failure; 7] = [
         Failure::Malformed,
         Failure::Token,
         Failure::Command,
+        Failure::Script,
         Failure::TooLarge,
         Failure::Unreachable,
         Failure::Timeout,
@@ -487,7 +512,7 @@ impl Failure {
     fn status(self) -> StatusCode {
         match self {
             Failure::Malformed => StatusCode::BAD_REQUEST,
-            Failure::Token | Failure::Command => StatusCode::FORBIDDEN,
+            Failure::Token | Failure::Command | Failure::Script => StatusCode::FORBIDDEN,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::Unreachable => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -499,6 +524,7 @@ impl Failure {
             Failure::Malformed => "malformed",
             Failure::Token => "token",
             Failure::Command => "command_refused",
+            Failure::Script => "script_refused",
             Failure::TooLarge => "too_large",
             Failure::Unreachable => "redis_unreachable",
             Failure::Timeout => "redis_timeout",
@@ -517,7 +543,7 @@ struct Metrics {
     commands: AtomicU64,
     request_bytes: AtomicU64,
     reply_bytes: AtomicU64,
-    errors: [AtomicU64; 6],
+    errors: [AtomicU64; Failure::ALL.len()],
 }
 
 impl Metrics {
@@ -660,7 +686,8 @@ impl Relay {
         }
     }
 
-    /// Checks, in order: token, size, RESP, command count, allow-list; then sends.
+    /// Checks, in order: token, size, RESP, command count, allow-list and script list; then
+    /// sends.
     async fn relay(&self, req: Request<Incoming>) -> Result<Bytes, (Failure, String)> {
         if let Some(expected) = &self.config.token {
             let given = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
@@ -720,6 +747,10 @@ impl Relay {
                 .commands
                 .check(cmd)
                 .map_err(|reason| (Failure::Command, reason))?;
+            self.config
+                .scripts
+                .check(cmd, &body)
+                .map_err(|reason| (Failure::Script, reason))?;
         }
         let count = commands.len();
         let sent = body.len();
@@ -765,6 +796,7 @@ mod tests {
             args: usize::from(sub.is_some()),
             subcommand: sub.map(Into::into),
             span: 0..0,
+            arg_spans: Vec::new(),
         }
     }
 
@@ -795,7 +827,16 @@ mod tests {
         let mut p = CommandPolicy::filter_default();
         p.allow("lpush").unwrap();
         assert!(p.check(&info("LPUSH", None)).is_ok());
-        for name in ["FLUSHALL", "config", "KEYS", "subscribe", "BLPOP", "multi"] {
+        for name in [
+            "FLUSHALL",
+            "config",
+            "KEYS",
+            "subscribe",
+            "BLPOP",
+            "multi",
+            "function",
+            "FCALL",
+        ] {
             let err = p.allow(name).unwrap_err();
             assert!(err.contains("always refused"), "{name}: {err}");
         }
@@ -857,6 +898,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("krowoc_relay_errors_total{kind=\"redis_timeout\"} 2"));
         assert!(text.contains("krowoc_relay_errors_total{kind=\"malformed\"} 0"));
+        assert!(text.contains("krowoc_relay_errors_total{kind=\"script_refused\"} 0"));
         assert!(text.contains("krowoc_relay_requests_total 0"));
     }
 }

@@ -273,6 +273,16 @@ pub struct CommandInfo {
     pub subcommand: Option<String>,
     /// Where the command's bytes are in the body.
     pub span: Range<usize>,
+    /// Where each argument's bytes (without the bulk framing) are in the body, in order: the
+    /// relay reads a script's body or SHA1 from them.
+    pub arg_spans: Vec<Range<usize>>,
+}
+
+impl CommandInfo {
+    /// Argument `i` (0 is the first after the name), from the body this was parsed from.
+    pub fn arg<'b>(&self, body: &'b [u8], i: usize) -> Option<&'b [u8]> {
+        self.arg_spans.get(i).and_then(|r| body.get(r.clone()))
+    }
 }
 
 /// Why a body is not a sequence of RESP commands.
@@ -459,17 +469,21 @@ impl CommandParser<'_> {
             return Err(self.malformed(start, "empty command name"));
         }
         let mut subcommand = None;
+        // Capacity from the declared count only up to a bound: the count is the client's word.
+        let mut arg_spans = Vec::with_capacity((n - 1).min(16));
         for i in 1..n {
             let arg = self.bulk()?;
             if i == 1 && arg.len() <= 64 {
-                subcommand = Some(upper(&self.body[arg]));
+                subcommand = Some(upper(&self.body[arg.clone()]));
             }
+            arg_spans.push(arg);
         }
         Ok(CommandInfo {
             name,
             args: n - 1,
             subcommand,
             span: start..self.pos,
+            arg_spans,
         })
     }
 }
@@ -1021,6 +1035,10 @@ mod tests {
         assert_eq!(cmds[1].args, 2);
         assert_eq!(cmds[1].subcommand.as_deref(), Some("LOAD"));
         assert_eq!(cmds[1].span, 14..body.len());
+        assert!(cmds[0].arg_spans.is_empty());
+        assert_eq!(cmds[1].arg(body, 0), Some(&b"load"[..]));
+        assert_eq!(cmds[1].arg(body, 1), Some(&b"return 1"[..]));
+        assert_eq!(cmds[1].arg(body, 2), None);
         assert_eq!(parse_commands(b"").unwrap(), vec![]);
     }
 

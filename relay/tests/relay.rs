@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use testkit::{encode_command, RedisServer};
 
 use krowoc_relay::pool::RedisEndpoint;
+use krowoc_relay::scripts::{sha1_hex, PLUGIN_SCRIPTS};
 use krowoc_relay::{serve, RelayArgs, RelayConfig, TOKEN_HEADER};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -118,9 +119,11 @@ async fn pipelined_commands_reply_in_order() {
 #[tokio::test]
 async fn eval_runs_a_script_with_keys_and_args() {
     let redis = RedisServer::start();
-    let relay = start(config_for(&redis)).await;
+    let mut config = config_for(&redis);
     let script =
         "redis.call('SET', KEYS[1], ARGV[1]); return {KEYS[1], redis.call('GET', KEYS[1])}";
+    config.scripts.allow_source("test", script.as_bytes());
+    let relay = start(config).await;
     let reply = relay
         .post(commands(&[&["EVAL", script, "1", "k", "from-lua"]]))
         .await;
@@ -132,8 +135,11 @@ async fn eval_runs_a_script_with_keys_and_args() {
 #[tokio::test]
 async fn noscript_is_a_normal_reply_inside_a_200() {
     let redis = RedisServer::start();
-    let relay = start(config_for(&redis)).await;
-    let sha = "0123456789012345678901234567890123456789";
+    let mut config = config_for(&redis);
+    config.scripts.allow_source("test", b"return 42");
+    let relay = start(config).await;
+    // A script of the plugin's that this fresh Redis has never seen.
+    let sha = &sha1_hex(PLUGIN_SCRIPTS[0].1.as_bytes());
     let reply = relay
         .post(commands(&[&["EVALSHA", sha, "0"], &["PING"]]))
         .await;
@@ -149,6 +155,212 @@ async fn noscript_is_a_normal_reply_inside_a_200() {
     let sha = load.text().lines().nth(1).unwrap_or_default().to_string();
     let reply = relay.post(commands(&[&["EVALSHA", &sha, "0"]])).await;
     assert_eq!(reply.text(), ":42\r\n");
+}
+
+/// Scripts a token holder might try: each would wipe Redis, or stall it for every client.
+const HOSTILE_SCRIPTS: [&str; 3] = [
+    "return redis.call('FLUSHALL')",
+    "while true do end",
+    "redis.call('SET', 'forged', '1') return 1",
+];
+
+#[tokio::test]
+async fn unknown_scripts_are_403_naming_the_sha1_and_nothing_reaches_redis() {
+    let redis = RedisServer::start();
+    redis.cli(&["SET", "guard", "still-here"]);
+    let mut config = config_for(&redis);
+    config.token = Some("s3cret".into());
+    let relay = start(config).await;
+    let mut refused = 0;
+    for script in HOSTILE_SCRIPTS {
+        let sha = sha1_hex(script.as_bytes());
+        let attempts: [&[&str]; 4] = [
+            &["EVAL", script, "0"],
+            &["EVALSHA", &sha, "0"],
+            &["SCRIPT", "LOAD", script],
+            &["EVALSHA", &sha.to_ascii_uppercase(), "0"],
+        ];
+        for attempt in attempts {
+            // The script comes last: the SET before it must not run either.
+            let body = commands(&[&["SET", "written", "1"], attempt]);
+            let started = Instant::now();
+            let reply = relay
+                .request(Method::POST, "/resp", Some("s3cret"), body)
+                .await;
+            refused += 1;
+            assert_eq!(
+                reply.status,
+                StatusCode::FORBIDDEN,
+                "{attempt:?}: {}",
+                reply.text()
+            );
+            assert!(reply.text().contains(&sha), "{attempt:?}: {}", reply.text());
+            assert!(
+                reply.text().contains("not one of the relay's scripts"),
+                "{}",
+                reply.text()
+            );
+            assert!(started.elapsed() < Duration::from_millis(500));
+        }
+        assert_eq!(redis.cli(&["SCRIPT", "EXISTS", &sha]), "0", "{script}");
+    }
+    // Redis answers at once (no BUSY script), nothing was written, nothing was wiped.
+    assert_eq!(redis.cli(&["PING"]), "PONG");
+    assert_eq!(redis.cli(&["GET", "guard"]), "still-here");
+    assert_eq!(redis.int(&["EXISTS", "written", "forged"]), 0);
+    assert_eq!(redis.int(&["DBSIZE"]), 1);
+    let metrics = relay
+        .request(Method::GET, "/metrics", None, Vec::new())
+        .await
+        .text();
+    let line = format!("krowoc_relay_errors_total{{kind=\"script_refused\"}} {refused}");
+    assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    assert!(
+        metrics.contains("krowoc_relay_commands_total 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn functions_are_refused_even_when_allowed() {
+    let redis = RedisServer::start();
+    let mut config = config_for(&redis);
+    for name in ["FUNCTION", "FCALL", "FCALL_RO"] {
+        let err = config.commands.allow(name).expect_err(name);
+        assert!(err.contains("always refused"), "{err}");
+    }
+    let relay = start(config).await;
+    let library = "#!lua name=evil\nredis.register_function('wipe', function() return redis.call('FLUSHALL') end)";
+    for cmd in [
+        &["FUNCTION", "LOAD", library][..],
+        &["FCALL", "wipe", "0"],
+        &["FCALL_RO", "wipe", "0"],
+    ] {
+        let reply = relay.post(commands(&[cmd])).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{cmd:?}");
+        assert!(reply.text().contains(cmd[0]), "{}", reply.text());
+    }
+    assert_eq!(redis.cli(&["FUNCTION", "LIST"]), "");
+}
+
+#[tokio::test]
+async fn each_plugin_script_runs_by_eval_and_by_evalsha() {
+    let redis = RedisServer::start();
+    let relay = start(config_for(&redis)).await;
+    for (name, source) in PLUGIN_SCRIPTS {
+        let sha = sha1_hex(source.as_bytes());
+        // Unknown to Redis: EVALSHA is relayed and Redis answers NOSCRIPT, as the plugin expects.
+        let reply = relay.post(commands(&[&["EVALSHA", &sha, "0"]])).await;
+        assert_eq!(reply.status, StatusCode::OK, "{name}: {}", reply.text());
+        assert!(
+            reply.text().starts_with("-NOSCRIPT"),
+            "{name}: {}",
+            reply.text()
+        );
+        // EVAL reaches Redis (which caches the script), then EVALSHA finds it. Without the
+        // script's real arguments most answer a script error: a normal reply inside the 200.
+        let eval = relay.post(commands(&[&["EVAL", source, "0"]])).await;
+        assert_eq!(eval.status, StatusCode::OK, "{name}: {}", eval.text());
+        assert_eq!(redis.cli(&["SCRIPT", "EXISTS", &sha]), "1", "{name}");
+        let again = relay.post(commands(&[&["EVALSHA", &sha, "0"]])).await;
+        assert_eq!(again.status, StatusCode::OK, "{name}: {}", again.text());
+        assert!(
+            !again.text().starts_with("-NOSCRIPT"),
+            "{name}: {}",
+            again.text()
+        );
+        redis.cli(&["SCRIPT", "FLUSH"]);
+        let load = relay.post(commands(&[&["SCRIPT", "LOAD", source]])).await;
+        assert_eq!(load.status, StatusCode::OK, "{name}: {}", load.text());
+        assert!(load.text().contains(&sha), "{name}: {}", load.text());
+    }
+    // One with its real arguments: a fixed window of 10 per second admits the first request.
+    let (_, rate_limit) = PLUGIN_SCRIPTS
+        .iter()
+        .find(|(n, _)| *n == "rate_limit.lua")
+        .expect("rate_limit.lua");
+    let args = ["1", "rl:{t}:a", "1", "fixed_window", "10", "1000", "1"];
+    let eval = [&["EVAL", rate_limit][..], &args].concat();
+    let reply = relay.post(commands(&[&eval])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        reply.text().starts_with("*5\r\n:1\r\n:0\r\n:9\r\n"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[test]
+fn allow_script_admits_another_plugin_versions_script() {
+    let redis = RedisServer::start();
+    let file = redis.dir().join("next_version.lua");
+    let next = "-- a later plugin's script\nreturn 'v2'\n";
+    std::fs::write(&file, next).expect("write script");
+    let cli = Cli::try_parse_from([
+        "relay",
+        "--redis",
+        &redis.url(),
+        "--allow-script",
+        file.to_str().expect("utf-8 path"),
+    ])
+    .expect("flags");
+    let config = RelayConfig::from_args(&cli.relay).expect("config");
+    assert_eq!(config.scripts.len(), PLUGIN_SCRIPTS.len() + 1);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let relay = start(config).await;
+        let reply = relay.post(commands(&[&["EVAL", next, "0"]])).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.text(), "$2\r\nv2\r\n");
+        let sha = sha1_hex(next.as_bytes());
+        let reply = relay.post(commands(&[&["EVALSHA", &sha, "0"]])).await;
+        assert_eq!(reply.text(), "$2\r\nv2\r\n");
+        // Byte for byte: the same script without its trailing newline is another script.
+        let reply = relay
+            .post(commands(&[&["EVAL", next.trim_end(), "0"]]))
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    });
+}
+
+#[test]
+fn an_unreadable_allow_script_file_fails_startup_naming_it() {
+    let dir =
+        std::env::temp_dir().join(format!("krowoc-relay-allow-script-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let missing = dir.join("missing.lua");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_krowoc-relay"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            "t0ps3cret",
+            "--allow-script",
+        ])
+        .arg(&missing)
+        .output()
+        .expect("run krowoc-relay");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: --allow-script {}: cannot read it",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file"), "{stderr}");
+    assert!(!stderr.contains("t0ps3cret"), "{stderr}");
+    // A directory is not a script either.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_krowoc-relay"))
+        .args(["--listen", "127.0.0.1:0", "--allow-script"])
+        .arg(&dir)
+        .output()
+        .expect("run krowoc-relay");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--allow-script"), "{stderr}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 #[tokio::test]
@@ -537,6 +749,10 @@ fn flags_parse_with_documented_defaults_and_refuse_bad_values() {
     refuse(&["--timeout", "5"], "unit");
     refuse(&["--max-commands", "0"], "--max-commands 0");
     refuse(&["--token", ""], "token is empty");
+    refuse(
+        &["--allow-script", "/nonexistent/next.lua"],
+        "--allow-script /nonexistent/next.lua: cannot read it",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
