@@ -507,3 +507,63 @@ fn a_fill_that_looked_up_before_a_purge_is_not_stored() {
     assert!(stored > 0);
     assert_eq!(e.lookup(&redis, 0, "x").state, EntryState::Hit);
 }
+
+/// Fills `redis` past a 1 MiB `maxmemory` with `noeviction`, so Redis refuses every write that
+/// needs memory (`OOM command not allowed…`), as a full production Redis does.
+fn out_of_memory(redis: &RedisServer) {
+    let big = "x".repeat(100_000);
+    for i in 0..20 {
+        redis.cli(&["SET", &format!("fill:{i}"), &big]);
+    }
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1mb"]);
+    let probe = redis.cli(&["SET", "probe", "x"]);
+    assert!(probe.starts_with("OOM"), "{probe}");
+}
+
+#[test]
+fn out_of_memory_lookups_still_serve_hits_and_send_misses_upstream_without_a_lock() {
+    let redis = RedisServer::start();
+    let keys = RouteKeys::new("t:", "r");
+    let e = Entry {
+        keys: &keys,
+        hash: "fresh",
+        url: "/a",
+        path: "/a",
+        tags: &[],
+    };
+    e.store(&redis, &response("fresh"), (60_000, 0, 0, 0), "");
+    let stale = Entry { hash: "stale", ..e };
+    stale.store(&redis, &response("old"), (1_000, 60_000, 0, 2_000), "");
+    let missing = Entry {
+        hash: "missing",
+        ..e
+    };
+    out_of_memory(&redis);
+
+    let hit = e.lookup(&redis, 10_000, "a");
+    assert_eq!(
+        (hit.state, hit.lock),
+        (EntryState::Hit, LockState::NotTried)
+    );
+    assert_eq!(
+        decode(hit.blob.expect("blob")).expect("decodes").body,
+        b"fresh"
+    );
+    // The refresh lock is refused: the stale copy is served and nobody refreshes it.
+    let s = stale.lookup(&redis, 10_000, "b");
+    assert_eq!((s.state, s.lock), (EntryState::Stale, LockState::NotTried));
+    assert!(s.blob.is_some());
+    // A miss answers as with coalescing off (go upstream, do not wait), not as an error.
+    let m = missing.lookup(&redis, 10_000, "c");
+    assert_eq!((m.state, m.lock), (EntryState::Miss, LockState::NotTried));
+    assert_eq!(
+        redis.int(&["EXISTS", &keys.lock("stale"), &keys.lock("missing")]),
+        0
+    );
+
+    // Room again: the lock is taken as before.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let m = missing.lookup(&redis, 10_000, "c");
+    assert_eq!((m.state, m.lock), (EntryState::Miss, LockState::Taken));
+}

@@ -13,14 +13,22 @@
 --                     (v is still returned, for stale-if-error) | "miss" no entry
 --            age_ms   the entry's age by Redis' clock (0 on a miss)
 --            v        the encoded response; false (nil) on a miss
---            lock     1 taken by this request, 0 held by another, -1 not tried (a fresh hit, or
---                     coalescing off), -2 the key is marked uncacheable ("pass")
+--            lock     1 taken by this request, 0 held by another, -1 not tried (a fresh hit,
+--                     coalescing off, or Redis refused the lock: out of memory), -2 the key is
+--                     marked uncacheable ("pass")
 --            corrupt  1 when an unreadable entry (wrong type, missing fields, another version
 --                     tag) was found: it has been deleted and this is a miss
 --            now_ms   Redis' clock: a fill passes it to the store, which refuses the response
 --                     when the route was purged after this lookup
 --
 -- Time is Redis TIME, so every gateway on this Redis computes the same age.
+--
+-- Out of memory (maxmemory with noeviction), Redis refuses the lock's SET: the lookup still
+-- answers (-1, as with coalescing off) instead of failing, so hits and stale entries are still
+-- served and a miss goes upstream at once. No shebang flags: the script writes (the lock, the
+-- deletion of an unreadable entry), so `no-writes` does not fit, and a flagged script that is not
+-- `allow-oom` is refused whole under OOM, fresh hits included; without flags Redis refuses only
+-- the first write that would use memory, which the pcall below absorbs.
 
 if redis.replicate_commands then
   pcall(redis.replicate_commands)
@@ -34,7 +42,11 @@ local function try_lock()
   if lock_ms <= 0 then
     return -1
   end
-  if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', lock_ms) then
+  local taken = redis.pcall('SET', KEYS[2], ARGV[3], 'NX', 'PX', lock_ms)
+  if type(taken) == 'table' and taken.err then
+    return -1
+  end
+  if taken then
     return 1
   end
   if redis.call('GET', KEYS[2]) == 'pass' then
