@@ -49,6 +49,10 @@ pub const PLUGIN_SCRIPTS: &[(&str, &str)] = &[
         "events_flush.lua",
         include_str!("../../plugin/src/redis/scripts/events_flush.lua"),
     ),
+    (
+        "vm_registry.lua",
+        include_str!("../../plugin/src/redis/scripts/vm_registry.lua"),
+    ),
 ];
 
 /// Commands that run or load a script, and which argument names it.
