@@ -212,7 +212,8 @@ mod tests {
             assert_eq!(cfg.redis.timeout.as_millis(), 200);
             assert_eq!(cfg.redis.key_prefix, "krowoc:");
             assert_eq!(cfg.redis.breaker.failures, 5);
-            assert_eq!(cfg.redis.breaker.cooldown.as_millis(), 5000);
+            assert_eq!(cfg.redis.breaker.cooldown.as_millis(), 1000);
+            assert_eq!(cfg.redis.breaker.probe_interval_ms(), 100);
             assert_eq!(cfg.client_ip.trusted_hops, 0);
         }
     }
@@ -370,6 +371,21 @@ mod tests {
         assert_eq!(e.path, "redis.password");
         let e = one_error(r#"{"redis": {"transport": "redis_call", "token": "t"}}"#);
         assert_eq!(e.path, "redis.token");
+    }
+
+    #[test]
+    fn a_probe_interval_longer_than_the_cooldown_is_refused() {
+        let e = one_error(r#"{"redis": {"breaker": {"probe_interval": "2s", "cooldown": "1s"}}}"#);
+        assert_eq!(e.path, "redis.breaker.probe_interval");
+        assert!(e.message.contains("cooldown"), "{e}");
+        let e = one_error(r#"{"redis": {"breaker": {"probe_interval": "0ms"}}}"#);
+        assert_eq!(e.path, "redis.breaker.probe_interval");
+        // Unset, it follows a short cool-down.
+        let cfg = parse_config(br#"{"redis": {"breaker": {"cooldown": "40ms"}}}"#).expect("valid");
+        assert_eq!(cfg.redis.breaker.probe_interval_ms(), 40);
+        let cfg =
+            parse_config(br#"{"redis": {"breaker": {"probe_interval": "250ms"}}}"#).expect("valid");
+        assert_eq!(cfg.redis.breaker.probe_interval_ms(), 250);
     }
 
     #[test]

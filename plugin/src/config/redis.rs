@@ -50,21 +50,37 @@ pub enum Transport {
     RedisCall,
 }
 
-/// Per-VM circuit breaker: after `failures` consecutive failed calls, no Redis calls for
-/// `cooldown`, then one probe.
+/// Per-VM circuit breaker: after `failures` consecutive failed calls, no Redis calls until a
+/// probe is due: the first `probe_interval` after it opened, then twice the previous wait after
+/// each failed probe, at most `cooldown` (see `redis::breaker`).
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {
     #[serde(default = "default_breaker_failures")]
     pub failures: u32,
+    /// The wait before the first probe (unset: 100ms, or `cooldown` if that is shorter).
+    #[serde(default)]
+    pub probe_interval: Option<ConfigDuration>,
+    /// The longest wait between probes.
     #[serde(default = "default_breaker_cooldown")]
     pub cooldown: ConfigDuration,
+}
+
+impl BreakerConfig {
+    /// The wait before the first probe, in milliseconds.
+    pub fn probe_interval_ms(&self) -> u64 {
+        self.probe_interval.map_or_else(
+            || DEFAULT_PROBE_INTERVAL_MS.min(self.cooldown.as_millis()),
+            ConfigDuration::as_millis,
+        )
+    }
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failures: default_breaker_failures(),
+            probe_interval: None,
             cooldown: default_breaker_cooldown(),
         }
     }
@@ -79,8 +95,9 @@ fn default_key_prefix() -> String {
 fn default_breaker_failures() -> u32 {
     5
 }
+const DEFAULT_PROBE_INTERVAL_MS: u64 = 100;
 fn default_breaker_cooldown() -> ConfigDuration {
-    ConfigDuration::from_millis(5_000)
+    ConfigDuration::from_millis(1_000)
 }
 
 impl RedisConfig {
@@ -206,6 +223,20 @@ pub(super) fn validate_redis(p: &mut Problems<'_>, redis: &RedisConfig) {
                 PathSeg::Key("cooldown"),
             ],
             "must be between 1ms and 1h",
+        );
+    }
+    let probe_interval = redis.breaker.probe_interval_ms();
+    if redis.breaker.probe_interval.is_some() && (probe_interval == 0 || probe_interval > cooldown)
+    {
+        p.at(
+            &[
+                PathSeg::Key("redis"),
+                PathSeg::Key("breaker"),
+                PathSeg::Key("probe_interval"),
+            ],
+            format!(
+                "must be between 1ms and `cooldown` ({cooldown}ms): the first probe cannot wait longer than the longest wait between probes"
+            ),
         );
     }
 }

@@ -913,7 +913,7 @@ mod tests {
     #[test]
     fn an_open_breaker_keeps_events_queued_until_redis_returns() {
         let cfg = config(
-            r#"{"redis": {"breaker": {"failures": 1, "cooldown": "1s"}},
+            r#"{"redis": {"breaker": {"failures": 1, "probe_interval": "1s", "cooldown": "1s"}},
                 "events": {"batch_size": 2, "queue_limit": 4}}"#,
         );
         let mut p = EventPublisher::new(&cfg);

@@ -99,7 +99,11 @@ impl RedisClient {
         RedisClient {
             transport: cfg.transport,
             timeout_ms: cfg.timeout.as_millis(),
-            breaker: Breaker::new(cfg.breaker.failures, cfg.breaker.cooldown.as_millis()),
+            breaker: Breaker::new(
+                cfg.breaker.failures,
+                cfg.breaker.probe_interval_ms(),
+                cfg.breaker.cooldown.as_millis(),
+            ),
             pending: HashMap::new(),
             stats: ClientStats::default(),
             transitions: Vec::new(),
@@ -665,7 +669,9 @@ mod tests {
 
     #[test]
     fn breaker_opens_after_failures_and_short_circuits_calls() {
-        let mut c = client(r#"{"redis": {"breaker": {"failures": 2, "cooldown": "1s"}}}"#);
+        let mut c = client(
+            r#"{"redis": {"breaker": {"failures": 2, "probe_interval": "1s", "cooldown": "1s"}}}"#,
+        );
         let mut w = recorder();
         for now in [0, 1] {
             let t = c
@@ -732,6 +738,79 @@ mod tests {
         );
         assert_eq!(c.breaker_state(), BreakerState::Closed);
         assert_eq!(c.transitions, vec![Transition::Opened, Transition::Closed]);
+    }
+
+    #[test]
+    fn any_call_can_be_the_probe_and_its_success_closes_the_breaker_at_once() {
+        let relay = |status: u16, body: &[u8]| RawReply::Relay {
+            status: Some(status),
+            body: body.to_vec(),
+        };
+        for owner in [
+            Owner::RateLimit(1),
+            Owner::CacheLookup(1),
+            Owner::Flush(1),
+            Owner::Job(1),
+        ] {
+            let mut c = client(r#"{"redis": {"breaker": {"failures": 1, "cooldown": "5s"}}}"#);
+            let mut w = recorder();
+            let t = c
+                .call(&mut w, 0, owner, &Command::new("PING"), None)
+                .expect("sent");
+            c.on_reply(&mut w, 0, t, relay(502, b"down"));
+            assert_eq!(c.breaker_state(), BreakerState::Open);
+            assert!(c
+                .call(&mut w, 99, owner, &Command::new("PING"), None)
+                .is_err());
+            // 100ms after opening (the default probe interval), not after the 5s cool-down.
+            let t = c
+                .call(&mut w, 100, owner, &Command::new("PING"), None)
+                .unwrap_or_else(|e| panic!("{owner:?} is not let through as the probe: {e}"));
+            c.on_reply(&mut w, 101, t, relay(200, b"+PONG\r\n"));
+            assert_eq!(c.breaker_state(), BreakerState::Closed, "{owner:?}");
+            assert!(c
+                .call(
+                    &mut w,
+                    102,
+                    Owner::RateLimit(2),
+                    &Command::new("PING"),
+                    None
+                )
+                .is_ok());
+        }
+    }
+
+    #[test]
+    fn failed_probes_back_off_toward_the_cooldown() {
+        let mut c = client(r#"{"redis": {"breaker": {"failures": 1, "cooldown": "1s"}}}"#);
+        let mut w = recorder();
+        let mut probes = Vec::new();
+        let t = c
+            .call(&mut w, 0, Owner::RateLimit(1), &Command::new("PING"), None)
+            .expect("sent");
+        let down = || RawReply::Relay {
+            status: Some(502),
+            body: b"down".to_vec(),
+        };
+        c.on_reply(&mut w, 0, t, down());
+        for now in 1..3_000 {
+            if let Ok(t) = c.call(
+                &mut w,
+                now,
+                Owner::Flush(now as u32),
+                &Command::new("PING"),
+                None,
+            ) {
+                probes.push(now);
+                c.on_reply(&mut w, now, t, down());
+            }
+        }
+        assert_eq!(probes, vec![100, 300, 700, 1500, 2500]);
+        assert_eq!(
+            c.transitions,
+            vec![Transition::Opened],
+            "probing is not reopening"
+        );
     }
 
     #[test]
