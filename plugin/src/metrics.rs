@@ -20,13 +20,18 @@
 //! | `krowoc.rate_limit.<route>.skipped` | counter | requests without the keyed value, skipped |
 //! | `krowoc.events.recorded` | counter | request events built and queued |
 //! | `krowoc.events.sampled_out` | counter | requests without an event because of `sample_ratio` |
-//! | `krowoc.events.published` | counter | events Redis confirmed (every target written) |
-//! | `krowoc.events.dropped` | counter | events dropped from a full queue, oldest first |
-//! | `krowoc.events.rejected` | counter | events Redis refused (error reply), not retried |
+//! | `krowoc.events.published` | counter | events that reached Redis: at least one of their targets (the channel's PUBLISH, the stream's XADD) took them |
+//! | `krowoc.events.partial` | counter | of `published`, events one target of which gave up (refused, or still unwritten when pushed out of the queue) |
+//! | `krowoc.events.dropped` | counter | events that never reached Redis: no target took them (pushed out of a full queue, oldest first; refused on every target; or their flush failed for good) |
+//! | `krowoc.events.rejected` | counter | events Redis refused on some target (error reply such as `WRONGTYPE`), not sent again; also in `dropped` or `partial` |
 //! | `krowoc.events.flushes` | counter | flush calls sent (one Redis call each) |
-//! | `krowoc.events.flush_failures` | counter | flush calls that failed (events queued again when the failure may pass) |
-//! | `krowoc.events.requeued` | counter | events put back on the queue after a failed flush |
+//! | `krowoc.events.flush_failures` | counter | flush calls that failed as a whole (their events queued again when the failure may pass) |
+//! | `krowoc.events.requeued` | counter | events put back on the queue with the targets still to write, after a failed flush or a command Redis could not take then (`OOM`, `LOADING`…) |
+//! | `krowoc.events.possible_duplicates` | counter | events sent again after a flush whose outcome is unknown (timeout, reset): at most this many duplicates |
 //! | `krowoc.events.queued` | gauge | events waiting in all VMs' queues now |
+//!
+//! Every recorded event ends in exactly one of `published` and `dropped`: `recorded` =
+//! `published` + `dropped` + `queued` + the events of flushes in flight.
 //! | `krowoc.events.batch_size` | histogram | events per flush |
 //! | `krowoc.cache.<route>.hits` | counter | requests answered from a fresh entry (incl. 304s and coalesced waits) |
 //! | `krowoc.cache.<route>.misses` | counter | lookups without an entry (or past one, for a client's honoured `no-cache`): sent upstream |
@@ -290,11 +295,13 @@ pub struct EventStats {
     pub recorded: u64,
     /// Requests without an event because of sampling.
     pub sampled_out: u64,
-    /// Events Redis confirmed.
+    /// Events that reached Redis (some target took them).
     pub published: u64,
-    /// Events dropped because the queue was full (the oldest first).
+    /// Of those, events a target of which gave up.
+    pub partial: u64,
+    /// Events that never reached Redis (no target took them).
     pub dropped: u64,
-    /// Events Redis refused (an error reply for that event); not retried.
+    /// Events Redis refused on some target (an error reply for that command); not retried.
     pub rejected: u64,
     /// Flush calls sent.
     pub flushes: u64,
@@ -302,8 +309,10 @@ pub struct EventStats {
     pub flushed_events: u64,
     /// Flush calls that failed (their events are queued again when the failure may pass).
     pub flush_failures: u64,
-    /// Events put back on the queue after a failed flush.
+    /// Events put back on the queue after a failed flush or command.
     pub requeued: u64,
+    /// Events sent again after a flush whose outcome is unknown (may be duplicates).
+    pub possible_duplicates: u64,
 }
 
 /// The request events' metrics, by delta from the publisher's [`EventStats`].
@@ -312,11 +321,13 @@ pub struct EventMetrics {
     recorded: Option<u32>,
     sampled_out: Option<u32>,
     published: Option<u32>,
+    partial: Option<u32>,
     dropped: Option<u32>,
     rejected: Option<u32>,
     flushes: Option<u32>,
     flush_failures: Option<u32>,
     requeued: Option<u32>,
+    possible_duplicates: Option<u32>,
     queued: Option<u32>,
     pub batch_size: Option<u32>,
     reported: EventStats,
@@ -330,11 +341,13 @@ impl EventMetrics {
             recorded: counter("krowoc.events.recorded"),
             sampled_out: counter("krowoc.events.sampled_out"),
             published: counter("krowoc.events.published"),
+            partial: counter("krowoc.events.partial"),
             dropped: counter("krowoc.events.dropped"),
             rejected: counter("krowoc.events.rejected"),
             flushes: counter("krowoc.events.flushes"),
             flush_failures: counter("krowoc.events.flush_failures"),
             requeued: counter("krowoc.events.requeued"),
+            possible_duplicates: counter("krowoc.events.possible_duplicates"),
             queued: define_metric(MetricType::Gauge, "krowoc.events.queued"),
             batch_size: define_metric(MetricType::Histogram, "krowoc.events.batch_size"),
             reported: EventStats::default(),
@@ -349,6 +362,7 @@ impl EventMetrics {
             (self.recorded, d(stats.recorded, r.recorded)),
             (self.sampled_out, d(stats.sampled_out, r.sampled_out)),
             (self.published, d(stats.published, r.published)),
+            (self.partial, d(stats.partial, r.partial)),
             (self.dropped, d(stats.dropped, r.dropped)),
             (self.rejected, d(stats.rejected, r.rejected)),
             (self.flushes, d(stats.flushes, r.flushes)),
@@ -357,6 +371,10 @@ impl EventMetrics {
                 d(stats.flush_failures, r.flush_failures),
             ),
             (self.requeued, d(stats.requeued, r.requeued)),
+            (
+                self.possible_duplicates,
+                d(stats.possible_duplicates, r.possible_duplicates),
+            ),
         ] {
             if delta > 0 {
                 increment_metric(id, delta);

@@ -101,15 +101,63 @@ fn config(transport: &str) -> Config {
     .expect("config")
 }
 
+/// A publisher with its command layer and a wire to `redis`.
+struct Flusher {
+    p: EventPublisher,
+    client: RedisClient,
+    wire: TcpWire,
+    transport: krowoc_plugin::config::Transport,
+}
+
+impl Flusher {
+    fn new(redis: &RedisServer, cfg: &Config) -> Flusher {
+        Flusher {
+            p: EventPublisher::new(cfg),
+            client: RedisClient::new(&cfg.redis),
+            wire: TcpWire {
+                port: redis.port,
+                next: 3,
+                replies: HashMap::new(),
+            },
+            transport: cfg.redis.transport,
+        }
+    }
+
+    /// Flushes what is due at `now_ms` and hands every answer back.
+    fn flush(&mut self, now_ms: u64) {
+        self.p.flush(&mut self.client, &mut self.wire, now_ms);
+        // Answer every call (an EVALSHA answered NOSCRIPT goes on as EVAL under a new token).
+        while let Some(&token) = self.wire.replies.keys().next() {
+            let body = self.wire.replies.remove(&token).expect("reply");
+            let raw = match self.transport {
+                krowoc_plugin::config::Transport::Relay => RawReply::Relay {
+                    status: Some(200),
+                    body,
+                },
+                krowoc_plugin::config::Transport::RedisCall => {
+                    RawReply::RedisCall { status: 0, body }
+                }
+            };
+            if let Some(c) = self.client.on_reply(&mut self.wire, now_ms + 1, token, raw) {
+                let Owner::Flush(flush) = c.owner else {
+                    panic!("not a flush: {:?}", c.owner);
+                };
+                self.p.on_flush_done(flush, c.result);
+            }
+        }
+    }
+}
+
 /// Records `n` requests and flushes them through the command layer; returns the publisher.
 fn publish(redis: &RedisServer, cfg: &Config, n: u32) -> EventPublisher {
-    let mut p = EventPublisher::new(cfg);
-    let mut client = RedisClient::new(&cfg.redis);
-    let mut wire = TcpWire {
-        port: redis.port,
-        next: 3,
-        replies: HashMap::new(),
-    };
+    let mut f = Flusher::new(redis, cfg);
+    record(&mut f.p, cfg, n);
+    f.flush(10_000);
+    f.p
+}
+
+/// Records `n` requests (request ids `req-1`…).
+fn record(p: &mut EventPublisher, cfg: &Config, n: u32) {
     for ctx in 1..=n {
         let req = RequestInfo {
             path: format!("/api/item/{ctx}?q=1"),
@@ -124,25 +172,6 @@ fn publish(redis: &RedisServer, cfg: &Config, n: u32) -> EventPublisher {
             headers: vec![],
         });
     }
-    p.flush(&mut client, &mut wire, 10_000);
-    // Answer every call (an EVALSHA answered NOSCRIPT goes on as EVAL under a new token).
-    while let Some(&token) = wire.replies.keys().next() {
-        let body = wire.replies.remove(&token).expect("reply");
-        let raw = match cfg.redis.transport {
-            krowoc_plugin::config::Transport::Relay => RawReply::Relay {
-                status: Some(200),
-                body,
-            },
-            krowoc_plugin::config::Transport::RedisCall => RawReply::RedisCall { status: 0, body },
-        };
-        if let Some(c) = client.on_reply(&mut wire, 10_001, token, raw) {
-            let Owner::Flush(flush) = c.owner else {
-                panic!("not a flush: {:?}", c.owner);
-            };
-            p.on_flush_done(flush, c.result);
-        }
-    }
-    p
 }
 
 fn events_reach_subscribers_and_the_stream(transport: &str) {
@@ -184,9 +213,15 @@ fn a_refused_stream_write_does_not_stop_the_publishes(transport: &str) {
     let cfg = config(transport);
     let mut sub = Subscriber::new(&redis, "krowoc:requests");
     let p = publish(&redis, &cfg, 2);
+    // Both reached the channel: published, but partial (the stream refused them).
     assert_eq!(
-        (p.stats.published, p.stats.rejected),
-        (0, 2),
+        (
+            p.stats.published,
+            p.stats.partial,
+            p.stats.rejected,
+            p.stats.dropped
+        ),
+        (2, 2, 2, 0),
         "{:?}",
         p.stats
     );
@@ -202,6 +237,55 @@ fn relay_pipeline_counts_refused_events() {
 #[test]
 fn redis_call_script_counts_refused_events() {
     a_refused_stream_write_does_not_stop_the_publishes("redis_call");
+}
+
+/// Redis full (`noeviction`): PUBLISH still works, XADD answers OOM. Only the XADDs are sent
+/// again, and once Redis has room every event is in the stream once and on the channel once.
+fn out_of_memory_sends_only_the_xadds_again(transport: &str) {
+    let redis = RedisServer::start();
+    let cfg = config(transport);
+    let mut sub = Subscriber::new(&redis, "krowoc:requests");
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    let mut f = Flusher::new(&redis, &cfg);
+    record(&mut f.p, &cfg, 3);
+    for tick in 0..5 {
+        f.flush(10_000 + tick * 100);
+    }
+    let s = f.p.stats;
+    assert_eq!((s.published, s.dropped), (0, 0), "{s:?}");
+    assert_eq!(f.p.queue_len(), 3, "waiting for their XADD");
+    assert_eq!(s.requeued, 15, "{s:?}");
+    assert_eq!(s.possible_duplicates, 0);
+    assert_eq!(redis.int(&["EXISTS", "krowoc:events"]), 0);
+    assert_eq!(sub.messages(3).len(), 3, "each PUBLISH once");
+
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    f.flush(20_000);
+    let s = f.p.stats;
+    assert_eq!((s.published, s.partial, s.dropped), (3, 0, 0), "{s:?}");
+    assert_eq!(f.p.queue_len(), 0);
+    assert_eq!(redis.int(&["XLEN", "krowoc:events"]), 3);
+    // No fourth message: a PING through the subscription comes back next.
+    sub.0.write_all(&encode_command(&["PING"])).expect("ping");
+    let next = decode_replies(&read_frames(&mut sub.0, 1), 1).expect("reply");
+    assert!(
+        matches!(next.as_slice(), [Reply::Array(parts)] if parts.first() == Some(&Reply::Bulk(b"pong".to_vec()))),
+        "a message came before the pong: {next:?}"
+    );
+}
+
+#[test]
+fn relay_pipeline_under_oom_sends_only_the_xadds_again() {
+    out_of_memory_sends_only_the_xadds_again("relay");
+}
+
+#[test]
+fn redis_call_script_under_oom_sends_only_the_xadds_again() {
+    out_of_memory_sends_only_the_xadds_again("redis_call");
 }
 
 #[test]

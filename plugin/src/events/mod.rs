@@ -20,11 +20,21 @@
 //!   one `EVALSHA` of `scripts/events_flush.lua` (`EVAL` on NOSCRIPT) that runs the same
 //!   commands inside Redis.
 //!
-//! A flush that fails for a reason that may pass (timeout, Redis or relay unreachable, breaker
-//! open, `LOADING`…) puts its events back at the front of the queue, so events survive an outage
-//! up to `queue_limit` and are written when Redis returns; delivery is at least once (a timed-out
-//! flush may have been written): consumers deduplicate by `id`. Events Redis refuses (an error
-//! reply such as `WRONGTYPE` for that event) are counted and not retried.
+//! Every command's outcome is kept: an event's PUBLISH and its XADD are separate. A command Redis
+//! cannot take now (`OOM`, `LOADING`… for that command), and every command of a flush that
+//! failed as a whole for a reason that may pass (timeout, Redis or relay unreachable, breaker
+//! open), goes back to the front of the queue with its event, and only the commands still to do
+//! are sent again: an event whose PUBLISH went through and whose XADD got `OOM` is only XADDed
+//! again. So events survive an outage up to `queue_limit` and are written when Redis returns.
+//! Duplicates come only from a flush whose outcome is unknown (a timeout, a reset: it may have
+//! been written), counted as `possible_duplicates`; consumers deduplicate by `id`. A command
+//! Redis refuses (`WRONGTYPE`, `ERR`…) is not sent again.
+//!
+//! Accounting: every recorded event ends in exactly one of `published` (it reached Redis: at
+//! least one of its targets, channel or stream, took it; `partial` counts those a target of
+//! which gave up) or `dropped` (no target took it: pushed out of a full queue, refused on every
+//! target, or its flush failed for good), or is still queued or in flight. A warning says how
+//! many were dropped and why, at most once per [`LOSS_LOG_INTERVAL_MS`] per VM.
 //!
 //! Here: the publisher (queue, flushes, retries). [`event`]: one request's event and its JSON;
 //! [`batch`]: a batch's commands and what each event's commands got.
@@ -37,7 +47,7 @@ use crate::metrics::EventMetrics;
 pub use crate::metrics::EventStats;
 use crate::ratelimit::Tally;
 use crate::redis::client::{Owner, RedisClient, Wire};
-use crate::redis::error::{RedisError, RedisErrorKind};
+use crate::redis::error::{RedisError, RedisErrorKind, ServerErrorKind};
 use crate::redis::resp::{encode_array, Command, Reply};
 
 pub mod batch;
@@ -63,6 +73,56 @@ pub struct QueuedEvent {
     /// Route index (None: no route); its policy says where the event goes.
     pub route: Option<usize>,
     pub queued_ms: u64,
+    /// The targets still to write (of those its policy has).
+    pub pending: Targets,
+    /// Some target took it already.
+    pub reached: bool,
+    /// Redis refused it on some target.
+    pub refused: bool,
+}
+
+impl QueuedEvent {
+    pub fn new(payload: String, route: Option<usize>, queued_ms: u64) -> QueuedEvent {
+        QueuedEvent {
+            payload,
+            route,
+            queued_ms,
+            pending: Targets::ALL,
+            reached: false,
+            refused: false,
+        }
+    }
+}
+
+/// At most one warning about lost events per VM in this long.
+pub const LOSS_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Why an event's remaining targets were given up (Redis refusing a command is noted on the
+/// event itself).
+#[derive(Clone, Debug)]
+enum LossReason {
+    /// Pushed out of a full queue (Redis failing meanwhile).
+    QueueFull,
+    /// The flush failed in a way retrying would not fix (the error).
+    Failed(String),
+}
+
+/// Losses since the last warning.
+#[derive(Clone, Debug, Default)]
+struct LossTally {
+    dropped: u64,
+    partial: u64,
+    queue_full: u64,
+    refused: u64,
+    failed: u64,
+    first_refusal: String,
+    first_failure: String,
+}
+
+impl LossTally {
+    fn is_empty(&self) -> bool {
+        self.dropped == 0 && self.partial == 0
+    }
 }
 
 /// A flush awaiting its answer.
@@ -84,7 +144,11 @@ pub struct EventPublisher {
     next_flush: u32,
     pub stats: EventStats,
     metrics: EventMetrics,
-    warned_rejection: bool,
+    losses: LossTally,
+    /// The last failure that sent events back to the queue (why the queue may overflow).
+    last_failure: String,
+    /// When the last loss warning was logged.
+    last_loss_log_ms: Option<u64>,
 }
 
 impl EventPublisher {
@@ -105,7 +169,9 @@ impl EventPublisher {
             } else {
                 EventMetrics::default()
             },
-            warned_rejection: false,
+            losses: LossTally::default(),
+            last_failure: String::new(),
+            last_loss_log_ms: None,
         }
     }
 
@@ -198,11 +264,7 @@ impl EventPublisher {
             &response,
             now_ns,
         );
-        self.enqueue(QueuedEvent {
-            payload,
-            route: open.route,
-            queued_ms: now_ns / 1_000_000,
-        });
+        self.enqueue(QueuedEvent::new(payload, open.route, now_ns / 1_000_000));
         self.stats.recorded += 1;
     }
 
@@ -215,10 +277,83 @@ impl EventPublisher {
     /// Pushes an event, dropping the oldest when the queue is full.
     pub fn enqueue(&mut self, event: QueuedEvent) {
         while self.queue.len() >= self.config.queue_limit {
-            self.queue.pop_front();
-            self.stats.dropped += 1;
+            if let Some(oldest) = self.queue.pop_front() {
+                self.give_up(oldest, LossReason::QueueFull);
+            }
         }
         self.queue.push_back(event);
+    }
+
+    /// Ends an event's life: published if some target took it, else dropped; `why` is what
+    /// happened to the targets it still had.
+    fn give_up(&mut self, event: QueuedEvent, why: LossReason) {
+        self.settle(event, Some(why));
+    }
+
+    /// Counts an event that is done: `lost` says why the targets it still has were given up
+    /// (None: it has none left).
+    fn settle(&mut self, event: QueuedEvent, lost: Option<LossReason>) {
+        let lost = lost.filter(|_| !targets_now(&event, &self.config).is_empty());
+        if event.refused {
+            self.stats.rejected += 1;
+        }
+        if event.reached {
+            self.stats.published += 1;
+            if lost.is_none() && !event.refused {
+                return;
+            }
+            self.stats.partial += 1;
+            self.losses.partial += 1;
+        } else {
+            // Every policy has a target, so an event no target took lost something.
+            self.stats.dropped += 1;
+            self.losses.dropped += 1;
+        }
+        match lost {
+            Some(LossReason::QueueFull) => self.losses.queue_full += 1,
+            Some(LossReason::Failed(why)) => {
+                self.losses.failed += 1;
+                if self.losses.first_failure.is_empty() {
+                    self.losses.first_failure = why;
+                }
+            }
+            // Nothing else given up: what is missing, Redis refused.
+            None => self.losses.refused += 1,
+        }
+    }
+
+    /// Applies what a flush's commands got to one event: done (counted), or back to the queue
+    /// with the targets still to write (returned).
+    fn apply(&mut self, mut event: QueuedEvent, outcome: EventOutcome) -> Option<QueuedEvent> {
+        let mut retry = false;
+        for (sent, target) in [
+            (outcome.publish, &mut event.pending.publish),
+            (outcome.stream, &mut event.pending.stream),
+        ] {
+            match sent {
+                None => {}
+                Some(CommandOutcome::Written) => {
+                    *target = false;
+                    event.reached = true;
+                }
+                Some(CommandOutcome::Refused(why)) => {
+                    *target = false;
+                    event.refused = true;
+                    if self.losses.first_refusal.is_empty() {
+                        self.losses.first_refusal = why;
+                    }
+                }
+                Some(CommandOutcome::Retry(why)) => {
+                    retry = true;
+                    self.last_failure = why;
+                }
+            }
+        }
+        if retry {
+            return Some(event);
+        }
+        self.settle(event, None);
+        None
     }
 
     /// Sends what is due: every full batch, and a partial one whose oldest event has waited
@@ -264,6 +399,9 @@ impl EventPublisher {
                 }
             }
         }
+        if let Some(warning) = self.loss_warning(now_ms) {
+            host::log(LogLevel::Warn, &warning);
+        }
         self.report();
     }
 
@@ -273,70 +411,86 @@ impl EventPublisher {
             return;
         };
         match result {
-            Ok(reply) => {
-                let outcome = match self.transport {
-                    Transport::Relay => pipeline_outcome(&flight.events, &self.config, &reply),
-                    Transport::RedisCall => script_outcome(&reply),
-                };
-                match outcome {
-                    Some(o) => {
-                        self.stats.published += o.written;
-                        if o.refused > 0 {
-                            self.stats.rejected += o.refused;
-                            self.warn_rejection(o.refused, &o.first_error);
-                        }
+            Ok(reply) => match flush_outcomes(&flight.events, &self.config, &reply) {
+                Some(outcomes) => {
+                    let mut again = Vec::new();
+                    for (event, outcome) in flight.events.into_iter().zip(outcomes) {
+                        again.extend(self.apply(event, outcome));
                     }
-                    None => {
-                        let n = flight.events.len() as u64;
-                        self.stats.flush_failures += 1;
-                        self.stats.rejected += n;
-                        self.warn_rejection(n, "the reply to the flush was not the expected shape");
+                    self.stats.requeued += again.len() as u64;
+                    self.requeue(again);
+                }
+                None => {
+                    // Written or not, nobody can tell: not sent again (a reply that does not
+                    // match is a bug or a foreign relay, and would come back the same).
+                    self.stats.flush_failures += 1;
+                    let why = "the reply to the flush was not the expected shape";
+                    for event in flight.events {
+                        self.give_up(event, LossReason::Failed(why.to_string()));
                     }
                 }
-            }
+            },
             Err(e) => self.fail(flight.events, &e),
         }
         self.report();
     }
 
-    /// A flush that failed as a whole: its events go back to the queue when the failure may pass.
+    /// A flush that failed as a whole: its events go back to the queue, with the targets they
+    /// still had, when the failure may pass.
     fn fail(&mut self, batch: Vec<QueuedEvent>, e: &RedisError) {
         if e.kind != RedisErrorKind::BreakerOpen {
             self.stats.flush_failures += 1;
+            self.last_failure = e.to_string();
             host::log(
                 LogLevel::Debug,
                 &format!("krowoc-edge: events: flush of {} failed: {e}", batch.len()),
             );
         }
         if !retryable(e) {
-            self.stats.rejected += batch.len() as u64;
-            self.warn_rejection(batch.len() as u64, &e.to_string());
+            for event in batch {
+                self.give_up(event, LossReason::Failed(e.to_string()));
+            }
             return;
         }
         if e.kind != RedisErrorKind::BreakerOpen {
             self.stats.requeued += batch.len() as u64;
         }
-        for event in batch.into_iter().rev() {
+        if may_have_been_written(e) {
+            self.stats.possible_duplicates += batch.len() as u64;
+        }
+        self.requeue(batch);
+    }
+
+    /// Puts events back at the front of the queue, in their order; the oldest beyond the
+    /// bound are given up.
+    fn requeue(&mut self, events: Vec<QueuedEvent>) {
+        for event in events.into_iter().rev() {
             self.queue.push_front(event);
         }
         while self.queue.len() > self.config.queue_limit {
-            self.queue.pop_front();
-            self.stats.dropped += 1;
+            if let Some(oldest) = self.queue.pop_front() {
+                self.give_up(oldest, LossReason::QueueFull);
+            }
         }
     }
 
-    fn warn_rejection(&mut self, n: u64, why: &str) {
-        // Once per VM at warn (a misconfiguration would otherwise log on every flush).
-        let level = if self.warned_rejection {
-            LogLevel::Debug
-        } else {
-            LogLevel::Warn
-        };
-        self.warned_rejection = true;
-        host::log(
-            level,
-            &format!("krowoc-edge: events: Redis refused {n} event(s): {why}"),
-        );
+    /// The warning about what was lost since the last one, at most once per
+    /// [`LOSS_LOG_INTERVAL_MS`] (None: nothing lost, or too soon).
+    fn loss_warning(&mut self, now_ms: u64) -> Option<String> {
+        if self.losses.is_empty() {
+            return None;
+        }
+        if let Some(last) = self.last_loss_log_ms {
+            if now_ms.saturating_sub(last) < LOSS_LOG_INTERVAL_MS {
+                return None;
+            }
+        }
+        let since = self.last_loss_log_ms.map_or_else(String::new, |last| {
+            format!(" in the last {}s", now_ms.saturating_sub(last) / 1000)
+        });
+        self.last_loss_log_ms = Some(now_ms);
+        let l = std::mem::take(&mut self.losses);
+        Some(loss_message(&l, &since, &self.last_failure))
     }
 
     /// Takes up to `batch_size` events from the front; a batch holds events of at most one
@@ -379,6 +533,49 @@ impl EventPublisher {
     pub fn report(&mut self) {
         self.metrics.report(self.stats, self.queue.len());
     }
+}
+
+/// The warning about lost events: how many and why (`since`: " in the last Ns" or "").
+fn loss_message(l: &LossTally, since: &str, last_failure: &str) -> String {
+    let mut why = Vec::new();
+    if l.queue_full > 0 {
+        let failing = if last_failure.is_empty() {
+            String::new()
+        } else {
+            format!("; last failure: {last_failure}")
+        };
+        why.push(format!(
+            "{} pushed out of the full queue (Redis not taking them{failing})",
+            l.queue_full
+        ));
+    }
+    if l.refused > 0 {
+        why.push(format!(
+            "{} refused by Redis ({})",
+            l.refused, l.first_refusal
+        ));
+    }
+    if l.failed > 0 {
+        why.push(format!(
+            "{} in failed flushes ({})",
+            l.failed, l.first_failure
+        ));
+    }
+    format!(
+        "krowoc-edge: events: {} event(s) dropped, {} written to only some targets{since}: {}",
+        l.dropped,
+        l.partial,
+        why.join(", ")
+    )
+}
+
+/// Whether a flush that failed so may still have been written (its events, sent again, may be
+/// duplicates): no answer came, or the connection went away mid-call.
+pub fn may_have_been_written(e: &RedisError) -> bool {
+    matches!(
+        e.kind,
+        RedisErrorKind::Timeout | RedisErrorKind::Unavailable
+    )
 }
 
 /// Whether a whole-flush failure may pass by itself (so its events are worth keeping).
@@ -697,11 +894,7 @@ mod tests {
     }
 
     fn queued(n: usize) -> QueuedEvent {
-        QueuedEvent {
-            payload: format!("{{\"n\":{n}}}"),
-            route: None,
-            queued_ms: 0,
-        }
+        QueuedEvent::new(format!("{{\"n\":{n}}}"), None, 0)
     }
 
     #[test]
@@ -813,6 +1006,17 @@ mod tests {
             panic!("not a flush: {:?}", c.owner);
         };
         p.on_flush_done(flush, c.result);
+    }
+
+    /// Delivers a host answer for the last call sent.
+    fn answer_last(
+        p: &mut EventPublisher,
+        client: &mut RedisClient,
+        wire: &mut RecordingWire,
+        raw: RawReply,
+    ) {
+        let token = wire.last_token();
+        answer(p, client, wire, token, raw);
     }
 
     #[test]
@@ -982,12 +1186,206 @@ mod tests {
         let token = wire.sent[0].0;
         let body = b":1\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n:1\r\n$3\r\n1-0\r\n";
         answer(&mut p, &mut client, &mut wire, token, relay_ok(body));
-        assert_eq!((p.stats.published, p.stats.rejected), (1, 1));
+        // Event 0 reached the channel (published, but partial); event 1 both targets.
+        assert_eq!((p.stats.published, p.stats.rejected), (2, 1));
+        assert_eq!((p.stats.partial, p.stats.dropped), (1, 0));
         assert_eq!(p.queue_len(), 0);
         assert_eq!(
             client.breaker_state(),
             crate::redis::breaker::BreakerState::Closed
         );
+    }
+
+    const OOM: &[u8] = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n";
+
+    /// Every event enqueued is published, dropped, queued or in flight.
+    fn assert_accounted(p: &EventPublisher, enqueued: u64) {
+        let in_flight: usize = p.in_flight.values().map(|f| f.events.len()).sum();
+        assert_eq!(
+            p.stats.published + p.stats.dropped + (p.queue_len() + in_flight) as u64,
+            enqueued,
+            "{:?}",
+            p.stats
+        );
+    }
+
+    #[test]
+    fn an_oom_xadd_is_sent_again_alone_and_the_publish_is_not_repeated() {
+        let cfg = config(r#"{"events": {"batch_size": 2, "stream": {}}}"#);
+        let mut p = EventPublisher::new(&cfg);
+        let mut client = RedisClient::new(&cfg.redis);
+        let mut wire = recorder();
+        p.enqueue(queued(0));
+        p.enqueue(queued(1));
+        p.flush(&mut client, &mut wire, 0);
+        let body = [b":1\r\n".as_slice(), OOM, b":1\r\n", b"$3\r\n1-0\r\n"].concat();
+        answer_last(&mut p, &mut client, &mut wire, relay_ok(&body));
+        assert_eq!(
+            p.stats.published, 1,
+            "event 1 is done; event 0 waits for its XADD"
+        );
+        assert_eq!((p.stats.requeued, p.stats.possible_duplicates), (1, 0));
+        assert_eq!(p.queue_len(), 1);
+        assert_accounted(&p, 2);
+
+        // Redis still full: only the XADD goes, and gets OOM again.
+        p.flush(&mut client, &mut wire, 1_000);
+        assert_eq!(wire.sent.len(), 2);
+        let payload = String::from_utf8_lossy(&wire.sent[1].1).into_owned();
+        assert!(payload.starts_with("*8\r\n$4\r\nXADD\r\n"), "{payload}");
+        assert!(!payload.contains("PUBLISH"), "{payload}");
+        answer_last(&mut p, &mut client, &mut wire, relay_ok(OOM));
+        assert_eq!(p.queue_len(), 1);
+
+        p.flush(&mut client, &mut wire, 2_000);
+        assert_eq!(wire.last_command()[0], "XADD");
+        answer_last(&mut p, &mut client, &mut wire, relay_ok(b"$3\r\n2-0\r\n"));
+        assert_eq!(
+            (p.stats.published, p.stats.partial, p.stats.dropped),
+            (2, 0, 0)
+        );
+        assert_eq!(p.stats.requeued, 2);
+        assert_eq!(p.queue_len(), 0);
+        assert_accounted(&p, 2);
+    }
+
+    #[test]
+    fn a_redis_call_flush_sends_again_only_the_commands_that_failed() {
+        let cfg = config(
+            r#"{"redis": {"transport": "redis_call"}, "events": {"batch_size": 2, "stream": {}}}"#,
+        );
+        let mut p = EventPublisher::new(&cfg);
+        let mut client = RedisClient::new(&cfg.redis);
+        let mut wire = recorder();
+        p.enqueue(queued(0));
+        p.enqueue(queued(1));
+        p.flush(&mut client, &mut wire, 0);
+        let args = wire.last_command();
+        assert_eq!(
+            args[5..],
+            [
+                "krowoc:requests",
+                "1",
+                r#"{"n":0}"#,
+                "krowoc:requests",
+                "1",
+                r#"{"n":1}"#
+            ]
+        );
+        let oom = &OOM[..OOM.len() - 2];
+        let body = [
+            b"*4\r\n:1\r\n".as_slice(),
+            oom,
+            b"\r\n-LOADING Redis is loading\r\n$3\r\n1-0\r\n",
+        ]
+        .concat();
+        let reply = RawReply::RedisCall { status: 0, body };
+        answer_last(&mut p, &mut client, &mut wire, reply);
+        assert_eq!(p.stats.published, 0, "neither event is done yet");
+        assert_eq!(p.queue_len(), 2);
+        p.flush(&mut client, &mut wire, 1_000);
+        let args = wire.last_command();
+        assert_eq!(
+            args[5..],
+            ["", "1", r#"{"n":0}"#, "krowoc:requests", "0", r#"{"n":1}"#]
+        );
+        let reply = RawReply::RedisCall {
+            status: 0,
+            body: b"*2\r\n$3\r\n2-0\r\n:0\r\n".to_vec(),
+        };
+        answer_last(&mut p, &mut client, &mut wire, reply);
+        assert_eq!(
+            (p.stats.published, p.stats.partial, p.stats.dropped),
+            (2, 0, 0)
+        );
+        assert_eq!(p.queue_len(), 0);
+    }
+
+    #[test]
+    fn events_written_somewhere_are_not_counted_as_dropped_when_pushed_out() {
+        let cfg = config(r#"{"events": {"batch_size": 2, "queue_limit": 2, "stream": {}}}"#);
+        let mut p = EventPublisher::new(&cfg);
+        let mut client = RedisClient::new(&cfg.redis);
+        let mut wire = recorder();
+        p.enqueue(queued(0));
+        p.enqueue(queued(1));
+        p.flush(&mut client, &mut wire, 0);
+        // Both PUBLISHed, both XADDs refused for memory: queued again for their XADD.
+        let body = [b":1\r\n".as_slice(), OOM, b":1\r\n", OOM].concat();
+        answer_last(&mut p, &mut client, &mut wire, relay_ok(&body));
+        assert_eq!(p.queue_len(), 2);
+        // Two new events push them out: they reached the channel, so published, but partial.
+        p.enqueue(queued(2));
+        p.enqueue(queued(3));
+        assert_eq!(
+            (p.stats.published, p.stats.partial, p.stats.dropped),
+            (2, 2, 0)
+        );
+        // And two more push out events that reached nothing: dropped.
+        p.enqueue(queued(4));
+        p.enqueue(queued(5));
+        assert_eq!(
+            (p.stats.published, p.stats.partial, p.stats.dropped),
+            (2, 2, 2)
+        );
+        assert_accounted(&p, 6);
+        let warning = p.loss_warning(5_000).expect("a warning");
+        assert!(
+            warning.contains("2 event(s) dropped, 2 written to only some targets"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("4 pushed out of the full queue"),
+            "{warning}"
+        );
+        assert!(warning.contains("OOM command not allowed"), "{warning}");
+    }
+
+    #[test]
+    fn a_timed_out_flush_is_sent_again_and_counted_as_possible_duplicates() {
+        let cfg = config(r#"{"redis": {"timeout": "100ms"}, "events": {"batch_size": 3}}"#);
+        let mut p = EventPublisher::new(&cfg);
+        let mut client = RedisClient::new(&cfg.redis);
+        let mut wire = recorder();
+        for n in 0..3 {
+            p.enqueue(queued(n));
+        }
+        p.flush(&mut client, &mut wire, 0);
+        for c in client.expire(100 + crate::redis::client::DEADLINE_GRACE_MS) {
+            let Owner::Flush(flush) = c.owner else {
+                panic!("not a flush: {:?}", c.owner);
+            };
+            p.on_flush_done(flush, c.result);
+        }
+        assert_eq!((p.stats.requeued, p.stats.possible_duplicates), (3, 3));
+        // A reply Redis sent (even an error for every command) is no duplicate risk.
+        p.flush(&mut client, &mut wire, 1_000);
+        let body = b"-LOADING Redis is loading\r\n".repeat(3);
+        answer_last(&mut p, &mut client, &mut wire, relay_ok(&body));
+        assert_eq!((p.stats.requeued, p.stats.possible_duplicates), (6, 3));
+        assert_accounted(&p, 3);
+    }
+
+    #[test]
+    fn losses_are_logged_at_most_once_per_interval() {
+        let cfg = config(r#"{"events": {"queue_limit": 1, "batch_size": 1}}"#);
+        let mut p = EventPublisher::new(&cfg);
+        assert_eq!(p.loss_warning(0), None, "nothing lost");
+        p.enqueue(queued(0));
+        p.enqueue(queued(1));
+        let first = p.loss_warning(1_000).expect("first loss: logged at once");
+        assert!(first.contains("1 event(s) dropped"), "{first}");
+        p.enqueue(queued(2));
+        assert_eq!(p.loss_warning(1_100), None);
+        assert_eq!(p.loss_warning(10_999), None);
+        p.enqueue(queued(3));
+        let next = p.loss_warning(11_000).expect("after the interval");
+        assert!(
+            next.contains("2 event(s) dropped, 0 written to only some targets in the last 10s"),
+            "{next}"
+        );
+        assert_eq!(p.loss_warning(30_000), None, "nothing new");
+        assert_eq!(p.stats.dropped, 3);
     }
 
     #[test]
@@ -996,22 +1394,37 @@ mod tests {
         assert!(retryable(&RedisError::new(RedisErrorKind::Timeout, "t")));
         assert!(!retryable(&RedisError::new(RedisErrorKind::Refused, "403")));
         assert!(!retryable(&RedisError::server("ERR unknown command")));
+        let cfg = config(r#"{"events": {"stream": {}}}"#);
+        let oom = "OOM command not allowed when used memory > 'maxmemory'.";
         assert_eq!(
-            script_outcome(&Reply::Array(vec![
-                Reply::Int(3),
-                Reply::Int(1),
-                Reply::Bulk(b"WRONGTYPE x".to_vec())
-            ])),
-            Some(FlushOutcome {
-                written: 3,
-                refused: 1,
-                first_error: "WRONGTYPE x".into()
-            })
+            flush_outcomes(
+                &[queued(0), queued(1)],
+                &cfg.events,
+                &Reply::Array(vec![
+                    Reply::Int(3),
+                    Reply::Error(oom.into()),
+                    Reply::Error("WRONGTYPE x".into()),
+                    Reply::Bulk(b"1-0".to_vec()),
+                ])
+            ),
+            Some(vec![
+                EventOutcome {
+                    publish: Some(CommandOutcome::Written),
+                    stream: Some(CommandOutcome::Retry(oom.into())),
+                },
+                EventOutcome {
+                    publish: Some(CommandOutcome::Refused("WRONGTYPE x".into())),
+                    stream: Some(CommandOutcome::Written),
+                },
+            ])
         );
-        assert_eq!(script_outcome(&Reply::Int(1)), None);
+        assert_eq!(
+            flush_outcomes(&[queued(0)], &cfg.events, &Reply::Int(1)),
+            None
+        );
         let cfg = config(r#"{"events": {}}"#);
         assert_eq!(
-            pipeline_outcome(
+            flush_outcomes(
                 &[queued(0)],
                 &cfg.events,
                 &Reply::Array(vec![Reply::Int(1), Reply::Int(1)])

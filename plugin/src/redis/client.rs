@@ -175,9 +175,13 @@ impl RedisClient {
 
     /// Sends several commands in one call (one relay body): `payload` is `commands` encoded
     /// commands back to back (see [`crate::redis::resp::encode_array`]). The completion's reply is an
-    /// array of their replies, in order, error replies included; the call fails as a whole only
-    /// when the transport fails or a reply says Redis is unhealthy (`LOADING`, `OOM`, ...). Only
-    /// for transport `relay`: Higress hosts forward exactly one command per `redis_call`.
+    /// array of their replies, in order, error replies included: each is its command's outcome
+    /// (an `OOM` answer to one XADD says nothing about the PUBLISH before it), and the call fails
+    /// as a whole only when the transport fails or the replies are not RESP. Replies that came
+    /// back are a healthy call for the breaker, as the flush script's reply is with
+    /// `redis_call`: a full Redis refusing XADDs must not stop cache reads it still serves
+    /// (single calls answered `OOM`, `LOADING`… still count). Only for transport `relay`: Higress
+    /// hosts forward exactly one command per `redis_call`.
     pub fn call_pipeline(
         &mut self,
         wire: &mut dyn Wire,
@@ -230,29 +234,19 @@ impl RedisClient {
         expected: usize,
         raw: RawReply,
     ) -> Completion {
-        let result = reply_bytes(raw)
-            .and_then(|bytes| decode_replies(&bytes, expected))
-            .and_then(|replies| {
-                let unhealthy = replies.iter().find_map(|r| match r {
-                    Reply::Error(msg) => {
-                        Some(RedisError::server(msg.clone())).filter(|e| e.counts_for_breaker())
-                    }
-                    _ => None,
-                });
-                match unhealthy {
-                    Some(e) => Err(e),
-                    None => Ok(Reply::Array(replies)),
-                }
-            });
+        let result = reply_bytes(raw).and_then(|bytes| decode_replies(&bytes, expected));
+        if result.as_ref().is_ok_and(|replies| {
+            replies
+                .iter()
+                .any(|r| matches!(r, Reply::Error(m) if RedisError::server(m.clone()).is_noauth()))
+        }) {
+            self.noauth = true;
+        }
         match &result {
             Ok(_) => self.record_health(),
-            Err(e) => {
-                if e.is_noauth() {
-                    self.noauth = true;
-                }
-                self.record_failure(e, now_ms)
-            }
+            Err(e) => self.record_failure(e, now_ms),
         }
+        let result = result.map(Reply::Array);
         Completion {
             owner: call.owner,
             result,
@@ -811,6 +805,56 @@ mod tests {
             vec![Transition::Opened],
             "probing is not reopening"
         );
+    }
+
+    #[test]
+    fn a_pipeline_carries_every_reply_even_when_one_says_out_of_memory() {
+        let mut c = client(r#"{"redis": {"breaker": {"failures": 1}}}"#);
+        let mut w = recorder();
+        let t = c
+            .call_pipeline(&mut w, 0, Owner::Flush(1), b"(two commands)", 2)
+            .expect("sent");
+        let done = c
+            .on_reply(
+                &mut w,
+                1,
+                t,
+                RawReply::Relay {
+                    status: Some(200),
+                    body: b":1\r\n-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+                        .to_vec(),
+                },
+            )
+            .expect("done");
+        assert_eq!(
+            done.result,
+            Ok(Reply::Array(vec![
+                Reply::Int(1),
+                Reply::Error("OOM command not allowed when used memory > 'maxmemory'.".into())
+            ])),
+            "each reply is its command's outcome"
+        );
+        assert_eq!(c.breaker_state(), BreakerState::Closed);
+        // A single call answered OOM still counts for the breaker.
+        let t = c
+            .call(
+                &mut w,
+                2,
+                Owner::RateLimit(1),
+                &Command::new("EVALSHA"),
+                None,
+            )
+            .expect("sent");
+        c.on_reply(
+            &mut w,
+            3,
+            t,
+            RawReply::Relay {
+                status: Some(200),
+                body: b"-OOM command not allowed\r\n".to_vec(),
+            },
+        );
+        assert_eq!(c.breaker_state(), BreakerState::Open);
     }
 
     #[test]
