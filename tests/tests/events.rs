@@ -612,3 +612,113 @@ fn events_carry_the_caches_decision(host: Host) {
             .any(|e| e["path"] == "/health" && e["cache"].is_null())
     }));
 }
+
+/// How many times each value occurs in `ids`, for those that occur more than once.
+fn repeats(ids: &[String]) -> std::collections::BTreeMap<&str, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for id in ids {
+        *seen.entry(id.as_str()).or_insert(0) += 1;
+    }
+    seen.retain(|_, n| *n > 1);
+    seen
+}
+
+fn out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for(
+    host: Host,
+    transport: &'static str,
+) {
+    let stack = stack_with(host, transport, 2, |_| {});
+    let mut sub = Subscriber::connect(stack.redis.addr(), &[CHANNEL]);
+    // Full, and refusing to evict: PUBLISH still works, XADD answers OOM.
+    for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        assert_eq!(stack.redis.cli(&["CONFIG", "SET", k, v]), "OK");
+    }
+    let n = 30;
+    for i in 0..n {
+        let r = get_with_id(&stack, "/health", &format!("oom-{i}"));
+        assert_eq!(r.status, 200, "request {i} with Redis full: {}", r.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Flushes keep trying the XADDs while Redis stays full.
+    assert!(
+        eventually(WAIT, || stack.metric("krowoc_events_requeued") >= 2 * n),
+        "{}",
+        stack.metrics()
+    );
+    assert!(
+        eventually(WAIT, || stack.metric("krowoc_events_recorded") == n),
+        "{}",
+        stack.metrics()
+    );
+    assert_eq!(stack.metric("krowoc_events_dropped"), 0);
+    assert_eq!(stream_events(&stack).len(), 0, "no XADD went through");
+
+    // Redis has room again: the XADDs are written, the PUBLISHes are not sent again.
+    assert_eq!(stack.redis.cli(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    assert!(
+        eventually(WAIT, || {
+            stack.metric("krowoc_events_published") + stack.metric("krowoc_events_dropped") == n
+                && stack.metric("krowoc_events_queued") == 0
+        }),
+        "published + dropped + queued = recorded:\n{}",
+        stack.metrics()
+    );
+    let metrics = stack.metrics();
+    let m = |name: &str| krowoc_tests::metric_value(&metrics, name);
+    assert_eq!(m("krowoc_events_recorded"), n, "{metrics}");
+    assert_eq!(m("krowoc_events_published"), n, "{metrics}");
+    assert_eq!(m("krowoc_events_dropped"), 0, "{metrics}");
+    assert_eq!(m("krowoc_events_partial"), 0, "{metrics}");
+    let duplicates_allowed = usize::try_from(m("krowoc_events_possible_duplicates")).unwrap();
+
+    // Everything on the channel, read until it is quiet.
+    let mut published = Vec::new();
+    while let Some((channel, payload)) = sub.next_message(Duration::from_secs(2)) {
+        let event: Value = serde_json::from_slice(&payload).expect("JSON event");
+        if channel == CHANNEL {
+            if let Some(id) = event["request_id"].as_str() {
+                published.push(id.to_string());
+            }
+        }
+    }
+    let expected: Vec<String> = (0..n).map(|i| format!("oom-{i}")).collect();
+    let mut distinct = published.clone();
+    distinct.sort();
+    distinct.dedup();
+    let mut sorted_expected = expected.clone();
+    sorted_expected.sort();
+    assert_eq!(distinct, sorted_expected, "every event on the channel");
+    assert!(
+        published.len() <= expected.len() + duplicates_allowed,
+        "{} channel messages for {n} events ({duplicates_allowed} possible duplicates): {:?}",
+        published.len(),
+        repeats(&published)
+    );
+    let streamed = stream_request_ids(&stack);
+    let mut distinct = streamed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct, sorted_expected, "every event in the stream");
+    assert!(
+        streamed.len() <= expected.len() + duplicates_allowed,
+        "{} stream entries: {:?}",
+        streamed.len(),
+        repeats(&streamed)
+    );
+}
+
+krowoc_tests::on_both_hosts!(
+    relay_out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for
+);
+fn relay_out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for(host: Host) {
+    out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for(host, RELAY);
+}
+
+krowoc_tests::on_host_shim_only!(
+    redis_call: redis_call_out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for
+);
+fn redis_call_out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for(
+    host: Host,
+) {
+    out_of_memory_redis_gets_each_publish_once_and_every_event_is_accounted_for(host, REDIS_CALL);
+}

@@ -501,3 +501,94 @@ krowoc_tests::on_host_shim_only!(redis_call: stalled_redis_costs_at_most_the_tim
 fn stalled_redis_costs_at_most_the_timeout_redis_call(host: Host) {
     slow_redis_costs_at_most_the_timeout(host, REDIS_CALL);
 }
+
+/// Whether Redis decided a request on a route with a limit of 1 (allowed with fields, or
+/// denied), rather than the failure mode (allowed without fields).
+fn decided_by_redis(r: &Response) -> bool {
+    r.status == 429 || r.header("ratelimit").is_some()
+}
+
+fn limits_are_decided_by_redis_again_within_a_second_of_its_return(
+    host: Host,
+    transport: &'static str,
+) {
+    let mut stack = stack(host, transport, |cfg| {
+        // A generous timeout: a probe slowed by a loaded machine must not count as a failure.
+        cfg["redis"]["timeout"] = json!("1s");
+        // The breaker as envoy.yaml ships it.
+        assert_eq!(
+            cfg["redis"]["breaker"],
+            json!({"failures": 5, "probe_interval": "100ms", "cooldown": "1s"})
+        );
+        let route = cfg["routes"]
+            .as_array_mut()
+            .expect("routes")
+            .iter_mut()
+            .find(|r| r["name"] == "rate-limited")
+            .expect("envoy.yaml has the rate-limited route");
+        route["rate_limit"]["limits"] = json!([{"name": "once", "limit": 1, "window": "60s"}]);
+    });
+    let r = stack.get("/api/rate-limited");
+    assert!(decided_by_redis(&r) && r.status == 200, "{}", r.text());
+    stack.redis.stop();
+    // An outage long enough for the probes to back off to the cool-down.
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3) {
+        let r = stack.get("/api/rate-limited");
+        assert_eq!(r.status, 200, "failure_mode allow: {}", r.text());
+        assert!(!decided_by_redis(&r), "Redis is down: {}", r.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        stack.metric("krowoc_redis_breaker_opened") >= 1,
+        "{}",
+        stack.metrics()
+    );
+
+    stack.redis.restart();
+    // Redis answers PING from here. One request at a time: each VM's first request after its
+    // next probe is due is that probe.
+    let back = Instant::now();
+    let mut decisions = Vec::new();
+    while back.elapsed() < Duration::from_secs(4) {
+        let sent = back.elapsed();
+        let r = stack.get("/api/rate-limited");
+        decisions.push((sent, decided_by_redis(&r), r.status));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = decisions.iter().find(|(_, by_redis, _)| *by_redis);
+    eprintln!("first request decided by Redis after it returned: {first:?}");
+    let late: Vec<_> = decisions
+        .iter()
+        .filter(|(sent, _, _)| *sent >= Duration::from_millis(1_500))
+        .collect();
+    assert!(late.len() >= 2, "too few requests to judge: {decisions:?}");
+    assert!(
+        late.iter().all(|(_, by_redis, _)| *by_redis),
+        "requests 1.5s after Redis returned were not all decided by Redis: {decisions:?}"
+    );
+    // Redis restarted empty: the first decision it made allowed, every later one denies.
+    let by_redis: Vec<u16> = decisions
+        .iter()
+        .filter(|(_, by_redis, _)| *by_redis)
+        .map(|(_, _, status)| *status)
+        .collect();
+    assert_eq!(by_redis[0], 200, "{decisions:?}");
+    assert!(by_redis[1..].iter().all(|s| *s == 429), "{decisions:?}");
+    assert_eq!(
+        stack.metric("krowoc_redis_breaker_open"),
+        0,
+        "{}",
+        stack.metrics()
+    );
+}
+
+krowoc_tests::on_both_hosts!(limits_are_decided_by_redis_again_within_a_second_of_its_return_relay);
+fn limits_are_decided_by_redis_again_within_a_second_of_its_return_relay(host: Host) {
+    limits_are_decided_by_redis_again_within_a_second_of_its_return(host, RELAY);
+}
+
+krowoc_tests::on_host_shim_only!(redis_call: limits_are_decided_by_redis_again_within_a_second_of_its_return_redis_call);
+fn limits_are_decided_by_redis_again_within_a_second_of_its_return_redis_call(host: Host) {
+    limits_are_decided_by_redis_again_within_a_second_of_its_return(host, REDIS_CALL);
+}
