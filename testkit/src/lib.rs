@@ -113,6 +113,30 @@ impl RedisServer {
         }
     }
 
+    /// Stalls the server (SIGSTOP): connections stay open and nothing is answered, as when
+    /// Redis hangs on a long command or the host pauses it.
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT); it answers what queued meanwhile.
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&mut self, signal: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .map(|p| p.child.id())
+            .expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts the server again on the same port (after [`RedisServer::stop`]).
     pub fn restart(&mut self) {
         self.stop();
