@@ -835,26 +835,37 @@ mod tests {
             "each reply is its command's outcome"
         );
         assert_eq!(c.breaker_state(), BreakerState::Closed);
-        // A single call answered OOM still counts for the breaker.
-        let t = c
-            .call(
+        // A single call answered OOM does not count for the breaker either (reads still work);
+        // one answered LOADING does.
+        for (body, state) in [
+            (&b"-OOM command not allowed\r\n"[..], BreakerState::Closed),
+            (b"-LOADING Redis is loading\r\n", BreakerState::Open),
+        ] {
+            let t = c
+                .call(
+                    &mut w,
+                    2,
+                    Owner::RateLimit(1),
+                    &Command::new("EVALSHA"),
+                    None,
+                )
+                .expect("sent");
+            c.on_reply(
                 &mut w,
-                2,
-                Owner::RateLimit(1),
-                &Command::new("EVALSHA"),
-                None,
-            )
-            .expect("sent");
-        c.on_reply(
-            &mut w,
-            3,
-            t,
-            RawReply::Relay {
-                status: Some(200),
-                body: b"-OOM command not allowed\r\n".to_vec(),
-            },
-        );
-        assert_eq!(c.breaker_state(), BreakerState::Open);
+                3,
+                t,
+                RawReply::Relay {
+                    status: Some(200),
+                    body: body.to_vec(),
+                },
+            );
+            assert_eq!(
+                c.breaker_state(),
+                state,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]

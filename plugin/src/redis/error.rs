@@ -159,10 +159,13 @@ impl RedisError {
     /// Whether the failure says something about Redis' health (and so counts for the breaker).
     /// A script error such as a wrong argument does not, nor a call the relay refused (400, 403,
     /// 413): that is about the call, and one kind of call (a cache store too large for the
-    /// relay) must not open the breaker for every other (rate limits would fall back).
+    /// relay) must not open the breaker for every other (rate limits would fall back). Nor does
+    /// `OOM`: Redis answered at once and refuses only writes, so the calls that only read (cache
+    /// hits) must keep going to it.
     pub fn counts_for_breaker(&self) -> bool {
         match self.kind {
             RedisErrorKind::Refused => false,
+            RedisErrorKind::Server(ServerErrorKind::Oom) => false,
             RedisErrorKind::Server(kind) => kind.is_unhealthy(),
             RedisErrorKind::BreakerOpen => false,
             _ => true,
@@ -181,6 +184,19 @@ impl std::error::Error for RedisError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_is_retried_by_flushes_but_does_not_open_the_breaker() {
+        let oom = RedisError::server("OOM command not allowed when used memory > 'maxmemory'.");
+        assert_eq!(oom.server_kind(), Some(ServerErrorKind::Oom));
+        assert!(
+            ServerErrorKind::Oom.is_unhealthy(),
+            "a flush tries it again"
+        );
+        assert!(!oom.counts_for_breaker());
+        let loading = RedisError::server("LOADING Redis is loading the dataset in memory");
+        assert!(loading.counts_for_breaker());
+    }
 
     #[test]
     fn server_errors_keep_their_prefix() {
