@@ -404,7 +404,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         let script = unique_path_script(scenario, &bench_dir)?;
         let script = script.as_deref();
         if !options.warmup.is_zero() {
-            run_wrk(&url, options, options.warmup, script)?;
+            run_wrk(&url, options.load(), options.warmup, script)?;
         }
         let admin = match scenario.target {
             Target::Gateway(Gateway::NoFilter) | Target::Direct => None,
@@ -412,7 +412,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         };
         let plugin_before = admin.map(PluginCounters::read).transpose()?;
         let before = probe::redis_commandstats(bench.redis)?;
-        let wrk = run_wrk(&url, options, options.duration, script)?;
+        let wrk = run_wrk(&url, options.load(), options.duration, script)?;
         let after = probe::redis_commandstats(bench.redis)?;
         let plugin = match (admin, plugin_before) {
             (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
@@ -450,6 +450,15 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     std::fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
+}
+
+impl BenchOptions {
+    fn load(&self) -> Load {
+        Load {
+            threads: self.threads,
+            connections: self.connections,
+        }
+    }
 }
 
 impl Bench<'_> {
@@ -639,9 +648,16 @@ fn unique_path_script(scenario: &Scenario, dir: &Path) -> Result<Option<PathBuf>
 
 /// Runs wrk for `duration` (with `script` when given) and parses its report; kills it if it
 /// overruns by 30 s.
-fn run_wrk(
+/// wrk's load: threads and connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    pub threads: u32,
+    pub connections: u32,
+}
+
+pub(crate) fn run_wrk(
     url: &str,
-    options: &BenchOptions,
+    load: Load,
     duration: Duration,
     script: Option<&Path>,
 ) -> Result<WrkReport> {
@@ -649,8 +665,8 @@ fn run_wrk(
     if let Some(script) = script {
         cmd.arg("-s").arg(script);
     }
-    cmd.arg(format!("-t{}", options.threads))
-        .arg(format!("-c{}", options.connections))
+    cmd.arg(format!("-t{}", load.threads))
+        .arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
         .args(["--latency", "--timeout", "5s", url])
         .stdout(Stdio::piped())
@@ -696,13 +712,13 @@ fn run_wrk(
 
 /// The parts of wrk's `--latency` report the table shows.
 #[derive(Debug, Clone, PartialEq)]
-struct WrkReport {
-    requests: u64,
-    requests_per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct WrkReport {
+    pub requests: u64,
+    pub requests_per_sec: f64,
+    pub p50: Duration,
+    pub p99: Duration,
     /// Non-2xx/3xx responses plus socket errors (connect, read, write, timeout).
-    errors: u64,
+    pub errors: u64,
 }
 
 fn parse_wrk(text: &str) -> Result<WrkReport> {

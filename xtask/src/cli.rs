@@ -28,6 +28,11 @@ commands:
       --only TEXT         run only scenarios whose name contains TEXT (repeatable); \"in process\"
                           is the plugin's cost per request without network (vm_bench)
   build-plugin   build the wasm crates and print their paths and sizes
+  soak           the demo stack (every policy) under steady wrk load on each host, sampling the
+                 gateway's, the relay's and Redis's memory and Redis's key count; fails when
+                 memory grows past the first sample after warm-up (tables in <target>/soak)
+      --minutes N         minutes per host (default 10)
+      --host HOST         only this host (envoy or host-shim; default both)
   fuzz           mutate the inputs of the parsers that read untrusted bytes (Redis replies,
                  configuration, cache entries, purge directives, header maps, relay bodies)
                  for a while each; `test` runs the same targets briefly
@@ -45,6 +50,27 @@ pub enum Command {
     Tour(TourOptions),
     Bench(BenchOptions),
     Fuzz(FuzzOptions),
+    Soak(SoakOptions),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoakOptions {
+    pub setup: SetupOptions,
+    /// Load per host after the warm-up.
+    pub duration: Duration,
+    /// How often memory and keys are sampled.
+    pub interval: Duration,
+    /// One host, or both when None.
+    pub host: Option<DemoHost>,
+}
+
+impl SoakOptions {
+    pub fn hosts(&self) -> Vec<DemoHost> {
+        match self.host {
+            Some(h) => vec![h],
+            None => DemoHost::ALL.to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -239,6 +265,33 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 );
             }
             Command::Bench(o)
+        }
+        "soak" => {
+            let mut minutes = 10u32;
+            let mut host = None;
+            flags.for_each(|name, value| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                "--minutes" => {
+                    minutes = parse_count(name, value.take(name)?)?;
+                    Ok(())
+                }
+                "--host" => {
+                    host = Some(DemoHost::parse(value.take(name)?)?);
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            let duration = Duration::from_secs(u64::from(minutes) * 60);
+            Command::Soak(SoakOptions {
+                setup,
+                duration,
+                // Ten samples at least, none shorter than 10 s.
+                interval: (duration / 10).max(Duration::from_secs(10)),
+                host,
+            })
         }
         "fuzz" => {
             let mut per_target = Duration::from_secs(60);

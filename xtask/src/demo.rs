@@ -248,6 +248,12 @@ impl Demo {
         })
     }
 
+    /// The process id of the demo's service `name` (`redis`, `upstream`, `relay`, `envoy` or
+    /// `host-shim`).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.services.pid(name)
+    }
+
     /// Fails with the service's last output if one has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         self.services.check_alive()

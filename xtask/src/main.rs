@@ -23,6 +23,7 @@ mod markdown;
 mod probe;
 mod procs;
 mod setup;
+mod soak;
 mod test_suite;
 mod tour;
 mod vm_bench;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         cli::Command::Tour(o) => tour::run(&o),
         cli::Command::Bench(o) => bench::run(&o).map(|()| ExitCode::SUCCESS),
         cli::Command::Fuzz(o) => fuzz(&o),
+        cli::Command::Soak(o) => soak::run(&o),
     };
     match result {
         Ok(code) => code,

@@ -109,6 +109,14 @@ impl Services {
         })
     }
 
+    /// The process id of the running service `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.running
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.child.id())
+    }
+
     /// Starts a service and waits until it serves. On failure the service is stopped and the
     /// error carries its last output lines; services started before stay running (the caller
     /// drops `Services` to stop them).
