@@ -30,29 +30,87 @@ use tokio::time::{Instant, Sleep};
 /// with room for the request line).
 const MAX_SCANNED_HEAD: usize = 64 * 1024;
 
-/// What Envoy 1.40's HTTP/1 codec answers itself to a request line, before any filter: an
-/// HTTP/1.0 request gets 426 (Envoy's default refuses HTTP/1.0; the status line still says
-/// HTTP/1.1), a target with a `#fragment` an empty 400; both close the connection.
-fn codec_refusal(request_line: &[u8], server: Option<&str>) -> Option<String> {
+/// What Envoy 1.40's HTTP/1 codec answers itself to a request head, before any filter, where
+/// hyper would answer otherwise or not at all; each closes the connection:
+/// * a version other than HTTP/1.1 (HTTP/1.0, a line without one, HTTP/2.0 or HTTP/1.7 on an
+///   HTTP/1 connection): 426 (Envoy's default refuses HTTP/1.0; the status line still says
+///   HTTP/1.1);
+/// * a target with a `#fragment`, or one that is neither a path, an absolute URL nor `*`
+///   (outside CONNECT): an empty 400;
+/// * a `Host` with a byte outside an authority's characters: an empty 400;
+/// * a `transfer-encoding` other than `chunked`: an empty 501 (hyper reads `chunked, identity`
+///   and `xchunked` as 400).
+fn codec_refusal(head: &[u8], server: Option<&str>) -> Option<String> {
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
     let server = server
         .map(|s| format!("server: {s}\r\n"))
         .unwrap_or_default();
+    let empty = |status: &str| {
+        Some(format!(
+            "HTTP/1.1 {status}\r\ndate: {date}\r\n{server}connection: close\r\n\
+             content-length: 0\r\n\r\n"
+        ))
+    };
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let request_line = lines.next()?;
     let mut parts = request_line.split(|b| *b == b' ');
-    let (_method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if version == b"HTTP/1.0" {
+    let (method, target) = (parts.next()?, parts.next()?);
+    let version = parts.next();
+    let other_version = match version {
+        None => true,
+        Some(v) => {
+            v != b"HTTP/1.1"
+                && matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+                    if major.is_ascii_digit() && minor.is_ascii_digit())
+        }
+    };
+    if other_version {
         return Some(format!(
             "HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\ncontent-type: text/plain\r\n\
              date: {date}\r\n{server}connection: close\r\n\r\nUpgrade Required"
         ));
     }
-    if target.contains(&b'#') {
-        return Some(format!(
-            "HTTP/1.1 400 Bad Request\r\ndate: {date}\r\n{server}connection: close\r\n\
-             content-length: 0\r\n\r\n"
-        ));
+    let origin_or_absolute =
+        target.starts_with(b"/") || target == b"*" || target.windows(3).any(|w| w == b"://");
+    if target.contains(&b'#') || (method != b"CONNECT" && !origin_or_absolute) {
+        return empty("400 Bad Request");
+    }
+    for line in lines {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"host") && !value.iter().all(|b| authority_byte(*b)) {
+            return empty("400 Bad Request");
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            && !value.eq_ignore_ascii_case(b"chunked")
+        {
+            return empty("501 Not Implemented");
+        }
     }
     None
+}
+
+/// A byte an authority may hold: unreserved, sub-delims, `:`, `@`, `[`, `]` and `%`.
+fn authority_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@[]%".contains(&b)
+}
+
+/// Envoy's answer to a head over its limit, written here when the request line alone is
+/// longer than the scan (hyper would answer 414 to its target).
+fn head_too_large_reply(server: Option<&str>) -> String {
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let server = server
+        .map(|s| format!("server: {s}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 31\r\n\
+         content-type: text/plain\r\ndate: {date}\r\n{server}connection: close\r\n\r\n\
+         Request Header Fields Too Large"
+    )
 }
 
 /// Envoy's HTTP connection manager `drain_timeout` default, plus its 1 s delayed close: how
@@ -234,12 +292,16 @@ impl AsyncRead for DownstreamIo {
                 }
                 if let Some(head) = &mut this.head {
                     head.extend_from_slice(&buf.filled()[before..]);
-                    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let line = head[..end]
-                            .split(|b| *b == b'\r')
-                            .next()
-                            .unwrap_or_default();
-                        if let Some(reply) = codec_refusal(line, this.server.as_deref()) {
+                    let line_too_long = head.len() > MAX_SCANNED_HEAD
+                        && head[..MAX_SCANNED_HEAD].iter().all(|b| *b != b'\n');
+                    if line_too_long {
+                        let reply = head_too_large_reply(this.server.as_deref());
+                        let _ = this.stream.try_write(reply.as_bytes());
+                        this.closed = true;
+                        this.head = None;
+                        buf.set_filled(before);
+                    } else if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if let Some(reply) = codec_refusal(&head[..end], this.server.as_deref()) {
                             // Answered here, the request never reaches hyper (which would
                             // answer an HTTP/1.0 request in HTTP/1.0, and drops a fragment).
                             let _ = this.stream.try_write(reply.as_bytes());
@@ -263,7 +325,7 @@ impl AsyncRead for DownstreamIo {
                             .unwrap_or_else(|e| e.into_inner()) = Some(names);
                         this.head = None;
                     } else if head.len() > MAX_SCANNED_HEAD {
-                        // hyper refuses a head this large anyway.
+                        // hyper refuses a head this large anyway (431).
                         this.head = None;
                     }
                 }

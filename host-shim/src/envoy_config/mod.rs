@@ -71,7 +71,7 @@
 //!   `x-envoy-upstream-service-time` is host-shim's time from sending the request to the
 //!   upstream's response head (Envoy times from its first byte sent), in whole milliseconds.
 //! * Responses get `date` (when absent) and `server` after the filters' response phase, as in
-//!   Envoy; requests the codec or the connection manager refuses (400, 426, 431) are answered
+//!   Envoy; requests the codec or the connection manager refuses (400, 426, 431, 501) are answered
 //!   without the filters, as in Envoy. What hyper frames differently: a response to HEAD with
 //!   no `content-length` (an empty local reply, an upstream's) carries no
 //!   `transfer-encoding: chunked` (hyper drops it for HEAD, Envoy writes it; no body follows

@@ -25,10 +25,16 @@ const HOP_BY_HOP: [&str; 8] = [
 /// repeated `x-forwarded-for` headers joined by `,` into the first, as Envoy's header map
 /// does). The connection manager's changes come after ([`crate::conn_manager`]).
 pub(super) fn request_header_list<B>(req: &Request<B>) -> HeaderList {
-    let authority = req
+    // A repeated Host is joined by `,` into one `:authority`, as Envoy's header map appends
+    // to an inline header (so a second Host never goes unseen behind the first).
+    let hosts: Vec<&[u8]> = req
         .headers()
-        .get(http::header::HOST)
-        .map(|v| v.as_bytes().to_vec())
+        .get_all(http::header::HOST)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let authority = (!hosts.is_empty())
+        .then(|| hosts.join(&b","[..]))
         .or_else(|| {
             req.uri()
                 .authority()
