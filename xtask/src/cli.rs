@@ -29,8 +29,9 @@ commands:
                           is the plugin's cost per request without network (vm_bench)
   build-plugin   build the wasm crates and print their paths and sizes
   soak           the demo stack (every policy) under steady wrk load on each host, sampling the
-                 gateway's, the relay's and Redis's memory and Redis's key count; fails when
-                 memory grows past the first sample after warm-up (tables in <target>/soak)
+                 gateway's, the relay's and Redis's memory, Redis's keys and the events stream;
+                 fails when the gateway's or the relay's memory grows past the first sample
+                 after warm-up (tables in <target>/soak)
       --minutes N         minutes per host (default 10)
       --host HOST         only this host (envoy or host-shim; default both)
   fuzz           mutate the inputs of the parsers that read untrusted bytes (Redis replies,
