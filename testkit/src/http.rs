@@ -71,19 +71,21 @@ pub fn request_from(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    let connect = || -> std::io::Result<TcpStream> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.bind(&SocketAddr::new(from, 0).into())?;
-        socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
-        Ok(socket.into())
-    };
-    connect()
+    connect_from(from, addr, Duration::from_secs(2))
         .and_then(|stream| exchange(stream, addr, method, path, headers, body))
         .unwrap_or_else(|e| panic!("{method} {path} to {addr} from {from}: {e}"))
+}
+
+/// A connection to `to` from the local address `from` (another loopback client to the server).
+pub fn connect_from(from: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
 }
 
 fn exchange(

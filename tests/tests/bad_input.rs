@@ -199,15 +199,7 @@ fn exchange(from: IpAddr, to: SocketAddr, raw: &[u8]) -> Result<Option<Response>
 }
 
 fn connect(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(from, 0).into())
-        .expect("bind client");
-    socket
-        .connect_timeout(&to.into(), Duration::from_secs(5))
-        .expect("connect");
-    let stream: TcpStream = socket.into();
+    let stream = testkit::http::connect_from(from, to, Duration::from_secs(5)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_millis(500)))
         .expect("read timeout");

@@ -14,7 +14,7 @@ use krowoc_tests::{workspace_root, Gateway, Host, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -187,15 +187,8 @@ fn cases() -> Vec<Case> {
 /// the server closes. Not waiting for the close keeps each exchange short whatever the host's
 /// delayed close, so that timings (the reload interval after a trap) stay apart from it.
 fn exchange(from: IpAddr, to: SocketAddr, raw: &str) -> Vec<u8> {
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(from, 0).into())
-        .expect("bind client");
-    socket
-        .connect_timeout(&to.into(), Duration::from_secs(2))
-        .expect("connect");
-    let mut stream: TcpStream = socket.into();
+    let mut stream =
+        testkit::http::connect_from(from, to, Duration::from_secs(2)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
