@@ -756,7 +756,7 @@ impl Relay {
         let sent = body.len();
         let replies = self
             .pool
-            .call_raw(body, count, self.config.timeout)
+            .call_parsed(body, &commands, self.config.timeout)
             .await
             .map_err(|e| pool_failure(&e))?;
         self.metrics

@@ -595,6 +595,19 @@ impl RedisPool {
         self.send(commands, count, timeout).await
     }
 
+    /// Like [`RedisPool::call_raw`] for a caller that parsed the body itself with
+    /// [`commands`] (the relay, for its checks): `parsed` are the body's commands, checked here
+    /// for the shared connection and not parsed again.
+    pub async fn call_parsed(
+        &self,
+        body: Bytes,
+        parsed: &[CommandInfo],
+        timeout: Duration,
+    ) -> Result<Bytes, PoolError> {
+        self.shareable(parsed)?;
+        self.send(body, parsed.len(), timeout).await
+    }
+
     /// How many commands `commands` holds (`expected`, when given), or why it cannot be sent.
     fn check(&self, commands: &[u8], expected: Option<usize>) -> Result<usize, PoolError> {
         let parsed = parse_commands(commands).map_err(|e| self.invalid(e.to_string()))?;
@@ -604,16 +617,22 @@ impl RedisPool {
                 parsed.len()
             )));
         }
-        if let Some(cmd) = parsed
+        self.shareable(&parsed)?;
+        Ok(parsed.len())
+    }
+
+    /// Refuses commands that cannot run on a connection other callers share.
+    fn shareable(&self, parsed: &[CommandInfo]) -> Result<(), PoolError> {
+        match parsed
             .iter()
             .find(|c| SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
         {
-            return Err(self.invalid(format!(
+            Some(cmd) => Err(self.invalid(format!(
                 "{} cannot run on a shared pipelined connection",
                 cmd.name
-            )));
+            ))),
+            None => Ok(()),
         }
-        Ok(parsed.len())
     }
 
     fn invalid(&self, detail: String) -> PoolError {

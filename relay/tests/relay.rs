@@ -867,9 +867,19 @@ mod pool {
             &["MULTI"],
             &["BLPOP", "l", "0"],
         ] {
-            let err = call(commands(&[&["SET", "x", "1"], unsafe_cmd]), 2).expect_err("unsafe");
+            let body = commands(&[&["SET", "x", "1"], unsafe_cmd]);
+            let err = call(body.clone(), 2).expect_err("unsafe");
             assert!(err.is_invalid_request(), "{err}");
             assert!(err.to_string().contains(unsafe_cmd[0]), "{err}");
+            // A caller that parsed the body itself gets the same refusal.
+            let parsed = krowoc_relay::pool::parse_commands(&body).expect("well formed");
+            let err = rt
+                .block_on(pool.call_parsed(Bytes::from(body), &parsed, Duration::from_secs(1)))
+                .expect_err("unsafe");
+            assert!(
+                err.is_invalid_request() && err.to_string().contains(unsafe_cmd[0]),
+                "{err}"
+            );
         }
         let malformed = call(b"*1\r\n$4\r\nPI".to_vec(), 1).expect_err("malformed");
         assert!(malformed.to_string().contains("incomplete"), "{malformed}");
