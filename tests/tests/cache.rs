@@ -667,6 +667,47 @@ fn a_clients_cache_control_counts_only_when_the_route_honours_it(host: Host) {
     }
 }
 
+krowoc_tests::on_both_hosts!(a_full_redis_keeps_serving_cache_hits_while_rate_limits_fail_open);
+fn a_full_redis_keeps_serving_cache_hits_while_rate_limits_fail_open(host: Host) {
+    let stack = stack_with(host, RELAY, Duration::ZERO, |cfg| {
+        let route = cfg["routes"]
+            .as_array_mut()
+            .expect("routes")
+            .iter_mut()
+            .find(|r| r["name"] == "rate-limited")
+            .expect("the rate-limited route");
+        // fixed_window writes before it decides: a full Redis refuses it with OOM.
+        route["rate_limit"]["limits"] = json!([{"name": "per_minute", "limit": 100, "window": "60s", "algorithm": "fixed_window"}]);
+    });
+    wait_for_hit(&stack, &user("5"));
+    for (k, v) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        assert_eq!(stack.redis.cli(&["CONFIG", "SET", k, v]), "OK");
+    }
+    // More OOM answers than the breaker's `failures` (5).
+    for _ in 0..10 {
+        let r = stack.get("/api/rate-limited");
+        assert_eq!(r.status, 200, "failure_mode allow");
+        assert!(
+            r.header("ratelimit").is_none(),
+            "not decided by Redis: {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(
+        stack.metric("krowoc_redis_breaker_opened"),
+        0,
+        "OOM does not open the breaker"
+    );
+    let hit = stack.get(&user("5"));
+    assert_eq!(
+        x_cache(&hit),
+        "HIT",
+        "hits are still served: {:?}",
+        hit.headers
+    );
+    assert_eq!(stack.redis.cli(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
+}
+
 /// A test origin: `/origin/<kind>` answers as `kind` says; calls are counted.
 #[derive(Clone, Default)]
 struct Origin {
