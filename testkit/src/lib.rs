@@ -12,6 +12,7 @@ pub mod docs;
 pub mod envoy;
 pub mod fuzz;
 pub mod http;
+pub mod link;
 
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 use std::io::{Read, Write};

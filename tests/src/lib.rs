@@ -25,6 +25,7 @@ use krowoc_upstream::AppState;
 use serde_json::Value;
 use testkit::envoy::{EnvoyProcess, Loopback};
 pub use testkit::http::Response;
+pub use testkit::link::Link;
 pub use testkit::RedisServer;
 
 /// The workspace root (this crate lives in `<root>/tests`).
@@ -222,6 +223,9 @@ pub struct StackOptions {
     pub upstream_delay: Duration,
     /// The relay's `--max-body-bytes` (None: its default).
     pub relay_max_body_bytes: Option<usize>,
+    /// Puts the relay and the upstream behind [`Link`]s the test can cut (a killed process)
+    /// and restore ([`Stack::relay_link`], [`Stack::upstream_link`]).
+    pub cuttable: bool,
 }
 
 impl Default for StackOptions {
@@ -233,6 +237,7 @@ impl Default for StackOptions {
             workers: 2,
             upstream_delay: Duration::ZERO,
             relay_max_body_bytes: None,
+            cuttable: false,
         }
     }
 }
@@ -292,6 +297,10 @@ pub struct Stack {
     pub upstream: SocketAddr,
     pub upstream_state: AppState,
     pub relay: SocketAddr,
+    /// In front of the relay and the upstream when [`StackOptions::cuttable`]: `relay` and
+    /// `upstream` are then the links' addresses.
+    pub relay_link: Option<Link>,
+    pub upstream_link: Option<Link>,
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub yaml: PathBuf,
@@ -369,12 +378,22 @@ impl Stack {
             addr
         });
 
+        let (relay_link, upstream_link) = if options.cuttable {
+            (Some(Link::start(relay)), Some(Link::start(upstream)))
+        } else {
+            (None, None)
+        };
+        let relay = relay_link.as_ref().map_or(relay, |l| l.addr);
+        let upstream = upstream_link.as_ref().map_or(upstream, |l| l.addr);
+
         let mut stack = Stack {
             host: options.host,
             redis,
             upstream,
             upstream_state,
             relay,
+            relay_link,
+            upstream_link,
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             yaml,

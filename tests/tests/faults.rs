@@ -1,5 +1,7 @@
 //! Faults under load, on both hosts, with envoy.yaml's configuration (every policy): Redis
-//! stalled past the timeout, Redis restarted empty, and its script cache flushed. A load
+//! stalled past the timeout, Redis restarted empty, its script cache flushed, the relay killed
+//! and restarted, and the upstream killed and restarted (with and without the cache's
+//! `stale_if_error`). A load
 //! generator keeps requests going on the rate-limited, cached and event-only routes while the
 //! fault happens; then each test asserts what the policies promise:
 //!
@@ -36,6 +38,8 @@ const ROUTES: &[(&str, &[u16])] = &[
 struct Answer {
     path: &'static str,
     status: u16,
+    /// The `x-cache` header, if any.
+    cache: Option<String>,
     took: Duration,
 }
 
@@ -58,6 +62,7 @@ impl Load {
                     answers.push(Answer {
                         path,
                         status: r.status,
+                        cache: r.header("x-cache").map(str::to_string),
                         took: started.elapsed(),
                     });
                 }
@@ -82,9 +87,20 @@ impl Load {
 }
 
 fn stack(host: Host) -> Stack {
+    stack_with(host, false, |_| {})
+}
+
+/// The fault suite's stack, its relay and upstream behind links when `cuttable`, and the
+/// plugin configuration changed by `edit` after the suite's own change.
+fn stack_with(
+    host: Host,
+    cuttable: bool,
+    edit: impl Fn(&mut serde_json::Value) + Send + Sync + 'static,
+) -> Stack {
     Stack::start_with(StackOptions {
         host,
-        plugin_config: Some(Box::new(|cfg| {
+        cuttable,
+        plugin_config: Some(Box::new(move |cfg| {
             // The rate limit is never reached by the load: a 429 would only come from Redis.
             let route = cfg["routes"]
                 .as_array_mut()
@@ -94,6 +110,7 @@ fn stack(host: Host) -> Stack {
                 .expect("envoy.yaml has the rate-limited route");
             route["rate_limit"]["limits"] =
                 json!([{"name": "per_minute", "limit": 1_000_000, "window": "60s"}]);
+            edit(cfg);
         })),
         ..StackOptions::default()
     })
@@ -101,13 +118,18 @@ fn stack(host: Host) -> Stack {
 
 /// What every fault test asserts of the answers under load.
 fn assert_answers(answers: &[Answer]) {
+    assert_answers_within(answers, ROUTES);
+}
+
+/// Every answer is one `routes` allows its path, and none took longer than [`LONGEST`].
+fn assert_answers_within(answers: &[Answer], routes: &[(&str, &[u16])]) {
     assert!(
         answers.len() >= 3 * 5,
         "the load ran: {} answers",
         answers.len()
     );
     for a in answers {
-        let allowed = ROUTES
+        let allowed = routes
             .iter()
             .find(|(p, _)| *p == a.path)
             .map(|(_, s)| *s)
@@ -215,5 +237,141 @@ fn a_flushed_script_cache_under_load_costs_no_decision(host: Host) {
     );
     assert!(v("krowoc_rate_limit_rate_limited_allowed") > 0);
     assert!(v("krowoc_redis_noscript") > 0, "the flushes were noticed");
+    assert_events_accounted_for(&stack);
+}
+
+/// The answers on `path` with `status`.
+fn count(answers: &[Answer], path: &str, status: u16) -> usize {
+    answers
+        .iter()
+        .filter(|a| a.path == path && a.status == status)
+        .count()
+}
+
+krowoc_tests::on_both_hosts!(the_relay_killed_under_load_fails_open_and_is_used_again_once_back);
+fn the_relay_killed_under_load_fails_open_and_is_used_again_once_back(host: Host) {
+    let mut stack = stack_with(host, true, |_| {});
+    let load = Load::start(stack.gateway);
+    std::thread::sleep(Duration::from_millis(500));
+    let relay = stack.relay_link.as_mut().expect("a cuttable stack");
+    relay.cut();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let before = relay.accepted();
+    relay.restore();
+    std::thread::sleep(Duration::from_millis(1_000));
+    let answers = load.finish();
+    // Every route kept answering: the limit failed open, the cache went to the upstream.
+    assert_answers(&answers);
+    let errors = stack.metric("krowoc_rate_limit_rate_limited_redis_errors");
+    assert!(errors > 0, "the cut was noticed by the rate limit");
+    assert_decided_by_redis_again(&stack);
+    assert!(
+        stack.relay_link.as_ref().expect("link").accepted() > before,
+        "the gateway connected to the restarted relay by itself"
+    );
+    assert_events_accounted_for(&stack);
+}
+
+/// The routes' answers while the upstream is down: 503 from the gateway, except the cached
+/// route where `cached` says what it may answer.
+fn upstream_down_routes(cached: &'static [u16]) -> [(&'static str, &'static [u16]); 3] {
+    [
+        ("/api/rate-limited", &[200, 429, 503]),
+        ("/api/cached-data?user_id=7", cached),
+        ("/health", &[200, 503]),
+    ]
+}
+
+/// A cached route whose entries expire after 1 s, with `stale_if_error` as given.
+fn short_lived_cache(
+    stale_if_error: &'static str,
+) -> impl Fn(&mut serde_json::Value) + Send + Sync {
+    move |cfg| {
+        let route = cfg["routes"]
+            .as_array_mut()
+            .expect("routes")
+            .iter_mut()
+            .find(|r| r["name"] == "cached-data")
+            .expect("envoy.yaml has the cached-data route");
+        route["cache"] = json!({"ttl": "1s", "key": {"query": ["user_id"]},
+                                "honor_cache_control": false, "stale_if_error": stale_if_error});
+    }
+}
+
+/// Kills the upstream under load for long enough that the cached entry expires, restores it,
+/// and returns the answers.
+fn kill_the_upstream_under_load(stack: &mut Stack) -> Vec<Answer> {
+    let cached = "/api/cached-data?user_id=7";
+    assert!(
+        eventually(Duration::from_secs(5), || stack
+            .get(cached)
+            .header("x-cache")
+            .is_some_and(|c| c == "HIT")),
+        "the entry is cached before the fault"
+    );
+    let load = Load::start(stack.gateway);
+    std::thread::sleep(Duration::from_millis(300));
+    let upstream = stack.upstream_link.as_mut().expect("a cuttable stack");
+    upstream.cut();
+    std::thread::sleep(Duration::from_millis(2_000));
+    upstream.restore();
+    std::thread::sleep(Duration::from_millis(700));
+    load.finish()
+}
+
+/// After the upstream is back, the cached route is filled again with a good answer.
+fn assert_cache_refilled(stack: &Stack) {
+    let cached = "/api/cached-data?user_id=7";
+    let mut last = String::new();
+    let refilled = eventually(Duration::from_secs(5), || {
+        let r = stack.get(cached);
+        last = format!("{} {:?}", r.status, r.header("x-cache"));
+        r.status == 200 && r.header("x-cache").is_some_and(|c| c == "HIT")
+    });
+    assert!(refilled, "the cache is used again: last answer {last}");
+}
+
+krowoc_tests::on_both_hosts!(the_upstream_killed_under_load_is_covered_by_stale_if_error);
+fn the_upstream_killed_under_load_is_covered_by_stale_if_error(host: Host) {
+    let mut stack = stack_with(host, true, short_lived_cache("60s"));
+    let answers = kill_the_upstream_under_load(&mut stack);
+    // The cached route never failed: fresh hits, then the stale copy while the upstream was
+    // down, then refreshed.
+    assert_answers_within(&answers, &upstream_down_routes(&[200]));
+    assert!(count(&answers, "/health", 503) > 0, "the upstream was down");
+    let stale = answers
+        .iter()
+        .filter(|a| a.cache.as_deref() == Some("STALE"))
+        .count();
+    assert!(
+        stale > 0,
+        "the stale copy was served while the upstream was down"
+    );
+    assert_cache_refilled(&stack);
+    assert_events_accounted_for(&stack);
+}
+
+krowoc_tests::on_both_hosts!(
+    the_upstream_killed_under_load_fails_the_expired_entry_and_caches_no_error
+);
+fn the_upstream_killed_under_load_fails_the_expired_entry_and_caches_no_error(host: Host) {
+    let mut stack = stack_with(host, true, short_lived_cache("0s"));
+    let answers = kill_the_upstream_under_load(&mut stack);
+    assert_answers_within(&answers, &upstream_down_routes(&[200, 503]));
+    // Once the entry expired the upstream's absence shows, and no error was served from the
+    // cache: every 503 came from the gateway, not from an entry.
+    let cached = "/api/cached-data?user_id=7";
+    assert!(
+        count(&answers, cached, 503) > 0,
+        "the expired entry was not served"
+    );
+    assert!(
+        answers
+            .iter()
+            .filter(|a| a.path == cached && a.status == 503)
+            .all(|a| a.cache.as_deref() != Some("HIT")),
+        "a 503 was cached"
+    );
+    assert_cache_refilled(&stack);
     assert_events_accounted_for(&stack);
 }
