@@ -3,7 +3,8 @@
 //!
 //! | name | type | meaning |
 //! |---|---|---|
-//! | `krowoc.redis.calls` | counter | Redis calls sent (EVAL retries included) |
+//! | `krowoc.redis.calls` | counter | Redis calls sent, each one round trip (EVAL retries included; an exchange shared by several requests' calls is one) |
+//! | `krowoc.redis.shared` | counter | requests' calls that rode in a shared exchange (`redis.max_in_flight`) |
 //! | `krowoc.redis.errors` | counter | calls that failed (timeouts, unreachable, garbage, refused) |
 //! | `krowoc.redis.timeouts` | counter | calls without an answer in time |
 //! | `krowoc.redis.noscript` | counter | NOSCRIPT answers (followed by EVAL) |
@@ -77,6 +78,7 @@ pub struct Metrics {
     timeouts: Option<u32>,
     noscript: Option<u32>,
     short_circuited: Option<u32>,
+    shared: Option<u32>,
     breaker_opened: Option<u32>,
     breaker_open: Option<u32>,
     /// Per route, in configuration order (None for routes without a rate limit).
@@ -98,6 +100,7 @@ impl Metrics {
             timeouts: counter("krowoc.redis.timeouts"),
             noscript: counter("krowoc.redis.noscript"),
             short_circuited: counter("krowoc.redis.short_circuited"),
+            shared: counter("krowoc.redis.shared"),
             breaker_opened: counter("krowoc.redis.breaker_opened"),
             breaker_open: define_metric(MetricType::Gauge, "krowoc.redis.breaker_open"),
             routes: config
@@ -158,6 +161,7 @@ impl Metrics {
                 self.short_circuited,
                 d(stats.short_circuited, r.short_circuited),
             ),
+            (self.shared, d(stats.shared, r.shared)),
         ] {
             if delta > 0 {
                 increment_metric(id, delta);

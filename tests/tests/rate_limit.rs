@@ -595,3 +595,58 @@ krowoc_tests::on_host_shim_only!(redis_call: limits_are_decided_by_redis_again_w
 fn limits_are_decided_by_redis_again_within_a_second_of_its_return_redis_call(host: Host) {
     limits_are_decided_by_redis_again_within_a_second_of_its_return(host, REDIS_CALL);
 }
+
+krowoc_tests::on_both_hosts!(concurrent_requests_share_relay_exchanges_and_each_is_decided_once);
+fn concurrent_requests_share_relay_exchanges_and_each_is_decided_once(host: Host) {
+    const CLIENTS: usize = 16;
+    const EACH: usize = 10;
+    const LIMIT: usize = 100;
+    let stack = stack(host, RELAY, |cfg| {
+        // One exchange in flight per VM: calls made meanwhile ride together in the next.
+        cfg["redis"]["max_in_flight"] = json!(1);
+        let route = cfg["routes"]
+            .as_array_mut()
+            .expect("routes")
+            .iter_mut()
+            .find(|r| r["name"] == "rate-limited")
+            .expect("envoy.yaml has the rate-limited route");
+        route["rate_limit"]["limits"] =
+            json!([{"name": "per_minute", "limit": LIMIT, "window": "60s"}]);
+    });
+    let gateway = stack.gateway;
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                s.spawn(move || {
+                    (0..EACH)
+                        .map(|_| testkit::http::get(gateway, "/api/rate-limited").status)
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("a client"))
+            .collect()
+    });
+    let count = |status: u16| statuses.iter().filter(|s| **s == status).count();
+    // Exactly the limit admitted: sharing an exchange changes how calls travel, not what
+    // Redis decides.
+    assert_eq!(count(200), LIMIT, "{statuses:?}");
+    assert_eq!(count(429), CLIENTS * EACH - LIMIT, "{statuses:?}");
+    let m = stack.metrics();
+    let v = |name: &str| metric_value(&m, name);
+    assert_eq!(v(&route_metric("rate-limited", "redis_errors")), 0);
+    assert_eq!(v(&route_metric("rate-limited", "fallback_allowed")), 0);
+    let (calls, shared) = (v("krowoc_redis_calls"), v("krowoc_redis_shared"));
+    eprintln!(
+        "{calls} exchanges for {} decisions, {shared} in shared exchanges",
+        CLIENTS * EACH
+    );
+    assert!(shared > 0, "some calls rode in a shared exchange: {m}");
+    assert!(
+        calls < (CLIENTS * EACH) as i64,
+        "fewer exchanges ({calls}) than decisions ({})",
+        CLIENTS * EACH
+    );
+}

@@ -374,6 +374,20 @@ mod tests {
     }
 
     #[test]
+    fn max_in_flight_is_for_the_relay_and_bounded() {
+        let cfg = parse_config(br#"{"redis": {"max_in_flight": 4}}"#).expect("valid");
+        assert_eq!(cfg.redis.max_in_flight, 4);
+        let e = one_error(r#"{"redis": {"max_in_flight": 5000}}"#);
+        assert_eq!(e.path, "redis.max_in_flight");
+        assert!(e.message.contains("1024"), "{e}");
+        let e = one_error(r#"{"redis": {"transport": "redis_call", "max_in_flight": 2}}"#);
+        assert_eq!(e.path, "redis.max_in_flight");
+        assert!(e.message.contains("relay"), "{e}");
+        let e = one_error(r#"{"redis": {"max_in_flight": -1}}"#);
+        assert_eq!(e.path, "redis.max_in_flight");
+    }
+
+    #[test]
     fn a_probe_interval_longer_than_the_cooldown_is_refused() {
         let e = one_error(r#"{"redis": {"breaker": {"probe_interval": "2s", "cooldown": "1s"}}}"#);
         assert_eq!(e.path, "redis.breaker.probe_interval");

@@ -40,7 +40,15 @@ pub struct RedisConfig {
     pub key_prefix: String,
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Transport `relay`: the most exchanges this VM's requests have in flight at once; calls
+    /// made beyond wait and ride together in the next exchange. 0: every call at once, in an
+    /// exchange of its own.
+    #[serde(default)]
+    pub max_in_flight: usize,
 }
+
+/// The largest `max_in_flight` accepted.
+const MAX_IN_FLIGHT: usize = 1024;
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -129,6 +137,7 @@ impl Default for RedisConfig {
             timeout: default_redis_timeout(),
             key_prefix: default_key_prefix(),
             breaker: BreakerConfig::default(),
+            max_in_flight: 0,
         }
     }
 }
@@ -174,6 +183,7 @@ pub(super) fn validate_redis(p: &mut Problems<'_>, redis: &RedisConfig) {
             for (field, set) in [
                 ("token", redis.token.is_some()),
                 ("authority", redis.authority.is_some()),
+                ("max_in_flight", redis.max_in_flight != 0),
             ] {
                 if set {
                     p.at(&at(field), "only used with transport `relay`");
@@ -188,6 +198,12 @@ pub(super) fn validate_redis(p: &mut Problems<'_>, redis: &RedisConfig) {
                 "must be non-empty visible ASCII (it is sent as a header)",
             );
         }
+    }
+    if redis.max_in_flight > MAX_IN_FLIGHT {
+        p.at(
+            &at("max_in_flight"),
+            format!("must be at most {MAX_IN_FLIGHT} (0: no limit)"),
+        );
     }
     let timeout = redis.timeout.as_millis();
     if timeout == 0 || timeout > 60_000 {

@@ -50,12 +50,13 @@ fn deliver_http_answer(
 
 /// Hands a call's answer to the instance and performs what follows.
 fn deliver(edge: &Rc<RefCell<Edge>>, token: u32, raw: RawReply, current: Option<u32>) {
-    let action = match edge.try_borrow_mut() {
-        Ok(mut e) => e.on_reply(host::now_ms(), token, raw, call_response_headers),
+    let in_root = current.is_none();
+    let actions = match edge.try_borrow_mut() {
+        Ok(mut e) => e.on_reply(host::now_ms(), token, raw, call_response_headers, in_root),
         // Re-entered while busy: the call stays pending and times out on a tick.
-        Err(_) => None,
+        Err(_) => Vec::new(),
     };
-    perform(action.into_iter().collect(), current);
+    perform(actions, current);
 }
 
 /// Performs actions outside any borrow of the state. `current` is the context the host is
@@ -153,6 +154,17 @@ impl RootContext for EdgeRoot {
                 false
             }
         }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // The VM's kick (see `redis::client`): requests' calls are waiting for an exchange.
+        host::drain_shared_queue(queue_id);
+        let Some(edge) = &self.edge else { return };
+        let actions = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_kick(host::now_ms()),
+            Err(_) => Vec::new(),
+        };
+        perform(actions, None);
     }
 
     fn on_tick(&mut self) {

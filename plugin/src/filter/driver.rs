@@ -82,12 +82,26 @@ impl Edge {
     /// host the Redis credentials (a refusal is a configuration error naming the cluster).
     pub fn new(config: Config) -> Result<Edge, ConfigError> {
         let redis = &config.redis;
+        // A VM's seed names it among every gateway's VMs (lock tokens, the VM registry).
+        let seed = host::random_u64().unwrap_or_else(host::now_ns);
         let (wire, redis_call_upstream): (Box<dyn Wire>, _) = match redis.transport {
             Transport::Relay => {
+                // Shared exchanges are sent from the root context, which a kick on this
+                // queue (one per VM: its name carries the seed) brings in.
+                let kick_queue = (redis.max_in_flight > 0)
+                    .then(|| host::register_shared_queue(&format!("krowoc-edge/{seed:016x}")))
+                    .flatten();
+                if redis.max_in_flight > 0 && kick_queue.is_none() {
+                    host::log(
+                        LogLevel::Warn,
+                        "krowoc-edge: the host refused a shared queue: redis.max_in_flight is not applied, every call has its own exchange",
+                    );
+                }
                 let wire = RelayWire {
                     cluster: redis.cluster().to_string(),
                     authority: redis.authority().to_string(),
                     token: redis.token.clone(),
+                    kick_queue,
                 };
                 (Box::new(wire), None)
             }
@@ -120,8 +134,6 @@ impl Edge {
                 (Box::new(wire), Some(upstream))
             }
         };
-        // A VM's seed names it among every gateway's VMs (lock tokens, the VM registry).
-        let seed = host::random_u64().unwrap_or_else(host::now_ns);
         let mut edge = Edge::with_host(config, wire, Box::new(HostUpstream), seed);
         edge.redis_call_upstream = redis_call_upstream;
         Ok(edge)
@@ -300,14 +312,15 @@ impl Edge {
     // ---- Redis answers -----------------------------------------------------------------------
 
     /// The host's answer to call `token` (`read_headers` gives an HTTP answer's fields, asked
-    /// only for a cache refresh).
+    /// only for a cache refresh); `in_root` says the host is calling the root context.
     pub fn on_reply(
         &mut self,
         now_ms: u64,
         token: u32,
         raw: RawReply,
         read_headers: impl FnOnce() -> Vec<(String, String)>,
-    ) -> Option<HostAction> {
+        in_root: bool,
+    ) -> Vec<HostAction> {
         let refresh = self.cache.on_refresh_answer(
             &mut self.client,
             &mut *self.wire,
@@ -317,11 +330,26 @@ impl Edge {
             read_headers,
         );
         if refresh {
-            return None;
+            return Vec::new();
         }
-        let completion = self.client.on_reply(&mut *self.wire, now_ms, token, raw);
+        let done = self
+            .client
+            .on_answer(&mut *self.wire, now_ms, token, raw, in_root);
         self.report_client();
-        completion.and_then(|c| self.complete(now_ms, c))
+        done.into_iter()
+            .filter_map(|c| self.complete(now_ms, c))
+            .collect()
+    }
+
+    /// The root context was woken by this VM's kick: requests' calls waiting for an exchange
+    /// go out now.
+    pub fn on_kick(&mut self, now_ms: u64) -> Vec<HostAction> {
+        let failed = self.client.on_kick(&mut *self.wire, now_ms);
+        self.report_client();
+        failed
+            .into_iter()
+            .filter_map(|c| self.complete(now_ms, c))
+            .collect()
     }
 
     /// Whether call `token` is this instance's.
@@ -523,7 +551,9 @@ impl Edge {
 
     /// Timeouts enforced, coalesced requests and cache jobs moved on, events flushed.
     pub fn on_tick(&mut self, now_ms: u64) -> Vec<HostAction> {
-        let expired = self.client.expire(now_ms);
+        let mut expired = self.client.expire(now_ms);
+        // The tick is the root context: waiting calls whose kick was lost go out here.
+        expired.extend(self.client.send_waiting(&mut *self.wire, now_ms));
         self.report_client();
         let mut actions: Vec<HostAction> = expired
             .into_iter()
@@ -687,12 +717,12 @@ mod tests {
         ));
         let (limit, lookup) = (wire.borrow().sent[0].0, wire.borrow().sent[1].0);
         assert_eq!(
-            e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new),
-            None
+            e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new, false),
+            Vec::new()
         );
         assert_eq!(
-            e.on_reply(1_002, limit, ok(ALLOWED), Vec::new),
-            Some(HostAction::Resume(7)),
+            e.on_reply(1_002, limit, ok(ALLOWED), Vec::new, false),
+            vec![HostAction::Resume(7)],
             "the last answer decides"
         );
         let ResponseStep::Fields {
@@ -713,8 +743,9 @@ mod tests {
         let (mut e, wire) = recorded(LIMITED_AND_CACHED);
         begin(&mut e, 7, &request("GET", "/both", &[]));
         let (limit, lookup) = (wire.borrow().sent[0].0, wire.borrow().sent[1].0);
-        e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new);
-        let Some(HostAction::Respond(7, denied)) = e.on_reply(1_002, limit, ok(DENIED), Vec::new)
+        e.on_reply(1_001, lookup, ok(MISS_LOCK_TAKEN), Vec::new, false);
+        let [HostAction::Respond(7, denied)] =
+            &e.on_reply(1_002, limit, ok(DENIED), Vec::new, false)[..]
         else {
             panic!("denied");
         };
@@ -742,8 +773,8 @@ mod tests {
         let sent = payloads(&wire);
         assert_eq!(sent.len(), 1, "the purge only: {sent:?}");
         let purge = wire.borrow().sent[0].0;
-        let Some(HostAction::Respond(3, answer)) =
-            e.on_reply(1_001, purge, ok(b":4\r\n"), Vec::new)
+        let [HostAction::Respond(3, answer)] =
+            &e.on_reply(1_001, purge, ok(b":4\r\n"), Vec::new, false)[..]
         else {
             panic!("answered");
         };

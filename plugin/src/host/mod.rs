@@ -91,6 +91,21 @@ mod ffi {
         ) -> u32;
         pub fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
         pub fn proxy_record_metric(metric_id: u32, value: i64) -> u32;
+        pub fn proxy_register_shared_queue(
+            name_data: *const u8,
+            name_size: usize,
+            ret_id: *mut u32,
+        ) -> u32;
+        pub fn proxy_enqueue_shared_queue(
+            queue_id: u32,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        pub fn proxy_dequeue_shared_queue(
+            queue_id: u32,
+            ret_data: *mut *mut u8,
+            ret_size: *mut usize,
+        ) -> u32;
     }
 
     // std imports it too (for its hashers' keys); declared here to see its errno, not trap.
@@ -195,6 +210,15 @@ mod ffi {
         U
     }
     pub unsafe fn proxy_record_metric(_: u32, _: i64) -> u32 {
+        U
+    }
+    pub unsafe fn proxy_register_shared_queue(_: *const u8, _: usize, _: *mut u32) -> u32 {
+        U
+    }
+    pub unsafe fn proxy_enqueue_shared_queue(_: u32, _: *const u8, _: usize) -> u32 {
+        U
+    }
+    pub unsafe fn proxy_dequeue_shared_queue(_: u32, _: *mut *mut u8, _: *mut usize) -> u32 {
         U
     }
     /// WASI errno 52 (`nosys`).
@@ -380,6 +404,37 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
 pub fn set_effective_context(context_id: u32) -> bool {
     // SAFETY: plain value argument.
     unsafe { ffi::proxy_set_effective_context(context_id) == STATUS_OK }
+}
+
+/// Registers a shared queue named `name` for the calling root context (its
+/// `on_queue_ready` is called after each enqueue); its id, None if the host refuses.
+pub fn register_shared_queue(name: &str) -> Option<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: `name` is live for the call; the host writes one u32.
+    let status = unsafe { ffi::proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) };
+    (status == STATUS_OK).then_some(id)
+}
+
+/// Puts `value` on shared queue `id`; false if the host refuses.
+pub fn enqueue_shared_queue(id: u32, value: &[u8]) -> bool {
+    // SAFETY: `value` is live for the call.
+    unsafe { ffi::proxy_enqueue_shared_queue(id, value.as_ptr(), value.len()) == STATUS_OK }
+}
+
+/// Takes every item off shared queue `id` (they carry nothing but the wake-up).
+pub fn drain_shared_queue(id: u32) {
+    // A bound, not a loop on the host's word: a queue holds a handful of wake-ups.
+    for _ in 0..1024 {
+        let mut data: *mut u8 = null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the host writes a pointer and a size it allocated in this module.
+        let status = unsafe { ffi::proxy_dequeue_shared_queue(id, &mut data, &mut size) };
+        if status != STATUS_OK {
+            return;
+        }
+        // SAFETY: ownership of the host's allocation passes to us; dropped at once.
+        drop(unsafe { take_host_bytes(data, size) });
+    }
 }
 
 /// Resumes the paused request of the effective context.

@@ -68,9 +68,21 @@ pub struct RelayWire {
     pub cluster: String,
     pub authority: String,
     pub token: Option<String>,
+    /// The VM's own shared queue, whose `on_queue_ready` brings the root context in to send
+    /// shared exchanges (None: registered lazily, or refused by the host).
+    pub kick_queue: Option<u32>,
 }
 
 impl Wire for RelayWire {
+    fn can_kick(&self) -> bool {
+        self.kick_queue.is_some()
+    }
+
+    fn kick(&mut self) -> bool {
+        self.kick_queue
+            .is_some_and(|id| super::enqueue_shared_queue(id, b"k"))
+    }
+
     fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
         let mut headers = vec![
             (":method", "POST"),

@@ -2,6 +2,14 @@
 //! pending calls tracked by token (several in flight per request context), a deadline on every
 //! call, EVALSHA with EVAL on NOSCRIPT, and the per-VM circuit breaker.
 //!
+//! Over the relay, requests' calls can share exchanges (`redis.max_in_flight`): while the VM
+//! has that many of its requests' exchanges in flight, further calls wait and then ride
+//! together in the next exchange, one body of many commands that the relay pipelines. No timer
+//! is involved: an idle VM sends each call at once, a busy one makes fewer, larger exchanges.
+//! A shared exchange is sent from the root context (a proxy cancels a stream's calls when the
+//! stream ends, and the request that freed the slot ends first), reached from a request's
+//! callback through a kick on the VM's own shared queue ([`Wire::kick`]).
+//!
 //! The host side of a transport is the [`Wire`] trait (implemented in `host.rs` over
 //! `dispatch_http_call` and `proxy_redis_call`); everything here is plain Rust, so it is
 //! tested natively against a real redis-server.
@@ -15,6 +23,17 @@ use std::collections::HashMap;
 /// Sends encoded commands over one transport; the reply comes later, under the returned token.
 pub trait Wire {
     fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError>;
+
+    /// Whether [`Wire::kick`] can reach the root context (shared exchanges need it).
+    fn can_kick(&self) -> bool {
+        false
+    }
+
+    /// Asks the host to call the root context soon (`on_queue_ready`), where shared exchanges
+    /// are sent. False when it cannot.
+    fn kick(&mut self) -> bool {
+        false
+    }
 }
 
 /// What the host handed back for a call.
@@ -60,6 +79,43 @@ pub struct PendingCall {
     pub on_noscript: Option<Command>,
     /// Some(n): a pipeline of n commands, answered by an array of their n replies.
     pub pipeline: Option<usize>,
+    /// The requests' calls sharing this exchange, in the order of its commands; empty for a
+    /// call of its own.
+    pub riders: Vec<Rider>,
+}
+
+impl PendingCall {
+    /// Whether it is one of the requests' exchanges that `redis.max_in_flight` limits.
+    fn is_request_exchange(&self) -> bool {
+        !self.riders.is_empty() || self.owner.request().is_some()
+    }
+}
+
+/// A request's call waiting for, or riding in, a shared exchange.
+#[derive(Clone, Debug)]
+pub struct Rider {
+    pub owner: Owner,
+    command: Command,
+    on_noscript: Option<Command>,
+    /// The call's own deadline, from when it was made.
+    deadline_ms: u64,
+    /// Answered already (timed out while its exchange was out).
+    done: bool,
+}
+
+/// Most calls in one shared exchange (the relay's default `--max-commands` is 64).
+pub const MAX_RIDERS: usize = 64;
+/// Most bytes of commands in one shared exchange (the relay's default body cap is 1 MiB).
+const MAX_SHARED_BYTES: usize = 256 * 1024;
+
+/// Calls waiting for a shared exchange.
+#[derive(Debug, Default)]
+struct Sharing {
+    /// `redis.max_in_flight`: 0 sends every call at once in its own exchange.
+    max_in_flight: usize,
+    waiting: Vec<Rider>,
+    /// A kick is on its way to the root context.
+    kicked: bool,
 }
 
 /// A finished call, handed to the context that made it.
@@ -77,6 +133,8 @@ pub struct ClientStats {
     pub timeouts: u64,
     pub noscript: u64,
     pub short_circuited: u64,
+    /// Calls sent in an exchange shared with other requests' calls.
+    pub shared: u64,
 }
 
 /// Extra time past the transport's own timeout before a call is given up on a tick, so the
@@ -92,6 +150,7 @@ pub struct RedisClient {
     /// Breaker transitions not yet reported (for metrics and logs).
     pub transitions: Vec<Transition>,
     noauth: bool,
+    sharing: Sharing,
 }
 
 impl RedisClient {
@@ -108,6 +167,13 @@ impl RedisClient {
             stats: ClientStats::default(),
             transitions: Vec::new(),
             noauth: false,
+            sharing: Sharing {
+                max_in_flight: match cfg.transport {
+                    Transport::Relay => cfg.max_in_flight,
+                    Transport::RedisCall => 0,
+                },
+                ..Sharing::default()
+            },
         }
     }
 
@@ -123,12 +189,43 @@ impl RedisClient {
         self.pending.len()
     }
 
-    /// Calls in flight for a request context.
+    /// Calls in flight or waiting for a shared exchange, for a request context.
     pub fn pending_for(&self, context_id: u32) -> usize {
+        let own = self
+            .pending
+            .values()
+            .filter(|p| p.riders.is_empty() && p.owner.request() == Some(context_id))
+            .count();
+        let riding = self
+            .pending
+            .values()
+            .flat_map(|p| &p.riders)
+            .chain(&self.sharing.waiting)
+            .filter(|r| !r.done && r.owner.request() == Some(context_id))
+            .count();
+        own + riding
+    }
+
+    /// The requests' exchanges in flight (what `redis.max_in_flight` limits).
+    fn request_exchanges(&self) -> usize {
         self.pending
             .values()
-            .filter(|p| p.owner.request() == Some(context_id))
+            .filter(|p| p.is_request_exchange())
             .count()
+    }
+
+    /// Requests' calls waiting for a shared exchange.
+    pub fn waiting_len(&self) -> usize {
+        self.sharing.waiting.len()
+    }
+
+    /// Whether a call by `owner` waits for a shared exchange instead of going out now.
+    fn must_wait(&self, wire: &dyn Wire, owner: Owner) -> bool {
+        let max = self.sharing.max_in_flight;
+        max > 0
+            && owner.request().is_some()
+            && wire.can_kick()
+            && (!self.sharing.waiting.is_empty() || self.request_exchanges() >= max)
     }
 
     /// Sends one command for `owner`; `on_noscript` is sent instead if Redis answers
@@ -142,7 +239,93 @@ impl RedisClient {
         on_noscript: Option<Command>,
     ) -> Result<u32, RedisError> {
         self.admit(now_ms)?;
+        if self.must_wait(wire, owner) {
+            self.sharing.waiting.push(Rider {
+                owner,
+                command: command.clone(),
+                on_noscript,
+                deadline_ms: now_ms + self.timeout_ms + DEADLINE_GRACE_MS,
+                done: false,
+            });
+            if !self.sharing.kicked {
+                // Without a kick the tick sends it (the call still has its deadline).
+                self.sharing.kicked = wire.kick();
+            }
+            return Ok(0);
+        }
         self.dispatch(wire, now_ms, owner, command, on_noscript)
+    }
+
+    /// The root context was kicked: the waiting calls go out in shared exchanges. Returns the
+    /// calls that failed at once.
+    pub fn on_kick(&mut self, wire: &mut dyn Wire, now_ms: u64) -> Vec<Completion> {
+        self.sharing.kicked = false;
+        self.send_waiting(wire, now_ms)
+    }
+
+    /// Sends waiting calls, as many per exchange as fit, while the VM has a free exchange
+    /// slot. Only from the root context. Returns the calls that failed or timed out meanwhile.
+    pub fn send_waiting(&mut self, wire: &mut dyn Wire, now_ms: u64) -> Vec<Completion> {
+        let mut failed = self.expire_waiting(now_ms);
+        while !self.sharing.waiting.is_empty()
+            && self.request_exchanges() < self.sharing.max_in_flight.max(1)
+        {
+            let mut payload = Vec::new();
+            let mut n = 0;
+            for r in &self.sharing.waiting {
+                let before = payload.len();
+                r.command.encode_into(&mut payload);
+                if n > 0 && (n == MAX_RIDERS || payload.len() > MAX_SHARED_BYTES) {
+                    payload.truncate(before);
+                    break;
+                }
+                n += 1;
+            }
+            let riders: Vec<Rider> = self.sharing.waiting.drain(..n).collect();
+            self.stats.calls += 1;
+            self.stats.shared += riders.len() as u64;
+            match wire.send(&payload, self.timeout_ms) {
+                Ok(token) => {
+                    let deadline_ms = riders.iter().map(|r| r.deadline_ms).max().unwrap_or(0);
+                    self.pending.insert(
+                        token,
+                        PendingCall {
+                            owner: riders[0].owner,
+                            deadline_ms: deadline_ms.max(now_ms + self.timeout_ms),
+                            on_noscript: None,
+                            pipeline: None,
+                            riders,
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.record_failure(&e, now_ms);
+                    failed.extend(riders.into_iter().map(|r| Completion {
+                        owner: r.owner,
+                        result: Err(e.clone()),
+                    }));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Waiting calls past their deadline become timeouts (the exchanges ahead of them are slow:
+    /// their own failures count for the breaker, these do not count again).
+    fn expire_waiting(&mut self, now_ms: u64) -> Vec<Completion> {
+        let timeout_ms = self.timeout_ms;
+        let (late, waiting): (Vec<Rider>, Vec<Rider>) = std::mem::take(&mut self.sharing.waiting)
+            .into_iter()
+            .partition(|r| r.deadline_ms <= now_ms);
+        self.sharing.waiting = waiting;
+        self.stats.errors += late.len() as u64;
+        self.stats.timeouts += late.len() as u64;
+        late.into_iter()
+            .map(|r| Completion {
+                owner: r.owner,
+                result: Err(waited_too_long(timeout_ms)),
+            })
+            .collect()
     }
 
     /// Lets a call through the breaker, or fails it at once (counted as short-circuited).
@@ -215,6 +398,7 @@ impl RedisClient {
                         deadline_ms: now_ms + self.timeout_ms + DEADLINE_GRACE_MS,
                         on_noscript,
                         pipeline,
+                        riders: Vec::new(),
                     },
                 );
                 Ok(token)
@@ -275,8 +459,40 @@ impl RedisClient {
         }
     }
 
-    /// Handles the host's answer for `token`. None when the token is unknown (a late answer
-    /// after its deadline) or when the call continues (NOSCRIPT → EVAL sent).
+    /// Handles the host's answer for `token`: the finished calls (several for a shared
+    /// exchange). `in_root` says the host is calling the root context, where waiting calls can
+    /// go out at once; elsewhere the root is kicked for them.
+    pub fn on_answer(
+        &mut self,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        token: u32,
+        raw: RawReply,
+        in_root: bool,
+    ) -> Vec<Completion> {
+        let Some(call) = self.pending.remove(&token) else {
+            return Vec::new();
+        };
+        let freed = call.is_request_exchange();
+        let mut done = if call.riders.is_empty() {
+            self.finish_call(wire, now_ms, call, raw)
+                .into_iter()
+                .collect()
+        } else {
+            self.finish_shared(wire, now_ms, call, raw)
+        };
+        if freed && !self.sharing.waiting.is_empty() {
+            if in_root {
+                done.extend(self.send_waiting(wire, now_ms));
+            } else if !self.sharing.kicked {
+                self.sharing.kicked = wire.kick();
+            }
+        }
+        done
+    }
+
+    /// [`RedisClient::on_answer`] for a call of its own: None when the token is unknown (a
+    /// late answer after its deadline) or when the call continues (NOSCRIPT → EVAL sent).
     pub fn on_reply(
         &mut self,
         wire: &mut dyn Wire,
@@ -285,6 +501,87 @@ impl RedisClient {
         raw: RawReply,
     ) -> Option<Completion> {
         let call = self.pending.remove(&token)?;
+        self.finish_call(wire, now_ms, call, raw)
+    }
+
+    /// The answer to a shared exchange: one reply per rider, in order. A rider answered
+    /// NOSCRIPT waits again with its EVAL (sent from here: shared exchanges are answered in
+    /// the root context).
+    fn finish_shared(
+        &mut self,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        call: PendingCall,
+        raw: RawReply,
+    ) -> Vec<Completion> {
+        let replies = reply_bytes(raw).and_then(|b| decode_replies(&b, call.riders.len()));
+        let replies = match replies {
+            Ok(r) => r,
+            Err(e) => {
+                self.record_failure(&e, now_ms);
+                return call
+                    .riders
+                    .into_iter()
+                    .filter(|r| !r.done)
+                    .map(|r| Completion {
+                        owner: r.owner,
+                        result: Err(e.clone()),
+                    })
+                    .collect();
+            }
+        };
+        let mut out = Vec::new();
+        let mut again = Vec::new();
+        for (rider, reply) in call.riders.into_iter().zip(replies) {
+            if rider.done {
+                continue;
+            }
+            let result = match reply {
+                Reply::Error(msg) => Err(RedisError::server(msg)),
+                other => Ok(other),
+            };
+            match &result {
+                Err(e) if e.is_noscript() => {
+                    self.stats.noscript += 1;
+                    self.record_health();
+                    if let Some(eval) = rider.on_noscript {
+                        again.push(Rider {
+                            command: eval,
+                            on_noscript: None,
+                            ..rider
+                        });
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    if e.is_noauth() {
+                        self.noauth = true;
+                    }
+                    self.record_failure(e, now_ms);
+                }
+                Ok(_) => self.record_health(),
+            }
+            out.push(Completion {
+                owner: rider.owner,
+                result,
+            });
+        }
+        if !again.is_empty() {
+            // Ahead of the others: these were made first.
+            again.append(&mut self.sharing.waiting);
+            self.sharing.waiting = again;
+            out.extend(self.send_waiting(wire, now_ms));
+        }
+        out
+    }
+
+    fn finish_call(
+        &mut self,
+        wire: &mut dyn Wire,
+        now_ms: u64,
+        call: PendingCall,
+        raw: RawReply,
+    ) -> Option<Completion> {
         if let Some(expected) = call.pipeline {
             return Some(self.finish_pipeline(now_ms, call, expected, raw));
         }
@@ -327,26 +624,49 @@ impl RedisClient {
         })
     }
 
-    /// Gives up on calls past their deadline; each becomes a timeout for its context.
+    /// Gives up on calls past their deadline; each becomes a timeout for its context. A shared
+    /// exchange's riders time out one by one, by their own deadlines.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Completion> {
+        let mut out = self.expire_waiting(now_ms);
+        let timeout_ms = self.timeout_ms;
+        for call in self.pending.values_mut() {
+            for r in call.riders.iter_mut().filter(|r| !r.done) {
+                if r.deadline_ms <= now_ms {
+                    r.done = true;
+                    self.stats.errors += 1;
+                    self.stats.timeouts += 1;
+                    out.push(Completion {
+                        owner: r.owner,
+                        result: Err(waited_too_long(timeout_ms)),
+                    });
+                }
+            }
+        }
         let expired: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline_ms <= now_ms)
+            .filter(|(_, p)| {
+                p.deadline_ms <= now_ms || (!p.riders.is_empty() && p.riders.iter().all(|r| r.done))
+            })
             .map(|(t, _)| *t)
             .collect();
-        let mut out = Vec::with_capacity(expired.len());
         for token in expired {
             if let Some(call) = self.pending.remove(&token) {
-                let e = RedisError::new(
-                    RedisErrorKind::Timeout,
-                    format!("no reply within {}ms", self.timeout_ms),
-                );
-                self.record_failure(&e, now_ms);
-                out.push(Completion {
-                    owner: call.owner,
-                    result: Err(e),
-                });
+                if call.riders.is_empty() {
+                    let e = waited_too_long(self.timeout_ms);
+                    self.record_failure(&e, now_ms);
+                    out.push(Completion {
+                        owner: call.owner,
+                        result: Err(e),
+                    });
+                } else {
+                    // Its riders were counted as they timed out; the exchange is one failure
+                    // for the breaker.
+                    let t = self.breaker.on_failure(now_ms);
+                    if t != Transition::None {
+                        self.transitions.push(t);
+                    }
+                }
             }
         }
         out
@@ -361,6 +681,13 @@ impl RedisClient {
     pub fn take_noauth(&mut self) -> bool {
         std::mem::take(&mut self.noauth)
     }
+}
+
+fn waited_too_long(timeout_ms: u64) -> RedisError {
+    RedisError::new(
+        RedisErrorKind::Timeout,
+        format!("no reply within {timeout_ms}ms"),
+    )
 }
 
 /// The RESP bytes of a raw answer, or the transport error it stands for.
@@ -411,6 +738,9 @@ pub(crate) mod recording {
         pub sent: Vec<(u32, Vec<u8>)>,
         /// Set: every send is refused with it.
         pub fail: Option<RedisError>,
+        /// Whether it can kick the root context, and how often it did.
+        pub kickable: bool,
+        pub kicks: usize,
     }
 
     impl Default for RecordingWire {
@@ -419,11 +749,22 @@ pub(crate) mod recording {
                 next: 3,
                 sent: Vec::new(),
                 fail: None,
+                kickable: false,
+                kicks: 0,
             }
         }
     }
 
     impl Wire for RecordingWire {
+        fn can_kick(&self) -> bool {
+            self.kickable
+        }
+
+        fn kick(&mut self) -> bool {
+            self.kicks += 1;
+            self.kickable
+        }
+
         fn send(&mut self, payload: &[u8], _timeout_ms: u64) -> Result<u32, RedisError> {
             if let Some(e) = self.fail.clone() {
                 return Err(e);
@@ -436,6 +777,14 @@ pub(crate) mod recording {
 
     /// Shared, so that a test reads what a wire it boxed away sent.
     impl Wire for std::rc::Rc<std::cell::RefCell<RecordingWire>> {
+        fn can_kick(&self) -> bool {
+            self.borrow().can_kick()
+        }
+
+        fn kick(&mut self) -> bool {
+            self.borrow_mut().kick()
+        }
+
         fn send(&mut self, payload: &[u8], timeout_ms: u64) -> Result<u32, RedisError> {
             self.borrow_mut().send(payload, timeout_ms)
         }
@@ -900,5 +1249,283 @@ mod tests {
             .expect("done");
         assert_eq!(done.result.expect_err("server").prefix(), Some("ERR"));
         assert_eq!(c.breaker_state(), BreakerState::Closed);
+    }
+
+    /// A client sharing exchanges beyond `max` in flight, and a wire that can kick.
+    fn sharing(max: usize) -> (RedisClient, RecordingWire) {
+        let c = client(&format!(r#"{{"redis": {{"max_in_flight": {max}}}}}"#));
+        let wire = RecordingWire {
+            kickable: true,
+            ..RecordingWire::default()
+        };
+        (c, wire)
+    }
+
+    fn get(key: &str) -> Command {
+        Command::new("GET").arg(key)
+    }
+
+    fn relay(body: &[u8]) -> RawReply {
+        RawReply::Relay {
+            status: Some(200),
+            body: body.to_vec(),
+        }
+    }
+
+    fn owners(done: &[Completion]) -> Vec<(Owner, Result<Reply, RedisErrorKind>)> {
+        done.iter()
+            .map(|c| (c.owner, c.result.clone().map_err(|e| e.kind)))
+            .collect()
+    }
+
+    #[test]
+    fn calls_beyond_the_exchanges_in_flight_ride_together_in_the_next_one() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        assert_eq!(wire.sent.len(), 1, "an idle VM sends at once");
+        for (ctx, key) in [(2, "b"), (3, "c")] {
+            c.call(&mut wire, 1, Owner::RateLimit(ctx), &get(key), None)
+                .expect("waits");
+        }
+        c.call(&mut wire, 1, Owner::CacheLookup(3), &get("d"), None)
+            .expect("waits");
+        assert_eq!(wire.sent.len(), 1, "the others wait for the exchange");
+        assert_eq!(wire.kicks, 1, "one kick for all of them");
+        assert_eq!(c.waiting_len(), 3);
+        assert_eq!(c.pending_for(3), 2);
+
+        // The first answer comes in its request's context: the root is kicked, not called.
+        let first = wire.sent[0].0;
+        let done = c.on_answer(&mut wire, 2, first, relay(b"$1\r\nA\r\n"), false);
+        assert_eq!(
+            owners(&done),
+            vec![(Owner::RateLimit(1), Ok(Reply::Bulk(b"A".to_vec())))]
+        );
+        assert_eq!(wire.sent.len(), 1);
+        assert!(c.on_kick(&mut wire, 3).is_empty());
+        assert_eq!(
+            wire.sent.len(),
+            2,
+            "one exchange for the three waiting calls"
+        );
+        let (shared, body) = wire.sent[1].clone();
+        assert_eq!(
+            body,
+            encode_pipeline(&[get("b"), get("c"), get("d")]),
+            "their commands in the order they were made"
+        );
+        assert_eq!(c.stats.calls, 2);
+        assert_eq!(c.stats.shared, 3);
+
+        let done = c.on_answer(&mut wire, 4, shared, relay(b":2\r\n:3\r\n$-1\r\n"), true);
+        assert_eq!(
+            owners(&done),
+            vec![
+                (Owner::RateLimit(2), Ok(Reply::Int(2))),
+                (Owner::RateLimit(3), Ok(Reply::Int(3))),
+                (Owner::CacheLookup(3), Ok(Reply::Nil)),
+            ]
+        );
+        assert_eq!(c.pending_len(), 0);
+        assert_eq!(c.breaker_state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn in_the_root_context_the_next_shared_exchange_goes_out_at_once() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        c.call(&mut wire, 0, Owner::RateLimit(2), &get("b"), None)
+            .expect("waits");
+        let first = wire.sent[0].0;
+        c.on_answer(&mut wire, 1, first, relay(b":1\r\n"), false);
+        c.on_kick(&mut wire, 1);
+        // While the shared exchange is out, more calls wait; its answer (in the root context)
+        // sends them without another kick.
+        c.call(&mut wire, 2, Owner::RateLimit(3), &get("c"), None)
+            .expect("waits");
+        let kicks = wire.kicks;
+        let shared = wire.sent[1].0;
+        let done = c.on_answer(&mut wire, 3, shared, relay(b":2\r\n"), true);
+        assert_eq!(
+            owners(&done),
+            vec![(Owner::RateLimit(2), Ok(Reply::Int(2)))]
+        );
+        assert_eq!(wire.sent.len(), 3);
+        assert_eq!(wire.sent[2].1, get("c").encode());
+        assert_eq!(
+            wire.kicks, kicks,
+            "no kick beyond the one made when c waited"
+        );
+    }
+
+    #[test]
+    fn a_rider_answered_noscript_rides_again_with_its_eval() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        let evalsha = Command::new("EVALSHA").arg("abc").arg("0");
+        let eval = Command::new("EVAL").arg("return 7").arg("0");
+        c.call(
+            &mut wire,
+            0,
+            Owner::RateLimit(2),
+            &evalsha,
+            Some(eval.clone()),
+        )
+        .expect("waits");
+        c.call(&mut wire, 0, Owner::RateLimit(3), &get("c"), None)
+            .expect("waits");
+        let first = wire.sent[0].0;
+        c.on_answer(&mut wire, 1, first, relay(b":1\r\n"), false);
+        c.on_kick(&mut wire, 1);
+        let shared = wire.sent[1].0;
+        let done = c.on_answer(
+            &mut wire,
+            2,
+            shared,
+            relay(b"-NOSCRIPT No matching script.\r\n:3\r\n"),
+            true,
+        );
+        assert_eq!(
+            owners(&done),
+            vec![(Owner::RateLimit(3), Ok(Reply::Int(3)))]
+        );
+        assert_eq!(wire.sent.len(), 3, "the EVAL went out");
+        assert_eq!(wire.sent[2].1, eval.encode());
+        let again = wire.sent[2].0;
+        let done = c.on_answer(&mut wire, 3, again, relay(b":7\r\n"), true);
+        assert_eq!(
+            owners(&done),
+            vec![(Owner::RateLimit(2), Ok(Reply::Int(7)))]
+        );
+        assert_eq!(c.stats.noscript, 1);
+    }
+
+    #[test]
+    fn waiting_and_riding_calls_time_out_by_their_own_deadlines() {
+        let (mut c, mut wire) = sharing(1);
+        let timeout = c.timeout_ms();
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        c.call(&mut wire, 0, Owner::RateLimit(2), &get("b"), None)
+            .expect("waits");
+        c.call(&mut wire, 50, Owner::RateLimit(3), &get("c"), None)
+            .expect("waits");
+        let late = timeout + DEADLINE_GRACE_MS;
+        // The exchange in flight and the first waiting call are past their deadline; the
+        // second still has 50 ms.
+        let done = c.expire(late);
+        let mut kinds = owners(&done);
+        kinds.sort_by_key(|(o, _)| format!("{o:?}"));
+        assert_eq!(
+            kinds,
+            vec![
+                (Owner::RateLimit(1), Err(RedisErrorKind::Timeout)),
+                (Owner::RateLimit(2), Err(RedisErrorKind::Timeout)),
+            ]
+        );
+        assert!(c.send_waiting(&mut wire, late).is_empty());
+        assert_eq!(wire.sent.len(), 2, "c rides alone in the next exchange");
+        let shared = wire.sent[1].0;
+        let done = c.expire(late + 50);
+        assert_eq!(
+            owners(&done),
+            vec![(Owner::RateLimit(3), Err(RedisErrorKind::Timeout))]
+        );
+        assert_eq!(
+            c.pending_len(),
+            0,
+            "an exchange whose riders all gave up is gone"
+        );
+        assert!(c
+            .on_answer(&mut wire, late + 60, shared, relay(b":3\r\n"), true)
+            .is_empty());
+    }
+
+    #[test]
+    fn a_failed_shared_exchange_fails_each_of_its_riders() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        c.call(&mut wire, 0, Owner::RateLimit(2), &get("b"), None)
+            .expect("waits");
+        c.call(&mut wire, 0, Owner::CacheLookup(2), &get("c"), None)
+            .expect("waits");
+        let first = wire.sent[0].0;
+        c.on_answer(&mut wire, 1, first, relay(b":1\r\n"), false);
+        c.on_kick(&mut wire, 1);
+        let shared = wire.sent[1].0;
+        let refused = RawReply::Relay {
+            status: Some(502),
+            body: b"redis unreachable".to_vec(),
+        };
+        let done = c.on_answer(&mut wire, 2, shared, refused, true);
+        assert_eq!(
+            owners(&done),
+            vec![
+                (Owner::RateLimit(2), Err(RedisErrorKind::Unavailable)),
+                (Owner::CacheLookup(2), Err(RedisErrorKind::Unavailable)),
+            ]
+        );
+        assert_eq!(c.stats.errors, 1, "one failed round trip");
+    }
+
+    #[test]
+    fn only_requests_calls_wait_and_only_when_the_root_can_be_kicked() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
+            .expect("sent");
+        for owner in [Owner::Flush(1), Owner::Job(2), Owner::Registry] {
+            c.call(&mut wire, 0, owner, &get("x"), None).expect("sent");
+        }
+        assert_eq!(wire.sent.len(), 4, "work off the request path never waits");
+        assert_eq!(c.waiting_len(), 0);
+
+        let mut plain = recorder();
+        let mut c = client(r#"{"redis": {"max_in_flight": 1}}"#);
+        for ctx in 1..=3 {
+            c.call(&mut plain, 0, Owner::RateLimit(ctx), &get("a"), None)
+                .expect("sent");
+        }
+        assert_eq!(
+            plain.sent.len(),
+            3,
+            "a host without a kick: every call at once"
+        );
+
+        let mut c = client(r#"{"redis": {"transport": "redis_call"}}"#);
+        let mut wire = RecordingWire {
+            kickable: true,
+            ..RecordingWire::default()
+        };
+        for ctx in 1..=3 {
+            c.call(&mut wire, 0, Owner::RateLimit(ctx), &get("a"), None)
+                .expect("sent");
+        }
+        assert_eq!(wire.sent.len(), 3, "redis_call sends one command per call");
+    }
+
+    #[test]
+    fn a_shared_exchange_carries_at_most_max_riders() {
+        let (mut c, mut wire) = sharing(1);
+        c.call(&mut wire, 0, Owner::RateLimit(0), &get("a"), None)
+            .expect("sent");
+        for ctx in 1..=(MAX_RIDERS as u32 + 5) {
+            c.call(&mut wire, 0, Owner::RateLimit(ctx), &get("b"), None)
+                .expect("waits");
+        }
+        let first = wire.sent[0].0;
+        c.on_answer(&mut wire, 1, first, relay(b":0\r\n"), false);
+        c.on_kick(&mut wire, 1);
+        assert_eq!(wire.sent.len(), 2, "one slot: one exchange out");
+        assert_eq!(c.waiting_len(), 5, "the rest wait for the next");
+        let shared = wire.sent[1].0;
+        let body = ":1\r\n".repeat(MAX_RIDERS);
+        let done = c.on_answer(&mut wire, 2, shared, relay(body.as_bytes()), true);
+        assert_eq!(done.len(), MAX_RIDERS);
+        assert_eq!(wire.sent.len(), 3);
+        assert_eq!(c.waiting_len(), 0);
     }
 }
