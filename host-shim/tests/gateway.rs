@@ -105,7 +105,9 @@ fn start_echo_upstream() -> SocketAddr {
     addr
 }
 
-const PLUGIN_CONFIG: &str = r#"{"redis":{"transport":"relay","cluster":"upstream"},"routes":[]}"#;
+// The version header shows the plugin ran on each response.
+const PLUGIN_CONFIG: &str =
+    r#"{"redis":{"transport":"relay","cluster":"upstream"},"routes":[],"version_header":true}"#;
 
 fn start_gateway(upstream: SocketAddr) -> Gateway {
     let module = PluginModule::load(&plugin_wasm()).unwrap_or_else(|e| panic!("{e}"));

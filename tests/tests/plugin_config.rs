@@ -3,7 +3,9 @@
 //! good one serves every response with the edge header.
 
 use host_shim::run::RunArgs;
-use krowoc_tests::{plugin_wasm, stock_plugin_wasm, write_yaml_with_plugin_config, Host, Stack};
+use krowoc_tests::{
+    plugin_wasm, stock_plugin_wasm, write_yaml_with_plugin_config, Host, Stack, StackOptions,
+};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use testkit::envoy::EnvoyProcess;
@@ -171,4 +173,38 @@ fn every_response_carries_the_edge_header_and_unlimited_routes_no_rate_limit_fie
         0,
         "no policy, no Redis work"
     );
+}
+
+krowoc_tests::on_both_hosts!(without_version_header_no_response_carries_the_edge_header);
+fn without_version_header_no_response_carries_the_edge_header(host: Host) {
+    let stack = Stack::start_with(StackOptions {
+        host,
+        plugin_config: Some(Box::new(|cfg| {
+            cfg.as_object_mut()
+                .expect("an object")
+                .remove("version_header");
+        })),
+        ..StackOptions::default()
+    });
+    // Passed through, answered from the cache, and answered by the rate limit.
+    for path in [
+        "/health",
+        "/api/cached-data?user_id=1",
+        "/api/cached-data?user_id=1",
+    ] {
+        let r = stack.get(path);
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.header("x-krowoc-edge").is_none(),
+            "{path}: {:?}",
+            r.headers
+        );
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = stack.get("/api/rate-limited");
+        assert!(r.header("x-krowoc-edge").is_none(), "{:?}", r.headers);
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses.last(), Some(&429), "the sixth is denied locally");
 }

@@ -44,6 +44,9 @@ pub struct Config {
     pub events: EventsConfig,
     /// Filter-wide cache settings (see [`cache`]).
     pub cache: CacheSettings,
+    /// Every response carries `x-krowoc-edge: <version>` (off by default: it costs a header
+    /// write per response and tells clients the filter's version).
+    pub version_header: bool,
 }
 
 impl Config {
@@ -65,7 +68,14 @@ pub struct ClientIpConfig {
     pub trusted_hops: u32,
 }
 
-const TOP_LEVEL_FIELDS: &[&str] = &["redis", "client_ip", "routes", "events", "cache"];
+const TOP_LEVEL_FIELDS: &[&str] = &[
+    "redis",
+    "client_ip",
+    "routes",
+    "events",
+    "cache",
+    "version_header",
+];
 
 /// Parses and validates a configuration. An empty document means every default and no routes.
 pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
@@ -83,6 +93,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
             routes: Vec::new(),
             events: EventsConfig::default(),
             cache: CacheSettings::default(),
+            version_header: false,
         });
     }
     let root: Value = serde_json::from_str(text).map_err(|e| {
@@ -132,6 +143,14 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         }
         None => Some(CacheSettings::default()),
     };
+    let version_header = match object.get("version_header") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            problems.at(&[PathSeg::Key("version_header")], "must be true or false");
+            false
+        }
+    };
     // Routes that deserialized, with their index in the document (for error paths).
     let mut routes: Vec<(usize, Route)> = Vec::new();
     match object.get("routes") {
@@ -180,6 +199,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
                 routes,
                 events,
                 cache,
+                version_header,
             })
         }
         _ => Err(problems.into_list()),
@@ -371,6 +391,15 @@ mod tests {
         assert_eq!(e.path, "redis.password");
         let e = one_error(r#"{"redis": {"transport": "redis_call", "token": "t"}}"#);
         assert_eq!(e.path, "redis.token");
+    }
+
+    #[test]
+    fn the_version_header_is_opt_in() {
+        assert!(!parse_config(b"{}").expect("valid").version_header);
+        let cfg = parse_config(br#"{"version_header": true}"#).expect("valid");
+        assert!(cfg.version_header);
+        let e = one_error(r#"{"version_header": "yes"}"#);
+        assert_eq!(e.path, "version_header");
     }
 
     #[test]

@@ -51,17 +51,20 @@ fn deliver_http_answer(
 /// Hands a call's answer to the instance and performs what follows.
 fn deliver(edge: &Rc<RefCell<Edge>>, token: u32, raw: RawReply, current: Option<u32>) {
     let in_root = current.is_none();
-    let actions = match edge.try_borrow_mut() {
-        Ok(mut e) => e.on_reply(host::now_ms(), token, raw, call_response_headers, in_root),
+    let (actions, mark) = match edge.try_borrow_mut() {
+        Ok(mut e) => (
+            e.on_reply(host::now_ms(), token, raw, call_response_headers, in_root),
+            e.config.version_header,
+        ),
         // Re-entered while busy: the call stays pending and times out on a tick.
-        Err(_) => Vec::new(),
+        Err(_) => (Vec::new(), false),
     };
-    perform(actions, current);
+    perform(actions, current, mark);
 }
 
 /// Performs actions outside any borrow of the state. `current` is the context the host is
-/// already calling (no switch needed).
-fn perform(actions: Vec<HostAction>, current: Option<u32>) {
+/// already calling (no switch needed); `mark`: local responses carry the version header.
+fn perform(actions: Vec<HostAction>, current: Option<u32>, mark: bool) {
     for action in actions {
         let ctx = match &action {
             HostAction::Resume(c) | HostAction::Respond(c, _) | HostAction::ResumeResponse(c) => *c,
@@ -78,13 +81,18 @@ fn perform(actions: Vec<HostAction>, current: Option<u32>) {
                 host::resume_response();
             }
             HostAction::Respond(_, resp) => {
-                send_response(&resp);
+                send_response(&resp, mark);
             }
         }
     }
 }
 
-fn send_response(resp: &LocalResponse) {
+/// Answers from the filter; `mark` adds the version header (`version_header`).
+fn send_response(resp: &LocalResponse, mark: bool) {
+    if !mark {
+        host::send_local_response(resp.status, "krowoc_edge", &resp.headers, &resp.body);
+        return;
+    }
     let mut headers = resp.headers.clone();
     headers.push((EDGE_HEADER.to_string(), crate::VERSION.to_string()));
     host::send_local_response(resp.status, "krowoc_edge", &headers, &resp.body);
@@ -160,26 +168,32 @@ impl RootContext for EdgeRoot {
         // The VM's kick (see `redis::client`): requests' calls are waiting for an exchange.
         host::drain_shared_queue(queue_id);
         let Some(edge) = &self.edge else { return };
-        let actions = match edge.try_borrow_mut() {
-            Ok(mut e) => e.on_kick(host::now_ms()),
-            Err(_) => Vec::new(),
+        let (actions, mark) = match edge.try_borrow_mut() {
+            Ok(mut e) => (e.on_kick(host::now_ms()), e.config.version_header),
+            Err(_) => (Vec::new(), false),
         };
-        perform(actions, None);
+        perform(actions, None, mark);
     }
 
     fn on_tick(&mut self) {
         let Some(edge) = &self.edge else { return };
-        let actions = match edge.try_borrow_mut() {
-            Ok(mut e) => e.on_tick(host::now_ms()),
-            Err(_) => Vec::new(),
+        let (actions, mark) = match edge.try_borrow_mut() {
+            Ok(mut e) => (e.on_tick(host::now_ms()), e.config.version_header),
+            Err(_) => (Vec::new(), false),
         };
-        perform(actions, None);
+        perform(actions, None, mark);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let mark = self
+            .edge
+            .as_ref()
+            .and_then(|e| e.try_borrow().ok().map(|e| e.config.version_header))
+            .unwrap_or(false);
         Some(Box::new(EdgeRequest {
             context_id,
             edge: self.edge.clone(),
+            mark,
         }))
     }
 
@@ -192,6 +206,8 @@ impl RootContext for EdgeRoot {
 pub struct EdgeRequest {
     context_id: u32,
     edge: Option<Rc<RefCell<Edge>>>,
+    /// `version_header`: responses carry `x-krowoc-edge`.
+    mark: bool,
 }
 
 impl EdgeRequest {
@@ -274,7 +290,7 @@ impl HttpContext for EdgeRequest {
             Begin::Continue => Action::Continue,
             Begin::Pause => Action::Pause,
             Begin::Respond(resp) => {
-                send_response(&resp);
+                send_response(&resp, self.mark);
                 Action::Pause
             }
         }
@@ -291,7 +307,7 @@ impl HttpContext for EdgeRequest {
         });
         let (cache, passed, hold) = match step {
             Some(ResponseStep::Replace(resp)) => {
-                send_response(&resp);
+                send_response(&resp, self.mark);
                 return Action::Pause;
             }
             Some(ResponseStep::Fields {
@@ -304,7 +320,9 @@ impl HttpContext for EdgeRequest {
         for (k, v) in cache {
             host::replace_header(MapType::HttpResponseHeaders, &k, &v);
         }
-        host::replace_header(MapType::HttpResponseHeaders, EDGE_HEADER, crate::VERSION);
+        if self.mark {
+            host::replace_header(MapType::HttpResponseHeaders, EDGE_HEADER, crate::VERSION);
+        }
         for (k, v) in passed {
             host::replace_header(MapType::HttpResponseHeaders, &k, &v);
         }
