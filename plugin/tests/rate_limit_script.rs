@@ -449,3 +449,36 @@ fn envoy_yaml_plugin_configuration_is_accepted_with_the_guides_limits() {
     assert_eq!(limit("/api/rate-limited"), (5, 60_000));
     assert_eq!(limit("/api/slow-limited"), (2, 300_000));
 }
+
+#[test]
+fn the_sync_script_adds_a_vms_units_and_answers_the_shared_count_and_redis_time() {
+    use krowoc_plugin::redis::scripts::RATE_LIMIT_SYNC_LUA;
+    let redis = RedisServer::start();
+    let key = "test:rl:{t:abc}:fixed_window:100:60000:w7";
+    let sync = |units: &str| {
+        let raw = redis
+            .try_command(&["EVAL", RATE_LIMIT_SYNC_LUA, "1", key, units, "60000"])
+            .expect("redis reachable");
+        match decode_replies(&raw, 1).expect("one reply").remove(0) {
+            Reply::Array(items) => (
+                items[0].as_int().expect("count"),
+                items[1].as_int().expect("time"),
+            ),
+            other => panic!("{other:?}"),
+        }
+    };
+    let (count, now_ms) = sync("5");
+    assert_eq!(count, 5);
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    assert!(
+        (now_ms - wall).abs() < 5_000,
+        "Redis TIME in ms: {now_ms} vs {wall}"
+    );
+    assert_eq!(sync("3").0, 8, "another VM's units add up");
+    assert_eq!(sync("0").0, 8, "a refresh counts nothing");
+    let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().expect("pttl");
+    assert!(ttl > 60_000 && ttl <= 120_000, "lives two windows: {ttl}");
+}

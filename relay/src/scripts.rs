@@ -26,6 +26,10 @@ pub const PLUGIN_SCRIPTS: &[(&str, &str)] = &[
         include_str!("../../plugin/src/redis/scripts/rate_limit.lua"),
     ),
     (
+        "rate_limit_sync.lua",
+        include_str!("../../plugin/src/redis/scripts/rate_limit_sync.lua"),
+    ),
+    (
         "cache_lookup.lua",
         include_str!("../../plugin/src/redis/scripts/cache_lookup.lua"),
     ),

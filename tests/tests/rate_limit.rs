@@ -650,3 +650,104 @@ fn concurrent_requests_share_relay_exchanges_and_each_is_decided_once(host: Host
         CLIENTS * EACH
     );
 }
+
+krowoc_tests::on_both_hosts!(sync_limits_decide_in_the_vm_and_overshoot_by_at_most_one_interval);
+fn sync_limits_decide_in_the_vm_and_overshoot_by_at_most_one_interval(host: Host) {
+    const LIMIT: u64 = 200;
+    const SENT: usize = 600;
+    const CLIENTS: usize = 8;
+    const INTERVAL: Duration = Duration::from_millis(100);
+    let mut stack = stack(host, RELAY, |cfg| {
+        let route = cfg["routes"]
+            .as_array_mut()
+            .expect("routes")
+            .iter_mut()
+            .find(|r| r["name"] == "rate-limited")
+            .expect("envoy.yaml has the rate-limited route");
+        // A window far longer than the test, so that it never starts a new one.
+        route["rate_limit"]["limits"] = json!([{"name": "hot", "limit": LIMIT, "window": "720h",
+                                                "algorithm": "fixed_window"}]);
+        route["rate_limit"]["sync"] = json!("100ms");
+    });
+    let (second, second_admin) = stack.start_gateway(2);
+    let gateways = [stack.gateway, second];
+    // (when the request was sent, its status)
+    let answers: Vec<(Instant, u16)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                s.spawn(move || {
+                    (0..SENT / CLIENTS)
+                        .map(|i| {
+                            let sent = Instant::now();
+                            let gw = gateways[(c + i) % 2];
+                            (sent, testkit::http::get(gw, "/api/rate-limited").status)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("a client"))
+            .collect()
+    });
+    let admitted = answers.iter().filter(|(_, s)| *s == 200).count() as u64;
+    let denied = answers.iter().filter(|(_, s)| *s == 429).count() as u64;
+    assert_eq!(admitted + denied, SENT as u64);
+    // The bound: what every VM together admits in one interval plus a round trip. Counted
+    // from the run itself: the most requests sent within any span of that length (a round
+    // trip on this loaded machine taken as another interval).
+    let mut sent: Vec<Instant> = answers.iter().map(|(t, _)| *t).collect();
+    sent.sort();
+    let span = 2 * INTERVAL;
+    let busiest = (0..sent.len())
+        .map(|i| {
+            sent[i..]
+                .iter()
+                .take_while(|t| **t - sent[i] <= span)
+                .count()
+        })
+        .max()
+        .unwrap_or(0) as u64;
+    assert!(admitted >= LIMIT, "the limit is reached: {admitted}");
+    assert!(
+        admitted <= LIMIT + busiest,
+        "{admitted} admitted: more than {LIMIT} + {busiest} sent in the busiest {span:?}"
+    );
+    // Every admitted request reached Redis's count once the VMs synced.
+    let counted = || -> u64 {
+        let keys = stack.redis.cli(&["KEYS", "krowoc:rl:*:w*"]);
+        keys.lines()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| {
+                stack
+                    .redis
+                    .cli(&["GET", k.trim()])
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let mut last = 0;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            last = counted();
+            last == admitted
+        }),
+        "Redis counted {last}, the gateways admitted {admitted}"
+    );
+    // Far fewer Redis calls than requests: a sync per interval per VM.
+    let calls: i64 = [stack.admin, second_admin]
+        .iter()
+        .map(|admin| {
+            let m = testkit::http::get(*admin, "/stats/prometheus").text();
+            metric_value(&m, "krowoc_redis_calls")
+        })
+        .sum();
+    eprintln!("{admitted} admitted (busiest {span:?}: {busiest} sent), {calls} Redis calls for {SENT} requests");
+    assert!(
+        (calls as f64) < SENT as f64 / 4.0,
+        "{calls} Redis calls for {SENT} requests"
+    );
+}

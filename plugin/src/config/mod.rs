@@ -394,6 +394,34 @@ mod tests {
     }
 
     #[test]
+    fn sync_is_for_fixed_windows_longer_than_its_interval() {
+        let route = |rl: &str| {
+            format!(
+                r#"{{"routes": [{{"name": "r", "match": {{"prefix": "/"}}, "rate_limit": {rl}}}]}}"#
+            )
+        };
+        let ok = route(
+            r#"{"limits": [{"limit": 10, "window": "1s", "algorithm": "fixed_window"}], "sync": "100ms"}"#,
+        );
+        let cfg = parse_config(ok.as_bytes()).expect("valid");
+        let sync = cfg.routes[0].rate_limit.as_ref().and_then(|p| p.sync);
+        assert_eq!(sync.map(|d| d.as_millis()), Some(100));
+        let e = one_error(&route(
+            r#"{"limits": [{"limit": 10, "window": "1s"}], "sync": "100ms"}"#,
+        ));
+        assert_eq!(e.path, "routes[0].rate_limit.limits[0].algorithm");
+        assert!(e.message.contains("fixed_window"), "{e}");
+        let e = one_error(&route(
+            r#"{"limits": [{"limit": 10, "window": "50ms", "algorithm": "fixed_window"}], "sync": "100ms"}"#,
+        ));
+        assert_eq!(e.path, "routes[0].rate_limit.sync");
+        let e = one_error(&route(
+            r#"{"limits": [{"limit": 10, "window": "1s", "algorithm": "fixed_window"}], "sync": "1ms"}"#,
+        ));
+        assert_eq!(e.path, "routes[0].rate_limit.sync");
+    }
+
+    #[test]
     fn the_version_header_is_opt_in() {
         assert!(!parse_config(b"{}").expect("valid").version_header);
         let cfg = parse_config(br#"{"version_header": true}"#).expect("valid");

@@ -42,7 +42,16 @@ pub struct RateLimitPolicy {
     /// Deny a key inside the VM until its reset once Redis said it is over the limit.
     #[serde(default = "default_true")]
     pub deny_cache: bool,
+    /// Approximate limits for very hot keys: each VM decides alone from its count plus the
+    /// shared count it last saw, and adds its count to Redis every `sync` (see
+    /// `ratelimit::sync`). Only `fixed_window` limits, on windows aligned to Redis's clock.
+    #[serde(default)]
+    pub sync: Option<ConfigDuration>,
 }
+
+/// The shortest and longest `sync` interval.
+const MIN_SYNC_MS: u64 = 10;
+const MAX_SYNC_MS: u64 = 60_000;
 
 /// One limit: at most `limit` requests per `window`.
 #[derive(Clone, Debug, Deserialize)]
@@ -266,6 +275,36 @@ pub(super) fn validate_rate_limit(
                 &at(&[PathSeg::Key("key"), PathSeg::Index(j)]),
                 "must name a header (a token) or a query parameter (1 to 256 bytes)",
             );
+        }
+    }
+    if let Some(sync) = rl.sync {
+        let ms = sync.as_millis();
+        if !(MIN_SYNC_MS..=MAX_SYNC_MS).contains(&ms) {
+            p.at(
+                &at(&[PathSeg::Key("sync")]),
+                format!("must be between {MIN_SYNC_MS}ms and 60s"),
+            );
+        }
+        for (j, limit) in rl.limits.iter().enumerate() {
+            if limit.algorithm != Algorithm::FixedWindow {
+                p.at(
+                    &at(&[
+                        PathSeg::Key("limits"),
+                        PathSeg::Index(j),
+                        PathSeg::Key("algorithm"),
+                    ]),
+                    "a limit with `sync` must use algorithm `fixed_window` (a count per window, which VMs can add to)",
+                );
+            } else if limit.window.as_millis() < ms {
+                p.at(
+                    &at(&[PathSeg::Key("sync")]),
+                    format!(
+                        "must be shorter than every limit's window ({} is {})",
+                        limit.name(),
+                        format_duration(limit.window.0)
+                    ),
+                );
+            }
         }
     }
     if !(200..=599).contains(&rl.status) {

@@ -173,7 +173,11 @@ impl Edge {
 
     /// Tick period: often enough to enforce call deadlines close to the timeout.
     pub fn tick_period_ms(&self) -> u32 {
-        let calls = (self.client.timeout_ms() / 4).clamp(10, 100);
+        let mut calls = (self.client.timeout_ms() / 4).clamp(10, 100);
+        // `sync` limits send their counts every interval.
+        if let Some(sync) = RateLimiter::sync_interval_ms(&self.config) {
+            calls = calls.min(sync.max(10));
+        }
         // Events flush on the tick: a partial batch waits at most about one flush interval.
         let period = self.events.tick_period_ms().map_or(calls, |e| e.min(calls));
         u32::try_from(period).unwrap_or(100)
@@ -370,6 +374,10 @@ impl Edge {
             }
             Owner::Registry => {
                 self.rate_limiter.on_registry_answer(c.result);
+                return None;
+            }
+            Owner::Sync(id) => {
+                self.rate_limiter.on_sync_answer(id, now_ms, c.result);
                 return None;
             }
             Owner::Job(job) => {

@@ -20,10 +20,12 @@ pub mod fields;
 pub mod keys;
 pub mod local;
 pub mod share;
+pub mod sync;
 
 pub use keys::RequestFacts;
 pub use local::LocalLimiter;
 pub use share::Share;
+pub use sync::SyncLimits;
 
 /// The state of one limit after a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,6 +339,7 @@ pub struct RateLimiter {
     deny_cache: DenyCache,
     local: LocalLimiter,
     share: Share,
+    sync: SyncLimits,
 }
 
 /// A request's rate limit while Redis decides.
@@ -374,12 +377,30 @@ impl RateLimiter {
             deny_cache: DenyCache::default(),
             local: LocalLimiter::default(),
             share: Share::new(&config.redis.key_prefix, member, local_mode),
+            sync: SyncLimits::new(config.redis.transport),
         }
     }
 
-    /// On the tick: the registry of VMs sharing the limits, when it is time.
+    /// The shortest `sync` interval of any route (the tick must come that often).
+    pub fn sync_interval_ms(config: &Config) -> Option<u64> {
+        config
+            .routes
+            .iter()
+            .filter_map(|r| r.rate_limit.as_ref()?.sync)
+            .map(|d| d.as_millis())
+            .min()
+    }
+
+    /// On the tick: the registry of VMs sharing the limits, and the `sync` counters, when it
+    /// is time.
     pub fn tick(&mut self, client: &mut RedisClient, wire: &mut dyn Wire, now_ms: u64) {
         self.share.tick(client, wire, now_ms);
+        self.sync.tick(client, wire, now_ms);
+    }
+
+    /// The answer to a sync of the `sync` counters.
+    pub fn on_sync_answer(&mut self, id: u32, now_ms: u64, result: Result<Reply, RedisError>) {
+        self.sync.on_answer(id, now_ms, result);
     }
 
     /// The registry's answer.
@@ -406,6 +427,14 @@ impl RateLimiter {
             KeyDecision::Skip => return Start::Skipped,
             KeyDecision::Limit(group) => group,
         };
+        if let Some(interval) = policy.sync {
+            if let Some(decision) = self
+                .sync
+                .decide(&group, policy, interval.as_millis(), now_ms)
+            {
+                return Start::Decided(verdict_for_decision(route, policy, &decision, false));
+            }
+        }
         if policy.failure_mode == FailureMode::Local {
             self.share.note_request(now_ms);
         }

@@ -58,6 +58,8 @@ pub enum Owner {
     Job(u32),
     /// This VM's registration for the rate limits' shares (`failure_mode: local`).
     Registry,
+    /// The sync with this number of the rate limits' `sync` counters.
+    Sync(u32),
 }
 
 impl Owner {
@@ -65,7 +67,7 @@ impl Owner {
     pub fn request(self) -> Option<u32> {
         match self {
             Owner::RateLimit(ctx) | Owner::CacheLookup(ctx) => Some(ctx),
-            Owner::Flush(_) | Owner::Job(_) | Owner::Registry => None,
+            Owner::Flush(_) | Owner::Job(_) | Owner::Registry | Owner::Sync(_) => None,
         }
     }
 }

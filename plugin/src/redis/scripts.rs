@@ -67,6 +67,8 @@ impl Script {
 
 /// The rate limiter's script (every algorithm, several limits in one call).
 pub const RATE_LIMIT_LUA: &str = include_str!("scripts/rate_limit.lua");
+/// A VM's reconciliation of one `sync` limit's window with the shared count.
+pub const RATE_LIMIT_SYNC_LUA: &str = include_str!("scripts/rate_limit_sync.lua");
 /// The cache's lookup (entry + fill lock).
 pub const CACHE_LOOKUP_LUA: &str = include_str!("scripts/cache_lookup.lua");
 /// The cache's store (entry + indexes + lock release).
