@@ -110,14 +110,64 @@ fn exchange(
     head.push_str("connection: close\r\n\r\n");
     stream.write_all(head.as_bytes())?;
     stream.write_all(body)?;
+    // Read until the response is complete by its framing, not until the server closes:
+    // Envoy holds a connection it closes after a local reply for `delayed_close_timeout`
+    // (1 s), waiting for the client to close first.
+    let head_only = method == "HEAD";
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_response(&raw, method == "HEAD").ok_or_else(|| {
+    let mut chunk = [0u8; 16 * 1024];
+    while !is_complete(&raw, head_only) {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    parse_response(&raw, head_only).ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("unparseable response: {:?}", String::from_utf8_lossy(&raw)),
         )
     })
+}
+
+/// Whether `raw` holds a whole response by its framing (content-length, chunked, or a status
+/// without a body); a response framed by the connection's end is never complete before it.
+fn is_complete(raw: &[u8], head_only: bool) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&raw[..end]) else {
+        return false;
+    };
+    let mut lines = head.split("\r\n");
+    let status: Option<u16> = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok());
+    let Some(status) = status else { return false };
+    if (100..200).contains(&status) {
+        // An interim response: the final one follows.
+        return false;
+    }
+    if head_only || status == 204 || status == 304 {
+        return true;
+    }
+    let mut length = None;
+    let mut chunked = false;
+    for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+        let (k, v) = (k.trim(), v.trim());
+        if k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked") {
+            chunked = true;
+        } else if k.eq_ignore_ascii_case("content-length") {
+            length = v.parse::<usize>().ok();
+        }
+    }
+    let rest = &raw[end + 4..];
+    if chunked {
+        return decode_chunked(rest).is_some();
+    }
+    length.is_some_and(|len| rest.len() >= len)
 }
 
 /// Parses one raw HTTP/1.1 response.
@@ -165,5 +215,39 @@ fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
         }
         out.extend_from_slice(data.get(..size)?);
         data = data.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::is_complete;
+
+    #[test]
+    fn a_response_is_complete_by_its_framing() {
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n",
+            false
+        ));
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabc",
+            false
+        ));
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nabcde",
+            false
+        ));
+        assert!(is_complete(b"HTTP/1.1 204 No Content\r\n\r\n", false));
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            true
+        ));
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n";
+        assert!(!is_complete(chunked, false));
+        let mut done = chunked.to_vec();
+        done.extend_from_slice(b"0\r\n\r\n");
+        assert!(is_complete(&done, false));
+        // Framed by the connection's end: complete only at EOF.
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\n\r\nbody", false));
+        assert!(!is_complete(b"HTTP/1.1 100 Continue\r\n\r\n", false));
     }
 }
