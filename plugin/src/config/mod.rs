@@ -433,7 +433,11 @@ mod tests {
     #[test]
     fn max_in_flight_is_for_the_relay_and_bounded() {
         let cfg = parse_config(br#"{"redis": {"max_in_flight": 4}}"#).expect("valid");
-        assert_eq!(cfg.redis.max_in_flight, 4);
+        assert_eq!(cfg.redis.max_in_flight(), 4);
+        let cfg = parse_config(b"{}").expect("valid");
+        assert_eq!(cfg.redis.max_in_flight(), redis::DEFAULT_MAX_IN_FLIGHT);
+        let cfg = parse_config(br#"{"redis": {"transport": "redis_call"}}"#).expect("valid");
+        assert_eq!(cfg.redis.max_in_flight(), 0);
         let e = one_error(r#"{"redis": {"max_in_flight": 5000}}"#);
         assert_eq!(e.path, "redis.max_in_flight");
         assert!(e.message.contains("1024"), "{e}");

@@ -88,10 +88,10 @@ impl Edge {
             Transport::Relay => {
                 // Shared exchanges are sent from the root context, which a kick on this
                 // queue (one per VM: its name carries the seed) brings in.
-                let kick_queue = (redis.max_in_flight > 0)
+                let kick_queue = (redis.max_in_flight() > 0)
                     .then(|| host::register_shared_queue(&format!("krowoc-edge/{seed:016x}")))
                     .flatten();
-                if redis.max_in_flight > 0 && kick_queue.is_none() {
+                if redis.max_in_flight() > 0 && kick_queue.is_none() {
                     host::log(
                         LogLevel::Warn,
                         "krowoc-edge: the host refused a shared queue: redis.max_in_flight is not applied, every call has its own exchange",

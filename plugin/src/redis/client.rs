@@ -170,10 +170,7 @@ impl RedisClient {
             transitions: Vec::new(),
             noauth: false,
             sharing: Sharing {
-                max_in_flight: match cfg.transport {
-                    Transport::Relay => cfg.max_in_flight,
-                    Transport::RedisCall => 0,
-                },
+                max_in_flight: cfg.max_in_flight(),
                 ..Sharing::default()
             },
         }
