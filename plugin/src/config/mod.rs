@@ -24,7 +24,7 @@ pub use rate_limit::{
     Algorithm, FailureMode, HeaderStyle, KeyPart, LimitRule, MissingKey, RateLimitPolicy,
 };
 pub use redis::{BreakerConfig, RedisConfig, Transport};
-pub use routes::{Route, RouteMatch};
+pub use routes::{Route, RouteIndex, RouteMatch};
 
 use cache::{validate_settings, CacheSettings};
 use events::{resolve_events, EventsConfig, EventsSpec};
@@ -40,6 +40,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub client_ip: ClientIpConfig,
     pub routes: Vec<Route>,
+    /// `routes` by what they match.
+    pub route_index: RouteIndex,
     /// Request events, resolved per route (see [`events`]).
     pub events: EventsConfig,
     /// Filter-wide cache settings (see [`cache`]).
@@ -52,9 +54,7 @@ pub struct Config {
 impl Config {
     /// The route a request line matches: the first in order (`path` without its query).
     pub fn route_for(&self, path: &str, method: &str) -> Option<usize> {
-        self.routes
-            .iter()
-            .position(|r| r.matcher.matches(path, method))
+        self.route_index.route_for(&self.routes, path, method)
     }
 }
 
@@ -91,6 +91,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
             redis: RedisConfig::default(),
             client_ip: ClientIpConfig::default(),
             routes: Vec::new(),
+            route_index: RouteIndex::default(),
             events: EventsConfig::default(),
             cache: CacheSettings::default(),
             version_header: false,
@@ -189,7 +190,8 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
         )),
         _ => None,
     };
-    let routes = routes.into_iter().map(|(_, r)| r).collect();
+    let routes: Vec<Route> = routes.into_iter().map(|(_, r)| r).collect();
+    let route_index = RouteIndex::new(&routes);
 
     match (redis, client_ip, events, cache) {
         (Some(redis), Some(client_ip), Some(events), Some(cache)) if problems.is_empty() => {
@@ -197,6 +199,7 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config, Vec<ConfigError>> {
                 redis,
                 client_ip,
                 routes,
+                route_index,
                 events,
                 cache,
                 version_header,

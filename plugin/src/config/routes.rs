@@ -6,7 +6,7 @@ use super::events::RouteEventsSpec;
 use super::problems::{is_token, PathSeg, Problems};
 use super::rate_limit::{validate_rate_limit, RateLimitPolicy};
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 const MAX_NAME_BYTES: usize = 64;
 
@@ -53,6 +53,82 @@ impl RouteMatch {
             (None, None) => false,
         };
         path_ok && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+    }
+}
+
+/// Paths (or prefixes) → the routes matching them, in configuration order.
+type RoutesByPath = HashMap<Box<[u8]>, Vec<usize>>;
+
+/// Up to this many routes, a request's route is found by scanning them.
+const SCAN_UP_TO: usize = 16;
+
+/// The routes by what they match, so that finding a request's route costs a hash lookup per
+/// distinct prefix length, not a comparison per route. The answer is the linear scan's: the
+/// first route in configuration order that matches.
+#[derive(Clone, Debug, Default)]
+pub struct RouteIndex {
+    /// Few routes are scanned: a handful of comparisons costs less than hashing the path.
+    scan: bool,
+    /// Exact path → the routes matching it, in order.
+    exact: RoutesByPath,
+    /// Prefix length → prefix → the routes with that prefix, in order.
+    prefixes: Vec<(usize, RoutesByPath)>,
+}
+
+impl RouteIndex {
+    pub fn new(routes: &[Route]) -> RouteIndex {
+        if routes.len() <= SCAN_UP_TO {
+            return RouteIndex {
+                scan: true,
+                ..RouteIndex::default()
+            };
+        }
+        let mut exact = RoutesByPath::new();
+        let mut by_len: HashMap<usize, RoutesByPath> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            match (&r.matcher.path, &r.matcher.prefix) {
+                (Some(path), _) => exact.entry(path.as_bytes().into()).or_default().push(i),
+                (None, Some(prefix)) => by_len
+                    .entry(prefix.len())
+                    .or_default()
+                    .entry(prefix.as_bytes().into())
+                    .or_default()
+                    .push(i),
+                (None, None) => {}
+            }
+        }
+        let mut prefixes: Vec<_> = by_len.into_iter().collect();
+        prefixes.sort_by_key(|(len, _)| *len);
+        RouteIndex {
+            scan: false,
+            exact,
+            prefixes,
+        }
+    }
+
+    /// The first route (in `routes`' order) matching `path` (without its query) and `method`.
+    pub fn route_for(&self, routes: &[Route], path: &str, method: &str) -> Option<usize> {
+        if self.scan {
+            return routes.iter().position(|r| r.matcher.matches(path, method));
+        }
+        let bytes = path.as_bytes();
+        let method_ok = |i: &usize| {
+            let m = &routes[*i].matcher.methods;
+            m.is_empty() || m.iter().any(|x| x == method)
+        };
+        let mut best = self
+            .exact
+            .get(bytes)
+            .and_then(|list| list.iter().copied().find(|i| method_ok(i)));
+        for (len, table) in &self.prefixes {
+            let Some(head) = bytes.get(..*len) else { break };
+            if let Some(list) = table.get(head) {
+                if let Some(i) = list.iter().copied().find(|i| method_ok(i)) {
+                    best = Some(best.map_or(i, |b| b.min(i)));
+                }
+            }
+        }
+        best
     }
 }
 
@@ -127,5 +203,90 @@ pub(super) fn validate_routes(p: &mut Problems<'_>, routes: &mut [(usize, Route)
         if let Some(inv) = route.invalidation.as_mut() {
             validate_invalidation(p, &path(&[PathSeg::Key("invalidation")]), inv);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(i: usize, path: Option<&str>, prefix: Option<&str>, methods: &[&str]) -> Route {
+        Route {
+            name: format!("r{i}"),
+            matcher: RouteMatch {
+                path: path.map(str::to_string),
+                prefix: prefix.map(str::to_string),
+                methods: methods.iter().map(|m| m.to_string()).collect(),
+            },
+            rate_limit: None,
+            events: None,
+            cache: None,
+            invalidation: None,
+        }
+    }
+
+    fn linear(routes: &[Route], path: &str, method: &str) -> Option<usize> {
+        routes.iter().position(|r| r.matcher.matches(path, method))
+    }
+
+    #[test]
+    fn the_index_finds_the_first_matching_route_as_a_scan_does() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let segments = ["a", "ab", "api", "v1", "users", "é", "x"];
+        let pick = |rng: &mut fastrand::Rng| {
+            let n = rng.usize(0..4);
+            let mut p = String::new();
+            for _ in 0..n {
+                p.push('/');
+                p.push_str(segments[rng.usize(..segments.len())]);
+            }
+            if p.is_empty() || rng.bool() {
+                p.push('/');
+            }
+            p
+        };
+        for _ in 0..200 {
+            let routes: Vec<Route> = (0..rng.usize(SCAN_UP_TO + 1..60))
+                .map(|i| {
+                    let p = pick(&mut rng);
+                    let methods: &[&str] = match rng.usize(0..3) {
+                        0 => &[],
+                        1 => &["GET"],
+                        _ => &["POST", "PUT"],
+                    };
+                    if rng.bool() {
+                        route(i, Some(&p), None, methods)
+                    } else {
+                        route(i, None, Some(&p), methods)
+                    }
+                })
+                .collect();
+            let index = RouteIndex::new(&routes);
+            for _ in 0..50 {
+                let path = pick(&mut rng);
+                let method = ["GET", "POST", "DELETE"][rng.usize(0..3)];
+                assert_eq!(
+                    index.route_for(&routes, &path, method),
+                    linear(&routes, &path, method),
+                    "{path} {method} in {:?}",
+                    routes.iter().map(|r| &r.matcher).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_path_shorter_than_a_prefix_or_cut_inside_a_character_matches_nothing_wrongly() {
+        let mut routes = vec![
+            route(0, None, Some("/é"), &[]),
+            route(1, None, Some("/"), &[]),
+        ];
+        // Enough routes to be indexed.
+        routes.extend((2..=SCAN_UP_TO + 1).map(|i| route(i, Some(&format!("/r{i}")), None, &[])));
+        let index = RouteIndex::new(&routes);
+        // "/\u{e9}" is 3 bytes; a one-byte-longer prefix table must not slice inside it.
+        assert_eq!(index.route_for(&routes, "/é", "GET"), Some(0));
+        assert_eq!(index.route_for(&routes, "/e", "GET"), Some(1));
+        assert_eq!(index.route_for(&routes, "", "GET"), None);
     }
 }
