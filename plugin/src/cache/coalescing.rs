@@ -151,7 +151,14 @@ impl CacheEngine {
                 };
                 let mut status = CacheStatus::hit(ttl_seconds(lookup.fresh_ms, age_ms));
                 status.collapsed = true;
-                let resp = serve(&config.cache, r, &stored, age_ms, outcome, status);
+                let resp = serve(
+                    &config.cache,
+                    r,
+                    std::borrow::Cow::Borrowed(&stored),
+                    age_ms,
+                    outcome,
+                    status,
+                );
                 r.outcome = Some(outcome);
                 r.phase = Phase::Served;
                 self.metrics.count(
@@ -259,7 +266,7 @@ impl CacheEngine {
                 let resp = serve(
                     &self.config.cache,
                     request,
-                    &stale.response,
+                    std::borrow::Cow::Borrowed(&stale.response),
                     age,
                     Outcome::Stale,
                     status,

@@ -284,7 +284,7 @@ impl CacheEngine {
                 let resp = serve(
                     settings,
                     request,
-                    &stored,
+                    std::borrow::Cow::Owned(stored),
                     lookup.age_ms,
                     Outcome::Hit,
                     CacheStatus::hit(ttl),
@@ -303,7 +303,7 @@ impl CacheEngine {
                 let resp = serve(
                     settings,
                     request,
-                    &stored,
+                    std::borrow::Cow::Owned(stored),
                     lookup.age_ms,
                     Outcome::Stale,
                     status,

@@ -308,10 +308,11 @@ fn entry_decode(blob: Vec<u8>) -> Result<StoredResponse, ()> {
 
 /// The answer from the cache: the stored response (or 304 for a matching conditional
 /// request) with `Age`, `X-Cache` and `Cache-Status`.
+/// An owned `stored` gives its body to the answer: a hit's body is not copied in the VM.
 fn serve(
     settings: &crate::config::cache::CacheSettings,
     request: &CacheRequest,
-    stored: &StoredResponse,
+    stored: std::borrow::Cow<'_, StoredResponse>,
     age_ms: u64,
     outcome: Outcome,
     status: CacheStatus,
@@ -320,7 +321,8 @@ fn serve(
         if not_modified(&request.method, &request.conditional, &stored.headers) {
             (304, not_modified_fields(&stored.headers), Vec::new())
         } else {
-            (stored.status, stored.headers.clone(), stored.body.clone())
+            let stored = stored.into_owned();
+            (stored.status, stored.headers, stored.body)
         };
     headers.push(("age".into(), (age_ms / 1000).to_string()));
     headers.extend(status_fields(settings, outcome, &status));

@@ -155,8 +155,14 @@ impl CacheEngine {
                         s.fwd_status = Some(status);
                         s.ttl_s = Some(ttl_seconds(stale.fresh_ms, age));
                         s.detail = Some("stale-if-error");
-                        let mut resp =
-                            serve(settings, request, &stale.response, age, Outcome::Stale, s);
+                        let mut resp = serve(
+                            settings,
+                            request,
+                            std::borrow::Cow::Borrowed(&stale.response),
+                            age,
+                            Outcome::Stale,
+                            s,
+                        );
                         request.outcome = Some(Outcome::Stale);
                         self.metrics.count(route_idx, Count::Stale);
                         self.release_lock(client, wire, now_ms, request, 0);
