@@ -13,6 +13,7 @@ pub mod envoy;
 pub mod fuzz;
 pub mod http;
 pub mod link;
+pub mod tls;
 
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 use std::io::{Read, Write};
@@ -77,22 +78,63 @@ impl Drop for ChildGuard {
 
 /// A real `redis-server` on 127.0.0.1 with no persistence, in a temp dir removed on drop.
 pub struct RedisServer {
+    /// The plain-TCP port (also open on a TLS server, for the test's own commands).
     pub port: u16,
     dir: tempfile::TempDir,
     process: Option<ChildGuard>,
+    tls: Option<TlsListener>,
+}
+
+/// The TLS port of a server started with [`RedisServer::start_tls`].
+struct TlsListener {
+    port: u16,
+    ca: PathBuf,
+    server: tls::CertFiles,
+    auth_clients: bool,
 }
 
 impl RedisServer {
     /// Starts a fresh server on a free port and waits until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(None)
+    }
+
+    /// Starts a server that also listens for TLS on [`RedisServer::tls_port`], with `server`'s
+    /// certificate, trusting `ca` for client certificates; `auth_clients` makes a client
+    /// certificate required (`--tls-auth-clients yes`; else `no`). The plain port stays open
+    /// for the test's own commands ([`RedisServer::cli`]).
+    pub fn start_tls(ca: &tls::TestCa, server: &tls::CertFiles, auth_clients: bool) -> RedisServer {
+        RedisServer::start_with(Some(TlsListener {
+            port: free_port(),
+            ca: ca.ca_file(),
+            server: server.clone(),
+            auth_clients,
+        }))
+    }
+
+    fn start_with(tls: Option<TlsListener>) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = RedisServer {
             port: free_port(),
             dir,
             process: None,
+            tls,
         };
         server.restart();
         server
+    }
+
+    /// The TLS port; panics on a server started without TLS.
+    pub fn tls_port(&self) -> u16 {
+        self.tls
+            .as_ref()
+            .map(|t| t.port)
+            .expect("redis-server was started with TLS (RedisServer::start_tls)")
+    }
+
+    /// `rediss://localhost:TLS_PORT` (the server certificate must name `localhost`).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}", self.tls_port())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -158,9 +200,20 @@ impl RedisServer {
             "warning",
             "--dir",
         ])
-        .arg(self.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .arg(self.dir.path());
+        if let Some(tls) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(tls.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.server.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.server.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .arg("--tls-auth-clients")
+                .arg(if tls.auth_clients { "yes" } else { "no" });
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         self.process = Some(ChildGuard::spawn("redis-server", &mut cmd));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
