@@ -9,10 +9,14 @@
 //! with the raw replies, concatenated in order. A Redis error reply (`-NOSCRIPT …`) is a normal
 //! reply inside the 200. Failures are distinct statuses with a plain-text body naming the
 //! problem: 400 malformed RESP, 403 token or command refused, 413 body or command count too
-//! large, 502 Redis unreachable, 504 Redis timeout. Nothing of a refused request reaches Redis.
+//! large, 502 Redis unreachable (or its TLS refused), 504 Redis timeout. Nothing of a refused request reaches Redis.
 //!
-//! Also: `GET /ready` (200 when Redis answers PING, else 503) and `GET /metrics` (Prometheus
-//! text: requests, commands, errors by kind).
+//! Also: `GET /ready` (200 when Redis answers PING, else 503 saying why) and `GET /metrics`
+//! (Prometheus text: requests, commands, errors by kind).
+//!
+//! To Redis: `--redis rediss://…` connects over TLS ([`tls`]: `--tls-ca`, and `--tls-cert`
+//! with `--tls-key` for mutual TLS), and `--redis-password-file` keeps the password off the
+//! command line; the relay should log in as the filter's least-privilege ACL user (README).
 //!
 //! The relay is not an open proxy: it listens on loopback unless told otherwise, compares the
 //! token in constant time, allows only the commands the filter uses ([`FILTER_COMMANDS`]);
@@ -42,9 +46,11 @@ pub mod pool;
 pub mod process;
 pub mod redis_url;
 pub mod scripts;
+pub mod tls;
 
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 use crate::scripts::ScriptList;
+use crate::tls::{RedisTls, TlsFiles};
 
 /// `host:port` as a connect address or a URL authority, an IPv6 literal in brackets
 /// (`[::1]:6379`): the one spelling of an address that the pool and host-shim share.
@@ -165,9 +171,25 @@ pub struct RelayArgs {
     /// internet.
     #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: String,
-    /// The Redis to relay to: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB].
+    /// The Redis to relay to: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], or rediss://… for
+    /// TLS.
     #[arg(long, default_value = "redis://127.0.0.1:6379", value_name = "URL")]
     pub redis: String,
+    /// Read the Redis password from a file (trailing newline removed), keeping it out of `ps`;
+    /// the URL may then name the user (redis://USER@HOST) but holds no password.
+    #[arg(long, value_name = "PATH")]
+    pub redis_password_file: Option<PathBuf>,
+    /// TLS (rediss://): trust the CA certificates in this PEM file instead of the system's
+    /// trusted roots.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS (rediss://): show this PEM certificate chain to Redis (mutual TLS, Redis's
+    /// `tls-auth-clients yes`); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS (rediss://): the PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Shared token the caller must send in the x-krowoc-relay-token header.
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
@@ -321,6 +343,8 @@ fn printable(name: &str) -> String {
 #[derive(Clone)]
 pub struct RelayConfig {
     pub redis: RedisEndpoint,
+    /// TLS to Redis, when `redis.tls`; `None` there trusts the system's roots.
+    pub tls: Option<RedisTls>,
     /// When set, requests must carry it in [`TOKEN_HEADER`].
     pub token: Option<String>,
     pub max_body_bytes: usize,
@@ -337,6 +361,7 @@ impl fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RelayConfig")
             .field("redis", &self.redis)
+            .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_commands", &self.max_commands)
@@ -354,6 +379,7 @@ impl RelayConfig {
     pub fn new(redis: RedisEndpoint) -> RelayConfig {
         RelayConfig {
             redis,
+            tls: None,
             token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_commands: DEFAULT_MAX_COMMANDS,
@@ -366,8 +392,34 @@ impl RelayConfig {
 
     /// Validates the flags; every error names the flag and the bad value.
     pub fn from_args(args: &RelayArgs) -> anyhow::Result<RelayConfig> {
-        let mut redis = RedisEndpoint::from_url(&args.redis).context("--redis")?;
+        let mut redis = match &args.redis_password_file {
+            None => RedisEndpoint::from_url(&args.redis).context("--redis")?,
+            Some(path) => {
+                let flag = || format!("--redis-password-file {}", path.display());
+                let text = std::fs::read_to_string(path).with_context(flag)?;
+                let password = text.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    anyhow::bail!("{}: the file is empty", flag());
+                }
+                RedisEndpoint::from_url_and_password(&args.redis, password.to_string())
+                    .context("--redis")?
+            }
+        };
         redis.connect_timeout = args.connect_timeout;
+        let files = TlsFiles {
+            ca: args.tls_ca.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        };
+        if files.any() && !redis.tls {
+            anyhow::bail!(
+                "--tls-ca, --tls-cert and --tls-key are for TLS: write the --redis URL as rediss://…"
+            );
+        }
+        let tls = match redis.tls {
+            true => Some(files.build().context("--redis rediss://")?),
+            false => None,
+        };
         let token = match (&args.token, &args.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(path)) => {
@@ -402,6 +454,7 @@ impl RelayConfig {
         }
         Ok(RelayConfig {
             redis,
+            tls,
             token,
             max_body_bytes: args.max_body_bytes,
             max_commands: args.max_commands,
@@ -430,6 +483,13 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     for (sha1, origin) in config.scripts.iter() {
         tracing::debug!(sha1, origin, "script allowed");
+    }
+    if let Some(tls) = &config.tls {
+        tracing::info!(
+            trust = tls.trust(),
+            client_certificate = tls.has_client_certificate(),
+            "redis over TLS"
+        );
     }
     tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready");
     println!("relay listening on {addr}");
@@ -495,17 +555,19 @@ enum Failure {
     Script,
     TooLarge,
     Unreachable,
+    Tls,
     Timeout,
 }
 
 impl Failure {
-    const ALL: [Failure; 7] = [
+    const ALL: [Failure; 8] = [
         Failure::Malformed,
         Failure::Token,
         Failure::Command,
         Failure::Script,
         Failure::TooLarge,
         Failure::Unreachable,
+        Failure::Tls,
         Failure::Timeout,
     ];
 
@@ -514,7 +576,7 @@ impl Failure {
             Failure::Malformed => StatusCode::BAD_REQUEST,
             Failure::Token | Failure::Command | Failure::Script => StatusCode::FORBIDDEN,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Failure::Unreachable => StatusCode::BAD_GATEWAY,
+            Failure::Unreachable | Failure::Tls => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -527,6 +589,7 @@ impl Failure {
             Failure::Script => "script_refused",
             Failure::TooLarge => "too_large",
             Failure::Unreachable => "redis_unreachable",
+            Failure::Tls => "redis_tls",
             Failure::Timeout => "redis_timeout",
         }
     }
@@ -631,7 +694,10 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 
 impl Relay {
     fn new(config: RelayConfig) -> Relay {
-        let pool = RedisPool::new(config.redis.clone(), config.pool_size);
+        let pool = match &config.tls {
+            Some(tls) => RedisPool::with_tls(config.redis.clone(), config.pool_size, tls.clone()),
+            None => RedisPool::new(config.redis.clone(), config.pool_size),
+        };
         Relay {
             config,
             pool,
@@ -775,6 +841,8 @@ impl Relay {
 fn pool_failure(e: &PoolError) -> (Failure, String) {
     let failure = if e.is_timeout() {
         Failure::Timeout
+    } else if e.is_tls() {
+        Failure::Tls
     } else if e.is_invalid_request() {
         // The relay checked the body already; kept distinct in case the pool's rules grow.
         Failure::Command

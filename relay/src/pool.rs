@@ -40,7 +40,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::tls::{describe_tls_failure, RedisStream, RedisTls};
 
 /// Redis's default port, used when a URL names none.
 pub const DEFAULT_PORT: u16 = 6379;
@@ -106,7 +108,7 @@ pub const SHARED_CONNECTION_UNSAFE: &[&str] = &[
 // Endpoint
 
 /// Where one Redis is and how to log in to it; [`RedisEndpoint::from_url`] reads it from a
-/// `redis://` URL ([`crate::redis_url`]).
+/// `redis://` or `rediss://` URL ([`crate::redis_url`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisEndpoint {
     pub host: String,
@@ -115,6 +117,9 @@ pub struct RedisEndpoint {
     pub password: Option<String>,
     pub db: Option<u32>,
     pub connect_timeout: Duration,
+    /// Connect with TLS (`rediss://`), verifying the certificate against `host`; see
+    /// [`RedisPool::with_tls`] for whom it trusts.
+    pub tls: bool,
 }
 
 /// A Redis URL that cannot be used; the message names the part that is wrong.
@@ -136,6 +141,7 @@ impl RedisEndpoint {
             password: None,
             db: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: false,
         }
     }
 
@@ -165,6 +171,7 @@ impl fmt::Debug for RedisEndpoint {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("db", &self.db)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -181,6 +188,9 @@ pub enum PoolErrorKind {
     Timeout,
     /// Redis refused AUTH or SELECT on connect.
     Auth,
+    /// The TLS handshake failed: an untrusted or misnamed certificate, a server that speaks no
+    /// TLS, a client certificate missing or refused, or no usable TLS configuration.
+    Tls,
     /// Redis answered bytes that are not RESP.
     Protocol,
     /// The caller's commands are malformed, do not match `count`, or cannot run on a shared
@@ -194,6 +204,7 @@ impl PoolErrorKind {
             PoolErrorKind::Unreachable => "unreachable",
             PoolErrorKind::Timeout => "timeout",
             PoolErrorKind::Auth => "auth",
+            PoolErrorKind::Tls => "tls",
             PoolErrorKind::Protocol => "protocol",
             PoolErrorKind::InvalidRequest => "invalid request",
         }
@@ -235,6 +246,9 @@ impl PoolError {
     }
     pub fn is_auth(&self) -> bool {
         self.kind == PoolErrorKind::Auth
+    }
+    pub fn is_tls(&self) -> bool {
+        self.kind == PoolErrorKind::Tls
     }
     pub fn is_protocol(&self) -> bool {
         self.kind == PoolErrorKind::Protocol
@@ -536,7 +550,10 @@ pub struct RedisPool {
 
 struct PoolInner {
     endpoint: Arc<RedisEndpoint>,
+    tls: Tls,
     slots: Vec<Mutex<Option<mpsc::Sender<Request>>>>,
+    /// Per slot, what its connection is doing while it connects ([`Phase`]).
+    phases: Vec<Arc<AtomicU8>>,
     next: AtomicUsize,
 }
 
@@ -555,14 +572,48 @@ impl fmt::Debug for RedisPool {
     }
 }
 
+/// How a pool's connections do TLS, decided once when the pool is made.
+#[derive(Clone)]
+enum Tls {
+    Off,
+    On(RedisTls),
+    /// `rediss://` without a usable configuration (no system roots): every connect fails so.
+    Unusable(String),
+}
+
 impl RedisPool {
     /// A pool of `connections` (at least 1) connections. Nothing connects until the first call.
+    /// A `rediss://` endpoint trusts the system's roots; [`RedisPool::with_tls`] names a CA or
+    /// a client certificate.
     pub fn new(endpoint: RedisEndpoint, connections: usize) -> RedisPool {
+        let tls = match endpoint.tls {
+            false => Tls::Off,
+            true => match RedisTls::new(None, None) {
+                Ok(tls) => Tls::On(tls),
+                Err(e) => Tls::Unusable(e.to_string()),
+            },
+        };
+        RedisPool::build(endpoint, connections, tls)
+    }
+
+    /// A pool whose connections all use TLS with `tls` (built once, shared; each connection
+    /// does its own handshake), whatever the endpoint's scheme.
+    pub fn with_tls(mut endpoint: RedisEndpoint, connections: usize, tls: RedisTls) -> RedisPool {
+        endpoint.tls = true;
+        RedisPool::build(endpoint, connections, Tls::On(tls))
+    }
+
+    fn build(endpoint: RedisEndpoint, connections: usize, tls: Tls) -> RedisPool {
         let slots = (0..connections.max(1)).map(|_| Mutex::new(None)).collect();
+        let phases = (0..connections.max(1))
+            .map(|_| Arc::new(AtomicU8::new(Phase::Connected as u8)))
+            .collect();
         RedisPool {
             inner: Arc::new(PoolInner {
                 endpoint: Arc::new(endpoint),
+                tls,
                 slots,
+                phases,
                 next: AtomicUsize::new(0),
             }),
         }
@@ -650,7 +701,7 @@ impl RedisPool {
             return Ok(Bytes::new());
         }
         let endpoint = &self.inner.endpoint;
-        let sender = self.sender()?;
+        let (slot, sender) = self.sender()?;
         let (reply_tx, reply_rx) = oneshot::channel();
         let request = Request {
             commands,
@@ -675,11 +726,8 @@ impl RedisPool {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(PoolError::new(
-                PoolErrorKind::Timeout,
-                endpoint,
-                format!("no reply within {timeout:?}"),
-            )),
+            Err(_) => Err(Phase::of(&self.inner.phases[slot])
+                .timed_out(endpoint, format!("no reply within {timeout:?}"))),
         }
     }
 
@@ -700,15 +748,15 @@ impl RedisPool {
         }
     }
 
-    /// The queue of the next connection (round robin), starting its task if it has none.
-    fn sender(&self) -> Result<mpsc::Sender<Request>, PoolError> {
+    /// The next connection (round robin): its slot and queue, starting its task if it has none.
+    fn sender(&self) -> Result<(usize, mpsc::Sender<Request>), PoolError> {
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
         // A poisoned slot only means another thread panicked while swapping a sender in.
         let mut slot = self.inner.slots[n]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(sender.clone());
+            return Ok((n, sender.clone()));
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             PoolError::new(
@@ -719,9 +767,68 @@ impl RedisPool {
         })?;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let endpoint = self.inner.endpoint.clone();
-        runtime.spawn(connection_task(endpoint, n, rx));
+        let phase = self.inner.phases[n].clone();
+        runtime.spawn(connection_task(
+            endpoint,
+            self.inner.tls.clone(),
+            n,
+            phase,
+            rx,
+        ));
         *slot = Some(tx.clone());
-        Ok(tx)
+        Ok((n, tx))
+    }
+}
+
+/// What a connection is doing: connected (or idle), or which step of connecting it is in. A call
+/// that times out while its connection connects says which step got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Connected = 0,
+    Tcp = 1,
+    TlsHandshake = 2,
+    Login = 3,
+}
+
+/// Why a TLS handshake goes unanswered, nearly always.
+const TLS_UNANSWERED: &str =
+    "the TLS handshake got no answer: is this a plain-TCP Redis on a rediss:// URL?";
+
+impl Phase {
+    fn of(phase: &AtomicU8) -> Phase {
+        match phase.load(Ordering::Relaxed) {
+            1 => Phase::Tcp,
+            2 => Phase::TlsHandshake,
+            3 => Phase::Login,
+            _ => Phase::Connected,
+        }
+    }
+
+    fn set(self, phase: &AtomicU8) {
+        phase.store(self as u8, Ordering::Relaxed);
+    }
+
+    /// The error for a wait that ran out in this phase.
+    fn timed_out(self, endpoint: &RedisEndpoint, detail: String) -> PoolError {
+        match self {
+            Phase::Connected => PoolError::new(PoolErrorKind::Timeout, endpoint, detail),
+            Phase::Tcp => PoolError::new(
+                PoolErrorKind::Timeout,
+                endpoint,
+                format!("{detail}: still connecting (TCP)"),
+            ),
+            Phase::TlsHandshake => PoolError::new(
+                PoolErrorKind::Tls,
+                endpoint,
+                format!("{detail}: {TLS_UNANSWERED}"),
+            ),
+            Phase::Login => PoolError::new(
+                PoolErrorKind::Timeout,
+                endpoint,
+                format!("{detail}: still logging in (AUTH, SELECT)"),
+            ),
+        }
     }
 }
 
@@ -739,14 +846,16 @@ struct InFlight {
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: RedisStream,
     read_buf: BytesMut,
     in_flight: VecDeque<InFlight>,
 }
 
 async fn connection_task(
     endpoint: Arc<RedisEndpoint>,
+    tls: Tls,
     slot: usize,
+    phase: Arc<AtomicU8>,
     mut queue: mpsc::Receiver<Request>,
 ) {
     let mut conn: Option<Connection> = None;
@@ -758,7 +867,9 @@ async fn connection_task(
             let Some(first) = queue.recv().await else {
                 return;
             };
-            match connect(&endpoint).await {
+            let connected = connect(&endpoint, &tls, &phase).await;
+            Phase::Connected.set(&phase);
+            match connected {
                 Ok(stream) => {
                     if failing {
                         tracing::info!(endpoint = %endpoint, slot, "redis reachable again");
@@ -852,7 +963,9 @@ impl Connection {
         self.stream
             .write_all(&out)
             .await
-            .map_err(|e| format!("write: {e}"))
+            .map_err(|e| format!("write: {e}"))?;
+        // TLS holds records until flushed; for TCP this is a no-op.
+        self.stream.flush().await.map_err(|e| format!("write: {e}"))
     }
 
     /// Hands complete replies to their requesters, in order.
@@ -891,10 +1004,16 @@ impl Connection {
     }
 }
 
-/// TCP connect, then AUTH and SELECT, all within the endpoint's connect timeout.
-async fn connect(endpoint: &RedisEndpoint) -> Result<TcpStream, PoolError> {
+/// TCP connect, the TLS handshake (`rediss://`), then AUTH and SELECT, all within the
+/// endpoint's connect timeout.
+async fn connect(
+    endpoint: &RedisEndpoint,
+    tls: &Tls,
+    phase: &AtomicU8,
+) -> Result<RedisStream, PoolError> {
     let attempt = async {
-        let mut stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+        Phase::Tcp.set(phase);
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|e| {
                 PoolError::new(
@@ -903,7 +1022,22 @@ async fn connect(endpoint: &RedisEndpoint) -> Result<TcpStream, PoolError> {
                     format!("connect: {e}"),
                 )
             })?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let tls_failure = |detail: String| PoolError::new(PoolErrorKind::Tls, endpoint, detail);
+        let (mut stream, tls) = match tls {
+            Tls::Off => (RedisStream::Plain(tcp), None),
+            Tls::Unusable(reason) => return Err(tls_failure(reason.clone())),
+            Tls::On(tls) => (
+                {
+                    Phase::TlsHandshake.set(phase);
+                    tls.handshake(tcp, &endpoint.host)
+                }
+                .await
+                .map_err(tls_failure)?,
+                Some(tls),
+            ),
+        };
+        Phase::Login.set(phase);
         let mut hello = BytesMut::new();
         let mut steps = Vec::new();
         if let Some(password) = &endpoint.password {
@@ -917,15 +1051,28 @@ async fn connect(endpoint: &RedisEndpoint) -> Result<TcpStream, PoolError> {
             hello.extend_from_slice(&encode_command(&["SELECT", &db.to_string()]));
             steps.push("SELECT");
         }
+        if steps.is_empty() && tls.is_some() {
+            // In TLS 1.3 a server that refuses the client's certificate says so after the
+            // handshake: one reply here makes that a connect failure, not a request's.
+            hello.extend_from_slice(&encode_command(&["PING"]));
+            steps.push("PING");
+        }
         if steps.is_empty() {
             return Ok(stream);
         }
-        let handshake_err =
-            |detail: String| PoolError::new(PoolErrorKind::Unreachable, endpoint, detail);
-        stream
-            .write_all(&hello)
-            .await
-            .map_err(|e| handshake_err(format!("write {}: {e}", steps.join("+"))))?;
+        // An I/O error during the handshake replies is TLS's when rustls raised it.
+        let handshake_err = |detail: String, e: Option<&std::io::Error>| match e
+            .zip(tls)
+            .and_then(|(e, tls)| describe_tls_failure(e, &endpoint.host, tls))
+        {
+            Some(tls_detail) => tls_failure(tls_detail),
+            None => PoolError::new(PoolErrorKind::Unreachable, endpoint, detail),
+        };
+        let written = match stream.write_all(&hello).await {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        };
+        written.map_err(|e| handshake_err(format!("write {}: {e}", steps.join("+")), Some(&e)))?;
         let mut buf = BytesMut::with_capacity(256);
         for step in steps {
             let n = loop {
@@ -941,9 +1088,16 @@ async fn connect(endpoint: &RedisEndpoint) -> Result<TcpStream, PoolError> {
                     }
                 }
                 match stream.read_buf(&mut buf).await {
-                    Ok(0) => return Err(handshake_err(format!("connection closed during {step}"))),
+                    Ok(0) => {
+                        return Err(handshake_err(
+                            format!("connection closed during {step}"),
+                            None,
+                        ))
+                    }
                     Ok(_) => {}
-                    Err(e) => return Err(handshake_err(format!("read {step} reply: {e}"))),
+                    Err(e) => {
+                        return Err(handshake_err(format!("read {step} reply: {e}"), Some(&e)))
+                    }
                 }
             };
             let reply = buf.split_to(n);
@@ -967,11 +1121,13 @@ async fn connect(endpoint: &RedisEndpoint) -> Result<TcpStream, PoolError> {
     };
     match tokio::time::timeout(endpoint.connect_timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(PoolError::new(
-            PoolErrorKind::Unreachable,
-            endpoint,
-            format!("connect timed out after {:?}", endpoint.connect_timeout),
-        )),
+        Err(_) => {
+            let detail = format!("connect timed out after {:?}", endpoint.connect_timeout);
+            Err(match Phase::of(phase) {
+                Phase::TlsHandshake => Phase::TlsHandshake.timed_out(endpoint, detail),
+                _ => PoolError::new(PoolErrorKind::Unreachable, endpoint, detail),
+            })
+        }
     }
 }
 
@@ -1014,7 +1170,7 @@ mod tests {
         let cases = [
             ("127.0.0.1:6379", "no scheme"),
             ("http://x:1", "scheme \"http\""),
-            ("rediss://x:1", "TLS"),
+            ("rediss://x:99999", "port \"99999\""),
             ("redis://x:99999", "port \"99999\""),
             ("redis://x:abc", "port \"abc\""),
             ("redis://x:6379/db1", "database \"db1\""),

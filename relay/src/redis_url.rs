@@ -1,6 +1,7 @@
-//! Redis URLs, `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]`: [`RedisEndpoint::from_url`] reads
-//! one (with the `url` crate) for the relay and host-shim, and [`redact_url`] hides its password
-//! in errors and logs, for them and for the demo upstream.
+//! Redis URLs, `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (`rediss://` for TLS):
+//! [`RedisEndpoint::from_url`] reads one (with the `url` crate) for the relay and host-shim,
+//! [`RedisEndpoint::from_url_and_password`] takes the password from elsewhere (a file), and
+//! [`redact_url`] hides a password in errors and logs, for them and for the demo upstream.
 //!
 //! ```
 //! use krowoc_relay::pool::RedisEndpoint;
@@ -16,100 +17,122 @@ use url::{Host, ParseError, Url};
 
 use crate::pool::{EndpointError, RedisEndpoint, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT};
 
-const FORM: &str = "redis://[[user]:password@]host[:port][/db]";
+const FORM: &str = "redis[s]://[[user]:password@]host[:port][/db]";
 
 impl RedisEndpoint {
     /// Parses `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (user and password percent-decoded,
-    /// IPv6 hosts in brackets, port 6379 by default). TLS (`rediss://`) and query parameters are
-    /// refused rather than ignored. The last `@` ends the user info, so a password may hold an
-    /// unencoded `@` or `/`; errors never show the password.
+    /// IPv6 hosts in brackets, port 6379 by default); `rediss://` connects with TLS. Query
+    /// parameters are refused rather than ignored. The last `@` ends the user info, so a
+    /// password may hold an unencoded `@` or `/`; errors never show the password.
     pub fn from_url(text: &str) -> Result<RedisEndpoint, EndpointError> {
-        let fail = |reason: String| EndpointError {
-            url: redact_url(text),
-            reason,
-        };
-        // Checked before `url` sees the text: it would read `localhost:6379` as the scheme
-        // `localhost`.
-        let rest = match text.split_once("://") {
-            Some(("redis", rest)) => rest,
-            Some(("rediss", _)) => {
-                return Err(fail(
-                    "TLS (rediss://) is not supported; use redis:// on a trusted network".into(),
-                ))
-            }
-            Some((scheme, _)) => {
-                return Err(fail(format!(
-                    "scheme {scheme:?} is not redis; expected {FORM}"
-                )))
-            }
-            None => return Err(fail(format!("no scheme; expected {FORM}"))),
-        };
-        // Refused before parsing: a '?' or '#' in a password would cut the host short there.
-        if rest.contains(['?', '#']) {
-            return Err(fail(
-                "query parameters and fragments are not supported; put the database in the path (/DB)"
-                    .into(),
-            ));
-        }
-        let (userinfo, hostpath) = match rest.rsplit_once('@') {
-            Some((info, hostpath)) => (Some(info), hostpath),
-            None => (None, rest),
-        };
-        let hostport = hostpath.split_once('/').map_or(hostpath, |(hp, _)| hp);
-        // Everything before the last '@' is user info: encode the '/' that would end it early.
-        let normalised = match userinfo {
-            Some(info) => format!("redis://{}@{hostpath}", info.replace('/', "%2F")),
-            None => text.to_string(),
-        };
-        let url = Url::parse(&normalised).map_err(|e| fail(parse_error_reason(e, hostport)))?;
-
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(info) => {
-                if !info.contains(':') {
-                    return Err(fail(
-                        "user info has no ':'; write redis://:PASSWORD@host or redis://USER:PASSWORD@host"
-                            .into(),
-                    ));
-                }
-                let user =
-                    decode_userinfo(url.username()).map_err(|e| fail(format!("username: {e}")))?;
-                let pass = decode_userinfo(url.password().unwrap_or(""))
-                    .map_err(|e| fail(format!("password: {e}")))?;
-                if pass.is_empty() {
-                    return Err(fail("the password is empty".into()));
-                }
-                ((!user.is_empty()).then_some(user), Some(pass))
-            }
-        };
-        let host = match url.host() {
-            Some(Host::Domain(name)) if !name.is_empty() => name.to_string(),
-            Some(Host::Ipv4(ip)) => ip.to_string(),
-            Some(Host::Ipv6(ip)) => ip.to_string(),
-            _ => return Err(fail("the host is empty".into())),
-        };
-        let port = match url.port() {
-            None => DEFAULT_PORT,
-            Some(0) => return Err(fail(bad_port("0"))),
-            Some(port) => port,
-        };
-        let db = match url.path().strip_prefix('/').unwrap_or_default() {
-            "" => None,
-            db => Some(db.parse::<u32>().map_err(|_| {
-                fail(format!(
-                    "database {db:?} is not a number (the path must be /DB, e.g. /0)"
-                ))
-            })?),
-        };
-        Ok(RedisEndpoint {
-            host,
-            port,
-            username,
-            password,
-            db,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        })
+        parse(text, None)
     }
+
+    /// Like [`RedisEndpoint::from_url`] with the password given apart from the URL (read from a
+    /// file, so that it is not on a command line): the URL may name the user
+    /// (`redis://USER@HOST`) but must not hold a password too.
+    pub fn from_url_and_password(
+        text: &str,
+        password: String,
+    ) -> Result<RedisEndpoint, EndpointError> {
+        parse(text, Some(password))
+    }
+}
+
+fn parse(text: &str, given_password: Option<String>) -> Result<RedisEndpoint, EndpointError> {
+    let fail = |reason: String| EndpointError {
+        url: redact_url(text),
+        reason,
+    };
+    // Checked before `url` sees the text: it would read `localhost:6379` as the scheme
+    // `localhost`.
+    let (tls, rest) = match text.split_once("://") {
+        Some(("redis", rest)) => (false, rest),
+        Some(("rediss", rest)) => (true, rest),
+        Some((scheme, _)) => {
+            return Err(fail(format!(
+                "scheme {scheme:?} is not redis or rediss; expected {FORM}"
+            )))
+        }
+        None => return Err(fail(format!("no scheme; expected {FORM}"))),
+    };
+    // Refused before parsing: a '?' or '#' in a password would cut the host short there.
+    if rest.contains(['?', '#']) {
+        return Err(fail(
+            "query parameters and fragments are not supported; put the database in the path (/DB)"
+                .into(),
+        ));
+    }
+    let (userinfo, hostpath) = match rest.rsplit_once('@') {
+        Some((info, hostpath)) => (Some(info), hostpath),
+        None => (None, rest),
+    };
+    let hostport = hostpath.split_once('/').map_or(hostpath, |(hp, _)| hp);
+    // Everything before the last '@' is user info: encode the '/' that would end it early.
+    let normalised = match userinfo {
+        Some(info) => format!("redis://{}@{hostpath}", info.replace('/', "%2F")),
+        None if tls => format!("redis://{rest}"),
+        None => text.to_string(),
+    };
+    let url = Url::parse(&normalised).map_err(|e| fail(parse_error_reason(e, hostport)))?;
+
+    let (username, password) = match (userinfo, given_password) {
+        (None, given) => (None, given),
+        (Some(info), Some(given)) => {
+            if info.contains(':') {
+                return Err(fail(
+                    "the URL holds a password and a password file gives one too: keep only the file (write redis://USER@host)"
+                        .into(),
+                ));
+            }
+            let user = decode_userinfo(info).map_err(|e| fail(format!("username: {e}")))?;
+            ((!user.is_empty()).then_some(user), Some(given))
+        }
+        (Some(info), None) => {
+            if !info.contains(':') {
+                return Err(fail(
+                    "user info has no ':'; write redis://:PASSWORD@host or redis://USER:PASSWORD@host"
+                        .into(),
+                ));
+            }
+            let user =
+                decode_userinfo(url.username()).map_err(|e| fail(format!("username: {e}")))?;
+            let pass = decode_userinfo(url.password().unwrap_or(""))
+                .map_err(|e| fail(format!("password: {e}")))?;
+            if pass.is_empty() {
+                return Err(fail("the password is empty".into()));
+            }
+            ((!user.is_empty()).then_some(user), Some(pass))
+        }
+    };
+    let host = match url.host() {
+        Some(Host::Domain(name)) if !name.is_empty() => name.to_string(),
+        Some(Host::Ipv4(ip)) => ip.to_string(),
+        Some(Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err(fail("the host is empty".into())),
+    };
+    let port = match url.port() {
+        None => DEFAULT_PORT,
+        Some(0) => return Err(fail(bad_port("0"))),
+        Some(port) => port,
+    };
+    let db = match url.path().strip_prefix('/').unwrap_or_default() {
+        "" => None,
+        db => Some(db.parse::<u32>().map_err(|_| {
+            fail(format!(
+                "database {db:?} is not a number (the path must be /DB, e.g. /0)"
+            ))
+        })?),
+    };
+    Ok(RedisEndpoint {
+        host,
+        port,
+        username,
+        password,
+        db,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        tls,
+    })
 }
 
 /// Why `url` refused the text, said about the host and port (`hostport`, which holds no user
@@ -230,6 +253,40 @@ mod tests {
     }
 
     #[test]
+    fn rediss_means_tls_and_reads_the_same_parts() {
+        let e = parse("rediss://u:pw@cache.internal:6380/1");
+        assert!(e.tls);
+        assert_eq!(
+            (e.host.as_str(), e.port, e.db),
+            ("cache.internal", 6380, Some(1))
+        );
+        assert_eq!(e.password.as_deref(), Some("pw"));
+        assert!(parse("rediss://[::1]").tls);
+        assert!(!parse("redis://h").tls);
+    }
+
+    #[test]
+    fn a_password_given_apart_takes_the_user_from_the_url_and_refuses_a_second_password() {
+        let given = |url: &str| RedisEndpoint::from_url_and_password(url, "from-file".into());
+        let e = given("rediss://krowoc-edge@h:6380").unwrap();
+        assert_eq!(e.username.as_deref(), Some("krowoc-edge"));
+        assert_eq!(e.password.as_deref(), Some("from-file"));
+        let e = given("redis://h").unwrap();
+        assert_eq!(
+            (e.username, e.password.as_deref()),
+            (None, Some("from-file"))
+        );
+        let err = given("redis://u:hunter2@h").unwrap_err().to_string();
+        assert!(err.contains("a password file gives one too"), "{err}");
+        assert!(
+            !err.contains("hunter2") && !err.contains("from-file"),
+            "{err}"
+        );
+        let err = given("redis://u%zz@h").unwrap_err().to_string();
+        assert!(err.contains("username: bad percent escape"), "{err}");
+    }
+
+    #[test]
     fn the_last_at_ends_the_user_info() {
         let e = parse("redis://u:a@b/c:d@h:7/1");
         assert_eq!(e.username.as_deref(), Some("u"));
@@ -243,7 +300,7 @@ mod tests {
             ("localhost:6379", "no scheme"),
             ("REDIS://h", "scheme \"REDIS\""),
             ("unix:///tmp/redis.sock", "scheme \"unix\""),
-            ("rediss://h", "TLS"),
+            ("rediss://", "host is empty"),
             ("redis://h:0", "port \"0\""),
             ("redis://h:65536", "port \"65536\""),
             ("redis://[::1]:x", "port \"x\""),

@@ -199,6 +199,7 @@ impl Worker {
                         password: init.password.clone(),
                         db,
                         connect_timeout: init.timeout,
+                        tls: false,
                     };
                     let pool = RedisPool::new(endpoint, 2);
                     pools.insert(cluster.to_string(), pool.clone());
@@ -335,6 +336,7 @@ impl RedisCallError {
                 PoolErrorKind::Unreachable
                 | PoolErrorKind::Timeout
                 | PoolErrorKind::Auth
+                | PoolErrorKind::Tls
                 | PoolErrorKind::Protocol
                 | PoolErrorKind::InvalidRequest => REDIS_STATUS_NETWORK_ERROR,
             },
