@@ -60,6 +60,10 @@ pub enum ServerErrorKind {
     Ask,
     /// A replica refused a write.
     ReadOnly,
+    /// The ACL user may not run the command or touch the key or channel: a deployment error
+    /// (the user's rules do not match the configuration). Not unhealthy: it says nothing of
+    /// Redis, other calls may be allowed, and sending it again gets the same answer.
+    NoPerm,
     /// `ERR`, `WRONGTYPE` and the rest: about the call, not about Redis.
     Other,
 }
@@ -80,6 +84,7 @@ impl ServerErrorKind {
             "MOVED" => ServerErrorKind::Moved,
             "ASK" => ServerErrorKind::Ask,
             "READONLY" => ServerErrorKind::ReadOnly,
+            "NOPERM" => ServerErrorKind::NoPerm,
             _ => ServerErrorKind::Other,
         }
     }
@@ -227,6 +232,18 @@ mod tests {
             Some(ServerErrorKind::Other)
         );
         assert!(RedisError::server("NOAUTH Authentication required.").is_noauth());
+        let noperm = RedisError::server(
+            "NOPERM this user has no permissions to access one of the keys used as arguments",
+        );
+        assert_eq!(noperm.server_kind(), Some(ServerErrorKind::NoPerm));
+        assert!(
+            !noperm.counts_for_breaker(),
+            "an ACL refusal says nothing of Redis"
+        );
+        assert!(
+            !ServerErrorKind::NoPerm.is_unhealthy(),
+            "a flush refused so is not tried again"
+        );
         assert!(!RedisError::server("READONLY You can't write").counts_for_breaker());
         assert_eq!(RedisError::protocol("x").server_kind(), None);
     }
