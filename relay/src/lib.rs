@@ -42,6 +42,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+pub mod acl;
 pub mod pool;
 pub mod process;
 pub mod redis_url;
