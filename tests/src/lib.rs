@@ -226,7 +226,14 @@ pub struct StackOptions {
     /// Puts the relay and the upstream behind [`Link`]s the test can cut (a killed process)
     /// and restore ([`Stack::relay_link`], [`Stack::upstream_link`]).
     pub cuttable: bool,
+    /// Create the filter's least-privilege ACL user ([`FILTER_ACL_USER`], the rules of
+    /// `krowoc_relay::acl` for `redis.key_prefix` and every configured event channel) and make
+    /// the relay, and transport `redis_call`, log in as it. The upstream stays `default`.
+    pub filter_acl_user: bool,
 }
+
+/// The ACL user and password [`StackOptions::filter_acl_user`] creates.
+pub const FILTER_ACL_USER: (&str, &str) = ("krowoc-edge", "krowoc-edge-test-password");
 
 impl Default for StackOptions {
     fn default() -> Self {
@@ -238,7 +245,38 @@ impl Default for StackOptions {
             upstream_delay: Duration::ZERO,
             relay_max_body_bytes: None,
             cuttable: false,
+            filter_acl_user: false,
         }
+    }
+}
+
+/// `ACL SETUSER` of [`FILTER_ACL_USER`] for the plugin configuration `config`: its
+/// `redis.key_prefix` (default `krowoc:`) and every `channel` it names.
+pub fn create_filter_acl_user(redis: &RedisServer, config: &Value) {
+    let prefix = config["redis"]["key_prefix"].as_str().unwrap_or("krowoc:");
+    let mut channels = Vec::new();
+    collect_channels(config, &mut channels);
+    let channels: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let (user, password) = FILTER_ACL_USER;
+    let mut args = vec!["ACL".to_string(), "SETUSER".into(), user.into()];
+    args.extend(krowoc_relay::acl::filter_user_rules(prefix, &channels));
+    args.push(format!(">{password}"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args), "OK", "{args:?}");
+}
+
+fn collect_channels(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v.as_str()) {
+                    ("channel", Some(c)) if !out.iter().any(|o| o == c) => out.push(c.to_string()),
+                    _ => collect_channels(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_channels(v, out)),
+        _ => {}
     }
 }
 
@@ -335,6 +373,15 @@ impl Stack {
         if let Some(change) = &options.plugin_config {
             change(&mut plugin_config);
         }
+        let acl_user = options.filter_acl_user.then(|| {
+            create_filter_acl_user(&redis, &plugin_config);
+            if plugin_config["redis"]["transport"] == "redis_call" {
+                let (user, password) = FILTER_ACL_USER;
+                plugin_config["redis"]["username"] = Value::from(user);
+                plugin_config["redis"]["password"] = Value::from(password);
+            }
+            FILTER_ACL_USER
+        });
         let yaml = write_yaml(
             dir.path(),
             &plugin_config,
@@ -364,7 +411,11 @@ impl Stack {
         });
 
         let relay = rt.block_on(async {
-            let endpoint = RedisEndpoint::from_url(&redis.url()).expect("redis url");
+            let mut endpoint = RedisEndpoint::from_url(&redis.url()).expect("redis url");
+            if let Some((user, password)) = acl_user {
+                endpoint.username = Some(user.to_string());
+                endpoint.password = Some(password.to_string());
+            }
             let mut config = RelayConfig::new(endpoint);
             config.token = token;
             if let Some(max) = options.relay_max_body_bytes {
