@@ -254,8 +254,7 @@ impl Default for StackOptions {
 /// `redis.key_prefix` (default `krowoc:`) and every `channel` it names.
 pub fn create_filter_acl_user(redis: &RedisServer, config: &Value) {
     let prefix = config["redis"]["key_prefix"].as_str().unwrap_or("krowoc:");
-    let mut channels = Vec::new();
-    collect_channels(config, &mut channels);
+    let channels = plugin_config_channels(config);
     let channels: Vec<&str> = channels.iter().map(String::as_str).collect();
     let (user, password) = FILTER_ACL_USER;
     let mut args = vec!["ACL".to_string(), "SETUSER".into(), user.into()];
@@ -263,6 +262,13 @@ pub fn create_filter_acl_user(redis: &RedisServer, config: &Value) {
     args.push(format!(">{password}"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_eq!(redis.cli(&args), "OK", "{args:?}");
+}
+
+/// Every event `channel` a plugin configuration names (top level and routes), once each.
+pub fn plugin_config_channels(config: &Value) -> Vec<String> {
+    let mut channels = Vec::new();
+    collect_channels(config, &mut channels);
+    channels
 }
 
 fn collect_channels(value: &Value, out: &mut Vec<String>) {

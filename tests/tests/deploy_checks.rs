@@ -393,6 +393,72 @@ fn a_plugin_token_the_relay_does_not_get_is_a_mismatch_and_passing_it_fixes_it()
     assert_no_problems(&check_compose(&d.with_file(COMPOSE, compose)));
 }
 
+const ACL_FILE: &str = "envoy/redis/users.acl";
+const ACL_PASSWORD_FILE: &str = "envoy/redis/krowoc-edge.password";
+
+#[test]
+fn the_relays_redis_user_in_compose_is_the_filters_acl_user_with_the_relays_password() {
+    let d = Deployment::repo();
+    assert_no_problems(&check_compose(&d));
+
+    // A command taken away from the user: the filter would meet NOPERM.
+    let without_scan = d.clone().edit(ACL_FILE, |t| t.replace(" +scan", ""));
+    let problems = check_compose(&without_scan);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let text = problems[0].to_string();
+    assert!(
+        matches!(&problems[0], Problem::AclUserRules { user, .. } if user == "krowoc-edge"),
+        "{text}"
+    );
+    assert!(text.contains("+scan"), "{text}");
+
+    // The filter's key prefix changed in envoy.yaml but not in the user's key pattern.
+    let yaml_text = envoy_yaml_with_plugin_config(|c| c["redis"]["key_prefix"] = json!("edge:"));
+    let problems = check_compose(&d.clone().with_file(ENVOY_YAML, yaml_text));
+    assert!(
+        problems.iter().any(
+            |p| matches!(p, Problem::AclUserRules { expected, .. } if expected.contains("~edge:*"))
+        ),
+        "{problems:?}"
+    );
+
+    // The relay's password file and the user's password differ; neither is shown.
+    let other = d
+        .clone()
+        .with_file(ACL_PASSWORD_FILE, "another-password\n".into());
+    assert_eq!(
+        check_compose(&other),
+        vec![Problem::AclPasswordMismatch {
+            user: "krowoc-edge".into()
+        }]
+    );
+    assert!(!Problem::AclPasswordMismatch {
+        user: "krowoc-edge".into()
+    }
+    .to_string()
+    .contains("change-me"));
+
+    // Redis without the ACL file: the relay's user does not exist.
+    let compose = compose_with("redis", |s| {
+        s["command"] = yaml(json!([
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no"
+        ]));
+    });
+    assert_eq!(
+        check_compose(&d.clone().with_file(COMPOSE, compose)),
+        vec![Problem::AclUserMissing {
+            user: "krowoc-edge".into(),
+            aclfile: None
+        }]
+    );
+}
+
 #[test]
 fn a_missing_mount_source_is_reported_and_envoy_yaml_is_then_not_mounted() {
     let compose = compose_with("envoy", |s| {

@@ -130,10 +130,14 @@ impl Demo {
         let mut services = Services::new(&log_dir, follow_logs)?;
         let redis_url = format!("redis://127.0.0.1:{REDIS_PORT}");
 
+        // The compose stack's ACL file: the relay logs in as the filter's least-privilege user.
+        let acl_dir = ws.root.join("envoy/redis");
         let mut redis = Command::new("redis-server");
         redis
             .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--aclfile")
+            .arg(acl_dir.join("users.acl"))
             .arg("--dir")
             .arg(redis_dir.path());
         services.start(service(
@@ -160,12 +164,15 @@ impl Demo {
         ))?;
 
         let mut relay = with_log_level(Command::new(&bins.relay));
-        relay.args([
-            "--listen",
-            &loopback(RELAY_PORT).to_string(),
-            "--redis",
-            &redis_url,
-        ]);
+        relay
+            .args([
+                "--listen",
+                &loopback(RELAY_PORT).to_string(),
+                "--redis",
+                &format!("redis://krowoc-edge@127.0.0.1:{REDIS_PORT}"),
+            ])
+            .arg("--redis-password-file")
+            .arg(acl_dir.join("krowoc-edge.password"));
         match &token {
             Some(t) => {
                 eprintln!("xtask: the relay expects the token from envoy.yaml's plugin configuration");

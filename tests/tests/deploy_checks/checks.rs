@@ -211,6 +211,22 @@ pub enum Problem {
         plugin: Option<String>,
         relay: Option<String>,
     },
+    /// The relay logs in as a user the Redis service's ACL file does not define.
+    AclUserMissing {
+        user: String,
+        aclfile: Option<String>,
+    },
+    /// The ACL file gives the relay's user other rules than the filter's (krowoc_relay::acl for
+    /// envoy.yaml's key prefix and channels).
+    AclUserRules {
+        user: String,
+        expected: String,
+        found: String,
+    },
+    /// The ACL file does not accept the password the relay sends.
+    AclPasswordMismatch {
+        user: String,
+    },
     UnknownNetwork {
         service: String,
         network: String,
@@ -361,6 +377,10 @@ impl fmt::Display for Problem {
                 describe_secret(plugin),
                 describe_secret(relay)
             ),
+            AclUserMissing { user, aclfile: Some(file) } => write!(f, "the relay logs in to Redis as {user:?}, which {file} does not define"),
+            AclUserMissing { user, aclfile: None } => write!(f, "the relay logs in to Redis as {user:?}, but the Redis service loads no --aclfile from the repository that defines it"),
+            AclUserRules { user, expected, found } => write!(f, "Redis ACL user {user:?} has the rules `{found}` but the filter needs exactly `{expected}`"),
+            AclPasswordMismatch { user } => write!(f, "Redis ACL user {user:?} does not accept the password the relay sends (its --redis-password-file or URL)"),
             UnknownNetwork { service, network } => write!(f, "service {service}: network {network:?} is not declared"),
             NotInternal { service, network } => write!(
                 f,
@@ -722,7 +742,8 @@ fn role(run: &Running<'_>, problems: &mut Vec<Problem>) -> Role {
         return Role::Redis { port };
     }
     let relay = |args: RelayArgs, problems: &mut Vec<Problem>| {
-        if args.token_file.is_none() {
+        // Secret files are paths in the container: the flags are checked without them.
+        if args.token_file.is_none() && args.redis_password_file.is_none() {
             if let Err(e) = RelayConfig::from_args(&args) {
                 problems.push(Problem::RelayArgsRefused {
                     service: run.name.to_string(),
@@ -1044,7 +1065,15 @@ pub fn check_compose(d: &Deployment) -> Vec<Problem> {
             _ => None,
         };
         if let Some(url) = url {
-            match RedisEndpoint::from_url(&url) {
+            let password_file = match role {
+                Role::Relay(args) => args.redis_password_file.is_some(),
+                _ => false,
+            };
+            let endpoint = match password_file {
+                true => RedisEndpoint::from_url_and_password(&url, String::new()),
+                false => RedisEndpoint::from_url(&url),
+            };
+            match endpoint {
                 Ok(endpoint) => stack.check_reach(
                     name,
                     &format!("{name}'s Redis URL"),
@@ -1079,6 +1108,9 @@ pub fn check_compose(d: &Deployment) -> Vec<Problem> {
                     relay: relay_token,
                 });
             }
+        }
+        if let (Role::Relay(args), Some((cfg, raw))) = (role, d.envoy_plugin_config().ok()) {
+            problems.extend(check_relay_acl_user(d, &stack, name, args, &cfg, &raw));
         }
     }
 
@@ -1138,6 +1170,85 @@ pub fn check_compose(d: &Deployment) -> Vec<Problem> {
                 });
             }
         }
+    }
+    problems
+}
+
+/// The relay's Redis user, when its URL names one, must be the filter's least-privilege user in
+/// the ACL file the Redis service loads: exactly `krowoc_relay::acl`'s rules for envoy.yaml's
+/// key prefix and channels, accepting the relay's password.
+fn check_relay_acl_user(
+    d: &Deployment,
+    stack: &Stack<'_>,
+    relay: &str,
+    args: &RelayArgs,
+    cfg: &Config,
+    raw: &serde_json::Value,
+) -> Vec<Problem> {
+    let mounted = |service: &str, path: &str| {
+        stack.runs[service]
+            .service
+            .binds()
+            .iter()
+            .find(|(_, target)| target == path)
+            .and_then(|(source, _)| d.read(&join_rel("envoy", source)))
+    };
+    let endpoint = match &args.redis_password_file {
+        Some(file) => {
+            let file = file.to_string_lossy();
+            let password = mounted(relay, &file)
+                .map(|t| t.trim_end_matches(['\r', '\n']).to_string())
+                .unwrap_or_default();
+            RedisEndpoint::from_url_and_password(&args.redis, password)
+        }
+        None => RedisEndpoint::from_url(&args.redis),
+    };
+    let Ok(endpoint) = endpoint else {
+        return Vec::new();
+    };
+    let Some(user) = endpoint.username.clone() else {
+        return Vec::new();
+    };
+    let redis = stack.roles.iter().find_map(|(name, role)| {
+        (matches!(role, Role::Redis { .. }) && *name == endpoint.host).then_some(*name)
+    });
+    let Some(redis) = redis else {
+        return Vec::new();
+    };
+    let aclfile = flag_value(&stack.runs[redis].argv(), "--aclfile");
+    let text = aclfile.as_deref().and_then(|f| mounted(redis, f));
+    let (Some(file), Some(text)) = (aclfile, text) else {
+        return vec![Problem::AclUserMissing {
+            user,
+            aclfile: None,
+        }];
+    };
+    let Some(rules) = text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("user") && words.next() == Some(user.as_str()))
+            .then(|| words.map(str::to_string).collect::<Vec<_>>())
+    }) else {
+        return vec![Problem::AclUserMissing {
+            user,
+            aclfile: Some(file),
+        }];
+    };
+    let (passwords, rules): (Vec<String>, Vec<String>) =
+        rules.into_iter().partition(|r| r.starts_with('>'));
+    let channels = krowoc_tests::plugin_config_channels(raw);
+    let channels: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let expected = krowoc_relay::acl::filter_user_rules(&cfg.redis.key_prefix, &channels);
+    let mut problems = Vec::new();
+    if rules != expected {
+        problems.push(Problem::AclUserRules {
+            user: user.clone(),
+            expected: expected.join(" "),
+            found: rules.join(" "),
+        });
+    }
+    let password = endpoint.password.unwrap_or_default();
+    if !passwords.iter().any(|p| p[1..] == password) {
+        problems.push(Problem::AclPasswordMismatch { user });
     }
     problems
 }
