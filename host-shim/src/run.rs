@@ -14,6 +14,7 @@ use crate::gateway::{FilterSpec, Gateway, GatewaySpec};
 use crate::host::misc::PluginLogFile;
 use crate::shared::SharedState;
 use crate::vm::{PluginModule, VmSettings};
+use krowoc_relay::tls::RedisTls;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -90,6 +91,32 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         .iter()
         .map(|(name, c)| (name.clone(), c.address()))
         .collect();
+    let mut redis_tls = HashMap::new();
+    for (name, cluster) in &cfg.clusters {
+        let Some(tls) = &cluster.tls else { continue };
+        let client = tls
+            .client_certificate
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let built = RedisTls::new(Some(&tls.trusted_ca), client)
+            .with_context(|| format!("cluster {name}: transport_socket"))?;
+        let built = match &tls.sni {
+            Some(sni) => built.with_server_name(sni.clone()),
+            None => built,
+        };
+        redis_tls.insert(name.clone(), built);
+    }
+    if let Some(route) = cfg
+        .routes
+        .iter()
+        .find(|r| redis_tls.contains_key(&r.cluster))
+    {
+        anyhow::bail!(
+            "route {:?}: its cluster {} has a TLS transport_socket; host-shim speaks TLS to Redis clusters only (proxy_redis_call)",
+            route.name,
+            route.cluster
+        );
+    }
     let routes = cfg.routes.clone();
     let filter = match &cfg.wasm {
         None => None,
@@ -128,6 +155,7 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         workers,
         routes,
         clusters,
+        redis_tls,
         filter,
         max_request_headers_bytes: 60 * 1024,
         stream_idle_timeout: cfg.stream_idle_timeout,

@@ -756,3 +756,66 @@ fn server_header_settings_and_the_routers_suppress_envoy_headers_are_read() {
     ));
     assert_eq!(path, format!("{router}.suppress_envoy_headers"));
 }
+
+const TLS_SOCKET: &str = r#"
+name: envoy.transport_sockets.tls
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+  sni: redis.internal
+  common_tls_context:
+    validation_context:
+      trusted_ca: {filename: /etc/krowoc/redis-ca.pem}
+    tls_certificates:
+    - certificate_chain: {filename: /etc/krowoc/edge.pem}
+      private_key: {filename: /etc/krowoc/edge.key}
+"#;
+
+/// The shipped `redis` cluster (the third) with `socket` as its transport_socket.
+fn redis_cluster_with(socket: Value) -> Result<EnvoyConfig, EnvoyConfigError> {
+    with_field("static_resources.clusters[2]", "transport_socket", socket)
+}
+
+#[test]
+fn a_redis_clusters_tls_transport_socket_is_read() {
+    let cfg = redis_cluster_with(yaml(TLS_SOCKET)).expect("a TLS redis cluster");
+    let tls = cfg.clusters["redis"].tls.clone().expect("tls");
+    assert_eq!(tls.sni.as_deref(), Some("redis.internal"));
+    assert_eq!(tls.trusted_ca, PathBuf::from("/etc/krowoc/redis-ca.pem"));
+    assert_eq!(
+        tls.client_certificate,
+        Some((
+            PathBuf::from("/etc/krowoc/edge.pem"),
+            PathBuf::from("/etc/krowoc/edge.key")
+        ))
+    );
+    assert!(cfg.clusters["upstream"].tls.is_none());
+}
+
+#[test]
+fn tls_without_a_trusted_ca_or_of_another_kind_is_refused_by_path() {
+    let socket = "static_resources.clusters[2].transport_socket";
+    let mut no_ca = yaml(TLS_SOCKET);
+    no_ca["typed_config"]["common_tls_context"]
+        .as_mapping_mut()
+        .expect("common_tls_context")
+        .remove("validation_context");
+    let (path, _) = refused(redis_cluster_with(no_ca));
+    assert_eq!(
+        path,
+        format!("{socket}.typed_config.common_tls_context.validation_context")
+    );
+
+    let mut other = yaml(TLS_SOCKET);
+    other["name"] = Value::from("envoy.transport_sockets.raw_buffer");
+    let (path, message) = refused(redis_cluster_with(other));
+    assert_eq!(path, format!("{socket}.name"));
+    assert!(message.contains("envoy.transport_sockets.tls"), "{message}");
+
+    let mut unknown = yaml(TLS_SOCKET);
+    unknown["typed_config"]["common_tls_context"]["alpn_protocols"] = yaml("[h2]");
+    let (path, _) = refused(redis_cluster_with(unknown));
+    assert_eq!(
+        path,
+        format!("{socket}.typed_config.common_tls_context.alpn_protocols")
+    );
+}

@@ -155,6 +155,7 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
             },
         ],
         clusters,
+        redis_tls: HashMap::new(),
         filter: Some(FilterSpec {
             module,
             settings: VmSettings {

@@ -40,6 +40,8 @@ pub struct RedisTls {
     connector: TlsConnector,
     trust: Arc<str>,
     client_certificate: bool,
+    /// The name to ask for and verify instead of the endpoint's host (Envoy's `sni`).
+    server_name: Option<Arc<str>>,
 }
 
 /// A TLS setting that cannot be used: which file, and what is wrong with it (never its content).
@@ -98,7 +100,15 @@ impl RedisTls {
             connector: TlsConnector::from(Arc::new(config)),
             trust: trust.into(),
             client_certificate: client.is_some(),
+            server_name: None,
         })
+    }
+
+    /// Asks for and verifies `name` rather than the host connected to (an address that is
+    /// not the certificate's name, such as an IP or a local port forward).
+    pub fn with_server_name(mut self, name: impl Into<String>) -> RedisTls {
+        self.server_name = Some(name.into().into());
+        self
     }
 
     /// Whom this configuration trusts, for logs: `the CA bundle PATH` or `the system's trusted
@@ -118,6 +128,7 @@ impl RedisTls {
         tcp: TcpStream,
         host: &str,
     ) -> Result<RedisStream, String> {
+        let host = self.server_name.as_deref().unwrap_or(host);
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| format!("{host:?} is not a host name TLS can verify"))?;
         self.connector
@@ -133,6 +144,7 @@ impl fmt::Debug for RedisTls {
         f.debug_struct("RedisTls")
             .field("trust", &self.trust)
             .field("client_certificate", &self.client_certificate)
+            .field("server_name", &self.server_name)
             .finish()
     }
 }

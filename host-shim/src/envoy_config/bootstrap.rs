@@ -15,8 +15,8 @@ use crate::conn_manager::{
 
 use super::yaml::{describe, invalid, join, type_url, Node, Object};
 use super::{
-    Cluster, DiscoveryType, EnvoyConfig, PathMatch, Result, RouteEntry, SocketAddress, WasmFilter,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RELOAD_BASE_INTERVAL, DEFAULT_STREAM_IDLE_TIMEOUT,
+    Cluster, DiscoveryType, EnvoyConfig, PathMatch, Result, RouteEntry, SocketAddress, UpstreamTls,
+    WasmFilter, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RELOAD_BASE_INTERVAL, DEFAULT_STREAM_IDLE_TIMEOUT,
     DOWNSTREAM_CONNECTIONS_MONITOR, DOWNSTREAM_CONNECTIONS_TYPE, HCM_TYPE, ROUTER_TYPE, RUNTIMES,
     STRING_VALUE_TYPE, STRUCT_TYPE, WASM_TYPE,
 };
@@ -576,6 +576,7 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
             "lb_policy",
             "dns_lookup_family",
             "load_assignment",
+            "transport_socket",
         ])?;
         let name_node = c.req("name")?;
         let name = name_node.string()?.to_string();
@@ -650,8 +651,66 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
                 port: address.port,
                 connect_timeout,
                 discovery,
+                tls: c
+                    .get("transport_socket")
+                    .map(|t| upstream_tls(&t))
+                    .transpose()?,
             },
         );
     }
     Ok(clusters)
+}
+
+const UPSTREAM_TLS_CONTEXT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// A cluster's `transport_socket`: `envoy.transport_sockets.tls` with an `UpstreamTlsContext`.
+fn upstream_tls(node: &Node<'_>) -> Result<UpstreamTls> {
+    let socket = node.object(&["name", "typed_config"])?;
+    let name = socket.req("name")?;
+    if name.string()? != "envoy.transport_sockets.tls" {
+        return Err(name.invalid("host-shim supports only envoy.transport_sockets.tls"));
+    }
+    let typed = socket.req("typed_config")?;
+    let url = type_url(&typed)?;
+    if url != UPSTREAM_TLS_CONTEXT {
+        return Err(invalid(
+            &format!("{}.@type", typed.path),
+            format!("{url:?}: host-shim reads only {UPSTREAM_TLS_CONTEXT}"),
+        ));
+    }
+    let context = typed.object(&["@type", "sni", "common_tls_context"])?;
+    let sni = context
+        .get("sni")
+        .map(|n| n.string().map(str::to_string))
+        .transpose()?;
+    let common = context
+        .req("common_tls_context")?
+        .object(&["validation_context", "tls_certificates"])?;
+    let filename = |node: Node<'_>| -> Result<PathBuf> {
+        let file = node.object(&["filename"])?.req("filename")?;
+        match file.string()? {
+            "" => Err(file.invalid("the file name is empty")),
+            name => Ok(PathBuf::from(name)),
+        }
+    };
+    // host-shim never connects to a server it has not verified.
+    let validation = common.req("validation_context")?.object(&["trusted_ca"])?;
+    let trusted_ca = filename(validation.req("trusted_ca")?)?;
+    let client_certificate = match common.get("tls_certificates") {
+        None => None,
+        Some(list) => {
+            let cert = list.only_one("client certificate (tls_certificates entry)")?;
+            let cert = cert.object(&["certificate_chain", "private_key"])?;
+            Some((
+                filename(cert.req("certificate_chain")?)?,
+                filename(cert.req("private_key")?)?,
+            ))
+        }
+    };
+    Ok(UpstreamTls {
+        sni,
+        trusted_ca,
+        client_certificate,
+    })
 }

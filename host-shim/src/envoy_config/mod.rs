@@ -49,6 +49,10 @@
 //!   name, type (STATIC | STRICT_DNS | LOGICAL_DNS), connect_timeout (default 5s), lb_policy,
 //!   dns_lookup_family, load_assignment.{cluster_name, endpoints: exactly one
 //!     {lb_endpoints: exactly one {endpoint.address.socket_address}}}
+//!   transport_socket (optional; Redis clusters only)
+//!     {name: envoy.transport_sockets.tls, typed_config: UpstreamTlsContext {sni,
+//!      common_tls_context.{validation_context.trusted_ca.filename (required),
+//!        tls_certificates: at most one {certificate_chain.filename, private_key.filename}}}}
 //! ```
 //! Enum values are case-insensitive (`strict_dns` works, as in Envoy). Durations are Envoy's
 //! (`"0.25s"`, `"5s"`).
@@ -58,6 +62,11 @@
 //!   uses its working directory); `host-shim run --plugin PATH` replaces it.
 //! * Cluster addresses are used as written (a name is resolved when connecting); a cluster has
 //!   one endpoint. `lb_policy` and `dns_lookup_family` are checked and have no other effect.
+//! * A TLS `transport_socket` is for Redis clusters (`proxy_redis_call`); a route to such a
+//!   cluster is refused at startup and an HTTP call to one fails (503). host-shim always
+//!   verifies the server: `trusted_ca` is required, and the certificate must be valid for `sni`
+//!   (else the cluster's address), where Envoy checks a name only when told
+//!   (`match_typed_subject_alt_names`).
 //! * A route with no `timeout` gets Envoy's default of 15 s; `0s` means none (as in Envoy).
 //! * host-shim serves HTTP/1.1 only: `http2_protocol_options` are checked (Envoy's ranges) and
 //!   have no effect; `codec_type: AUTO` means HTTP/1.1.
@@ -215,6 +224,24 @@ pub struct Cluster {
     pub port: u16,
     pub connect_timeout: Duration,
     pub discovery: DiscoveryType,
+    /// `transport_socket` `envoy.transport_sockets.tls`: connect with TLS (host-shim does so for
+    /// Redis clusters, `proxy_redis_call`).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// The subset of Envoy's `UpstreamTlsContext` host-shim reads: whom to trust, which client
+/// certificate to show, which name to ask for. Stricter than Envoy in one way: host-shim always
+/// verifies the server's certificate against `trusted_ca`, and its name against `sni` (else the
+/// cluster's address), where Envoy checks a name only with `match_typed_subject_alt_names`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// `sni`: the server name sent and verified.
+    pub sni: Option<String>,
+    /// `common_tls_context.validation_context.trusted_ca.filename`.
+    pub trusted_ca: PathBuf,
+    /// `common_tls_context.tls_certificates[0]`: `certificate_chain.filename` and
+    /// `private_key.filename` (mutual TLS).
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

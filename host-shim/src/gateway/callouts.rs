@@ -79,6 +79,10 @@ impl Worker {
         let Some(addr) = self.spec.clusters.get(cluster) else {
             return fail(503, "no healthy upstream");
         };
+        if self.spec.redis_tls.contains_key(cluster) {
+            // host-shim's HTTP client is plain; TLS is for Redis clusters.
+            return fail(503, "upstream connect error or disconnect/reset before headers. reset reason: TLS is not supported for HTTP clusters by host-shim");
+        }
         let req = match build_request(addr, &headers, body::full(body)) {
             Ok(r) => r,
             Err(_) => return fail(503, "upstream connect error or disconnect/reset before headers. reset reason: invalid request"),
@@ -201,7 +205,10 @@ impl Worker {
                         connect_timeout: init.timeout,
                         tls: false,
                     };
-                    let pool = RedisPool::new(endpoint, 2);
+                    let pool = match self.spec.redis_tls.get(base) {
+                        Some(tls) => RedisPool::with_tls(endpoint, 2, tls.clone()),
+                        None => RedisPool::new(endpoint, 2),
+                    };
                     pools.insert(cluster.to_string(), pool.clone());
                     pool
                 }

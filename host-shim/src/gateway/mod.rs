@@ -61,6 +61,9 @@ pub struct GatewaySpec {
     /// [`RouteEntry::effective_timeout`]).
     pub routes: Vec<RouteEntry>,
     pub clusters: HashMap<String, SocketAddress>,
+    /// The TLS of clusters with a `transport_socket`, built once at startup; host-shim speaks
+    /// TLS to Redis clusters only (`proxy_redis_call`).
+    pub redis_tls: HashMap<String, krowoc_relay::tls::RedisTls>,
     pub filter: Option<FilterSpec>,
     /// Requests whose header block is larger than this get 431.
     pub max_request_headers_bytes: usize,
@@ -372,6 +375,7 @@ mod tests {
                 route("api", PathMatch::Prefix("/api".into())),
             ],
             clusters: HashMap::new(),
+            redis_tls: HashMap::new(),
             filter: None,
             max_request_headers_bytes: 60 * 1024,
             stream_idle_timeout: None,

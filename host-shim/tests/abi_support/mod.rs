@@ -337,6 +337,7 @@ pub fn spec(
             timeout: opts.route_timeout,
         }],
         clusters,
+        redis_tls: HashMap::new(),
         filter: Some(FilterSpec {
             module,
             settings: VmSettings {
