@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use host_shim::run::{RunArgs, Running};
 use krowoc_relay::pool::RedisEndpoint;
+use krowoc_relay::tls::RedisTls;
 use krowoc_relay::RelayConfig;
 use krowoc_upstream::config::UpstreamConfig;
 use krowoc_upstream::AppState;
@@ -26,6 +27,7 @@ use serde_json::Value;
 use testkit::envoy::{EnvoyProcess, Loopback};
 pub use testkit::http::Response;
 pub use testkit::link::Link;
+use testkit::tls::{CertFiles, TestCa};
 pub use testkit::RedisServer;
 
 /// The workspace root (this crate lives in `<root>/tests`).
@@ -230,6 +232,11 @@ pub struct StackOptions {
     /// `krowoc_relay::acl` for `redis.key_prefix` and every configured event channel) and make
     /// the relay, and transport `redis_call`, log in as it. The upstream stays `default`.
     pub filter_acl_user: bool,
+    /// Redis also listens for TLS (a test CA, client certificates required), and the filter
+    /// reaches it only that way: the relay with `rediss://` and a client certificate, transport
+    /// `redis_call` through a TLS `transport_socket` on envoy.yaml's `redis` cluster. The
+    /// upstream and the test's own commands use the plain port.
+    pub redis_tls: bool,
 }
 
 /// The ACL user and password [`StackOptions::filter_acl_user`] creates.
@@ -246,8 +253,39 @@ impl Default for StackOptions {
             relay_max_body_bytes: None,
             cuttable: false,
             filter_acl_user: false,
+            redis_tls: false,
         }
     }
+}
+
+/// Gives the yaml's `redis` cluster an Envoy TLS `transport_socket`: trust `ca`, show `client`,
+/// ask for `localhost`.
+fn add_redis_transport_socket(yaml_path: &Path, ca: &Path, client: &CertFiles) {
+    let text = std::fs::read_to_string(yaml_path).expect("read the stack's yaml");
+    let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse the yaml");
+    let socket: serde_yaml::Value = serde_yaml::to_value(serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "validation_context": {"trusted_ca": {"filename": ca}},
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": client.cert},
+                    "private_key": {"filename": client.key}
+                }]
+            }
+        }
+    }))
+    .expect("transport_socket as YAML");
+    let cluster = yaml["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .expect("clusters")
+        .iter_mut()
+        .find(|c| c["name"] == "redis")
+        .expect("envoy.yaml has the redis cluster");
+    cluster["transport_socket"] = socket;
+    std::fs::write(yaml_path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
 }
 
 /// `ACL SETUSER` of [`FILTER_ACL_USER`] for the plugin configuration `config`: its
@@ -350,6 +388,8 @@ pub struct Stack {
     pub yaml: PathBuf,
     gateways: Vec<Gateway>,
     rt: tokio::runtime::Runtime,
+    /// With [`StackOptions::redis_tls`]: the CA and the server's and the filter's certificates.
+    tls: Option<(TestCa, CertFiles, CertFiles)>,
     dir: tempfile::TempDir,
 }
 
@@ -367,7 +407,16 @@ impl Stack {
     }
 
     pub fn start_with(options: StackOptions) -> Stack {
-        let redis = RedisServer::start();
+        let tls = options.redis_tls.then(|| {
+            let ca = TestCa::new("krowoc test CA");
+            let server = ca.issue_server(&["localhost", "127.0.0.1"]);
+            let client = ca.issue_client("krowoc-edge");
+            (ca, server, client)
+        });
+        let redis = match &tls {
+            Some((ca, server, _)) => RedisServer::start_tls(ca, server, true),
+            None => RedisServer::start(),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -393,6 +442,9 @@ impl Stack {
             &plugin_config,
             options.connection_manager.as_ref(),
         );
+        if let Some((ca, _, client)) = &tls {
+            add_redis_transport_socket(&yaml, &ca.ca_file(), client);
+        }
         let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
 
         let upstream_config = UpstreamConfig {
@@ -416,13 +468,22 @@ impl Stack {
             (addr, state)
         });
 
+        let relay_tls = tls.as_ref().map(|(ca, _, client)| {
+            RedisTls::new(Some(&ca.ca_file()), Some((&client.cert, &client.key)))
+                .expect("the relay's TLS configuration")
+        });
+        let relay_url = match &tls {
+            Some(_) => redis.tls_url(),
+            None => redis.url(),
+        };
         let relay = rt.block_on(async {
-            let mut endpoint = RedisEndpoint::from_url(&redis.url()).expect("redis url");
+            let mut endpoint = RedisEndpoint::from_url(&relay_url).expect("redis url");
             if let Some((user, password)) = acl_user {
                 endpoint.username = Some(user.to_string());
                 endpoint.password = Some(password.to_string());
             }
             let mut config = RelayConfig::new(endpoint);
+            config.tls = relay_tls;
             config.token = token;
             if let Some(max) = options.relay_max_body_bytes {
                 config.max_body_bytes = max;
@@ -456,12 +517,22 @@ impl Stack {
             yaml,
             gateways: Vec::new(),
             rt,
+            tls,
             dir,
         };
         let (gateway, admin) = stack.start_gateway(options.workers);
         stack.gateway = gateway;
         stack.admin = admin;
         stack
+    }
+
+    /// Where gateways reach Redis (its `redis` cluster): the TLS port with
+    /// [`StackOptions::redis_tls`].
+    pub fn redis_gateway_addr(&self) -> SocketAddr {
+        match &self.tls {
+            Some(_) => SocketAddr::from(([127, 0, 0, 1], self.redis.tls_port())),
+            None => self.redis.addr(),
+        }
     }
 
     /// The `run` arguments for a gateway on free ports in front of this stack's parts.
@@ -471,7 +542,7 @@ impl Stack {
             clusters: vec![
                 format!("upstream={}", self.upstream),
                 format!("redis_relay={}", self.relay),
-                format!("redis=127.0.0.1:{}", self.redis.port),
+                format!("redis={}", self.redis_gateway_addr()),
             ],
             plugin: Some(plugin_wasm()),
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -545,7 +616,7 @@ impl Stack {
         let mut all: Vec<(String, SocketAddr)> = vec![
             ("upstream".into(), self.upstream),
             ("redis_relay".into(), self.relay),
-            ("redis".into(), self.redis.addr()),
+            ("redis".into(), self.redis_gateway_addr()),
         ];
         for (name, addr) in clusters {
             all.retain(|(n, _)| n != name);
