@@ -1,5 +1,6 @@
 //! The upstream's configuration: typed, with the demo's defaults, validated once at startup.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use krowoc_relay::redis_url::redact_url;
@@ -18,8 +19,11 @@ pub const MAX_EVENTS_BUFFER: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// `redis://[user:pass@]host:port[/db]`.
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://…` for TLS.
     pub redis_url: String,
+    /// With `rediss://`: trust the CA certificates in this PEM file instead of the system's
+    /// trusted roots.
+    pub redis_tls_ca: Option<PathBuf>,
     /// How long `GET /api/cached-data` takes (the guide's "slow operation").
     pub cached_data_delay: Duration,
     /// How long `GET /api/slow-limited` takes.
@@ -48,6 +52,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             redis_url: "redis://127.0.0.1:6379".to_string(),
+            redis_tls_ca: None,
             cached_data_delay: Duration::from_secs(1),
             slow_delay: Duration::from_secs(2),
             cache_max_age: Duration::from_secs(60),
@@ -71,6 +76,15 @@ impl UpstreamConfig {
             return Err(Error::config(
                 "--redis",
                 format!("{:?} is not a Redis URL: {e}", redact_url(&self.redis_url)),
+            ));
+        }
+        if self.redis_tls_ca.is_some() && !self.redis_url.starts_with("rediss://") {
+            return Err(Error::config(
+                "--redis-tls-ca",
+                format!(
+                    "a CA is for TLS, but {:?} is not a rediss:// URL",
+                    redact_url(&self.redis_url)
+                ),
             ));
         }
         for (i, channel) in self.channels.iter().enumerate() {

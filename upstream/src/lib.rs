@@ -128,7 +128,11 @@ impl AppState {
     /// a Tokio runtime.
     pub fn start(config: UpstreamConfig) -> Result<AppState, Error> {
         config.validate()?;
-        let redis = RedisLink::new(&config.redis_url, config.redis_timeout)?;
+        let redis = RedisLink::new(
+            &config.redis_url,
+            config.redis_tls_ca.as_deref(),
+            config.redis_timeout,
+        )?;
         let events = Arc::new(EventLog::new(config.events_buffer, config.max_event_bytes));
         let monitor = Arc::new(SubscriberMonitor::new(&config.channels));
         let task = (!config.channels.is_empty()).then(|| {

@@ -28,9 +28,12 @@ struct Cli {
     /// Address to listen on.
     #[arg(long, env = "UPSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Redis URL: redis://[user:pass@]host:port[/db].
+    /// Redis URL: redis://[user:pass@]host:port[/db], or rediss://… for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis: String,
+    /// With rediss://: trust the CA certificates in this PEM file instead of the system's roots.
+    #[arg(long, env = "REDIS_TLS_CA", value_name = "FILE")]
+    redis_tls_ca: Option<std::path::PathBuf>,
     /// How long GET /api/cached-data takes (e.g. 1s, 250ms, 0).
     #[arg(long, env = "UPSTREAM_CACHED_DATA_DELAY", default_value = "1s", value_parser = parse_flag_duration)]
     cached_data_delay: Duration,
@@ -73,6 +76,7 @@ impl Cli {
     fn config(self) -> UpstreamConfig {
         UpstreamConfig {
             redis_url: self.redis,
+            redis_tls_ca: self.redis_tls_ca,
             cached_data_delay: self.cached_data_delay,
             slow_delay: self.slow_delay,
             cache_max_age: self.cache_max_age,

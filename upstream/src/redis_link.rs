@@ -24,11 +24,26 @@ pub struct RedisLink {
 impl RedisLink {
     /// Prepares the connection without dialling: the first command connects. Must be called
     /// inside a Tokio runtime.
-    pub fn new(url: &str, timeout: Duration) -> Result<RedisLink, Error> {
+    pub fn new(
+        url: &str,
+        tls_ca: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<RedisLink, Error> {
         let shown_url = redact_url(url);
-        let client = redis::Client::open(url).map_err(|e| {
-            Error::config("--redis", format!("{shown_url:?} is not a Redis URL: {e}"))
-        })?;
+        let client = match tls_ca {
+            None => redis::Client::open(url),
+            Some(path) => {
+                let ca = std::fs::read(path).map_err(|e| {
+                    Error::config("--redis-tls-ca", format!("{}: {e}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                };
+                redis::Client::build_with_tls(url, certificates)
+            }
+        }
+        .map_err(|e| Error::config("--redis", format!("{shown_url:?} is not a Redis URL: {e}")))?;
         // One dial per reconnect, no backoff inside the manager: `query` decides about retries,
         // so an outage costs each request at most `timeout` (and on loopback, ~nothing).
         let config = ConnectionManagerConfig::new()
