@@ -6,7 +6,8 @@
 //! * docker-compose.yml parses (typed, unknown keys refused) and agrees with envoy.yaml: every
 //!   cluster is a service listening on that port, reachable from Envoy and awaited by it; Envoy
 //!   gets envoy.yaml and plugin.wasm where envoy.yaml expects them; ports, health checks,
-//!   Redis URLs and the relay token line up; the relay's flags pass the relay's own parser;
+//!   Redis URLs and the relay token line up; the relay's flags pass the relay's own parser; the
+//!   relay's Redis user is the filter's ACL user in the ACL file Redis loads, with its password;
 //! * every Dockerfile parses, copies only files that exist and are not dockerignored, builds
 //!   one package, locked, with the plugin's features right for its host, on pinned images;
 //! * the Higress WasmPlugin's configuration passes the plugin's validation, names the cluster
