@@ -227,19 +227,19 @@ pub fn describe_tls_failure(e: &io::Error, host: &str, tls: &RedisTls) -> Option
     Some(match error {
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                format!("TLS: the server's certificate is not signed by {trust} ({error})")
+                format!("the server's certificate is not signed by {trust} ({error})")
             }
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                format!("TLS: the server's certificate is not valid for the host {host:?} ({error})")
+                format!("the server's certificate is not valid for the host {host:?} ({error})")
             }
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                format!("TLS: the server's certificate has expired ({error})")
+                format!("the server's certificate has expired ({error})")
             }
-            _ => format!("TLS: the server's certificate was refused ({error})"),
+            _ => format!("the server's certificate was refused ({error})"),
         },
         rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
             format!(
-                "TLS: the server did not answer in TLS ({error}): is this a plain-TCP Redis on a rediss:// URL?"
+                "the server did not answer in TLS ({error}): is this a plain-TCP Redis on a rediss:// URL?"
             )
         }
         rustls::Error::AlertReceived(
@@ -248,12 +248,12 @@ pub fn describe_tls_failure(e: &io::Error, host: &str, tls: &RedisTls) -> Option
             | AlertDescription::BadCertificate
             | AlertDescription::UnknownCA,
         ) if !tls.client_certificate => format!(
-            "TLS: the server refused the connection ({error}): it wants a client certificate (mutual TLS); give one (--tls-cert, --tls-key)"
+            "the server refused the connection ({error}): it wants a client certificate (mutual TLS); give one (--tls-cert, --tls-key)"
         ),
         rustls::Error::AlertReceived(_) => {
-            format!("TLS: the server refused the connection ({error})")
+            format!("the server refused the connection ({error})")
         }
-        other => format!("TLS: {other}"),
+        other => other.to_string(),
     })
 }
 

@@ -125,7 +125,7 @@ fn a_server_signed_by_another_ca_is_refused_naming_the_ca() {
     assert_eq!(ready.status, 503);
     let why = text(&ready);
     assert!(
-        why.contains("tls: TLS: the server's certificate is not signed by the CA bundle"),
+        why.contains("tls: the server's certificate is not signed by the CA bundle"),
         "{why}"
     );
     assert!(why.contains(path(&other.ca_file())), "{why}");
@@ -219,7 +219,7 @@ fn mutual_tls_works_with_a_client_certificate_and_is_refused_without() {
     let ready = untrusted.get("/ready");
     assert_eq!(ready.status, 503, "{}", text(&ready));
     assert!(
-        text(&ready).contains("TLS: the server refused"),
+        text(&ready).contains("tls: the server refused"),
         "{}",
         text(&ready)
     );
