@@ -60,3 +60,38 @@ krowoc_tests::on_host_shim_only!(redis_call: limits_cache_and_events_over_mutual
 fn limits_cache_and_events_over_mutual_tls_redis_call(host: Host) {
     limits_cache_and_events_over_mutual_tls_as_the_acl_user(host, REDIS_CALL);
 }
+
+/// A gateway whose `redis` cluster trusts another CA than the one that signed Redis's
+/// certificate: host-shim refuses the server, the rate limit fails open, the failures are
+/// counted.
+krowoc_tests::on_host_shim_only!(redis_call: a_redis_cluster_trusting_another_ca_is_refused);
+fn a_redis_cluster_trusting_another_ca_is_refused(host: Host) {
+    let stack = tls_stack(host, REDIS_CALL);
+    let other = testkit::tls::TestCa::new("another CA");
+    let yaml = std::fs::read_to_string(&stack.yaml).expect("the stack's yaml");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("yaml");
+    let cluster = doc["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .expect("clusters")
+        .iter_mut()
+        .find(|c| c["name"] == "redis")
+        .expect("the redis cluster");
+    cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+        ["trusted_ca"]["filename"] = other.ca_file().to_string_lossy().into_owned().into();
+    std::fs::write(&stack.yaml, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+
+    let gateway = stack.spawn_gateway(1, &[]);
+    for _ in 0..3 {
+        let r = gateway.get("/api/rate-limited");
+        assert_eq!(r.status, 200, "rate limits fail open: {}", r.text());
+    }
+    let metrics = testkit::http::get(gateway.admin, "/stats/prometheus").text();
+    assert!(
+        krowoc_tests::metric_value(&metrics, "krowoc_redis_errors") >= 3,
+        "{metrics}"
+    );
+    assert!(
+        krowoc_tests::metric_value(&metrics, "host_shim_redis_callout_failures_total") >= 3,
+        "{metrics}"
+    );
+}
