@@ -61,10 +61,10 @@ fn limits_cache_and_events_over_mutual_tls_redis_call(host: Host) {
     limits_cache_and_events_over_mutual_tls_as_the_acl_user(host, REDIS_CALL);
 }
 
+krowoc_tests::on_host_shim_only!(redis_call: a_redis_cluster_trusting_another_ca_is_refused);
 /// A gateway whose `redis` cluster trusts another CA than the one that signed Redis's
 /// certificate: host-shim refuses the server, the rate limit fails open, the failures are
 /// counted.
-krowoc_tests::on_host_shim_only!(redis_call: a_redis_cluster_trusting_another_ca_is_refused);
 fn a_redis_cluster_trusting_another_ca_is_refused(host: Host) {
     let stack = tls_stack(host, REDIS_CALL);
     let other = testkit::tls::TestCa::new("another CA");
