@@ -26,6 +26,7 @@ pub const FILTER_ACL_COMMANDS: &[&str] = &[
     "HGET",
     "HMGET",
     "HSET",
+    "INCRBY",
     "PEXPIRE",
     "PING",
     "PTTL",
