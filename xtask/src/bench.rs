@@ -1,12 +1,16 @@
-//! `cargo xtask bench`: the same load generator (wrk) against the same upstream through
-//! different setups, one after the other, in one run: req/s, p50/p99 latency, the ratio to a
-//! baseline scenario, and Redis commands per request (from `INFO commandstats` deltas).
-//! Results are printed and written to `<target>/bench/results.md`.
+//! `cargo xtask bench`: the same load generator (wrk) against the same upstream through each
+//! host (real Envoy, the reference, and host-shim) set up in different ways, one after the
+//! other, in one run: req/s, p50/p99 latency, Redis commands per request (from `INFO
+//! commandstats` deltas), relay exchanges per request (from the relay's `/metrics`) and the
+//! ratio to each scenario's reference; then, at one connection, the p50 a rate limit adds set
+//! beside one relay round trip (a PING through the relay) and a direct Redis PING. Results are
+//! printed and written to `<target>/bench/results.md` and `results.json` ([`report`]).
 //!
 //! Adding a scenario is adding an entry to [`SCENARIOS`] (and, for a plugin configuration
-//! the envoy.yaml does not have, a [`Gateway`] variant that derives it).
+//! the envoy.yaml does not have, an entry in [`BENCH_CONFIGS`]).
 
-use crate::cli::BenchOptions;
+use crate::cli::{BenchOptions, DemoHost};
+use crate::envoy_install::{self, Envoy};
 use crate::envoy_yaml;
 use crate::probe;
 use crate::procs::{self, free_port, loopback, ServiceSpec, Services, TempDir};
@@ -15,34 +19,61 @@ use crate::vm_bench;
 use crate::workspace::{Binaries, Workspace};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use testkit::envoy::{EnvoyProcess, Loopback};
+
+mod ping;
+mod report;
+mod wrk;
+
 use wrk::WrkReport;
 pub(crate) use wrk::{run_wrk, Load};
 
-mod wrk;
-
-/// Where a scenario's load goes.
+/// Where a scenario's requests go.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Target {
     /// Straight to the upstream: the baseline.
     Direct,
-    /// Through a host-shim set up as given.
-    Gateway(Gateway),
+    /// Through the host under test, set up as given.
+    Gateway(Setup),
+    /// `POST /resp` carrying one PING, straight to the relay: one relay round trip.
+    RelayPing,
+    /// PING straight to Redis (xtask's own client, see [`ping`]).
+    RedisPing,
 }
 
-/// How the host-shim under load is set up; each variant is one host-shim process.
+/// How the gateway under load is set up; each (host, setup) is one gateway process.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Gateway {
-    /// envoy.yaml with the wasm filter removed: host-shim's own cost.
+enum Setup {
+    /// envoy.yaml with the wasm filter removed: the host's own cost.
     NoFilter,
-    /// envoy.yaml as it is, with the freshly built plugin.
+    /// envoy.yaml as it is: every policy it configures.
     Plugin,
     /// envoy.yaml with the plugin configuration replaced by one of [`BENCH_CONFIGS`].
     PluginWith(&'static str),
+}
+
+impl Setup {
+    /// A name for its files.
+    fn label(self) -> &'static str {
+        match self {
+            Setup::NoFilter => "no-filter",
+            Setup::Plugin => "envoy-yaml",
+            Setup::PluginWith(name) => name,
+        }
+    }
+}
+
+/// The load a scenario runs under.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pass {
+    /// `--threads` and `--connections`.
+    Load,
+    /// One connection, one request at a time: latency without queueing.
+    OneConnection,
 }
 
 /// Plugin configurations some scenarios run with instead of envoy.yaml's: (name, JSON).
@@ -52,10 +83,11 @@ const BENCH_CONFIGS: &[(&str, &str)] = &[
         "minimal",
         r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[]}"#,
     ),
-    // One rate-limited route whose limit is never reached: the cost of one decision per request.
+    // One rate-limited route, one sliding-window limit that is never reached: the cost of one
+    // decision per request.
     (
         "rate-limited",
-        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s"}],"key":["client_ip"]}}]}"#,
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s","algorithm":"sliding_window"}],"key":["client_ip"]}}]}"#,
     ),
     // "minimal" plus envoy.yaml's request events (PUBLISH + XADD per request, batched): the
     // cost of events alone, over each transport.
@@ -81,26 +113,22 @@ const BENCH_CONFIGS: &[(&str, &str)] = &[
 /// In a scenario's path: replaced by a value unique to each request (a wrk script does it).
 const UNIQUE: &str = "{unique}";
 
-/// The cached route passed through by the plugin with no policy: the cache's baseline.
-const CACHE_PASS_THROUGH: &str = "cached route, no policy (pass-through)";
-
-impl Gateway {
-    fn service_name(self) -> &'static str {
-        match self {
-            Gateway::NoFilter => "host-shim-no-filter",
-            Gateway::Plugin => "host-shim-plugin",
-            Gateway::PluginWith(_) => "host-shim-plugin-variant",
-        }
-    }
-}
+/// The relay's one PING, as the plugin would send it, with the relay's header names
+/// (krowoc-relay's `TOKEN_HEADER` and `RESP_CONTENT_TYPE`; xtask does not build the relay's crate).
+const RELAY_PING_BODY: &str = "*1\r\n$4\r\nPING\r\n";
+const RELAY_TOKEN_HEADER: &str = "x-krowoc-relay-token";
+const RESP_CONTENT_TYPE: &str = "application/x-resp";
 
 struct Scenario {
     name: &'static str,
     target: Target,
     /// Request path (and query) every wrk request uses.
     path: &'static str,
-    /// The scenario whose req/s this one's is divided by.
+    /// The scenario (same host) whose req/s this one's is divided by.
     baseline: Option<&'static str>,
+    pass: Pass,
+    /// Only host-shim runs it (transport `redis_call`: stock Envoy has no such host call).
+    host_shim_only: bool,
     /// Checked with one request before load: the status, and a header that must be present
     /// (true) or absent (false) — proof that the setup is the one the name says.
     expect_status: u16,
@@ -108,114 +136,214 @@ struct Scenario {
 }
 
 const DIRECT: &str = "direct upstream";
+const NO_FILTER: &str = "no filter";
+/// The plugin with no policy and no events: the events-off side of the events pair.
+const NO_POLICY: &str = "plugin, no policy";
+const ROUTE_WITHOUT_POLICY: &str = "route without policy";
+/// The cached route passed through by the plugin with no policy: the cache's baseline.
+const CACHE_PASS_THROUGH: &str = "cached route, no policy (pass-through)";
+const RATE_LIMITED: &str = "rate-limited route";
+const CACHE_HIT: &str = "cache hit";
+const EVENTS_ON: &str = "events on";
+const RELAY_PING_1C: &str = "relay PING (1 connection)";
+const ROUTE_WITHOUT_POLICY_1C: &str = "route without policy (1 connection)";
+const RATE_LIMITED_1C: &str = "rate-limited route (1 connection)";
 
+/// A scenario under the main load, with its check.
+const fn under_load(
+    name: &'static str,
+    setup: Setup,
+    path: &'static str,
+    baseline: &'static str,
+    expect_header: (&'static str, bool),
+) -> Scenario {
+    Scenario {
+        name,
+        target: Target::Gateway(setup),
+        path,
+        baseline: Some(baseline),
+        pass: Pass::Load,
+        host_shim_only: false,
+        expect_status: 200,
+        expect_header: Some(expect_header),
+    }
+}
+
+const fn host_shim_only(s: Scenario) -> Scenario {
+    Scenario {
+        host_shim_only: true,
+        ..s
+    }
+}
+
+const fn at_one_connection(s: Scenario, baseline: Option<&'static str>) -> Scenario {
+    Scenario {
+        pass: Pass::OneConnection,
+        baseline,
+        ..s
+    }
+}
+
+/// Every scenario, in the order each host runs them (those sharing a gateway setup together,
+/// so each setup starts once per pass).
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: DIRECT,
         target: Target::Direct,
         path: "/health",
         baseline: None,
+        pass: Pass::Load,
+        host_shim_only: false,
+        expect_status: 200,
+        expect_header: None,
+    },
+    under_load(
+        NO_FILTER,
+        Setup::NoFilter,
+        "/health",
+        DIRECT,
+        ("x-krowoc-edge", false),
+    ),
+    under_load(
+        NO_POLICY,
+        Setup::PluginWith("minimal"),
+        "/health",
+        NO_FILTER,
+        ("x-krowoc-edge", true),
+    ),
+    under_load(
+        ROUTE_WITHOUT_POLICY,
+        Setup::PluginWith("minimal"),
+        "/api/rate-limited",
+        NO_FILTER,
+        ("ratelimit", false),
+    ),
+    under_load(
+        CACHE_PASS_THROUGH,
+        Setup::PluginWith("minimal"),
+        "/api/cached-data?user_id=bench",
+        NO_FILTER,
+        ("x-cache", false),
+    ),
+    under_load(
+        RATE_LIMITED,
+        Setup::PluginWith("rate-limited"),
+        "/api/rate-limited",
+        ROUTE_WITHOUT_POLICY,
+        ("ratelimit", true),
+    ),
+    // The response cache: hits (one Redis round trip, no upstream call) and misses (lookup,
+    // upstream, store), against the same route passed through to the (zero-delay) upstream.
+    under_load(
+        CACHE_HIT,
+        Setup::PluginWith("cache"),
+        "/api/cached-data?user_id=bench",
+        CACHE_PASS_THROUGH,
+        ("x-cache", true),
+    ),
+    under_load(
+        "cache miss, every request",
+        Setup::PluginWith("cache"),
+        "/api/cached-data?user_id={unique}",
+        CACHE_PASS_THROUGH,
+        ("x-cache", true),
+    ),
+    host_shim_only(under_load(
+        "cache hit (redis_call)",
+        Setup::PluginWith("cache-redis-call"),
+        "/api/cached-data?user_id=bench",
+        CACHE_PASS_THROUGH,
+        ("x-cache", true),
+    )),
+    // Request events on vs off: the same plugin configuration ("minimal") with and without
+    // events, so the difference is building, queueing and flushing one event per request.
+    under_load(
+        EVENTS_ON,
+        Setup::PluginWith("events"),
+        "/health",
+        NO_POLICY,
+        ("x-krowoc-edge", true),
+    ),
+    host_shim_only(under_load(
+        "events on (redis_call)",
+        Setup::PluginWith("events-redis-call"),
+        "/health",
+        NO_POLICY,
+        ("x-krowoc-edge", true),
+    )),
+    // envoy.yaml's whole configuration on its cached route: the route table, a cache hit and
+    // an event with a header field per request (no route there has a limit too).
+    under_load(
+        "every policy (envoy.yaml)",
+        Setup::Plugin,
+        "/api/cached-data?user_id=bench",
+        CACHE_PASS_THROUGH,
+        ("x-cache", true),
+    ),
+    // One connection: what a rate limit adds to a request's latency, beside one relay round
+    // trip and one direct Redis round trip.
+    Scenario {
+        name: RELAY_PING_1C,
+        target: Target::RelayPing,
+        path: "/resp",
+        baseline: None,
+        pass: Pass::OneConnection,
+        host_shim_only: false,
         expect_status: 200,
         expect_header: None,
     },
     Scenario {
-        name: "host-shim, no filter",
-        target: Target::Gateway(Gateway::NoFilter),
-        path: "/health",
-        baseline: Some(DIRECT),
+        name: "Redis PING (1 connection)",
+        target: Target::RedisPing,
+        path: "PING",
+        baseline: None,
+        pass: Pass::OneConnection,
+        host_shim_only: false,
         expect_status: 200,
-        expect_header: Some(("x-krowoc-edge", false)),
+        expect_header: None,
     },
-    Scenario {
-        name: "host-shim + plugin, no policy",
-        target: Target::Gateway(Gateway::PluginWith("minimal")),
-        path: "/health",
-        baseline: Some(DIRECT),
-        expect_status: 200,
-        expect_header: Some(("x-krowoc-edge", true)),
-    },
-    Scenario {
-        name: "host-shim + plugin (envoy.yaml)",
-        target: Target::Gateway(Gateway::Plugin),
-        path: "/health",
-        baseline: Some(DIRECT),
-        expect_status: 200,
-        expect_header: Some(("x-krowoc-edge", true)),
-    },
-    Scenario {
-        name: "route without policy",
-        target: Target::Gateway(Gateway::PluginWith("minimal")),
-        path: "/api/rate-limited",
-        baseline: Some(DIRECT),
-        expect_status: 200,
-        expect_header: Some(("ratelimit", false)),
-    },
-    Scenario {
-        name: "rate-limited route",
-        target: Target::Gateway(Gateway::PluginWith("rate-limited")),
-        path: "/api/rate-limited",
-        baseline: Some("route without policy"),
-        expect_status: 200,
-        expect_header: Some(("ratelimit", true)),
-    },
-    // Request events on vs off: the same plugin configuration ("minimal") with and without
-    // events, so the difference is building, queueing and flushing one event per request.
-    Scenario {
-        name: "events on (relay)",
-        target: Target::Gateway(Gateway::PluginWith("events")),
-        path: "/health",
-        baseline: Some(NO_POLICY),
-        expect_status: 200,
-        expect_header: Some(("x-krowoc-edge", true)),
-    },
-    Scenario {
-        name: "events on (redis_call)",
-        target: Target::Gateway(Gateway::PluginWith("events-redis-call")),
-        path: "/health",
-        baseline: Some(NO_POLICY),
-        expect_status: 200,
-        expect_header: Some(("x-krowoc-edge", true)),
-    },
-    // The response cache: hits (one Redis round trip, no upstream call) and misses (lookup,
-    // upstream, store), against the same route passed through to the (zero-delay) upstream.
-    Scenario {
-        name: CACHE_PASS_THROUGH,
-        target: Target::Gateway(Gateway::PluginWith("minimal")),
-        path: "/api/cached-data?user_id=bench",
-        baseline: Some(DIRECT),
-        expect_status: 200,
-        expect_header: Some(("x-cache", false)),
-    },
-    Scenario {
-        name: "cache hit (relay)",
-        target: Target::Gateway(Gateway::PluginWith("cache")),
-        path: "/api/cached-data?user_id=bench",
-        baseline: Some(CACHE_PASS_THROUGH),
-        expect_status: 200,
-        expect_header: Some(("x-cache", true)),
-    },
-    Scenario {
-        name: "cache hit (redis_call)",
-        target: Target::Gateway(Gateway::PluginWith("cache-redis-call")),
-        path: "/api/cached-data?user_id=bench",
-        baseline: Some(CACHE_PASS_THROUGH),
-        expect_status: 200,
-        expect_header: Some(("x-cache", true)),
-    },
-    Scenario {
-        name: "cache miss, every request (relay)",
-        target: Target::Gateway(Gateway::PluginWith("cache")),
-        path: "/api/cached-data?user_id={unique}",
-        baseline: Some(CACHE_PASS_THROUGH),
-        expect_status: 200,
-        expect_header: Some(("x-cache", true)),
-    },
+    at_one_connection(
+        under_load(
+            ROUTE_WITHOUT_POLICY_1C,
+            Setup::PluginWith("minimal"),
+            "/api/rate-limited",
+            NO_FILTER,
+            ("ratelimit", false),
+        ),
+        None,
+    ),
+    at_one_connection(
+        under_load(
+            RATE_LIMITED_1C,
+            Setup::PluginWith("rate-limited"),
+            "/api/rate-limited",
+            ROUTE_WITHOUT_POLICY,
+            ("ratelimit", true),
+        ),
+        Some(ROUTE_WITHOUT_POLICY_1C),
+    ),
 ];
 
-/// The plugin with no policy and no events: the events-off side of the events pair.
-const NO_POLICY: &str = "host-shim + plugin, no policy";
+impl Scenario {
+    fn runs_on(&self, host: DemoHost) -> bool {
+        host == DemoHost::HostShim || !self.host_shim_only
+    }
 
-/// The plugin's own counters (host-shim's admin metrics) over one measurement.
+    fn load(&self, options: &BenchOptions) -> Load {
+        match self.pass {
+            Pass::Load => Load {
+                threads: options.threads,
+                connections: options.connections,
+            },
+            Pass::OneConnection => Load {
+                threads: 1,
+                connections: 1,
+            },
+        }
+    }
+}
+
+/// The plugin's own counters (the gateway's admin `/stats/prometheus`) over one measurement.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct PluginCounters {
     /// Redis calls (round trips) the plugin made: `krowoc.redis.calls`.
@@ -225,32 +353,42 @@ struct PluginCounters {
     events_dropped: u64,
 }
 
+/// A counter's value in Prometheus text: `name value`, or `name{} value` as Envoy prints a
+/// plugin's stats; 0 when absent.
+fn prometheus_counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n.strip_suffix("{}").unwrap_or(n) == name).then(|| v.trim().parse::<u64>().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// `GET path` answered 200, its body.
+fn metrics_text(addr: SocketAddr, path: &str) -> Result<String> {
+    let (head, text) = probe::http_get_text(addr, path)?;
+    if head.status != 200 {
+        bail!("GET http://{addr}{path} answered {}", head.status);
+    }
+    Ok(text)
+}
+
 impl PluginCounters {
     fn read(admin: SocketAddr) -> Result<PluginCounters> {
-        let (head, text) = probe::http_get_text(admin, "/stats/prometheus")?;
-        if head.status != 200 {
-            bail!(
-                "GET http://{admin}/stats/prometheus answered {}",
-                head.status
-            );
+        Ok(PluginCounters::parse(&metrics_text(
+            admin,
+            "/stats/prometheus",
+        )?))
+    }
+
+    fn parse(text: &str) -> PluginCounters {
+        PluginCounters {
+            redis_calls: prometheus_counter(text, "krowoc_redis_calls"),
+            events_published: prometheus_counter(text, "krowoc_events_published"),
+            events_flushes: prometheus_counter(text, "krowoc_events_flushes"),
+            events_dropped: prometheus_counter(text, "krowoc_events_dropped"),
         }
-        let value = |name: &str| {
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .find_map(|l| {
-                    // `name{} value`, as Envoy prints a plugin's stats.
-                    let (n, v) = l.split_once(' ')?;
-                    (n.strip_suffix("{}").unwrap_or(n) == name)
-                        .then(|| v.trim().parse::<u64>().ok())?
-                })
-                .unwrap_or(0)
-        };
-        Ok(PluginCounters {
-            redis_calls: value("krowoc_redis_calls"),
-            events_published: value("krowoc_events_published"),
-            events_flushes: value("krowoc_events_flushes"),
-            events_dropped: value("krowoc_events_dropped"),
-        })
     }
 
     fn since(self, before: PluginCounters) -> PluginCounters {
@@ -265,51 +403,116 @@ impl PluginCounters {
     }
 }
 
-/// One scenario's measurement.
+/// The relay's HTTP exchanges so far (`POST /resp` requests, answered or refused).
+fn relay_exchanges(relay: SocketAddr) -> Result<u64> {
+    Ok(prometheus_counter(
+        &metrics_text(relay, "/metrics")?,
+        "krowoc_relay_requests_total",
+    ))
+}
+
+/// One scenario's measurement on one host.
 struct Measured {
+    host: DemoHost,
     scenario: &'static Scenario,
     wrk: WrkReport,
     redis_calls: BTreeMap<String, u64>,
+    /// The relay's HTTP exchanges over the run.
+    relay_exchanges: u64,
     /// The plugin's counters over the run (scenarios through a gateway with the plugin).
     plugin: Option<PluginCounters>,
 }
+
+impl Measured {
+    fn redis_per_request(&self) -> f64 {
+        let total: u64 = self.redis_calls.values().sum();
+        total as f64 / self.wrk.requests.max(1) as f64
+    }
+
+    fn relay_per_request(&self) -> f64 {
+        self.relay_exchanges as f64 / self.wrk.requests.max(1) as f64
+    }
+}
+
+/// The gateway running now.
+struct RunningGateway {
+    host: DemoHost,
+    setup: Setup,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    /// Envoy, stopped by its PID when dropped; None for host-shim (one of `services`).
+    envoy: Option<EnvoyProcess>,
+}
+
+const HOST_SHIM_SERVICE: &str = "host-shim";
 
 /// The shared pieces every scenario runs against.
 struct Bench<'a> {
     ws: &'a Workspace,
     bins: Binaries,
+    /// The plugin host-shim loads (default features: the Higress calls too).
     plugin: PathBuf,
-    no_filter_yaml: PathBuf,
+    /// The plugin stock Envoy loads, and Envoy, when Envoy is one of the hosts.
+    stock_plugin: Option<PathBuf>,
+    envoy: Option<Envoy>,
+    /// envoy/envoy.yaml's text, every setup's source.
+    yaml: String,
     bench_dir: PathBuf,
     /// The token the relay was started with (envoy.yaml's), given to relay configurations.
     relay_token: Option<String>,
     redis: SocketAddr,
     upstream: SocketAddr,
     relay: SocketAddr,
+    /// Worker threads of either host (Envoy's --concurrency, host-shim's --workers).
+    workers: usize,
     services: Services,
-    /// The host-shim running now, if any, and its listener.
-    gateway: Option<(Gateway, SocketAddr)>,
-    /// That host-shim's admin listener.
-    gateway_admin: Option<SocketAddr>,
+    gateway: Option<RunningGateway>,
+}
+
+impl BenchOptions {
+    /// The hosts to bench, in the order they run: Envoy (the reference) first.
+    fn hosts(&self) -> Vec<DemoHost> {
+        match self.host {
+            Some(h) => vec![h],
+            None => DemoHost::ALL.to_vec(),
+        }
+    }
+
+    fn selects(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| name.contains(o.as_str()))
+    }
+}
+
+/// The (host, scenario) pairs a run measures, in order.
+fn plan(options: &BenchOptions) -> Vec<(DemoHost, &'static Scenario)> {
+    options
+        .hosts()
+        .into_iter()
+        .flat_map(|host| {
+            SCENARIOS
+                .iter()
+                .filter(move |s| s.runs_on(host) && options.selects(s.name))
+                .map(move |s| (host, s))
+        })
+        .collect()
 }
 
 pub fn run(options: &BenchOptions) -> Result<()> {
     procs::catch_stop_signals();
-    let selected: Vec<&'static Scenario> = SCENARIOS
-        .iter()
-        .filter(|s| {
-            options.only.is_empty() || options.only.iter().any(|o| s.name.contains(o.as_str()))
-        })
-        .collect();
-    let in_process = options.only.is_empty()
-        || options
-            .only
-            .iter()
-            .any(|o| vm_bench::NAME.contains(o.as_str()));
-    if selected.is_empty() && !in_process {
+    let plan = plan(options);
+    // host-shim's example measures the plugin in process: part of the host-shim side.
+    let in_process =
+        options.hosts().contains(&DemoHost::HostShim) && options.selects(vm_bench::NAME);
+    if plan.is_empty() && !in_process {
         bail!(
-            "no scenario matches --only {:?}; scenarios: {}, {}",
+            "no scenario matches --only {:?} on {}; scenarios: {}, {}",
             options.only,
+            options
+                .hosts()
+                .iter()
+                .map(|h| h.name())
+                .collect::<Vec<_>>()
+                .join(" and "),
             SCENARIOS
                 .iter()
                 .map(|s| s.name)
@@ -318,6 +521,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
             vm_bench::NAME
         );
     }
+    let on_envoy = plan.iter().any(|(h, _)| *h == DemoHost::Envoy);
 
     setup::ensure(
         &Needs {
@@ -329,6 +533,11 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         &options.setup,
     )?;
     let ws = Workspace::load()?;
+    let envoy = if on_envoy {
+        Some(envoy_install::ensure(&ws.target_dir, &options.setup)?)
+    } else {
+        None
+    };
     let bench_dir = ws.target_dir.join("bench");
     std::fs::create_dir_all(&bench_dir)
         .with_context(|| format!("cannot create {}", bench_dir.display()))?;
@@ -337,29 +546,19 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         .with_context(|| format!("cannot read {}", yaml_path.display()))?;
     let token = envoy_yaml::relay_token(&yaml)
         .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
-    let no_filter_yaml = bench_dir.join("envoy-no-filter.yaml");
-    std::fs::write(
-        &no_filter_yaml,
-        envoy_yaml::without_wasm_filter(&yaml)
-            .with_context(|| format!("deriving a no-filter copy of {}", yaml_path.display()))?,
-    )
-    .with_context(|| format!("cannot write {}", no_filter_yaml.display()))?;
-    eprintln!(
-        "xtask: wrote {} (envoy.yaml without the wasm filter)",
-        no_filter_yaml.display()
-    );
 
     let wasm = ws.build_wasm()?;
+    let stock_plugin = if on_envoy {
+        Some(ws.build_stock_plugin()?)
+    } else {
+        None
+    };
     let bins = ws.build_binaries(true)?;
 
     // First, while nothing else runs: the plugin's cost per request in process.
     let in_process = if in_process {
         let bin = vm_bench::build(&ws)?;
-        let minimal = BENCH_CONFIGS
-            .iter()
-            .find(|(n, _)| *n == "minimal")
-            .map(|(_, j)| j.to_string())
-            .context("no bench plugin configuration named minimal")?;
+        let minimal = bench_config("minimal")?.to_string();
         let configs = [
             ("plugin, no policy".to_string(), minimal),
             (
@@ -374,94 +573,76 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     };
 
     let redis_dir = TempDir::fresh(&bench_dir, "redis-data")?;
+    let envoy_version = envoy.as_ref().map(|e| format!("Envoy {}", e.version));
     let mut bench = Bench {
         ws: &ws,
         bins,
         plugin: wasm.plugin,
-        no_filter_yaml,
+        stock_plugin,
+        envoy,
+        yaml,
         bench_dir: bench_dir.clone(),
         relay_token: token.clone(),
         redis: loopback(free_port()?),
         upstream: loopback(free_port()?),
         relay: loopback(free_port()?),
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         services: Services::new(&bench_dir.join("logs"), false)?,
         gateway: None,
-        gateway_admin: None,
     };
-    if !selected.is_empty() {
+    if !plan.is_empty() {
         bench.start_backends(token.as_deref(), redis_dir.path())?;
     }
 
     let mut results: Vec<Measured> = Vec::new();
-    for scenario in selected {
+    for (host, scenario) in plan {
         if let Some(signal) = procs::stop_requested() {
             bail!("interrupted by {signal}");
         }
-        eprintln!("\nxtask: ==> {}", scenario.name);
-        let addr = match scenario.target {
-            Target::Direct => bench.upstream,
-            Target::Gateway(g) => bench.gateway(g)?,
-        };
-        check_response(scenario, addr)?;
-        let url = format!("http://{addr}{}", scenario.path.replace(UNIQUE, "0"));
-        let script = unique_path_script(scenario, &bench_dir)?;
-        let script = script.as_deref();
-        if !options.warmup.is_zero() {
-            run_wrk(&url, options.load(), options.warmup, script)?;
-        }
-        let admin = match scenario.target {
-            Target::Gateway(Gateway::NoFilter) | Target::Direct => None,
-            Target::Gateway(_) => bench.gateway_admin,
-        };
-        let plugin_before = admin.map(PluginCounters::read).transpose()?;
-        let before = probe::redis_commandstats(bench.redis)?;
-        let wrk = run_wrk(&url, options.load(), options.duration, script)?;
-        let after = probe::redis_commandstats(bench.redis)?;
-        let plugin = match (admin, plugin_before) {
-            (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
-            _ => None,
-        };
-        bench.services.check_alive()?;
-        let m = Measured {
-            scenario,
-            wrk,
-            redis_calls: probe::commandstats_delta(&before, &after),
-            plugin,
-        };
+        eprintln!("\nxtask: ==> {}: {}", host.name(), scenario.name);
+        let m = bench.measure(host, scenario, options)?;
         eprintln!(
-            "xtask: {}: {:.0} req/s, p50 {}, p99 {}, {:.2} Redis commands/request",
+            "xtask: {}, {}: {:.0} req/s, p50 {}, p99 {}, {:.2} Redis commands/request, {:.2} relay exchanges/request",
+            host.name(),
             scenario.name,
             m.wrk.requests_per_sec,
-            show_latency(m.wrk.p50),
-            show_latency(m.wrk.p99),
-            m.redis_per_request()
+            report::show_latency(m.wrk.p50),
+            report::show_latency(m.wrk.p99),
+            m.redis_per_request(),
+            m.relay_per_request()
         );
         results.push(m);
     }
+    bench.stop_gateway();
     bench.services.stop_all();
 
-    let mut report = if results.is_empty() {
-        format!("### Benchmark, {}\n", today())
+    let setting = report::Setting::here(options, envoy_version, bench.workers);
+    let mut md = if results.is_empty() {
+        report::heading_only(&setting)
     } else {
-        render_report(&results, options)
+        report::render_markdown(&results, &setting)
     };
     if !in_process.is_empty() {
-        report.push_str(&vm_bench::render(&in_process));
+        md.push_str(&vm_bench::render(&in_process));
     }
-    println!("\n{report}");
-    let path = bench_dir.join("results.md");
-    std::fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!("xtask: wrote {}", path.display());
+    println!("\n{md}");
+    for (name, text) in [
+        ("results.md", md),
+        ("results.json", report::render_json(&results)),
+    ] {
+        let path = bench_dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("xtask: wrote {}", path.display());
+    }
     Ok(())
 }
 
-impl BenchOptions {
-    fn load(&self) -> Load {
-        Load {
-            threads: self.threads,
-            connections: self.connections,
-        }
-    }
+fn bench_config(name: &str) -> Result<&'static str> {
+    BENCH_CONFIGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, j)| *j)
+        .with_context(|| format!("no bench plugin configuration named {name}"))
 }
 
 impl Bench<'_> {
@@ -518,66 +699,284 @@ impl Bench<'_> {
         })
     }
 
-    /// The listener of a host-shim set up as `kind`, starting it (and stopping any other, so
-    /// an idle gateway does not share the cores with the one under load).
-    fn gateway(&mut self, kind: Gateway) -> Result<SocketAddr> {
-        if let Some((running, addr)) = self.gateway {
-            if running == kind {
-                return Ok(addr);
+    /// Checks the setup with one request, warms up, then measures `scenario` on `host`.
+    fn measure(
+        &mut self,
+        host: DemoHost,
+        scenario: &'static Scenario,
+        options: &BenchOptions,
+    ) -> Result<Measured> {
+        let load = scenario.load(options);
+        let (url, script, admin) = match scenario.target {
+            Target::Direct => {
+                self.stop_gateway();
+                (self.url(self.upstream, scenario), None, None)
             }
-            self.services.stop_one(running.service_name());
-            self.gateway = None;
+            Target::Gateway(setup) => {
+                let (listen, admin) = self.gateway(host, setup)?;
+                check_response(scenario, listen)?;
+                let with_plugin = setup != Setup::NoFilter;
+                (
+                    self.url(listen, scenario),
+                    unique_path_script(scenario, &self.bench_dir)?,
+                    with_plugin.then_some(admin),
+                )
+            }
+            Target::RelayPing => {
+                self.stop_gateway();
+                self.check_relay_ping()?;
+                (
+                    format!("http://{}{}", self.relay, scenario.path),
+                    Some(self.relay_ping_script()?),
+                    None,
+                )
+            }
+            Target::RedisPing => {
+                self.stop_gateway();
+                (String::new(), None, None)
+            }
+        };
+        if let Target::Direct = scenario.target {
+            check_response(scenario, self.upstream)?;
         }
+        let run = |duration: Duration| match scenario.target {
+            Target::RedisPing => ping::redis_ping(self.redis, duration),
+            _ => run_wrk(&url, load, duration, script.as_deref()),
+        };
+        if !options.warmup.is_zero() {
+            run(options.warmup)?;
+        }
+        let plugin_before = admin.map(PluginCounters::read).transpose()?;
+        let relay_before = relay_exchanges(self.relay)?;
+        let before = probe::redis_commandstats(self.redis)?;
+        let wrk = run(options.duration)?;
+        let after = probe::redis_commandstats(self.redis)?;
+        let relay_after = relay_exchanges(self.relay)?;
+        let plugin = match (admin, plugin_before) {
+            (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
+            _ => None,
+        };
+        self.check_alive()?;
+        Ok(Measured {
+            host,
+            scenario,
+            wrk,
+            redis_calls: probe::commandstats_delta(&before, &after),
+            relay_exchanges: relay_after.saturating_sub(relay_before),
+            plugin,
+        })
+    }
+
+    fn url(&self, addr: SocketAddr, scenario: &Scenario) -> String {
+        format!("http://{addr}{}", scenario.path.replace(UNIQUE, "0"))
+    }
+
+    /// Fails, with the last output, if a service or Envoy has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        self.services.check_alive()?;
+        if let Some(envoy) = self.gateway.as_mut().and_then(|g| g.envoy.as_mut()) {
+            if !envoy.is_running() {
+                bail!(
+                    "envoy exited during the run; its log ({}):\n{}",
+                    envoy.log.display(),
+                    envoy.log_text()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// One PING through the relay, answered PONG: the probe measures what it says.
+    fn check_relay_ping(&self) -> Result<()> {
+        let mut headers = vec![("content-type", RESP_CONTENT_TYPE)];
+        if let Some(t) = &self.relay_token {
+            headers.push((RELAY_TOKEN_HEADER, t.as_str()));
+        }
+        let response = testkit::http::try_request(
+            self.relay,
+            "POST",
+            "/resp",
+            &headers,
+            RELAY_PING_BODY.as_bytes(),
+        )
+        .with_context(|| format!("POST /resp (PING) to the relay at {}", self.relay))?;
+        if response.status != 200 || response.body != b"+PONG\r\n" {
+            bail!(
+                "the relay answered PING with {} {:?}; not measuring the wrong thing",
+                response.status,
+                response.text()
+            );
+        }
+        Ok(())
+    }
+
+    fn relay_ping_script(&self) -> Result<PathBuf> {
+        let path = self.bench_dir.join("wrk-relay-ping.lua");
+        std::fs::write(&path, relay_ping_lua(self.relay_token.as_deref()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The listener and admin of `host` set up as `setup`, starting it (and stopping any other
+    /// gateway, so an idle one does not share the cores with the one under load).
+    fn gateway(&mut self, host: DemoHost, setup: Setup) -> Result<(SocketAddr, SocketAddr)> {
+        if let Some(g) = &self.gateway {
+            if g.host == host && g.setup == setup {
+                return Ok((g.listen, g.admin));
+            }
+        }
+        self.stop_gateway();
+        let yaml = self.setup_yaml(setup)?;
+        let running = match host {
+            DemoHost::HostShim => self.start_host_shim(setup, &yaml)?,
+            DemoHost::Envoy => self.start_envoy(setup, &yaml)?,
+        };
+        let addrs = (running.listen, running.admin);
+        self.gateway = Some(running);
+        Ok(addrs)
+    }
+
+    fn stop_gateway(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            match g.envoy {
+                // Killed by the PID it was started with.
+                Some(envoy) => drop(envoy),
+                None => self.services.stop_one(HOST_SHIM_SERVICE),
+            }
+        }
+    }
+
+    /// envoy.yaml as `setup` has it.
+    fn setup_yaml(&self, setup: Setup) -> Result<String> {
+        match setup {
+            Setup::NoFilter => envoy_yaml::without_wasm_filter(&self.yaml)
+                .context("deriving a no-filter copy of envoy/envoy.yaml"),
+            Setup::Plugin => Ok(self.yaml.clone()),
+            Setup::PluginWith(name) => {
+                let json = with_relay_token(bench_config(name)?, self.relay_token.as_deref())?;
+                envoy_yaml::with_plugin_configuration(&self.yaml, &json)
+            }
+        }
+    }
+
+    fn start_host_shim(&mut self, setup: Setup, yaml: &str) -> Result<RunningGateway> {
+        let path = self
+            .bench_dir
+            .join(format!("host-shim-{}.yaml", setup.label()));
+        std::fs::write(&path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
         let listen = loopback(free_port()?);
         let admin = loopback(free_port()?);
         let mut cmd = quiet(Command::new(&self.bins.host_shim));
-        cmd.current_dir(&self.ws.root).arg("run");
-        match kind {
-            Gateway::NoFilter => {
-                cmd.arg("--config").arg(&self.no_filter_yaml);
-            }
-            Gateway::Plugin => {
-                cmd.args(["--config", "envoy/envoy.yaml", "--plugin"])
-                    .arg(&self.plugin);
-            }
-            Gateway::PluginWith(name) => {
-                let json = BENCH_CONFIGS
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, j)| *j)
-                    .with_context(|| format!("no bench plugin configuration named {name}"))?;
-                let yaml = std::fs::read_to_string(self.ws.root.join("envoy/envoy.yaml"))
-                    .context("cannot read envoy/envoy.yaml")?;
-                let json = with_relay_token(json, self.relay_token.as_deref())?;
-                let path = self.bench_dir.join(format!("envoy-{name}.yaml"));
-                std::fs::write(&path, envoy_yaml::with_plugin_configuration(&yaml, &json)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                cmd.arg("--config")
-                    .arg(&path)
-                    .arg("--plugin")
-                    .arg(&self.plugin);
-            }
+        cmd.current_dir(&self.ws.root)
+            .arg("run")
+            .arg("--config")
+            .arg(&path);
+        if setup != Setup::NoFilter {
+            cmd.arg("--plugin").arg(&self.plugin);
         }
         cmd.args([
             "--listen",
             &listen.to_string(),
             "--admin",
             &admin.to_string(),
+            "--workers",
+            &self.workers.to_string(),
         ])
         .args(["--cluster", &format!("upstream={}", self.upstream)])
         .args(["--cluster", &format!("redis_relay={}", self.relay)])
         .args(["--cluster", &format!("redis={}", self.redis)]);
         self.services.start(ServiceSpec {
-            name: kind.service_name().into(),
+            name: HOST_SHIM_SERVICE.into(),
             command: cmd,
             ready_addr: listen,
             ready_line: Some("host-shim listening on".into()),
             startup_timeout: Duration::from_secs(60),
         })?;
-        self.gateway = Some((kind, listen));
-        self.gateway_admin = Some(admin);
-        Ok(listen)
+        Ok(RunningGateway {
+            host: DemoHost::HostShim,
+            setup,
+            listen,
+            admin,
+            envoy: None,
+        })
     }
+
+    /// Envoy on a loopback copy of `yaml` (the stock plugin build; listener and admin on
+    /// ports it picks), with its own `--base-id`.
+    fn start_envoy(&mut self, setup: Setup, yaml: &str) -> Result<RunningGateway> {
+        let (Some(envoy), Some(stock_plugin)) = (&self.envoy, &self.stock_plugin) else {
+            bail!("Envoy scenarios need Envoy and the stock plugin build (run sets them up)");
+        };
+        let loopback_of = |text: &str| {
+            testkit::envoy::loopback_yaml(
+                text,
+                &Loopback {
+                    listener_port: 0,
+                    admin_port: 0,
+                    clusters: &[
+                        ("upstream".into(), self.upstream),
+                        ("redis_relay".into(), self.relay),
+                        ("redis".into(), self.redis),
+                    ],
+                    plugin: stock_plugin,
+                },
+            )
+            .map_err(anyhow::Error::msg)
+            .context("making a loopback copy of envoy/envoy.yaml")
+        };
+        // The loopback copy needs the wasm filter to point at the plugin; drop it afterwards.
+        let copy = match setup {
+            Setup::NoFilter => envoy_yaml::without_wasm_filter(&loopback_of(&self.yaml)?)?,
+            _ => loopback_of(yaml)?,
+        };
+        let dir = self
+            .bench_dir
+            .join("logs")
+            .join(format!("envoy-{}", setup.label()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("envoy.yaml");
+        std::fs::write(&path, copy).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "xtask: starting envoy ({}, --concurrency {}): {}",
+            setup.label(),
+            self.workers,
+            path.display()
+        );
+        let process = EnvoyProcess::start(&envoy.path, &path, &dir, self.workers)
+            .map_err(anyhow::Error::msg)
+            .context("envoy did not start")?;
+        eprintln!(
+            "xtask: envoy (pid {}) is ready on {}, admin {}",
+            process.pid(),
+            process.listener,
+            process.admin
+        );
+        Ok(RunningGateway {
+            host: DemoHost::Envoy,
+            setup,
+            listen: process.listener,
+            admin: process.admin,
+            envoy: Some(process),
+        })
+    }
+}
+
+/// A wrk script that sends the relay one PING per request, with the relay's token.
+fn relay_ping_lua(token: Option<&str>) -> String {
+    let mut lua = format!(
+        "-- Written by cargo xtask bench: one PING through the relay per request.\n\
+         wrk.method = \"POST\"\n\
+         wrk.body = \"{}\"\n\
+         wrk.headers[\"Content-Type\"] = \"{RESP_CONTENT_TYPE}\"\n",
+        RELAY_PING_BODY.replace('\r', "\\r").replace('\n', "\\n")
+    );
+    if let Some(t) = token {
+        lua.push_str(&format!(
+            "wrk.headers[\"{RELAY_TOKEN_HEADER}\"] = [==[{t}]==]\n"
+        ));
+    }
+    lua
 }
 
 /// A bench configuration with the relay's token added when it uses the relay without one (the
@@ -649,162 +1048,31 @@ fn unique_path_script(scenario: &Scenario, dir: &Path) -> Result<Option<PathBuf>
     Ok(Some(path))
 }
 
-impl Measured {
-    fn redis_per_request(&self) -> f64 {
-        let total: u64 = self.redis_calls.values().sum();
-        total as f64 / self.wrk.requests.max(1) as f64
-    }
-}
-
-fn show_latency(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1000.0 {
-        format!("{us:.0} µs")
-    } else {
-        format!("{:.2} ms", us / 1000.0)
-    }
-}
-
-fn render_report(results: &[Measured], options: &BenchOptions) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "### Benchmark, {}\n", today());
-    let _ = writeln!(
-        out,
-        "{}; {}. Load: `wrk -t{} -c{} -d{}s --latency` after a {}s warm-up, one run per \
-         scenario; release builds of host-shim and krowoc-upstream, the plugin built with \
-         profile `wasm`. wrk, the gateway, the upstream and Redis share the machine.\n",
-        machine(),
-        command_line("rustc", &["--version"]).unwrap_or_else(|| "rustc ?".into()),
-        options.threads,
-        options.connections,
-        options.duration.as_secs(),
-        options.warmup.as_secs(),
-    );
-    let _ = writeln!(
-        out,
-        "| scenario | path | req/s | p50 | p99 | req/s vs baseline | Redis commands/request | errors |"
-    );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|---|--:|--:|");
-    for m in results {
-        let ratio = m
-            .scenario
-            .baseline
-            .and_then(|b| results.iter().find(|r| r.scenario.name == b))
-            .map(|b| {
-                format!(
-                    "{:.0}% of {}",
-                    100.0 * m.wrk.requests_per_sec / b.wrk.requests_per_sec.max(f64::MIN_POSITIVE),
-                    b.scenario.name
-                )
-            })
-            .unwrap_or_else(|| "—".into());
-        let _ = writeln!(
-            out,
-            "| {} | `{}` | {:.0} | {} | {} | {} | {:.2} | {} |",
-            m.scenario.name,
-            m.scenario.path,
-            m.wrk.requests_per_sec,
-            show_latency(m.wrk.p50),
-            show_latency(m.wrk.p99),
-            ratio,
-            m.redis_per_request(),
-            m.wrk.errors
-        );
-    }
-    let breakdowns: Vec<String> = results
-        .iter()
-        .filter(|m| !m.redis_calls.is_empty())
-        .map(|m| {
-            let per: Vec<String> = m
-                .redis_calls
-                .iter()
-                .map(|(cmd, n)| {
-                    let per_request = *n as f64 / m.wrk.requests.max(1) as f64;
-                    format!("{cmd} {per_request:.2} ({n} calls)")
-                })
-                .collect();
-            format!("- {}: {}", m.scenario.name, per.join(", "))
-        })
-        .collect();
-    if !breakdowns.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nRedis commands per request, by command (INFO commandstats; commands run inside \
-             scripts count too):\n{}",
-            breakdowns.join("\n")
-        );
-    }
-    let plugin_lines: Vec<String> = results
-        .iter()
-        .filter_map(|m| Some(plugin_line(m.scenario.name, m.plugin?, m.wrk.requests)))
-        .collect();
-    if !plugin_lines.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nThe plugin's Redis calls (round trips: one relay body or one `redis_call`, however \
-             many commands it carries; `krowoc.redis.calls`) and request events, from host-shim's \
-             metrics:\n{}",
-            plugin_lines.join("\n")
-        );
-    }
-    out
-}
-
-fn plugin_line(scenario: &str, p: PluginCounters, requests: u64) -> String {
-    let requests = requests.max(1) as f64;
-    let mut line = format!(
-        "- {scenario}: {:.3} Redis calls/request ({} calls)",
-        p.redis_calls as f64 / requests,
-        p.redis_calls
-    );
-    if p.events_flushes > 0 || p.events_published > 0 {
-        let _ = write!(
-            line,
-            "; events published {:.2}/request in {} flushes ({:.1} events/flush), {} dropped",
-            p.events_published as f64 / requests,
-            p.events_flushes,
-            p.events_published as f64 / p.events_flushes.max(1) as f64,
-            p.events_dropped
-        );
-    }
-    line
-}
-
-/// "Intel(R) Xeon(R) ... , 2 cores, Linux 6.1.0"
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| format!("Linux {}", k.trim()))
-        .unwrap_or_else(|_| std::env::consts::OS.to_string());
-    format!("{cpu}, {cores} cores, {kernel}")
-}
-
-fn today() -> String {
-    command_line("date", &["-u", "+%Y-%m-%d"]).unwrap_or_else(|| "date unknown".into())
-}
-
-/// A command's first output line, if it runs.
-fn command_line(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    text.lines().next().map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn scenario(name: &str) -> &'static Scenario {
+        SCENARIOS
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no scenario {name}"))
+    }
+
+    fn options(host: Option<DemoHost>, only: &[&str]) -> BenchOptions {
+        BenchOptions {
+            setup: crate::cli::SetupOptions { install: false },
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            connections: 64,
+            threads: 2,
+            only: only.iter().map(|o| o.to_string()).collect(),
+            host,
+        }
+    }
+
     #[test]
-    fn scenarios_have_unique_names_and_known_baselines() {
+    fn scenarios_have_unique_names_and_baselines_measured_beside_them() {
         for (i, s) in SCENARIOS.iter().enumerate() {
             assert!(
                 SCENARIOS[..i].iter().all(|o| o.name != s.name),
@@ -812,64 +1080,80 @@ mod tests {
                 s.name
             );
             if let Some(b) = s.baseline {
+                let b = scenario(b);
+                // On every host the scenario runs on, under the same load.
                 assert!(
-                    SCENARIOS.iter().any(|o| o.name == b),
-                    "{}: unknown baseline {b}",
-                    s.name
+                    DemoHost::ALL
+                        .iter()
+                        .all(|h| !s.runs_on(*h) || b.runs_on(*h)),
+                    "{}: baseline {} does not run on each of its hosts",
+                    s.name,
+                    b.name
                 );
+                assert_eq!(s.pass, b.pass, "{}: baseline {}", s.name, b.name);
+            }
+            if let Target::Gateway(Setup::PluginWith(name)) = s.target {
+                assert!(bench_config(name).is_ok(), "{}: {name}", s.name);
             }
         }
     }
 
     #[test]
-    fn the_report_shows_ratios_to_the_baseline_and_redis_work() {
-        let report = |rps: f64, requests: u64| WrkReport {
-            requests,
-            requests_per_sec: rps,
-            p50: Duration::from_micros(500),
-            p99: Duration::from_micros(2500),
-            errors: 0,
-        };
-        let results = vec![
-            Measured {
-                scenario: &SCENARIOS[0],
-                wrk: report(1000.0, 10_000),
-                redis_calls: BTreeMap::new(),
-                plugin: None,
-            },
-            Measured {
-                scenario: &SCENARIOS[2],
-                wrk: report(800.0, 8_000),
-                redis_calls: BTreeMap::from([("evalsha".to_string(), 8_000)]),
-                plugin: Some(PluginCounters {
-                    redis_calls: 8_000,
-                    ..PluginCounters::default()
-                }),
-            },
-        ];
-        let options = BenchOptions {
-            setup: crate::cli::SetupOptions { install: false },
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
-            connections: 64,
-            threads: 2,
-            only: Vec::new(),
-        };
-        let md = render_report(&results, &options);
-        assert!(
-            md.contains("| direct upstream | `/health` | 1000 | 500 µs | 2.50 ms | — | 0.00 | 0 |"),
-            "{md}"
+    fn each_host_runs_its_scenarios_envoy_first_and_redis_call_only_on_host_shim() {
+        let all = plan(&options(None, &[]));
+        let hosts: Vec<DemoHost> = all.iter().map(|(h, _)| *h).collect();
+        let first_host_shim = hosts.iter().position(|h| *h == DemoHost::HostShim).unwrap();
+        assert!(hosts[..first_host_shim]
+            .iter()
+            .all(|h| *h == DemoHost::Envoy));
+        assert!(hosts[first_host_shim..]
+            .iter()
+            .all(|h| *h == DemoHost::HostShim));
+        assert!(all
+            .iter()
+            .filter(|(_, s)| s.name.contains("redis_call"))
+            .all(|(h, _)| *h == DemoHost::HostShim));
+        assert_eq!(
+            all.iter().filter(|(h, _)| *h == DemoHost::HostShim).count(),
+            SCENARIOS.len()
         );
-        assert!(md.contains("| 80% of direct upstream | 1.00 |"), "{md}");
-        assert!(
-            md.contains("- host-shim + plugin, no policy: evalsha 1.00 (8000 calls)"),
-            "{md}"
+
+        let envoy_limits: Vec<&str> = plan(&options(Some(DemoHost::Envoy), &["rate-limited"]))
+            .into_iter()
+            .map(|(h, s)| {
+                assert_eq!(h, DemoHost::Envoy);
+                s.name
+            })
+            .collect();
+        assert_eq!(envoy_limits, [RATE_LIMITED, RATE_LIMITED_1C]);
+        assert!(plan(&options(Some(DemoHost::Envoy), &["redis_call"])).is_empty());
+    }
+
+    #[test]
+    fn the_one_connection_pass_runs_one_wrk_connection_whatever_the_load() {
+        let o = options(None, &[]);
+        let one = scenario(RATE_LIMITED_1C).load(&o);
+        assert_eq!((one.threads, one.connections), (1, 1));
+        let main = scenario(RATE_LIMITED).load(&o);
+        assert_eq!((main.threads, main.connections), (2, 64));
+    }
+
+    #[test]
+    fn counters_are_read_as_envoy_and_host_shim_print_them() {
+        let envoy = "# TYPE krowoc_redis_calls counter\nkrowoc_redis_calls{} 42\n\
+                     krowoc_events_published{} 7\nkrowoc_redis_calls_extra{} 9\n";
+        let p = PluginCounters::parse(envoy);
+        assert_eq!(
+            (p.redis_calls, p.events_published, p.events_flushes),
+            (42, 7, 0)
         );
-        assert!(md.contains("wrk -t2 -c64 -d10s --latency"), "{md}");
-        assert!(
-            md.contains("- host-shim + plugin, no policy: 1.000 Redis calls/request (8000 calls)"),
-            "{md}"
+        let relay = "# HELP krowoc_relay_requests_total POST /resp requests received.\n\
+                     # TYPE krowoc_relay_requests_total counter\nkrowoc_relay_requests_total 1234\n";
+        assert_eq!(
+            prometheus_counter(relay, "krowoc_relay_requests_total"),
+            1234
         );
+        assert_eq!(prometheus_counter(relay, "krowoc_relay_commands_total"), 0);
     }
 
     #[test]
@@ -896,17 +1180,39 @@ mod tests {
     }
 
     #[test]
-    fn event_batching_is_reported_as_calls_and_events_per_request() {
+    fn the_relay_ping_script_posts_one_ping_with_the_token() {
+        let lua = relay_ping_lua(Some("s3cret"));
+        assert!(lua.contains("wrk.method = \"POST\""), "{lua}");
+        assert!(
+            lua.contains(r#"wrk.body = "*1\r\n$4\r\nPING\r\n""#),
+            "{lua}"
+        );
+        assert!(
+            lua.contains("wrk.headers[\"x-krowoc-relay-token\"] = [==[s3cret]==]"),
+            "{lua}"
+        );
+        assert!(!relay_ping_lua(None).contains("token"));
+    }
+
+    #[test]
+    fn the_rate_limited_configuration_has_one_sliding_window_limit() {
+        let config: serde_json::Value =
+            serde_json::from_str(bench_config("rate-limited").unwrap()).unwrap();
+        let limits = config["routes"][0]["rate_limit"]["limits"]
+            .as_array()
+            .unwrap();
+        assert_eq!(limits.len(), 1);
+        assert_eq!(limits[0]["algorithm"], "sliding_window");
+    }
+
+    #[test]
+    fn plugin_counters_are_differences_over_the_run() {
         let p = PluginCounters {
             redis_calls: 300,
             events_published: 9_000,
             events_flushes: 300,
             events_dropped: 0,
         };
-        assert_eq!(
-            plugin_line("events on (relay)", p, 10_000),
-            "- events on (relay): 0.030 Redis calls/request (300 calls); events published 0.90/request in 300 flushes (30.0 events/flush), 0 dropped"
-        );
         let later = PluginCounters {
             redis_calls: 310,
             ..p

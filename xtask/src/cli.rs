@@ -19,8 +19,12 @@ commands:
                  command's output with the README's (the demo's ports must be free)
       --host HOST         envoy (default) or host-shim
   bench          release build, then the plugin's cost per request in process, and wrk
-                 against: direct upstream, host-shim without the filter, host-shim with the
-                 plugin; tables in <target>/bench/results.md
+                 against the same upstream directly and through each host (Envoy, then
+                 host-shim): without the filter, the plugin with no policy, a rate limit,
+                 cache hits, misses and pass-through, events, envoy.yaml's policies; at one
+                 connection a relay PING, a Redis PING and the p50 a rate limit adds; one
+                 table in <target>/bench/results.md and results.json
+      --host HOST         only this host (envoy or host-shim; default both)
       --duration SECS     measured seconds per scenario (default 10)
       --warmup SECS       unmeasured seconds before each scenario (default 2)
       --connections N     wrk connections (default 64)
@@ -134,6 +138,8 @@ pub struct BenchOptions {
     pub connections: u32,
     pub threads: u32,
     pub only: Vec<String>,
+    /// One host, or both (Envoy first) when None.
+    pub host: Option<DemoHost>,
 }
 
 /// Parses the arguments after `cargo xtask`, reading `DEMO_EXIT_AFTER` from the environment.
@@ -227,6 +233,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 connections: 64,
                 threads: 2,
                 only: Vec::new(),
+                host: None,
             };
             flags.for_each(|name, value| match name {
                 "--no-install" => {
@@ -251,6 +258,10 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 }
                 "--only" => {
                     o.only.push(value.take(name)?.to_string());
+                    Ok(())
+                }
+                "--host" => {
+                    o.host = Some(DemoHost::parse(value.take(name)?)?);
                     Ok(())
                 }
                 _ => Err(unknown(name)),
@@ -464,6 +475,8 @@ mod tests {
                 "--connections=16",
                 "--only",
                 "plugin",
+                "--host",
+                "envoy",
                 "--no-install",
             ]),
             None,
@@ -476,7 +489,12 @@ mod tests {
         assert_eq!(o.connections, 16);
         assert_eq!(o.threads, 2);
         assert_eq!(o.only, vec!["plugin".to_string()]);
+        assert_eq!(o.host, Some(DemoHost::Envoy));
         assert!(!o.setup.install);
+        let Command::Bench(o) = parse_with_env(&args(&["bench"]), None).unwrap() else {
+            panic!("not bench")
+        };
+        assert_eq!(o.host, None, "both hosts unless one is chosen");
     }
 
     #[test]
