@@ -282,9 +282,7 @@ fn wait_until_ready(service: &mut Service, spec: &ServiceSpec) -> Result<()> {
         if let Some(status) = service.child.try_wait().context("waitpid")? {
             bail!("{} exited during startup ({status})", service.name);
         }
-        if accepting_since.is_none()
-            && TcpStream::connect_timeout(&spec.ready_addr, Duration::from_millis(200)).is_ok()
-        {
+        if accepting_since.is_none() && accepts(spec.ready_addr) {
             accepting_since = Some(Instant::now());
         }
         if let Some(since) = accepting_since {
@@ -311,6 +309,14 @@ fn wait_until_ready(service: &mut Service, spec: &ServiceSpec) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// True when a listener accepts a connection to `addr`. A loopback connect to a port in the
+/// ephemeral range where nothing listens yet can connect to itself (TCP simultaneous open:
+/// the kernel picked the same port as the source); that is no listener.
+fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+        .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }
 
 /// SIGTERM to the child's process group, SIGKILL after a grace period, then reap it.
@@ -484,6 +490,15 @@ mod tests {
         assert!(port_busy(addr));
         drop(listener);
         assert!(!port_busy(addr));
+    }
+
+    #[test]
+    fn only_a_listener_counts_as_accepting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(accepts(addr));
+        drop(listener);
+        assert!(!accepts(addr));
     }
 
     #[test]
