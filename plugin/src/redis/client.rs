@@ -724,6 +724,123 @@ pub fn reply_bytes(raw: RawReply) -> Result<Vec<u8>, RedisError> {
 }
 
 /// A wire for unit tests: collects what would go on the wire; tokens count up like a host's.
+/// Redis Cluster's key slots, to check in tests that every command the filter sends keeps its
+/// keys in one slot (the cluster refuses a command whose keys span slots).
+#[cfg(test)]
+pub(crate) mod slots {
+    use crate::redis::resp::{decode_replies, Reply};
+
+    /// CRC16-XMODEM, as Redis Cluster hashes keys.
+    fn crc16(bytes: &[u8]) -> u16 {
+        let mut crc: u16 = 0;
+        for b in bytes {
+            crc ^= u16::from(*b) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc
+    }
+
+    /// The slot of `key`: its hash tag (the text between the first `{` and the next `}`, when
+    /// not empty) or the whole key, CRC16 mod 16384.
+    pub fn slot(key: &[u8]) -> u16 {
+        let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|b| *b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        });
+        crc16(tagged.unwrap_or(key)) % 16384
+    }
+
+    /// The keys a command names, for the commands the filter sends.
+    fn keys(args: &[Vec<u8>]) -> Vec<&[u8]> {
+        let name = args
+            .first()
+            .map(|n| n.to_ascii_uppercase())
+            .unwrap_or_default();
+        match name.as_slice() {
+            // (Unit tests also send shortened commands: those name no keys here.)
+            b"EVAL" | b"EVALSHA" => {
+                let n: Option<usize> = args
+                    .get(2)
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .and_then(|t| t.parse().ok());
+                n.and_then(|n| args.get(3..3 + n))
+                    .map(|keys| keys.iter().map(Vec::as_slice).collect())
+                    .unwrap_or_default()
+            }
+            b"DEL" | b"UNLINK" => args[1..].iter().map(Vec::as_slice).collect(),
+            b"XADD" | b"GET" | b"SET" | b"PEXPIRE" => {
+                args.get(1).map(Vec::as_slice).into_iter().collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Panics when a command in `payload` names keys in more than one slot.
+    pub fn assert_one_slot_per_command(payload: &[u8]) {
+        let Some(commands) = (1..=512).find_map(|n| decode_replies(payload, n).ok()) else {
+            return;
+        };
+        for command in commands {
+            let Reply::Array(items) = command else {
+                continue;
+            };
+            let args: Vec<Vec<u8>> = items
+                .into_iter()
+                .filter_map(|i| match i {
+                    Reply::Bulk(b) => Some(b),
+                    _ => None,
+                })
+                .collect();
+            let keys = keys(&args);
+            if let Some(first) = keys.first() {
+                for k in &keys {
+                    assert_eq!(
+                        slot(k),
+                        slot(first),
+                        "{} names keys in two Redis Cluster slots: {:?} and {:?}",
+                        String::from_utf8_lossy(&args[0]),
+                        String::from_utf8_lossy(first),
+                        String::from_utf8_lossy(k)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "two Redis Cluster slots")]
+    fn a_script_call_whose_keys_span_slots_is_caught() {
+        let call = crate::redis::resp::Command::new("EVALSHA")
+            .arg("abc")
+            .arg("2")
+            .arg("krowoc:rl:{route:a}:x")
+            .arg("krowoc:rl:{route:b}:x");
+        assert_one_slot_per_command(&call.encode());
+    }
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // The CRC16 check value, and slots as `CLUSTER KEYSLOT` answers them.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(
+            slot(b"foo{}{bar}"),
+            slot(b"bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod recording {
     use super::Wire;
@@ -768,6 +885,8 @@ pub(crate) mod recording {
             if let Some(e) = self.fail.clone() {
                 return Err(e);
             }
+            // Every command any test makes the filter send is one a Redis Cluster can run.
+            super::slots::assert_one_slot_per_command(payload);
             self.next += 4;
             self.sent.push((self.next, payload.to_vec()));
             Ok(self.next)
