@@ -136,6 +136,17 @@ pub fn envoy_yaml() -> PathBuf {
     workspace_root().join("envoy/envoy.yaml")
 }
 
+/// The route named `name` in a plugin configuration (envoy.yaml's, for tests that change one
+/// route's policy).
+pub fn route_named<'a>(cfg: &'a mut Value, name: &str) -> &'a mut Value {
+    cfg["routes"]
+        .as_array_mut()
+        .expect("the configuration has routes")
+        .iter_mut()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("the configuration has no route {name:?}"))
+}
+
 /// The relay token the shipped configuration uses, if any.
 pub fn yaml_plugin_config() -> Value {
     let text = std::fs::read_to_string(envoy_yaml()).expect("read envoy/envoy.yaml");

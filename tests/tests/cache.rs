@@ -36,11 +36,7 @@ fn use_transport(cfg: &mut Value, transport: &str) {
 
 /// The `cache` policy of the shipped `cached-data` route.
 fn cached_data_policy(cfg: &mut Value) -> &mut Value {
-    let routes = cfg["routes"].as_array_mut().expect("routes");
-    let route = routes
-        .iter_mut()
-        .find(|r| r["name"] == "cached-data")
-        .expect("envoy.yaml has the cached-data route");
+    let route = krowoc_tests::route_named(cfg, "cached-data");
     &mut route["cache"]
 }
 
@@ -252,11 +248,7 @@ fn each_user_id_has_its_own_entry_and_other_parameters_are_ignored(host: Host) {
 
 fn rate_limit_and_cache(host: Host, transport: &'static str) {
     let stack = stack_with(host, transport, Duration::ZERO, |cfg| {
-        let routes = cfg["routes"].as_array_mut().expect("routes");
-        let route = routes
-            .iter_mut()
-            .find(|r| r["name"] == "cached-data")
-            .expect("cached-data route");
+        let route = krowoc_tests::route_named(cfg, "cached-data");
         route["rate_limit"] = json!({"limits": [{"name": "per_minute", "limit": 5, "window": "60s"}],
                                      "headers": "both"});
     });
@@ -670,12 +662,7 @@ fn a_clients_cache_control_counts_only_when_the_route_honours_it(host: Host) {
 krowoc_tests::on_both_hosts!(a_full_redis_keeps_serving_cache_hits_while_rate_limits_fail_open);
 fn a_full_redis_keeps_serving_cache_hits_while_rate_limits_fail_open(host: Host) {
     let stack = stack_with(host, RELAY, Duration::ZERO, |cfg| {
-        let route = cfg["routes"]
-            .as_array_mut()
-            .expect("routes")
-            .iter_mut()
-            .find(|r| r["name"] == "rate-limited")
-            .expect("the rate-limited route");
+        let route = krowoc_tests::route_named(cfg, "rate-limited");
         // fixed_window writes before it decides: a full Redis refuses it with OOM.
         route["rate_limit"]["limits"] = json!([{"name": "per_minute", "limit": 100, "window": "60s", "algorithm": "fixed_window"}]);
     });

@@ -548,13 +548,9 @@ krowoc_tests::on_both_hosts!(sampling_and_disabled_routes_publish_fewer_events);
 fn sampling_and_disabled_routes_publish_fewer_events(host: Host) {
     let stack = stack_with(host, RELAY, 1, |cfg| {
         cfg["events"]["sample_ratio"] = json!(0.0);
-        let routes = cfg["routes"].as_array_mut().expect("routes");
-        let limited = routes
-            .iter_mut()
-            .find(|r| r["name"] == "rate-limited")
-            .expect("envoy.yaml has the rate-limited route");
+        let limited = krowoc_tests::route_named(cfg, "rate-limited");
         limited["events"] = json!({"sample_ratio": 1.0});
-        routes.push(
+        cfg["routes"].as_array_mut().expect("routes").push(
             json!({"name": "quiet", "match": {"prefix": "/api/recent-events"},
                            "events": {"enabled": false}}),
         );

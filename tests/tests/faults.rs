@@ -102,12 +102,7 @@ fn stack_with(
         cuttable,
         plugin_config: Some(Box::new(move |cfg| {
             // The rate limit is never reached by the load: a 429 would only come from Redis.
-            let route = cfg["routes"]
-                .as_array_mut()
-                .expect("routes")
-                .iter_mut()
-                .find(|r| r["name"] == "rate-limited")
-                .expect("envoy.yaml has the rate-limited route");
+            let route = krowoc_tests::route_named(cfg, "rate-limited");
             route["rate_limit"]["limits"] =
                 json!([{"name": "per_minute", "limit": 1_000_000, "window": "60s"}]);
             edit(cfg);
@@ -287,12 +282,7 @@ fn short_lived_cache(
     stale_if_error: &'static str,
 ) -> impl Fn(&mut serde_json::Value) + Send + Sync {
     move |cfg| {
-        let route = cfg["routes"]
-            .as_array_mut()
-            .expect("routes")
-            .iter_mut()
-            .find(|r| r["name"] == "cached-data")
-            .expect("envoy.yaml has the cached-data route");
+        let route = krowoc_tests::route_named(cfg, "cached-data");
         route["cache"] = json!({"ttl": "1s", "key": {"query": ["user_id"]},
                                 "honor_cache_control": false, "stale_if_error": stale_if_error});
     }

@@ -523,12 +523,7 @@ fn limits_are_decided_by_redis_again_within_a_second_of_its_return(
             cfg["redis"]["breaker"],
             json!({"failures": 5, "probe_interval": "100ms", "cooldown": "1s"})
         );
-        let route = cfg["routes"]
-            .as_array_mut()
-            .expect("routes")
-            .iter_mut()
-            .find(|r| r["name"] == "rate-limited")
-            .expect("envoy.yaml has the rate-limited route");
+        let route = krowoc_tests::route_named(cfg, "rate-limited");
         route["rate_limit"]["limits"] = json!([{"name": "once", "limit": 1, "window": "60s"}]);
     });
     let r = stack.get("/api/rate-limited");
@@ -604,12 +599,7 @@ fn concurrent_requests_share_relay_exchanges_and_each_is_decided_once(host: Host
     let stack = stack(host, RELAY, |cfg| {
         // One exchange in flight per VM: calls made meanwhile ride together in the next.
         cfg["redis"]["max_in_flight"] = json!(1);
-        let route = cfg["routes"]
-            .as_array_mut()
-            .expect("routes")
-            .iter_mut()
-            .find(|r| r["name"] == "rate-limited")
-            .expect("envoy.yaml has the rate-limited route");
+        let route = krowoc_tests::route_named(cfg, "rate-limited");
         route["rate_limit"]["limits"] =
             json!([{"name": "per_minute", "limit": LIMIT, "window": "60s"}]);
     });
@@ -658,12 +648,7 @@ fn sync_limits_decide_in_the_vm_and_overshoot_by_at_most_one_interval(host: Host
     const CLIENTS: usize = 8;
     const INTERVAL: Duration = Duration::from_millis(100);
     let mut stack = stack(host, RELAY, |cfg| {
-        let route = cfg["routes"]
-            .as_array_mut()
-            .expect("routes")
-            .iter_mut()
-            .find(|r| r["name"] == "rate-limited")
-            .expect("envoy.yaml has the rate-limited route");
+        let route = krowoc_tests::route_named(cfg, "rate-limited");
         // A window far longer than the test, so that it never starts a new one.
         route["rate_limit"]["limits"] = json!([{"name": "hot", "limit": LIMIT, "window": "720h",
                                                 "algorithm": "fixed_window"}]);
