@@ -102,6 +102,8 @@ fn send_response(resp: &LocalResponse, mark: bool) {
 pub struct EdgeRoot {
     context_id: u32,
     edge: Option<Rc<RefCell<Edge>>>,
+    /// `version_header` of the configuration, for every request context it creates.
+    mark: bool,
 }
 
 impl EdgeRoot {
@@ -109,6 +111,7 @@ impl EdgeRoot {
         EdgeRoot {
             context_id,
             edge: None,
+            mark: false,
         }
     }
 }
@@ -152,6 +155,7 @@ impl RootContext for EdgeRoot {
                 }
                 let edge = Rc::new(RefCell::new(edge));
                 INSTANCES.with(|i| i.borrow_mut().insert(self.context_id, Rc::clone(&edge)));
+                self.mark = edge.borrow().config.version_header;
                 self.edge = Some(edge);
                 true
             }
@@ -168,32 +172,27 @@ impl RootContext for EdgeRoot {
         // The VM's kick (see `redis::client`): requests' calls are waiting for an exchange.
         host::drain_shared_queue(queue_id);
         let Some(edge) = &self.edge else { return };
-        let (actions, mark) = match edge.try_borrow_mut() {
-            Ok(mut e) => (e.on_kick(host::now_ms()), e.config.version_header),
-            Err(_) => (Vec::new(), false),
+        let actions = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_kick(host::now_ms()),
+            Err(_) => Vec::new(),
         };
-        perform(actions, None, mark);
+        perform(actions, None, self.mark);
     }
 
     fn on_tick(&mut self) {
         let Some(edge) = &self.edge else { return };
-        let (actions, mark) = match edge.try_borrow_mut() {
-            Ok(mut e) => (e.on_tick(host::now_ms()), e.config.version_header),
-            Err(_) => (Vec::new(), false),
+        let actions = match edge.try_borrow_mut() {
+            Ok(mut e) => e.on_tick(host::now_ms()),
+            Err(_) => Vec::new(),
         };
-        perform(actions, None, mark);
+        perform(actions, None, self.mark);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let mark = self
-            .edge
-            .as_ref()
-            .and_then(|e| e.try_borrow().ok().map(|e| e.config.version_header))
-            .unwrap_or(false);
         Some(Box::new(EdgeRequest {
             context_id,
             edge: self.edge.clone(),
-            mark,
+            mark: self.mark,
         }))
     }
 
