@@ -2,9 +2,9 @@
 //! pending calls tracked by token (several in flight per request context), a deadline on every
 //! call, EVALSHA with EVAL on NOSCRIPT, and the per-VM circuit breaker.
 //!
-//! Over the relay, requests' calls can share exchanges (`redis.max_in_flight`): while the VM
-//! has that many of its requests' exchanges in flight, further calls wait and then ride
-//! together in the next exchange, one body of many commands that the relay pipelines. No timer
+//! Over the relay, requests' calls (and cache jobs) can share exchanges (`redis.max_in_flight`):
+//! while the VM has that many of its requests' exchanges in flight, further calls wait and then
+//! ride together in the next exchange, one body of many commands that the relay pipelines. No timer
 //! is involved: an idle VM sends each call at once, a busy one makes fewer, larger exchanges.
 //! A shared exchange is sent from the root context (a proxy cancels a stream's calls when the
 //! stream ends, and the request that freed the slot ends first), reached from a request's
@@ -221,8 +221,10 @@ impl RedisClient {
     /// Whether a call by `owner` waits for a shared exchange instead of going out now.
     fn must_wait(&self, wire: &dyn Wire, owner: Owner) -> bool {
         let max = self.sharing.max_in_flight;
+        // Cache jobs (stores, unlocks, purges) ride along too: they are off the request path.
+        let rides = owner.request().is_some() || matches!(owner, Owner::Job(_));
         max > 0
-            && owner.request().is_some()
+            && rides
             && wire.can_kick()
             && (!self.sharing.waiting.is_empty() || self.request_exchanges() >= max)
     }
@@ -1595,11 +1597,22 @@ mod tests {
         let (mut c, mut wire) = sharing(1);
         c.call(&mut wire, 0, Owner::RateLimit(1), &get("a"), None)
             .expect("sent");
-        for owner in [Owner::Flush(1), Owner::Job(2), Owner::Registry] {
+        for owner in [Owner::Flush(1), Owner::Registry] {
             c.call(&mut wire, 0, owner, &get("x"), None).expect("sent");
         }
-        assert_eq!(wire.sent.len(), 4, "work off the request path never waits");
+        assert_eq!(
+            wire.sent.len(),
+            3,
+            "event flushes and the registry never wait"
+        );
         assert_eq!(c.waiting_len(), 0);
+        c.call(&mut wire, 0, Owner::Job(2), &get("x"), None)
+            .expect("waits");
+        assert_eq!(
+            c.waiting_len(),
+            1,
+            "a cache job rides with the requests' calls"
+        );
 
         let mut plain = recorder();
         let mut c = client(r#"{"redis": {"max_in_flight": 1}}"#);
