@@ -136,6 +136,28 @@ pub fn envoy_yaml() -> PathBuf {
     workspace_root().join("envoy/envoy.yaml")
 }
 
+/// Points a plugin configuration (envoy.yaml's) at Redis through `transport` (`relay` or
+/// `redis_call`), dropping the settings the other transport uses and keeping the rest.
+pub fn use_transport(cfg: &mut Value, transport: &str) {
+    let redis = cfg
+        .as_object_mut()
+        .expect("plugin configuration is an object")
+        .entry("redis")
+        .or_insert_with(|| serde_json::json!({}));
+    let redis = redis.as_object_mut().expect("redis is an object");
+    redis.insert("transport".into(), serde_json::json!(transport));
+    if transport == "redis_call" {
+        redis.insert("cluster".into(), serde_json::json!("redis"));
+        redis.remove("token");
+        redis.remove("authority");
+    } else {
+        redis.insert("cluster".into(), serde_json::json!("redis_relay"));
+        redis.remove("username");
+        redis.remove("password");
+        redis.remove("database");
+    }
+}
+
 /// The route named `name` in a plugin configuration (envoy.yaml's, for tests that change one
 /// route's policy).
 pub fn route_named<'a>(cfg: &'a mut Value, name: &str) -> &'a mut Value {

@@ -16,15 +16,9 @@ const STREAM: &str = "krowoc:events";
 const WAIT: Duration = Duration::from_secs(5);
 
 fn use_transport(cfg: &mut Value, transport: &str) {
-    let redis = cfg["redis"].as_object_mut().expect("redis is an object");
-    redis.insert("transport".into(), json!(transport));
-    if transport == REDIS_CALL {
-        redis.insert("cluster".into(), json!("redis"));
-        redis.remove("token");
-        redis.remove("authority");
-    }
+    krowoc_tests::use_transport(cfg, transport);
     // A busy test machine must not turn a slow answer into a fallback.
-    redis.insert("timeout".into(), json!("1s"));
+    cfg["redis"]["timeout"] = json!("1s");
 }
 
 fn acl_stack(host: Host, transport: &'static str) -> Stack {

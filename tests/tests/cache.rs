@@ -21,18 +21,7 @@ const REDIS_CALL: &str = "redis_call";
 const PURGE_PATH: &str = "/_krowoc/cache/purge";
 const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 
-/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
-fn use_transport(cfg: &mut Value, transport: &str) {
-    let redis = cfg["redis"].as_object_mut().expect("redis is an object");
-    redis.insert("transport".into(), json!(transport));
-    if transport == REDIS_CALL {
-        redis.insert("cluster".into(), json!("redis"));
-        redis.remove("token");
-        redis.remove("authority");
-    } else {
-        redis.insert("cluster".into(), json!("redis_relay"));
-    }
-}
+use krowoc_tests::use_transport;
 
 /// The `cache` policy of the shipped `cached-data` route.
 fn cached_data_policy(cfg: &mut Value) -> &mut Value {

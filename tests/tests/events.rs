@@ -14,19 +14,7 @@ const REDIS_CALL: &str = "redis_call";
 const CHANNEL: &str = "krowoc:requests";
 const STREAM: &str = "krowoc:events";
 
-/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
-fn use_transport(cfg: &mut Value, transport: &str) {
-    let redis = &mut cfg["redis"];
-    redis["transport"] = json!(transport);
-    let redis = redis.as_object_mut().expect("redis is an object");
-    if transport == REDIS_CALL {
-        redis.insert("cluster".into(), json!("redis"));
-        redis.remove("token");
-        redis.remove("authority");
-    } else {
-        redis.insert("cluster".into(), json!("redis_relay"));
-    }
-}
+use krowoc_tests::use_transport;
 
 fn stack_with(
     host: Host,

@@ -9,26 +9,7 @@ use std::time::{Duration, Instant};
 const RELAY: &str = "relay";
 const REDIS_CALL: &str = "redis_call";
 
-/// Points the plugin at Redis through `transport`, keeping the rest of envoy.yaml's config.
-fn use_transport(cfg: &mut Value, transport: &str) {
-    let redis = cfg
-        .as_object_mut()
-        .expect("plugin configuration is an object")
-        .entry("redis")
-        .or_insert_with(|| json!({}));
-    let redis = redis.as_object_mut().expect("redis is an object");
-    redis.insert("transport".into(), json!(transport));
-    if transport == REDIS_CALL {
-        redis.insert("cluster".into(), json!("redis"));
-        redis.remove("token");
-        redis.remove("authority");
-    } else {
-        redis.insert("cluster".into(), json!("redis_relay"));
-        redis.remove("username");
-        redis.remove("password");
-        redis.remove("database");
-    }
-}
+use krowoc_tests::use_transport;
 
 fn stack(host: Host, transport: &'static str, tweak: impl Fn(&mut Value) + 'static) -> Stack {
     Stack::start_with(StackOptions {
