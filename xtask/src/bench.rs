@@ -1078,13 +1078,9 @@ mod tests {
 
     fn options(host: Option<DemoHost>, only: &[&str]) -> BenchOptions {
         BenchOptions {
-            setup: crate::cli::SetupOptions { install: false },
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
-            connections: 64,
-            threads: 2,
             only: only.iter().map(|o| o.to_string()).collect(),
             host,
+            ..BenchOptions::defaults(false)
         }
     }
 

@@ -142,6 +142,21 @@ pub struct BenchOptions {
     pub host: Option<DemoHost>,
 }
 
+impl BenchOptions {
+    /// `cargo xtask bench` without flags (`install`: set up what the machine lacks).
+    pub fn defaults(install: bool) -> BenchOptions {
+        BenchOptions {
+            setup: SetupOptions { install },
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            connections: 64,
+            threads: 2,
+            only: Vec::new(),
+            host: None,
+        }
+    }
+}
+
 /// Parses the arguments after `cargo xtask`, reading `DEMO_EXIT_AFTER` from the environment.
 pub fn parse(args: &[String]) -> Result<Command> {
     parse_with_env(args, std::env::var("DEMO_EXIT_AFTER").ok())
@@ -226,15 +241,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
             })
         }
         "bench" => {
-            let mut o = BenchOptions {
-                setup: SetupOptions { install: true },
-                duration: Duration::from_secs(10),
-                warmup: Duration::from_secs(2),
-                connections: 64,
-                threads: 2,
-                only: Vec::new(),
-                host: None,
-            };
+            let mut o = BenchOptions::defaults(true);
             flags.for_each(|name, value| match name {
                 "--no-install" => {
                     o.setup.install = false;

@@ -401,15 +401,7 @@ mod tests {
     }
 
     fn options() -> BenchOptions {
-        BenchOptions {
-            setup: crate::cli::SetupOptions { install: false },
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
-            connections: 64,
-            threads: 2,
-            only: Vec::new(),
-            host: None,
-        }
+        BenchOptions::defaults(false)
     }
 
     fn setting(options: &BenchOptions) -> Setting<'_> {
