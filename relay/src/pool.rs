@@ -781,7 +781,9 @@ impl RedisPool {
 }
 
 /// What a connection is doing: connected (or idle), or which step of connecting it is in. A call
-/// that times out while its connection connects says which step got no answer.
+/// that times out while its connection connects says which step got no answer. A failed connect
+/// leaves its step in place until the next attempt, so a call whose own timeout fires in the same
+/// instant as the connect timeout still names that step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Phase {
@@ -868,9 +870,9 @@ async fn connection_task(
                 return;
             };
             let connected = connect(&endpoint, &tls, &phase).await;
-            Phase::Connected.set(&phase);
             match connected {
                 Ok(stream) => {
+                    Phase::Connected.set(&phase);
                     if failing {
                         tracing::info!(endpoint = %endpoint, slot, "redis reachable again");
                         failing = false;
