@@ -8,6 +8,7 @@
 //! assert_eq!(reply.trim(), "PONG");
 //! ```
 
+pub mod cluster;
 pub mod docs;
 pub mod envoy;
 pub mod fuzz;
@@ -83,6 +84,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     process: Option<ChildGuard>,
     tls: Option<TlsListener>,
+    /// More redis-server flags, e.g. a cluster node's (see [`cluster`]).
+    extra_args: Vec<String>,
 }
 
 /// The TLS port of a server started with [`RedisServer::start_tls`].
@@ -112,6 +115,20 @@ impl RedisServer {
         }))
     }
 
+    /// A redis-server with more flags (`["--cluster-enabled", "yes", …]`).
+    pub fn start_with_args(port: u16, args: &[String]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let mut server = RedisServer {
+            port,
+            dir,
+            process: None,
+            tls: None,
+            extra_args: args.to_vec(),
+        };
+        server.restart();
+        server
+    }
+
     fn start_with(tls: Option<TlsListener>) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = RedisServer {
@@ -119,6 +136,7 @@ impl RedisServer {
             dir,
             process: None,
             tls,
+            extra_args: Vec::new(),
         };
         server.restart();
         server
@@ -213,6 +231,7 @@ impl RedisServer {
                 .arg("--tls-auth-clients")
                 .arg(if tls.auth_clients { "yes" } else { "no" });
         }
+        cmd.args(&self.extra_args);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         self.process = Some(ChildGuard::spawn("redis-server", &mut cmd));
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -43,6 +43,11 @@ const REDIS: Program = Program {
     binary: "redis-server",
     debian_package: "redis-server",
 };
+/// redis-cli: the tests build Redis Clusters with `redis-cli --cluster create`.
+const REDIS_CLI: Program = Program {
+    binary: "redis-cli",
+    debian_package: "redis-tools",
+};
 const WRK: Program = Program {
     binary: "wrk",
     debian_package: "wrk",
@@ -66,6 +71,7 @@ pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     let mut programs = Vec::new();
     if needs.redis {
         programs.push(&REDIS);
+        programs.push(&REDIS_CLI);
     }
     if needs.wrk {
         programs.push(&WRK);
