@@ -43,12 +43,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 pub mod acl;
+pub mod cluster;
 pub mod pool;
 pub mod process;
 pub mod redis_url;
 pub mod scripts;
 pub mod tls;
 
+use crate::cluster::{ClusterConfig, ClusterPool};
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 use crate::scripts::ScriptList;
 use crate::tls::{RedisTls, TlsFiles};
@@ -176,6 +178,15 @@ pub struct RelayArgs {
     /// TLS.
     #[arg(long, default_value = "redis://127.0.0.1:6379", value_name = "URL")]
     pub redis: String,
+    /// Relay to a Redis Cluster instead: seed nodes HOST:PORT[,HOST:PORT…], optionally as
+    /// redis[s]://[[USER]:PASSWORD@]HOST:PORT,HOST:PORT… for a login and TLS shared by every
+    /// node. The relay learns the slot map from them and sends each command to its master.
+    #[arg(long, value_name = "SEEDS", conflicts_with = "redis")]
+    pub redis_cluster: Option<String>,
+    /// Cluster: how old the slot map may get before it is read again (redirects and failed
+    /// masters refresh it sooner).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub cluster_refresh: Duration,
     /// Read the Redis password from a file (trailing newline removed), keeping it out of `ps`;
     /// the URL may then name the user (redis://USER@HOST) but holds no password.
     #[arg(long, value_name = "PATH")]
@@ -343,7 +354,10 @@ fn printable(name: &str) -> String {
 /// Everything [`serve`] needs.
 #[derive(Clone)]
 pub struct RelayConfig {
+    /// The Redis; with `cluster`, only its login, TLS and connect timeout count.
     pub redis: RedisEndpoint,
+    /// Relay to this Redis Cluster instead of `redis`.
+    pub cluster: Option<ClusterConfig>,
     /// TLS to Redis, when `redis.tls`; `None` there trusts the system's roots.
     pub tls: Option<RedisTls>,
     /// When set, requests must carry it in [`TOKEN_HEADER`].
@@ -362,6 +376,7 @@ impl fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RelayConfig")
             .field("redis", &self.redis)
+            .field("cluster", &self.cluster)
             .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("max_body_bytes", &self.max_body_bytes)
@@ -380,6 +395,7 @@ impl RelayConfig {
     pub fn new(redis: RedisEndpoint) -> RelayConfig {
         RelayConfig {
             redis,
+            cluster: None,
             tls: None,
             token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -393,8 +409,8 @@ impl RelayConfig {
 
     /// Validates the flags; every error names the flag and the bad value.
     pub fn from_args(args: &RelayArgs) -> anyhow::Result<RelayConfig> {
-        let mut redis = match &args.redis_password_file {
-            None => RedisEndpoint::from_url(&args.redis).context("--redis")?,
+        let password = match &args.redis_password_file {
+            None => None,
             Some(path) => {
                 let flag = || format!("--redis-password-file {}", path.display());
                 let text = std::fs::read_to_string(path).with_context(flag)?;
@@ -402,8 +418,21 @@ impl RelayConfig {
                 if password.is_empty() {
                     anyhow::bail!("{}: the file is empty", flag());
                 }
-                RedisEndpoint::from_url_and_password(&args.redis, password.to_string())
-                    .context("--redis")?
+                Some(password.to_string())
+            }
+        };
+        let (mut redis, seeds) = match &args.redis_cluster {
+            None => {
+                let redis = match password {
+                    None => RedisEndpoint::from_url(&args.redis),
+                    Some(password) => RedisEndpoint::from_url_and_password(&args.redis, password),
+                };
+                (redis.context("--redis")?, None)
+            }
+            Some(text) => {
+                let (login, seeds) =
+                    cluster::parse_seeds(text, password).context("--redis-cluster")?;
+                (login, Some(seeds))
             }
         };
         redis.connect_timeout = args.connect_timeout;
@@ -453,8 +482,16 @@ impl RelayConfig {
         for path in &args.allow_script {
             scripts.allow_file(path)?;
         }
+        let cluster = seeds.map(|seeds| ClusterConfig {
+            seeds,
+            login: redis.clone(),
+            tls: tls.clone(),
+            connections: args.pool_size,
+            refresh: args.cluster_refresh,
+        });
         Ok(RelayConfig {
             redis,
+            cluster,
             tls,
             token,
             max_body_bytes: args.max_body_bytes,
@@ -492,7 +529,14 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             "redis over TLS"
         );
     }
-    tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready");
+    match &config.cluster {
+        None => {
+            tracing::info!(%addr, redis = %config.redis, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready")
+        }
+        Some(cluster) => {
+            tracing::info!(%addr, cluster = ?cluster.seeds, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready (redis cluster)")
+        }
+    }
     println!("relay listening on {addr}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -543,8 +587,14 @@ pub async fn serve(listener: TcpListener, config: RelayConfig) {
 
 struct Relay {
     config: RelayConfig,
-    pool: RedisPool,
+    backend: Backend,
     metrics: Metrics,
+}
+
+/// One Redis, or a Redis Cluster.
+enum Backend {
+    One(RedisPool),
+    Cluster(ClusterPool),
 }
 
 /// Why a request was not relayed; each maps to one status.
@@ -558,10 +608,11 @@ enum Failure {
     Unreachable,
     Tls,
     Timeout,
+    Unroutable,
 }
 
 impl Failure {
-    const ALL: [Failure; 8] = [
+    const ALL: [Failure; 9] = [
         Failure::Malformed,
         Failure::Token,
         Failure::Command,
@@ -570,11 +621,12 @@ impl Failure {
         Failure::Unreachable,
         Failure::Tls,
         Failure::Timeout,
+        Failure::Unroutable,
     ];
 
     fn status(self) -> StatusCode {
         match self {
-            Failure::Malformed => StatusCode::BAD_REQUEST,
+            Failure::Malformed | Failure::Unroutable => StatusCode::BAD_REQUEST,
             Failure::Token | Failure::Command | Failure::Script => StatusCode::FORBIDDEN,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::Unreachable | Failure::Tls => StatusCode::BAD_GATEWAY,
@@ -592,6 +644,7 @@ impl Failure {
             Failure::Unreachable => "redis_unreachable",
             Failure::Tls => "redis_tls",
             Failure::Timeout => "redis_timeout",
+            Failure::Unroutable => "cluster_unroutable",
         }
     }
 
@@ -695,13 +748,18 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 
 impl Relay {
     fn new(config: RelayConfig) -> Relay {
-        let pool = match &config.tls {
-            Some(tls) => RedisPool::with_tls(config.redis.clone(), config.pool_size, tls.clone()),
-            None => RedisPool::new(config.redis.clone(), config.pool_size),
+        let backend = match (&config.cluster, &config.tls) {
+            (Some(cluster), _) => Backend::Cluster(ClusterPool::new(cluster.clone())),
+            (None, Some(tls)) => Backend::One(RedisPool::with_tls(
+                config.redis.clone(),
+                config.pool_size,
+                tls.clone(),
+            )),
+            (None, None) => Backend::One(RedisPool::new(config.redis.clone(), config.pool_size)),
         };
         Relay {
             config,
-            pool,
+            backend,
             metrics: Metrics::default(),
         }
     }
@@ -728,14 +786,26 @@ impl Relay {
                 }
             }
             "/resp" => method_not_allowed("POST"),
-            "/ready" if req.method() == Method::GET => {
-                match self.pool.ping(self.config.timeout).await {
+            "/ready" if req.method() == Method::GET => match &self.backend {
+                Backend::One(pool) => match pool.ping(self.config.timeout).await {
                     Ok(()) => text(StatusCode::OK, "ready"),
                     Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
-                }
-            }
+                },
+                Backend::Cluster(cluster) => match cluster.ready(self.config.timeout).await {
+                    Ok(state) if state.healthy() => text(StatusCode::OK, format!("ready\n{state}")),
+                    Ok(state) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {state}"),
+                    ),
+                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
+                },
+            },
             "/metrics" if req.method() == Method::GET => {
-                let mut resp = text(StatusCode::OK, self.metrics.render());
+                let mut body = self.metrics.render();
+                if let Backend::Cluster(cluster) = &self.backend {
+                    body.push_str(&cluster.render_metrics());
+                }
+                let mut resp = text(StatusCode::OK, body);
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -821,11 +891,18 @@ impl Relay {
         }
         let count = commands.len();
         let sent = body.len();
-        let replies = self
-            .pool
-            .call_parsed(body, &commands, self.config.timeout)
-            .await
-            .map_err(|e| pool_failure(&e))?;
+        let replies = match &self.backend {
+            Backend::One(pool) => pool.call_parsed(body, &commands, self.config.timeout).await,
+            Backend::Cluster(cluster) => {
+                cluster
+                    .call_parsed(body, &commands, self.config.timeout)
+                    .await
+            }
+        };
+        let replies = replies.map_err(|e| match &self.backend {
+            Backend::Cluster(_) if e.is_invalid_request() => (Failure::Unroutable, e.to_string()),
+            _ => pool_failure(&e),
+        })?;
         self.metrics
             .commands
             .fetch_add(count as u64, Ordering::Relaxed);

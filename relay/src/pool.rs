@@ -220,6 +220,19 @@ pub struct PoolError {
 }
 
 impl PoolError {
+    /// An error at `endpoint`, named as `host:port[/db]`.
+    pub(crate) fn at(
+        kind: PoolErrorKind,
+        endpoint: String,
+        detail: impl Into<String>,
+    ) -> PoolError {
+        PoolError {
+            kind,
+            endpoint,
+            detail: detail.into(),
+        }
+    }
+
     fn new(kind: PoolErrorKind, endpoint: &RedisEndpoint, detail: impl Into<String>) -> PoolError {
         PoolError {
             kind,

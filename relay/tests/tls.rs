@@ -1,72 +1,17 @@
 //! The relay to Redis over TLS (`rediss://`), with a password file and an ACL user, against real
 //! redis-server processes with test certificates (testkit::tls).
 
-use std::net::SocketAddr;
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
-use clap::Parser;
+use support::{config, Relay};
 use testkit::tls::TestCa;
 use testkit::{encode_command, RedisServer};
 
 use krowoc_relay::pool::{RedisEndpoint, RedisPool};
 use krowoc_relay::tls::RedisTls;
-use krowoc_relay::{serve, RelayArgs, RelayConfig};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    relay: RelayArgs,
-}
-
-fn config(args: &[&str]) -> anyhow::Result<RelayConfig> {
-    let mut argv = vec!["krowoc-relay"];
-    argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
-    RelayConfig::from_args(&cli.relay)
-}
-
-/// A relay serving `config` on a free loopback port, on its own runtime thread; stops on drop.
-struct Relay {
-    addr: SocketAddr,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Relay {
-    fn start(config: RelayConfig) -> Relay {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        runtime.spawn(serve(listener, config));
-        Relay {
-            addr,
-            runtime: Some(runtime),
-        }
-    }
-
-    fn post(&self, cmds: &[&[&str]]) -> testkit::http::Response {
-        let body: Vec<u8> = cmds.iter().flat_map(|c| encode_command(c)).collect();
-        testkit::http::request(self.addr, "POST", "/resp", &[], &body)
-    }
-
-    fn get(&self, path: &str) -> testkit::http::Response {
-        testkit::http::get(self.addr, path)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
 
 fn text(resp: &testkit::http::Response) -> String {
     resp.text()
