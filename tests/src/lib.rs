@@ -18,12 +18,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use host_shim::run::{RunArgs, Running};
+use krowoc_relay::cluster::ClusterConfig;
 use krowoc_relay::pool::RedisEndpoint;
 use krowoc_relay::tls::RedisTls;
 use krowoc_relay::RelayConfig;
 use krowoc_upstream::config::UpstreamConfig;
 use krowoc_upstream::AppState;
 use serde_json::Value;
+use testkit::cluster::RedisCluster;
 use testkit::envoy::{EnvoyProcess, Loopback};
 pub use testkit::http::Response;
 pub use testkit::link::Link;
@@ -270,6 +272,9 @@ pub struct StackOptions {
     /// `redis_call` through a TLS `transport_socket` on envoy.yaml's `redis` cluster. The
     /// upstream and the test's own commands use the plain port.
     pub redis_tls: bool,
+    /// The relay relays to a Redis Cluster (3 masters, no replicas; [`Stack::cluster`])
+    /// instead of [`Stack::redis`], which the upstream keeps using.
+    pub redis_cluster: bool,
 }
 
 /// The ACL user and password [`StackOptions::filter_acl_user`] creates.
@@ -287,6 +292,7 @@ impl Default for StackOptions {
             cuttable: false,
             filter_acl_user: false,
             redis_tls: false,
+            redis_cluster: false,
         }
     }
 }
@@ -409,6 +415,8 @@ impl Drop for Gateway {
 pub struct Stack {
     pub host: Host,
     pub redis: RedisServer,
+    /// With [`StackOptions::redis_cluster`]: the cluster the relay uses.
+    pub cluster: Option<RedisCluster>,
     pub upstream: SocketAddr,
     pub upstream_state: AppState,
     pub relay: SocketAddr,
@@ -450,6 +458,7 @@ impl Stack {
             Some((ca, server, _)) => RedisServer::start_tls(ca, server, true),
             None => RedisServer::start(),
         };
+        let cluster = options.redis_cluster.then(|| RedisCluster::start(3, 0));
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -515,8 +524,24 @@ impl Stack {
                 endpoint.username = Some(user.to_string());
                 endpoint.password = Some(password.to_string());
             }
-            let mut config = RelayConfig::new(endpoint);
+            let mut config = RelayConfig::new(endpoint.clone());
             config.tls = relay_tls;
+            if let Some(cluster) = &cluster {
+                config.cluster = Some(ClusterConfig {
+                    seeds: cluster
+                        .seeds()
+                        .split(',')
+                        .map(|s| {
+                            let (host, port) = s.rsplit_once(':').expect("host:port");
+                            (host.to_string(), port.parse().expect("port"))
+                        })
+                        .collect(),
+                    login: endpoint,
+                    tls: None,
+                    connections: config.pool_size,
+                    refresh: krowoc_relay::cluster::DEFAULT_REFRESH,
+                });
+            }
             config.token = token;
             if let Some(max) = options.relay_max_body_bytes {
                 config.max_body_bytes = max;
@@ -540,6 +565,7 @@ impl Stack {
         let mut stack = Stack {
             host: options.host,
             redis,
+            cluster,
             upstream,
             upstream_state,
             relay,

@@ -869,3 +869,43 @@ fn a_clients_no_store_bypasses_the_cache_and_is_ignored_unless_honoured() {
         "by default a client's directives do not empty the cache"
     );
 }
+
+#[test]
+fn a_pattern_purge_scans_route_by_route_each_in_its_routes_slot() {
+    let mut c = Cache::with(&format!(
+        r#"{{"routes": [{ROUTE}, {{"name": "s", "match": {{"prefix": "/s"}}, "cache": {{"ttl": "60s"}}}}],
+            "cache": {{"purge": {{"path": "/_purge", "token": "0123456789abcdef"}}}}}}"#
+    ));
+    let mut req = Cache::request("POST", "/_purge");
+    req.headers.extend(fields(&[
+        ("x-krowoc-purge-token", "0123456789abcdef"),
+        ("x-krowoc-invalidate", "pattern=/*"),
+    ]));
+    let start = c
+        .engine
+        .purge_endpoint(&mut c.client, &mut c.wire, c.now_ms, 9, &req);
+    let Some(PurgeStart::Wait(purge)) = start else {
+        panic!("waits: {start:?}");
+    };
+    c.records.0.insert(9, (None, Some(purge)));
+    c.tick();
+    // (The recording wire checks that each command's keys share one cluster slot.)
+    let scans: Vec<(u32, Vec<String>)> = c
+        .wire
+        .sent
+        .iter()
+        .map(|(t, payload)| {
+            let mut w = RecordingWire::default();
+            w.sent.push((*t, payload.clone()));
+            (*t, w.last_command())
+        })
+        .filter(|(_, cmd)| cmd.get(1) == Some(&c.sha("cache_scan_purge")))
+        .collect();
+    assert_eq!(scans.len(), 2, "one scan per cached route: {scans:?}");
+    for (route, (_, cmd)) in ["r", "s"].iter().zip(&scans) {
+        let keys = RouteKeys::new("krowoc:", route);
+        assert_eq!(cmd[2], "1", "one key: the route's purge mark");
+        assert_eq!(cmd[3], keys.purge_mark());
+        assert_eq!(cmd[5], keys.entries_match());
+    }
+}

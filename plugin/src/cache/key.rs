@@ -136,6 +136,13 @@ impl RouteKeys {
         format!("{}e:", self.base)
     }
 
+    /// The `SCAN MATCH` pattern of the route's entry keys (prefix and route escaped): a
+    /// pattern purge scans route by route, each scan on the Redis Cluster node of the route's
+    /// slot.
+    pub fn entries_match(&self) -> String {
+        format!("{}*", escape_redis_glob(&self.entry_prefix()))
+    }
+
     pub fn entry(&self, hash: &str) -> String {
         format!("{}e:{hash}", self.base)
     }
@@ -177,11 +184,6 @@ pub fn escape_redis_glob(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// The `SCAN MATCH` pattern of every entry key of every route.
-pub fn all_entries_match(prefix: &str) -> String {
-    format!("{}c:{{*}}:e:*", escape_redis_glob(prefix))
 }
 
 /// Turns a purge pattern (a glob over entry URLs: `*` any run, `?` one character, `\x` a
@@ -335,6 +337,9 @@ mod tests {
         );
         assert_eq!(glob_to_lua_pattern("a\\*b%"), "^a%*b%%$");
         assert_eq!(glob_to_lua_pattern("*"), "^.*$");
-        assert_eq!(all_entries_match("k*:"), "k\\*:c:{*}:e:*");
+        assert_eq!(
+            RouteKeys::new("k*:", "r[1]").entries_match(),
+            "k\\*:c:{r\\[1\\]}:e:*"
+        );
     }
 }

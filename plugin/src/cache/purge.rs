@@ -17,9 +17,7 @@
 //! Tag, route and URL purges read an index set and delete what it lists: no scan. Unknown kinds
 //! are skipped, so senders may add kinds.
 
-use crate::cache::key::{
-    all_entries_match, glob_to_lua_pattern, normalized_url, sha1_hex, RouteKeys,
-};
+use crate::cache::key::{glob_to_lua_pattern, normalized_url, sha1_hex, RouteKeys};
 use crate::config::{Config, RouteMatch};
 
 /// One thing to purge.
@@ -152,13 +150,18 @@ pub fn plan(config: &Config, d: &Directive) -> Vec<PurgeStep> {
                 index(&keys, keys.route_index())
             })
             .collect(),
-        Directive::Pattern(glob) => vec![PurgeStep::Scan {
-            match_pattern: all_entries_match(prefix),
-            lua_pattern: glob_to_lua_pattern(glob),
-            mark_keys: cached
-                .map(|(r, _)| RouteKeys::new(prefix, &r.name).purge_mark())
-                .collect(),
-        }],
+        // One scan per route: a route's entries share its slot, so on a Redis Cluster each
+        // scan runs on the node that holds them, touching keys of that slot only.
+        Directive::Pattern(glob) => cached
+            .map(|(r, _)| {
+                let keys = RouteKeys::new(prefix, &r.name);
+                PurgeStep::Scan {
+                    match_pattern: keys.entries_match(),
+                    lua_pattern: glob_to_lua_pattern(glob),
+                    mark_keys: vec![keys.purge_mark()],
+                }
+            })
+            .collect(),
     }
 }
 
@@ -470,14 +473,18 @@ mod tests {
     fn patterns_scan_entry_keys_with_an_anchored_pattern() {
         assert_eq!(
             plan(&config(), &Directive::Pattern("/api/*".into())),
-            vec![PurgeStep::Scan {
-                match_pattern: "k:c:{*}:e:*".into(),
-                lua_pattern: "^/api/.*$".into(),
-                mark_keys: vec![
-                    "k:c:{cached-data}:purged".into(),
-                    "k:c:{docs}:purged".into()
-                ],
-            }]
+            vec![
+                PurgeStep::Scan {
+                    match_pattern: "k:c:{cached-data}:e:*".into(),
+                    lua_pattern: "^/api/.*$".into(),
+                    mark_keys: vec!["k:c:{cached-data}:purged".into()],
+                },
+                PurgeStep::Scan {
+                    match_pattern: "k:c:{docs}:e:*".into(),
+                    lua_pattern: "^/api/.*$".into(),
+                    mark_keys: vec!["k:c:{docs}:purged".into()],
+                }
+            ]
         );
     }
 

@@ -2,10 +2,10 @@
 -- whose URL matches. Called again with the returned cursor until it is "0". Pattern purges are
 -- the one place the cache scans the keyspace; they never run on a request's path.
 --
--- KEYS     the purge marks of every cached route (see cache_purge.lua), set at each step; the
---          scan itself covers the whole keyspace of this Redis
+-- KEYS     the purge mark of the route scanned (see cache_purge.lua), set at each step
 -- ARGV[1]  the SCAN cursor ("0" to start)
--- ARGV[2]  SCAN MATCH pattern of entry keys ("<prefix>c:{*}:e:*", prefix escaped)
+-- ARGV[2]  SCAN MATCH pattern of the route's entry keys ("<prefix>c:{<route>}:e:*", escaped):
+--          they share the mark's slot, so on Redis Cluster the script runs where they are
 -- ARGV[3]  SCAN COUNT
 -- ARGV[4]  an anchored Lua pattern an entry's URL (its u field) must match
 -- Reply    { next_cursor, deleted }
