@@ -7,7 +7,7 @@
 //! ```
 //! use krowoc_relay::acl::filter_user_rules;
 //! let rules = filter_user_rules("krowoc:", &["krowoc:requests"]).join(" ");
-//! assert!(rules.starts_with("reset on ~krowoc:* &krowoc:requests -@all +del +eval +evalsha"));
+//! assert!(rules.starts_with("reset on ~krowoc:* &krowoc:requests -@all +asking +cluster|slots +del +eval +evalsha"));
 //! ```
 //!
 //! A command outside the list or a key outside the prefix is answered `NOPERM` by Redis: the
@@ -16,9 +16,12 @@
 
 /// Every command the filter needs: what it sends itself (`EVALSHA`, with `EVAL` on NOSCRIPT;
 /// `DEL` of a cache entry; `PUBLISH` and `XADD` of events, through the relay), what its Lua
-/// scripts call (`plugin/src/redis/scripts/*.lua`), and the relay's `PING` for `/ready`.
+/// scripts call (`plugin/src/redis/scripts/*.lua`), and the relay's `PING` for `/ready`, with
+/// `ASKING` and `CLUSTER SLOTS` on a Redis Cluster (following redirects, reading the slot map).
 /// `AUTH` needs no permission; add `+select` when the URL names a database other than 0.
 pub const FILTER_ACL_COMMANDS: &[&str] = &[
+    "ASKING",
+    "CLUSTER|SLOTS",
     "DEL",
     "EVAL",
     "EVALSHA",
@@ -113,9 +116,10 @@ mod tests {
             missing.is_empty(),
             "scripts call commands the ACL user lacks: {missing:?}"
         );
-        // Beyond the scripts' own: what the filter and the relay send directly.
+        // Beyond the scripts' own: what the filter and the relay send directly (the relay's
+        // ASKING and CLUSTER SLOTS on a cluster).
         let direct: BTreeSet<String> = granted.difference(&called).cloned().collect();
-        let expected: BTreeSet<String> = ["EVAL", "EVALSHA", "PING"]
+        let expected: BTreeSet<String> = ["ASKING", "CLUSTER|SLOTS", "EVAL", "EVALSHA", "PING"]
             .iter()
             .map(|c| c.to_string())
             .collect();

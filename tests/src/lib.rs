@@ -472,6 +472,9 @@ impl Stack {
         }
         let acl_user = options.filter_acl_user.then(|| {
             create_filter_acl_user(&redis, &plugin_config);
+            for node in cluster.iter().flat_map(|c| (0..c.len()).map(|i| c.node(i))) {
+                create_filter_acl_user(node, &plugin_config);
+            }
             if plugin_config["redis"]["transport"] == "redis_call" {
                 let (user, password) = FILTER_ACL_USER;
                 plugin_config["redis"]["username"] = Value::from(user);

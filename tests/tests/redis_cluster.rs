@@ -10,9 +10,10 @@ use std::time::Duration;
 const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 const WAIT: Duration = Duration::from_secs(5);
 
-fn cluster_stack(host: Host) -> Stack {
+fn cluster_stack(host: Host, acl_user: bool) -> Stack {
     Stack::start_with(StackOptions {
         host,
+        filter_acl_user: acl_user,
         plugin_config: Some(Box::new(|cfg: &mut Value| {
             krowoc_tests::use_transport(cfg, "relay");
             cfg["redis"]["timeout"] = json!("1s");
@@ -78,7 +79,34 @@ fn wait_for_hit(stack: &Stack, path: &str) {
 
 krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster);
 fn the_filter_works_on_a_redis_cluster(host: Host) {
-    let mut stack = cluster_stack(host);
+    the_filter_works_on_a_cluster(host, false);
+}
+
+krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_as_its_acl_user);
+fn the_filter_works_on_a_redis_cluster_as_its_acl_user(host: Host) {
+    the_filter_works_on_a_cluster(host, true);
+}
+
+/// How many commands, keys and channels Redis's ACL denied on the cluster's masters.
+fn acl_denied(stack: &Stack) -> i64 {
+    let cluster = stack.cluster.as_ref().expect("cluster");
+    cluster
+        .masters()
+        .iter()
+        .map(|&m| {
+            let log = cluster.node(m).cli(&["ACL", "LOG", "1000"]);
+            let lines: Vec<&str> = log.lines().collect();
+            lines
+                .windows(2)
+                .filter(|w| w[0] == "count")
+                .map(|w| w[1].parse::<i64>().unwrap_or(0))
+                .sum::<i64>()
+        })
+        .sum()
+}
+
+fn the_filter_works_on_a_cluster(host: Host, acl_user: bool) {
+    let mut stack = cluster_stack(host, acl_user);
     let (second, _) = stack.start_gateway(2);
 
     // One limit for both gateways, decided in the cluster.
@@ -183,4 +211,16 @@ fn the_filter_works_on_a_redis_cluster(host: Host) {
         "{}",
         stack.metrics()
     );
+    if acl_user {
+        let (user, _) = krowoc_tests::FILTER_ACL_USER;
+        let cluster = stack.cluster.as_ref().expect("cluster");
+        for m in cluster.masters() {
+            let clients = cluster.node(m).cli(&["CLIENT", "LIST"]);
+            assert!(
+                clients.contains(&format!(" user={user} ")),
+                "nothing logged in to master {m} as {user}:\n{clients}"
+            );
+        }
+        assert_eq!(acl_denied(&stack), 0, "Redis's ACL denied commands");
+    }
 }
