@@ -117,6 +117,11 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
             route.cluster
         );
     }
+    let redis_clusters = cfg
+        .clusters
+        .iter()
+        .filter_map(|(name, c)| Some((name.clone(), c.redis_cluster.clone()?)))
+        .collect();
     let routes = cfg.routes.clone();
     let filter = match &cfg.wasm {
         None => None,
@@ -156,6 +161,7 @@ pub fn load_spec(args: &RunArgs) -> anyhow::Result<(GatewaySpec, SocketAddr, Opt
         routes,
         clusters,
         redis_tls,
+        redis_clusters,
         filter,
         max_request_headers_bytes: 60 * 1024,
         stream_idle_timeout: cfg.stream_idle_timeout,

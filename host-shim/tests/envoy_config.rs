@@ -819,3 +819,92 @@ fn tls_without_a_trusted_ca_or_of_another_kind_is_refused_by_path() {
         format!("{socket}.typed_config.common_tls_context.alpn_protocols")
     );
 }
+
+const REDIS_CLUSTER_TYPE: &str = r#"
+name: envoy.clusters.redis
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.clusters.redis.v3.RedisClusterConfig
+  cluster_refresh_rate: 2s
+"#;
+
+const THREE_SEEDS: &str = r#"
+cluster_name: redis
+endpoints:
+- lb_endpoints:
+  - endpoint: {address: {socket_address: {address: redis-0, port_value: 7000}}}
+  - endpoint: {address: {socket_address: {address: redis-1, port_value: 7001}}}
+  - endpoint: {address: {socket_address: {address: redis-2, port_value: 7002}}}
+"#;
+
+/// The shipped `redis` cluster as an `envoy.clusters.redis` cluster of three seeds.
+fn redis_cluster_type(edit: impl FnOnce(&mut Value)) -> Result<EnvoyConfig, EnvoyConfigError> {
+    let mut doc = shipped_yaml();
+    let cluster = at(&mut doc, "static_resources.clusters[2]");
+    let map = cluster.as_mapping_mut().expect("cluster");
+    map.remove("type");
+    map.insert("cluster_type".into(), yaml(REDIS_CLUSTER_TYPE));
+    map.insert("load_assignment".into(), yaml(THREE_SEEDS));
+    edit(cluster);
+    parse(&doc)
+}
+
+#[test]
+fn an_envoy_redis_cluster_type_is_read_with_its_seeds_and_refresh_rate() {
+    let mut cfg = redis_cluster_type(|_| {}).expect("a Redis Cluster");
+    let redis = cfg.clusters["redis"]
+        .redis_cluster
+        .clone()
+        .expect("redis cluster");
+    let seeds: Vec<(String, u16)> = redis
+        .seeds
+        .iter()
+        .map(|s| (s.host.clone(), s.port))
+        .collect();
+    assert_eq!(
+        seeds,
+        vec![
+            ("redis-0".into(), 7000),
+            ("redis-1".into(), 7001),
+            ("redis-2".into(), 7002)
+        ]
+    );
+    assert_eq!(redis.refresh, Duration::from_secs(2));
+    assert_eq!(cfg.clusters["redis"].port, 7000);
+    assert!(cfg.clusters["upstream"].redis_cluster.is_none());
+
+    // --cluster redis=SEEDS replaces the seeds.
+    cfg.override_cluster("redis", "127.0.0.1:7100, 127.0.0.1:7101")
+        .expect("seeds override");
+    let redis = cfg.clusters["redis"]
+        .redis_cluster
+        .clone()
+        .expect("redis cluster");
+    assert_eq!(redis.seeds.len(), 2);
+    assert_eq!(cfg.clusters["redis"].port, 7100);
+    assert!(cfg
+        .override_cluster("upstream", "127.0.0.1:1,127.0.0.1:2")
+        .is_err());
+}
+
+#[test]
+fn a_redis_cluster_type_of_another_kind_or_beside_a_type_is_refused_by_path() {
+    let (path, message) = refused(redis_cluster_type(|c| {
+        c["type"] = Value::from("STRICT_DNS");
+    }));
+    assert_eq!(path, "static_resources.clusters[2].type");
+    assert!(message.contains("not both"), "{message}");
+
+    let (path, message) = refused(redis_cluster_type(|c| {
+        c["cluster_type"]["name"] = Value::from("envoy.clusters.aggregate");
+    }));
+    assert_eq!(path, "static_resources.clusters[2].cluster_type.name");
+    assert!(message.contains("envoy.clusters.redis"), "{message}");
+
+    let (path, _) = refused(redis_cluster_type(|c| {
+        c["cluster_type"]["typed_config"]["cluster_refresh_rate"] = Value::from("soon");
+    }));
+    assert_eq!(
+        path,
+        "static_resources.clusters[2].cluster_type.typed_config.cluster_refresh_rate"
+    );
+}

@@ -156,6 +156,7 @@ fn start_gateway(upstream: SocketAddr) -> Gateway {
         ],
         clusters,
         redis_tls: HashMap::new(),
+        redis_clusters: HashMap::new(),
         filter: Some(FilterSpec {
             module,
             settings: VmSettings {

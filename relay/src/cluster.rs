@@ -731,6 +731,24 @@ impl ClusterPool {
         })
     }
 
+    /// Like [`ClusterPool::call_parsed`] for a caller that has not parsed the body (host-shim's
+    /// `proxy_redis_call`): parsed here, once; a body that is not RESP commands, or holds one
+    /// that cannot run on a shared connection, is refused before anything is sent.
+    pub async fn call(&self, body: Bytes, timeout: Duration) -> Result<Bytes, PoolError> {
+        let parsed = crate::pool::parse_commands(&body)
+            .map_err(|e| self.error(PoolErrorKind::InvalidRequest, e.to_string()))?;
+        if let Some(cmd) = parsed
+            .iter()
+            .find(|c| crate::pool::SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
+        {
+            return Err(self.error(
+                PoolErrorKind::InvalidRequest,
+                format!("{} cannot run on a shared pipelined connection", cmd.name),
+            ));
+        }
+        self.call_parsed(body, &parsed, timeout).await
+    }
+
     /// Sends the commands of `body` (parsed as `parsed`) to the masters serving their keys and
     /// returns one reply per command, in the body's order. `timeout` covers everything,
     /// redirects included. A command refused by routing ([`route`]) refuses the whole body

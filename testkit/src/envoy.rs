@@ -68,7 +68,8 @@ pub struct Loopback<'a> {
 }
 
 /// `yaml` with the listener and admin on loopback, each cluster a STATIC one at its given
-/// address, and every wasm filter's code read from `plugin`. Everything else is kept.
+/// address (a cluster with a `cluster_type` keeps its endpoints), and every wasm filter's code
+/// read from `plugin`. Everything else is kept.
 pub fn loopback_yaml(yaml: &str, lb: &Loopback) -> Result<String, String> {
     let mut doc: Value =
         serde_yaml::from_str(yaml).map_err(|e| format!("envoy.yaml is not YAML: {e}"))?;
@@ -112,6 +113,10 @@ pub fn loopback_yaml(yaml: &str, lb: &Loopback) -> Result<String, String> {
             .and_then(Value::as_str)
             .ok_or("a cluster has no name")?
             .to_string();
+        if cluster.get("cluster_type").is_some() {
+            // A custom cluster type (`envoy.clusters.redis`) keeps its endpoints: the seeds.
+            continue;
+        }
         let addr = lb
             .clusters
             .iter()

@@ -327,6 +327,50 @@ fn add_redis_transport_socket(yaml_path: &Path, ca: &Path, client: &CertFiles) {
     std::fs::write(yaml_path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
 }
 
+/// Makes the yaml's `redis` cluster a Redis Cluster as Envoy describes one: `cluster_type`
+/// `envoy.clusters.redis` with `seeds` as its endpoints.
+fn use_redis_cluster_type(yaml_path: &Path, seeds: &str) {
+    let text = std::fs::read_to_string(yaml_path).expect("read the stack's yaml");
+    let mut yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse the yaml");
+    let endpoints: Vec<serde_json::Value> = seeds
+        .split(',')
+        .map(|seed| {
+            let (host, port) = seed.rsplit_once(':').expect("host:port");
+            serde_json::json!({"endpoint": {"address": {"socket_address": {
+                "address": host, "port_value": port.parse::<u16>().expect("port")}}}})
+        })
+        .collect();
+    let cluster = yaml["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .expect("clusters")
+        .iter_mut()
+        .find(|c| c["name"] == "redis")
+        .expect("envoy.yaml has the redis cluster");
+    let map = cluster.as_mapping_mut().expect("a mapping");
+    map.remove("type");
+    map.remove("dns_lookup_family");
+    map.insert(
+        "cluster_type".into(),
+        serde_yaml::to_value(serde_json::json!({
+            "name": "envoy.clusters.redis",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.redis.v3.RedisClusterConfig",
+                "cluster_refresh_rate": "5s"
+            }
+        }))
+        .expect("cluster_type as YAML"),
+    );
+    map.insert(
+        "load_assignment".into(),
+        serde_yaml::to_value(serde_json::json!({
+            "cluster_name": "redis",
+            "endpoints": [{"lb_endpoints": endpoints}]
+        }))
+        .expect("load_assignment as YAML"),
+    );
+    std::fs::write(yaml_path, serde_yaml::to_string(&yaml).expect("yaml")).expect("write yaml");
+}
+
 /// `ACL SETUSER` of [`FILTER_ACL_USER`] for the plugin configuration `config`: its
 /// `redis.key_prefix` (default `krowoc:`) and every `channel` it names.
 pub fn create_filter_acl_user(redis: &RedisServer, config: &Value) {
@@ -490,6 +534,9 @@ impl Stack {
         if let Some((ca, _, client)) = &tls {
             add_redis_transport_socket(&yaml, &ca.ca_file(), client);
         }
+        if let Some(cluster) = &cluster {
+            use_redis_cluster_type(&yaml, &cluster.seeds());
+        }
         let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
 
         let upstream_config = UpstreamConfig {
@@ -588,6 +635,15 @@ impl Stack {
         stack
     }
 
+    /// The `redis` cluster's `--cluster` override: the Redis Cluster's seeds with
+    /// [`StackOptions::redis_cluster`], else [`Stack::redis_gateway_addr`].
+    fn redis_override(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => cluster.seeds(),
+            None => self.redis_gateway_addr().to_string(),
+        }
+    }
+
     /// Where gateways reach Redis (its `redis` cluster): the TLS port with
     /// [`StackOptions::redis_tls`].
     pub fn redis_gateway_addr(&self) -> SocketAddr {
@@ -604,7 +660,7 @@ impl Stack {
             clusters: vec![
                 format!("upstream={}", self.upstream),
                 format!("redis_relay={}", self.relay),
-                format!("redis={}", self.redis_gateway_addr()),
+                format!("redis={}", self.redis_override()),
             ],
             plugin: Some(plugin_wasm()),
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -694,7 +750,14 @@ impl Stack {
                 let mut args = self.run_args(workers);
                 args.config = yaml.to_path_buf();
                 args.plugin = Some(module.to_path_buf());
-                args.clusters = all.iter().map(|(n, a)| format!("{n}={a}")).collect();
+                args.clusters = all
+                    .iter()
+                    .map(|(n, a)| match (n.as_str(), &self.cluster) {
+                        // A Redis Cluster's seeds, for its `envoy.clusters.redis` cluster.
+                        ("redis", Some(_)) => format!("{n}={}", self.redis_override()),
+                        _ => format!("{n}={a}"),
+                    })
+                    .collect();
                 let log = dir.join("plugin.log");
                 args.log_path = Some(log.clone());
                 let running = self

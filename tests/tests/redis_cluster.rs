@@ -10,12 +10,12 @@ use std::time::Duration;
 const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 const WAIT: Duration = Duration::from_secs(5);
 
-fn cluster_stack(host: Host, acl_user: bool) -> Stack {
+fn cluster_stack(host: Host, transport: &'static str, acl_user: bool) -> Stack {
     Stack::start_with(StackOptions {
         host,
         filter_acl_user: acl_user,
-        plugin_config: Some(Box::new(|cfg: &mut Value| {
-            krowoc_tests::use_transport(cfg, "relay");
+        plugin_config: Some(Box::new(move |cfg: &mut Value| {
+            krowoc_tests::use_transport(cfg, transport);
             cfg["redis"]["timeout"] = json!("1s");
             // A limit per client, so that the limits of many clients spread over the masters.
             let per_client = json!({"name": "per-client", "match": {"path": "/api/slow-limited"},
@@ -77,14 +77,21 @@ fn wait_for_hit(stack: &Stack, path: &str) {
     assert!(hit, "{path} never became a HIT");
 }
 
-krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster);
-fn the_filter_works_on_a_redis_cluster(host: Host) {
-    the_filter_works_on_a_cluster(host, false);
+krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_relay);
+fn the_filter_works_on_a_redis_cluster_relay(host: Host) {
+    the_filter_works_on_a_cluster(host, "relay", false);
 }
 
-krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_as_its_acl_user);
-fn the_filter_works_on_a_redis_cluster_as_its_acl_user(host: Host) {
-    the_filter_works_on_a_cluster(host, true);
+krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_as_its_acl_user_relay);
+fn the_filter_works_on_a_redis_cluster_as_its_acl_user_relay(host: Host) {
+    the_filter_works_on_a_cluster(host, "relay", true);
+}
+
+// The `redis` cluster is an `envoy.clusters.redis` cluster (its seeds the cluster's masters),
+// which Envoy loads too; only host-shim makes Redis calls.
+krowoc_tests::on_host_shim_only!(redis_call: the_filter_works_on_a_redis_cluster_redis_call);
+fn the_filter_works_on_a_redis_cluster_redis_call(host: Host) {
+    the_filter_works_on_a_cluster(host, "redis_call", true);
 }
 
 /// How many commands, keys and channels Redis's ACL denied on the cluster's masters.
@@ -105,8 +112,8 @@ fn acl_denied(stack: &Stack) -> i64 {
         .sum()
 }
 
-fn the_filter_works_on_a_cluster(host: Host, acl_user: bool) {
-    let mut stack = cluster_stack(host, acl_user);
+fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: bool) {
+    let mut stack = cluster_stack(host, transport, acl_user);
     let (second, _) = stack.start_gateway(2);
 
     // One limit for both gateways, decided in the cluster.

@@ -15,10 +15,10 @@ use crate::conn_manager::{
 
 use super::yaml::{describe, invalid, join, type_url, Node, Object};
 use super::{
-    Cluster, DiscoveryType, EnvoyConfig, PathMatch, Result, RouteEntry, SocketAddress, UpstreamTls,
-    WasmFilter, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RELOAD_BASE_INTERVAL, DEFAULT_STREAM_IDLE_TIMEOUT,
-    DOWNSTREAM_CONNECTIONS_MONITOR, DOWNSTREAM_CONNECTIONS_TYPE, HCM_TYPE, ROUTER_TYPE, RUNTIMES,
-    STRING_VALUE_TYPE, STRUCT_TYPE, WASM_TYPE,
+    Cluster, DiscoveryType, EnvoyConfig, PathMatch, RedisClusterType, Result, RouteEntry,
+    SocketAddress, UpstreamTls, WasmFilter, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RELOAD_BASE_INTERVAL,
+    DEFAULT_STREAM_IDLE_TIMEOUT, DOWNSTREAM_CONNECTIONS_MONITOR, DOWNSTREAM_CONNECTIONS_TYPE,
+    HCM_TYPE, ROUTER_TYPE, RUNTIMES, STRING_VALUE_TYPE, STRUCT_TYPE, WASM_TYPE,
 };
 
 pub(super) fn parse_bootstrap(root: Node<'_>, base_dir: &Path) -> Result<EnvoyConfig> {
@@ -577,6 +577,7 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
             "dns_lookup_family",
             "load_assignment",
             "transport_socket",
+            "cluster_type",
         ])?;
         let name_node = c.req("name")?;
         let name = name_node.string()?.to_string();
@@ -585,6 +586,15 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
         }
         if clusters.contains_key(&name) {
             return Err(name_node.invalid(format!("cluster {name:?} is defined twice")));
+        }
+        let redis_cluster = c
+            .get("cluster_type")
+            .map(|t| redis_cluster_type(&t))
+            .transpose()?;
+        if let (Some(_), Some(t)) = (&redis_cluster, c.get("type")) {
+            return Err(t.invalid(
+                "a cluster has either `type` or `cluster_type`, not both (Envoy's cluster_discovery_type)",
+            ));
         }
         let discovery = match c.get("type") {
             None => DiscoveryType::Static,
@@ -622,27 +632,48 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
             .req("endpoints")?
             .only_one("locality (endpoints entry)")?;
         let locality = locality.object(&["lb_endpoints"])?;
-        let lb_endpoint = locality
-            .req("lb_endpoints")?
-            .only_one("endpoint per cluster")?;
-        let endpoint = lb_endpoint.object(&["endpoint"])?.req("endpoint")?;
-        let address_node = endpoint.object(&["address"])?.req("address")?;
-        let address = socket_address(&address_node)?;
-        if address.port == 0 {
-            return Err(invalid(
-                &format!("{}.socket_address.port_value", address_node.path),
-                "port 0 cannot be connected to",
-            ));
+        let lb_endpoints = match &redis_cluster {
+            // A Redis Cluster's endpoints are its seed nodes.
+            Some(_) => locality.req("lb_endpoints")?.list()?,
+            None => vec![locality
+                .req("lb_endpoints")?
+                .only_one("endpoint per cluster")?],
+        };
+        let mut addresses = Vec::new();
+        for lb_endpoint in lb_endpoints {
+            let endpoint = lb_endpoint.object(&["endpoint"])?.req("endpoint")?;
+            let address_node = endpoint.object(&["address"])?.req("address")?;
+            let address = socket_address(&address_node)?;
+            if address.port == 0 {
+                return Err(invalid(
+                    &format!("{}.socket_address.port_value", address_node.path),
+                    "port 0 cannot be connected to",
+                ));
+            }
+            if discovery == DiscoveryType::Static
+                && redis_cluster.is_none()
+                && address.host.parse::<IpAddr>().is_err()
+            {
+                return Err(invalid(
+                    &format!("{}.socket_address.address", address_node.path),
+                    format!(
+                        "{:?} is not an IP address; a STATIC cluster needs one (use type STRICT_DNS for host names)",
+                        address.host
+                    ),
+                ));
+            }
+            addresses.push(address);
         }
-        if discovery == DiscoveryType::Static && address.host.parse::<IpAddr>().is_err() {
+        let Some(address) = addresses.first().cloned() else {
             return Err(invalid(
-                &format!("{}.socket_address.address", address_node.path),
-                format!(
-                    "{:?} is not an IP address; a STATIC cluster needs one (use type STRICT_DNS for host names)",
-                    address.host
-                ),
+                &format!("{}.lb_endpoints", locality.path),
+                "no endpoints: a Redis Cluster needs at least one seed node",
             ));
-        }
+        };
+        let redis_cluster = redis_cluster.map(|refresh| RedisClusterType {
+            seeds: addresses,
+            refresh,
+        });
         clusters.insert(
             name.clone(),
             Cluster {
@@ -655,10 +686,57 @@ fn parse_clusters(node: &Node<'_>) -> Result<BTreeMap<String, Cluster>> {
                     .get("transport_socket")
                     .map(|t| upstream_tls(&t))
                     .transpose()?,
+                redis_cluster,
             },
         );
     }
     Ok(clusters)
+}
+
+const REDIS_CLUSTER_CONFIG: &str =
+    "type.googleapis.com/envoy.extensions.clusters.redis.v3.RedisClusterConfig";
+/// Envoy's `cluster_refresh_rate` default.
+const DEFAULT_REDIS_CLUSTER_REFRESH: Duration = Duration::from_secs(5);
+
+/// A cluster's `cluster_type`: `envoy.clusters.redis` with a `RedisClusterConfig`; its
+/// `cluster_refresh_rate` (how often the slot map is read again).
+fn redis_cluster_type(node: &Node<'_>) -> Result<Duration> {
+    let t = node.object(&["name", "typed_config"])?;
+    let name = t.req("name")?;
+    if name.string()? != "envoy.clusters.redis" {
+        return Err(name.invalid("host-shim supports only the cluster_type envoy.clusters.redis"));
+    }
+    let typed = t.req("typed_config")?;
+    let url = type_url(&typed)?;
+    if url != REDIS_CLUSTER_CONFIG {
+        return Err(invalid(
+            &format!("{}.@type", typed.path),
+            format!("{url:?}: host-shim reads only {REDIS_CLUSTER_CONFIG}"),
+        ));
+    }
+    let config = typed.object(&[
+        "@type",
+        "cluster_refresh_rate",
+        "cluster_refresh_timeout",
+        "redirect_refresh_interval",
+    ])?;
+    for checked in ["cluster_refresh_timeout", "redirect_refresh_interval"] {
+        if let Some(d) = config.get(checked) {
+            d.duration()?;
+        }
+    }
+    let refresh = config
+        .get("cluster_refresh_rate")
+        .map(|d| d.duration())
+        .transpose()?
+        .unwrap_or(DEFAULT_REDIS_CLUSTER_REFRESH);
+    if refresh.is_zero() {
+        return Err(invalid(
+            &format!("{}.cluster_refresh_rate", typed.path),
+            "must be more than 0s",
+        ));
+    }
+    Ok(refresh)
 }
 
 const UPSTREAM_TLS_CONTEXT: &str =

@@ -49,6 +49,10 @@
 //!   name, type (STATIC | STRICT_DNS | LOGICAL_DNS), connect_timeout (default 5s), lb_policy,
 //!   dns_lookup_family, load_assignment.{cluster_name, endpoints: exactly one
 //!     {lb_endpoints: exactly one {endpoint.address.socket_address}}}
+//!   cluster_type (instead of type): {name: envoy.clusters.redis, typed_config:
+//!     RedisClusterConfig {cluster_refresh_rate (default 5s), cluster_refresh_timeout,
+//!     redirect_refresh_interval}}: a Redis Cluster for proxy_redis_call, its lb_endpoints (one
+//!     or more) the seed nodes
 //!   transport_socket (optional; Redis clusters only)
 //!     {name: envoy.transport_sockets.tls, typed_config: UpstreamTlsContext {sni,
 //!      common_tls_context.{validation_context.trusted_ca.filename (required),
@@ -227,6 +231,18 @@ pub struct Cluster {
     /// `transport_socket` `envoy.transport_sockets.tls`: connect with TLS (host-shim does so for
     /// Redis clusters, `proxy_redis_call`).
     pub tls: Option<UpstreamTls>,
+    /// `cluster_type` `envoy.clusters.redis`: a Redis Cluster, its endpoints the seed nodes
+    /// (`host`/`port` are the first); for `proxy_redis_call`.
+    pub redis_cluster: Option<RedisClusterType>,
+}
+
+/// A Redis Cluster as Envoy's `envoy.clusters.redis` cluster type describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisClusterType {
+    /// The `load_assignment` endpoints: nodes to read the slot map from.
+    pub seeds: Vec<SocketAddress>,
+    /// `cluster_refresh_rate` (Envoy's default 5 s).
+    pub refresh: Duration,
 }
 
 /// The subset of Envoy's `UpstreamTlsContext` host-shim reads: whom to trust, which client
@@ -326,10 +342,23 @@ impl EnvoyConfig {
                 "unknown cluster {name:?}; the yaml defines: {known}"
             )));
         };
-        let parsed =
-            SocketAddress::parse(addr).map_err(|e| fail(format!("cluster {name}: {e}")))?;
-        if parsed.port == 0 {
-            return Err(fail(format!("cluster {name}: port 0 in {addr:?}")));
+        // A Redis Cluster (`envoy.clusters.redis`) takes seeds: HOST:PORT[,HOST:PORT…].
+        let listed: Vec<&str> = match cluster.redis_cluster {
+            Some(_) => addr.split(',').map(str::trim).collect(),
+            None => vec![addr],
+        };
+        let mut seeds = Vec::new();
+        for one in listed {
+            let parsed =
+                SocketAddress::parse(one).map_err(|e| fail(format!("cluster {name}: {e}")))?;
+            if parsed.port == 0 {
+                return Err(fail(format!("cluster {name}: port 0 in {one:?}")));
+            }
+            seeds.push(parsed);
+        }
+        let parsed = seeds[0].clone();
+        if let Some(redis) = &mut cluster.redis_cluster {
+            redis.seeds = seeds;
         }
         cluster.host = parsed.host;
         cluster.port = parsed.port;

@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 use crate::abi::{HeaderList, Status};
 use crate::body;
 use crate::redis_pool::{PoolError, PoolErrorKind, RedisEndpoint, RedisPool};
+use krowoc_relay::cluster::{ClusterConfig, ClusterPool};
+
+use super::worker::RedisBackend;
 use crate::shared::QueueReady;
 use crate::state::{Callout, HttpCallResponse};
 use crate::vm::VmError;
@@ -191,33 +194,66 @@ impl Worker {
             match pools.get(cluster) {
                 Some(p) => p.clone(),
                 None => {
-                    let base = crate::host::redis_call::cluster_base(cluster);
-                    let Some(addr) = self.spec.clusters.get(base) else {
-                        return Err(RedisCallError::NoCluster(format!("unknown cluster {base}")));
-                    };
-                    let db = init.db;
-                    let endpoint = RedisEndpoint {
-                        host: addr.host.clone(),
-                        port: addr.port,
-                        username: init.username.clone(),
-                        password: init.password.clone(),
-                        db,
-                        connect_timeout: init.timeout,
-                        tls: false,
-                    };
-                    let pool = match self.spec.redis_tls.get(base) {
-                        Some(tls) => RedisPool::with_tls(endpoint, 2, tls.clone()),
-                        None => RedisPool::new(endpoint, 2),
-                    };
+                    let pool = self.redis_backend(cluster, &init)?;
                     pools.insert(cluster.to_string(), pool.clone());
                     pool
                 }
             }
         };
-        pool.call(Bytes::from(query), init.timeout)
-            .await
-            .map(|b| b.to_vec())
-            .map_err(RedisCallError::Pool)
+        let replies = match pool {
+            RedisBackend::One(pool) => pool.call(Bytes::from(query), init.timeout).await,
+            RedisBackend::Cluster(cluster) => cluster.call(Bytes::from(query), init.timeout).await,
+        };
+        replies.map(|b| b.to_vec()).map_err(RedisCallError::Pool)
+    }
+
+    /// The pool for `cluster` as the VM initialised it: a Redis Cluster for a cluster of type
+    /// `envoy.clusters.redis`, else one Redis; over TLS when the cluster has a transport socket.
+    fn redis_backend(
+        &self,
+        cluster: &str,
+        init: &crate::state::RedisInit,
+    ) -> Result<RedisBackend, RedisCallError> {
+        let base = crate::host::redis_call::cluster_base(cluster);
+        let Some(addr) = self.spec.clusters.get(base) else {
+            return Err(RedisCallError::NoCluster(format!("unknown cluster {base}")));
+        };
+        let tls = self.spec.redis_tls.get(base);
+        let endpoint = RedisEndpoint {
+            host: addr.host.clone(),
+            port: addr.port,
+            username: init.username.clone(),
+            password: init.password.clone(),
+            db: init.db,
+            connect_timeout: init.timeout,
+            tls: false,
+        };
+        let Some(redis) = self.spec.redis_clusters.get(base) else {
+            return Ok(RedisBackend::One(match tls {
+                Some(tls) => RedisPool::with_tls(endpoint, 2, tls.clone()),
+                None => RedisPool::new(endpoint, 2),
+            }));
+        };
+        if init.db.is_some_and(|d| d != 0) {
+            return Err(RedisCallError::NoCluster(format!(
+                "cluster {base} is a Redis Cluster, which has database 0 only"
+            )));
+        }
+        Ok(RedisBackend::Cluster(ClusterPool::new(ClusterConfig {
+            seeds: redis
+                .seeds
+                .iter()
+                .map(|s| (s.host.clone(), s.port))
+                .collect(),
+            login: RedisEndpoint {
+                db: None,
+                tls: tls.is_some(),
+                ..endpoint
+            },
+            tls: tls.cloned(),
+            connections: 2,
+            refresh: redis.refresh,
+        })))
     }
 
     async fn deliver_redis(

@@ -64,6 +64,9 @@ pub struct GatewaySpec {
     /// The TLS of clusters with a `transport_socket`, built once at startup; host-shim speaks
     /// TLS to Redis clusters only (`proxy_redis_call`).
     pub redis_tls: HashMap<String, krowoc_relay::tls::RedisTls>,
+    /// Clusters of `cluster_type` `envoy.clusters.redis`: Redis Clusters (`proxy_redis_call`
+    /// routes each command to the master of its slot).
+    pub redis_clusters: HashMap<String, crate::envoy_config::RedisClusterType>,
     pub filter: Option<FilterSpec>,
     /// Requests whose header block is larger than this get 431.
     pub max_request_headers_bytes: usize,
@@ -376,6 +379,7 @@ mod tests {
             ],
             clusters: HashMap::new(),
             redis_tls: HashMap::new(),
+            redis_clusters: HashMap::new(),
             filter: None,
             max_request_headers_bytes: 60 * 1024,
             stream_idle_timeout: None,

@@ -27,6 +27,14 @@ use crate::downstream::{DownstreamIo, RequestInFlight};
 use crate::envoy_config::{RouteEntry, SocketAddress};
 use crate::field_order::{FieldOrder, OrderedConnector};
 use crate::redis_pool::RedisPool;
+
+/// What a worker's `proxy_redis_call`s to one cluster go through: one Redis, or a Redis Cluster
+/// (`envoy.clusters.redis`).
+#[derive(Clone)]
+pub(super) enum RedisBackend {
+    One(RedisPool),
+    Cluster(krowoc_relay::cluster::ClusterPool),
+}
 use crate::shared::SharedState;
 use crate::state::StreamInfo;
 use crate::vm::{FailurePolicy, Vm, VmError};
@@ -75,7 +83,7 @@ pub(super) struct Worker {
     pub(super) shared: Arc<SharedState>,
     pub(super) vm: Mutex<Option<VmSlot>>,
     pub(super) client: Client<OrderedConnector, Body>,
-    pub(super) redis_pools: RefCell<HashMap<String, RedisPool>>,
+    pub(super) redis_pools: RefCell<HashMap<String, RedisBackend>>,
     /// Streams whose client went away before they finished: (context, VM generation).
     pub(super) abandoned: mpsc::UnboundedSender<(u32, u64)>,
     /// What Envoy appends to XFF for a loopback peer (its own address).

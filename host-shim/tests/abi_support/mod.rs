@@ -338,6 +338,7 @@ pub fn spec(
         }],
         clusters,
         redis_tls: HashMap::new(),
+        redis_clusters: HashMap::new(),
         filter: Some(FilterSpec {
             module,
             settings: VmSettings {
