@@ -48,6 +48,11 @@ const REDIS_CLI: Program = Program {
     binary: "redis-cli",
     debian_package: "redis-tools",
 };
+/// redis-sentinel: the tests run Sentinel-managed failovers (testkit's `RedisSentinel`).
+const REDIS_SENTINEL: Program = Program {
+    binary: "redis-sentinel",
+    debian_package: "redis-sentinel",
+};
 const WRK: Program = Program {
     binary: "wrk",
     debian_package: "wrk",
@@ -72,6 +77,7 @@ pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     if needs.redis {
         programs.push(&REDIS);
         programs.push(&REDIS_CLI);
+        programs.push(&REDIS_SENTINEL);
     }
     if needs.wrk {
         programs.push(&WRK);
@@ -171,11 +177,7 @@ fn ensure_programs(programs: &[&Program], options: &SetupOptions) -> Result<()> 
              (Debian/Ubuntu: `{install_line}`; macOS: `brew install {}`) and run again",
             binaries.join(" and "),
             if missing.len() == 1 { "it" } else { "them" },
-            binaries
-                .iter()
-                .map(|b| if *b == "redis-server" { "redis" } else { b })
-                .collect::<Vec<_>>()
-                .join(" ")
+            brew_formulas(&binaries).join(" ")
         );
     }
     if !root || !options.install {
@@ -200,6 +202,19 @@ fn ensure_programs(programs: &[&Program], options: &SetupOptions) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Homebrew's formulas for `binaries`: one `redis` formula ships redis-server, redis-cli and
+/// redis-sentinel.
+fn brew_formulas<'a>(binaries: &[&'a str]) -> Vec<&'a str> {
+    let mut formulas: Vec<&str> = Vec::new();
+    for b in binaries {
+        let formula = if b.starts_with("redis-") { "redis" } else { b };
+        if !formulas.contains(&formula) {
+            formulas.push(formula);
+        }
+    }
+    formulas
 }
 
 /// `apt-get update`, then `apt-get install` of `packages` (Debian, as root).
@@ -249,6 +264,14 @@ mod tests {
         // `sh` is on PATH on every machine that can run these tests.
         assert!(find_on_path("sh").is_some());
         assert!(find_on_path("krowoc-no-such-program").is_none());
+    }
+
+    #[test]
+    fn the_redis_programs_come_from_one_brew_formula() {
+        assert_eq!(
+            brew_formulas(&["redis-server", "redis-cli", "redis-sentinel", "wrk"]),
+            vec!["redis", "wrk"]
+        );
     }
 
     #[test]
