@@ -14,6 +14,7 @@ pub mod envoy;
 pub mod fuzz;
 pub mod http;
 pub mod link;
+pub mod sentinel;
 pub mod tls;
 
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
@@ -253,10 +254,7 @@ impl RedisServer {
     /// Sends one command as RESP and returns the raw reply bytes (one read after the first bytes
     /// arrive until the socket goes quiet; fine for the small replies tests look at).
     pub fn try_command(&self, args: &[&str]) -> std::io::Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(&encode_command(args))?;
-        read_one_reply(&mut stream)
+        try_command_at(self.addr(), args)
     }
 
     /// Runs one command and returns its reply rendered as text: simple strings and bulk strings
@@ -301,6 +299,15 @@ pub fn redis_server_binary() -> PathBuf {
         "redis-server is not installed: run `cargo xtask test` (it installs it) or `apt-get install redis-server`"
     );
     p
+}
+
+/// Sends one command to whatever listens on `addr` (a redis-server, a sentinel) and returns the
+/// raw reply bytes, as [`RedisServer::try_command`] does.
+pub fn try_command_at(addr: SocketAddr, args: &[&str]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(&encode_command(args))?;
+    read_one_reply(&mut stream)
 }
 
 /// Encodes a command as a RESP array of bulk strings, with `redis-protocol`'s encoder (as
