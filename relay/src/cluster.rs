@@ -343,6 +343,23 @@ pub fn parse_seeds(
     text: &str,
     password: Option<String>,
 ) -> Result<(RedisEndpoint, Vec<(String, u16)>), crate::pool::EndpointError> {
+    let (login, seeds) = parse_node_list(text, password)?;
+    if login.db.is_some() {
+        return Err(crate::pool::EndpointError {
+            url: crate::redis_url::redact_url(text),
+            reason: "a database number: a Redis Cluster has database 0 only".into(),
+        });
+    }
+    Ok((login, seeds))
+}
+
+/// Reads a list of nodes with one login: `HOST:PORT[,HOST:PORT…]`, or
+/// `redis[s]://[[USER]:PASSWORD@]HOST:PORT,HOST:PORT…[/DB]` (the database, if any, after the
+/// last node). Returns the login (the first node's endpoint, with the database) and the nodes.
+pub fn parse_node_list(
+    text: &str,
+    password: Option<String>,
+) -> Result<(RedisEndpoint, Vec<(String, u16)>), crate::pool::EndpointError> {
     let (scheme, rest) = match text.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => ("redis://".to_string(), text),
@@ -355,28 +372,30 @@ pub fn parse_seeds(
         url: crate::redis_url::redact_url(text),
         reason: reason.to_string(),
     };
-    let mut first = None;
-    let mut seeds = Vec::new();
-    for host in hosts.split(',').map(str::trim) {
+    let mut first: Option<RedisEndpoint> = None;
+    let mut nodes = Vec::new();
+    let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+    for (i, host) in hosts.iter().enumerate() {
         if host.is_empty() {
-            return Err(fail("an empty seed; expected HOST:PORT[,HOST:PORT…]"));
+            return Err(fail("an empty node; expected HOST:PORT[,HOST:PORT…]"));
         }
         let url = format!("{scheme}{login}{host}");
         let endpoint = match &password {
             None => RedisEndpoint::from_url(&url)?,
             Some(p) => RedisEndpoint::from_url_and_password(&url, p.clone())?,
         };
-        if endpoint.db.is_some() {
-            return Err(fail(
-                "a database number: a Redis Cluster has database 0 only",
-            ));
+        if endpoint.db.is_some() && i + 1 < hosts.len() {
+            return Err(fail("a database number goes after the last HOST:PORT"));
         }
-        seeds.push((endpoint.host.clone(), endpoint.port));
-        first.get_or_insert(endpoint);
+        nodes.push((endpoint.host.clone(), endpoint.port));
+        match &mut first {
+            None => first = Some(endpoint),
+            Some(login) => login.db = endpoint.db,
+        }
     }
     match first {
-        Some(login) => Ok((login, seeds)),
-        None => Err(fail("no seed nodes; expected HOST:PORT[,HOST:PORT…]")),
+        Some(login) => Ok((login, nodes)),
+        None => Err(fail("no nodes; expected HOST:PORT[,HOST:PORT…]")),
     }
 }
 
@@ -1242,7 +1261,13 @@ mod tests {
             "{e}"
         );
         let e = parse_seeds("a:1,,b:2", None).unwrap_err().to_string();
-        assert!(e.contains("empty seed"), "{e}");
+        assert!(e.contains("empty node"), "{e}");
+        let (login, nodes) = parse_node_list("s1:26379,s2:26379/2", None).unwrap();
+        assert_eq!((login.db, nodes.len()), (Some(2), 2));
+        let e = parse_node_list("s1:1/2,s2:2", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("after the last"), "{e}");
         assert!(parse_seeds("http://a:1", None).is_err());
     }
 

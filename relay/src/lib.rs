@@ -48,11 +48,13 @@ pub mod pool;
 pub mod process;
 pub mod redis_url;
 pub mod scripts;
+pub mod sentinel;
 pub mod tls;
 
 use crate::cluster::{ClusterConfig, ClusterPool};
 use crate::pool::{CommandInfo, PoolError, RedisEndpoint, RedisPool};
 use crate::scripts::ScriptList;
+use crate::sentinel::{SentinelConfig, SentinelPool};
 use crate::tls::{RedisTls, TlsFiles};
 
 /// `host:port` as a connect address or a URL authority, an IPv6 literal in brackets
@@ -181,8 +183,21 @@ pub struct RelayArgs {
     /// Relay to a Redis Cluster instead: seed nodes HOST:PORT[,HOST:PORT…], optionally as
     /// redis[s]://[[USER]:PASSWORD@]HOST:PORT,HOST:PORT… for a login and TLS shared by every
     /// node. The relay learns the slot map from them and sends each command to its master.
-    #[arg(long, value_name = "SEEDS", conflicts_with = "redis")]
+    #[arg(long, value_name = "SEEDS", conflicts_with_all = ["redis", "redis_sentinel"])]
     pub redis_cluster: Option<String>,
+    /// Relay to the master a set of sentinels names: SENTINELS is HOST:PORT[,HOST:PORT…],
+    /// optionally as redis[s]://[[USER]:PASSWORD@]HOST:PORT,…[/DB] for the master's login, TLS
+    /// and database (the sentinels are asked without a login). Needs --sentinel-master.
+    #[arg(
+        long,
+        value_name = "SENTINELS",
+        conflicts_with = "redis",
+        requires = "sentinel_master"
+    )]
+    pub redis_sentinel: Option<String>,
+    /// The name the sentinels monitor the master as.
+    #[arg(long, value_name = "NAME", requires = "redis_sentinel")]
+    pub sentinel_master: Option<String>,
     /// Cluster: how old the slot map may get before it is read again (redirects and failed
     /// masters refresh it sooner).
     #[arg(long, default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
@@ -358,6 +373,8 @@ pub struct RelayConfig {
     pub redis: RedisEndpoint,
     /// Relay to this Redis Cluster instead of `redis`.
     pub cluster: Option<ClusterConfig>,
+    /// Relay to the master these sentinels name instead of `redis`.
+    pub sentinel: Option<SentinelConfig>,
     /// TLS to Redis, when `redis.tls`; `None` there trusts the system's roots.
     pub tls: Option<RedisTls>,
     /// When set, requests must carry it in [`TOKEN_HEADER`].
@@ -377,6 +394,7 @@ impl fmt::Debug for RelayConfig {
         f.debug_struct("RelayConfig")
             .field("redis", &self.redis)
             .field("cluster", &self.cluster)
+            .field("sentinel", &self.sentinel)
             .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("max_body_bytes", &self.max_body_bytes)
@@ -396,6 +414,7 @@ impl RelayConfig {
         RelayConfig {
             redis,
             cluster: None,
+            sentinel: None,
             tls: None,
             token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -421,18 +440,23 @@ impl RelayConfig {
                 Some(password.to_string())
             }
         };
-        let (mut redis, seeds) = match &args.redis_cluster {
-            None => {
+        let (mut redis, seeds, sentinels) = match (&args.redis_cluster, &args.redis_sentinel) {
+            (Some(text), _) => {
+                let (login, seeds) =
+                    cluster::parse_seeds(text, password).context("--redis-cluster")?;
+                (login, Some(seeds), None)
+            }
+            (None, Some(text)) => {
+                let (login, sentinels) =
+                    cluster::parse_node_list(text, password).context("--redis-sentinel")?;
+                (login, None, Some(sentinels))
+            }
+            (None, None) => {
                 let redis = match password {
                     None => RedisEndpoint::from_url(&args.redis),
                     Some(password) => RedisEndpoint::from_url_and_password(&args.redis, password),
                 };
-                (redis.context("--redis")?, None)
-            }
-            Some(text) => {
-                let (login, seeds) =
-                    cluster::parse_seeds(text, password).context("--redis-cluster")?;
-                (login, Some(seeds))
+                (redis.context("--redis")?, None, None)
             }
         };
         redis.connect_timeout = args.connect_timeout;
@@ -489,9 +513,22 @@ impl RelayConfig {
             connections: args.pool_size,
             refresh: args.cluster_refresh,
         });
+        let sentinel = match (sentinels, &args.sentinel_master) {
+            (Some(sentinels), Some(name)) if !name.trim().is_empty() => Some(SentinelConfig {
+                sentinels,
+                master_name: name.trim().to_string(),
+                login: redis.clone(),
+                tls: tls.clone(),
+                connections: args.pool_size,
+                refresh: sentinel::DEFAULT_REFRESH,
+            }),
+            (Some(_), _) => anyhow::bail!("--sentinel-master: the master's name is empty"),
+            (None, _) => None,
+        };
         Ok(RelayConfig {
             redis,
             cluster,
+            sentinel,
             tls,
             token,
             max_body_bytes: args.max_body_bytes,
@@ -536,6 +573,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         Some(cluster) => {
             tracing::info!(%addr, cluster = ?cluster.seeds, pool_size = config.pool_size, scripts = config.scripts.len(), "relay ready (redis cluster)")
         }
+    }
+    if let Some(sentinel) = &config.sentinel {
+        tracing::info!(%addr, sentinels = ?sentinel.sentinels, master = %sentinel.master_name, "redis behind sentinel");
     }
     println!("relay listening on {addr}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -591,10 +631,11 @@ struct Relay {
     metrics: Metrics,
 }
 
-/// One Redis, or a Redis Cluster.
+/// One Redis, a Redis Cluster, or the master Sentinel names.
 enum Backend {
     One(RedisPool),
     Cluster(ClusterPool),
+    Sentinel(SentinelPool),
 }
 
 /// Why a request was not relayed; each maps to one status.
@@ -748,14 +789,17 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 
 impl Relay {
     fn new(config: RelayConfig) -> Relay {
-        let backend = match (&config.cluster, &config.tls) {
-            (Some(cluster), _) => Backend::Cluster(ClusterPool::new(cluster.clone())),
-            (None, Some(tls)) => Backend::One(RedisPool::with_tls(
-                config.redis.clone(),
-                config.pool_size,
-                tls.clone(),
-            )),
-            (None, None) => Backend::One(RedisPool::new(config.redis.clone(), config.pool_size)),
+        let backend = if let Some(cluster) = &config.cluster {
+            Backend::Cluster(ClusterPool::new(cluster.clone()))
+        } else if let Some(sentinel) = &config.sentinel {
+            Backend::Sentinel(SentinelPool::new(sentinel.clone()))
+        } else {
+            Backend::One(match &config.tls {
+                Some(tls) => {
+                    RedisPool::with_tls(config.redis.clone(), config.pool_size, tls.clone())
+                }
+                None => RedisPool::new(config.redis.clone(), config.pool_size),
+            })
         };
         Relay {
             config,
@@ -799,11 +843,17 @@ impl Relay {
                     ),
                     Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
                 },
+                Backend::Sentinel(sentinel) => match sentinel.ready(self.config.timeout).await {
+                    Ok(state) => text(StatusCode::OK, format!("ready\n{state}")),
+                    Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
+                },
             },
             "/metrics" if req.method() == Method::GET => {
                 let mut body = self.metrics.render();
-                if let Backend::Cluster(cluster) = &self.backend {
-                    body.push_str(&cluster.render_metrics());
+                match &self.backend {
+                    Backend::One(_) => {}
+                    Backend::Cluster(cluster) => body.push_str(&cluster.render_metrics()),
+                    Backend::Sentinel(sentinel) => body.push_str(&sentinel.render_metrics()),
                 }
                 let mut resp = text(StatusCode::OK, body);
                 resp.headers_mut().insert(
@@ -895,6 +945,11 @@ impl Relay {
             Backend::One(pool) => pool.call_parsed(body, &commands, self.config.timeout).await,
             Backend::Cluster(cluster) => {
                 cluster
+                    .call_parsed(body, &commands, self.config.timeout)
+                    .await
+            }
+            Backend::Sentinel(sentinel) => {
+                sentinel
                     .call_parsed(body, &commands, self.config.timeout)
                     .await
             }
