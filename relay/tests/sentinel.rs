@@ -139,9 +139,7 @@ fn an_unknown_master_name_is_not_ready_saying_so() {
 
 #[test]
 fn sentinel_flags_are_checked() {
-    let e = config(&["--redis-sentinel", "127.0.0.1:26379"])
-        .err()
-        .expect("refused");
+    let e = config(&["--redis-sentinel", "127.0.0.1:26379"]).expect_err("refused");
     assert!(e.to_string().contains("--sentinel-master"), "{e}");
     let e = config(&[
         "--redis-sentinel",
@@ -149,8 +147,7 @@ fn sentinel_flags_are_checked() {
         "--sentinel-master",
         " ",
     ])
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(e.to_string().contains("name is empty"), "{e}");
     let e = config(&[
         "--redis-cluster",
@@ -160,7 +157,6 @@ fn sentinel_flags_are_checked() {
         "--sentinel-master",
         "m",
     ])
-    .err()
-    .expect("refused");
+    .expect_err("refused");
     assert!(e.to_string().contains("cannot be used with"), "{e}");
 }
