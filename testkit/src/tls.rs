@@ -34,13 +34,26 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn new(name: &str) -> TestCa {
+        TestCa::with_dir(
+            name,
+            tempfile::tempdir().expect("temp dir for certificates"),
+        )
+    }
+
+    /// Like [`TestCa::new`], its dir under `parent` (the demo keeps its certificates under
+    /// `target/demo/`); removed on drop too.
+    pub fn new_in(name: &str, parent: &Path) -> std::io::Result<TestCa> {
+        let dir = tempfile::Builder::new().prefix("tls-").tempdir_in(parent)?;
+        Ok(TestCa::with_dir(name, dir))
+    }
+
+    fn with_dir(name: &str, dir: tempfile::TempDir) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().expect("CA key");
         let issuer = CertifiedIssuer::self_signed(params, key).expect("CA certificate");
-        let dir = tempfile::tempdir().expect("temp dir for certificates");
         std::fs::write(dir.path().join("ca.pem"), issuer.pem()).expect("write ca.pem");
         TestCa {
             issuer,

@@ -12,12 +12,17 @@ commands:
       --host HOST         envoy (default) or host-shim: the proxy that runs the filter
       --exit-after SECS   stop cleanly after SECS seconds (also: env DEMO_EXIT_AFTER=SECS)
       --follow-logs       echo the services' logs here (they always go to <target>/demo/*.log)
+      --redis MODE        single (default: one redis-server on 6390), cluster (3 masters and 3
+                          replicas on 6391-6396), sentinel (master 6390, replica 6391, sentinels
+                          26390-26392) or tls (redis-server on 6390 with TLS only, a CA and
+                          certificates generated under <target>/demo/)
   test           set up (Envoy too), build the wasm crates and binaries, then cargo fmt
                  --check, cargo clippy -D warnings, cargo test --workspace (every gateway
                  test on Envoy and on host-shim) and the README tour on both hosts
   tour           start a fresh demo and run the README's tour against it, comparing every
                  command's output with the README's (the demo's ports must be free)
       --host HOST         envoy (default) or host-shim
+      --redis MODE        as for demo
   bench          release build, then the plugin's cost per request in process, and wrk
                  against the same upstream directly and through each host (Envoy, then
                  host-shim): without the filter, the plugin with no policy, a rate limit,
@@ -116,16 +121,53 @@ impl DemoHost {
     }
 }
 
+/// Which Redis the demo runs and the relay and upstream use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoRedis {
+    #[default]
+    Single,
+    Cluster,
+    Sentinel,
+    Tls,
+}
+
+impl DemoRedis {
+    pub const ALL: [DemoRedis; 4] = [
+        DemoRedis::Single,
+        DemoRedis::Cluster,
+        DemoRedis::Sentinel,
+        DemoRedis::Tls,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DemoRedis::Single => "single",
+            DemoRedis::Cluster => "cluster",
+            DemoRedis::Sentinel => "sentinel",
+            DemoRedis::Tls => "tls",
+        }
+    }
+
+    fn parse(text: &str) -> Result<DemoRedis> {
+        DemoRedis::ALL
+            .into_iter()
+            .find(|m| m.name() == text)
+            .ok_or_else(|| anyhow!("--redis {text:?}: expected single, cluster, sentinel or tls"))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TourOptions {
     pub setup: SetupOptions,
     pub host: DemoHost,
+    pub redis: DemoRedis,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoOptions {
     pub setup: SetupOptions,
     pub host: DemoHost,
+    pub redis: DemoRedis,
     pub exit_after: Option<Duration>,
     pub follow_logs: bool,
 }
@@ -192,6 +234,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
         }
         "tour" => {
             let mut host = DemoHost::Envoy;
+            let mut redis = DemoRedis::Single;
             flags.for_each(|name, value| match name {
                 "--no-install" => {
                     setup.install = false;
@@ -201,9 +244,13 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                     host = DemoHost::parse(value.take(name)?)?;
                     Ok(())
                 }
+                "--redis" => {
+                    redis = DemoRedis::parse(value.take(name)?)?;
+                    Ok(())
+                }
                 _ => Err(unknown(name)),
             })?;
-            Command::Tour(TourOptions { setup, host })
+            Command::Tour(TourOptions { setup, host, redis })
         }
         "demo" => {
             let mut exit_after = match demo_exit_after.as_deref() {
@@ -214,7 +261,12 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
             };
             let mut follow_logs = false;
             let mut host = DemoHost::Envoy;
+            let mut redis = DemoRedis::Single;
             flags.for_each(|name, value| match name {
+                "--redis" => {
+                    redis = DemoRedis::parse(value.take(name)?)?;
+                    Ok(())
+                }
                 "--no-install" => {
                     setup.install = false;
                     Ok(())
@@ -236,6 +288,7 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
             Command::Demo(DemoOptions {
                 setup,
                 host,
+                redis,
                 exit_after,
                 follow_logs,
             })

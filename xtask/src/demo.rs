@@ -4,7 +4,7 @@
 //! listener, admin and clusters on 127.0.0.1, the stock-Envoy plugin build); host-shim runs the
 //! file itself with its cluster overrides.
 
-use crate::cli::{DemoHost, DemoOptions, SetupOptions};
+use crate::cli::{DemoHost, DemoOptions, DemoRedis, SetupOptions};
 use crate::envoy_install::{self, Envoy};
 use crate::envoy_yaml;
 use crate::procs::{self, loopback, ServiceSpec, Services, TempDir};
@@ -20,22 +20,57 @@ const ADMIN_PORT: u16 = 9901;
 const UPSTREAM_PORT: u16 = 8080;
 const RELAY_PORT: u16 = 7379;
 const REDIS_PORT: u16 = 6390;
-const PORTS: [(&str, u16); 5] = [
+const PORTS: [(&str, u16); 4] = [
     ("gateway", GATEWAY_PORT),
     ("gateway admin", ADMIN_PORT),
     ("upstream", UPSTREAM_PORT),
     ("relay", RELAY_PORT),
-    ("redis", REDIS_PORT),
 ];
+/// `--redis cluster`: three masters, then their three replicas.
+const CLUSTER_PORTS: [u16; 6] = [6391, 6392, 6393, 6394, 6395, 6396];
+/// `--redis sentinel`: the master is [`REDIS_PORT`], its replica this one.
+const REPLICA_PORT: u16 = 6391;
+const SENTINEL_PORTS: [u16; 3] = [26390, 26391, 26392];
+/// The name the demo's sentinels monitor the master as.
+pub const SENTINEL_MASTER: &str = "krowoc";
+
+/// The ports the demo needs with `redis`: its services', and each Redis process's (a cluster
+/// node's bus port too).
+fn ports(redis: DemoRedis) -> Vec<(String, u16)> {
+    let mut ports: Vec<(String, u16)> = PORTS.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+    match redis {
+        DemoRedis::Single | DemoRedis::Tls => ports.push(("redis".into(), REDIS_PORT)),
+        DemoRedis::Cluster => {
+            for p in CLUSTER_PORTS {
+                ports.push((format!("redis cluster node {p}"), p));
+                ports.push((format!("redis cluster bus {}", p + 10000), p + 10000));
+            }
+        }
+        DemoRedis::Sentinel => {
+            ports.push(("redis master".into(), REDIS_PORT));
+            ports.push(("redis replica".into(), REPLICA_PORT));
+            for p in SENTINEL_PORTS {
+                ports.push((format!("redis sentinel {p}"), p));
+            }
+        }
+    }
+    ports
+}
 
 pub fn run(options: &DemoOptions) -> Result<ExitCode> {
     procs::catch_stop_signals();
-    let (ws, builds) = prepare(&options.setup, options.host)?;
+    let (ws, builds) = prepare(&options.setup, options.host, options.redis)?;
     if let Some(signal) = procs::stop_requested() {
         eprintln!("xtask: {signal} received; nothing was started");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut demo = Demo::start(&ws, &builds, options.host, options.follow_logs)?;
+    let mut demo = Demo::start(
+        &ws,
+        &builds,
+        options.host,
+        options.redis,
+        options.follow_logs,
+    )?;
     let log_dir = demo.log_dir.clone();
     print_banner(&ws.root, &log_dir, options, &builds);
 
@@ -69,8 +104,12 @@ pub struct Builds {
 /// What starting the demo needs: its ports free (checked before minutes of building, when a busy
 /// port would only fail later), setup (curl too: not for the demo, for the tour's commands; Envoy
 /// when it is the host), the plugin and the binaries.
-pub fn prepare(setup: &SetupOptions, host: DemoHost) -> Result<(Workspace, Builds)> {
-    check_ports_free(&PORTS)?;
+pub fn prepare(
+    setup: &SetupOptions,
+    host: DemoHost,
+    redis: DemoRedis,
+) -> Result<(Workspace, Builds)> {
+    check_ports_free(&ports(redis))?;
     setup::ensure(
         &Needs {
             wasm_target: true,
@@ -103,8 +142,21 @@ pub fn prepare(setup: &SetupOptions, host: DemoHost) -> Result<(Workspace, Build
 pub struct Demo {
     // Dropped in this order: the services first, then redis-server's directory.
     services: Services,
-    _redis_dir: TempDir,
+    _redis: RedisPart,
     pub log_dir: PathBuf,
+}
+
+/// What the demo's Redis leaves for the relay and the upstream: how to reach it, and the
+/// directories (data, sentinel configurations, certificates) that must outlive it.
+struct RedisPart {
+    /// The relay's flags (as the filter's ACL user).
+    relay_args: Vec<String>,
+    /// The upstream's flags.
+    upstream_args: Vec<String>,
+    /// envoy.yaml's `redis` cluster (transport `redis_call`): one node.
+    gateway_addr: std::net::SocketAddr,
+    _dirs: Vec<TempDir>,
+    _ca: Option<testkit::tls::TestCa>,
 }
 
 impl Demo {
@@ -114,6 +166,7 @@ impl Demo {
         ws: &Workspace,
         builds: &Builds,
         host: DemoHost,
+        redis_mode: DemoRedis,
         follow_logs: bool,
     ) -> Result<Demo> {
         let bins = &builds.bins;
@@ -122,39 +175,17 @@ impl Demo {
             .with_context(|| format!("cannot read {}", yaml_path.display()))?;
         let token = envoy_yaml::relay_token(&yaml)
             .with_context(|| format!("reading the relay token from {}", yaml_path.display()))?;
-        check_ports_free(&PORTS)?;
+        check_ports_free(&ports(redis_mode))?;
 
         let log_dir = ws.target_dir.join("demo");
-        // Declared before `services` so it is removed after redis-server has stopped.
-        let redis_dir = TempDir::fresh(&log_dir, "redis-data")?;
         let mut services = Services::new(&log_dir, follow_logs)?;
-        let redis_url = format!("redis://127.0.0.1:{REDIS_PORT}");
-
         // The compose stack's ACL file: the relay logs in as the filter's least-privilege user.
         let acl_dir = ws.root.join("envoy/redis");
-        let mut redis = Command::new("redis-server");
-        redis
-            .args(["--port", &REDIS_PORT.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--aclfile")
-            .arg(acl_dir.join("users.acl"))
-            .arg("--dir")
-            .arg(redis_dir.path());
-        services.start(service(
-            "redis",
-            redis,
-            REDIS_PORT,
-            "Ready to accept connections",
-            10,
-        ))?;
+        let redis_part = start_redis(&mut services, &log_dir, &acl_dir, redis_mode)?;
 
         let mut upstream = with_log_level(Command::new(&bins.upstream));
-        upstream.args([
-            "--listen",
-            &loopback(UPSTREAM_PORT).to_string(),
-            "--redis",
-            &redis_url,
-        ]);
+        upstream.args(["--listen", &loopback(UPSTREAM_PORT).to_string()]);
+        upstream.args(&redis_part.upstream_args);
         services.start(service(
             "upstream",
             upstream,
@@ -165,12 +196,8 @@ impl Demo {
 
         let mut relay = with_log_level(Command::new(&bins.relay));
         relay
-            .args([
-                "--listen",
-                &loopback(RELAY_PORT).to_string(),
-                "--redis",
-                &format!("redis://krowoc-edge@127.0.0.1:{REDIS_PORT}"),
-            ])
+            .args(["--listen", &loopback(RELAY_PORT).to_string()])
+            .args(&redis_part.relay_args)
             .arg("--redis-password-file")
             .arg(acl_dir.join("krowoc-edge.password"));
         match &token {
@@ -202,7 +229,7 @@ impl Demo {
                         clusters: &[
                             ("upstream".into(), loopback(UPSTREAM_PORT)),
                             ("redis_relay".into(), loopback(RELAY_PORT)),
-                            ("redis".into(), loopback(REDIS_PORT)),
+                            ("redis".into(), redis_part.gateway_addr),
                         ],
                         plugin: &builds.stock_plugin,
                     },
@@ -242,7 +269,7 @@ impl Demo {
                         "--cluster",
                         &format!("redis_relay={}", loopback(RELAY_PORT)),
                     ])
-                    .args(["--cluster", &format!("redis={}", loopback(REDIS_PORT))]);
+                    .args(["--cluster", &format!("redis={}", redis_part.gateway_addr)]);
                 service("host-shim", cmd, GATEWAY_PORT, "host-shim listening on", 60)
             }
         };
@@ -250,7 +277,7 @@ impl Demo {
 
         Ok(Demo {
             services,
-            _redis_dir: redis_dir,
+            _redis: redis_part,
             log_dir,
         })
     }
@@ -271,7 +298,239 @@ impl Demo {
     }
 }
 
-fn check_ports_free(ports: &[(&str, u16)]) -> Result<()> {
+/// A redis-server on `port`, as the filter's ACL file defines users, with no persistence.
+fn redis_server(port: u16, acl_dir: &Path, dir: &Path) -> Command {
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--aclfile")
+        .arg(acl_dir.join("users.acl"))
+        .arg("--dir")
+        .arg(dir);
+    redis
+}
+
+/// Starts the demo's Redis as `mode` says, each process waited on until it serves.
+fn start_redis(
+    services: &mut Services,
+    log_dir: &Path,
+    acl_dir: &Path,
+    mode: DemoRedis,
+) -> Result<RedisPart> {
+    let user = "krowoc-edge";
+    match mode {
+        DemoRedis::Single => {
+            let dir = TempDir::fresh(log_dir, "redis-data")?;
+            services.start(service(
+                "redis",
+                redis_server(REDIS_PORT, acl_dir, dir.path()),
+                REDIS_PORT,
+                "Ready to accept connections",
+                10,
+            ))?;
+            Ok(RedisPart {
+                relay_args: vec![
+                    "--redis".into(),
+                    format!("redis://{user}@127.0.0.1:{REDIS_PORT}"),
+                ],
+                upstream_args: vec!["--redis".into(), format!("redis://127.0.0.1:{REDIS_PORT}")],
+                gateway_addr: loopback(REDIS_PORT),
+                _dirs: vec![dir],
+                _ca: None,
+            })
+        }
+        DemoRedis::Tls => {
+            let dir = TempDir::fresh(log_dir, "redis-data")?;
+            let ca =
+                testkit::tls::TestCa::new_in("krowoc demo CA", log_dir).with_context(|| {
+                    format!("a directory for certificates in {}", log_dir.display())
+                })?;
+            let server = ca.issue_server(&["localhost", "127.0.0.1"]);
+            let ca_file = ca.ca_file();
+            let mut redis = redis_server(0, acl_dir, dir.path());
+            redis
+                .args(["--tls-port", &REDIS_PORT.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&server.cert)
+                .arg("--tls-key-file")
+                .arg(&server.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&ca_file)
+                .args(["--tls-auth-clients", "no"]);
+            services.start(service(
+                "redis",
+                redis,
+                REDIS_PORT,
+                "Ready to accept connections",
+                10,
+            ))?;
+            let ca_arg = ca_file.display().to_string();
+            Ok(RedisPart {
+                relay_args: vec![
+                    "--redis".into(),
+                    format!("rediss://{user}@localhost:{REDIS_PORT}"),
+                    "--tls-ca".into(),
+                    ca_arg.clone(),
+                ],
+                upstream_args: vec![
+                    "--redis".into(),
+                    format!("rediss://localhost:{REDIS_PORT}"),
+                    "--redis-tls-ca".into(),
+                    ca_arg,
+                ],
+                gateway_addr: loopback(REDIS_PORT),
+                _dirs: vec![dir],
+                _ca: Some(ca),
+            })
+        }
+        DemoRedis::Cluster => {
+            let mut dirs = Vec::new();
+            for port in CLUSTER_PORTS {
+                let dir = TempDir::fresh(log_dir, &format!("redis-cluster-{port}"))?;
+                let mut node = redis_server(port, acl_dir, dir.path());
+                node.args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--cluster-node-timeout", "5000"]);
+                services.start(service(
+                    &format!("redis-{port}"),
+                    node,
+                    port,
+                    "Ready to accept connections",
+                    10,
+                ))?;
+                dirs.push(dir);
+            }
+            let mut create = Command::new("redis-cli");
+            create.args(["--cluster", "create"]);
+            for port in CLUSTER_PORTS {
+                create.arg(format!("127.0.0.1:{port}"));
+            }
+            create
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .stdin(std::process::Stdio::null());
+            let out = create
+                .output()
+                .context("running redis-cli --cluster create")?;
+            if !out.status.success() {
+                bail!(
+                    "redis-cli --cluster create failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            wait_cluster_ok(&CLUSTER_PORTS, Duration::from_secs(30))?;
+            let seeds: Vec<String> = CLUSTER_PORTS[..3]
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            let seeds = seeds.join(",");
+            Ok(RedisPart {
+                relay_args: vec!["--redis-cluster".into(), format!("redis://{user}@{seeds}")],
+                upstream_args: vec!["--redis-cluster".into(), seeds],
+                gateway_addr: loopback(CLUSTER_PORTS[0]),
+                _dirs: dirs,
+                _ca: None,
+            })
+        }
+        DemoRedis::Sentinel => {
+            let master_dir = TempDir::fresh(log_dir, "redis-data")?;
+            services.start(service(
+                "redis",
+                redis_server(REDIS_PORT, acl_dir, master_dir.path()),
+                REDIS_PORT,
+                "Ready to accept connections",
+                10,
+            ))?;
+            let replica_dir = TempDir::fresh(log_dir, "redis-replica")?;
+            let mut replica = redis_server(REPLICA_PORT, acl_dir, replica_dir.path());
+            replica.args(["--replicaof", "127.0.0.1", &REDIS_PORT.to_string()]);
+            services.start(service(
+                "redis-replica",
+                replica,
+                REPLICA_PORT,
+                "MASTER <-> REPLICA sync: Finished with success",
+                30,
+            ))?;
+            let mut dirs = vec![master_dir, replica_dir];
+            for port in SENTINEL_PORTS {
+                let dir = TempDir::fresh(log_dir, &format!("redis-sentinel-{port}"))?;
+                let conf = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {REDIS_PORT} 2\n\
+                         sentinel down-after-milliseconds {SENTINEL_MASTER} 5000\n\
+                         sentinel failover-timeout {SENTINEL_MASTER} 10000\n",
+                        dir.path().display()
+                    ),
+                )
+                .with_context(|| format!("cannot write {}", conf.display()))?;
+                let mut sentinel = Command::new("redis-server");
+                sentinel.arg(&conf).arg("--sentinel");
+                services.start(service(
+                    &format!("sentinel-{port}"),
+                    sentinel,
+                    port,
+                    "+monitor master",
+                    10,
+                ))?;
+                dirs.push(dir);
+            }
+            let sentinels: Vec<String> = SENTINEL_PORTS
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            let sentinels = sentinels.join(",");
+            Ok(RedisPart {
+                relay_args: vec![
+                    "--redis-sentinel".into(),
+                    format!("redis://{user}@{sentinels}"),
+                    "--sentinel-master".into(),
+                    SENTINEL_MASTER.into(),
+                ],
+                upstream_args: vec![
+                    "--redis-sentinel".into(),
+                    sentinels,
+                    "--redis-sentinel-master".into(),
+                    SENTINEL_MASTER.into(),
+                ],
+                gateway_addr: loopback(REDIS_PORT),
+                _dirs: dirs,
+                _ca: None,
+            })
+        }
+    }
+}
+
+/// Waits until every node says `cluster_state:ok`.
+fn wait_cluster_ok(ports: &[u16], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut states = Vec::new();
+        for port in ports {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .context("running redis-cli cluster info")?;
+            states.push(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        if states.iter().all(|s| s.contains("cluster_state:ok")) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the demo's Redis Cluster did not reach cluster_state:ok in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn check_ports_free(ports: &[(String, u16)]) -> Result<()> {
     let busy: Vec<String> = ports
         .iter()
         .filter(|(_, port)| procs::port_busy(loopback(*port)))
@@ -306,6 +565,28 @@ fn with_log_level(mut cmd: Command) -> Command {
     cmd
 }
 
+fn redis_banner(mode: DemoRedis) -> String {
+    match mode {
+        DemoRedis::Single => format!(
+            "redis://{}   (redis-cli -p {REDIS_PORT})",
+            loopback(REDIS_PORT)
+        ),
+        DemoRedis::Tls => format!(
+            "rediss://localhost:{REDIS_PORT}   (TLS only; the CA is under the logs directory)"
+        ),
+        DemoRedis::Cluster => format!(
+            "a Redis Cluster, masters 127.0.0.1:{}-{}, replicas {}-{}   (redis-cli -c -p {})",
+            CLUSTER_PORTS[0], CLUSTER_PORTS[2], CLUSTER_PORTS[3], CLUSTER_PORTS[5], CLUSTER_PORTS[0]
+        ),
+        DemoRedis::Sentinel => format!(
+            "master {} behind sentinels {}-{} (name {SENTINEL_MASTER})   (redis-cli -p {REDIS_PORT})",
+            loopback(REDIS_PORT),
+            SENTINEL_PORTS[0],
+            SENTINEL_PORTS[2]
+        ),
+    }
+}
+
 fn print_banner(root: &Path, log_dir: &Path, options: &DemoOptions, builds: &Builds) {
     let gw = format!("http://{}", loopback(GATEWAY_PORT));
     let admin = format!("http://{}", loopback(ADMIN_PORT));
@@ -320,12 +601,12 @@ Krowoc Edge demo is running on {host}:
   gateway admin                 {admin}/stats/prometheus
   upstream, direct              http://{upstream}
   relay                         http://{relay}/resp
-  redis                         redis://{redis}   (redis-cli -p {REDIS_PORT})
+  redis                         {redis}
   logs                          {logs}/*.log
 ",
         upstream = loopback(UPSTREAM_PORT),
         relay = loopback(RELAY_PORT),
-        redis = loopback(REDIS_PORT),
+        redis = redis_banner(options.redis),
         logs = log_dir.display(),
     );
     // The README's own tour, so that the banner cannot suggest anything else.

@@ -7,7 +7,7 @@
 //! the upstream's one second, with the requests coalesced on it).
 
 use crate::bench::{run_wrk, Load};
-use crate::cli::{DemoHost, SoakOptions};
+use crate::cli::{DemoHost, DemoRedis, SoakOptions};
 use crate::demo::{self, Demo};
 use crate::probe;
 use crate::procs::{self, loopback};
@@ -74,11 +74,11 @@ pub fn run(options: &SoakOptions) -> Result<ExitCode> {
     );
     let mut all_flat = true;
     for host in options.hosts() {
-        let (ws, builds) = demo::prepare(&options.setup, host)?;
+        let (ws, builds) = demo::prepare(&options.setup, host, DemoRedis::Single)?;
         let script = ws.target_dir.join("soak-mix.lua");
         std::fs::write(&script, SCRIPT)
             .with_context(|| format!("cannot write {}", script.display()))?;
-        let mut demo = Demo::start(&ws, &builds, host, false)?;
+        let mut demo = Demo::start(&ws, &builds, host, DemoRedis::Single, false)?;
         let samples = soak(&mut demo, host, options, &script);
         demo.stop();
         let samples = samples?;

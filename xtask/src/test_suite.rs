@@ -3,7 +3,7 @@
 //! and on host-shim), and the README's tour run against a fresh demo on each host. Each step prints its name and
 //! duration; the first failing step stops the run with its exit code.
 
-use crate::cli::{DemoHost, SetupOptions};
+use crate::cli::{DemoHost, DemoRedis, SetupOptions};
 use crate::demo::Builds;
 use crate::envoy_install;
 use crate::setup::{self, Needs};
@@ -104,12 +104,32 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
         bins,
         envoy: Some(envoy),
     };
-    for (name, host) in [
-        ("README tour (envoy)", DemoHost::Envoy),
-        ("README tour (host-shim)", DemoHost::HostShim),
+    // On one Redis on both hosts; on a cluster, behind Sentinel and over TLS on Envoy.
+    for (name, host, redis) in [
+        ("README tour (envoy)", DemoHost::Envoy, DemoRedis::Single),
+        (
+            "README tour (host-shim)",
+            DemoHost::HostShim,
+            DemoRedis::Single,
+        ),
+        (
+            "README tour (envoy, redis cluster)",
+            DemoHost::Envoy,
+            DemoRedis::Cluster,
+        ),
+        (
+            "README tour (envoy, redis sentinel)",
+            DemoHost::Envoy,
+            DemoRedis::Sentinel,
+        ),
+        (
+            "README tour (envoy, redis tls)",
+            DemoHost::Envoy,
+            DemoRedis::Tls,
+        ),
     ] {
         let t = step(name);
-        let toured = tour::run_on(&ws, &builds, host);
+        let toured = tour::run_on(&ws, &builds, host, redis);
         timings.push((name, done(name, t)));
         if !toured? {
             eprintln!("xtask: step `{name}` failed; the README and the demo disagree");

@@ -9,7 +9,7 @@
 //! `cargo xtask test` runs the tour after the tests, so the README cannot drift from what the
 //! demo does.
 
-use crate::cli::{DemoHost, TourOptions};
+use crate::cli::{DemoHost, DemoRedis, TourOptions};
 use crate::demo::{Builds, Demo};
 use crate::markdown;
 use crate::workspace::Workspace;
@@ -131,8 +131,8 @@ fn output_lines(stdout: &str) -> Vec<&str> {
 
 /// `cargo xtask tour`: set up, build, start a fresh demo, run the tour, stop.
 pub fn run(options: &TourOptions) -> Result<ExitCode> {
-    let (ws, builds) = crate::demo::prepare(&options.setup, options.host)?;
-    Ok(if run_on(&ws, &builds, options.host)? {
+    let (ws, builds) = crate::demo::prepare(&options.setup, options.host, options.redis)?;
+    Ok(if run_on(&ws, &builds, options.host, options.redis)? {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -141,7 +141,7 @@ pub fn run(options: &TourOptions) -> Result<ExitCode> {
 
 /// Runs the tour against a demo on `host` started from these builds; false when any command
 /// failed or printed something else than the README shows (each is reported).
-pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost) -> Result<bool> {
+pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost, redis: DemoRedis) -> Result<bool> {
     let readme = read(&ws.root.join("README.md"))?;
     let steps = console_steps("README.md", &readme)?;
     if steps.is_empty() {
@@ -150,7 +150,7 @@ pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost) -> Result<bool> {
     let deploy = read(&ws.root.join("envoy/README.md"))?;
     let curls = sh_lines("envoy/README.md", &deploy, "curl ")?;
 
-    let mut demo = Demo::start(ws, builds, host, false)?;
+    let mut demo = Demo::start(ws, builds, host, redis, false)?;
     eprintln!(
         "xtask: tour on {}: {} commands from README.md, {} curl lines from envoy/README.md",
         host.name(),
