@@ -28,7 +28,9 @@ pub enum ErrorKind {
     RedisUnavailable,
     /// Redis did not answer within the configured timeout (503).
     RedisTimeout,
-    /// Redis answered with an error reply such as `READONLY` or `NOAUTH` (502).
+    /// Redis answered with an error reply such as `READONLY` or `NOAUTH` (502). The replies
+    /// that mean "not now" (`CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, `LOADING`) are
+    /// [`ErrorKind::RedisUnavailable`] instead.
     RedisReply,
     /// A command-line option or configuration value is invalid (startup only).
     Config,
@@ -103,8 +105,15 @@ impl Error {
     /// A failed Redis call, classified by what the client library reports. `operation` names the
     /// command and target, e.g. `PUBLISH to app:events`.
     pub fn redis(operation: &str, err: redis::RedisError) -> Error {
+        use redis::ServerErrorKind::{BusyLoading, ClusterDown, MasterDown, TryAgain};
         let kind = if err.is_timeout() {
             ErrorKind::RedisTimeout
+        } else if matches!(
+            err.kind(),
+            redis::ErrorKind::Server(ClusterDown | MasterDown | TryAgain | BusyLoading)
+        ) {
+            // A failover or a restart under way: it passes by itself.
+            ErrorKind::RedisUnavailable
         } else if matches!(err.kind(), redis::ErrorKind::Server(_)) {
             ErrorKind::RedisReply
         } else {
@@ -240,6 +249,25 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::RedisReply);
         assert_eq!(err.status().as_u16(), 502);
         assert!(err.message().contains("READONLY"), "{}", err.message());
+    }
+
+    #[test]
+    fn replies_that_mean_not_now_are_redis_down() {
+        for (kind, code) in [
+            (redis::ServerErrorKind::ClusterDown, "CLUSTERDOWN"),
+            (redis::ServerErrorKind::MasterDown, "MASTERDOWN"),
+            (redis::ServerErrorKind::TryAgain, "TRYAGAIN"),
+            (redis::ServerErrorKind::BusyLoading, "LOADING"),
+        ] {
+            let reply = redis::RedisError::from((
+                redis::ErrorKind::Server(kind),
+                code,
+                "a failover is under way".to_string(),
+            ));
+            let err = Error::redis("PUBLISH to app:events", reply);
+            assert!(err.is_redis_down(), "{code}");
+            assert_eq!(err.status().as_u16(), 503, "{code}");
+        }
     }
 
     #[test]
