@@ -540,7 +540,7 @@ impl Stack {
         let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
 
         let upstream_config = UpstreamConfig {
-            redis_url: redis.url(),
+            redis: krowoc_upstream::RedisDeployment::standalone(redis.url()),
             cached_data_delay: options.upstream_delay,
             slow_delay: options.upstream_delay,
             subscriber_backoff_initial: Duration::from_millis(50),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use krowoc_relay::redis_url::redact_url;
 
+use crate::deployment::{RedisDeployment, DEFAULT_REDIS_URL};
 use crate::error::Error;
 
 /// The channels the background subscriber listens to by default: the filter's request events
@@ -19,10 +20,10 @@ pub const MAX_EVENTS_BUFFER: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// `redis://[user:pass@]host:port[/db]`, or `rediss://…` for TLS.
-    pub redis_url: String,
-    /// With `rediss://`: trust the CA certificates in this PEM file instead of the system's
-    /// trusted roots.
+    /// One server, a cluster's seeds, or sentinels and a master name (see [`crate::deployment`]).
+    pub redis: RedisDeployment,
+    /// With `rediss://` (in any deployment): trust the CA certificates in this PEM file instead
+    /// of the system's trusted roots.
     pub redis_tls_ca: Option<PathBuf>,
     /// How long `GET /api/cached-data` takes (the guide's "slow operation").
     pub cached_data_delay: Duration,
@@ -51,7 +52,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            redis_url: "redis://127.0.0.1:6379".to_string(),
+            redis: RedisDeployment::standalone(DEFAULT_REDIS_URL),
             redis_tls_ca: None,
             cached_data_delay: Duration::from_secs(1),
             slow_delay: Duration::from_secs(2),
@@ -72,18 +73,21 @@ impl UpstreamConfig {
     /// Checks every value; the error names the option (as spelled on the command line) and the
     /// bad value.
     pub fn validate(&self) -> Result<(), Error> {
-        if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
-            return Err(Error::config(
-                "--redis",
-                format!("{:?} is not a Redis URL: {e}", redact_url(&self.redis_url)),
-            ));
+        if let RedisDeployment::Standalone { url } = &self.redis {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                return Err(Error::config(
+                    "--redis",
+                    format!("{:?} is not a Redis URL: {e}", redact_url(url)),
+                ));
+            }
         }
-        if self.redis_tls_ca.is_some() && !self.redis_url.starts_with("rediss://") {
+        if self.redis_tls_ca.is_some() && !self.redis.uses_tls() {
             return Err(Error::config(
                 "--redis-tls-ca",
                 format!(
-                    "a CA is for TLS, but {:?} is not a rediss:// URL",
-                    redact_url(&self.redis_url)
+                    "a CA is for TLS, but {} does not use rediss:// ({})",
+                    self.redis.flag(),
+                    self.redis
                 ),
             ));
         }
@@ -172,7 +176,7 @@ mod tests {
         let cases: Vec<(UpstreamConfig, &str)> = vec![
             (
                 UpstreamConfig {
-                    redis_url: "http://nope".into(),
+                    redis: RedisDeployment::standalone("http://nope"),
                     ..Default::default()
                 },
                 "--redis",
@@ -217,6 +221,21 @@ mod tests {
             let err = config.validate().expect_err(option);
             assert_eq!(err.field(), Some(option), "{err}");
         }
+    }
+
+    #[test]
+    fn a_ca_goes_with_rediss_in_every_deployment() {
+        let with_ca = |redis: RedisDeployment| UpstreamConfig {
+            redis,
+            redis_tls_ca: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        };
+        let plain = with_ca(RedisDeployment::cluster("h1:7000,h2:7001").unwrap());
+        let err = plain.validate().expect_err("a CA without TLS");
+        assert_eq!(err.field(), Some("--redis-tls-ca"));
+        assert!(err.to_string().contains("--redis-cluster"), "{err}");
+        let tls = with_ca(RedisDeployment::sentinel("rediss://s1:26379,s2:26379", "m").unwrap());
+        assert!(tls.validate().is_ok());
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub async fn health_deep(State(state): State<AppState>) -> Response {
     let redis = state.redis();
     let component = |status: Status| {
         let mut check = Map::new();
-        check.insert("componentId".into(), json!(redis.shown_url()));
+        check.insert("componentId".into(), json!(redis.shown()));
         check.insert("componentType".into(), json!("datastore"));
         check.insert("status".into(), json!(status.as_str()));
         check.insert("time".into(), json!(time));

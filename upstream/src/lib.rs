@@ -22,8 +22,10 @@
 //! Errors are JSON, `{"error": {"kind", "message", "field"?}}`, with the status of their
 //! [`ErrorKind`]. Timestamps are RFC 3339 in UTC with milliseconds, with a `*_unix_ms` twin.
 //!
-//! The service starts and serves while Redis is down (Redis endpoints answer 503, every Redis
-//! call is bounded by `redis_timeout`) and recovers by itself when Redis returns.
+//! Redis is one server, a Redis Cluster or a Sentinel-managed master ([`deployment`]). The
+//! service starts and serves while Redis is down (Redis endpoints answer 503, every Redis
+//! call is bounded by `redis_timeout`) and recovers by itself when Redis returns, a cluster
+//! promotes a replica, or the sentinels fail over.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,7 +37,9 @@
 
 pub mod cached_data;
 pub mod clock;
+pub mod cluster;
 pub mod config;
+pub mod deployment;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -45,6 +49,7 @@ pub mod invalidation;
 pub mod limited;
 pub mod pubsub;
 pub mod redis_link;
+pub mod sentinel;
 pub mod subscriber;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +65,7 @@ use axum::Router;
 use serde_json::{json, Value};
 
 pub use config::UpstreamConfig;
+pub use deployment::RedisDeployment;
 pub use error::{Error, ErrorKind};
 
 use events::EventLog;
@@ -129,7 +135,7 @@ impl AppState {
     pub fn start(config: UpstreamConfig) -> Result<AppState, Error> {
         config.validate()?;
         let redis = RedisLink::new(
-            &config.redis_url,
+            &config.redis,
             config.redis_tls_ca.as_deref(),
             config.redis_timeout,
         )?;
@@ -144,7 +150,7 @@ impl AppState {
                 ping_interval: config.subscriber_ping_interval,
             };
             AbortOnDrop(subscriber::spawn(
-                redis.client().clone(),
+                redis.clone(),
                 settings,
                 events.clone(),
                 monitor.clone(),
@@ -186,7 +192,8 @@ impl AppState {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task that stops when its handle's owner is dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

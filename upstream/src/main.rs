@@ -4,18 +4,21 @@
 //! krowoc-upstream --listen 127.0.0.1:8080 --redis redis://127.0.0.1:6379 \
 //!     [--cached-data-delay 1s] [--slow-delay 2s] [--channels krowoc:requests,app:events] ...
 //! ```
-//! Every option can also come from the environment (`REDIS_URL`, `UPSTREAM_*`; see `--help`).
+//! Redis is one of `--redis URL`, `--redis-cluster NODES` or `--redis-sentinel NODES
+//! --redis-sentinel-master NAME` (see the library's `deployment` module for the forms).
+//! Every option can also come from the environment (`REDIS_URL`, `REDIS_CLUSTER`,
+//! `REDIS_SENTINEL`, `REDIS_SENTINEL_MASTER`, `UPSTREAM_*`; see `--help`).
 //! Prints `upstream listening on ADDR` on stdout once bound; logs go to stderr (`RUST_LOG`).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use krowoc_relay::parse_flag_duration;
-use krowoc_relay::redis_url::redact_url;
 use krowoc_upstream::config::DEFAULT_CHANNELS;
-use krowoc_upstream::{app, AppState, UpstreamConfig};
+use krowoc_upstream::deployment::RedisSettings;
+use krowoc_upstream::{app, AppState, Error, RedisDeployment, UpstreamConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -28,9 +31,31 @@ struct Cli {
     /// Address to listen on.
     #[arg(long, env = "UPSTREAM_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// Redis URL: redis://[user:pass@]host:port[/db], or rediss://… for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis: String,
+    /// One Redis: redis://[user:pass@]host:port[/db], or rediss://… for TLS [default when no
+    /// --redis-cluster or --redis-sentinel: redis://127.0.0.1:6379].
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis: Option<String>,
+    /// A Redis Cluster's seed nodes: [redis[s]://[user:pass@]]HOST:PORT[,HOST:PORT…]; the scheme
+    /// and credentials, written once, apply to every node.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        value_name = "NODES",
+        hide_env_values = true
+    )]
+    redis_cluster: Option<String>,
+    /// Sentinels: [redis[s]://[user:pass@]]HOST:PORT[,HOST:PORT…][/db]; the credentials and db
+    /// are the master's (the sentinels are asked without credentials).
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL",
+        value_name = "NODES",
+        hide_env_values = true
+    )]
+    redis_sentinel: Option<String>,
+    /// With --redis-sentinel: the name the sentinels monitor the master as.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    redis_sentinel_master: Option<String>,
     /// With rediss://: trust the CA certificates in this PEM file instead of the system's roots.
     #[arg(long, env = "REDIS_TLS_CA", value_name = "FILE")]
     redis_tls_ca: Option<std::path::PathBuf>,
@@ -73,9 +98,15 @@ struct Cli {
 }
 
 impl Cli {
-    fn config(self) -> UpstreamConfig {
-        UpstreamConfig {
-            redis_url: self.redis,
+    fn config(self) -> Result<UpstreamConfig, Error> {
+        let redis = RedisDeployment::from_settings(RedisSettings {
+            url: self.redis,
+            cluster: self.redis_cluster,
+            sentinel: self.redis_sentinel,
+            sentinel_master: self.redis_sentinel_master,
+        })?;
+        Ok(UpstreamConfig {
+            redis,
             redis_tls_ca: self.redis_tls_ca,
             cached_data_delay: self.cached_data_delay,
             slow_delay: self.slow_delay,
@@ -92,7 +123,26 @@ impl Cli {
             subscriber_backoff_initial: self.subscriber_backoff,
             subscriber_backoff_max: self.subscriber_max_backoff,
             subscriber_ping_interval: self.subscriber_ping_interval,
-        }
+        })
+    }
+}
+
+/// A configuration error, naming the environment variable beside the option it is about.
+fn explain(error: &Error) -> String {
+    let Some(flag) = error.field() else {
+        return error.to_string();
+    };
+    let env = Cli::command()
+        .get_arguments()
+        .find(|a| {
+            a.get_long()
+                .is_some_and(|long| flag.strip_prefix("--") == Some(long))
+        })
+        .and_then(|a| a.get_env())
+        .map(|env| env.to_string_lossy().into_owned());
+    match env {
+        Some(env) => format!("{flag} ({env}): {}", error.message()),
+        None => error.to_string(),
     }
 }
 
@@ -108,14 +158,14 @@ async fn main() -> ExitCode {
 
     let cli = Cli::parse();
     let listen = cli.listen.clone();
-    let config = cli.config();
-    let state = match AppState::start(config.clone()) {
+    let state = match cli.config().and_then(AppState::start) {
         Ok(state) => state,
         Err(e) => {
-            eprintln!("krowoc-upstream: invalid configuration: {e}");
+            eprintln!("krowoc-upstream: invalid configuration: {}", explain(&e));
             return ExitCode::from(2);
         }
     };
+    let config = state.config();
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -129,7 +179,7 @@ async fn main() -> ExitCode {
     };
     println!("upstream listening on {addr}");
     tracing::info!(
-        redis = %redact_url(&config.redis_url),
+        redis = %config.redis,
         channels = ?config.channels,
         "upstream listening on {addr}"
     );

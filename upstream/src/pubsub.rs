@@ -19,7 +19,8 @@ pub const DEFAULT_RECENT_LIMIT: usize = 20;
 ///
 /// The message is published as compact JSON text (a string message is published quoted), so
 /// subscribers always receive JSON. Answers 200
-/// `{"published": true, "channel", "receivers", "bytes"}`; `receivers` is PUBLISH's reply.
+/// `{"published": true, "channel", "receivers", "bytes"}`; `receivers` is PUBLISH's reply (in
+/// a Redis Cluster, the subscribers of the one node that took the PUBLISH).
 /// Refusals: bad or missing field → 400 naming it; body over the cap → 413; malformed JSON →
 /// 400; Redis down or not answering → 503; a Redis error reply → 502.
 pub async fn publish_event(

@@ -4,17 +4,25 @@
 //! When the connection fails, is closed, or stops answering its periodic PING, the task
 //! reconnects after a delay that doubles from `subscriber_backoff_initial` up to
 //! `subscriber_backoff_max`, and resets once subscribed again. Its state
-//! (connecting / subscribed / reconnecting, since when, the last error) is published through
-//! [`SubscriberMonitor`] for `/health/deep` and `/api/recent-events`.
+//! (connecting / subscribed / reconnecting, since when, on which node, the last error) is
+//! published through [`SubscriberMonitor`] for `/health/deep` and `/api/recent-events`.
+//!
+//! Which node it subscribes on is the link's choice ([`RedisLink::subscription_node`]): the
+//! server; in a cluster any node, the next one after a node is lost (a PUBLISH anywhere in a
+//! cluster reaches every node's subscribers); with Sentinel the master, and the new master as
+//! soon as the sentinels announce a failover.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use crate::clock::Timestamp;
+use crate::deployment::NodeAddress;
 use crate::events::EventLog;
+use crate::redis_link::{RedisLink, SubscriptionNode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscriberPhase {
@@ -44,6 +52,8 @@ impl SubscriberPhase {
 pub struct SubscriberState {
     pub phase: SubscriberPhase,
     pub channels: Vec<String>,
+    /// The node subscribed on (or tried last): `HOST:PORT`, or a standalone server's URL.
+    pub node: Option<String>,
     /// When the current phase began.
     pub since: Timestamp,
     /// The most recent failure, kept after recovery so an operator can see what happened.
@@ -64,6 +74,7 @@ impl SubscriberState {
         json!({
             "state": self.phase.as_str(),
             "channels": self.channels,
+            "node": self.node,
             "since": self.since.rfc3339(),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at.map(|t| t.rfc3339()),
@@ -92,6 +103,7 @@ impl SubscriberMonitor {
             state: Mutex::new(SubscriberState {
                 phase,
                 channels: channels.to_vec(),
+                node: None,
                 since: Timestamp::now(),
                 last_error: None,
                 last_error_at: None,
@@ -107,8 +119,9 @@ impl SubscriberMonitor {
         self.lock().clone()
     }
 
-    fn subscribed(&self) {
+    fn subscribed(&self, node: &str) {
         let mut s = self.lock();
+        s.node = Some(node.to_string());
         let now = Timestamp::now();
         match s.first_subscribed_at {
             Some(_) => s.resubscriptions += 1,
@@ -120,8 +133,11 @@ impl SubscriberMonitor {
         s.retry_in = None;
     }
 
-    fn failed(&self, error: String, retry_in: Duration) {
+    fn failed(&self, error: String, node: Option<&str>, retry_in: Duration) {
         let mut s = self.lock();
+        if let Some(node) = node {
+            s.node = Some(node.to_string());
+        }
         let now = Timestamp::now();
         if s.phase != SubscriberPhase::Reconnecting {
             s.phase = SubscriberPhase::Reconnecting;
@@ -180,53 +196,75 @@ impl Backoff {
 
 /// Starts the subscriber task; it runs until aborted.
 pub fn spawn(
-    client: redis::Client,
+    link: RedisLink,
     settings: SubscriberSettings,
     log: Arc<EventLog>,
     monitor: Arc<SubscriberMonitor>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(client, settings, log, monitor))
+    tokio::spawn(run(link, settings, log, monitor))
 }
 
 async fn run(
-    client: redis::Client,
+    link: RedisLink,
     settings: SubscriberSettings,
     log: Arc<EventLog>,
     monitor: Arc<SubscriberMonitor>,
 ) {
     let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
+    // The node lost last: in a cluster the next attempt goes to another one.
+    let mut lost: Option<String> = None;
     loop {
-        let failure = match subscribe(&client, &settings).await {
-            Ok(pubsub) => {
-                monitor.subscribed();
+        let (failure, node) = match subscribe(&link, lost.as_deref(), &settings).await {
+            Ok((pubsub, node)) => {
+                monitor.subscribed(&node.address);
                 backoff.reset();
-                tracing::info!(channels = ?settings.channels, "subscriber: subscribed");
-                receive(pubsub, &log, &settings).await
+                tracing::info!(
+                    channels = ?settings.channels,
+                    node = %node.address,
+                    "subscriber: subscribed"
+                );
+                let why = receive(pubsub, &log, &settings, &node.address, node.master_moves).await;
+                (why, Some(node.address))
             }
-            Err(e) => e,
+            Err(failed) => failed,
         };
         let delay = backoff.next_delay();
         tracing::warn!("subscriber: {failure}; retrying in {delay:?}");
-        monitor.failed(failure, delay);
+        monitor.failed(failure, node.as_deref(), delay);
+        if node.is_some() {
+            lost = node;
+        }
         tokio::time::sleep(delay).await;
     }
 }
 
+/// Connects to the link's next node and subscribes; on failure, why and on which node.
 async fn subscribe(
-    client: &redis::Client,
+    link: &RedisLink,
+    after: Option<&str>,
     settings: &SubscriberSettings,
-) -> Result<redis::aio::PubSub, String> {
+) -> Result<(redis::aio::PubSub, SubscriptionNode), (String, Option<String>)> {
+    let node = link
+        .subscription_node(after)
+        .await
+        .map_err(|e| (format!("finding a node to subscribe on failed: {e}"), None))?;
     let attempt = async {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = node.client.get_async_pubsub().await?;
         pubsub.subscribe(&settings.channels).await?;
         Ok::<_, redis::RedisError>(pubsub)
     };
     match tokio::time::timeout(settings.timeout, attempt).await {
-        Ok(Ok(pubsub)) => Ok(pubsub),
-        Ok(Err(e)) => Err(format!("connecting and subscribing failed: {e}")),
-        Err(_) => Err(format!(
-            "connecting and subscribing took longer than {:?}",
-            settings.timeout
+        Ok(Ok(pubsub)) => Ok((pubsub, node)),
+        Ok(Err(e)) => Err((
+            format!("connecting to {} and subscribing failed: {e}", node.address),
+            Some(node.address),
+        )),
+        Err(_) => Err((
+            format!(
+                "connecting to {} and subscribing took longer than {:?}",
+                node.address, settings.timeout
+            ),
+            Some(node.address),
         )),
     }
 }
@@ -236,8 +274,27 @@ async fn receive(
     pubsub: redis::aio::PubSub,
     log: &EventLog,
     settings: &SubscriberSettings,
+    node: &str,
+    master_moves: Option<watch::Receiver<Option<NodeAddress>>>,
 ) -> String {
     let (mut sink, mut stream) = pubsub.split();
+    // With Sentinel: resolves once the master is announced elsewhere than `node`.
+    let moved = async {
+        let Some(mut moves) = master_moves else {
+            return std::future::pending().await;
+        };
+        let elsewhere =
+            |to: &Option<NodeAddress>| to.as_ref().is_some_and(|to| to.to_string() != node);
+        let why = match moves.wait_for(elsewhere).await {
+            Ok(to) => to.as_ref().map(|to| format!("the master moved to {to}")),
+            Err(_) => None, // the link is gone: nothing will move any more
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(moved);
     let mut keepalive = tokio::time::interval(settings.ping_interval);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.tick().await; // the first tick is immediate
@@ -247,6 +304,7 @@ async fn receive(
                 Some(message) => log.record(message.get_channel_name(), message.get_payload_bytes()),
                 None => return "the subscription connection was closed".to_string(),
             },
+            why = &mut moved => return why,
             _ = keepalive.tick() => {
                 match tokio::time::timeout(settings.timeout, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
@@ -277,28 +335,34 @@ mod tests {
     fn monitor_tracks_phases_and_counts_resubscriptions() {
         let m = SubscriberMonitor::new(&["a".to_string()]);
         assert_eq!(m.snapshot().phase, SubscriberPhase::Connecting);
-        m.subscribed();
+        m.subscribed("127.0.0.1:7000");
         assert_eq!(m.snapshot().resubscriptions, 0);
-        m.failed("boom".into(), Duration::from_millis(100));
-        m.failed("boom again".into(), Duration::from_millis(200));
+        m.failed("boom".into(), None, Duration::from_millis(100));
+        m.failed(
+            "boom again".into(),
+            Some("127.0.0.1:7001"),
+            Duration::from_millis(200),
+        );
         let s = m.snapshot();
         assert_eq!(s.phase, SubscriberPhase::Reconnecting);
         assert_eq!(s.failed_attempts, 2);
         assert_eq!(s.last_error.as_deref(), Some("boom again"));
         assert_eq!(s.retry_in, Some(Duration::from_millis(200)));
-        m.subscribed();
+        assert_eq!(s.node.as_deref(), Some("127.0.0.1:7001"));
+        m.subscribed("127.0.0.1:7002");
         let s = m.snapshot();
         assert_eq!(s.phase, SubscriberPhase::Subscribed);
         assert_eq!(s.resubscriptions, 1);
         assert_eq!(s.failed_attempts, 0);
         assert_eq!(s.last_error.as_deref(), Some("boom again"));
+        assert_eq!(s.node.as_deref(), Some("127.0.0.1:7002"));
     }
 
     #[test]
     fn a_failed_first_attempt_is_not_a_resubscription() {
         let m = SubscriberMonitor::new(&["a".to_string()]);
-        m.failed("refused".into(), Duration::from_millis(100));
-        m.subscribed();
+        m.failed("refused".into(), None, Duration::from_millis(100));
+        m.subscribed("127.0.0.1:6379");
         let s = m.snapshot();
         assert_eq!(s.resubscriptions, 0);
         assert!(s.first_subscribed_at.is_some());

@@ -9,15 +9,20 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use krowoc_upstream::subscriber::SubscriberPhase;
-use krowoc_upstream::{AppState, UpstreamConfig};
+use krowoc_upstream::{AppState, RedisDeployment, UpstreamConfig};
 use serde_json::Value;
 use tower::ServiceExt;
 
 /// Delays at zero, short backoff, so the suite stays fast; the Redis timeout leaves room for a
 /// machine busy with other builds.
 pub fn fast_config(redis_url: &str) -> UpstreamConfig {
+    fast_config_for(RedisDeployment::standalone(redis_url))
+}
+
+/// [`fast_config`] for any deployment (a cluster, Sentinel).
+pub fn fast_config_for(redis: RedisDeployment) -> UpstreamConfig {
     UpstreamConfig {
-        redis_url: redis_url.to_string(),
+        redis,
         cached_data_delay: Duration::ZERO,
         slow_delay: Duration::ZERO,
         redis_timeout: Duration::from_secs(1),
