@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -10,7 +12,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use krowoc_upstream::subscriber::SubscriberPhase;
 use krowoc_upstream::{AppState, RedisDeployment, UpstreamConfig};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 /// Delays at zero, short backoff, so the suite stays fast; the Redis timeout leaves room for a
@@ -122,4 +124,96 @@ pub async fn wait_for_phase(state: &AppState, phase: SubscriberPhase) {
         || async { (state.subscriber().snapshot().phase == phase).then_some(()) },
     )
     .await
+}
+
+/// Generous: a loaded 2-core machine runs a cluster's six redis-servers, or Sentinel's five
+/// processes, and a failover.
+pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// Runs a blocking testkit action off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    value: T,
+    action: impl FnOnce(&mut T) + Send + 'static,
+) -> T {
+    tokio::task::spawn_blocking(move || {
+        let mut value = value;
+        action(&mut value);
+        value
+    })
+    .await
+    .expect("testkit action")
+}
+
+/// `POST /api/publish-event` of `message` to `app:events`.
+pub async fn publish(app: &Router, message: Value) -> Reply {
+    let body = json!({"channel": "app:events", "message": message}).to_string();
+    post(app, "/api/publish-event", body).await
+}
+
+/// Waits until the subscriber's buffer holds an event whose message is `message`.
+pub async fn wait_for_event(app: &Router, message: &Value) {
+    eventually(
+        &format!("event {message} in recent-events"),
+        SETTLE,
+        || async {
+            let r = get(app, "/api/recent-events?channel=app:events&limit=100").await;
+            let events = r.json["events"].as_array()?;
+            events
+                .iter()
+                .any(|e| &e["message"] == message)
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// What the traffic during a failover saw.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub published: u64,
+    pub unavailable: u64,
+    /// Anything but 200 or 503: it must stay empty.
+    pub unexpected: Vec<String>,
+}
+
+/// PUBLISHes and `/health/deep` in a loop, in the background, until stopped.
+pub struct TrafficRun {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Traffic>,
+}
+
+impl TrafficRun {
+    pub fn start(app: &Router) -> TrafficRun {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run_traffic(app.clone(), stop.clone()));
+        TrafficRun { stop, task }
+    }
+
+    pub async fn stop(self) -> Traffic {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the traffic task")
+    }
+}
+
+async fn run_traffic(app: Router, stop: Arc<AtomicBool>) -> Traffic {
+    let mut seen = Traffic::default();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let r = publish(&app, json!({"traffic": n})).await;
+        match r.status {
+            StatusCode::OK => seen.published += 1,
+            StatusCode::SERVICE_UNAVAILABLE => seen.unavailable += 1,
+            _ => seen
+                .unexpected
+                .push(format!("publish: {} {}", r.status, r.text)),
+        }
+        let deep = get(&app, "/health/deep").await;
+        if ![StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&deep.status) {
+            seen.unexpected
+                .push(format!("health: {} {}", deep.status, deep.text));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
 }
