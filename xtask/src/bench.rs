@@ -54,15 +54,19 @@ enum Setup {
     Plugin,
     /// envoy.yaml with the plugin configuration replaced by one of [`BENCH_CONFIGS`].
     PluginWith(&'static str),
+    /// As `PluginWith`, with the relay in front of a Redis Cluster of three masters
+    /// (`--redis-cluster`) instead of the one redis-server.
+    OnCluster(&'static str),
 }
 
 impl Setup {
     /// A name for its files.
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Setup::NoFilter => "no-filter",
-            Setup::Plugin => "envoy-yaml",
-            Setup::PluginWith(name) => name,
+            Setup::NoFilter => "no-filter".into(),
+            Setup::Plugin => "envoy-yaml".into(),
+            Setup::PluginWith(name) => name.into(),
+            Setup::OnCluster(name) => format!("cluster-{name}"),
         }
     }
 }
@@ -88,6 +92,10 @@ const BENCH_CONFIGS: &[(&str, &str)] = &[
     (
         "rate-limited",
         r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s","algorithm":"sliding_window"}],"key":["client_ip"]}}]}"#,
+    ),
+    (
+        "rate-limited-per-client",
+        r#"{"redis":{"transport":"relay","cluster":"redis_relay"},"routes":[{"name":"bench","match":{"path":"/api/rate-limited"},"rate_limit":{"limits":[{"limit":1000000000,"window":"60s","algorithm":"sliding_window"}],"key":[{"query":"client"}]}}]}"#,
     ),
     // "minimal" plus envoy.yaml's request events (PUBLISH + XADD per request, batched): the
     // cost of events alone, over each transport.
@@ -143,6 +151,7 @@ const ROUTE_WITHOUT_POLICY: &str = "route without policy";
 /// The cached route passed through by the plugin with no policy: the cache's baseline.
 const CACHE_PASS_THROUGH: &str = "cached route, no policy (pass-through)";
 const RATE_LIMITED: &str = "rate-limited route";
+const RATE_LIMITED_SPREAD: &str = "rate-limited route, a client per request";
 const CACHE_HIT: &str = "cache hit";
 const EVENTS_ON: &str = "events on";
 const RELAY_PING_1C: &str = "relay PING (1 connection)";
@@ -231,6 +240,37 @@ const SCENARIOS: &[Scenario] = &[
         "/api/rate-limited",
         ROUTE_WITHOUT_POLICY,
         ("ratelimit", true),
+    ),
+    // The same on a Redis Cluster of three masters behind the relay, against one redis-server:
+    // one limit (its key on one master), a limit per request's client (keys over every
+    // master), and cache hits (one route's entries share a slot: one master).
+    under_load(
+        "rate-limited route (Redis Cluster, 3 masters)",
+        Setup::OnCluster("rate-limited"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    under_load(
+        RATE_LIMITED_SPREAD,
+        Setup::PluginWith("rate-limited-per-client"),
+        "/api/rate-limited?client={unique}",
+        ROUTE_WITHOUT_POLICY,
+        ("ratelimit", true),
+    ),
+    under_load(
+        "rate-limited route, a client per request (Redis Cluster, 3 masters)",
+        Setup::OnCluster("rate-limited-per-client"),
+        "/api/rate-limited?client={unique}",
+        RATE_LIMITED_SPREAD,
+        ("ratelimit", true),
+    ),
+    under_load(
+        "cache hit (Redis Cluster, 3 masters)",
+        Setup::OnCluster("cache"),
+        "/api/cached-data?user_id=bench",
+        CACHE_HIT,
+        ("x-cache", true),
     ),
     // The response cache: hits (one Redis round trip, no upstream call) and misses (lookup,
     // upstream, store), against the same route passed through to the (zero-delay) upstream.
@@ -463,6 +503,9 @@ struct Bench<'a> {
     redis: SocketAddr,
     upstream: SocketAddr,
     relay: SocketAddr,
+    /// The Redis Cluster of the `OnCluster` setups and the relay in front of it, started when
+    /// the first of them runs.
+    cluster: Option<(testkit::cluster::RedisCluster, SocketAddr)>,
     /// Worker threads of either host (Envoy's --concurrency, host-shim's --workers).
     workers: usize,
     services: Services,
@@ -586,6 +629,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         redis: loopback(free_port()?),
         upstream: loopback(free_port()?),
         relay: loopback(free_port()?),
+        cluster: None,
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         services: Services::new(&bench_dir.join("logs"), false)?,
         gateway: None,
@@ -699,6 +743,66 @@ impl Bench<'_> {
         })
     }
 
+    /// Starts the Redis Cluster (three masters, no replicas) and a relay in front of it, once.
+    fn ensure_cluster(&mut self) -> Result<SocketAddr> {
+        if let Some((_, relay)) = &self.cluster {
+            return Ok(*relay);
+        }
+        eprintln!("xtask: starting a Redis Cluster of three masters for the cluster scenarios");
+        let cluster = testkit::cluster::RedisCluster::start(3, 0);
+        let relay = loopback(free_port()?);
+        let mut cmd = quiet(Command::new(&self.bins.relay));
+        cmd.args([
+            "--listen",
+            &relay.to_string(),
+            "--redis-cluster",
+            &cluster.seeds(),
+        ]);
+        if let Some(t) = &self.relay_token {
+            cmd.args(["--token", t]);
+        }
+        self.services.start(ServiceSpec {
+            name: "relay-cluster".into(),
+            command: cmd,
+            ready_addr: relay,
+            ready_line: Some("relay listening on".into()),
+            startup_timeout: Duration::from_secs(30),
+        })?;
+        self.cluster = Some((cluster, relay));
+        Ok(relay)
+    }
+
+    /// The relay `setup`'s gateway calls.
+    fn relay_for(&self, setup: Setup) -> SocketAddr {
+        match (setup, &self.cluster) {
+            (Setup::OnCluster(_), Some((_, relay))) => *relay,
+            _ => self.relay,
+        }
+    }
+
+    /// The Redis servers a scenario's commands go to: the cluster's masters for `OnCluster`.
+    fn redis_servers(&self, scenario: &Scenario) -> Vec<SocketAddr> {
+        match (scenario.target, &self.cluster) {
+            (Target::Gateway(Setup::OnCluster(_)), Some((cluster, _))) => cluster
+                .masters()
+                .into_iter()
+                .map(|m| cluster.node(m).addr())
+                .collect(),
+            _ => vec![self.redis],
+        }
+    }
+
+    /// `INFO commandstats` of each server, summed.
+    fn commandstats(servers: &[SocketAddr]) -> Result<BTreeMap<String, u64>> {
+        let mut sum = BTreeMap::new();
+        for s in servers {
+            for (name, n) in probe::redis_commandstats(*s)? {
+                *sum.entry(name).or_insert(0) += n;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Checks the setup with one request, warms up, then measures `scenario` on `host`.
     fn measure(
         &mut self,
@@ -713,6 +817,9 @@ impl Bench<'_> {
                 (self.url(self.upstream, scenario), None, None)
             }
             Target::Gateway(setup) => {
+                if let Setup::OnCluster(_) = setup {
+                    self.ensure_cluster()?;
+                }
                 let (listen, admin) = self.gateway(host, setup)?;
                 check_response(scenario, listen)?;
                 let with_plugin = setup != Setup::NoFilter;
@@ -747,12 +854,17 @@ impl Bench<'_> {
         if !options.warmup.is_zero() {
             run(options.warmup)?;
         }
+        let relay = match scenario.target {
+            Target::Gateway(setup) => self.relay_for(setup),
+            _ => self.relay,
+        };
+        let servers = self.redis_servers(scenario);
         let plugin_before = admin.map(PluginCounters::read).transpose()?;
-        let relay_before = relay_exchanges(self.relay)?;
-        let before = probe::redis_commandstats(self.redis)?;
+        let relay_before = relay_exchanges(relay)?;
+        let before = Self::commandstats(&servers)?;
         let wrk = run(options.duration)?;
-        let after = probe::redis_commandstats(self.redis)?;
-        let relay_after = relay_exchanges(self.relay)?;
+        let after = Self::commandstats(&servers)?;
+        let relay_after = relay_exchanges(relay)?;
         let plugin = match (admin, plugin_before) {
             (Some(admin), Some(before)) => Some(PluginCounters::read(admin)?.since(before)),
             _ => None,
@@ -853,7 +965,7 @@ impl Bench<'_> {
             Setup::NoFilter => envoy_yaml::without_wasm_filter(&self.yaml)
                 .context("deriving a no-filter copy of envoy/envoy.yaml"),
             Setup::Plugin => Ok(self.yaml.clone()),
-            Setup::PluginWith(name) => {
+            Setup::PluginWith(name) | Setup::OnCluster(name) => {
                 let json = with_relay_token(bench_config(name)?, self.relay_token.as_deref())?;
                 envoy_yaml::with_plugin_configuration(&self.yaml, &json)
             }
@@ -884,7 +996,10 @@ impl Bench<'_> {
             &self.workers.to_string(),
         ])
         .args(["--cluster", &format!("upstream={}", self.upstream)])
-        .args(["--cluster", &format!("redis_relay={}", self.relay)])
+        .args([
+            "--cluster",
+            &format!("redis_relay={}", self.relay_for(setup)),
+        ])
         .args(["--cluster", &format!("redis={}", self.redis)]);
         self.services.start(ServiceSpec {
             name: HOST_SHIM_SERVICE.into(),
@@ -916,7 +1031,7 @@ impl Bench<'_> {
                     admin_port: 0,
                     clusters: &[
                         ("upstream".into(), self.upstream),
-                        ("redis_relay".into(), self.relay),
+                        ("redis_relay".into(), self.relay_for(setup)),
                         ("redis".into(), self.redis),
                     ],
                     plugin: stock_plugin,
@@ -1131,14 +1246,21 @@ mod tests {
             SCENARIOS.len()
         );
 
-        let envoy_limits: Vec<&str> = plan(&options(Some(DemoHost::Envoy), &["rate-limited"]))
-            .into_iter()
-            .map(|(h, s)| {
-                assert_eq!(h, DemoHost::Envoy);
-                s.name
-            })
-            .collect();
-        assert_eq!(envoy_limits, [RATE_LIMITED, RATE_LIMITED_1C]);
+        let envoy_limits: Vec<&str> =
+            plan(&options(Some(DemoHost::Envoy), &["rate-limited route ("]))
+                .into_iter()
+                .map(|(h, s)| {
+                    assert_eq!(h, DemoHost::Envoy);
+                    s.name
+                })
+                .collect();
+        assert_eq!(
+            envoy_limits,
+            [
+                "rate-limited route (Redis Cluster, 3 masters)",
+                RATE_LIMITED_1C
+            ]
+        );
         assert!(plan(&options(Some(DemoHost::Envoy), &["redis_call"])).is_empty());
     }
 
