@@ -508,6 +508,24 @@ fn start_redis(
     }
 }
 
+/// With `--redis cluster`: each master's port and `DBSIZE`.
+pub fn keys_per_master() -> Result<Vec<(u16, u64)>> {
+    let mut out = Vec::new();
+    for port in &CLUSTER_PORTS[..3] {
+        let reply = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "dbsize"])
+            .output()
+            .context("running redis-cli dbsize")?;
+        let text = String::from_utf8_lossy(&reply.stdout);
+        let n = text
+            .trim()
+            .parse()
+            .with_context(|| format!("redis-cli -p {port} dbsize answered {text:?}"))?;
+        out.push((*port, n));
+    }
+    Ok(out)
+}
+
 /// Waits until every node says `cluster_state:ok`.
 fn wait_cluster_ok(ports: &[u16], timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;

@@ -190,6 +190,20 @@ pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost, redis: DemoRedis)
             );
         }
     }
+    // On a cluster, the tour's data must be spread: every master holds some of it.
+    if redis == DemoRedis::Cluster {
+        let keys = crate::demo::keys_per_master()?;
+        let shown: Vec<String> = keys.iter().map(|(p, n)| format!("{p}: {n}")).collect();
+        if keys.iter().all(|(_, n)| *n > 0) {
+            eprintln!("xtask: tour: keys per master: {}", shown.join(", "));
+        } else {
+            failures += 1;
+            eprintln!(
+                "xtask: tour: FAIL the filter's and the upstream's keys are not on every master ({})",
+                shown.join(", ")
+            );
+        }
+    }
     // A service that died during the tour is a failure even if every output matched.
     let alive = demo.check_alive();
     demo.stop();
