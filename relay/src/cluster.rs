@@ -697,7 +697,35 @@ impl ClusterPool {
                 map.slots[usize::from(slot)] = i as u16;
             }
         }
+        self.keep_live_owners(old, &mut map);
         map
+    }
+
+    /// Right after a failover, a node that has not heard of it yet still names the failed
+    /// master. A slot the new map gives to a master whose last request failed, while the old
+    /// map gives it to another master whose last request succeeded, keeps the old owner: a
+    /// late view must not send traffic back to a dead master. A redirect corrects a kept
+    /// owner that is wrong.
+    fn keep_live_owners(&self, old: &Topology, map: &mut Topology) {
+        for slot in 0..SLOTS {
+            let (Some(new), Some(was)) = (map.node_of(slot as u16), old.node_of(slot as u16))
+            else {
+                continue;
+            };
+            let (new_node, old_node) = (&map.nodes[new], &old.nodes[was]);
+            let same = new_node.host == old_node.host && new_node.port == old_node.port;
+            if same || new_node.up.load(Ordering::Relaxed) || !old_node.up.load(Ordering::Relaxed) {
+                continue;
+            }
+            let keep = match map.find(&old_node.host, old_node.port) {
+                Some(i) => i,
+                None => {
+                    map.nodes.push(old_node.clone());
+                    map.nodes.len() - 1
+                }
+            };
+            map.slots[slot] = keep as u16;
+        }
     }
 
     /// The masters that serve slots.

@@ -24,6 +24,8 @@ pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     running: Vec<bool>,
     masters: usize,
+    /// With [`RedisCluster::start_tls`]: each node's TLS port, in `nodes`' order.
+    tls_ports: Vec<u16>,
 }
 
 /// A port whose cluster-bus companion is also free.
@@ -57,15 +59,38 @@ impl RedisCluster {
     /// Starts `masters` masters (at least 3, as Redis Cluster wants) with `replicas` replicas
     /// each and waits until every node reports `cluster_state:ok` with all 16384 slots.
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas, None)
+    }
+
+    /// Like [`RedisCluster::start`], every node also listening for TLS with `server`'s
+    /// certificate (signed by `ca`, from [`crate::tls::TestCa::issue_peer`]: the nodes show it
+    /// to each other as clients too; clients need none), and the cluster bus and
+    /// replication over TLS (`tls-cluster`, `tls-replication`): a TLS client's `CLUSTER SLOTS`
+    /// names the TLS ports. The plain ports stay for the test's own commands.
+    pub fn start_tls(
+        masters: usize,
+        replicas: usize,
+        ca: &crate::tls::TestCa,
+        server: &crate::tls::CertFiles,
+    ) -> RedisCluster {
+        RedisCluster::start_with(masters, replicas, Some((ca, server)))
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        tls: Option<(&crate::tls::TestCa, &crate::tls::CertFiles)>,
+    ) -> RedisCluster {
         assert!(
             masters >= 3,
             "redis-cli --cluster create wants 3 masters or more"
         );
         let total = masters * (1 + replicas);
+        let mut tls_ports = Vec::new();
         let nodes: Vec<RedisServer> = (0..total)
             .map(|_| {
                 let (port, bus) = node_ports();
-                let args: Vec<String> = [
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -82,21 +107,69 @@ impl RedisCluster {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
+                if let Some((ca, server)) = tls {
+                    let tls_port = crate::free_port();
+                    tls_ports.push(tls_port);
+                    for (flag, value) in [
+                        ("--tls-port", tls_port.to_string()),
+                        ("--tls-cert-file", server.cert.display().to_string()),
+                        ("--tls-key-file", server.key.display().to_string()),
+                        ("--tls-ca-cert-file", ca.ca_file().display().to_string()),
+                        ("--tls-auth-clients", "no".to_string()),
+                        ("--tls-cluster", "yes".to_string()),
+                        ("--tls-replication", "yes".to_string()),
+                    ] {
+                        args.push(flag.to_string());
+                        args.push(value);
+                    }
+                }
                 RedisServer::start_with_args(port, &args)
             })
             .collect();
         let mut create = Command::new(redis_cli_binary());
         create.arg("--cluster").arg("create");
-        for n in &nodes {
-            create.arg(format!("127.0.0.1:{}", n.port));
+        match tls {
+            None => {
+                for n in &nodes {
+                    create.arg(format!("127.0.0.1:{}", n.port));
+                }
+            }
+            Some((ca, _)) => {
+                // The bus is TLS: redis-cli meets the nodes on their TLS ports.
+                for p in &tls_ports {
+                    create.arg(format!("127.0.0.1:{p}"));
+                }
+                create.arg("--tls").arg("--cacert").arg(ca.ca_file());
+            }
         }
         create
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdin(std::process::Stdio::null());
-        let out = create.output().expect("run redis-cli --cluster create");
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // redis-cli waits for the nodes to join for as long as it takes: never, when their bus
+        // cannot connect. Stop it then, saying so.
+        let mut child = create.spawn().expect("run redis-cli --cluster create");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for redis-cli") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().expect("redis-cli's output");
         assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed:\n{}\n{}",
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create {}:\n{}\n{}",
+            if status.is_none() {
+                "did not finish in 60 s (do the nodes' buses connect?)"
+            } else {
+                "failed"
+            },
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -104,6 +177,7 @@ impl RedisCluster {
             running: vec![true; nodes.len()],
             nodes,
             masters,
+            tls_ports,
         };
         cluster.wait_ok(Duration::from_secs(30));
         cluster.wait_replicas_synced(Duration::from_secs(30));
@@ -115,6 +189,19 @@ impl RedisCluster {
         self.nodes[..self.masters]
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `127.0.0.1:TLS_PORT,…` of the nodes started as masters ([`RedisCluster::start_tls`]).
+    pub fn tls_seeds(&self) -> String {
+        assert!(
+            !self.tls_ports.is_empty(),
+            "started with RedisCluster::start_tls"
+        );
+        self.tls_ports[..self.masters]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
     }

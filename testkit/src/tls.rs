@@ -74,22 +74,35 @@ impl TestCa {
 
     /// A server certificate valid for `names` (DNS names, or IP addresses such as `127.0.0.1`).
     pub fn issue_server(&self, names: &[&str]) -> CertFiles {
-        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth, "server")
+        self.issue(names, &[ExtendedKeyUsagePurpose::ServerAuth], "server")
+    }
+
+    /// A certificate for both ends of a connection between servers: a Redis Cluster's bus
+    /// over TLS, where each node shows its certificate as a client to the others.
+    pub fn issue_peer(&self, names: &[&str]) -> CertFiles {
+        self.issue(
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            "peer",
+        )
     }
 
     /// A client certificate for mutual TLS.
     pub fn issue_client(&self, name: &str) -> CertFiles {
-        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth, "client")
+        self.issue(&[name], &[ExtendedKeyUsagePurpose::ClientAuth], "client")
     }
 
-    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose, what: &str) -> CertFiles {
+    fn issue(&self, names: &[&str], usage: &[ExtendedKeyUsagePurpose], what: &str) -> CertFiles {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("certificate params");
         params.distinguished_name.push(
             DnType::CommonName,
             names.first().cloned().unwrap_or_default(),
         );
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usage.to_vec();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().expect("key");
         let cert = params
