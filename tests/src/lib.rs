@@ -273,7 +273,8 @@ pub struct StackOptions {
     /// upstream and the test's own commands use the plain port.
     pub redis_tls: bool,
     /// The relay relays to a Redis Cluster (3 masters, no replicas; [`Stack::cluster`])
-    /// instead of [`Stack::redis`], which the upstream keeps using.
+    /// instead of [`Stack::redis`], which the upstream keeps using. With `redis_tls`, the
+    /// cluster is reached over TLS (no client certificate asked).
     pub redis_cluster: bool,
 }
 
@@ -461,6 +462,8 @@ pub struct Stack {
     pub redis: RedisServer,
     /// With [`StackOptions::redis_cluster`]: the cluster the relay uses.
     pub cluster: Option<RedisCluster>,
+    /// Its seeds as the filter reaches them: the TLS ports with [`StackOptions::redis_tls`].
+    cluster_seeds: Option<String>,
     pub upstream: SocketAddr,
     pub upstream_state: AppState,
     pub relay: SocketAddr,
@@ -502,7 +505,17 @@ impl Stack {
             Some((ca, server, _)) => RedisServer::start_tls(ca, server, true),
             None => RedisServer::start(),
         };
-        let cluster = options.redis_cluster.then(|| RedisCluster::start(3, 0));
+        let cluster = options.redis_cluster.then(|| match &tls {
+            // Over TLS too (the nodes' bus as well), on the TLS ports the filter then uses.
+            Some((ca, _, _)) => {
+                RedisCluster::start_tls(3, 0, ca, &ca.issue_peer(&["localhost", "127.0.0.1"]))
+            }
+            None => RedisCluster::start(3, 0),
+        });
+        let cluster_seeds = cluster.as_ref().map(|c| match &tls {
+            Some(_) => c.tls_seeds(),
+            None => c.seeds(),
+        });
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -535,7 +548,7 @@ impl Stack {
             add_redis_transport_socket(&yaml, &ca.ca_file(), client);
         }
         if let Some(cluster) = &cluster {
-            use_redis_cluster_type(&yaml, &cluster.seeds());
+            use_redis_cluster_type(&yaml, cluster_seeds.as_deref().unwrap_or(&cluster.seeds()));
         }
         let token = plugin_config["redis"]["token"].as_str().map(str::to_string);
 
@@ -575,11 +588,10 @@ impl Stack {
                 endpoint.password = Some(password.to_string());
             }
             let mut config = RelayConfig::new(endpoint.clone());
-            config.tls = relay_tls;
-            if let Some(cluster) = &cluster {
+            config.tls = relay_tls.clone();
+            if let Some(seeds) = &cluster_seeds {
                 config.cluster = Some(ClusterConfig {
-                    seeds: cluster
-                        .seeds()
+                    seeds: seeds
                         .split(',')
                         .map(|s| {
                             let (host, port) = s.rsplit_once(':').expect("host:port");
@@ -587,7 +599,7 @@ impl Stack {
                         })
                         .collect(),
                     login: endpoint,
-                    tls: None,
+                    tls: relay_tls,
                     connections: config.pool_size,
                     refresh: krowoc_relay::cluster::DEFAULT_REFRESH,
                 });
@@ -616,6 +628,7 @@ impl Stack {
             host: options.host,
             redis,
             cluster,
+            cluster_seeds,
             upstream,
             upstream_state,
             relay,
@@ -638,8 +651,8 @@ impl Stack {
     /// The `redis` cluster's `--cluster` override: the Redis Cluster's seeds with
     /// [`StackOptions::redis_cluster`], else [`Stack::redis_gateway_addr`].
     fn redis_override(&self) -> String {
-        match &self.cluster {
-            Some(cluster) => cluster.seeds(),
+        match &self.cluster_seeds {
+            Some(seeds) => seeds.clone(),
             None => self.redis_gateway_addr().to_string(),
         }
     }

@@ -10,10 +10,11 @@ use std::time::Duration;
 const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 const WAIT: Duration = Duration::from_secs(5);
 
-fn cluster_stack(host: Host, transport: &'static str, acl_user: bool) -> Stack {
+fn cluster_stack(host: Host, transport: &'static str, acl_user: bool, tls: bool) -> Stack {
     Stack::start_with(StackOptions {
         host,
         filter_acl_user: acl_user,
+        redis_tls: tls,
         plugin_config: Some(Box::new(move |cfg: &mut Value| {
             krowoc_tests::use_transport(cfg, transport);
             cfg["redis"]["timeout"] = json!("1s");
@@ -79,19 +80,30 @@ fn wait_for_hit(stack: &Stack, path: &str) {
 
 krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_relay);
 fn the_filter_works_on_a_redis_cluster_relay(host: Host) {
-    the_filter_works_on_a_cluster(host, "relay", false);
+    the_filter_works_on_a_cluster(host, "relay", false, false);
+}
+
+krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_over_tls_relay);
+fn the_filter_works_on_a_redis_cluster_over_tls_relay(host: Host) {
+    the_filter_works_on_a_cluster(host, "relay", false, true);
+}
+
+// The `redis` cluster has an Envoy TLS transport_socket too.
+krowoc_tests::on_host_shim_only!(redis_call: the_filter_works_on_a_redis_cluster_over_tls_redis_call);
+fn the_filter_works_on_a_redis_cluster_over_tls_redis_call(host: Host) {
+    the_filter_works_on_a_cluster(host, "redis_call", false, true);
 }
 
 krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_as_its_acl_user_relay);
 fn the_filter_works_on_a_redis_cluster_as_its_acl_user_relay(host: Host) {
-    the_filter_works_on_a_cluster(host, "relay", true);
+    the_filter_works_on_a_cluster(host, "relay", true, false);
 }
 
 // The `redis` cluster is an `envoy.clusters.redis` cluster (its seeds the cluster's masters),
 // which Envoy loads too; only host-shim makes Redis calls.
 krowoc_tests::on_host_shim_only!(redis_call: the_filter_works_on_a_redis_cluster_redis_call);
 fn the_filter_works_on_a_redis_cluster_redis_call(host: Host) {
-    the_filter_works_on_a_cluster(host, "redis_call", true);
+    the_filter_works_on_a_cluster(host, "redis_call", true, false);
 }
 
 /// How many commands, keys and channels Redis's ACL denied on the cluster's masters.
@@ -112,8 +124,8 @@ fn acl_denied(stack: &Stack) -> i64 {
         .sum()
 }
 
-fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: bool) {
-    let mut stack = cluster_stack(host, transport, acl_user);
+fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: bool, tls: bool) {
+    let mut stack = cluster_stack(host, transport, acl_user, tls);
     let (second, _) = stack.start_gateway(2);
 
     // One limit for both gateways, decided in the cluster.
