@@ -418,11 +418,7 @@ pub struct ClusterConfig {
 
 impl fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let seeds: Vec<String> = self
-            .seeds
-            .iter()
-            .map(|(h, p)| crate::HostPort(h, *p).to_string())
-            .collect();
+        let seeds: Vec<String> = crate::addresses(&self.seeds);
         f.debug_struct("ClusterConfig")
             .field("seeds", &seeds)
             .field("login", &self.login)
@@ -535,13 +531,7 @@ impl ClusterPool {
     }
 
     fn error(&self, kind: PoolErrorKind, detail: impl Into<String>) -> PoolError {
-        let seeds: Vec<String> = self
-            .inner
-            .config
-            .seeds
-            .iter()
-            .map(|(h, p)| crate::HostPort(h, *p).to_string())
-            .collect();
+        let seeds: Vec<String> = crate::addresses(&self.inner.config.seeds);
         PoolError::at(kind, format!("cluster {}", seeds.join(",")), detail)
     }
 

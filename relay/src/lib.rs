@@ -73,6 +73,14 @@ impl fmt::Display for HostPort<'_> {
     }
 }
 
+/// `host:port` of each node, for logs and errors.
+pub(crate) fn addresses(nodes: &[(String, u16)]) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|(h, p)| HostPort(h, *p).to_string())
+        .collect()
+}
+
 /// The header that carries the shared token.
 pub const TOKEN_HEADER: &str = "x-krowoc-relay-token";
 /// Content type of request and response bodies.

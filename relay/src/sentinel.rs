@@ -49,11 +49,7 @@ pub struct SentinelConfig {
 
 impl std::fmt::Debug for SentinelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sentinels: Vec<String> = self
-            .sentinels
-            .iter()
-            .map(|(h, p)| crate::HostPort(h, *p).to_string())
-            .collect();
+        let sentinels: Vec<String> = crate::addresses(&self.sentinels);
         f.debug_struct("SentinelConfig")
             .field("sentinels", &sentinels)
             .field("master_name", &self.master_name)

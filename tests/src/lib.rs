@@ -386,6 +386,18 @@ pub fn create_filter_acl_user(redis: &RedisServer, config: &Value) {
     assert_eq!(redis.cli(&args), "OK", "{args:?}");
 }
 
+/// How many commands, keys and channels `redis`'s ACL denied: the `count`s of `ACL LOG`
+/// (Redis 7.0's INFO has no such counter).
+pub fn acl_denied_on(redis: &RedisServer) -> i64 {
+    let log = redis.cli(&["ACL", "LOG", "1000"]);
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .windows(2)
+        .filter(|w| w[0] == "count")
+        .map(|w| w[1].parse::<i64>().unwrap_or(0))
+        .sum()
+}
+
 /// Every event `channel` a plugin configuration names (top level and routes), once each.
 pub fn plugin_config_channels(config: &Value) -> Vec<String> {
     let mut channels = Vec::new();

@@ -32,16 +32,9 @@ fn acl_stack(host: Host, transport: &'static str) -> Stack {
     })
 }
 
-/// How many commands, keys and channels Redis's ACL denied: the `count`s of `ACL LOG` (Redis
-/// 7.0's INFO has no such counter).
+/// How many commands, keys and channels Redis's ACL denied.
 fn acl_denied(stack: &Stack) -> i64 {
-    let log = stack.redis.cli(&["ACL", "LOG", "1000"]);
-    let lines: Vec<&str> = log.lines().collect();
-    lines
-        .windows(2)
-        .filter(|w| w[0] == "count")
-        .map(|w| w[1].parse::<i64>().unwrap_or(0))
-        .sum()
+    krowoc_tests::acl_denied_on(&stack.redis)
 }
 
 fn purge(stack: &Stack, directives: &str) -> Value {

@@ -112,15 +112,7 @@ fn acl_denied(stack: &Stack) -> i64 {
     cluster
         .masters()
         .iter()
-        .map(|&m| {
-            let log = cluster.node(m).cli(&["ACL", "LOG", "1000"]);
-            let lines: Vec<&str> = log.lines().collect();
-            lines
-                .windows(2)
-                .filter(|w| w[0] == "count")
-                .map(|w| w[1].parse::<i64>().unwrap_or(0))
-                .sum::<i64>()
-        })
+        .map(|&m| krowoc_tests::acl_denied_on(cluster.node(m)))
         .sum()
 }
 
