@@ -230,19 +230,32 @@ struct Topology {
     nodes: Vec<Node>,
     /// When it was read from the cluster; `None` before the first read.
     fetched: Option<Instant>,
+    /// Per node, how many slots it serves: counted once per map, not per request.
+    slot_counts: Vec<usize>,
 }
 
 impl Topology {
     fn empty() -> Topology {
+        Topology::new(vec![NO_NODE; SLOTS], Vec::new(), None)
+    }
+
+    fn new(slots: Vec<u16>, nodes: Vec<Node>, fetched: Option<Instant>) -> Topology {
+        let mut slot_counts = vec![0; nodes.len()];
+        for &n in &slots {
+            if let Some(count) = slot_counts.get_mut(usize::from(n)) {
+                *count += 1;
+            }
+        }
         Topology {
-            slots: vec![NO_NODE; SLOTS],
-            nodes: Vec::new(),
-            fetched: None,
+            slots,
+            nodes,
+            fetched,
+            slot_counts,
         }
     }
 
     fn covered(&self) -> usize {
-        self.slots.iter().filter(|&&n| n != NO_NODE).count()
+        self.slot_counts.iter().sum()
     }
 
     fn node_of(&self, slot: u16) -> Option<usize> {
@@ -688,7 +701,7 @@ impl ClusterPool {
             }
         }
         self.keep_live_owners(old, &mut map);
-        map
+        Topology::new(map.slots, map.nodes, map.fetched)
     }
 
     /// Right after a failover, a node that has not heard of it yet still names the failed
@@ -720,9 +733,11 @@ impl ClusterPool {
 
     /// The masters that serve slots.
     fn serving(map: &Topology) -> Vec<Node> {
-        (0..map.nodes.len())
-            .filter(|i| map.slots.contains(&(*i as u16)))
-            .map(|i| map.nodes[i].clone())
+        map.nodes
+            .iter()
+            .zip(&map.slot_counts)
+            .filter(|(_, &count)| count > 0)
+            .map(|(n, _)| n.clone())
             .collect()
     }
 
@@ -744,11 +759,7 @@ impl ClusterPool {
         let old = guard.clone();
         let mut nodes = old.nodes.clone();
         nodes.push(node.clone());
-        *guard = Arc::new(Topology {
-            slots: old.slots.clone(),
-            nodes,
-            fetched: old.fetched,
-        });
+        *guard = Arc::new(Topology::new(old.slots.clone(), nodes, old.fetched));
         node
     }
 
@@ -774,14 +785,8 @@ impl ClusterPool {
     pub async fn call(&self, body: Bytes, timeout: Duration) -> Result<Bytes, PoolError> {
         let parsed = crate::pool::parse_commands(&body)
             .map_err(|e| self.error(PoolErrorKind::InvalidRequest, e.to_string()))?;
-        if let Some(cmd) = parsed
-            .iter()
-            .find(|c| crate::pool::SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
-        {
-            return Err(self.error(
-                PoolErrorKind::InvalidRequest,
-                format!("{} cannot run on a shared pipelined connection", cmd.name),
-            ));
+        if let Some(why) = crate::pool::unshareable(&parsed) {
+            return Err(self.error(PoolErrorKind::InvalidRequest, why));
         }
         self.call_parsed(body, &parsed, timeout).await
     }
@@ -797,6 +802,9 @@ impl ClusterPool {
         timeout: Duration,
     ) -> Result<Bytes, PoolError> {
         let deadline = Instant::now() + timeout;
+        if let Some(why) = crate::pool::unshareable(parsed) {
+            return Err(self.error(PoolErrorKind::InvalidRequest, why));
+        }
         let routes: Vec<Target> = parsed
             .iter()
             .enumerate()
@@ -897,11 +905,7 @@ impl ClusterPool {
             let old = guard.clone();
             let mut slots = old.slots.clone();
             slots[usize::from(slot)] = i as u16;
-            *guard = Arc::new(Topology {
-                slots,
-                nodes: old.nodes.clone(),
-                fetched: old.fetched,
-            });
+            *guard = Arc::new(Topology::new(slots, old.nodes.clone(), old.fetched));
         }
         node
     }
@@ -936,7 +940,8 @@ impl ClusterPool {
                 count += 1;
             }
             let wait = deadline.saturating_duration_since(Instant::now());
-            let result = node.pool.call_raw(out.freeze(), count, wait).await;
+            // Parsed and checked once, in `call_parsed`.
+            let result = node.pool.send(out.freeze(), count, wait).await;
             (node, commands, result)
         });
         let mut out = Vec::new();
@@ -999,7 +1004,7 @@ impl ClusterPool {
         let replies = join_all(
             masters
                 .iter()
-                .map(|m| m.pool.call_raw(command.clone(), 1, wait)),
+                .map(|m| m.pool.send(command.clone(), 1, wait)),
         )
         .await;
         let mut answers = Vec::new();
@@ -1064,11 +1069,11 @@ impl ClusterPool {
             .iter()
             .zip(pings)
             .map(|(m, ping)| {
-                let index = map.find(&m.host, m.port).map(|i| i as u16);
+                let index = map.find(&m.host, m.port);
                 MasterState {
                     addr: m.addr(),
                     id: m.id.clone(),
-                    slots: map.slots.iter().filter(|&&s| Some(s) == index).count(),
+                    slots: index.map_or(0, |i| map.slot_counts[i]),
                     replicas: m.replicas.len(),
                     error: ping.err().map(|e| e.to_string()),
                 }

@@ -551,6 +551,15 @@ pub fn reply_len(buf: &[u8]) -> Result<Option<usize>, String> {
     }
 }
 
+/// Why `parsed` cannot run on a shared pipelined connection, if it cannot
+/// ([`SHARED_CONNECTION_UNSAFE`]).
+pub(crate) fn unshareable(parsed: &[CommandInfo]) -> Option<String> {
+    parsed
+        .iter()
+        .find(|c| SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
+        .map(|cmd| format!("{} cannot run on a shared pipelined connection", cmd.name))
+}
+
 // ---------------------------------------------------------------------------------------------
 // The pool
 
@@ -687,14 +696,8 @@ impl RedisPool {
 
     /// Refuses commands that cannot run on a connection other callers share.
     fn shareable(&self, parsed: &[CommandInfo]) -> Result<(), PoolError> {
-        match parsed
-            .iter()
-            .find(|c| SHARED_CONNECTION_UNSAFE.contains(&c.name.as_str()))
-        {
-            Some(cmd) => Err(self.invalid(format!(
-                "{} cannot run on a shared pipelined connection",
-                cmd.name
-            ))),
+        match unshareable(parsed) {
+            Some(why) => Err(self.invalid(why)),
             None => Ok(()),
         }
     }
@@ -703,8 +706,9 @@ impl RedisPool {
         PoolError::new(PoolErrorKind::InvalidRequest, &self.inner.endpoint, detail)
     }
 
-    /// Queues `count` checked commands on a connection and waits for their replies.
-    async fn send(
+    /// Queues `count` checked commands on a connection and waits for their replies. The
+    /// cluster pool sends so the parts of a body it has parsed and checked once.
+    pub(crate) async fn send(
         &self,
         commands: Bytes,
         count: usize,

@@ -92,6 +92,8 @@ pub struct SentinelPool {
 
 struct Inner {
     config: SentinelConfig,
+    /// One connection to each sentinel, kept between lookups.
+    sentinel_pools: Vec<RedisPool>,
     /// Whether the `+switch-master` subscription task runs.
     watching: std::sync::atomic::AtomicBool,
     master: RwLock<Option<Master>>,
@@ -103,8 +105,18 @@ struct Inner {
 impl SentinelPool {
     /// A pool for the master `config` names. Nothing connects until the first call.
     pub fn new(config: SentinelConfig) -> SentinelPool {
+        let sentinel_pools = config
+            .sentinels
+            .iter()
+            .map(|(host, port)| {
+                let mut endpoint = RedisEndpoint::new(host.clone(), *port);
+                endpoint.connect_timeout = config.login.connect_timeout;
+                RedisPool::new(endpoint, 1)
+            })
+            .collect();
         SentinelPool {
             inner: Arc::new(Inner {
+                sentinel_pools,
                 config,
                 watching: std::sync::atomic::AtomicBool::new(false),
                 master: RwLock::new(None),
@@ -195,10 +207,7 @@ impl SentinelPool {
         let config = &self.inner.config;
         let ask = encode_command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &config.master_name]);
         let mut why = Vec::new();
-        for (host, port) in &config.sentinels {
-            let mut endpoint = RedisEndpoint::new(host.clone(), *port);
-            endpoint.connect_timeout = config.login.connect_timeout;
-            let sentinel = RedisPool::new(endpoint, 1);
+        for ((host, port), sentinel) in config.sentinels.iter().zip(&self.inner.sentinel_pools) {
             let at = crate::HostPort(host, *port);
             match sentinel
                 .call_raw(ask.clone(), 1, config.login.connect_timeout)

@@ -844,6 +844,30 @@ impl Stack {
         testkit::http::get(self.admin, "/stats/prometheus").text()
     }
 
+    /// `POST /_krowoc/cache/purge` with envoy.yaml's purge token and `directives`; asserts 200
+    /// and returns the JSON answer.
+    pub fn purge(&self, directives: &str) -> Value {
+        let r = self.request(
+            "POST",
+            "/_krowoc/cache/purge",
+            &[
+                ("x-krowoc-purge-token", "demo-purge-token-change-me"),
+                ("x-krowoc-invalidate", directives),
+            ],
+            b"",
+        );
+        assert_eq!(r.status, 200, "purge {directives}: {}", r.text());
+        r.json()
+    }
+
+    /// Waits (up to 5 s) until `path` is answered from the cache.
+    pub fn wait_for_hit(&self, path: &str) {
+        let hit = eventually(Duration::from_secs(5), || {
+            self.get(path).header("x-cache") == Some("HIT")
+        });
+        assert!(hit, "{path} never became a HIT");
+    }
+
     /// The value of one metric line `name value` in the gateway's Prometheus text (0 if absent).
     pub fn metric(&self, name: &str) -> i64 {
         metric_value(&self.metrics(), name)

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 const RELAY: &str = "relay";
 const REDIS_CALL: &str = "redis_call";
-const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 const STREAM: &str = "krowoc:events";
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -37,25 +36,6 @@ fn acl_denied(stack: &Stack) -> i64 {
     krowoc_tests::acl_denied_on(&stack.redis)
 }
 
-fn purge(stack: &Stack, directives: &str) -> Value {
-    let r = stack.request(
-        "POST",
-        "/_krowoc/cache/purge",
-        &[
-            ("x-krowoc-purge-token", PURGE_TOKEN),
-            ("x-krowoc-invalidate", directives),
-        ],
-        b"",
-    );
-    assert_eq!(r.status, 200, "purge {directives}: {}", r.text());
-    r.json()
-}
-
-fn wait_for_hit(stack: &Stack, path: &str) {
-    let hit = eventually(WAIT, || stack.get(path).header("x-cache") == Some("HIT"));
-    assert!(hit, "{path} never became a HIT");
-}
-
 fn the_filter_works_as_its_acl_user(host: Host, transport: &'static str) {
     let stack = acl_stack(host, transport);
     let (user, _) = FILTER_ACL_USER;
@@ -75,17 +55,17 @@ fn the_filter_works_as_its_acl_user(host: Host, transport: &'static str) {
         assert_eq!(miss.header("x-cache"), Some("MISS"), "{:?}", miss.headers);
     }
     for id in ["1", "2", "3", "4"] {
-        wait_for_hit(&stack, &format!("/api/cached-data?user_id={id}"));
+        stack.wait_for_hit(&format!("/api/cached-data?user_id={id}"));
     }
 
     // Purges: by tag, URL, pattern (SCAN in a script) and route.
-    assert_eq!(purge(&stack, "tag=user:1")["purged"], 1);
-    assert_eq!(purge(&stack, "url=/api/cached-data?user_id=2")["purged"], 1);
+    assert_eq!(stack.purge("tag=user:1")["purged"], 1);
+    assert_eq!(stack.purge("url=/api/cached-data?user_id=2")["purged"], 1);
     assert_eq!(
-        purge(&stack, "pattern=/api/cached-data?user_id=3*")["purged"],
+        stack.purge("pattern=/api/cached-data?user_id=3*")["purged"],
         1
     );
-    assert_eq!(purge(&stack, "route=/api/cached-data")["purged"], 1);
+    assert_eq!(stack.purge("route=/api/cached-data")["purged"], 1);
     let miss = stack.get("/api/cached-data?user_id=4");
     assert_eq!(miss.header("x-cache"), Some("MISS"), "{:?}", miss.headers);
 

@@ -7,7 +7,6 @@ use krowoc_tests::{eventually, Host, Stack, StackOptions};
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const PURGE_TOKEN: &str = "demo-purge-token-change-me";
 const WAIT: Duration = Duration::from_secs(5);
 
 fn cluster_stack(host: Host, transport: &'static str, acl_user: bool, tls: bool) -> Stack {
@@ -57,25 +56,6 @@ fn keys_per_master(stack: &Stack, pattern: &str) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect()
-}
-
-fn purge(stack: &Stack, directives: &str) -> Value {
-    let r = stack.request(
-        "POST",
-        "/_krowoc/cache/purge",
-        &[
-            ("x-krowoc-purge-token", PURGE_TOKEN),
-            ("x-krowoc-invalidate", directives),
-        ],
-        b"",
-    );
-    assert_eq!(r.status, 200, "purge {directives}: {}", r.text());
-    r.json()
-}
-
-fn wait_for_hit(stack: &Stack, path: &str) {
-    let hit = eventually(WAIT, || stack.get(path).header("x-cache") == Some("HIT"));
-    assert!(hit, "{path} never became a HIT");
 }
 
 krowoc_tests::on_both_hosts!(the_filter_works_on_a_redis_cluster_relay);
@@ -159,7 +139,7 @@ fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: 
         assert_eq!(miss.header("x-cache"), Some("MISS"), "{:?}", miss.headers);
     }
     for id in &ids {
-        wait_for_hit(&stack, &format!("/api/cached-data?user_id={id}"));
+        stack.wait_for_hit(&format!("/api/cached-data?user_id={id}"));
     }
     let entries = keys_per_master(&stack, "krowoc:c:*:e:*");
     let spread: Vec<usize> = entries.iter().map(Vec::len).collect();
@@ -171,7 +151,7 @@ fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: 
     );
     // The other cached route's entry, on another master.
     assert_eq!(stack.get("/health").header("x-cache"), Some("MISS"));
-    wait_for_hit(&stack, "/health");
+    stack.wait_for_hit("/health");
     let entries = keys_per_master(&stack, "krowoc:c:*:e:*");
     let spread: Vec<usize> = entries.iter().map(Vec::len).collect();
     assert_eq!(
@@ -181,14 +161,14 @@ fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: 
     );
 
     // Purges by tag, URL, pattern and route.
-    assert_eq!(purge(&stack, "tag=user:1")["purged"], 1);
-    assert_eq!(purge(&stack, "url=/api/cached-data?user_id=2")["purged"], 1);
+    assert_eq!(stack.purge("tag=user:1")["purged"], 1);
+    assert_eq!(stack.purge("url=/api/cached-data?user_id=2")["purged"], 1);
     assert_eq!(
-        purge(&stack, "pattern=/api/cached-data?user_id=3*")["purged"],
+        stack.purge("pattern=/api/cached-data?user_id=3*")["purged"],
         1
     );
     assert_eq!(
-        purge(&stack, "pattern=/api/cached-data?user_id=1?")["purged"],
+        stack.purge("pattern=/api/cached-data?user_id=1?")["purged"],
         10
     );
     for gone in ["1", "2", "3", "10", "15", "19"] {
@@ -203,9 +183,9 @@ fn the_filter_works_on_a_cluster(host: Host, transport: &'static str, acl_user: 
     let r = stack.get("/api/cached-data?user_id=20");
     assert_eq!(r.header("x-cache"), Some("HIT"), "{:?}", r.headers);
     // A pattern over both routes scans both masters.
-    assert_eq!(purge(&stack, "pattern=/health")["purged"], 1);
+    assert_eq!(stack.purge("pattern=/health")["purged"], 1);
     assert_eq!(stack.get("/health").header("x-cache"), Some("MISS"));
-    purge(&stack, "route=/api/cached-data");
+    stack.purge("route=/api/cached-data");
     let r = stack.get("/api/cached-data?user_id=21");
     assert_eq!(r.header("x-cache"), Some("MISS"), "{:?}", r.headers);
 
