@@ -9,7 +9,8 @@
 //!   bypasses to the upstream, an event never costs the request);
 //! * no request waits much longer than the Redis timeout (bounded, generously for a loaded
 //!   machine: this is a bound, not a speed measurement);
-//! * soon after the fault ends the rate limit is decided by Redis again;
+//! * within [`RECOVERY`] of the fault's end every answer is normal again: the rate limit is
+//!   decided by Redis (its `ratelimit` fields are back) and the upstream answers;
 //! * every request event is accounted for exactly: recorded = published + dropped once the
 //!   queue has drained.
 
@@ -24,6 +25,15 @@ use std::time::{Duration, Instant};
 /// Longest any request may take during a fault: envoy.yaml's Redis timeout (200 ms) plus the
 /// breaker's grace, the upstream and a loaded machine's scheduling, with room to spare.
 const LONGEST: Duration = Duration::from_millis(2_500);
+
+/// How soon after a fault ends every answer must be normal again: the longest the breaker waits
+/// before letting a call through to probe Redis (envoy.yaml's `cooldown`, 1 s), and a round
+/// trip.
+const RECOVERY: Duration = Duration::from_millis(1_000 + 250);
+
+/// How long the load goes on after a fault ends: past [`RECOVERY`], so that normal answers
+/// can be seen.
+const AFTER: Duration = Duration::from_millis(1_750);
 
 /// The routes the load goes to, and the statuses each may answer whatever Redis does.
 const ROUTES: &[(&str, &[u16])] = &[
@@ -40,6 +50,10 @@ struct Answer {
     status: u16,
     /// The `x-cache` header, if any.
     cache: Option<String>,
+    /// Whether the answer carries rate-limit fields (a decision by Redis).
+    decided: bool,
+    /// When the request was sent.
+    at: Instant,
     took: Duration,
 }
 
@@ -63,6 +77,8 @@ impl Load {
                         path,
                         status: r.status,
                         cache: r.header("x-cache").map(str::to_string),
+                        decided: r.header("ratelimit").is_some(),
+                        at: started,
                         took: started.elapsed(),
                     });
                 }
@@ -152,6 +168,39 @@ fn assert_decided_by_redis_again(stack: &Stack) {
     assert!(back, "the rate limit is decided by Redis again");
 }
 
+/// Within [`RECOVERY`] of `ended` every answer is normal: each request sent from then on was
+/// answered 200 (nothing in the load reaches its limit) and, on the rate-limited route, decided
+/// by Redis. The load must have gone on long enough for such requests to exist. Prints how long
+/// recovery took (from the fault's end to the first request after which every answer was
+/// normal).
+fn assert_normal_within_recovery(answers: &[Answer], ended: Instant, fault: &str) {
+    let normal = |a: &Answer| a.status == 200 && (a.path != "/api/rate-limited" || a.decided);
+    let after: Vec<&Answer> = answers.iter().filter(|a| a.at >= ended).collect();
+    let last_abnormal = after.iter().rposition(|a| !normal(a));
+    let recovered_at = match last_abnormal {
+        None => ended,
+        Some(i) => match after.get(i + 1) {
+            Some(a) => a.at,
+            None => panic!("{fault}: the load ended before answers were normal again"),
+        },
+    };
+    let took = recovered_at.duration_since(ended);
+    eprintln!("{fault}: normal again {took:?} after the fault ended");
+    assert!(
+        took <= RECOVERY,
+        "{fault}: answers were normal again only {took:?} after the fault ended (at most \
+         {RECOVERY:?})"
+    );
+    let checked = after
+        .iter()
+        .filter(|a| a.at >= ended + RECOVERY && a.path == "/api/rate-limited")
+        .count();
+    assert!(
+        checked > 0,
+        "{fault}: the load went on past the recovery bound"
+    );
+}
+
 /// recorded = published + dropped, exactly, once nothing is queued or in flight.
 fn assert_events_accounted_for(stack: &Stack) {
     let mut last = String::new();
@@ -180,9 +229,11 @@ fn a_stalled_redis_under_load_costs_at_most_the_timeout(host: Host) {
     stack.redis.pause();
     std::thread::sleep(Duration::from_millis(1_500));
     stack.redis.resume();
-    std::thread::sleep(Duration::from_millis(1_000));
+    let ended = Instant::now();
+    std::thread::sleep(AFTER);
     let answers = load.finish();
     assert_answers(&answers);
+    assert_normal_within_recovery(&answers, ended, "Redis stalled");
     assert_decided_by_redis_again(&stack);
     assert_events_accounted_for(&stack);
 }
@@ -194,9 +245,11 @@ fn redis_restarted_empty_under_load_is_used_again_at_once(host: Host) {
     std::thread::sleep(Duration::from_millis(500));
     // A restart loses every key and every loaded script.
     stack.redis.restart();
-    std::thread::sleep(Duration::from_millis(1_000));
+    let ended = Instant::now();
+    std::thread::sleep(AFTER);
     let answers = load.finish();
     assert_answers(&answers);
+    assert_normal_within_recovery(&answers, ended, "Redis restarted empty");
     assert_decided_by_redis_again(&stack);
     // The scripts were loaded again (EVAL after NOSCRIPT) and the cache refilled.
     assert!(eventually(Duration::from_secs(5), || {
@@ -253,10 +306,12 @@ fn the_relay_killed_under_load_fails_open_and_is_used_again_once_back(host: Host
     std::thread::sleep(Duration::from_millis(1_500));
     let before = relay.accepted();
     relay.restore();
-    std::thread::sleep(Duration::from_millis(1_000));
+    let ended = Instant::now();
+    std::thread::sleep(AFTER);
     let answers = load.finish();
     // Every route kept answering: the limit failed open, the cache went to the upstream.
     assert_answers(&answers);
+    assert_normal_within_recovery(&answers, ended, "the relay cut");
     let errors = stack.metric("krowoc_rate_limit_rate_limited_redis_errors");
     assert!(errors > 0, "the cut was noticed by the rate limit");
     assert_decided_by_redis_again(&stack);
@@ -289,8 +344,8 @@ fn short_lived_cache(
 }
 
 /// Kills the upstream under load for long enough that the cached entry expires, restores it,
-/// and returns the answers.
-fn kill_the_upstream_under_load(stack: &mut Stack) -> Vec<Answer> {
+/// and returns the answers and when it was restored.
+fn kill_the_upstream_under_load(stack: &mut Stack) -> (Vec<Answer>, Instant) {
     let cached = "/api/cached-data?user_id=7";
     assert!(
         eventually(Duration::from_secs(5), || stack
@@ -305,8 +360,9 @@ fn kill_the_upstream_under_load(stack: &mut Stack) -> Vec<Answer> {
     upstream.cut();
     std::thread::sleep(Duration::from_millis(2_000));
     upstream.restore();
-    std::thread::sleep(Duration::from_millis(700));
-    load.finish()
+    let ended = Instant::now();
+    std::thread::sleep(AFTER);
+    (load.finish(), ended)
 }
 
 /// After the upstream is back, the cached route is filled again with a good answer.
@@ -324,7 +380,8 @@ fn assert_cache_refilled(stack: &Stack) {
 krowoc_tests::on_both_hosts!(the_upstream_killed_under_load_is_covered_by_stale_if_error);
 fn the_upstream_killed_under_load_is_covered_by_stale_if_error(host: Host) {
     let mut stack = stack_with(host, true, short_lived_cache("60s"));
-    let answers = kill_the_upstream_under_load(&mut stack);
+    let (answers, ended) = kill_the_upstream_under_load(&mut stack);
+    assert_normal_within_recovery(&answers, ended, "the upstream cut, stale_if_error set");
     // The cached route never failed: fresh hits, then the stale copy while the upstream was
     // down, then refreshed.
     assert_answers_within(&answers, &upstream_down_routes(&[200]));
@@ -346,8 +403,9 @@ krowoc_tests::on_both_hosts!(
 );
 fn the_upstream_killed_under_load_fails_the_expired_entry_and_caches_no_error(host: Host) {
     let mut stack = stack_with(host, true, short_lived_cache("0s"));
-    let answers = kill_the_upstream_under_load(&mut stack);
+    let (answers, ended) = kill_the_upstream_under_load(&mut stack);
     assert_answers_within(&answers, &upstream_down_routes(&[200, 503]));
+    assert_normal_within_recovery(&answers, ended, "the upstream cut, stale_if_error unset");
     // Once the entry expired the upstream's absence shows, and no error was served from the
     // cache: every 503 came from the gateway, not from an entry.
     let cached = "/api/cached-data?user_id=7";
