@@ -9,6 +9,7 @@
 //! ```
 
 pub mod cluster;
+pub mod dashboard;
 pub mod docs;
 pub mod envoy;
 pub mod fuzz;

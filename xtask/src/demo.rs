@@ -16,7 +16,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 const GATEWAY_PORT: u16 = 10000;
-const ADMIN_PORT: u16 = 9901;
+pub const ADMIN_PORT: u16 = 9901;
 const UPSTREAM_PORT: u16 = 8080;
 const RELAY_PORT: u16 = 7379;
 const REDIS_PORT: u16 = 6390;

@@ -135,7 +135,36 @@ pub fn http_get_text(addr: SocketAddr, path: &str) -> Result<(HttpResponse, Stri
     reader
         .read_to_string(&mut body)
         .with_context(|| format!("reading the body of GET http://{addr}{path}"))?;
+    if head
+        .header("transfer-encoding")
+        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    {
+        body = dechunk(&body)
+            .with_context(|| format!("the chunked body of GET http://{addr}{path}"))?;
+    }
     Ok((head, body))
+}
+
+/// The data of a chunked body (chunk extensions and trailers dropped).
+fn dechunk(raw: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = raw;
+    loop {
+        let (line, after) = rest
+            .split_once("\r\n")
+            .context("a chunk size line is not ended")?;
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16)
+            .with_context(|| format!("{size:?} is not a chunk size"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let data = after.get(..size).context("a chunk is cut short")?;
+        out.push_str(data);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .context("a chunk is not followed by CRLF")?;
+    }
 }
 
 fn parse_response_head(reader: &mut impl BufRead) -> Result<HttpResponse> {
@@ -166,6 +195,16 @@ fn parse_response_head(reader: &mut impl BufRead) -> Result<HttpResponse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunked_body_is_read_to_its_last_chunk() {
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            "abcde"
+        );
+        assert!(dechunk("zz\r\nabc\r\n").is_err());
+        assert!(dechunk("5\r\nabc").is_err());
+    }
 
     #[test]
     fn replies_are_read_by_kind() {
