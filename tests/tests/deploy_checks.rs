@@ -13,6 +13,8 @@
 //! * the Higress WasmPlugin's configuration passes the plugin's validation, names the cluster
 //!   Higress creates for the Redis Service next to it, and equals envoy.yaml's but for the
 //!   connection;
+//! * Prometheus scrapes Envoy's admin over an internal network, Grafana's datasource and
+//!   dashboard are provisioned where it looks, and Grafana reaches Prometheus only;
 //! * plugin.wasm imports only host functions Envoy (or Higress) provides;
 //! * the compose health checks' commands work against the real services.
 //!
@@ -27,12 +29,15 @@ mod compose;
 mod dockerfile;
 #[path = "deploy_checks/dockerignore.rs"]
 mod dockerignore;
+#[path = "deploy_checks/monitoring.rs"]
+mod monitoring;
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use checks::*;
 use host_shim::envoy_config::EnvoyConfig;
+use monitoring::*;
 use serde_json::{json, Value};
 
 fn assert_no_problems(problems: &[Problem]) {
@@ -188,6 +193,11 @@ fn compose_health_checks_pass_on_the_real_services_and_fail_when_redis_is_down()
     let mut probes: Vec<(String, Command)> = Vec::new();
     for (name, service) in &compose.services {
         let test = &service.healthcheck.as_ref().expect("a health check").test;
+        // Prometheus's and Grafana's images are not run here: their probes' ports are held to
+        // their services by check_monitoring.
+        if MONITORING_SERVICES.contains(&name.as_str()) {
+            continue;
+        }
         let mut cmd = match test.first().map(String::as_str) {
             Some("CMD-SHELL") => {
                 let text = &test[1];
@@ -978,4 +988,152 @@ fn the_readmes_json_examples_pass_the_plugins_validation() {
     let broken = r#"{"transport": "relay", "cluster": "redis_relay", "timeout": "200 ms"}"#;
     let e = check_json_example("X.md", 3, broken).unwrap_err();
     assert!(e.contains("X.md:3") && e.contains("redis.timeout"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus and Grafana: broken copies
+
+fn monitoring_problem(file: &str, message: &str) -> Problem {
+    Problem::Monitoring {
+        file: file.into(),
+        message: message.into(),
+    }
+}
+
+#[test]
+fn prometheus_scraping_another_port_than_envoys_admin_is_reported() {
+    let d = Deployment::repo().edit(PROMETHEUS_YML, |t| t.replace("envoy:9901", "envoy:9902"));
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            PROMETHEUS_YML,
+            "job envoy scrapes envoy:9902, but Envoy's admin is envoy:Some(9901) (envoy.yaml)"
+        )]
+    );
+}
+
+#[test]
+fn prometheus_reaching_envoy_only_over_a_published_network_is_reported() {
+    let compose = compose_with("prometheus", |s| {
+        s["networks"] = yaml(json!(["edge", "dashboards"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            COMPOSE,
+            "prometheus and envoy share no internal network (shared: [\"edge\"]): Envoy's admin must be scraped inside the stack"
+        )]
+    );
+}
+
+#[test]
+fn an_unmounted_prometheus_configuration_is_reported() {
+    let compose = compose_with("prometheus", |s| {
+        s["volumes"] = yaml(json!([]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            COMPOSE,
+            "service prometheus reads /etc/prometheus/prometheus.yml, where envoy/prometheus/prometheus.yml is not mounted"
+        )]
+    );
+}
+
+#[test]
+fn a_relabel_rule_the_checks_cannot_apply_is_reported() {
+    let d = Deployment::repo().edit(PROMETHEUS_YML, |t| {
+        t.replacen(
+            "        target_label: route\n",
+            "        target_label: route\n        action: labeldrop\n",
+            1,
+        )
+    });
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            PROMETHEUS_YML,
+            "job \"envoy\", metric_relabel_configs[0]: action \"labeldrop\" (only replace is used)"
+        )]
+    );
+}
+
+#[test]
+fn grafana_beside_redis_or_published_beyond_loopback_is_reported() {
+    let compose = compose_with("grafana", |s| {
+        s["networks"] = yaml(json!(["dashboards", "edge", "backend"]));
+        s["ports"] = yaml(json!(["3000:3000"]));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    let problems: Vec<String> = check_monitoring(&d)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "envoy/docker-compose.yml: service grafana: port 3000 is published beyond loopback",
+            "envoy/docker-compose.yml: service grafana shares network backend with redis: it should reach Prometheus only",
+            "envoy/docker-compose.yml: service grafana shares network backend with relay: it should reach Prometheus only",
+            "envoy/docker-compose.yml: service grafana shares network backend with upstream: it should reach Prometheus only",
+            "envoy/docker-compose.yml: service grafana shares network backend with envoy: it should reach Prometheus only",
+        ]
+    );
+}
+
+#[test]
+fn a_datasource_elsewhere_or_a_dashboard_on_another_uid_is_reported() {
+    let d = Deployment::repo().edit(DATASOURCES, |t| {
+        t.replace("prometheus:9090", "prometheus:9091")
+    });
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            DATASOURCES,
+            "datasource \"krowoc-prometheus\" is http://prometheus:9091, but Prometheus is prometheus:Some(9090)"
+        )]
+    );
+    let d = Deployment::repo().edit(DATASOURCES, |t| {
+        t.replace("uid: krowoc-prometheus", "uid: other")
+    });
+    let problems = check_monitoring(&d);
+    assert!(!problems.is_empty());
+    assert!(
+        problems.iter().all(|p| p.to_string().contains(
+            "uses datasource Some(\"krowoc-prometheus\"), the provisioned one is Some(\"other\")"
+        )),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn a_dashboard_outside_the_providers_folder_is_reported() {
+    let d = Deployment::repo().edit(DASHBOARD_PROVIDERS, |t| {
+        t.replace("/var/lib/grafana/dashboards", "/etc/dashboards")
+    });
+    assert_eq!(
+        check_monitoring(&d),
+        vec![monitoring_problem(
+            COMPOSE,
+            "service grafana: envoy/grafana/krowoc-edge.json is not mounted in a folder envoy/grafana/provisioning/dashboards/krowoc-edge.yml loads ([\"/etc/dashboards\"])"
+        )]
+    );
+}
+
+#[test]
+fn a_moving_monitoring_image_tag_is_reported() {
+    let compose = compose_with("grafana", |s| {
+        s["image"] = yaml(json!("grafana/grafana:12"));
+    });
+    let d = Deployment::repo().with_file(COMPOSE, compose);
+    assert_eq!(
+        check_dockerfiles(&d),
+        vec![Problem::ImageNotPinned {
+            file: COMPOSE.into(),
+            image: "grafana/grafana:12".into(),
+            why: "give an exact release, e.g. grafana/grafana:12.1.1".into(),
+        }]
+    );
 }

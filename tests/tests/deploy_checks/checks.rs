@@ -311,6 +311,11 @@ pub enum Problem {
         module: String,
         name: String,
     },
+    /// Prometheus, Grafana and their files (deploy_checks/monitoring.rs).
+    Monitoring {
+        file: String,
+        message: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -423,7 +428,8 @@ impl fmt::Display for Problem {
                 "{file}: `{key}` differs from envoy.yaml's plugin configuration (only the Redis connection may differ)"
             ),
             WasmUnreadable { message } => write!(f, "plugin.wasm: {message}"),
-            ImportNotProvided { host, module, name } => {
+Monitoring { file, message } => write!(f, "{file}: {message}"),
+                        ImportNotProvided { host, module, name } => {
                 write!(f, "plugin.wasm imports {module}.{name}, which {host} does not provide")
             }
         }
@@ -1371,6 +1377,14 @@ fn pinned(image: &str) -> Result<(), String> {
             Some(v) if exact(v) => Ok(()),
             _ => Err("give an exact release, e.g. v1.40.0 (the release the tests run)".into()),
         },
+        "prom/prometheus" => match tag.strip_prefix('v') {
+            Some(v) if exact(v) => Ok(()),
+            _ => Err("give an exact release, e.g. prom/prometheus:v3.5.0".into()),
+        },
+        "grafana/grafana" => match tag.split('-').next() {
+            Some(v) if exact(v) => Ok(()),
+            _ => Err("give an exact release, e.g. grafana/grafana:12.1.1".into()),
+        },
         "redis" => match tag.split('-').next() {
             Some(v) if exact(v) => Ok(()),
             _ => Err("give an exact release, e.g. redis:7.4.7-bookworm".into()),
@@ -1832,5 +1846,6 @@ pub fn check_all(d: &Deployment) -> Vec<Problem> {
     problems.extend(check_compose(d));
     problems.extend(check_dockerfiles(d));
     problems.extend(check_higress(d));
+    problems.extend(super::monitoring::check_monitoring(d));
     problems
 }
