@@ -9,7 +9,7 @@ use crate::cli;
 use crate::markdown;
 use crate::test_suite::CHECKS;
 use crate::tour;
-use crate::workspace::{BINARIES_ARGS, STOCK_PLUGIN_ARGS, WASM_TARGET};
+use crate::workspace::{BINARIES_ARGS, STOCK_PLUGIN_ARGS, TEST_BUILD_ARGS, WASM_TARGET};
 use std::path::{Path, PathBuf};
 
 const DOCS: [&str; 2] = ["README.md", "envoy/README.md"];
@@ -129,6 +129,7 @@ fn check(command: &str, tour_commands: &[String], doc: &str) -> Result<String, S
                 Err(format!("{} does not exist", file.display()))
             }
         }
+        ["cargo", args @ ..] if *args == TEST_BUILD_ARGS => Ok("the build xtask test runs".into()),
         ["cargo", args @ ..] => {
             if CHECKS.iter().any(|(_, run)| *run == args) {
                 Ok("a step xtask test runs".into())

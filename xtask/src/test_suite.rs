@@ -65,9 +65,12 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
     let stock_plugin = ws.build_stock_plugin()?;
     timings.push(("build wasm crates", done("build wasm crates", t)));
 
-    let t = step("build binaries");
-    let bins = ws.build_binaries(false)?;
-    timings.push(("build binaries", done("build binaries", t)));
+    let t = step("build tests and binaries");
+    let bins = ws.build_tests_and_binaries()?;
+    timings.push((
+        "build tests and binaries",
+        done("build tests and binaries", t),
+    ));
 
     let env: Vec<(&str, OsString)> = vec![
         (ENV_PLUGIN_WASM, wasm.plugin.clone().into()),

@@ -23,6 +23,9 @@ pub const STOCK_PLUGIN_ARGS: [&str; 8] = [
     WASM_PROFILE,
 ];
 /// `cargo` arguments of the binaries' build (the README's Tests section shows this command).
+/// The tests' build, which `cargo xtask test` runs before the checks.
+pub const TEST_BUILD_ARGS: [&str; 3] = ["test", "--workspace", "--no-run"];
+
 pub const BINARIES_ARGS: [&str; 7] = [
     "build",
     "-p",
@@ -288,9 +291,21 @@ impl Workspace {
             cmd.arg("--release");
         }
         run_loud(&mut cmd)?;
-        let dir = self
-            .target_dir
-            .join(if release { "release" } else { "debug" });
+        self.binaries_in(if release { "release" } else { "debug" })
+    }
+
+    /// Every test of the workspace built, and with them the binaries (`cargo test --workspace
+    /// --no-run`). The binaries then share the tests' build of every dependency: built on their
+    /// own (`cargo build -p …`), some dependencies resolve other features and are compiled twice.
+    pub fn build_tests_and_binaries(&self) -> Result<Binaries> {
+        let mut cmd = cargo();
+        cmd.current_dir(&self.root).args(TEST_BUILD_ARGS);
+        run_loud(&mut cmd)?;
+        self.binaries_in("debug")
+    }
+
+    fn binaries_in(&self, profile_dir: &str) -> Result<Binaries> {
+        let dir = self.target_dir.join(profile_dir);
         let bins = Binaries {
             host_shim: dir.join(HOST_SHIM_BIN),
             relay: dir.join(RELAY_BIN),
