@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bytes;
 pub mod cached_data;
 pub mod clock;
 pub mod cluster;
@@ -86,6 +87,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/rate-limited", get(limited::rate_limited))
         .route("/api/slow-limited", get(limited::slow_limited))
         .route("/api/stats", get(index::stats))
+        .route("/api/bytes", get(bytes::bytes))
         .fallback(index::not_found)
         .method_not_allowed_fallback(index::method_not_allowed)
         .layer(middleware::from_fn(log_and_default_to_no_store))

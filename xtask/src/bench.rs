@@ -320,6 +320,87 @@ const SCENARIOS: &[Scenario] = &[
         CACHE_PASS_THROUGH,
         ("x-cache", true),
     ),
+    // How cost grows. Decisions with more limits on the route (one script call for all of
+    // them), against the one limit of the rate-limited route:
+    under_load(
+        "rate-limited route, 4 limits",
+        Setup::PluginWith("limits-4"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    under_load(
+        "rate-limited route, 16 limits",
+        Setup::PluginWith("limits-16"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    // The same route found after 9, 99 and 999 others (exact paths and prefixes):
+    under_load(
+        "rate-limited route, last of 10 routes",
+        Setup::PluginWith("routes-10"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    under_load(
+        "rate-limited route, last of 100 routes",
+        Setup::PluginWith("routes-100"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    under_load(
+        "rate-limited route, last of 1,000 routes",
+        Setup::PluginWith("routes-1000"),
+        "/api/rate-limited",
+        RATE_LIMITED,
+        ("ratelimit", true),
+    ),
+    // Cache hits by body size, each against the same body passed through to the upstream:
+    under_load(
+        "1 KiB body, no policy (pass-through)",
+        Setup::PluginWith("minimal"),
+        "/api/bytes?size=1024",
+        NO_FILTER,
+        ("x-cache", false),
+    ),
+    under_load(
+        "64 KiB body, no policy (pass-through)",
+        Setup::PluginWith("minimal"),
+        "/api/bytes?size=65536",
+        NO_FILTER,
+        ("x-cache", false),
+    ),
+    under_load(
+        "512 KiB body, no policy (pass-through)",
+        Setup::PluginWith("minimal"),
+        "/api/bytes?size=524288",
+        NO_FILTER,
+        ("x-cache", false),
+    ),
+    under_load(
+        "cache hit, 1 KiB body",
+        Setup::PluginWith("cache-bytes"),
+        "/api/bytes?size=1024",
+        "1 KiB body, no policy (pass-through)",
+        ("x-cache", true),
+    ),
+    under_load(
+        "cache hit, 64 KiB body",
+        Setup::PluginWith("cache-bytes"),
+        "/api/bytes?size=65536",
+        "64 KiB body, no policy (pass-through)",
+        ("x-cache", true),
+    ),
+    under_load(
+        "cache hit, 512 KiB body",
+        Setup::PluginWith("cache-bytes"),
+        "/api/bytes?size=524288",
+        "512 KiB body, no policy (pass-through)",
+        ("x-cache", true),
+    ),
     // One connection: what a rate limit adds to a request's latency, beside one relay round
     // trip and one direct Redis round trip.
     Scenario {
@@ -601,7 +682,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     // First, while nothing else runs: the plugin's cost per request in process.
     let in_process = if in_process {
         let bin = vm_bench::build(&ws)?;
-        let minimal = bench_config("minimal")?.to_string();
+        let minimal = bench_config("minimal")?;
         let configs = [
             ("plugin, no policy".to_string(), minimal),
             (
@@ -681,12 +762,51 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     Ok(())
 }
 
-fn bench_config(name: &str) -> Result<&'static str> {
-    BENCH_CONFIGS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, j)| *j)
-        .with_context(|| format!("no bench plugin configuration named {name}"))
+/// A plugin configuration by name: one of [`BENCH_CONFIGS`], or one of the scaling series,
+/// generated: `limits-N` (the rate-limited route with N limits), `routes-N` (the rate-limited
+/// route last of N routes) and `cache-bytes` (the cache on `/api/bytes`, entries up to 600,000
+/// bytes).
+fn bench_config(name: &str) -> Result<String> {
+    if let Some((_, json)) = BENCH_CONFIGS.iter().find(|(n, _)| *n == name) {
+        return Ok(json.to_string());
+    }
+    let relay = serde_json::json!({"transport": "relay", "cluster": "redis_relay"});
+    let limited = |limits: Vec<serde_json::Value>| {
+        serde_json::json!({"name": "bench", "match": {"path": "/api/rate-limited"},
+                           "rate_limit": {"limits": limits, "key": ["client_ip"]}})
+    };
+    let never_reached = |i: usize| {
+        serde_json::json!({"name": format!("limit_{i}"), "limit": 1_000_000_000u64,
+                           "window": format!("{}s", 60 + i), "algorithm": "sliding_window"})
+    };
+    let count = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=10_000).contains(n))
+    };
+    let config = if let Some(n) = count("limits-") {
+        serde_json::json!({"redis": relay, "routes": [limited((0..n).map(never_reached).collect())]})
+    } else if let Some(n) = count("routes-") {
+        // Exact paths and prefixes in turn before it, none of which the requests match.
+        let mut routes: Vec<serde_json::Value> = (1..n)
+            .map(|i| {
+                if i % 2 == 0 {
+                    serde_json::json!({"name": format!("exact_{i}"), "match": {"path": format!("/bench/exact/{i}")}})
+                } else {
+                    serde_json::json!({"name": format!("prefix_{i}"), "match": {"prefix": format!("/bench/prefix/{i}/")}})
+                }
+            })
+            .collect();
+        routes.push(limited(vec![never_reached(0)]));
+        serde_json::json!({"redis": relay, "routes": routes})
+    } else if name == "cache-bytes" {
+        serde_json::json!({"redis": relay, "routes": [{"name": "bench-bytes", "match": {"path": "/api/bytes"},
+            "cache": {"ttl": "1h", "honor_cache_control": false, "key": {"query": ["size"]},
+                      "max_body_bytes": 600_000}}]})
+    } else {
+        bail!("no bench plugin configuration named {name}");
+    };
+    Ok(config.to_string())
 }
 
 impl Bench<'_> {
@@ -966,7 +1086,7 @@ impl Bench<'_> {
                 .context("deriving a no-filter copy of envoy/envoy.yaml"),
             Setup::Plugin => Ok(self.yaml.clone()),
             Setup::PluginWith(name) | Setup::OnCluster(name) => {
-                let json = with_relay_token(bench_config(name)?, self.relay_token.as_deref())?;
+                let json = with_relay_token(&bench_config(name)?, self.relay_token.as_deref())?;
                 envoy_yaml::with_plugin_configuration(&self.yaml, &json)
             }
         }
@@ -1332,7 +1452,7 @@ mod tests {
     #[test]
     fn the_rate_limited_configuration_has_one_sliding_window_limit() {
         let config: serde_json::Value =
-            serde_json::from_str(bench_config("rate-limited").unwrap()).unwrap();
+            serde_json::from_str(&bench_config("rate-limited").unwrap()).unwrap();
         let limits = config["routes"][0]["rate_limit"]["limits"]
             .as_array()
             .unwrap();
