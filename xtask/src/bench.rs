@@ -25,6 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 use testkit::envoy::{EnvoyProcess, Loopback};
 
+mod memory;
 mod ping;
 mod report;
 mod wrk;
@@ -627,7 +628,8 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     // host-shim's example measures the plugin in process: part of the host-shim side.
     let in_process =
         options.hosts().contains(&DemoHost::HostShim) && options.selects(vm_bench::NAME);
-    if plan.is_empty() && !in_process {
+    let key_memory = options.selects(memory::NAME);
+    if plan.is_empty() && !in_process && !key_memory {
         bail!(
             "no scenario matches --only {:?} on {}; scenarios: {}, {}",
             options.only,
@@ -715,7 +717,7 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         services: Services::new(&bench_dir.join("logs"), false)?,
         gateway: None,
     };
-    if !plan.is_empty() {
+    if !plan.is_empty() || key_memory {
         bench.start_backends(token.as_deref(), redis_dir.path())?;
     }
 
@@ -738,6 +740,17 @@ pub fn run(options: &BenchOptions) -> Result<()> {
         );
         results.push(m);
     }
+    // Redis memory per rate-limit key, on the first host (the scripts are the same on both).
+    let memory_host = options.hosts()[0];
+    let memory = if key_memory {
+        if memory_host == DemoHost::Envoy && bench.envoy.is_none() {
+            bench.envoy = Some(envoy_install::ensure(&ws.target_dir, &options.setup)?);
+            bench.stock_plugin = Some(ws.build_stock_plugin()?);
+        }
+        bench.key_memory(memory_host)?
+    } else {
+        Vec::new()
+    };
     bench.stop_gateway();
     bench.services.stop_all();
 
@@ -747,6 +760,9 @@ pub fn run(options: &BenchOptions) -> Result<()> {
     } else {
         report::render_markdown(&results, &setting)
     };
+    if !memory.is_empty() {
+        md.push_str(&memory::render(&memory, memory_host));
+    }
     if !in_process.is_empty() {
         md.push_str(&vm_bench::render(&in_process));
     }
@@ -799,6 +815,8 @@ fn bench_config(name: &str) -> Result<String> {
             .collect();
         routes.push(limited(vec![never_reached(0)]));
         serde_json::json!({"redis": relay, "routes": routes})
+    } else if let Some(config) = memory::config(name) {
+        config
     } else if name == "cache-bytes" {
         serde_json::json!({"redis": relay, "routes": [{"name": "bench-bytes", "match": {"path": "/api/bytes"},
             "cache": {"ttl": "1h", "honor_cache_control": false, "key": {"query": ["size"]},

@@ -20,6 +20,30 @@ pub fn redis_command(addr: SocketAddr, args: &[&str]) -> Result<String> {
     read_reply(&mut BufReader::new(stream)).with_context(|| format!("redis {args:?} at {addr}"))
 }
 
+/// Sends one command whose reply is an array of bulk strings (`KEYS`, `SMEMBERS`, …).
+pub fn redis_array(addr: SocketAddr, args: &[&str]) -> Result<Vec<String>> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("cannot connect to redis at {addr}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(&testkit::encode_command(args))?;
+    let mut reader = BufReader::new(stream);
+    let read = |reader: &mut BufReader<TcpStream>| -> Result<Vec<String>> {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(e) = line.strip_prefix('-') {
+            bail!("redis answered an error: {e}");
+        }
+        let n: usize = line
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("expected an array, got {line:?}"))?;
+        (0..n).map(|_| read_reply(reader)).collect()
+    };
+    read(&mut reader).with_context(|| format!("redis {args:?} at {addr}"))
+}
+
 fn read_reply(reader: &mut impl BufRead) -> Result<String> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
