@@ -9,10 +9,19 @@
 //!   Redis URLs and the relay token line up; the relay's flags pass the relay's own parser; the
 //!   relay's Redis user is the filter's ACL user in the ACL file Redis loads, with its password;
 //! * every Dockerfile parses, copies only files that exist and are not dockerignored, builds
-//!   one package, locked, with the plugin's features right for its host, on pinned images;
+//!   one package, locked, with the plugin's features right for its host, on pinned images; the
+//!   Wasm images are one layer holding /plugin.wasm;
 //! * the Higress WasmPlugin's configuration passes the plugin's validation, names the cluster
 //!   Higress creates for the Redis Service next to it, and equals envoy.yaml's but for the
 //!   connection;
+//! * the Kubernetes manifests for Istio and Envoy Gateway (envoy/kubernetes/, envoy/istio/,
+//!   envoy/envoy-gateway/) parse (typed, unknown keys refused) and agree with each other: names,
+//!   namespaces, labels and selectors, ports, Secrets and mounts; the relay's flags pass the
+//!   relay's own parser and validation with the Secrets' files; the relay's Redis user is the
+//!   filter's ACL user with its password; each plugin configuration passes the plugin's
+//!   validation, names the cluster its platform creates for the relay, carries the relay's token
+//!   and equals envoy.yaml's but for the connection; NetworkPolicies admit only the gateway to
+//!   the relay and only the relay to Redis ([`platforms`]);
 //! * Prometheus scrapes Envoy's admin over an internal network, Grafana's datasource and
 //!   dashboard are provisioned where it looks, and Grafana reaches Prometheus only;
 //! * plugin.wasm imports only host functions Envoy (or Higress) provides;
@@ -29,15 +38,19 @@ mod compose;
 mod dockerfile;
 #[path = "deploy_checks/dockerignore.rs"]
 mod dockerignore;
+#[path = "deploy_checks/kubernetes.rs"]
+mod kubernetes;
 #[path = "deploy_checks/monitoring.rs"]
 mod monitoring;
+#[path = "deploy_checks/platforms.rs"]
+mod platforms;
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use checks::*;
-use host_shim::envoy_config::EnvoyConfig;
 use monitoring::*;
+use host_shim::envoy_config::EnvoyConfig;
 use serde_json::{json, Value};
 
 fn assert_no_problems(problems: &[Problem]) {
@@ -674,7 +687,8 @@ fn a_new_workspace_member_breaks_every_image_build_until_copied() {
             ENVOY_DOCKERFILE,
             RELAY_DOCKERFILE,
             "envoy/docker/upstream.Dockerfile",
-            HIGRESS_PLUGIN_DOCKERFILE
+            HIGRESS_PLUGIN_DOCKERFILE,
+            K8S_PLUGIN_DOCKERFILE
         ]
     );
 }
@@ -988,6 +1002,923 @@ fn the_readmes_json_examples_pass_the_plugins_validation() {
     let broken = r#"{"transport": "relay", "cluster": "redis_relay", "timeout": "200 ms"}"#;
     let e = check_json_example("X.md", 3, broken).unwrap_err();
     assert!(e.contains("X.md:3") && e.contains("redis.timeout"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Istio and Envoy Gateway: each check reports the exact problem
+
+use platforms::*;
+
+/// `file` with its document of `kind` and `name` changed by `change` (edited as YAML).
+fn manifest_with(
+    file: &str,
+    kind: &str,
+    name: &str,
+    change: impl FnOnce(&mut serde_yaml::Value),
+) -> String {
+    use serde::Deserialize;
+    let text = Deployment::repo().read(file).expect(file);
+    let mut docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .collect();
+    let doc = docs
+        .iter_mut()
+        .find(|d| d["kind"] == *kind && d["metadata"]["name"] == *name)
+        .unwrap_or_else(|| panic!("{file} has no {kind} {name}"));
+    change(doc);
+    docs.iter()
+        .map(|d| serde_yaml::to_string(d).expect("YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// The relay Deployment's args changed by `change`.
+fn relay_args_with(change: impl FnOnce(&mut Vec<String>)) -> Deployment {
+    let text = manifest_with(K8S_RELAY, "Deployment", "krowoc-relay", |d| {
+        let c = &mut d["spec"]["template"]["spec"]["containers"][0];
+        let mut args: Vec<String> = serde_yaml::from_value(c["args"].clone()).expect("args");
+        change(&mut args);
+        c["args"] = serde_yaml::to_value(args).expect("args");
+    });
+    Deployment::repo().with_file(K8S_RELAY, text)
+}
+
+const RELAY: &str = "Deployment krowoc-edge/krowoc-relay";
+const RELAY_SECRET_TOKEN: &str = "Secret krowoc-edge/krowoc-relay key token";
+
+#[test]
+fn shipped_kubernetes_manifests_pass_every_check_on_both_platforms() {
+    let d = Deployment::repo();
+    for platform in Platform::ALL {
+        assert_no_problems(&check_platform(&d, platform));
+        let (objects, problems) = load(&d, platform);
+        assert_no_problems(&problems);
+        assert!(
+            objects.len() >= 9,
+            "{platform:?}: {} objects",
+            objects.len()
+        );
+    }
+}
+
+#[test]
+fn a_misspelt_or_unknown_manifest_key_and_an_unknown_kind_are_refused() {
+    let d = Deployment::repo().edit(K8S_RELAY, |t| {
+        t.replacen("containerPort: 7379", "containerPorts: 7379", 1)
+    });
+    match check_kubernetes(&d).as_slice() {
+        [Problem::Unreadable { file, message }] => {
+            assert_eq!(file, K8S_RELAY);
+            assert!(
+                message.contains("document 3") && message.contains("containerPorts"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let d = Deployment::repo().edit(ISTIO_WASMPLUGIN, |t| {
+        t.replace("  phase: STATS\n", "  phase: STATS\n  pluginPhase: STATS\n")
+    });
+    match check_kubernetes(&d).as_slice() {
+        [Problem::Unreadable { file, message }] => {
+            assert_eq!(file, ISTIO_WASMPLUGIN);
+            assert!(message.contains("pluginPhase"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let d = Deployment::repo().edit(K8S_REDIS, |t| {
+        t + "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n"
+    });
+    match check_kubernetes(&d).as_slice() {
+        [Problem::Unreadable { file, message }] => {
+            assert_eq!(file, K8S_REDIS);
+            assert!(message.contains("v1 ConfigMap is not a kind"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_object_in_a_namespace_no_manifest_creates_is_reported() {
+    let text = manifest_with(K8S_RELAY, "Secret", "krowoc-relay", |s| {
+        s["metadata"]["namespace"] = yaml(json!("krowoc"));
+    });
+    let d = Deployment::repo().with_file(K8S_RELAY, text);
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![
+            Problem::NamespaceUnknown {
+                file: K8S_RELAY.into(),
+                object: "Secret krowoc/krowoc-relay".into(),
+                namespace: "krowoc".into()
+            },
+            // The relay's volume now names a Secret its namespace does not have.
+            Problem::SecretMissing {
+                file: K8S_RELAY.into(),
+                object: RELAY.into(),
+                secret: "Secret krowoc-edge/krowoc-relay".into(),
+                key: None
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_service_selecting_no_pods_and_a_target_port_no_pod_declares_are_reported() {
+    let text = manifest_with(K8S_RELAY, "Service", "krowoc-relay", |s| {
+        s["spec"]["selector"]["app"] = yaml(json!("relay"));
+    });
+    let problems = check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text));
+    assert_eq!(
+        problems[0],
+        Problem::SelectorMatchesNothing {
+            file: K8S_RELAY.into(),
+            object: "Service krowoc-edge/krowoc-relay".into(),
+            selector: "spec.selector".into()
+        }
+    );
+    // Neither platform's cluster reaches the relay any more.
+    let clusters: Vec<&str> = problems[1..]
+        .iter()
+        .map(|p| match p {
+            Problem::ClusterNotGenerated { file, message, .. } => {
+                assert!(
+                    message.contains("does not select the relay's pods"),
+                    "{message}"
+                );
+                file.as_str()
+            }
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(clusters, vec![ISTIO_WASMPLUGIN, EG_EXTENSION_POLICY]);
+
+    let text = manifest_with(K8S_REDIS, "Service", "redis", |s| {
+        s["spec"]["ports"][0]["targetPort"] = yaml(json!("redis"));
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(K8S_REDIS, text)),
+        vec![Problem::PortMissing {
+            file: K8S_REDIS.into(),
+            object: "Service krowoc-edge/redis".into(),
+            what: "port 6379 (targetPort) on Deployment krowoc-edge/redis".into(),
+            port: "redis".into()
+        }]
+    );
+}
+
+#[test]
+fn a_relay_listening_on_another_port_than_its_service_targets_is_reported() {
+    let d = relay_args_with(|a| a[1] = "0.0.0.0:7380".into());
+    let problems = check_kubernetes(&d);
+    assert!(
+        matches!(&problems[0], Problem::Manifest { object, message, .. } if object == RELAY && message.contains("readinessProbe must be httpGet /ready on the port the relay listens on (7380)")),
+        "{problems:?}"
+    );
+    assert_eq!(
+        problems[1],
+        Problem::ListenPortMismatch {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            what: "Service krowoc-edge/krowoc-relay (port 7379)".into(),
+            port: 7379,
+            listening: 7380
+        }
+    );
+    // Each platform's NetworkPolicy admits its gateway on 7379, not on 7380.
+    let gateways: Vec<&str> = problems[2..]
+        .iter()
+        .map(|p| match p {
+            Problem::NotIsolated {
+                object, message, ..
+            } if object == RELAY && message.ends_with("on port 7380") => message
+                .split("(namespace ")
+                .nth(1)
+                .and_then(|m| m.split(',').next())
+                .unwrap_or_default(),
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(gateways, vec!["istio-system", EG_PROXY_NAMESPACE]);
+}
+
+#[test]
+fn a_relay_on_loopback_or_with_a_misspelt_flag_is_refused_by_the_relays_own_parser() {
+    let d = relay_args_with(|a| {
+        a.drain(0..2);
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::ListensOnLoopback {
+            service: RELAY.into(),
+            address: "127.0.0.1:7379".into()
+        }]
+    );
+    let d = relay_args_with(|a| a[2] = "--redis-url".into());
+    match check_kubernetes(&d).as_slice() {
+        [Problem::RelayArgsRefused { service, message }] => {
+            assert_eq!(service, RELAY);
+            assert!(message.contains("--redis-url"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_relays_secret_files_are_validated_by_the_relay_and_must_be_mounted() {
+    // An empty token: the relay's own validation refuses it, and the plugin's no longer matches.
+    let text = manifest_with(K8S_RELAY, "Secret", "krowoc-relay", |s| {
+        s["stringData"]["token"] = yaml(json!(""));
+    });
+    let problems = check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text));
+    match problems.as_slice() {
+        [Problem::RelayArgsRefused { service, message }, Problem::PluginTokenMismatch { file: f1, .. }, Problem::PluginTokenMismatch { file: f2, .. }] =>
+        {
+            assert_eq!(service, RELAY);
+            assert!(message.contains("the token is empty"), "{message}");
+            assert_eq!(
+                (f1.as_str(), f2.as_str()),
+                (ISTIO_WASMPLUGIN, EG_EXTENSION_POLICY)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A key the volume names is not in the Secret.
+    let text = manifest_with(K8S_RELAY, "Secret", "krowoc-relay", |s| {
+        let data = s["stringData"].as_mapping_mut().expect("stringData");
+        let token = data.remove("token").expect("token");
+        data.insert("relay-token".into(), token);
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text)),
+        vec![Problem::SecretMissing {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            secret: "Secret krowoc-edge/krowoc-relay".into(),
+            key: Some("token".into())
+        }]
+    );
+    // A file outside every mount.
+    let d = relay_args_with(|a| {
+        let i = a
+            .iter()
+            .position(|x| x == "--token-file")
+            .expect("--token-file");
+        a[i + 1] = "/etc/krowoc/token".into();
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::MountMissing {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            path: "/etc/krowoc/token".into()
+        }]
+    );
+}
+
+#[test]
+fn a_plugin_token_other_than_the_relays_secret_is_reported_without_either_value() {
+    let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+        w["spec"]["pluginConfig"]["redis"]["token"] = yaml(json!("another-token"));
+    });
+    let problem = Problem::PluginTokenMismatch {
+        file: ISTIO_WASMPLUGIN.into(),
+        secret: format!("the relay reads it from {RELAY_SECRET_TOKEN}"),
+    };
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text)),
+        vec![problem.clone()]
+    );
+    assert!(!problem.to_string().contains("change-me"));
+}
+
+#[test]
+fn the_relays_redis_user_is_the_filters_acl_user_with_the_relays_password_and_default_is_off() {
+    let acl_source = format!("{K8S_REDIS} (Secret krowoc-edge/redis-acl key users.acl)");
+    let without_scan = Deployment::repo().edit(K8S_REDIS, |t| t.replace(" +scan", ""));
+    match check_kubernetes(&without_scan).as_slice() {
+        [Problem::AclUserRules {
+            user,
+            expected,
+            found,
+        }] => {
+            assert_eq!(user, "krowoc-edge");
+            assert!(expected.contains("+scan") && !found.contains("+scan"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = manifest_with(K8S_RELAY, "Secret", "krowoc-relay", |s| {
+        s["stringData"]["redis-password"] = yaml(json!("another-password"));
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text)),
+        vec![Problem::AclPasswordMismatch {
+            user: "krowoc-edge".into()
+        }]
+    );
+    let default_on = Deployment::repo().edit(K8S_REDIS, |t| {
+        t.replace("user default off", "user default on nopass ~* &* +@all")
+    });
+    assert_eq!(
+        check_kubernetes(&default_on),
+        vec![Problem::AclDefaultUserOn {
+            file: acl_source.clone()
+        }]
+    );
+    let other_user = relay_args_with(|a| a[3] = "redis://edge@redis:6379".into());
+    assert_eq!(
+        check_kubernetes(&other_user),
+        vec![Problem::AclUserMissing {
+            user: "edge".into(),
+            aclfile: Some(acl_source)
+        }]
+    );
+}
+
+#[test]
+fn a_relay_pointed_at_no_redis_service_or_a_redis_on_another_port_is_reported() {
+    let d = relay_args_with(|a| a[3] = "redis://krowoc-edge@redis-master:6379".into());
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::ServiceUnknown {
+            file: K8S_RELAY.into(),
+            from: format!("{RELAY} (--redis)"),
+            host: "redis-master".into(),
+            port: 6379
+        }]
+    );
+    let d = Deployment::repo().edit(K8S_REDIS, |t| {
+        t.replace(r#"args: ["--port", "6379","#, r#"args: ["--port", "6380","#)
+    });
+    let problems = check_kubernetes(&d);
+    assert_eq!(
+        problems[0],
+        Problem::ListenPortMismatch {
+            file: K8S_REDIS.into(),
+            object: "Deployment krowoc-edge/redis".into(),
+            what: "Service krowoc-edge/redis (port 6379)".into(),
+            port: 6379,
+            listening: 6380
+        }
+    );
+}
+
+#[test]
+fn an_istio_cluster_that_is_not_the_relay_services_is_reported() {
+    let with_cluster = |cluster: &str| {
+        let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+            w["spec"]["pluginConfig"]["redis"]["cluster"] = yaml(json!(cluster));
+        });
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text))
+    };
+    let message = |cluster: &str| match with_cluster(cluster).as_slice() {
+        [Problem::ClusterNotGenerated {
+            file,
+            platform,
+            cluster: c,
+            message,
+        }] => {
+            assert_eq!(
+                (file.as_str(), platform.as_str(), c.as_str()),
+                (ISTIO_WASMPLUGIN, "Istio", cluster)
+            );
+            message.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        message("outbound|7380||krowoc-relay.krowoc-edge.svc.cluster.local"),
+        "Service krowoc-edge/krowoc-relay has no port 7380"
+    );
+    assert_eq!(
+        message("outbound|7379||krowoc-relay.default.svc.cluster.local"),
+        "the manifests have no Service krowoc-relay in namespace default"
+    );
+    assert_eq!(
+        message("outbound|6379||redis.krowoc-edge.svc.cluster.local"),
+        "Service krowoc-edge/redis does not select the relay's pods"
+    );
+    assert!(message("redis_relay").contains("not an Istio cluster name"));
+}
+
+#[test]
+fn an_istio_plugin_without_authority_selector_or_the_stock_image_or_in_an_early_phase_is_reported()
+{
+    let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+        w["spec"]["pluginConfig"]["redis"]
+            .as_mapping_mut()
+            .expect("redis")
+            .remove("authority");
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text)),
+        vec![Problem::AuthorityInvalid {
+            file: ISTIO_WASMPLUGIN.into(),
+            authority: "outbound|7379||krowoc-relay.krowoc-edge.svc.cluster.local".into()
+        }]
+    );
+    let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+        w["spec"].as_mapping_mut().expect("spec").remove("selector");
+        w["spec"]["phase"] = yaml(json!("AUTHN"));
+        w["spec"]["url"] = yaml(json!("oci://registry.example.com/krowoc-edge:0.1.0"));
+        w["spec"]["failStrategy"] = yaml(json!("FAIL_OPEN"));
+    });
+    let messages: Vec<String> =
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text))
+            .into_iter()
+            .map(|p| match p {
+                Problem::Manifest { file, message, .. } if file == ISTIO_WASMPLUGIN => message,
+                // Without a selector, the relay's NetworkPolicy admits other pods than it selects.
+                Problem::NotIsolated { message, .. } => message,
+                other => panic!("{other}"),
+            })
+            .collect();
+    assert_eq!(messages.len(), 5, "{messages:#?}");
+    assert!(messages[0].contains("spec.selector.matchLabels is empty"));
+    assert!(messages[1].contains("phase AUTHN"));
+    assert!(messages[2].contains("failStrategy FAIL_OPEN"));
+    assert!(messages[3].contains("krowoc-edge-envoy"));
+    assert!(messages[4].contains("no NetworkPolicy admits"));
+}
+
+#[test]
+fn an_istio_or_envoy_gateway_policy_that_drifts_from_envoy_yaml_is_reported() {
+    let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+        w["spec"]["pluginConfig"]["routes"][0]["rate_limit"]["limits"][0]["limit"] =
+            yaml(json!(50));
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text)),
+        vec![Problem::VariantDiffers {
+            file: ISTIO_WASMPLUGIN.into(),
+            key: "routes".into()
+        }]
+    );
+    let text = manifest_with(
+        EG_EXTENSION_POLICY,
+        "EnvoyExtensionPolicy",
+        "krowoc-edge",
+        |p| {
+            p["spec"]["wasm"][0]["config"]["redis"]["timeout"] = yaml(json!("1s"));
+        },
+    );
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(EG_EXTENSION_POLICY, text)),
+        vec![Problem::VariantDiffers {
+            file: EG_EXTENSION_POLICY.into(),
+            key: "redis.timeout".into()
+        }]
+    );
+    // The plugin's own validation runs on each copy.
+    let text = manifest_with(
+        EG_EXTENSION_POLICY,
+        "EnvoyExtensionPolicy",
+        "krowoc-edge",
+        |p| {
+            p["spec"]["wasm"][0]["config"]["redis"]["timeout"] = yaml(json!("200 ms"));
+        },
+    );
+    match check_kubernetes(&Deployment::repo().with_file(EG_EXTENSION_POLICY, text)).as_slice() {
+        [Problem::PluginConfigRefused { file, errors }] => {
+            assert_eq!(file, EG_EXTENSION_POLICY);
+            assert!(
+                errors.iter().any(|e| e.contains("redis.timeout")),
+                "{errors:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_envoy_gateway_cluster_no_patch_adds_for_the_relay_is_reported() {
+    let eg_cluster = |d: Deployment| match check_kubernetes(&d).as_slice() {
+        [Problem::ClusterNotGenerated {
+            file,
+            platform,
+            message,
+            ..
+        }] => {
+            assert_eq!(
+                (file.as_str(), platform.as_str()),
+                (EG_EXTENSION_POLICY, "Envoy Gateway")
+            );
+            message.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    // The filter names a cluster no patch adds.
+    let text = manifest_with(
+        EG_EXTENSION_POLICY,
+        "EnvoyExtensionPolicy",
+        "krowoc-edge",
+        |p| {
+            p["spec"]["wasm"][0]["config"]["redis"]["cluster"] = yaml(json!("redis_relay"));
+        },
+    );
+    let m = eg_cluster(Deployment::repo().with_file(EG_EXTENSION_POLICY, text));
+    assert!(
+        m.contains(r#"no EnvoyPatchPolicy adds a Cluster of that name (added: ["krowoc-relay"])"#),
+        "{m}"
+    );
+    // The patch's endpoint by its short name: the Envoy resolves it in its own namespace.
+    let d = Deployment::repo().edit(EG_PATCH_POLICY, |t| {
+        t.replace(
+            "address: krowoc-relay.krowoc-edge.svc.cluster.local",
+            "address: krowoc-relay",
+        )
+    });
+    assert_eq!(
+        eg_cluster(d),
+        format!("its endpoint krowoc-relay:7379: the manifests have no Service krowoc-relay in namespace {EG_PROXY_NAMESPACE}")
+    );
+    // The patch goes to another Gateway than the route's.
+    let d = Deployment::repo().edit(EG_PATCH_POLICY, |t| {
+        t.replace(
+            "    kind: Gateway\n    name: krowoc-edge",
+            "    kind: Gateway\n    name: eg",
+        )
+    });
+    assert_eq!(
+        eg_cluster(d),
+        "EnvoyPatchPolicy krowoc-edge/krowoc-relay-cluster adds it to Gateway krowoc-edge/eg, not to the Gateway of the filter's route (krowoc-edge/krowoc-edge)"
+    );
+    // The names of the patch and of the cluster disagree.
+    let d = Deployment::repo().edit(EG_PATCH_POLICY, |t| {
+        t.replace("cluster_name: krowoc-relay", "cluster_name: relay")
+    });
+    assert!(eg_cluster(d).contains("must be the same"));
+}
+
+#[test]
+fn an_envoy_gateway_policy_failing_open_or_on_a_route_no_manifest_defines_is_reported() {
+    let text = manifest_with(
+        EG_EXTENSION_POLICY,
+        "EnvoyExtensionPolicy",
+        "krowoc-edge",
+        |p| {
+            p["spec"]["wasm"][0]["failOpen"] = yaml(json!(true));
+            p["spec"]["wasm"][0]["code"]["image"]["url"] =
+                yaml(json!("registry.example.com/krowoc-edge:0.1.0"));
+        },
+    );
+    let messages: Vec<String> =
+        check_kubernetes(&Deployment::repo().with_file(EG_EXTENSION_POLICY, text))
+            .into_iter()
+            .map(|p| match p {
+                Problem::Manifest { message, .. } => message,
+                other => panic!("{other}"),
+            })
+            .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].contains("failOpen: true") && messages[1].contains("krowoc-edge-envoy"));
+
+    let d = Deployment::repo().edit(EG_GATEWAY, |t| t.replace("  name: app\n", "  name: web\n"));
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::Manifest {
+            file: EG_EXTENSION_POLICY.into(),
+            object: "EnvoyExtensionPolicy krowoc-edge/krowoc-edge".into(),
+            message: "targetRefs names HTTPRoute krowoc-edge/app, which no manifest defines".into()
+        }]
+    );
+}
+
+#[test]
+fn redis_or_the_relay_reachable_beyond_who_must_reach_them_is_reported() {
+    // The Istio policy admits another namespace's pods than the WasmPlugin's.
+    let d = Deployment::repo().edit(ISTIO_NETWORK_POLICY, |t| {
+        t.replace(
+            "metadata.name: istio-system",
+            "metadata.name: istio-ingress",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::NotIsolated {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            message: "no NetworkPolicy admits the pods that must reach it (namespace istio-system, labels istio=ingressgateway) on port 7379".into()
+        }]
+    );
+    // Redis without its NetworkPolicy.
+    let text = Deployment::repo().read(K8S_REDIS).expect("redis.yaml");
+    let cut = text
+        .find("---\n# Only the relay reaches Redis.")
+        .expect("the policy");
+    let d = Deployment::repo().with_file(K8S_REDIS, text[..cut].to_string());
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::NotIsolated {
+            file: K8S_REDIS.into(),
+            object: "Deployment krowoc-edge/redis".into(),
+            message:
+                "no NetworkPolicy selects its pods for Ingress: every pod of the cluster reaches it"
+                    .into()
+        }]
+    );
+    // A rule that admits everyone.
+    let text = manifest_with(EG_NETWORK_POLICY, "NetworkPolicy", "krowoc-relay", |p| {
+        p["spec"]["ingress"][0]["from"] = yaml(json!([{"namespaceSelector": {}}]));
+    });
+    let problems = check_kubernetes(&Deployment::repo().with_file(EG_NETWORK_POLICY, text));
+    assert!(
+        problems.iter().any(|p| matches!(p, Problem::NotIsolated { file, message, .. } if file == EG_NETWORK_POLICY && message.contains("admits every pod"))),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn floating_images_in_the_manifests_are_reported() {
+    let d = Deployment::repo()
+        .edit(K8S_REDIS, |t| {
+            t.replace("image: redis:7.4.7-bookworm", "image: redis:latest")
+        })
+        .edit(K8S_RELAY, |t| {
+            t.replace(
+                "registry.example.com/krowoc-relay:0.1.0",
+                "registry.example.com/krowoc-relay",
+            )
+        })
+        .edit(ISTIO_WASMPLUGIN, |t| {
+            t.replace("krowoc-edge-envoy:0.1.0", "krowoc-edge-envoy:latest")
+        });
+    let images: Vec<(String, String)> = check_kubernetes(&d)
+        .into_iter()
+        .map(|p| match p {
+            Problem::ImageNotPinned { file, image, .. } => (file, image),
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(
+        images,
+        vec![
+            (K8S_REDIS.into(), "redis:latest".into()),
+            (K8S_RELAY.into(), "registry.example.com/krowoc-relay".into()),
+            (
+                ISTIO_WASMPLUGIN.into(),
+                "registry.example.com/krowoc-edge-envoy:latest".into()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn the_kubernetes_plugin_image_is_the_stock_envoy_build_in_one_layer() {
+    let d = Deployment::repo().edit(K8S_PLUGIN_DOCKERFILE, |t| {
+        t.replace(" --no-default-features", "")
+    });
+    match check_dockerfiles(&d).as_slice() {
+        [Problem::PluginFeatures {
+            dockerfile,
+            message,
+            ..
+        }] => {
+            assert_eq!(dockerfile, K8S_PLUGIN_DOCKERFILE);
+            assert!(message.contains("--no-default-features"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let d = Deployment::repo().edit(K8S_PLUGIN_DOCKERFILE, |t| {
+        t + "COPY --from=plugin /out/plugin.wasm /extra.wasm\n"
+    });
+    assert_eq!(
+        check_dockerfiles(&d),
+        vec![Problem::WasmImageLayout {
+            dockerfile: K8S_PLUGIN_DOCKERFILE.into(),
+            message: "the final stage has 2 COPY/ADD instructions: a Wasm image must be exactly one layer (one COPY)".into()
+        }]
+    );
+    let d = Deployment::repo().edit(HIGRESS_PLUGIN_DOCKERFILE, |t| {
+        t.replace(
+            "/out/plugin.wasm /plugin.wasm",
+            "/out/plugin.wasm /filter.wasm",
+        )
+    });
+    match check_dockerfiles(&d).as_slice() {
+        [Problem::WasmImageLayout {
+            dockerfile,
+            message,
+        }] => {
+            assert_eq!(dockerfile, HIGRESS_PLUGIN_DOCKERFILE);
+            assert!(message.contains("not /filter.wasm"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn workload_wiring_mistakes_are_reported() {
+    let manifest = |file: &str, object: &str, message: &str| Problem::Manifest {
+        file: file.into(),
+        object: object.into(),
+        message: message.into(),
+    };
+    // An object without a namespace lands wherever kubectl points.
+    let text = manifest_with(K8S_RELAY, "Service", "krowoc-relay", |s| {
+        s["metadata"]
+            .as_mapping_mut()
+            .expect("metadata")
+            .remove("namespace");
+    });
+    let problems = check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text));
+    assert_eq!(
+        problems[0],
+        manifest(
+            K8S_RELAY,
+            "Service krowoc-relay",
+            "no metadata.namespace: it would land in whichever namespace kubectl points at"
+        )
+    );
+    // A Secret mounted writable, a mount of a volume the pod lacks, a probe on a port no
+    // container declares, a Deployment whose selector misses its own pods.
+    let d = Deployment::repo().edit(K8S_REDIS, |t| {
+        t.replace(
+            "              mountPath: /etc/redis\n              readOnly: true\n",
+            "              mountPath: /etc/redis\n",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![manifest(
+            K8S_REDIS,
+            "Deployment krowoc-edge/redis",
+            "container redis mounts /etc/redis writable: mount Secrets readOnly"
+        )]
+    );
+    let d = Deployment::repo().edit(K8S_RELAY, |t| {
+        t.replace(
+            "            - name: secrets\n              mountPath",
+            "            - name: relay-secrets\n              mountPath",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![manifest(
+            K8S_RELAY,
+            RELAY,
+            r#"container relay mounts volume "relay-secrets", which the pod does not define"#
+        )]
+    );
+    let d = Deployment::repo().edit(K8S_RELAY, |t| {
+        t.replace(
+            "            tcpSocket:\n              port: http-relay",
+            "            tcpSocket:\n              port: http",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::PortMissing {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            what: "container relay's livenessProbe".into(),
+            port: "http".into()
+        }]
+    );
+    let text = manifest_with(K8S_REDIS, "Deployment", "redis", |d| {
+        d["spec"]["selector"]["matchLabels"]["app"] = yaml(json!("cache"));
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(K8S_REDIS, text)),
+        vec![Problem::SelectorMatchesNothing {
+            file: K8S_REDIS.into(),
+            object: "Deployment krowoc-edge/redis".into(),
+            selector: "spec.selector".into()
+        }]
+    );
+}
+
+#[test]
+fn a_relay_image_login_or_acl_file_the_manifests_lack_is_reported() {
+    let d = Deployment::repo().edit(K8S_RELAY, |t| {
+        t.replace(
+            "registry.example.com/krowoc-relay:0.1.0",
+            "registry.example.com/resp-relay:0.1.0",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::Manifest {
+            file: K8S_RELAY.into(),
+            object: "Deployment".into(),
+            message: format!(
+                "no container runs the relay image (…/krowoc-relay:TAG, built by {RELAY_DOCKERFILE})"
+            )
+        }]
+    );
+    // Without a user the relay would log in as `default`, which is off.
+    let d = relay_args_with(|a| {
+        a[3] = "redis://redis:6379".into();
+        let i = a
+            .iter()
+            .position(|x| x == "--redis-password-file")
+            .expect("flag");
+        a.drain(i..i + 2);
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::Manifest {
+            file: K8S_RELAY.into(),
+            object: RELAY.into(),
+            message:
+                "--redis redis://redis:6379: log in as the filter's ACL user (redis://USER@HOST)"
+                    .into()
+        }]
+    );
+    let d = Deployment::repo().edit(K8S_REDIS, |t| {
+        t.replace(r#", "--aclfile", "/etc/redis/users.acl""#, "")
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::AclUserMissing {
+            user: "krowoc-edge".into(),
+            aclfile: None
+        }]
+    );
+}
+
+#[test]
+fn platform_wiring_mistakes_are_reported() {
+    // Envoy Gateway: the route's Gateway is not in the manifests.
+    let d = Deployment::repo().edit(EG_GATEWAY, |t| {
+        t.replace(
+            "    - name: krowoc-edge\n  rules",
+            "    - name: eg\n  rules",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::Manifest {
+            file: EG_GATEWAY.into(),
+            object: "HTTPRoute krowoc-edge/app".into(),
+            message: "parentRefs names Gateway krowoc-edge/eg, which no manifest defines".into()
+        }]
+    );
+    // Envoy Gateway: a cluster that cannot resolve a Service's name.
+    let d = Deployment::repo().edit(EG_PATCH_POLICY, |t| {
+        t.replace("type: STRICT_DNS", "type: STATIC")
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::ClusterNotGenerated {
+            file: EG_EXTENSION_POLICY.into(),
+            platform: "Envoy Gateway".into(),
+            cluster: "krowoc-relay".into(),
+            message: "type STATIC: a Service's name needs a DNS cluster (STRICT_DNS)".into()
+        }]
+    );
+    // Istio: a subset no DestinationRule defines.
+    let d = Deployment::repo().edit(ISTIO_WASMPLUGIN, |t| {
+        t.replace("outbound|7379||krowoc", "outbound|7379|v1|krowoc")
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![Problem::ClusterNotGenerated {
+            file: ISTIO_WASMPLUGIN.into(),
+            platform: "Istio".into(),
+            cluster: "outbound|7379|v1|krowoc-relay.krowoc-edge.svc.cluster.local".into(),
+            message: r#"subset "v1": the relay needs no DestinationRule subset"#.into()
+        }]
+    );
+    // Istio's proxy is Envoy: no Redis calls.
+    let text = manifest_with(ISTIO_WASMPLUGIN, "WasmPlugin", "krowoc-edge", |w| {
+        let redis = w["spec"]["pluginConfig"]["redis"]
+            .as_mapping_mut()
+            .expect("redis");
+        redis.remove("token");
+        redis.remove("authority");
+        redis.insert("transport".into(), "redis_call".into());
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(ISTIO_WASMPLUGIN, text)),
+        vec![Problem::Manifest {
+            file: ISTIO_WASMPLUGIN.into(),
+            object: "the plugin configuration".into(),
+            message: "redis.transport must be relay: the proxy is Envoy, which has no Redis calls"
+                .into()
+        }]
+    );
+}
+
+#[test]
+fn a_relay_service_istio_does_not_export_to_the_gateway_is_reported() {
+    let with_export = |to: &str| {
+        let text = manifest_with(K8S_RELAY, "Service", "krowoc-relay", |s| {
+            s["metadata"]["annotations"] = yaml(json!({ "networking.istio.io/exportTo": to }));
+        });
+        check_kubernetes(&Deployment::repo().with_file(K8S_RELAY, text))
+    };
+    assert_no_problems(&with_export("istio-system,krowoc-edge"));
+    assert_no_problems(&with_export("*"));
+    assert_eq!(
+        with_export("."),
+        vec![Problem::ClusterNotGenerated {
+            file: ISTIO_WASMPLUGIN.into(),
+            platform: "Istio".into(),
+            cluster: "outbound|7379||krowoc-relay.krowoc-edge.svc.cluster.local".into(),
+            message: r#"Service krowoc-edge/krowoc-relay is exported to "." (networking.istio.io/exportTo): Istio does not give its cluster to the gateway in istio-system"#.into()
+        }]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ use host_shim::envoy_config::EnvoyConfig;
 use krowoc_plugin::config::{parse_config, Config, Transport};
 use krowoc_relay::pool::RedisEndpoint;
 use krowoc_relay::{RelayArgs, RelayConfig};
-use serde::Deserialize as _;
 
 use super::compose::{Compose, Service};
 use super::dockerfile::{shell_commands, Dockerfile, Stage};
 use super::dockerignore::DockerIgnore;
+use super::kubernetes::{self, IstioCluster, Resource};
+use super::platforms::K8S_PLUGIN_DOCKERFILE;
 
 pub const ENVOY_YAML: &str = "envoy/envoy.yaml";
 pub const COMPOSE: &str = "envoy/docker-compose.yml";
@@ -30,7 +31,7 @@ pub const CARGO_TOML: &str = "Cargo.toml";
 const ENVOY_DEFAULT_CONFIG: &str = "/etc/envoy/envoy.yaml";
 /// krowoc-upstream's `--listen` default (upstream/src/main.rs).
 const UPSTREAM_DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-const REDIS_DEFAULT_PORT: u16 = 6379;
+pub const REDIS_DEFAULT_PORT: u16 = 6379;
 /// The plugin's configuration keys that only say how Redis is reached; everything else must be
 /// the same in envoy.yaml and the Higress variant.
 const CONNECTION_KEYS: &[&str] = &[
@@ -316,6 +317,88 @@ pub enum Problem {
         file: String,
         message: String,
     },
+    /// A Wasm image's final stage is not one layer holding `/plugin.wasm`.
+    WasmImageLayout {
+        dockerfile: String,
+        message: String,
+    },
+    /// A Kubernetes object is well-formed but wrong for what it is for (a missing selector, a
+    /// phase that runs the filter before authorization, a fail-open switch, …).
+    Manifest {
+        file: String,
+        object: String,
+        message: String,
+    },
+    NamespaceUnknown {
+        file: String,
+        object: String,
+        namespace: String,
+    },
+    SelectorMatchesNothing {
+        file: String,
+        object: String,
+        selector: String,
+    },
+    /// A Service, probe or NetworkPolicy names a port the pods do not declare or serve.
+    PortMissing {
+        file: String,
+        object: String,
+        what: String,
+        port: String,
+    },
+    SecretMissing {
+        file: String,
+        object: String,
+        secret: String,
+        key: Option<String>,
+    },
+    /// A Kubernetes workload listens on another port than the one sent to.
+    ListenPortMismatch {
+        file: String,
+        object: String,
+        what: String,
+        port: u16,
+        listening: u16,
+    },
+    /// A file a container reads is in no volume it mounts.
+    MountMissing {
+        file: String,
+        object: String,
+        path: String,
+    },
+    /// `from` reaches `host:port`, which is no port of a Service in the manifests.
+    ServiceUnknown {
+        file: String,
+        from: String,
+        host: String,
+        port: u16,
+    },
+    /// The plugin's `redis.cluster` is not the cluster the platform creates for the relay.
+    ClusterNotGenerated {
+        file: String,
+        platform: String,
+        cluster: String,
+        message: String,
+    },
+    AuthorityInvalid {
+        file: String,
+        authority: String,
+    },
+    /// The plugin's `redis.token` is not the relay's token (the Secret's value).
+    PluginTokenMismatch {
+        file: String,
+        secret: String,
+    },
+    /// The Redis ACL file leaves the `default` user on (anyone who reaches Redis is admitted).
+    AclDefaultUserOn {
+        file: String,
+    },
+    /// Redis or the relay is reachable beyond what must reach it.
+    NotIsolated {
+        file: String,
+        object: String,
+        message: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -432,6 +515,51 @@ Monitoring { file, message } => write!(f, "{file}: {message}"),
                         ImportNotProvided { host, module, name } => {
                 write!(f, "plugin.wasm imports {module}.{name}, which {host} does not provide")
             }
+            WasmImageLayout { dockerfile, message } => write!(f, "{dockerfile}: {message}"),
+            Manifest { file, object, message } => write!(f, "{file}: {object}: {message}"),
+            NamespaceUnknown { file, object, namespace } => write!(
+                f,
+                "{file}: {object} is in namespace {namespace:?}, which no manifest creates and the platform does not provide"
+            ),
+            SelectorMatchesNothing { file, object, selector } => {
+                write!(f, "{file}: {object}: {selector} selects no pods of the manifests")
+            }
+            PortMissing { file, object, what, port } => {
+                write!(f, "{file}: {object}: {what} uses port {port}, which its pods do not declare")
+            }
+            SecretMissing { file, object, secret, key: None } => {
+                write!(f, "{file}: {object} uses {secret}, which no manifest defines")
+            }
+            SecretMissing { file, object, secret, key: Some(key) } => {
+                write!(f, "{file}: {object} uses key {key:?} of {secret}, which has no such key")
+            }
+            ListenPortMismatch { file, object, what, port, listening } => write!(
+                f,
+                "{file}: {object} listens on port {listening}, but {what} sends to port {port}"
+            ),
+            MountMissing { file, object, path } => {
+                write!(f, "{file}: {object} reads {path}, which no volume it mounts provides")
+            }
+            ServiceUnknown { file, from, host, port } => {
+                write!(f, "{file}: {from} reaches {host}:{port}, which is no port of a Service in the manifests")
+            }
+            ClusterNotGenerated { file, platform, cluster, message } => write!(
+                f,
+                "{file}: redis.cluster {cluster:?} is not a cluster {platform} creates for the relay: {message}"
+            ),
+            AuthorityInvalid { file, authority } => write!(
+                f,
+                "{file}: the relay calls would carry :authority {authority:?}, which is not a host name (set redis.authority)"
+            ),
+            PluginTokenMismatch { file, secret } => write!(
+                f,
+                "{file}: the plugin's redis.token is not the relay's token ({secret})"
+            ),
+            AclDefaultUserOn { file } => write!(
+                f,
+                "{file}: the Redis ACL file leaves user `default` on: write `user default off`"
+            ),
+            NotIsolated { file, object, message } => write!(f, "{file}: {object}: {message}"),
         }
     }
 }
@@ -537,7 +665,8 @@ impl Deployment {
     }
 
     /// (Dockerfile, build context), both relative to the repository root: the compose builds and
-    /// the Higress plugin image (built from the root, see its header).
+    /// the plugin images for Higress and for Istio and Envoy Gateway (built from the root, see
+    /// their headers).
     pub fn dockerfiles(&self, compose: &Compose) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = compose
             .services
@@ -550,6 +679,7 @@ impl Deployment {
             })
             .collect();
         out.push((HIGRESS_PLUGIN_DOCKERFILE.to_string(), String::new()));
+        out.push((K8S_PLUGIN_DOCKERFILE.to_string(), String::new()));
         out.sort();
         out.dedup();
         out
@@ -708,9 +838,9 @@ enum Role {
 /// `krowoc-relay`'s command line (the relay's own binary).
 #[derive(Parser)]
 #[command(name = "krowoc-relay")]
-struct RelayCli {
+pub struct RelayCli {
     #[command(flatten)]
-    relay: RelayArgs,
+    pub relay: RelayArgs,
 }
 
 #[derive(Parser)]
@@ -726,7 +856,7 @@ enum HostShimCommand {
     Run(host_shim::run::RunArgs),
 }
 
-fn flag_value(argv: &[String], flag: &str) -> Option<String> {
+pub fn flag_value(argv: &[String], flag: &str) -> Option<String> {
     argv.iter().enumerate().find_map(|(i, a)| {
         if a == flag {
             argv.get(i + 1).cloned()
@@ -811,7 +941,7 @@ fn listen_address(role: &Role) -> Option<(String, u16)> {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+pub fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
@@ -1229,14 +1359,25 @@ fn check_relay_acl_user(
             aclfile: None,
         }];
     };
-    let Some(rules) = text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some("user") && words.next() == Some(user.as_str()))
-            .then(|| words.map(str::to_string).collect::<Vec<_>>())
-    }) else {
+    let password = endpoint.password.unwrap_or_default();
+    check_acl_user(&file, &text, &user, &password, cfg, raw)
+}
+
+/// In the ACL file `text` (named `file` in problems), `user` has exactly the filter's rules for
+/// the plugin configuration's key prefix and channels (`krowoc_relay::acl`) and accepts
+/// `password`.
+pub fn check_acl_user(
+    file: &str,
+    text: &str,
+    user: &str,
+    password: &str,
+    cfg: &Config,
+    raw: &serde_json::Value,
+) -> Vec<Problem> {
+    let Some(rules) = acl_user_rules(text, user) else {
         return vec![Problem::AclUserMissing {
-            user,
-            aclfile: Some(file),
+            user: user.to_string(),
+            aclfile: Some(file.to_string()),
         }];
     };
     let (passwords, rules): (Vec<String>, Vec<String>) =
@@ -1247,16 +1388,26 @@ fn check_relay_acl_user(
     let mut problems = Vec::new();
     if rules != expected {
         problems.push(Problem::AclUserRules {
-            user: user.clone(),
+            user: user.to_string(),
             expected: expected.join(" "),
             found: rules.join(" "),
         });
     }
-    let password = endpoint.password.unwrap_or_default();
-    if !passwords.iter().any(|p| p[1..] == password) {
-        problems.push(Problem::AclPasswordMismatch { user });
+    if !passwords.iter().any(|p| p[1..] == *password) {
+        problems.push(Problem::AclPasswordMismatch {
+            user: user.to_string(),
+        });
     }
     problems
+}
+
+/// The rules of `user <name> …` in an ACL file, when the file defines the user.
+pub fn acl_user_rules(text: &str, user: &str) -> Option<Vec<String>> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("user") && words.next() == Some(user))
+            .then(|| words.map(str::to_string).collect())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1359,7 +1510,7 @@ fn version_parts(v: &str) -> Option<Vec<u64>> {
 }
 
 /// Whether an image reference pins a version; `Err(why)` when it does not.
-fn pinned(image: &str) -> Result<(), String> {
+pub fn pinned(image: &str) -> Result<(), String> {
     let (name, tag) = match image.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n, t),
         _ => return Err("no tag (means :latest)".into()),
@@ -1401,6 +1552,32 @@ fn pinned(image: &str) -> Result<(), String> {
             }
         }
         _ => Ok(()),
+    }
+}
+
+/// A Wasm image as Higress, Istio and Envoy Gateway pull it: exactly one COPY in the final
+/// stage (one layer), putting `plugin.wasm` at the root.
+fn wasm_image_layout(stage: &Stage) -> Result<(), String> {
+    let copies: Vec<_> = stage.all("COPY").chain(stage.all("ADD")).collect();
+    let [copy] = copies.as_slice() else {
+        return Err(format!(
+            "the final stage has {} COPY/ADD instructions: a Wasm image must be exactly one layer (one COPY)",
+            copies.len()
+        ));
+    };
+    let (dest, source) = match copy.args.as_slice() {
+        [source, dest] => (dest.as_str(), source.as_str()),
+        _ => return Err(format!("line {}: copy one file, plugin.wasm", copy.line)),
+    };
+    let named_plugin =
+        Path::new(source).file_name().and_then(|n| n.to_str()) == Some("plugin.wasm");
+    match dest {
+        "/plugin.wasm" | "plugin.wasm" | "./plugin.wasm" => Ok(()),
+        "/" | "./" | "." if named_plugin => Ok(()),
+        other => Err(format!(
+            "line {}: the module goes to /plugin.wasm, not {other}",
+            copy.line
+        )),
     }
 }
 
@@ -1597,19 +1774,33 @@ pub fn check_dockerfiles(d: &Deployment) -> Vec<Problem> {
         }
         // The plugin's features must fit the host the image is for.
         let target = &df.final_stage().image;
+        let host = match file.as_str() {
+            HIGRESS_PLUGIN_DOCKERFILE => Some(WasmHost::Higress),
+            K8S_PLUGIN_DOCKERFILE => Some(WasmHost::StockEnvoy),
+            _ if target.starts_with("envoyproxy/envoy") => Some(WasmHost::StockEnvoy),
+            _ => None,
+        };
         for build in plugin_builds(&df) {
-            if target.starts_with("envoyproxy/envoy") && !build.no_default_features {
+            if host == Some(WasmHost::StockEnvoy) && !build.no_default_features {
                 problems.push(Problem::PluginFeatures {
                     dockerfile: file.clone(),
                     line: build.line,
                     message: "the plugin for stock Envoy must be built with --no-default-features: the redis-call feature imports proxy_redis_init/proxy_redis_call, which Envoy does not provide".into(),
                 });
             }
-            if target == "scratch" && build.no_default_features {
+            if host == Some(WasmHost::Higress) && build.no_default_features {
                 problems.push(Problem::PluginFeatures {
                     dockerfile: file.clone(),
                     line: build.line,
                     message: "the Higress plugin image needs the redis-call feature (transport redis_call): drop --no-default-features".into(),
+                });
+            }
+        }
+        if target == "scratch" {
+            if let Err(message) = wasm_image_layout(df.final_stage()) {
+                problems.push(Problem::WasmImageLayout {
+                    dockerfile: file.clone(),
+                    message,
                 });
             }
         }
@@ -1709,59 +1900,35 @@ pub fn check_higress(d: &Deployment) -> Vec<Problem> {
     problems
 }
 
-/// `outbound|PORT|SUBSET|NAME.NAMESPACE.svc.cluster.local` names a Service in redis.yaml.
+/// The cluster names a Service in redis.yaml. Higress is built on Istio and names a Service's
+/// cluster as Istio does ([`IstioCluster`]).
 fn higress_cluster_exists(d: &Deployment, cluster: &str) -> Result<(), String> {
-    let parts: Vec<&str> = cluster.split('|').collect();
-    let [direction, port, _subset, host] = parts.as_slice() else {
-        return Err("not a Higress cluster name (outbound|PORT||HOST)".into());
-    };
-    if *direction != "outbound" {
-        return Err("Higress clusters start with `outbound`".into());
-    }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{port:?} is not a port"))?;
-    let Some(rest) = host.strip_suffix(".svc.cluster.local") else {
-        return Err("only Kubernetes Service clusters (NAME.NAMESPACE.svc.cluster.local) can be checked here".into());
-    };
-    let (name, namespace) = rest
-        .split_once('.')
-        .ok_or_else(|| format!("{host:?}: expected NAME.NAMESPACE.svc.cluster.local"))?;
+    let cluster = IstioCluster::parse(cluster)?;
+    let (name, namespace) = cluster.service()?;
     let text = d
         .read(HIGRESS_SERVICES)
         .ok_or_else(|| format!("{HIGRESS_SERVICES} is missing"))?;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value =
-            serde_yaml::Value::deserialize(doc).map_err(|e| format!("{HIGRESS_SERVICES}: {e}"))?;
-        let s = |path: &[&str]| path.iter().try_fold(&value, |v, k| v.get(*k)).cloned();
-        let is_service = s(&["kind"])
-            .and_then(|k| k.as_str().map(str::to_string))
-            .as_deref()
-            == Some("Service");
-        let same_name = s(&["metadata", "name"])
-            .and_then(|k| k.as_str().map(str::to_string))
-            .as_deref()
-            == Some(name);
-        let same_ns = s(&["metadata", "namespace"])
-            .and_then(|k| k.as_str().map(str::to_string))
-            .unwrap_or_else(|| "default".into())
-            == namespace;
-        let has_port = s(&["spec", "ports"])
-            .and_then(|p| p.as_sequence().cloned())
-            .unwrap_or_default()
-            .iter()
-            .any(|p| p.get("port").and_then(|v| v.as_u64()) == Some(u64::from(port)));
-        if is_service && same_name && same_ns && has_port {
-            return Ok(());
+    let objects = kubernetes::parse(HIGRESS_SERVICES, &text)
+        .map_err(|e| format!("{HIGRESS_SERVICES}: {e}"))?;
+    let found = objects.iter().any(|o| match &o.resource {
+        Resource::Service(s) => {
+            s.metadata.name == name
+                && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && s.spec.ports.iter().any(|p| p.port == cluster.port)
         }
+        _ => false,
+    });
+    match found {
+        true => Ok(()),
+        false => Err(format!(
+            "{HIGRESS_SERVICES} has no Service {name} in namespace {namespace} with port {}",
+            cluster.port
+        )),
     }
-    Err(format!(
-        "{HIGRESS_SERVICES} has no Service {name} in namespace {namespace} with port {port}"
-    ))
 }
 
 /// Top-level keys (and `redis.*` keys outside the connection) whose values differ.
-fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+pub fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     let empty = serde_json::Map::new();
     let ao = a.as_object().unwrap_or(&empty);
     let bo = b.as_object().unwrap_or(&empty);
@@ -1847,5 +2014,6 @@ pub fn check_all(d: &Deployment) -> Vec<Problem> {
     problems.extend(check_dockerfiles(d));
     problems.extend(check_higress(d));
     problems.extend(super::monitoring::check_monitoring(d));
+    problems.extend(super::platforms::check_kubernetes(d));
     problems
 }
