@@ -1921,6 +1921,45 @@ fn a_relay_service_istio_does_not_export_to_the_gateway_is_reported() {
     );
 }
 
+#[test]
+fn an_envoy_gateway_filter_running_before_authorization_is_reported() {
+    let problem = |message: &str| Problem::Manifest {
+        file: EG_GATEWAY.into(),
+        object: "Gateway krowoc-edge/krowoc-edge".into(),
+        message: message.into(),
+    };
+    let default_order = "give it an EnvoyProxy (infrastructure.parametersRef) whose filterOrder puts envoy.filters.http.wasm after envoy.filters.http.rbac: by default Envoy Gateway runs Wasm before authorization, and the filter would answer from its cache for requests authorization refuses";
+    let text = manifest_with(EG_GATEWAY, "Gateway", "krowoc-edge", |g| {
+        g["spec"]
+            .as_mapping_mut()
+            .expect("spec")
+            .remove("infrastructure");
+    });
+    assert_eq!(
+        check_kubernetes(&Deployment::repo().with_file(EG_GATEWAY, text)),
+        vec![problem(default_order)]
+    );
+    let d = Deployment::repo().edit(EG_GATEWAY, |t| {
+        t.replace(
+            "after: envoy.filters.http.rbac",
+            "after: envoy.filters.http.jwt_authn",
+        )
+    });
+    assert_eq!(check_kubernetes(&d), vec![problem(default_order)]);
+    let d = Deployment::repo().edit(EG_GATEWAY, |t| {
+        t.replace(
+            "      kind: EnvoyProxy\n      name: krowoc-edge",
+            "      kind: EnvoyProxy\n      name: edge",
+        )
+    });
+    assert_eq!(
+        check_kubernetes(&d),
+        vec![problem(
+            "infrastructure.parametersRef names EnvoyProxy krowoc-edge/edge, which no manifest defines"
+        )]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Prometheus and Grafana: broken copies
 

@@ -132,6 +132,7 @@ impl Object {
             Resource::HttpRoute(o) => &o.metadata,
             Resource::EnvoyExtensionPolicy(o) => &o.metadata,
             Resource::EnvoyPatchPolicy(o) => &o.metadata,
+            Resource::EnvoyProxy(o) => &o.metadata,
         }
     }
 
@@ -147,6 +148,7 @@ impl Object {
             Resource::HttpRoute(_) => "HTTPRoute",
             Resource::EnvoyExtensionPolicy(_) => "EnvoyExtensionPolicy",
             Resource::EnvoyPatchPolicy(_) => "EnvoyPatchPolicy",
+            Resource::EnvoyProxy(_) => "EnvoyProxy",
         }
     }
 
@@ -172,6 +174,7 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     EnvoyExtensionPolicy(EnvoyExtensionPolicy),
     EnvoyPatchPolicy(EnvoyPatchPolicy),
+    EnvoyProxy(EnvoyProxy),
 }
 
 /// The documents of one manifest file. Each document's `apiVersion` and `kind` pick its type;
@@ -211,6 +214,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Object>, String> {
             }
             ("gateway.envoyproxy.io/v1alpha1", "EnvoyPatchPolicy") => {
                 typed(rest).map(Resource::EnvoyPatchPolicy)
+            }
+            ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy") => {
+                typed(rest).map(Resource::EnvoyProxy)
             }
             (api, kind) => Err(format!(
                 "{api} {kind} is not a kind these checks know (add it to deploy_checks/kubernetes.rs)"
@@ -602,7 +608,6 @@ pub struct WasmPluginSpec {
 #[serde(deny_unknown_fields)]
 pub struct Gateway {
     pub metadata: ObjectMeta,
-    #[allow(dead_code)] // read so the keys are known
     pub spec: GatewaySpec,
 }
 
@@ -611,8 +616,17 @@ pub struct Gateway {
 pub struct GatewaySpec {
     #[allow(dead_code)] // read so the key is known
     pub gateway_class_name: String,
+    #[serde(default)]
+    pub infrastructure: Option<GatewayInfrastructure>,
     #[allow(dead_code)] // read so the key is known
     pub listeners: Vec<Listener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayInfrastructure {
+    #[serde(default)]
+    pub parameters_ref: Option<LocalPolicyTargetRef>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -674,7 +688,8 @@ pub struct BackendRef {
     pub port: Option<u16>,
 }
 
-/// A policy's target: a local object (same namespace as the policy).
+/// A reference to an object in the referrer's namespace: a policy's target, a Gateway's
+/// parameters.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalPolicyTargetRef {
@@ -773,6 +788,35 @@ pub struct JsonPatchOperation {
     pub path: Option<String>,
     #[serde(default)]
     pub value: Option<Value>,
+}
+
+/// Envoy Gateway's settings for the Envoy of a Gateway that references it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvoyProxy {
+    pub metadata: ObjectMeta,
+    pub spec: EnvoyProxySpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnvoyProxySpec {
+    #[serde(default)]
+    pub filter_order: Vec<FilterPosition>,
+    #[serde(default)]
+    #[allow(dead_code)] // free-form; read so the key is known
+    pub provider: Option<Value>,
+}
+
+/// Moves the filters named `name` before or after those named in `before` / `after`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterPosition {
+    pub name: String,
+    #[serde(default)]
+    pub before: Option<String>,
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 /// The xDS type of an Envoy cluster, as an EnvoyPatchPolicy names it.

@@ -49,6 +49,10 @@ const PLUGIN_IMAGE: (&str, &str) = ("krowoc-edge-envoy", K8S_PLUGIN_DOCKERFILE);
 pub const EG_PROXY_NAMESPACE: &str = "envoy-gateway-system";
 const EG_OWNING_GATEWAY_NAME: &str = "gateway.envoyproxy.io/owning-gateway-name";
 const EG_OWNING_GATEWAY_NAMESPACE: &str = "gateway.envoyproxy.io/owning-gateway-namespace";
+/// The HTTP filters Envoy Gateway generates for Wasm extensions and for a SecurityPolicy's
+/// authorization (its "Customize Filter Order" lists the default order).
+const EG_WASM_FILTER: &str = "envoy.filters.http.wasm";
+const EG_RBAC_FILTER: &str = "envoy.filters.http.rbac";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Platform {
@@ -905,8 +909,16 @@ impl<'a> Manifests<'a> {
                     .clone()
                     .unwrap_or_else(|| namespace.clone());
                 let is_gateway = parent.kind.as_deref().unwrap_or("Gateway") == "Gateway";
-                let exists = self.objects.iter().any(|o| matches!(&o.resource, Resource::Gateway(g) if g.metadata.name == parent.name && g.metadata.namespace.as_deref() == Some(ns.as_str())));
-                if !is_gateway || !exists {
+                let gateway = self.objects.iter().find_map(|o| match &o.resource {
+                    Resource::Gateway(g)
+                        if g.metadata.name == parent.name
+                            && g.metadata.namespace.as_deref() == Some(ns.as_str()) =>
+                    {
+                        Some(g)
+                    }
+                    _ => None,
+                });
+                let (true, Some(gateway)) = (is_gateway, gateway) else {
                     problems.push(Problem::Manifest {
                         file: EG_GATEWAY.into(),
                         object: format!("HTTPRoute {namespace}/{}", target.name),
@@ -916,6 +928,13 @@ impl<'a> Manifests<'a> {
                         ),
                     });
                     continue;
+                };
+                if let Err(message) = self.wasm_after_authorization(&ns, gateway) {
+                    problems.push(Problem::Manifest {
+                        file: EG_GATEWAY.into(),
+                        object: format!("Gateway {ns}/{}", parent.name),
+                        message,
+                    });
                 }
                 gateways.push(format!("{ns}/{}", parent.name));
             }
@@ -982,6 +1001,50 @@ impl<'a> Manifests<'a> {
             admitted,
             problems,
         })
+    }
+
+    /// Envoy Gateway runs Wasm extensions before its RBAC filter (a SecurityPolicy's
+    /// authorization) unless the Gateway's EnvoyProxy moves them after it.
+    fn wasm_after_authorization(
+        &self,
+        namespace: &str,
+        gateway: &kubernetes::Gateway,
+    ) -> Result<(), String> {
+        let wanted = format!("give it an EnvoyProxy (infrastructure.parametersRef) whose filterOrder puts {EG_WASM_FILTER} after {EG_RBAC_FILTER}: by default Envoy Gateway runs Wasm before authorization, and the filter would answer from its cache for requests authorization refuses");
+        let reference = gateway
+            .spec
+            .infrastructure
+            .as_ref()
+            .and_then(|i| i.parameters_ref.as_ref())
+            .filter(|r| r.group == "gateway.envoyproxy.io" && r.kind == "EnvoyProxy")
+            .ok_or_else(|| wanted.clone())?;
+        let proxy = self
+            .objects
+            .iter()
+            .find_map(|o| match &o.resource {
+                Resource::EnvoyProxy(p)
+                    if p.metadata.name == reference.name
+                        && p.metadata.namespace.as_deref() == Some(namespace) =>
+                {
+                    Some(p)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| {
+                format!(
+                    "infrastructure.parametersRef names EnvoyProxy {namespace}/{}, which no manifest defines",
+                    reference.name
+                )
+            })?;
+        let moved = proxy.spec.filter_order.iter().any(|f| {
+            f.name == EG_WASM_FILTER
+                && f.after.as_deref() == Some(EG_RBAC_FILTER)
+                && f.before.is_none()
+        });
+        match moved {
+            true => Ok(()),
+            false => Err(wanted),
+        }
     }
 
     /// Envoy Gateway's rule: the clusters it generates for routes and policies have names of its
