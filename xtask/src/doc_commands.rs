@@ -3,7 +3,9 @@
 //! parser; the cargo and rustup lines must be the ones xtask runs; `host-shim …` lines are
 //! parsed by host-shim's own argument parser (its `readme_usage` test); the Docker and
 //! Kubernetes lines, which cannot run here (no Docker engine, no cluster), must name files that
-//! exist (the deploy checks validate those files). A command no rule covers fails the test.
+//! exist (the deploy checks validate those files), and the kubectl and istioctl lines that
+//! inspect a cluster must name objects those files define. A command no rule covers fails the
+//! test.
 
 use crate::cli;
 use crate::markdown;
@@ -15,14 +17,18 @@ use std::path::{Path, PathBuf};
 const DOCS: [&str; 2] = ["README.md", "envoy/README.md"];
 
 /// Programs whose lines count as commands, in code blocks or inline code.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 7] = [
     "cargo ",
     "curl ",
     "docker ",
     "kubectl ",
+    "istioctl ",
     "rustup ",
     "host-shim ",
 ];
+
+/// Where the Kubernetes manifests live.
+const MANIFESTS: &str = "envoy";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -85,6 +91,68 @@ fn must_exist(path: &str) -> Result<String, String> {
     } else {
         Err(format!("names {path}, which does not exist"))
     }
+}
+
+/// (kind, namespace, name) of every Kubernetes object in the manifests under `MANIFESTS`
+/// (multi-document YAML files; documents without `kind` and `metadata.name`, such as
+/// envoy.yaml, are not objects).
+fn manifest_objects() -> Vec<(String, String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&root().join(MANIFESTS), &mut files);
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let docs = text.split("\n---\n");
+        for value in docs.filter_map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).ok()) {
+            let field = |path: &[&str]| {
+                path.iter()
+                    .try_fold(&value, |v, k| v.get(*k))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            };
+            if let (Some(kind), Some(name)) = (field(&["kind"]), field(&["metadata", "name"])) {
+                let namespace = field(&["metadata", "namespace"]).unwrap_or_default();
+                objects.push((kind, namespace, name));
+            }
+        }
+    }
+    objects
+}
+
+/// `KIND/NAME` in `namespace` is an object of the manifests (the kind case-insensitive, as
+/// kubectl takes it).
+fn object_defined(namespace: &str, reference: &str) -> Result<String, String> {
+    let (kind, name) = reference
+        .split_once('/')
+        .ok_or(format!("{reference:?}: name the object as KIND/NAME"))?;
+    let found = manifest_objects()
+        .iter()
+        .any(|(k, ns, n)| k.eq_ignore_ascii_case(kind) && ns == namespace && n == name);
+    match found {
+        true => Ok(format!("{reference} in {namespace} is in the manifests")),
+        false => Err(format!(
+            "no manifest under {MANIFESTS}/ defines {reference} in namespace {namespace}"
+        )),
+    }
+}
+
+/// `NAME.NAMESPACE.svc.cluster.local` is a Service of the manifests.
+fn service_fqdn_defined(fqdn: &str) -> Result<String, String> {
+    let (name, namespace) = fqdn
+        .strip_suffix(".svc.cluster.local")
+        .and_then(|rest| rest.split_once('.'))
+        .ok_or(format!("{fqdn:?} is not NAME.NAMESPACE.svc.cluster.local"))?;
+    object_defined(namespace, &format!("Service/{name}"))
 }
 
 /// The package directory of a workspace member named `name`.
@@ -172,6 +240,13 @@ fn check(command: &str, tour_commands: &[String], doc: &str) -> Result<String, S
             }
         }
         ["kubectl", "apply", "-f", file] => must_exist(file),
+        ["kubectl", "-n", namespace, "rollout", "status", object]
+        | ["kubectl", "-n", namespace, "get", object, "-o", "yaml"] => {
+            object_defined(namespace, object)
+        }
+        ["istioctl", "proxy-config", "cluster", _proxy, "-n", _namespace, "--fqdn", fqdn] => {
+            service_fqdn_defined(fqdn)
+        }
         ["host-shim", "run" | "relay", ..] => Ok("host-shim's readme_usage test parses it".into()),
         ["krowoc-relay", ..] => Ok("krowoc-relay's readme_usage test parses it".into()),
         _ => Err("no check covers this command".into()),
@@ -286,6 +361,20 @@ fn a_broken_reference_fails_its_check() {
     assert!(ok("docker compose -f envoy/docker-compose.yml up --build").is_ok());
     assert!(ok("docker compose -f envoy/docker-compose.yaml up --build").is_err());
     assert!(ok("kubectl apply -f envoy/higress/wasmplugin.yml").is_err());
+    assert!(ok("kubectl -n krowoc-edge rollout status deployment/krowoc-relay").is_ok());
+    assert!(
+        ok("kubectl -n default rollout status deployment/krowoc-relay").is_err(),
+        "another namespace"
+    );
+    assert!(ok("kubectl -n krowoc-edge get envoypatchpolicy/krowoc-relay-cluster -o yaml").is_ok());
+    assert!(ok("kubectl -n krowoc-edge get envoypatchpolicy/relay -o yaml").is_err());
+    let istioctl =
+        "istioctl proxy-config cluster deploy/istio-ingressgateway -n istio-system --fqdn";
+    assert!(ok(&format!(
+        "{istioctl} krowoc-relay.krowoc-edge.svc.cluster.local"
+    ))
+    .is_ok());
+    assert!(ok(&format!("{istioctl} relay.krowoc-edge.svc.cluster.local")).is_err());
     assert!(ok("docker push img:1").is_ok());
     assert!(ok("docker push img:2").is_err(), "an image nothing builds");
     assert!(ok("curl -s http://127.0.0.1:10000/health").is_ok());
