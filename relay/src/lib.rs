@@ -485,9 +485,13 @@ impl RelayConfig {
         let token = match (&args.token, &args.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("--token-file {}", path.display()))?;
-                Some(text.trim_end_matches(['\r', '\n']).to_string())
+                let flag = || format!("--token-file {}", path.display());
+                let text = std::fs::read_to_string(path).with_context(flag)?;
+                let token = text.trim_end_matches(['\r', '\n']);
+                if token.is_empty() {
+                    anyhow::bail!("{}: the file is empty", flag());
+                }
+                Some(token.to_string())
             }
             (None, None) => None,
         };

@@ -755,6 +755,50 @@ fn flags_parse_with_documented_defaults_and_refuse_bad_values() {
     );
 }
 
+/// A token in a file (a Kubernetes Secret's key, mounted) is the token, without the trailing
+/// newline an editor or `kubectl create secret --from-file` leaves; the flag is not `--token`'s
+/// companion but its alternative, and an empty or missing file stops the relay naming it.
+#[tokio::test]
+async fn token_file_is_the_token_without_its_trailing_newline() {
+    let redis = RedisServer::start();
+    let file = redis.dir().join("relay-token");
+    std::fs::write(&file, "s3cret\n").expect("write token");
+    let path = file.to_str().expect("utf-8 path");
+    let cli = Cli::try_parse_from(["relay", "--redis", &redis.url(), "--token-file", path])
+        .expect("flags");
+    let config = RelayConfig::from_args(&cli.relay).expect("config");
+    assert_eq!(config.token.as_deref(), Some("s3cret"));
+    let relay = start(config).await;
+    let body = || commands(&[&["PING"]]);
+    let missing = relay.request(Method::POST, "/resp", None, body()).await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    let ok = relay
+        .request(Method::POST, "/resp", Some("s3cret"), body())
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+
+    let both = Cli::try_parse_from(["relay", "--token", "t", "--token-file", path]);
+    assert!(both.is_err(), "--token and --token-file together");
+    std::fs::write(&file, "\n").expect("write token");
+    let cli = Cli::try_parse_from(["relay", "--token-file", path]).expect("flags");
+    let err = format!(
+        "{:#}",
+        RelayConfig::from_args(&cli.relay).expect_err("empty")
+    );
+    assert_eq!(err, format!("--token-file {path}: the file is empty"));
+    let missing = redis.dir().join("no-such-token");
+    let missing = missing.to_str().expect("utf-8 path");
+    let cli = Cli::try_parse_from(["relay", "--token-file", missing]).expect("flags");
+    let err = format!(
+        "{:#}",
+        RelayConfig::from_args(&cli.relay).expect_err("missing")
+    );
+    assert!(
+        err.starts_with(&format!("--token-file {missing}: ")),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The pool on its own (host-shim's proxy_redis_call uses it directly).
 

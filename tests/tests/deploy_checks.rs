@@ -1235,7 +1235,10 @@ fn the_relays_secret_files_are_validated_by_the_relay_and_must_be_mounted() {
         [Problem::RelayArgsRefused { service, message }, Problem::PluginTokenMismatch { file: f1, .. }, Problem::PluginTokenMismatch { file: f2, .. }] =>
         {
             assert_eq!(service, RELAY);
-            assert!(message.contains("the token is empty"), "{message}");
+            assert_eq!(
+                message,
+                "--token-file /run/secrets/krowoc/token: the file is empty"
+            );
             assert_eq!(
                 (f1.as_str(), f2.as_str()),
                 (ISTIO_WASMPLUGIN, EG_EXTENSION_POLICY)

@@ -562,6 +562,8 @@ impl<'a> Manifests<'a> {
         let mut local = args.clone();
         let mut files: BTreeMap<String, (String, String)> = BTreeMap::new();
         let mut all_files = true;
+        // (the path in the container, the copy's path here), to name the former in errors.
+        let mut copies: Vec<(String, String)> = Vec::new();
         {
             let mut materialise = |path: &mut PathBuf| {
                 let shown = path.to_string_lossy().into_owned();
@@ -569,6 +571,7 @@ impl<'a> Manifests<'a> {
                     Ok((text, from)) => {
                         let copy = dir.path().join(format!("{}", files.len()));
                         std::fs::write(&copy, &text).expect("write a Secret's file");
+                        copies.push((shown.clone(), copy.to_string_lossy().into_owned()));
                         files.insert(shown, (text, from));
                         *path = copy;
                     }
@@ -596,7 +599,10 @@ impl<'a> Manifests<'a> {
         }
         if all_files {
             if let Err(e) = RelayConfig::from_args(&local) {
-                problems.push(refused(format!("{e:#}")));
+                let message = copies
+                    .iter()
+                    .fold(format!("{e:#}"), |m, (shown, copy)| m.replace(copy, shown));
+                problems.push(refused(message));
             }
         }
         let read = |path: &Option<PathBuf>| {
