@@ -49,8 +49,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use checks::*;
-use monitoring::*;
 use host_shim::envoy_config::EnvoyConfig;
+use monitoring::*;
 use serde_json::{json, Value};
 
 fn assert_no_problems(problems: &[Problem]) {
