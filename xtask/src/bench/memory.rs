@@ -148,18 +148,23 @@ pub fn render(rows: &[KeyMemory], host: DemoHost) -> String {
     if let (Some(small), Some(large), Some(window)) = (
         bytes("sliding_log", LIMITS[0]),
         bytes("sliding_log", LIMITS[1]),
-        bytes("sliding_window", LIMITS[1]),
+        bytes("sliding_window", LIMITS[0]),
     ) {
-        let per_entry = (large.saturating_sub(small)) as f64 / (LIMITS[1] - LIMITS[0]) as f64;
-        if per_entry > 0.0 {
-            let fixed = small as f64 - per_entry * LIMITS[0] as f64;
-            let crossover = ((window as f64 - fixed) / per_entry).max(1.0);
-            let _ = writeln!(
-                out,
-                "\n`sliding_log` grows by about {per_entry:.1} bytes per request in the window; it \
-                 passes `sliding_window`'s {window} bytes at a limit of about {crossover:.0}."
-            );
-        }
+        // Per request in the window at each limit: Redis keeps a small sorted set compactly
+        // (a listpack, up to `zset-max-listpack-entries`, 128 by default) and a large one as a
+        // skiplist, so the cost per entry is not one number.
+        let per_small = small as f64 / LIMITS[0] as f64;
+        let per_large = large as f64 / LIMITS[1] as f64;
+        let crossover = (window as f64 / per_small).ceil().max(1.0);
+        let _ = writeln!(
+            out,
+            "\n`sliding_log` keeps one entry per request in the window: {per_small:.1} bytes each \
+             at limit {}, {per_large:.1} at limit {} (Redis stores a sorted set of more than 128 \
+             entries as a skiplist). It costs more than `sliding_window`'s {window} bytes from a \
+             limit of about {crossover:.0}.",
+            group_thousands(LIMITS[0]),
+            group_thousands(LIMITS[1]),
+        );
     }
     out
 }
@@ -214,7 +219,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| `gcra` | – | – |"), "{md}");
-        assert!(md.contains("about 60.0 bytes per request"), "{md}");
-        assert!(md.contains("at a limit of about 2"), "{md}");
+        assert!(
+            md.contains("60.0 bytes each at limit 100, 60.0 at limit 10,000"),
+            "{md}"
+        );
+        assert!(md.contains("from a limit of about 2."), "{md}");
     }
 }
