@@ -29,9 +29,9 @@ struct Up {
 }
 
 impl Link {
-    /// Forwards a free loopback port to `target`.
+    /// Forwards a free loopback port (from [`PORTS`]) to `target`.
     pub fn start(target: SocketAddr) -> Link {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the link");
+        let listener = bind_outside_ephemeral_range();
         let addr = listener.local_addr().expect("link address");
         let accepted = Arc::new(AtomicU64::new(0));
         let up = Some(Up::serve(listener, target, accepted.clone()));
@@ -73,6 +73,23 @@ impl Drop for Link {
     fn drop(&mut self) {
         self.cut();
     }
+}
+
+/// The ports a link listens on: below Linux's default ephemeral range (32768–60999), from
+/// which [`crate::free_port`] and every outgoing connection draw. While a link is cut its port
+/// is free, and a port from that range could be taken by another test's server or met by a
+/// connection to itself (TCP simultaneous open); from this range it is neither.
+pub const PORTS: std::ops::Range<u16> = 20_000..30_000;
+
+fn bind_outside_ephemeral_range() -> TcpListener {
+    let mut last = None;
+    for _ in 0..200 {
+        match TcpListener::bind(("127.0.0.1", fastrand::u16(PORTS))) {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no free loopback port in {PORTS:?} for a link: {last:?}");
 }
 
 /// Binds `addr` again right after it was closed (SO_REUSEADDR, as servers do on restart),
@@ -212,6 +229,7 @@ mod tests {
     #[test]
     fn a_cut_resets_open_connections_refuses_new_ones_and_a_restore_serves_again() {
         let mut link = Link::start(echo_server());
+        assert!(PORTS.contains(&link.addr.port()), "{}", link.addr);
         let mut open = TcpStream::connect(link.addr).unwrap();
         open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(round_trip(&mut open, b"ping").unwrap(), b"ping");
