@@ -16,6 +16,7 @@ pub mod fuzz;
 pub mod http;
 pub mod link;
 pub mod sentinel;
+pub mod sse;
 pub mod tls;
 
 use redis_protocol::resp2::types::{OwnedFrame, Resp2Frame};
