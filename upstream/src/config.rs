@@ -18,6 +18,12 @@ pub const MAX_CHANNEL_BYTES: usize = 256;
 /// The largest ring buffer of received events accepted by `--events-buffer`.
 pub const MAX_EVENTS_BUFFER: usize = 100_000;
 
+/// The most concurrent `GET /api/events/stream` clients accepted by `--max-event-streams`.
+pub const MAX_EVENT_STREAMS: usize = 10_000;
+
+/// The largest per-stream backlog accepted by `--event-stream-buffer`.
+pub const MAX_EVENT_STREAM_BUFFER: usize = 65_536;
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// One server, a cluster's seeds, or sentinels and a master name (see [`crate::deployment`]).
@@ -47,6 +53,14 @@ pub struct UpstreamConfig {
     pub subscriber_backoff_max: Duration,
     /// The subscriber PINGs its connection this often, so a silently dead link is noticed.
     pub subscriber_ping_interval: Duration,
+    /// How many `GET /api/events/stream` clients may be connected at once; more get 503.
+    pub max_event_streams: usize,
+    /// How many received events a stream client may fall behind by; a client further behind
+    /// skips the oldest and is told how many it skipped.
+    pub event_stream_buffer: usize,
+    /// An idle event stream sends a comment this often, so proxies and clients see it alive
+    /// (and a client that has gone is noticed when the write fails).
+    pub event_stream_keep_alive: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -65,6 +79,9 @@ impl Default for UpstreamConfig {
             subscriber_backoff_initial: Duration::from_millis(100),
             subscriber_backoff_max: Duration::from_secs(10),
             subscriber_ping_interval: Duration::from_secs(15),
+            max_event_streams: 32,
+            event_stream_buffer: 256,
+            event_stream_keep_alive: Duration::from_secs(15),
         }
     }
 }
@@ -126,10 +143,30 @@ impl UpstreamConfig {
                 ),
             ));
         }
+        for (option, value, max) in [
+            (
+                "--max-event-streams",
+                self.max_event_streams,
+                MAX_EVENT_STREAMS,
+            ),
+            (
+                "--event-stream-buffer",
+                self.event_stream_buffer,
+                MAX_EVENT_STREAM_BUFFER,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(Error::config(
+                    option,
+                    format!("{value} is out of range: must be 1..={max}"),
+                ));
+            }
+        }
         for (option, value) in [
             ("--redis-timeout", self.redis_timeout),
             ("--subscriber-backoff", self.subscriber_backoff_initial),
             ("--subscriber-ping-interval", self.subscriber_ping_interval),
+            ("--event-stream-keep-alive", self.event_stream_keep_alive),
         ] {
             if value.is_zero() {
                 return Err(Error::config(option, "must be greater than 0"));
@@ -215,6 +252,27 @@ mod tests {
                     ..Default::default()
                 },
                 "--subscriber-max-backoff",
+            ),
+            (
+                UpstreamConfig {
+                    max_event_streams: 0,
+                    ..Default::default()
+                },
+                "--max-event-streams",
+            ),
+            (
+                UpstreamConfig {
+                    event_stream_buffer: MAX_EVENT_STREAM_BUFFER + 1,
+                    ..Default::default()
+                },
+                "--event-stream-buffer",
+            ),
+            (
+                UpstreamConfig {
+                    event_stream_keep_alive: Duration::ZERO,
+                    ..Default::default()
+                },
+                "--event-stream-keep-alive",
             ),
         ];
         for (config, option) in cases {

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     /// that mean "not now" (`CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, `LOADING`) are
     /// [`ErrorKind::RedisUnavailable`] instead.
     RedisReply,
+    /// Every event stream slot is taken (`--max-event-streams`); try again later (503).
+    TooManyStreams,
     /// A command-line option or configuration value is invalid (startup only).
     Config,
     /// A bug or an impossible state; the message says which (500).
@@ -47,7 +49,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorKind::RedisUnavailable | ErrorKind::RedisTimeout => {
+            ErrorKind::RedisUnavailable | ErrorKind::RedisTimeout | ErrorKind::TooManyStreams => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ErrorKind::RedisReply => StatusCode::BAD_GATEWAY,
@@ -66,6 +68,7 @@ impl ErrorKind {
             ErrorKind::RedisUnavailable => "redis_unavailable",
             ErrorKind::RedisTimeout => "redis_timeout",
             ErrorKind::RedisReply => "redis_error_reply",
+            ErrorKind::TooManyStreams => "too_many_streams",
             ErrorKind::Config => "invalid_config",
             ErrorKind::Internal => "internal",
         }
@@ -231,6 +234,7 @@ mod tests {
             (ErrorKind::RedisUnavailable, 503),
             (ErrorKind::RedisTimeout, 503),
             (ErrorKind::RedisReply, 502),
+            (ErrorKind::TooManyStreams, 503),
             (ErrorKind::Internal, 500),
         ];
         for (kind, status) in cases {

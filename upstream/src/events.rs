@@ -1,10 +1,12 @@
 //! The ring buffer of events the background subscriber received, newest first, which
-//! `GET /api/recent-events` shows.
+//! `GET /api/recent-events` shows, and the live feed of the same events that
+//! `GET /api/events/stream` follows ([`EventLog::follow`]).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
 use crate::clock::Timestamp;
 
@@ -64,11 +66,28 @@ impl RecentEvent {
 }
 
 /// A bounded buffer: when full, the oldest event is dropped (and counted) for each new one.
+/// Every event is also sent to the log's followers, each of which may fall behind by at most
+/// the feed's buffer.
 #[derive(Debug)]
 pub struct EventLog {
     capacity: usize,
     max_event_bytes: usize,
+    /// When this log began (Unix ms): event ids carry it, so an id from before a restart is
+    /// not taken for one of this log's.
+    epoch: u64,
     inner: Mutex<Ring>,
+    feed: broadcast::Sender<Arc<RecentEvent>>,
+}
+
+/// A new follower of the log: the buffered events after its resume point, and a receiver of
+/// every event recorded after those.
+#[derive(Debug)]
+pub struct Follow {
+    /// Oldest first.
+    pub backlog: Vec<RecentEvent>,
+    /// Events after the resume point that the buffer no longer holds.
+    pub missed: u64,
+    pub receiver: broadcast::Receiver<Arc<RecentEvent>>,
 }
 
 #[derive(Debug, Default)]
@@ -92,15 +111,18 @@ pub struct RecentSnapshot {
 }
 
 impl EventLog {
-    pub fn new(capacity: usize, max_event_bytes: usize) -> EventLog {
+    /// A log keeping `capacity` events, each follower at most `feed_buffer` behind.
+    pub fn new(capacity: usize, max_event_bytes: usize, feed_buffer: usize) -> EventLog {
         let capacity = capacity.max(1);
         EventLog {
             capacity,
             max_event_bytes,
+            epoch: Timestamp::now().unix_ms,
             inner: Mutex::new(Ring {
                 events: VecDeque::with_capacity(capacity),
                 ..Ring::default()
             }),
+            feed: broadcast::Sender::new(feed_buffer.max(1)),
         }
     }
 
@@ -120,7 +142,58 @@ impl EventLog {
             ring.events.pop_back();
             ring.evicted += 1;
         }
+        // Sent under the lock, so that a follower sees each event once: in its backlog or
+        // through its receiver (see `follow`).
+        if self.feed.receiver_count() > 0 {
+            let _ = self.feed.send(Arc::new(event.clone()));
+        }
         ring.events.push_front(event);
+    }
+
+    /// Starts following the log: with `after` (an event's `seq`), the buffered events after it
+    /// come first; then every event as it is recorded.
+    pub fn follow(&self, after: Option<u64>) -> Follow {
+        let ring = self.lock();
+        let receiver = self.feed.subscribe();
+        let Some(after) = after.filter(|a| *a < ring.received) else {
+            return Follow {
+                backlog: Vec::new(),
+                missed: 0,
+                receiver,
+            };
+        };
+        let backlog: Vec<RecentEvent> = ring
+            .events
+            .iter()
+            .rev()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect();
+        let missed = ring.received - after - backlog.len() as u64;
+        Follow {
+            backlog,
+            missed,
+            receiver,
+        }
+    }
+
+    /// The id a stream gives event `seq`: `<epoch>-<seq>`.
+    pub fn event_id(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.epoch)
+    }
+
+    /// The `seq` of one of this log's event ids (a client's `Last-Event-ID`); `None` for an id
+    /// of another log (the service restarted) or anything else.
+    pub fn seq_of(&self, id: &str) -> Option<u64> {
+        let (epoch, seq) = id.trim().split_once('-')?;
+        (epoch.parse::<u64>().ok()? == self.epoch)
+            .then(|| seq.parse().ok())
+            .flatten()
+    }
+
+    /// Followers connected now.
+    pub fn followers(&self) -> usize {
+        self.feed.receiver_count()
     }
 
     /// Up to `limit` events, newest first, only those on `channel` when given; with the
@@ -176,7 +249,7 @@ mod tests {
 
     #[test]
     fn newest_first_and_bounded() {
-        let log = EventLog::new(3, 1024);
+        let log = EventLog::new(3, 1024, 8);
         for i in 1..=5 {
             log.record("c", format!("{{\"n\":{i}}}").as_bytes());
         }
@@ -192,7 +265,7 @@ mod tests {
 
     #[test]
     fn filters_by_channel_before_limiting() {
-        let log = EventLog::new(10, 1024);
+        let log = EventLog::new(10, 1024, 8);
         log.record("a", b"1");
         log.record("b", b"2");
         log.record("a", b"3");
@@ -207,6 +280,57 @@ mod tests {
         let none = log.recent(5, Some("none"));
         assert!(none.events.is_empty());
         assert_eq!(none.buffered, 4);
+    }
+
+    #[test]
+    fn a_follower_gets_each_event_once_backlog_then_live() {
+        let log = EventLog::new(3, 1024, 8);
+        for i in 1..=5 {
+            log.record("c", i.to_string().as_bytes());
+        }
+        // Resuming after event 1: 2 is gone from the buffer, 3..=5 are replayed.
+        let mut follow = log.follow(Some(1));
+        let replayed: Vec<u64> = follow.backlog.iter().map(|e| e.seq).collect();
+        assert_eq!(replayed, vec![3, 4, 5]);
+        assert_eq!(follow.missed, 1);
+        log.record("c", b"6");
+        assert_eq!(follow.receiver.try_recv().expect("event 6").seq, 6);
+        assert!(follow.receiver.try_recv().is_err(), "nothing twice");
+
+        // No resume point, or one this log never gave: live events only.
+        for after in [None, Some(6), Some(99)] {
+            let follow = log.follow(after);
+            assert!(follow.backlog.is_empty(), "{after:?}");
+            assert_eq!(follow.missed, 0, "{after:?}");
+        }
+        assert_eq!(log.followers(), 1, "dropped followers are gone");
+    }
+
+    #[test]
+    fn a_follower_that_falls_behind_the_feed_buffer_is_told_how_far() {
+        let log = EventLog::new(100, 1024, 4);
+        let mut follow = log.follow(None);
+        for i in 1..=10 {
+            log.record("c", i.to_string().as_bytes());
+        }
+        assert!(matches!(
+            follow.receiver.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(6))
+        ));
+        let rest: Vec<u64> = std::iter::from_fn(|| follow.receiver.try_recv().ok())
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(rest, vec![7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn event_ids_name_their_log() {
+        let log = EventLog::new(3, 1024, 8);
+        let id = log.event_id(42);
+        assert_eq!(log.seq_of(&id), Some(42));
+        assert_eq!(log.seq_of("1-42"), None, "another log's id");
+        assert_eq!(log.seq_of("42"), None);
+        assert_eq!(log.seq_of(""), None);
     }
 
     #[test]

@@ -55,6 +55,12 @@ const ENDPOINTS: &[(&str, &str, &str, &str)] = &[
         "",
         "slow, rate limited at the edge (2 per 5 minutes)",
     ),
+    (
+        "GET",
+        "/api/events/stream",
+        "Last-Event-ID header (optional)",
+        "the subscriber's events live, as Server-Sent Events (text/event-stream)",
+    ),
     ("GET", "/api/stats", "", "call counters"),
 ];
 
@@ -81,6 +87,7 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
     body["events_buffered"] = json!(log.len());
     body["events_evicted"] = json!(log.evicted());
     body["subscriber_state"] = json!(state.subscriber().snapshot().phase.as_str());
+    body["event_streams_open"] = json!(state.event_streams_open());
     body["uptime_seconds"] = json!(state.uptime().as_secs());
     Json(body)
 }

@@ -16,6 +16,7 @@
 //! | `POST /api/invalidate-cache` | answers with `x-krowoc-invalidate` ([`invalidation`])      |
 //! | `POST /api/publish-event`    | PUBLISH, answers `receivers` ([`pubsub`])                  |
 //! | `GET /api/recent-events`     | what the subscriber received, newest first                |
+//! | `GET /api/events/stream`     | the same events live, as Server-Sent Events ([`event_stream`]) |
 //! | `GET /api/rate-limited`, `GET /api/slow-limited` | plain answers ([`limited`])           |
 //! | `GET /api/stats`             | call counters, for tests that prove the cache worked      |
 //!
@@ -42,6 +43,7 @@ pub mod cluster;
 pub mod config;
 pub mod deployment;
 pub mod error;
+pub mod event_stream;
 pub mod events;
 pub mod health;
 pub mod index;
@@ -64,6 +66,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 pub use config::UpstreamConfig;
 pub use deployment::RedisDeployment;
@@ -84,6 +87,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/invalidate-cache", post(cached_data::invalidate_cache))
         .route("/api/publish-event", post(pubsub::publish_event))
         .route("/api/recent-events", get(pubsub::recent_events))
+        .route("/api/events/stream", get(event_stream::event_stream))
         .route("/api/rate-limited", get(limited::rate_limited))
         .route("/api/slow-limited", get(limited::slow_limited))
         .route("/api/stats", get(index::stats))
@@ -127,6 +131,10 @@ struct Shared {
     subscriber: Arc<SubscriberMonitor>,
     stats: Stats,
     started: Instant,
+    /// One permit per open event stream (`max_event_streams`).
+    stream_slots: Arc<Semaphore>,
+    /// Set once the service shuts down: every event stream ends.
+    closing: watch::Sender<bool>,
     _subscriber_task: Option<AbortOnDrop>,
 }
 
@@ -141,7 +149,11 @@ impl AppState {
             config.redis_tls_ca.as_deref(),
             config.redis_timeout,
         )?;
-        let events = Arc::new(EventLog::new(config.events_buffer, config.max_event_bytes));
+        let events = Arc::new(EventLog::new(
+            config.events_buffer,
+            config.max_event_bytes,
+            config.event_stream_buffer,
+        ));
         let monitor = Arc::new(SubscriberMonitor::new(&config.channels));
         let task = (!config.channels.is_empty()).then(|| {
             let settings = SubscriberSettings {
@@ -159,6 +171,8 @@ impl AppState {
             ))
         });
         Ok(AppState(Arc::new(Shared {
+            stream_slots: Arc::new(Semaphore::new(config.max_event_streams)),
+            closing: watch::Sender::new(false),
             config,
             redis,
             events,
@@ -192,6 +206,28 @@ impl AppState {
     pub fn uptime(&self) -> Duration {
         self.0.started.elapsed()
     }
+
+    /// A slot for one more event stream, held as long as the stream is open; `None` when all
+    /// `max_event_streams` are taken.
+    pub(crate) fn take_stream_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.stream_slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Event streams open now.
+    pub fn event_streams_open(&self) -> usize {
+        self.0.config.max_event_streams - self.0.stream_slots.available_permits()
+    }
+
+    /// Ends every event stream, now and from now on: a graceful shutdown waits for open
+    /// responses, and an event stream never ends by itself.
+    pub fn close_event_streams(&self) {
+        self.0.closing.send_replace(true);
+    }
+
+    /// Becomes `true` when [`AppState::close_event_streams`] is called.
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.0.closing.subscribe()
+    }
 }
 
 /// A task that stops when its handle's owner is dropped.
@@ -212,6 +248,11 @@ pub struct Stats {
     pub publish_failures: AtomicU64,
     pub rate_limited_calls: AtomicU64,
     pub slow_limited_calls: AtomicU64,
+    /// `GET /api/events/stream` clients served, and refused for want of a slot.
+    pub event_streams_opened: AtomicU64,
+    pub event_streams_refused: AtomicU64,
+    /// Events stream clients skipped because they fell behind (or resumed past the buffer).
+    pub event_stream_skipped: AtomicU64,
 }
 
 impl Stats {
@@ -224,6 +265,9 @@ impl Stats {
             "publish_failures": get(&self.publish_failures),
             "rate_limited_calls": get(&self.rate_limited_calls),
             "slow_limited_calls": get(&self.slow_limited_calls),
+            "event_streams_opened": get(&self.event_streams_opened),
+            "event_streams_refused": get(&self.event_streams_refused),
+            "event_stream_skipped": get(&self.event_stream_skipped),
         })
     }
 }

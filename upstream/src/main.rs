@@ -95,6 +95,15 @@ struct Cli {
     /// How often the subscriber PINGs its connection.
     #[arg(long, env = "UPSTREAM_SUBSCRIBER_PING_INTERVAL", default_value = "15s", value_parser = parse_flag_duration)]
     subscriber_ping_interval: Duration,
+    /// How many GET /api/events/stream clients may be connected at once (more get 503).
+    #[arg(long, env = "UPSTREAM_MAX_EVENT_STREAMS", default_value_t = 32)]
+    max_event_streams: usize,
+    /// How many events a stream client may fall behind by before it skips the oldest.
+    #[arg(long, env = "UPSTREAM_EVENT_STREAM_BUFFER", default_value_t = 256)]
+    event_stream_buffer: usize,
+    /// How often an idle event stream sends a keep-alive comment.
+    #[arg(long, env = "UPSTREAM_EVENT_STREAM_KEEP_ALIVE", default_value = "15s", value_parser = parse_flag_duration)]
+    event_stream_keep_alive: Duration,
 }
 
 impl Cli {
@@ -123,6 +132,9 @@ impl Cli {
             subscriber_backoff_initial: self.subscriber_backoff,
             subscriber_backoff_max: self.subscriber_max_backoff,
             subscriber_ping_interval: self.subscriber_ping_interval,
+            max_event_streams: self.max_event_streams,
+            event_stream_buffer: self.event_stream_buffer,
+            event_stream_keep_alive: self.event_stream_keep_alive,
         })
     }
 }
@@ -184,8 +196,13 @@ async fn main() -> ExitCode {
         "upstream listening on {addr}"
     );
 
+    let streams = state.clone();
     let served = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Open event streams would hold the graceful shutdown forever.
+            streams.close_event_streams();
+        })
         .await;
     match served {
         Ok(()) => {

@@ -5,14 +5,15 @@
 //! reconnects after a delay that doubles from `subscriber_backoff_initial` up to
 //! `subscriber_backoff_max`, and resets once subscribed again. Its state
 //! (connecting / subscribed / reconnecting, since when, on which node, the last error) is
-//! published through [`SubscriberMonitor`] for `/health/deep` and `/api/recent-events`.
+//! published through [`SubscriberMonitor`] for `/health/deep`, `/api/recent-events` and the
+//! event streams, which [watch](SubscriberMonitor::watch) it change.
 //!
 //! Which node it subscribes on is the link's choice ([`RedisLink::subscription_node`]): the
 //! server; in a cluster any node, the next one after a node is lost (a PUBLISH anywhere in a
 //! cluster reaches every node's subscribers); with Sentinel the master, and the new master as
 //! soon as the sentinels announce a failover.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -89,7 +90,7 @@ impl SubscriberState {
 /// The subscriber's state, shared between its task (writer) and the handlers (readers).
 #[derive(Debug)]
 pub struct SubscriberMonitor {
-    state: Mutex<SubscriberState>,
+    state: watch::Sender<SubscriberState>,
 }
 
 impl SubscriberMonitor {
@@ -100,7 +101,7 @@ impl SubscriberMonitor {
             SubscriberPhase::Connecting
         };
         SubscriberMonitor {
-            state: Mutex::new(SubscriberState {
+            state: watch::Sender::new(SubscriberState {
                 phase,
                 channels: channels.to_vec(),
                 node: None,
@@ -116,42 +117,50 @@ impl SubscriberMonitor {
     }
 
     pub fn snapshot(&self) -> SubscriberState {
-        self.lock().clone()
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every change of state from now on.
+    pub fn watch(&self) -> watch::Receiver<SubscriberState> {
+        self.state.subscribe()
     }
 
     fn subscribed(&self, node: &str) {
-        let mut s = self.lock();
-        s.node = Some(node.to_string());
-        let now = Timestamp::now();
-        match s.first_subscribed_at {
-            Some(_) => s.resubscriptions += 1,
-            None => s.first_subscribed_at = Some(now),
-        }
-        s.phase = SubscriberPhase::Subscribed;
-        s.since = now;
-        s.failed_attempts = 0;
-        s.retry_in = None;
+        self.state.send_modify(|s| s.subscribed(node));
     }
 
     fn failed(&self, error: String, node: Option<&str>, retry_in: Duration) {
-        let mut s = self.lock();
-        if let Some(node) = node {
-            s.node = Some(node.to_string());
-        }
+        self.state.send_modify(|s| s.failed(error, node, retry_in));
+    }
+}
+
+impl SubscriberState {
+    fn subscribed(&mut self, node: &str) {
+        self.node = Some(node.to_string());
         let now = Timestamp::now();
-        if s.phase != SubscriberPhase::Reconnecting {
-            s.phase = SubscriberPhase::Reconnecting;
-            s.since = now;
+        match self.first_subscribed_at {
+            Some(_) => self.resubscriptions += 1,
+            None => self.first_subscribed_at = Some(now),
         }
-        s.last_error = Some(error);
-        s.last_error_at = Some(now);
-        s.failed_attempts = s.failed_attempts.saturating_add(1);
-        s.retry_in = Some(retry_in);
+        self.phase = SubscriberPhase::Subscribed;
+        self.since = now;
+        self.failed_attempts = 0;
+        self.retry_in = None;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, SubscriberState> {
-        // Plain data, always written whole: a poisoned lock still holds a consistent state.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn failed(&mut self, error: String, node: Option<&str>, retry_in: Duration) {
+        if let Some(node) = node {
+            self.node = Some(node.to_string());
+        }
+        let now = Timestamp::now();
+        if self.phase != SubscriberPhase::Reconnecting {
+            self.phase = SubscriberPhase::Reconnecting;
+            self.since = now;
+        }
+        self.last_error = Some(error);
+        self.last_error_at = Some(now);
+        self.failed_attempts = self.failed_attempts.saturating_add(1);
+        self.retry_in = Some(retry_in);
     }
 }
 

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
@@ -13,6 +15,7 @@ use http_body_util::BodyExt;
 use krowoc_upstream::subscriber::SubscriberPhase;
 use krowoc_upstream::{AppState, RedisDeployment, UpstreamConfig};
 use serde_json::{json, Value};
+use testkit::sse::{SseEvent, SseParser};
 use tower::ServiceExt;
 
 /// Delays at zero, short backoff, so the suite stays fast; the Redis timeout leaves room for a
@@ -216,4 +219,105 @@ async fn run_traffic(app: Router, stop: Arc<AtomicBool>) -> Traffic {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     seen
+}
+
+/// `GET /api/events/stream` in-process (with `headers`): the response head, and its body to
+/// read event by event. Dropping it is the client going away.
+pub async fn open_stream(app: &Router, headers: &[(&str, &str)]) -> EventBody {
+    let mut request = Request::get("/api/events/stream");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("the router is infallible");
+    let (parts, body) = response.into_parts();
+    EventBody {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        parser: SseParser::default(),
+        ready: VecDeque::new(),
+    }
+}
+
+/// What reading an event stream gave.
+#[derive(Debug)]
+pub enum Next {
+    Event(SseEvent),
+    /// Nothing within the time given.
+    Quiet,
+    /// The response ended.
+    Ended,
+}
+
+pub struct EventBody {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: Body,
+    parser: SseParser,
+    ready: VecDeque<SseEvent>,
+}
+
+impl EventBody {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The next event or comment within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Next::Event(event);
+            }
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => return Next::Quiet,
+                Ok(None) => return Next::Ended,
+                Ok(Some(frame)) => {
+                    let frame = frame.expect("the stream's body never fails");
+                    if let Some(data) = frame.data_ref() {
+                        self.ready.extend(self.parser.push(data));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next event that is not a comment; panics naming `what` after `timeout` or at the end.
+    pub async fn event(&mut self, what: &str, timeout: Duration) -> SseEvent {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Next::Event(e) if e.is_comment() => continue,
+                Next::Event(e) => return e,
+                Next::Quiet => panic!("no event within {timeout:?} waiting for {what}"),
+                Next::Ended => panic!("the stream ended waiting for {what}"),
+            }
+        }
+    }
+
+    /// Events until one is of type `kind` and satisfies `wanted`; panics after `timeout`.
+    pub async fn until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        kind: &str,
+        mut wanted: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = self.event(what, left).await;
+            if e.kind() == kind {
+                let data = e.json();
+                if wanted(&data) {
+                    return data;
+                }
+            }
+        }
+    }
 }
