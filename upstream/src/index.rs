@@ -62,6 +62,12 @@ const ENDPOINTS: &[(&str, &str, &str, &str)] = &[
         "the subscriber's events live, as Server-Sent Events (text/event-stream)",
     ),
     ("GET", "/api/stats", "", "call counters"),
+    (
+        "GET",
+        "/demo",
+        "",
+        "a page: the endpoints as buttons, their answers' headers, the live event feed",
+    ),
 ];
 
 /// `GET /` — `{"service", "version", "endpoints": [{"method", "path", "params", "description"}]}`.

@@ -19,6 +19,7 @@
 //! | `GET /api/events/stream`     | the same events live, as Server-Sent Events ([`event_stream`]) |
 //! | `GET /api/rate-limited`, `GET /api/slow-limited` | plain answers ([`limited`])           |
 //! | `GET /api/stats`             | call counters, for tests that prove the cache worked      |
+//! | `GET /demo`                  | a page with the endpoints as buttons and the live feed ([`demo`]) |
 //!
 //! Errors are JSON, `{"error": {"kind", "message", "field"?}}`, with the status of their
 //! [`ErrorKind`]. Timestamps are RFC 3339 in UTC with milliseconds, with a `*_unix_ms` twin.
@@ -41,6 +42,7 @@ pub mod cached_data;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod deployment;
 pub mod error;
 pub mod event_stream;
@@ -92,6 +94,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/slow-limited", get(limited::slow_limited))
         .route("/api/stats", get(index::stats))
         .route("/api/bytes", get(bytes::bytes))
+        .route("/demo", get(demo::page))
+        .route("/demo/app.js", get(demo::script))
+        .route("/demo/app.css", get(demo::style))
+        .route("/demo/favicon.svg", get(demo::icon))
         .fallback(index::not_found)
         .method_not_allowed_fallback(index::method_not_allowed)
         .layer(middleware::from_fn(log_and_default_to_no_store))

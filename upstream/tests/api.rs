@@ -352,6 +352,7 @@ async fn index_lists_every_endpoint() {
         "/api/slow-limited",
         "/api/stats",
         "/api/events/stream",
+        "/demo",
     ] {
         assert!(paths.contains(&path), "{path} missing from {paths:?}");
     }
