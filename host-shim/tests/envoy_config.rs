@@ -108,10 +108,25 @@ fn shipped_envoy_yaml_loads_with_its_clusters_route_and_wasm_filter() {
         Duration::from_millis(250)
     );
 
-    assert_eq!(cfg.routes.len(), 1);
-    assert_eq!(cfg.routes[0].matcher, PathMatch::Prefix("/".into()));
+    // The live event feed first, without a response timeout; then everything else.
+    assert_eq!(cfg.routes.len(), 2);
+    assert_eq!(
+        cfg.routes[0].matcher,
+        PathMatch::Path("/api/events/stream".into())
+    );
     assert_eq!(cfg.routes[0].cluster, "upstream");
-    assert_eq!(cfg.routes[0].timeout, Some(Duration::from_secs(15)));
+    assert_eq!(cfg.routes[0].effective_timeout(), None);
+    assert_eq!(cfg.routes[1].matcher, PathMatch::Prefix("/".into()));
+    assert_eq!(cfg.routes[1].cluster, "upstream");
+    assert_eq!(cfg.routes[1].timeout, Some(Duration::from_secs(15)));
+    assert_eq!(
+        cfg.route_for("/api/events/stream").map(|r| r.timeout),
+        Some(Some(Duration::ZERO))
+    );
+    assert_eq!(
+        cfg.route_for("/api/events").map(|r| r.timeout),
+        Some(Some(Duration::from_secs(15)))
+    );
 
     let wasm = cfg.wasm.as_ref().expect("the wasm filter");
     assert_eq!(wasm.name, "krowoc_edge");
@@ -394,13 +409,13 @@ fn routes_match_in_order_and_the_first_match_wins() {
     assert!(cfg.route_for("/other").is_none());
 
     let (path, message) = refused(with_field(
-        &format!("{HCM}.route_config.virtual_hosts[0].routes[0].match"),
+        &format!("{HCM}.route_config.virtual_hosts[0].routes[1].match"),
         "path",
         "/x".into(),
     ));
     assert_eq!(
         path,
-        format!("{HCM}.route_config.virtual_hosts[0].routes[0].match")
+        format!("{HCM}.route_config.virtual_hosts[0].routes[1].match")
     );
     assert!(message.contains("not both"), "{message}");
 }

@@ -771,7 +771,12 @@ fn envoy_and_host_shim_answer_the_same_table_alike() {
     let stack = Stack::start_with(StackOptions {
         host: Host::Envoy,
         connection_manager: Some(Box::new(|hcm| {
-            hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] = "1s".into();
+            let routes = &mut hcm["route_config"]["virtual_hosts"][0]["routes"];
+            for route in routes.as_sequence_mut().expect("routes") {
+                if route["match"]["prefix"] == "/" {
+                    route["route"]["timeout"] = "1s".into();
+                }
+            }
         })),
         ..StackOptions::default()
     });
