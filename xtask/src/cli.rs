@@ -18,11 +18,18 @@ commands:
                           certificates generated under <target>/demo/)
   test           set up (Envoy too), build the wasm crates and binaries, then cargo fmt
                  --check, cargo clippy -D warnings, cargo test --workspace (every gateway
-                 test on Envoy and on host-shim) and the README tour on both hosts
+                 test on Envoy and on host-shim), the README tour on both hosts and the
+                 browser test (on the Envoy tour's demo)
   tour           start a fresh demo and run the README's tour against it, comparing every
                  command's output with the README's (the demo's ports must be free)
       --host HOST         envoy (default) or host-shim
       --redis MODE        as for demo
+  browser-test   open the demo page (/demo) through the gateway in headless Chromium (Debian's
+                 chromium and chromium-driver, installed when missing) and use it: six clicks
+                 on \"rate limited\" end in a 429 with Retry-After, cached data twice is MISS
+                 then HIT, a published note reaches the live feed with the clicks' request
+                 events; a screenshot goes to <target>/browser/demo.png. Uses a demo that
+                 serves the page on 10000, else starts one on Envoy
   bench          release build, then the plugin's cost per request in process, and wrk
                  against the same upstream directly and through each host (Envoy, then
                  host-shim): without the filter, the plugin with no policy, a rate limit,
@@ -58,6 +65,7 @@ pub enum Command {
     Demo(DemoOptions),
     Test(SetupOptions),
     Tour(TourOptions),
+    BrowserTest(SetupOptions),
     Bench(BenchOptions),
     Fuzz(FuzzOptions),
     Soak(SoakOptions),
@@ -231,6 +239,16 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
                 _ => Err(unknown(name)),
             })?;
             Command::Test(setup)
+        }
+        "browser-test" => {
+            flags.for_each(|name, _| match name {
+                "--no-install" => {
+                    setup.install = false;
+                    Ok(())
+                }
+                _ => Err(unknown(name)),
+            })?;
+            Command::BrowserTest(setup)
         }
         "tour" => {
             let mut host = DemoHost::Envoy;

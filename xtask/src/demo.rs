@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-const GATEWAY_PORT: u16 = 10000;
+pub const GATEWAY_PORT: u16 = 10000;
 pub const ADMIN_PORT: u16 = 9901;
 const UPSTREAM_PORT: u16 = 8080;
 const RELAY_PORT: u16 = 7379;
-const REDIS_PORT: u16 = 6390;
+pub const REDIS_PORT: u16 = 6390;
 const PORTS: [(&str, u16); 4] = [
     ("gateway", GATEWAY_PORT),
     ("gateway admin", ADMIN_PORT),

@@ -4,6 +4,7 @@
 //! cargo xtask demo          # set up, build, run redis + upstream + relay + host-shim; Ctrl-C stops all
 //! cargo xtask test          # set up, build the wasm crates, fmt check, clippy -D warnings, every test, the tour
 //! cargo xtask tour          # a fresh demo, and the README's tour run against it as written
+//! cargo xtask browser-test  # the demo page in headless Chromium, through the gateway
 //! cargo xtask bench         # release build; wrk against direct upstream / host-shim / host-shim + plugin
 //! cargo xtask build-plugin  # build the .wasm crates and print their paths and sizes
 //! ```
@@ -13,6 +14,7 @@
 //! when running as root on Debian/Ubuntu; otherwise it stops with the command to run.
 
 mod bench;
+mod browser;
 mod cli;
 mod demo;
 #[cfg(test)]
@@ -27,6 +29,7 @@ mod soak;
 mod test_suite;
 mod tour;
 mod vm_bench;
+mod webdriver;
 mod workspace;
 
 use std::process::ExitCode;
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         cli::Command::Demo(o) => demo::run(&o),
         cli::Command::Test(o) => test_suite::run(&o),
         cli::Command::Tour(o) => tour::run(&o),
+        cli::Command::BrowserTest(o) => browser::run(&o),
         cli::Command::Bench(o) => bench::run(&o).map(|()| ExitCode::SUCCESS),
         cli::Command::Fuzz(o) => fuzz(&o),
         cli::Command::Soak(o) => soak::run(&o),

@@ -22,6 +22,8 @@ pub struct Needs {
     pub lint_tools: bool,
     /// curl: the README tour's commands (run by `cargo xtask test`, typed by demo users).
     pub curl: bool,
+    /// Chromium and chromedriver: the browser test of the demo page.
+    pub browser: bool,
 }
 
 impl Needs {
@@ -65,6 +67,40 @@ const COMPOSE: Program = Program {
     binary: "docker-compose",
     debian_package: "docker-compose",
 };
+const CHROMIUM: Program = Program {
+    binary: "chromium",
+    debian_package: "chromium",
+};
+/// chromedriver: the WebDriver server the browser test drives Chromium through.
+const CHROMEDRIVER: Program = Program {
+    binary: "chromedriver",
+    debian_package: "chromium-driver",
+};
+
+/// The browser the demo page is tested in.
+#[derive(Debug, Clone)]
+pub struct Browser {
+    pub chromium: PathBuf,
+    pub chromedriver: PathBuf,
+}
+
+/// Chromium and chromedriver, installed with apt-get when missing (as for any program).
+pub fn ensure_browser(options: &SetupOptions) -> Result<Browser> {
+    ensure(
+        &Needs {
+            browser: true,
+            ..Needs::default()
+        },
+        options,
+    )?;
+    let found = |p: &Program| {
+        find_on_path(p.binary).with_context(|| format!("{} is not on PATH after setup", p.binary))
+    };
+    Ok(Browser {
+        chromium: found(&CHROMIUM)?,
+        chromedriver: found(&CHROMEDRIVER)?,
+    })
+}
 
 pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     if needs.wasm_target {
@@ -87,6 +123,10 @@ pub fn ensure(needs: &Needs, options: &SetupOptions) -> Result<()> {
     }
     if needs.curl {
         programs.push(&CURL);
+    }
+    if needs.browser {
+        programs.push(&CHROMIUM);
+        programs.push(&CHROMEDRIVER);
     }
     ensure_programs(&programs, options)
 }

@@ -1,10 +1,13 @@
-//! `cargo xtask test` (what CI runs): setup (Envoy too), the wasm crates and binaries, then
-//! formatting, clippy with warnings denied, every test in the workspace (gateway tests on Envoy
-//! and on host-shim), and the README's tour run against a fresh demo on each host. Each step prints its name and
-//! duration; the first failing step stops the run with its exit code.
+//! `cargo xtask test` (what CI runs): setup (Envoy and Chromium too), the wasm crates and
+//! binaries, then formatting, clippy with warnings denied, every test in the workspace (gateway
+//! tests on Envoy and on host-shim), the README's tour run against a fresh demo on each host,
+//! and the browser test of the demo page on the Envoy tour's demo (skipped, saying why, where
+//! Chromium cannot be installed). Each step prints its name and duration; the first failing
+//! step stops the run with its exit code.
 
+use crate::browser;
 use crate::cli::{DemoHost, DemoRedis, SetupOptions};
-use crate::demo::Builds;
+use crate::demo::{Builds, Demo};
 use crate::envoy_install;
 use crate::setup::{self, Needs};
 use crate::tour;
@@ -58,6 +61,12 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
     let ws = Workspace::load()?;
     let envoy = envoy_install::ensure(&ws.target_dir, options)?;
     eprintln!("xtask: Envoy {} at {}", envoy.version, envoy.path.display());
+    // Without a browser only the browser test is skipped (and says so).
+    let browser = setup::ensure_browser(options).map_err(|e| format!("{e:#}"));
+    match &browser {
+        Ok(b) => eprintln!("xtask: Chromium at {}", b.chromium.display()),
+        Err(e) => eprintln!("xtask: setup: no browser, so the browser test will be skipped: {e}"),
+    }
     timings.push(("setup", done("setup", t)));
 
     let t = step("build wasm crates");
@@ -132,13 +141,33 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
         ),
     ] {
         let t = step(name);
-        let toured = tour::run_on(&ws, &builds, host, redis);
+        let mut demo = Demo::start(&ws, &builds, host, redis, false)?;
+        let toured = tour::run_against(&ws, &mut demo, host, redis);
         timings.push((name, done(name, t)));
         if !toured? {
             eprintln!("xtask: step `{name}` failed; the README and the demo disagree");
             print_summary(&timings, started.elapsed());
             return Ok(ExitCode::FAILURE);
         }
+        // The browser test on the Envoy tour's demo, which saves starting one more.
+        if (host, redis) == (DemoHost::Envoy, DemoRedis::Single) {
+            let name = "browser test (envoy)";
+            let t = step(name);
+            let passed = match &browser {
+                Ok(b) => browser::flush_demo_redis().and_then(|()| browser::run_on(&ws, b, true)),
+                Err(why) => {
+                    eprintln!("xtask: step `{name}` skipped: no browser ({why})");
+                    Ok(true)
+                }
+            };
+            timings.push((name, done(name, t)));
+            if !passed? {
+                eprintln!("xtask: step `{name}` failed; the demo page did not do what it should");
+                print_summary(&timings, started.elapsed());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        demo.stop();
     }
     print_summary(&timings, started.elapsed());
     eprintln!("xtask: all checks passed");

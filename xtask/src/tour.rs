@@ -142,6 +142,20 @@ pub fn run(options: &TourOptions) -> Result<ExitCode> {
 /// Runs the tour against a demo on `host` started from these builds; false when any command
 /// failed or printed something else than the README shows (each is reported).
 pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost, redis: DemoRedis) -> Result<bool> {
+    let mut demo = Demo::start(ws, builds, host, redis, false)?;
+    let toured = run_against(ws, &mut demo, host, redis);
+    demo.stop();
+    toured
+}
+
+/// Runs the tour against `demo`, freshly started on `host` with `redis`, and leaves it running;
+/// false as for [`run_on`], an error when a demo service exited meanwhile.
+pub fn run_against(
+    ws: &Workspace,
+    demo: &mut Demo,
+    host: DemoHost,
+    redis: DemoRedis,
+) -> Result<bool> {
     let readme = read(&ws.root.join("README.md"))?;
     let steps = console_steps("README.md", &readme)?;
     if steps.is_empty() {
@@ -150,7 +164,6 @@ pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost, redis: DemoRedis)
     let deploy = read(&ws.root.join("envoy/README.md"))?;
     let curls = sh_lines("envoy/README.md", &deploy, "curl ")?;
 
-    let mut demo = Demo::start(ws, builds, host, redis, false)?;
     eprintln!(
         "xtask: tour on {}: {} commands from README.md, {} curl lines from envoy/README.md",
         host.name(),
@@ -219,9 +232,8 @@ pub fn run_on(ws: &Workspace, builds: &Builds, host: DemoHost, redis: DemoRedis)
         }
     }
     // A service that died during the tour is a failure even if every output matched.
-    let alive = demo.check_alive();
-    demo.stop();
-    alive.context("a demo service exited during the tour")?;
+    demo.check_alive()
+        .context("a demo service exited during the tour")?;
     if failures > 0 {
         eprintln!(
             "xtask: tour: {failures} command(s) did not do what the README says (demo logs: {})",
