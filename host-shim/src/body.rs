@@ -1,6 +1,7 @@
 //! The body type host-shim passes around: a boxed body, and a channel-fed body for streams whose
 //! data goes through the plugin chunk by chunk.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -50,6 +51,71 @@ impl HttpBody for UnsizedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.0).poll_frame(cx)
+    }
+}
+
+/// `body`, aborted (as Envoy resets the stream) if it has not ended by `deadline`: a route's
+/// timeout covers the whole response, not only its head. `on_timeout` runs if it fires. The
+/// timer starts only once the body has to be waited for, so a response already received whole
+/// costs none.
+pub fn until(
+    body: Body,
+    deadline: tokio::time::Instant,
+    on_timeout: impl FnOnce() + Send + 'static,
+) -> Body {
+    DeadlineBody {
+        inner: body,
+        deadline,
+        timer: None,
+        on_timeout: Some(Box::new(on_timeout)),
+        timed_out: false,
+    }
+    .boxed_unsync()
+}
+
+struct DeadlineBody {
+    inner: Body,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    on_timeout: Option<Box<dyn FnOnce() + Send>>,
+    timed_out: bool,
+}
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.timed_out {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.timed_out = true;
+        if let Some(on_timeout) = this.on_timeout.take() {
+            on_timeout();
+        }
+        Poll::Ready(Some(Err("upstream response timeout".into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.timed_out || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

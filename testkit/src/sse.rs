@@ -109,6 +109,8 @@ pub struct EventStream {
     parser: SseParser,
     ready: std::collections::VecDeque<SseEvent>,
     ended: bool,
+    /// The response ended by its framing (the last chunk), not by the connection's end.
+    finished: bool,
 }
 
 impl EventStream {
@@ -169,6 +171,7 @@ impl EventStream {
             parser: SseParser::default(),
             ready: Default::default(),
             ended: false,
+            finished: false,
         };
         opened.take(&rest);
         Ok(opened)
@@ -230,6 +233,12 @@ impl EventStream {
         }
     }
 
+    /// Whether the response, once ended, ended by its own framing (a chunked body's last
+    /// chunk): a server that finished it, rather than a connection cut short.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
     /// The connection, e.g. to close it from the client's side.
     pub fn into_inner(self) -> TcpStream {
         self.stream
@@ -255,6 +264,7 @@ impl EventStream {
             };
             if size == 0 {
                 self.ended = true;
+                self.finished = true;
                 return;
             }
             let start = line_end + 2;

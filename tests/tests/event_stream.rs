@@ -2,9 +2,10 @@
 //! envoy/envoy.yaml with the real plugin): `GET /api/events/stream` is passed on as the upstream
 //! writes it, neither held back nor cached by the filter, and the event the filter publishes for
 //! a request made through the same gateway arrives on it; the stream outlives the response
-//! timeout of the other routes.
+//! timeout of the other routes, and a response timeout on its own route would cut it (in Envoy
+//! and host-shim alike).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use krowoc_tests::{eventually, Host, Stack, StackOptions};
 use serde_json::{json, Value};
@@ -119,6 +120,45 @@ fn the_event_stream_outlives_the_other_routes_response_timeout(host: Host) {
     assert_eq!(event["rate_limit"], json!("allowed"));
 }
 
+fn a_response_timeout_cuts_the_open_stream(host: Host) {
+    // Why the stream's route has none: with one of 1 s, the open stream is cut at 1 s.
+    let stack = Stack::start_with(StackOptions {
+        host,
+        connection_manager: Some(Box::new(|hcm| {
+            let routes = &mut hcm["route_config"]["virtual_hosts"][0]["routes"];
+            for route in routes.as_sequence_mut().expect("routes") {
+                if route["match"]["path"] == "/api/events/stream" {
+                    route["route"]["timeout"] = "1s".into();
+                }
+            }
+        })),
+        ..StackOptions::default()
+    });
+    let opened = Instant::now();
+    let mut stream =
+        EventStream::open(stack.gateway, "/api/events/stream", &[]).expect("open the stream");
+    assert_eq!(stream.status, 200, "the head came before the timeout");
+    let ended = loop {
+        match stream.next_event(WAIT) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream was still open {WAIT:?} after a 1 s timeout"),
+            Err(e) => break (e, opened.elapsed()),
+        }
+    };
+    assert_eq!(
+        ended.0.kind(),
+        std::io::ErrorKind::UnexpectedEof,
+        "{}",
+        ended.0
+    );
+    assert!(
+        ended.1 >= Duration::from_millis(900),
+        "cut after {:?}",
+        ended.1
+    );
+    assert!(!stream.finished(), "cut short, not ended by its framing");
+}
+
 fn host_name(host: Host) -> &'static str {
     match host {
         Host::Envoy => "envoy",
@@ -129,4 +169,5 @@ fn host_name(host: Host) -> &'static str {
 krowoc_tests::on_both_hosts!(
     a_request_through_the_gateway_arrives_on_its_event_stream,
     the_event_stream_outlives_the_other_routes_response_timeout,
+    a_response_timeout_cuts_the_open_stream,
 );

@@ -71,7 +71,10 @@
 //!   verifies the server: `trusted_ca` is required, and the certificate must be valid for `sni`
 //!   (else the cluster's address), where Envoy checks a name only when told
 //!   (`match_typed_subject_alt_names`).
-//! * A route with no `timeout` gets Envoy's default of 15 s; `0s` means none (as in Envoy).
+//! * A route with no `timeout` gets Envoy's default of 15 s; `0s` means none (as in Envoy). It
+//!   runs to the response's end, as in Envoy: 504 before the head, a reset after it (a
+//!   streamed body such as Server-Sent Events is cut). Envoy closes that connection 1 s later
+//!   (delayed close), host-shim at once.
 //! * host-shim serves HTTP/1.1 only: `http2_protocol_options` are checked (Envoy's ranges) and
 //!   have no effect; `codec_type: AUTO` means HTTP/1.1.
 //! * For a loopback peer with `use_remote_address`, Envoy appends its own address to

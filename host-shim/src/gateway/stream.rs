@@ -365,7 +365,7 @@ impl FilteredStream {
                     parts.status.as_str().as_bytes().to_vec(),
                 )];
                 h.extend(response_header_list(&parts));
-                (parts.status, h, body::boxed(incoming))
+                (parts.status, h, incoming)
             }
             Err(local) => {
                 let (parts, b) = local.into_parts();

@@ -387,8 +387,7 @@ impl Worker {
         body: Body,
     ) -> Response<Body> {
         match self.send_upstream(route, headers, body).await {
-            Ok(resp) => resp.map(body::boxed),
-            Err(local) => local,
+            Ok(resp) | Err(resp) => resp,
         }
     }
 
@@ -397,7 +396,7 @@ impl Worker {
         route: Option<&RouteEntry>,
         headers: HeaderList,
         body: Body,
-    ) -> Result<Response<Incoming>, Response<Body>> {
+    ) -> Result<Response<Body>, Response<Body>> {
         let Some(route) = route else {
             return Err(router_reply(404, "route_not_found", ""));
         };
@@ -438,7 +437,20 @@ impl Worker {
         match result {
             Ok(mut resp) => {
                 conn_manager::router_response_headers(cm, resp.headers_mut(), sent.elapsed());
-                Ok(resp)
+                // The timeout runs on to the response's end, as Envoy's does: a body still
+                // coming when it fires is cut.
+                Ok(resp.map(|incoming| match timeout {
+                    Some(t) => {
+                        let shared = self.shared.clone();
+                        body::until(body::boxed(incoming), (sent + t).into(), move || {
+                            shared
+                                .counters
+                                .upstream_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                        })
+                    }
+                    None => body::boxed(incoming),
+                }))
             }
             // The client's body broke HTTP/1 framing (a malformed chunk): Envoy's codec answers.
             Err(e) if malformed_request_body(&e) => {
