@@ -11,7 +11,7 @@
 //! rate limit and the cache start empty as on a fresh demo). Every wait is bounded.
 
 use crate::cli::{DemoHost, DemoRedis, SetupOptions};
-use crate::demo::{self, Demo, GATEWAY_PORT, REDIS_PORT};
+use crate::demo::{self, Demo, GATEWAY_PORT};
 use crate::procs::{self, loopback, ServiceSpec, Services, TempDir};
 use crate::setup::{self, Browser};
 use crate::webdriver::{self, Session};
@@ -48,20 +48,6 @@ pub fn run(setup: &SetupOptions) -> Result<ExitCode> {
     demo.stop();
     alive.context("a demo service exited during the browser test")?;
     Ok(exit_code(passed?))
-}
-
-/// Empties the demo's Redis (one redis-server), so that the page meets a fresh rate-limit
-/// window and an empty cache on a demo that served other requests before.
-pub fn flush_demo_redis() -> Result<()> {
-    let reply = testkit::try_command_at(loopback(REDIS_PORT), &["FLUSHALL"])
-        .with_context(|| format!("FLUSHALL on the demo's Redis ({REDIS_PORT})"))?;
-    if !reply.starts_with(b"+OK") {
-        bail!(
-            "FLUSHALL on the demo's Redis answered {:?}",
-            String::from_utf8_lossy(&reply)
-        );
-    }
-    Ok(())
 }
 
 fn exit_code(passed: bool) -> ExitCode {

@@ -1,7 +1,7 @@
 //! `cargo xtask test` (what CI runs): setup (Envoy and Chromium too), the wasm crates and
 //! binaries, then formatting, clippy with warnings denied, every test in the workspace (gateway
 //! tests on Envoy and on host-shim), the README's tour run against a fresh demo on each host,
-//! and the browser test of the demo page on the Envoy tour's demo (skipped, saying why, where
+//! and the browser test of the demo page on a fresh Envoy demo (skipped, saying why, where
 //! Chromium cannot be installed). Each step prints its name and duration; the first failing
 //! step stops the run with its exit code.
 
@@ -149,12 +149,19 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
             print_summary(&timings, started.elapsed());
             return Ok(ExitCode::FAILURE);
         }
-        // The browser test on the Envoy tour's demo, which saves starting one more.
+        demo.stop();
+        // The browser test on a fresh Envoy demo: the tour's has left its client over the rate
+        // limit, which each VM remembers past an emptied Redis.
         if (host, redis) == (DemoHost::Envoy, DemoRedis::Single) {
             let name = "browser test (envoy)";
             let t = step(name);
             let passed = match &browser {
-                Ok(b) => browser::flush_demo_redis().and_then(|()| browser::run_on(&ws, b, true)),
+                Ok(b) => {
+                    let fresh = Demo::start(&ws, &builds, host, redis, false)?;
+                    let passed = browser::run_on(&ws, b, true);
+                    fresh.stop();
+                    passed
+                }
                 Err(why) => {
                     eprintln!("xtask: step `{name}` skipped: no browser ({why})");
                     Ok(true)
@@ -167,7 +174,6 @@ pub fn run(options: &SetupOptions) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        demo.stop();
     }
     print_summary(&timings, started.elapsed());
     eprintln!("xtask: all checks passed");
