@@ -13,14 +13,19 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// The first value of `name` (compared case-insensitively) among lower-cased header names.
+pub(crate) fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    let name = name.to_ascii_lowercase();
+    headers
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.as_str())
+}
+
 impl Response {
     /// The first value of a header (name compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+        first_header(&self.headers, name)
     }
 
     pub fn text(&self) -> String {

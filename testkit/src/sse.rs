@@ -179,11 +179,7 @@ impl EventStream {
 
     /// The first value of a header (name compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
+        crate::http::first_header(&self.headers, name)
     }
 
     /// The next event or comment, waiting at most `timeout`: `Ok(None)` when none came in time,

@@ -221,33 +221,15 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
     let parsed = match command.as_str() {
         "help" | "-h" | "--help" => return Ok(Command::Help),
         "build-plugin" => {
-            flags.for_each(|name, _| match name {
-                "--no-install" => {
-                    setup.install = false;
-                    Ok(())
-                }
-                _ => Err(unknown(name)),
-            })?;
+            only_no_install(&mut flags, &mut setup)?;
             Command::BuildPlugin(setup)
         }
         "test" => {
-            flags.for_each(|name, _| match name {
-                "--no-install" => {
-                    setup.install = false;
-                    Ok(())
-                }
-                _ => Err(unknown(name)),
-            })?;
+            only_no_install(&mut flags, &mut setup)?;
             Command::Test(setup)
         }
         "browser-test" => {
-            flags.for_each(|name, _| match name {
-                "--no-install" => {
-                    setup.install = false;
-                    Ok(())
-                }
-                _ => Err(unknown(name)),
-            })?;
+            only_no_install(&mut flags, &mut setup)?;
             Command::BrowserTest(setup)
         }
         "tour" => {
@@ -404,6 +386,17 @@ pub(crate) fn parse_with_env(args: &[String], demo_exit_after: Option<String>) -
         other => bail!("unknown command {other:?}"),
     };
     Ok(parsed)
+}
+
+/// The flags of a command that takes only `--no-install`.
+fn only_no_install(flags: &mut Flags<'_>, setup: &mut SetupOptions) -> Result<()> {
+    flags.for_each(|name, _| match name {
+        "--no-install" => {
+            setup.install = false;
+            Ok(())
+        }
+        _ => Err(unknown(name)),
+    })
 }
 
 fn unknown(flag: &str) -> anyhow::Error {
