@@ -248,6 +248,19 @@ pub fn connection_manager(yaml: &mut serde_yaml::Value) -> &mut serde_yaml::Mapp
         .expect("envoy.yaml has an HTTP connection manager")
 }
 
+/// A connection-manager edit giving envoy.yaml's catch-all route (`prefix: /`) the response
+/// timeout `timeout` (e.g. `"1s"`), so a test need not wait the shipped one out.
+pub fn catch_all_timeout(timeout: &'static str) -> ConnectionManagerEdit {
+    Box::new(move |hcm| {
+        let routes = &mut hcm["route_config"]["virtual_hosts"][0]["routes"];
+        for route in routes.as_sequence_mut().expect("routes") {
+            if route["match"]["prefix"] == "/" {
+                route["route"]["timeout"] = timeout.into();
+            }
+        }
+    })
+}
+
 /// How to start a [`Stack`].
 pub struct StackOptions {
     pub host: Host,

@@ -770,14 +770,7 @@ fn stock_guest_wasm() -> PathBuf {
 fn envoy_and_host_shim_answer_the_same_table_alike() {
     let stack = Stack::start_with(StackOptions {
         host: Host::Envoy,
-        connection_manager: Some(Box::new(|hcm| {
-            let routes = &mut hcm["route_config"]["virtual_hosts"][0]["routes"];
-            for route in routes.as_sequence_mut().expect("routes") {
-                if route["match"]["prefix"] == "/" {
-                    route["route"]["timeout"] = "1s".into();
-                }
-            }
-        })),
+        connection_manager: Some(krowoc_tests::catch_all_timeout("1s")),
         ..StackOptions::default()
     });
     let echo_addr = stack.runtime().block_on(async {

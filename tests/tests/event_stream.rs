@@ -90,14 +90,7 @@ fn the_event_stream_outlives_the_other_routes_response_timeout(host: Host) {
     // Every route but the stream's answers within 1 s, or is cut.
     let stack = Stack::start_with(StackOptions {
         host,
-        connection_manager: Some(Box::new(|hcm| {
-            let routes = &mut hcm["route_config"]["virtual_hosts"][0]["routes"];
-            for route in routes.as_sequence_mut().expect("routes") {
-                if route["match"]["prefix"] == "/" {
-                    route["route"]["timeout"] = "1s".into();
-                }
-            }
-        })),
+        connection_manager: Some(krowoc_tests::catch_all_timeout("1s")),
         ..StackOptions::default()
     });
     wait_subscribed(&stack);
