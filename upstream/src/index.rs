@@ -64,6 +64,12 @@ const ENDPOINTS: &[(&str, &str, &str, &str)] = &[
     ("GET", "/api/stats", "", "call counters"),
     (
         "GET",
+        "/api/bytes",
+        "size (bytes, at most 1 MiB)",
+        "that many bytes, cacheable for a minute (the benchmark's cache hits by body size)",
+    ),
+    (
+        "GET",
         "/demo",
         "",
         "a page: the endpoints as buttons, their answers' headers, the live event feed",

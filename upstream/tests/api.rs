@@ -351,6 +351,7 @@ async fn index_lists_every_endpoint() {
         "/api/rate-limited",
         "/api/slow-limited",
         "/api/stats",
+        "/api/bytes",
         "/api/events/stream",
         "/demo",
     ] {
